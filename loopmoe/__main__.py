@@ -1,0 +1,5 @@
+import sys
+
+from loopmoe.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,209 @@
+"""Capacity balancing: derive a LoopMoE from a reference Vanilla MoE at matched budgets.
+
+Rule (DESIGN.md section 3, ours). Given a reference with L layers and a loop count T
+(``P + C*T + Q = L``), pick the looped model's query heads H', key/value heads H_kv', head size
+h_d', top-k', expert size f' and expert count E' (width, vocabulary and executed depth fixed) so
+that against the reference
+
+1. total parameters match (default tolerance 1%),
+2. forward FLOPs per token match (1%),
+3. the attention-to-FFN active ratio matches (5%).
+
+Continuous relaxation, with ``a = A`` and ``phi = k*F + G`` per layer and ``t = L / (P+C+Q)``:
+``A' = t*a*(a+phi)/(phi+t*a)`` and ``phi' = phi*(a+phi)/(phi+t*a)``, which keeps ``A'+phi' = a+phi``
+(FLOPs) and ``A'/(t*phi') = a/phi`` (ratio); E' then absorbs the remaining parameters. At small
+widths the attention scores (``sigma = 2*h_d*H*S`` multiply-adds per layer, growing with A' at a
+fixed GQA group) are a large share of the FLOPs, so the search aims at the same point with
+``a + sigma`` in place of ``a`` in the FLOP balance: ``A' = t*a*(a+sigma+phi)/(t*(a+sigma)+phi)``. The
+search walks the integer grid around that point and scores each candidate on the exact budgets
+of ``loopmoe.budget`` (IterAdaLN, attention scores and routers included), so what it reports is
+what the model has. Strategy ``naive`` keeps the reference shapes and grows E' only: the
+ablation that shows why balancing matters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from loopmoe.budget import Budget, compute_budget
+from loopmoe.config import LoopMoEConfig
+
+STRATEGIES = ("capacity", "naive")
+TARGETS = ("total_params", "flops_per_token", "attn_ffn_ratio")
+
+
+@dataclass
+class BalanceResult:
+    reference: LoopMoEConfig
+    looped: LoopMoEConfig
+    strategy: str
+    seq_len: int
+    reference_budget: Budget
+    looped_budget: Budget
+    deviations: dict[str, float]  # relative, looped / reference - 1
+    tolerances: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        def side(cfg, budget):
+            return {"config": cfg.architecture_dict(), **{k: getattr(budget, k) for k in
+                    ("total_params", "active_params", "flops_per_token", "attn_ffn_ratio")}}
+        return {
+            "strategy": self.strategy,
+            "seq_len": self.seq_len,
+            "reference": side(self.reference, self.reference_budget),
+            "looped": side(self.looped, self.looped_budget),
+            "deviations": self.deviations,
+            "tolerances": self.tolerances,
+        }
+
+
+def deviations(reference: Budget, looped: Budget) -> dict[str, float]:
+    return {k: getattr(looped, k) / getattr(reference, k) - 1.0 for k in TARGETS}
+
+
+def _score(dev: dict[str, float], tol: dict[str, float]) -> float:
+    return max(abs(dev[k]) / tol[k] for k in TARGETS)
+
+
+def _linear_solve(f, lo: int, hi: int, target: float) -> float:
+    """x with f(x) = target, for f linear in x (evaluated at two integer points)."""
+    y_lo, y_hi = f(lo), f(hi)
+    return lo + (target - y_lo) * (hi - lo) / (y_hi - y_lo)
+
+
+def balance(
+    reference: LoopMoEConfig,
+    loops: int,
+    strategy: str = "capacity",
+    seq_len: int | None = None,
+    num_prelude_layers: int = 0,
+    num_coda_layers: int = 0,
+    iter_conditioning: str = "iteradaln",
+    tolerances: dict[str, float] | None = None,
+    head_dim_multiple: int | None = None,
+    ffn_multiple: int | None = None,
+    **looped_overrides,
+) -> BalanceResult:
+    """Return the looped config matched to ``reference`` at ``loops`` iterations of the core.
+
+    ``head_dim_multiple`` / ``ffn_multiple`` set the integer grid of h_d' and f' (default: a power of
+    two that scales with the reference, so tiny models get a fine grid and large ones
+    hardware-friendly sizes). Raises ``ValueError`` naming the target that cannot be met and what
+    to change.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if reference.num_loops != 1:
+        raise ValueError(f"the reference must be a Vanilla MoE (num_loops=1), got num_loops={reference.num_loops}")
+    tol = {"total_params": 0.01, "flops_per_token": 0.01, "attn_ffn_ratio": 0.05, **(tolerances or {})}
+    L = reference.executed_depth()
+    body = L - num_prelude_layers - num_coda_layers
+    if loops < 1 or body < loops or body % loops:
+        raise ValueError(
+            f"cannot loop {L} executed layers as prelude {num_prelude_layers} + core x {loops} + coda "
+            f"{num_coda_layers}: L - P - Q = {body} must be a positive multiple of loops. Choose loops from the "
+            f"divisors of {body}, or change num_prelude_layers / num_coda_layers."
+        )
+    seq_len = seq_len or min(2048, reference.max_position_embeddings)
+    head_dim_multiple = head_dim_multiple or _grid(reference.head_dim, 16)
+    ffn_multiple = ffn_multiple or _grid(reference.moe_intermediate_size, 64)
+    ref_budget = compute_budget(reference, seq_len)
+
+    base = {**reference.architecture_dict(), **looped_overrides,
+            "num_prelude_layers": num_prelude_layers, "num_core_layers": body // loops,
+            "num_coda_layers": num_coda_layers, "num_loops": loops,
+            "iter_conditioning": iter_conditioning if loops > 1 else "none"}
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        base[key] = getattr(reference, key)
+
+    def make(**shape) -> LoopMoEConfig:
+        return LoopMoEConfig(**{**base, **shape})
+
+    def budget(**shape) -> Budget:
+        # The search scores thousands of candidates: a plain namespace of fields is enough for the
+        # budget and far cheaper than a transformers config; the winner is built and validated below.
+        return compute_budget(SimpleNamespace(**{**base, **shape}), seq_len)
+
+    def fit_experts(shape: dict) -> int:
+        """E' (>= top-k') whose total parameters are closest to the reference's."""
+        k = shape.get("num_experts_per_tok", reference.num_experts_per_tok)
+        e = _linear_solve(lambda n: budget(**{**shape, "num_experts": n}).total_params, k, k + 1, ref_budget.total_params)
+        return max(k, round(e))
+
+    if strategy == "naive":
+        shape = {}
+        shape["num_experts"] = fit_experts(shape)
+        best = shape
+    else:
+        best = _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
+                                head_dim_multiple, ffn_multiple, tol)
+    looped = make(**best)
+    looped_budget = compute_budget(looped, seq_len)
+    dev = deviations(ref_budget, looped_budget)
+    enforced = TARGETS if strategy == "capacity" else ("total_params",)
+    failed = [k for k in enforced if abs(dev[k]) > tol[k]]
+    if failed:
+        detail = "; ".join(f"{k} off by {dev[k]:+.2%} (tolerance {tol[k]:.0%})" for k in failed)
+        raise ValueError(
+            f"{strategy} balancing of {L} layers at loops={loops} cannot meet: {detail}. Best candidate: "
+            f"heads {looped.num_attention_heads}/{looped.num_key_value_heads} x {looped.head_dim}, top-"
+            f"{looped.num_experts_per_tok} of {looped.num_experts} experts of size {looped.moe_intermediate_size}. "
+            f"Try another loop count, a shorter seq_len (attention scores grow with the looped attention; now "
+            f"{seq_len}), finer grids (head_dim_multiple / ffn_multiple, now {head_dim_multiple} / "
+            f"{ffn_multiple}), a wider reference (more experts or heads give the solver room), or looser tolerances."
+        )
+    return BalanceResult(reference, looped, strategy, seq_len, ref_budget, looped_budget, dev, tol)
+
+
+def _grid(size: int, parts: int) -> int:
+    """Largest power of two <= size / parts (at least 2)."""
+    return 2 ** max(1, int(math.log2(max(2, size // parts))))
+
+
+def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L, hd_mult, ffn_mult, tol) -> dict:
+    d = reference.hidden_size
+    group = reference.num_attention_heads // reference.num_key_value_heads
+    a = d * reference.head_dim * (2 * reference.num_attention_heads + 2 * reference.num_key_value_heads)
+    phi = 3 * d * (reference.num_experts_per_tok * reference.moe_intermediate_size
+                   + reference.shared_expert_intermediate_size)
+    sigma = 2 * reference.head_dim * reference.num_attention_heads * ref_budget.seq_len
+    t = L / (base["num_prelude_layers"] + base["num_core_layers"] + base["num_coda_layers"])
+    attn_target = t * a * (a + sigma + phi) / (t * (a + sigma) + phi)
+    shared_ratio = reference.shared_expert_intermediate_size / reference.moe_intermediate_size
+
+    best, best_key = None, None
+    for hd in range(hd_mult, 4 * reference.head_dim + 1, hd_mult):
+        if hd % 2:
+            continue
+        per_kv_group = 2 * d * hd * (group + 1)  # attention params of one (group of H, 1 kv head)
+        centre = attn_target / per_kv_group
+        for n_kv in {max(1, math.floor(centre)), max(1, math.ceil(centre))}:
+            heads = {"head_dim": hd, "num_attention_heads": n_kv * group, "num_key_value_heads": n_kv}
+            for k in range(1, reference.num_experts_per_tok + 1):
+                shape = {**heads, "num_experts_per_tok": k, "num_experts": reference.num_experts}
+
+                def with_ffn(f: int) -> dict:
+                    return {**shape, "moe_intermediate_size": f,
+                            "shared_expert_intermediate_size": ffn_mult * round(shared_ratio * f / ffn_mult)}
+
+                for _ in range(2):  # FLOPs depend on E' through the router; two passes settle it
+                    f = _linear_solve(lambda x: budget(**with_ffn(x)).flops_per_token, ffn_mult, 2 * ffn_mult,
+                                      ref_budget.flops_per_token)
+                    f = max(ffn_mult, ffn_mult * round(f / ffn_mult))
+                    shape = {**with_ffn(f)}
+                    shape["num_experts"] = fit_experts(shape)
+                for df in (-ffn_mult, 0, ffn_mult):
+                    f2 = shape["moe_intermediate_size"] + df
+                    if f2 < ffn_mult:
+                        continue
+                    cand = with_ffn(f2)
+                    cand["num_experts"] = fit_experts(cand)
+                    dev = deviations(ref_budget, budget(**cand))
+                    # Prefer feasible, then the reference's top-k and the nearest head size, then accuracy.
+                    key = (_score(dev, tol) > 1, k != reference.num_experts_per_tok,
+                           abs(hd - reference.head_dim), _score(dev, tol))
+                    if best_key is None or key < best_key:
+                        best, best_key = cand, key
+    return best

@@ -1,0 +1,129 @@
+"""Analytic budgets of a LoopMoEConfig (DESIGN.md section 3), asserted against the real model.
+
+Per layer, with width d, heads H / H_kv, head size h_d, E experts of size f, top-k, shared f_s::
+
+    A = d*H*h_d + 2*d*H_kv*h_d + H*h_d*d   (+ QK-norm and the layer's norms in parameter counts)
+    F = 3*d*f        G = 3*d*f_s        R = d*E        M = IterAdaLN parameters of a core layer
+    total(layer) = A + E*F + G + R + M     active(layer) = A + k*F + G + R + M
+
+Forward FLOPs per token count the multiply-adds of every matmul a token's computation executes
+(2 per weight of each executed linear map, the LM head included), plus attention scores
+``2*2*h_d*H*S`` per executed layer over the full S x S matmuls (the FlopCounterMode / MFU
+convention). Element-wise work (norms, activations, routing softmax) is not counted, and
+neither is work done once per sequence rather than per token (``MLP_iter(PE(k))``).
+
+The attention-to-FFN active ratio is ``unique attention parameters / FFN parameters executed
+per token`` (ours): a looped model touches the attention of P + C + Q layers but runs its FFNs
+on all P + C*T + Q executed layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from loopmoe.config import LoopMoEConfig
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """Per-layer parameter counts, split by role."""
+
+    attention: int  # A, projections only
+    attention_norms: int  # QK-norm weights
+    layer_norms: int  # pre (and sandwich post) norms
+    expert: int  # F
+    shared: int  # G
+    router: int  # R
+    modulation_token: int  # W_h + its RMSNorm: run per token
+    modulation_out: int  # W_mod weight + bias
+
+
+@dataclass(frozen=True)
+class Budget:
+    total_params: int
+    active_params: int
+    flops_per_token: int
+    attn_ffn_ratio: float
+    seq_len: int
+    executed_depth: int
+    unique_layers: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_shapes(cfg: LoopMoEConfig, core: bool) -> LayerShapes:
+    d, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    r = cfg.iter_cond_rank
+    token_mod = core and cfg.iter_conditioning in ("adaln_token", "iteradaln")
+    any_mod = core and cfg.iter_conditioning in ("adaln_iter", "adaln_token", "iteradaln")
+    return LayerShapes(
+        attention=d * H * hd + 2 * d * Hkv * hd + H * hd * d,
+        attention_norms=2 * hd if cfg.qk_norm else 0,
+        layer_norms=(2 if cfg.norm_scheme == "pre" else 4) * d,
+        expert=3 * d * cfg.moe_intermediate_size,
+        shared=3 * d * cfg.shared_expert_intermediate_size,
+        router=d * cfg.num_experts,
+        modulation_token=(d + d * r) if token_mod else 0,
+        modulation_out=(r * 6 * d + 6 * d) if any_mod else 0,
+    )
+
+
+def global_params(cfg: LoopMoEConfig) -> int:
+    """Parameters outside the layers: embeddings, LM head, final norm, conditioning, injection."""
+    d, r, p = cfg.hidden_size, cfg.iter_cond_rank, cfg.iter_pe_dim
+    n = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+    if cfg.iter_conditioning in ("adaln_iter", "iteradaln"):
+        n += p * r + r + r * r + r  # MLP_iter
+    if cfg.iter_conditioning == "iter_embedding":
+        n += cfg.max_loops * d
+    if cfg.input_injection == "concat":
+        n += 2 * d * d
+    return n
+
+
+def _layer_params(s: LayerShapes, experts: int) -> int:
+    return (s.attention + s.attention_norms + s.layer_norms + experts * s.expert + s.shared + s.router
+            + s.modulation_token + s.modulation_out)
+
+
+def compute_budget(cfg: LoopMoEConfig, seq_len: int, num_loops: int | None = None) -> Budget:
+    """Total / active parameters, forward FLOPs per token at ``seq_len``, and the attention/FFN ratio."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    T = cfg.num_loops if num_loops is None else num_loops
+    plain, core = layer_shapes(cfg, core=False), layer_shapes(cfg, core=True)
+    n_plain = cfg.num_prelude_layers + cfg.num_coda_layers
+    C, k, E = cfg.num_core_layers, cfg.num_experts_per_tok, cfg.num_experts
+    d, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+
+    total = global_params(cfg) + n_plain * _layer_params(plain, E) + C * _layer_params(core, E)
+    active = global_params(cfg) + n_plain * _layer_params(plain, k) + C * _layer_params(core, k)
+
+    def layer_matmul_weights(s: LayerShapes, modulation_per_token: bool) -> int:
+        w = s.attention + k * s.expert + s.shared + s.router
+        if modulation_per_token:
+            w += s.modulation_token - d + s.modulation_out - 6 * d  # W_h and W_mod weights (norm/bias: no matmul)
+        return w
+
+    scores = 2 * 2 * hd * H * seq_len
+    per_token_mod = cfg.iter_conditioning in ("adaln_token", "iteradaln")
+    executed = n_plain + C * T
+    flops = 2 * n_plain * layer_matmul_weights(plain, False)
+    flops += 2 * C * T * layer_matmul_weights(core, per_token_mod)
+    flops += executed * scores
+    flops += 2 * cfg.vocab_size * d  # LM head
+    if cfg.input_injection == "concat":
+        flops += 2 * (T - 1) * 2 * d * d
+
+    unique_attention = (n_plain + C) * (plain.attention + plain.attention_norms)
+    executed_ffn = executed * (k * plain.expert + plain.shared)
+    return Budget(
+        total_params=total,
+        active_params=active,
+        flops_per_token=flops,
+        attn_ffn_ratio=unique_attention / executed_ffn,
+        seq_len=seq_len,
+        executed_depth=executed,
+        unique_layers=n_plain + C,
+    )

@@ -1,0 +1,1 @@
+"""Command-line interface of LoopMoE (``loopmoe`` or ``python -m loopmoe``)."""

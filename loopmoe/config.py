@@ -1,0 +1,224 @@
+"""One config class for LoopMoE and Vanilla MoE models.
+
+A Vanilla MoE is ``LoopMoEConfig(num_loops=1, iter_conditioning="none")`` with every layer in the
+core; a LoopMoE runs the core ``num_loops`` times between a prelude and a coda that run once.
+The definitions follow ``DESIGN.md`` (IterAdaLN, norm schemes, budgets); every architectural
+switch is a field here so that ablations are config changes, not code changes.
+
+The config validates itself on construction and raises ``ValueError`` naming the fix, so a bad
+combination fails before any weight is allocated.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+ITER_CONDITIONINGS = ("none", "iter_embedding", "adaln_iter", "adaln_token", "iteradaln")
+INPUT_INJECTIONS = ("none", "add", "concat")
+NORM_SCHEMES = ("pre", "sandwich", "depth_scaled_sandwich")
+ROUTER_SCORES = ("softmax", "sigmoid")
+MOE_IMPLEMENTATIONS = ("auto", "loop", "grouped_mm")
+
+# TinyInit gains of the depth-scaled sandwich norm (Pangu Ultra): post-norm gain = c / sqrt(L).
+SANDWICH_ATTN_GAIN = 0.283
+SANDWICH_FFN_GAIN = 0.432
+
+
+class LoopMoEConfig(PretrainedConfig):
+    r"""Configuration of a looped (or, with ``num_loops=1``, vanilla) Mixture-of-Experts decoder.
+
+    Structure: embedding -> prelude (``num_prelude_layers``, run once) -> core
+    (``num_core_layers``, run ``num_loops`` times with shared weights) -> coda
+    (``num_coda_layers``, run once) -> final RMSNorm -> LM head.
+    Executed depth ``L = P + C * T + Q``; one KV-cache slot per executed layer.
+
+    Args:
+        vocab_size, hidden_size: vocabulary and model width ``d``.
+        num_prelude_layers, num_core_layers, num_coda_layers, num_loops: ``P``, ``C``, ``Q``, ``T``.
+        num_attention_heads, num_key_value_heads, head_dim: GQA shapes ``H``, ``H_kv``, ``h_d``.
+        qk_norm: RMSNorm over the head dimension of queries and keys (Qwen3 style).
+        rope_theta, max_position_embeddings: rotary embedding base and the longest position.
+        num_experts, num_experts_per_tok, moe_intermediate_size: ``E``, top-``k``, expert size ``f``.
+        shared_expert_intermediate_size: total hidden size ``f_s`` of always-on shared experts (0: none).
+        router_score: ``"softmax"`` or ``"sigmoid"`` scores over experts.
+        norm_topk_prob: renormalise the selected top-k scores to sum to one.
+        router_aux_loss_coef: weight of the switch-style load-balancing loss (per layer and iteration).
+        router_z_loss_coef: weight of the router z-loss.
+        router_bias_update_rate: step size of auxiliary-loss-free bias balancing (0 disables it).
+        moe_implementation: ``"loop"`` (sorted tokens, one matmul per expert group; CPU),
+            ``"grouped_mm"`` (one grouped GEMM, no host sync; CUDA) or ``"auto"``.
+        iter_conditioning: one of ``none``, ``iter_embedding``, ``adaln_iter``, ``adaln_token``,
+            ``iteradaln``. Defaults to ``iteradaln`` when ``num_loops > 1`` and ``none`` otherwise.
+        iter_cond_rank: width ``r`` of the IterAdaLN signal (``W_h`` rank and ``MLP_iter`` width).
+        iter_pe_dim: size of the sinusoidal encoding ``PE(k)`` of the iteration index.
+        max_loops: largest loop count an ``iter_embedding`` table holds (test-time depth limit for it).
+        input_injection: re-inject the prelude output at each later core iteration:
+            ``none``, ``add`` or ``concat`` (Huginn-style concat + linear).
+        norm_scheme: ``pre``, ``sandwich`` or ``depth_scaled_sandwich`` (with TinyInit).
+        rms_norm_eps, initializer_range, tie_word_embeddings, use_cache: as in transformers
+            (a training-mode forward builds no cache unless asked to).
+    """
+
+    model_type = "loopmoe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        num_prelude_layers: int = 0,
+        num_core_layers: int = 8,
+        num_coda_layers: int = 0,
+        num_loops: int = 1,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int = 8,
+        head_dim: int = 64,
+        qk_norm: bool = True,
+        rope_theta: float = 10000.0,
+        max_position_embeddings: int = 4096,
+        num_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        moe_intermediate_size: int = 1024,
+        shared_expert_intermediate_size: int = 0,
+        router_score: str = "softmax",
+        norm_topk_prob: bool = True,
+        router_aux_loss_coef: float = 0.001,
+        router_z_loss_coef: float = 0.0,
+        router_bias_update_rate: float = 0.0,
+        moe_implementation: str = "auto",
+        iter_conditioning: str | None = None,
+        iter_cond_rank: int = 64,
+        iter_pe_dim: int = 64,
+        max_loops: int = 16,
+        input_injection: str = "none",
+        norm_scheme: str = "pre",
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_prelude_layers = num_prelude_layers
+        self.num_core_layers = num_core_layers
+        self.num_coda_layers = num_coda_layers
+        self.num_loops = num_loops
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.qk_norm = qk_norm
+        self.rope_theta = rope_theta
+        self.max_position_embeddings = max_position_embeddings
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.router_score = router_score
+        self.norm_topk_prob = norm_topk_prob
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_z_loss_coef = router_z_loss_coef
+        self.router_bias_update_rate = router_bias_update_rate
+        self.moe_implementation = moe_implementation
+        if iter_conditioning is None:
+            iter_conditioning = "iteradaln" if num_loops > 1 else "none"
+        self.iter_conditioning = iter_conditioning
+        self.iter_cond_rank = iter_cond_rank
+        self.iter_pe_dim = iter_pe_dim
+        self.max_loops = max_loops
+        self.input_injection = input_injection
+        self.norm_scheme = norm_scheme
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        # transformers reads these generic names (cache sizing, rope utilities, pipelines).
+        self.num_hidden_layers = self.executed_depth()
+        self.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+        kwargs.setdefault("attn_implementation", "sdpa")
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------
+    def executed_depth(self, num_loops: int | None = None) -> int:
+        """Layers a token passes through: ``P + C * T + Q`` (``T`` defaults to ``num_loops``)."""
+        loops = self.num_loops if num_loops is None else num_loops
+        return self.num_prelude_layers + self.num_core_layers * loops + self.num_coda_layers
+
+    @property
+    def unique_layers(self) -> int:
+        return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
+
+    @property
+    def is_looped(self) -> bool:
+        return self.num_loops > 1
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the fix for any invalid combination."""
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"LoopMoEConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_core_layers", "num_loops", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
+                     "moe_intermediate_size", "max_position_embeddings", "iter_cond_rank", "iter_pe_dim"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_prelude_layers", "num_coda_layers", "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0,
+             f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+             f"({self.num_key_value_heads}); pick num_key_value_heads from its divisors")
+        need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        need(self.num_experts_per_tok <= self.num_experts,
+             f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})")
+        need(self.router_score in ROUTER_SCORES, f"router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}")
+        need(self.moe_implementation in MOE_IMPLEMENTATIONS,
+             f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}")
+        need(self.iter_conditioning in ITER_CONDITIONINGS,
+             f"iter_conditioning must be one of {ITER_CONDITIONINGS}, got {self.iter_conditioning!r}")
+        need(self.input_injection in INPUT_INJECTIONS,
+             f"input_injection must be one of {INPUT_INJECTIONS}, got {self.input_injection!r}")
+        need(self.norm_scheme in NORM_SCHEMES, f"norm_scheme must be one of {NORM_SCHEMES}, got {self.norm_scheme!r}")
+        need(self.iter_pe_dim % 2 == 0, f"iter_pe_dim must be even (sin/cos pairs), got {self.iter_pe_dim}")
+        need(self.iter_conditioning != "iter_embedding" or self.num_loops <= self.max_loops,
+             f"num_loops ({self.num_loops}) exceeds max_loops ({self.max_loops}) of the iter_embedding table; "
+             f"raise max_loops")
+        need(self.input_injection == "none" or self.num_loops > 1,
+             f"input_injection={self.input_injection!r} needs num_loops > 1 (it re-injects at later iterations); "
+             f"set input_injection='none' for a non-looped model")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def check_num_loops(self, num_loops: int) -> None:
+        """Validate a loop count requested at inference (test-time depth)."""
+        if not isinstance(num_loops, int) or num_loops < 1:
+            raise ValueError(f"num_loops must be a positive integer, got {num_loops!r}")
+        if self.iter_conditioning == "iter_embedding" and num_loops > self.max_loops:
+            raise ValueError(
+                f"num_loops={num_loops} exceeds max_loops={self.max_loops}: the iter_embedding ablation has one "
+                f"learned vector per iteration. Use at most {self.max_loops} loops, or a model trained with "
+                f"iter_conditioning='iteradaln' (sinusoidal, any depth)."
+            )
+
+    def architecture_dict(self) -> dict:
+        """The fields that define the architecture (no transformers bookkeeping), for tables and JSON."""
+        keys = ("vocab_size", "hidden_size", "num_prelude_layers", "num_core_layers", "num_coda_layers",
+                "num_loops", "num_attention_heads", "num_key_value_heads", "head_dim", "qk_norm", "rope_theta",
+                "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "shared_expert_intermediate_size", "router_score", "norm_topk_prob", "router_aux_loss_coef",
+                "router_z_loss_coef", "router_bias_update_rate", "iter_conditioning", "iter_cond_rank",
+                "iter_pe_dim", "max_loops", "input_injection", "norm_scheme", "rms_norm_eps",
+                "initializer_range", "tie_word_embeddings")
+        return {k: getattr(self, k) for k in keys}

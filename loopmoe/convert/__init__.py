@@ -1,0 +1,5 @@
+"""Checkpoint converters from other architectures into LoopMoE."""
+
+from loopmoe.convert.qwen3_moe import convert_qwen3_moe, loopmoe_config_from_qwen3_moe
+
+__all__ = ["convert_qwen3_moe", "loopmoe_config_from_qwen3_moe"]

@@ -1,0 +1,222 @@
+"""Tokenise a corpus once into memory-mapped token files, and reuse them.
+
+Layout of a shard folder::
+
+    meta.json   format version, fingerprint, dtype, vocab size, eos id, counts
+    train.bin   flat array of token ids (dtype from meta), each document + EOS
+    val.bin     the same for the held-out documents
+
+Tokens are stored as uint16 when every id fits (vocab_size <= 65536), else
+uint32, halving disk and page-cache use for the usual vocabularies.
+
+Validation split: document ``i`` (0-based, in source order) is held out iff
+``floor((i + 1) * f) > floor(i * f)`` with ``f = val_fraction``: exactly a fraction
+``f`` of documents, spread evenly through the corpus, decided while streaming.
+
+The fingerprint hashes the source identity (spec, file sizes/mtimes or dataset
+fingerprint, reader options), the tokenizer's serialised content, the split
+parameters and ``FORMAT_VERSION``. Same fingerprint: the folder is reused. Any
+change: it is rebuilt in a staging folder and swapped in atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from loopmoe.data.atomic import atomic_directory
+from loopmoe.data.sources import DataSource
+from loopmoe.data.tokenizer import LMTokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+Split = Literal["train", "val"]
+# Documents are tokenised in batches of about this many characters (encode_batch runs them in parallel).
+_BATCH_CHARS = 4_000_000
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id (< vocab_size) fits in 16 bits, else uint32."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def is_validation_document(index: int, val_fraction: float) -> bool:
+    """Whether document ``index`` belongs to the validation split (see module docstring)."""
+    return math.floor((index + 1) * val_fraction) > math.floor(index * val_fraction)
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """The contents of meta.json."""
+
+    format_version: int
+    fingerprint: str
+    source: str
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    val_fraction: float
+    tokens: dict[str, int]
+    documents: dict[str, int]
+
+
+@dataclass(frozen=True)
+class TokenShards:
+    """A built shard folder. ``reused`` says whether this call found it already built."""
+
+    directory: Path
+    meta: ShardMeta
+    reused: bool
+
+    def tokens(self, split: Split = "train") -> np.ndarray:
+        """The split's tokens as a read-only memmap (an empty array if the split is empty)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        dtype = np.dtype(self.meta.dtype)
+        if self.meta.tokens[split] == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(self.directory / f"{split}.bin", dtype=dtype, mode="r")
+
+
+def shards_fingerprint(source: DataSource, tokenizer: LMTokenizer, val_fraction: float) -> str:
+    """Hash of everything that determines the shard contents."""
+    parts = {
+        "format_version": FORMAT_VERSION,
+        "source": source.spec,
+        "source_identity": source.identity(),
+        "tokenizer_sha256": tokenizer.content_hash(),
+        "eos_id": tokenizer.eos_id,
+        "val_fraction": val_fraction,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_shards(
+    source: DataSource,
+    tokenizer: LMTokenizer,
+    directory: str | Path,
+    *,
+    val_fraction: float = 0.05,
+    progress: bool = True,
+) -> TokenShards:
+    """Return the shards of ``source`` in ``directory``, tokenising only if they are missing or stale.
+
+    In multi-process runs call this on one rank, then barrier, then open with
+    ``load_shards`` on the others (concurrent builders would each build).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    directory = Path(directory)
+    fingerprint = shards_fingerprint(source, tokenizer, val_fraction)
+    existing = _try_load(directory)
+    if existing is not None and existing.meta.fingerprint == fingerprint:
+        log.info("reusing token shards in %s (fingerprint %s)", directory, fingerprint[:12])
+        return existing
+    reason = "none found" if existing is None else "source, tokenizer or split changed"
+    log.info("building token shards in %s (%s)", directory, reason)
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    with atomic_directory(directory) as staging:
+        tokens, documents = _tokenise(source, tokenizer, staging, dtype, val_fraction, progress)
+        if documents["train"] == 0:
+            raise ValueError(f"data source {source.spec!r} has no training documents: it is empty or val_fraction is too high")
+        if val_fraction > 0 and documents["val"] == 0:
+            raise ValueError(
+                f"data source {source.spec!r} has only {documents['train']} documents, too few for "
+                f"val_fraction={val_fraction}: raise val_fraction to at least {1 / documents['train']:.3g}, "
+                "use more data, or use smaller chunk_chars for large text files"
+            )
+        meta = ShardMeta(
+            format_version=FORMAT_VERSION,
+            fingerprint=fingerprint,
+            source=source.spec,
+            dtype=dtype.name,
+            vocab_size=tokenizer.vocab_size,
+            eos_id=tokenizer.eos_id,
+            val_fraction=val_fraction,
+            tokens=tokens,
+            documents=documents,
+        )
+        (staging / "meta.json").write_text(json.dumps(asdict(meta), indent=2))  # written last
+    return TokenShards(directory, meta, reused=False)
+
+
+def load_shards(directory: str | Path) -> TokenShards:
+    """Open an already built shard folder (e.g. on non-zero ranks after rank 0 built it)."""
+    shards = _try_load(Path(directory))
+    if shards is None:
+        raise FileNotFoundError(f"no complete token shards in {str(directory)!r}: build them with prepare_shards()")
+    return shards
+
+
+def _try_load(directory: Path) -> TokenShards | None:
+    """The shards in ``directory`` if meta.json is readable, current and matches the .bin sizes."""
+    try:
+        meta = ShardMeta(**json.loads((directory / "meta.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if meta.format_version != FORMAT_VERSION:
+        return None
+    itemsize = np.dtype(meta.dtype).itemsize
+    for split in SPLITS:
+        path = directory / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != meta.tokens[split] * itemsize:
+            return None
+    return TokenShards(directory, meta, reused=True)
+
+
+def _tokenise(
+    source: DataSource,
+    tokenizer: LMTokenizer,
+    staging: Path,
+    dtype: np.dtype,
+    val_fraction: float,
+    progress: bool,
+) -> tuple[dict[str, int], dict[str, int]]:
+    tokens = dict.fromkeys(SPLITS, 0)
+    documents = dict.fromkeys(SPLITS, 0)
+    outputs = {split: open(staging / f"{split}.bin", "wb") for split in SPLITS}
+    bar = tqdm(desc=f"tokenising {source.spec}", unit="doc", disable=not progress)
+    try:
+        index = 0
+        for batch in _char_batches(source.documents()):
+            for ids in tokenizer.encode_batch(batch):
+                split = "val" if is_validation_document(index, val_fraction) else "train"
+                array = np.array(ids + [tokenizer.eos_id], dtype=dtype)
+                array.tofile(outputs[split])
+                tokens[split] += array.size
+                documents[split] += 1
+                index += 1
+            bar.update(len(batch))
+            bar.set_postfix(tokens=tokens["train"] + tokens["val"])
+    finally:
+        bar.close()
+        for handle in outputs.values():
+            handle.close()
+    return tokens, documents
+
+
+def _char_batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if size >= _BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

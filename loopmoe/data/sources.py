@@ -1,0 +1,206 @@
+"""Turn a source spec string into a stream of documents (plain strings).
+
+Accepted specs (see ``open_source``):
+
+* ``embedded``: the corpus that ships with Python (``loopmoe.data.embedded``);
+* a text file (``.txt .text .md .raw .tokens``, optionally ``.gz .xz .bz2``) or a
+  folder searched recursively for ``*.txt`` files;
+* a JSON-lines file (``.jsonl .ndjson``, optionally ``.gz .xz .bz2``), one document
+  per line in the field ``text_field``;
+* ``.parquet .csv .json`` files, read with ``datasets.load_dataset``;
+* ``hf:NAME`` or ``hf:NAME:CONFIG``: a HuggingFace dataset (hub name from the local
+  cache, or a local dataset folder), split ``split``.
+
+Text files are streamed line by line and cut into documents at the first blank
+line after every ``chunk_chars`` characters. A short file is therefore one
+document, while a single large file (tinyshakespeare, a wiki dump) becomes many
+documents of roughly ``chunk_chars`` characters, never cut inside a paragraph. This
+keeps memory flat for huge files and gives the document-level validation split
+something to hold out even when the corpus is one file.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import gzip
+import hashlib
+import json
+import lzma
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from loopmoe.data.embedded import embedded_documents, embedded_identity
+
+DEFAULT_CHUNK_CHARS = 32_768
+
+_COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+_TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", ".tokens")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
+
+ACCEPTED_FORMATS = (
+    "'embedded'; 'hf:NAME' or 'hf:NAME:CONFIG'; a folder of .txt files; a text file "
+    f"({' '.join(_TEXT_SUFFIXES)}); a JSON-lines file ({' '.join(_JSONL_SUFFIXES)}); "
+    "either optionally compressed (.gz .xz .bz2); or a .parquet/.csv/.json file"
+)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A named, re-iterable stream of documents with a cheap change fingerprint.
+
+    ``identity()`` changes whenever the documents may change (file sizes and
+    mtimes, options, dataset fingerprint) without reading the data, so cached
+    shards and tokenizers can be reused safely.
+    """
+
+    spec: str
+    _documents: Callable[[], Iterator[str]]
+    _identity: Callable[[], str]
+
+    def documents(self) -> Iterator[str]:
+        """Yield documents in a fixed order; empty documents are skipped."""
+        return (doc for doc in self._documents() if doc.strip())
+
+    def identity(self) -> str:
+        return self._identity()
+
+
+def open_source(
+    spec: str | Path,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    chunk_chars: int = DEFAULT_CHUNK_CHARS,
+) -> DataSource:
+    """Resolve ``spec`` (see module docstring) into a DataSource; nothing is read yet.
+
+    Raises FileNotFoundError for a missing path and ValueError for an unknown format,
+    both naming the path and the accepted formats.
+    """
+    if chunk_chars <= 0:
+        raise ValueError(f"chunk_chars must be positive, got {chunk_chars}")
+    spec = str(spec)
+    if spec == "embedded":
+        return DataSource(spec, lambda: iter(embedded_documents()), embedded_identity)
+    if spec.startswith("hf:"):
+        return _hf_source(spec, text_field=text_field, split=split)
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data source {spec!r} does not exist. Accepted: {ACCEPTED_FORMATS}")
+    options = f"field={text_field}|chunk={chunk_chars}"
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"folder {spec!r} holds no .txt files. Accepted: {ACCEPTED_FORMATS}")
+        return DataSource(
+            spec,
+            lambda: (doc for f in files for doc in _text_documents(f, chunk_chars)),
+            lambda: _files_identity(files, options),
+        )
+
+    name = path.name.lower()
+    base = name
+    for suffix in _COMPRESSED:
+        base = base.removesuffix(suffix)
+    if base.endswith(_TEXT_SUFFIXES):
+        documents: Callable[[], Iterator[str]] = lambda: _text_documents(path, chunk_chars)
+    elif base.endswith(_JSONL_SUFFIXES):
+        documents = lambda: _jsonl_documents(path, text_field)
+    elif name.endswith(tuple(_DATASETS_BUILDERS)):
+        builder = _DATASETS_BUILDERS[path.suffix.lower()]
+        documents = lambda: _dataset_documents(
+            _load_dataset(spec, builder, data_files=str(path), split="train"), text_field, spec
+        )
+    else:
+        raise ValueError(f"unknown format for data source {spec!r}. Accepted: {ACCEPTED_FORMATS}")
+    return DataSource(spec, documents, lambda: _files_identity([path], options))
+
+
+def _open_text(path: Path) -> IO[str]:
+    """Open a possibly compressed file as UTF-8 text (undecodable bytes become U+FFFD)."""
+    opener = _COMPRESSED.get(path.suffix.lower(), open)
+    return opener(path, "rt", encoding="utf-8", errors="replace")
+
+
+def _text_documents(path: Path, chunk_chars: int) -> Iterator[str]:
+    buffer: list[str] = []
+    size = 0
+    with _open_text(path) as handle:
+        for line in handle:
+            if size >= chunk_chars and not line.strip():
+                yield "".join(buffer).strip()
+                buffer, size = [], 0
+                continue
+            buffer.append(line)
+            size += len(line)
+    if buffer:
+        yield "".join(buffer).strip()
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(
+                    f"{path}:{number}: no field {text_field!r} (found {keys}); pass text_field="
+                )
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
+            yield text
+
+
+def _hf_source(spec: str, *, text_field: str, split: str) -> DataSource:
+    name, _, config = spec.removeprefix("hf:").partition(":")
+    if not name:
+        raise ValueError(f"data source {spec!r} names no dataset. Accepted: {ACCEPTED_FORMATS}")
+
+    @functools.cache
+    def dataset():
+        return _load_dataset(spec, name, config or None, split=split)
+
+    return DataSource(
+        spec,
+        lambda: _dataset_documents(dataset(), text_field, spec),
+        lambda: f"hf|{spec}|split={split}|field={text_field}|{dataset()._fingerprint}",
+    )
+
+
+def _load_dataset(spec: str, *args, **kwargs):
+    import datasets  # imported lazily: it is slow and only these sources need it
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as error:  # datasets raises many unrelated types for "not found"
+        raise FileNotFoundError(
+            f"could not load data source {spec!r} with datasets.load_dataset: {error}. "
+            f"Hub datasets must already be in the local cache when offline. Accepted: {ACCEPTED_FORMATS}"
+        ) from error
+
+
+def _dataset_documents(dataset, text_field: str, spec: str) -> Iterator[str]:
+    if text_field not in dataset.column_names:
+        raise ValueError(f"data source {spec!r} has no column {text_field!r} (columns: {dataset.column_names}); pass text_field=")
+    for batch in dataset.iter(batch_size=1000):
+        yield from (text for text in batch[text_field] if text is not None)  # empty CSV cells
+
+
+def _files_identity(files: list[Path], options: str) -> str:
+    digest = hashlib.sha256(options.encode())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+

@@ -1,0 +1,183 @@
+"""Load or train the tokenizer, and know which token separates documents.
+
+Everything downstream (shards, the exported HF model folder) needs two facts from
+a tokenizer: how to turn text into ids fast, and the end-of-text id used as the
+document separator. ``LMTokenizer`` holds exactly that, over a ``tokenizers``
+backend with any saved truncation/padding switched off (the GPT-2 tokenizer.json
+in the shared data has ``max_length=50`` saved, which would silently cut every
+document).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from loopmoe.data.atomic import atomic_directory
+from loopmoe.data.sources import DataSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EOS_TOKEN = "<|endoftext|>"
+# Looked up in this order when neither the caller nor a tokenizer_config.json names the EOS token.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
+_TRAINING_STAMP = "loopmoe_tokenizer_training.json"
+
+
+@dataclass(frozen=True)
+class LMTokenizer:
+    """A ``tokenizers.Tokenizer`` plus its end-of-text token (the document separator)."""
+
+    backend: Tokenizer
+    eos_token: str
+    eos_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the model's embedding rows)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text, without special tokens (EOS is added by the shard writer)."""
+        return [enc.ids for enc in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def content_hash(self) -> str:
+        """sha256 of the serialised tokenizer: changes iff tokenisation may change."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
+
+    def to_transformers(self):
+        """A ``PreTrainedTokenizerFast`` over a copy of the backend, EOS set."""
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(self.backend.to_str()),
+            eos_token=self.eos_token,
+            bos_token=self.eos_token,
+            unk_token=self.eos_token,
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        """Write tokenizer.json and the config files ``AutoTokenizer.from_pretrained`` reads."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.to_transformers().save_pretrained(str(directory))
+        return directory
+
+
+def load_tokenizer(path: str | Path, *, eos_token: str | None = None) -> LMTokenizer:
+    """Load a ``tokenizer.json`` file, or an HF tokenizer folder (offline).
+
+    The EOS token is ``eos_token`` if given, else the folder's configured
+    ``eos_token``, else the first of ``EOS_CANDIDATES`` in the vocabulary.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        backend = Tokenizer.from_file(str(path))
+        configured = None
+    elif path.is_dir():
+        backend, configured = _load_folder(path)
+    else:
+        raise FileNotFoundError(
+            f"tokenizer {str(path)!r} does not exist: pass a tokenizer.json file, an HF tokenizer "
+            "folder, or train one with train_bpe_tokenizer()"
+        )
+    backend.no_truncation()
+    backend.no_padding()
+    return _with_eos(backend, eos_token or configured, where=str(path))
+
+
+def train_bpe_tokenizer(
+    source: DataSource,
+    vocab_size: int,
+    directory: str | Path,
+    *,
+    eos_token: str = DEFAULT_EOS_TOKEN,
+    min_frequency: int = 2,
+    max_chars: int | None = None,
+    progress: bool = True,
+) -> LMTokenizer:
+    """Train a byte-level BPE on ``source`` and save it to ``directory``; reuse it if done before.
+
+    Reuse is keyed on the source identity and the training options, stored beside
+    the tokenizer, so rerunning a job does not retrain. ``max_chars`` caps the
+    training text (BPE statistics settle long before a large corpus is exhausted).
+    The folder is written atomically and loads with ``AutoTokenizer.from_pretrained``.
+    """
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 257 (256 bytes + EOS)")
+    directory = Path(directory)
+    stamp = {
+        "source": source.spec,
+        "source_identity": source.identity(),
+        "vocab_size": vocab_size,
+        "eos_token": eos_token,
+        "min_frequency": min_frequency,
+        "max_chars": max_chars,
+    }
+    stamp_path = directory / _TRAINING_STAMP
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        log.info("reusing the BPE tokenizer in %s (trained on the same source and options)", directory)
+        return load_tokenizer(directory)
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    log.info("training a %d-token byte-level BPE on %s", vocab_size, source.spec)
+    backend.train_from_iterator(_capped(source.documents(), max_chars), trainer=trainer)
+    tokenizer = _with_eos(backend, eos_token, where=source.spec)
+    with atomic_directory(directory) as staging:
+        tokenizer.save(staging)
+        (staging / _TRAINING_STAMP).write_text(json.dumps(stamp, indent=2))
+    return tokenizer
+
+
+def _load_folder(path: Path) -> tuple[Tokenizer, str | None]:
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as error:  # transformers raises OSError/ValueError/KeyError depending on what is missing
+        raise ValueError(
+            f"{str(path)!r} is not a loadable HF tokenizer folder ({error}); pass its tokenizer.json instead"
+        ) from error
+    if not getattr(hf, "is_fast", False):
+        raise ValueError(f"{str(path)!r} holds a slow tokenizer only; add a tokenizer.json to the folder")
+    return Tokenizer.from_str(hf.backend_tokenizer.to_str()), hf.eos_token
+
+
+def _with_eos(backend: Tokenizer, eos_token: str | None, *, where: str) -> LMTokenizer:
+    names = [eos_token] if eos_token else list(EOS_CANDIDATES)
+    for name in names:
+        token_id = backend.token_to_id(name)
+        if token_id is not None:
+            return LMTokenizer(backend, name, token_id)
+    raise ValueError(
+        f"tokenizer {where!r} has no end-of-text token (looked for {names}); pass eos_token= with one of its tokens"
+    )
+
+
+def _capped(documents: Iterable[str], max_chars: int | None) -> Iterator[str]:
+    if max_chars is None:
+        yield from documents
+        return
+    total = 0
+    for doc in documents:
+        if total >= max_chars:
+            return
+        doc = doc[: max_chars - total]
+        total += len(doc)
+        yield doc

@@ -1,0 +1,5 @@
+"""The LoopMoE model: config-driven looped (or vanilla) MoE decoder, HuggingFace-native."""
+
+from loopmoe.model.modeling import LoopMoECausalLMOutput, LoopMoEForCausalLM, LoopMoEModel
+
+__all__ = ["LoopMoEForCausalLM", "LoopMoEModel", "LoopMoECausalLMOutput"]

@@ -1,0 +1,70 @@
+"""Iteration conditioning of the looped core: IterAdaLN and its ablations (DESIGN.md section 2).
+
+IterAdaLN, for core layer l at iteration k (0-based)::
+
+    v_k = MLP_iter(PE(k))                         # shared by the core, width r
+    u   = W_h · RMSNorm(h)                        # per layer, per token, rank r
+    c   = SiLU(v_k + u)
+    [β1, γ1, α1, β2, γ2, α2] = W_mod,l · c        # W_mod zero-initialised
+
+``adaln_iter`` drops ``u`` (modulation from k only), ``adaln_token`` drops ``v_k`` (from h only);
+``iter_embedding`` adds a learned per-iteration vector to h instead of modulating. Because
+``PE(k)`` is a fixed function of k, IterAdaLN and ``adaln_iter`` run at any loop count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopmoe.config import LoopMoEConfig
+from loopmoe.model.layers import RMSNorm
+
+
+def sinusoidal_encoding(k: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Transformer-style encoding of the integer k: ``[sin(k w_i), cos(k w_i)]`` -> ``[dim]``."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angles = k * freqs
+    return torch.cat([angles.sin(), angles.cos()]).to(dtype)
+
+
+class IterationEncoder(nn.Module):
+    """``v_k = MLP_iter(PE(k))``: one small MLP shared by all core layers."""
+
+    def __init__(self, config: LoopMoEConfig):
+        super().__init__()
+        self.pe_dim = config.iter_pe_dim
+        self.fc1 = nn.Linear(config.iter_pe_dim, config.iter_cond_rank)
+        self.fc2 = nn.Linear(config.iter_cond_rank, config.iter_cond_rank)
+
+    def forward(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        pe = sinusoidal_encoding(k, self.pe_dim, device=like.device, dtype=self.fc1.weight.dtype)
+        return self.fc2(F.silu(self.fc1(pe))).to(like.dtype)  # [r]
+
+
+class ZeroInitLinear(nn.Linear):
+    """A linear layer initialised to zero, so a modulation starts as the identity."""
+
+
+class Modulation(nn.Module):
+    """Per-layer modulation ``[β1, γ1, α1, β2, γ2, α2] = W_mod · SiLU(v_k + W_h · RMSNorm(h))``."""
+
+    def __init__(self, config: LoopMoEConfig):
+        super().__init__()
+        d, r = config.hidden_size, config.iter_cond_rank
+        self.use_token = config.iter_conditioning in ("adaln_token", "iteradaln")
+        self.use_iter = config.iter_conditioning in ("adaln_iter", "iteradaln")
+        if self.use_token:
+            self.norm = RMSNorm(d, eps=config.rms_norm_eps)
+            self.w_h = nn.Linear(d, r, bias=False)
+        self.w_mod = ZeroInitLinear(r, 6 * d)
+
+    def forward(self, h: torch.Tensor, v_k: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        # h: [B, S, d], v_k: [r] -> six tensors broadcastable to [B, S, d]
+        signal = v_k if self.use_iter else 0.0
+        if self.use_token:
+            signal = signal + self.w_h(self.norm(h))  # [B, S, r]
+        return self.w_mod(F.silu(signal)).chunk(6, dim=-1)

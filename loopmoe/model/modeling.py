@@ -1,0 +1,316 @@
+"""LoopMoE: a looped Mixture-of-Experts decoder, and the Vanilla MoE it is compared against.
+
+Architecture (DESIGN.md section 2), top to bottom:
+- token embedding -> prelude (P layers, once) -> core (C layers, T times, shared weights)
+  -> coda (Q layers, once) -> final RMSNorm -> LM head (optionally tied to the embedding);
+- each layer: GQA attention with RoPE and optional QK-norm, through SDPA, then a dropless
+  sparse MoE FFN (``moe.py``); norm scheme pre-norm, sandwich, or depth-scaled sandwich with
+  TinyInit;
+- core layers may be conditioned on the iteration (``conditioning.py``): IterAdaLN by default
+  when T > 1; with T = 1 and no conditioning this is a Vanilla MoE, weight-compatible with
+  Qwen3-MoE;
+- optional re-injection of the prelude output at each later core iteration (``add`` or a
+  Huginn-style ``concat`` + linear, initialised to pass h through unchanged);
+- KV cache: one slot per executed (iteration, layer): prelude ``i``, core ``P + k*C + l``,
+  coda ``P + T*C + j``; ``num_loops=`` on forward/generate changes T at inference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+from loopmoe.config import SANDWICH_ATTN_GAIN, SANDWICH_FFN_GAIN, LoopMoEConfig
+from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLinear
+from loopmoe.model.layers import Attention, RMSNorm, RotaryEmbedding
+from loopmoe.model.moe import Experts, SparseMoE, TopKRouter
+
+
+class DecoderLayer(nn.Module):
+    """Attention + MoE sublayers; in the core, optionally modulated per iteration (IterAdaLN)."""
+
+    def __init__(self, config: LoopMoEConfig, modulated: bool):
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config)
+        self.mlp = SparseMoE(config)
+        self.input_layernorm = RMSNorm(d, eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        if config.norm_scheme == "pre":
+            self.attn_out_norm = self.mlp_out_norm = None
+        else:
+            depth = math.sqrt(config.executed_depth()) if config.norm_scheme == "depth_scaled_sandwich" else 1.0
+            self.attn_out_norm = RMSNorm(d, eps, init_gain=SANDWICH_ATTN_GAIN / depth if depth != 1.0 else 1.0)
+            self.mlp_out_norm = RMSNorm(d, eps, init_gain=SANDWICH_FFN_GAIN / depth if depth != 1.0 else 1.0)
+        self.modulation = Modulation(config) if modulated else None
+
+    def forward(self, h, position_embeddings, attention_mask, past_key_values, cache_slot, v_k, token_mask):
+        # h: [B, S, d] -> ([B, S, d], RouterOutput)
+        if self.modulation is not None:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(h, v_k)
+        x = self.input_layernorm(h)
+        if self.modulation is not None:
+            x = x * (1 + scale1) + shift1
+        a = self.self_attn(x, position_embeddings, attention_mask, past_key_values, cache_slot)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a)
+        h = h + (a * (1 + gate1) if self.modulation is not None else a)
+
+        x = self.post_attention_layernorm(h)
+        if self.modulation is not None:
+            x = x * (1 + scale2) + shift2
+        m, router = self.mlp(x, token_mask)
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m)
+        h = h + (m * (1 + gate2) if self.modulation is not None else m)
+        return h, router
+
+
+class InjectionLinear(nn.Linear):
+    """``h <- W [h; e]``, initialised to ``[I | 0]`` so that it starts as the plain loop."""
+
+
+@dataclass
+class LoopMoEModelOutput(MoeModelOutputWithPast):
+    """Adds the per-slot router outputs of every executed MoE layer."""
+
+    router_outputs: list | None = None
+
+
+@dataclass
+class LoopMoECausalLMOutput(MoeCausalLMOutputWithPast):
+    """``loss`` = ``lm_loss`` + weighted aux and z losses; ``router_stats``: one dict per executed MoE slot."""
+
+    lm_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    router_stats: list | None = None
+
+
+class LoopMoEPreTrainedModel(PreTrainedModel):
+    config_class = LoopMoEConfig
+    config: LoopMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        cfg = self.config
+        std = cfg.initializer_range
+        if cfg.norm_scheme == "depth_scaled_sandwich":  # TinyInit: std = sqrt(1 / (2 d L))
+            std = math.sqrt(1.0 / (2 * cfg.hidden_size * cfg.executed_depth()))
+        if isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, InjectionLinear):
+            d = cfg.hidden_size
+            init.copy_(module.weight, torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
+        elif isinstance(module, RMSNorm):
+            init.constant_(module.weight, module.init_gain)
+        elif isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.expert_bias)
+        elif isinstance(module, RotaryEmbedding):
+            dim = cfg.head_dim
+            init.copy_(module.inv_freq, 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)))
+
+
+class LoopMoEModel(LoopMoEPreTrainedModel):
+    def __init__(self, config: LoopMoEConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
+        modulated = config.iter_conditioning in ("adaln_iter", "adaln_token", "iteradaln")
+        self.prelude = nn.ModuleList(DecoderLayer(config, False) for _ in range(config.num_prelude_layers))
+        self.core = nn.ModuleList(DecoderLayer(config, modulated) for _ in range(config.num_core_layers))
+        self.coda = nn.ModuleList(DecoderLayer(config, False) for _ in range(config.num_coda_layers))
+        self.iter_encoder = (
+            IterationEncoder(config) if config.iter_conditioning in ("adaln_iter", "iteradaln") else None
+        )
+        self.iter_embedding = (
+            nn.Embedding(config.max_loops, d) if config.iter_conditioning == "iter_embedding" else None
+        )
+        self.injection = InjectionLinear(2 * d, d, bias=False) if config.input_injection == "concat" else None
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self.iter_embedding:  # starts as the plain loop, like the other conditionings
+            init.zeros_(module.weight)
+
+    def cache_slot(self, section: str, index: int, iteration: int = 0, num_loops: int | None = None) -> int:
+        """KV-cache slot of an executed layer (DESIGN.md): prelude, then ``k*C + l``, then coda."""
+        cfg = self.config
+        loops = cfg.num_loops if num_loops is None else num_loops
+        if section == "prelude":
+            return index
+        if section == "core":
+            return cfg.num_prelude_layers + iteration * cfg.num_core_layers + index
+        return cfg.num_prelude_layers + loops * cfg.num_core_layers + index
+
+    def execution_plan(self, num_loops: int):
+        """Yield ``(name, iteration or None, layer, cache slot)`` in execution order."""
+        for i, layer in enumerate(self.prelude):
+            yield f"prelude.{i}", None, layer, self.cache_slot("prelude", i)
+        for k in range(num_loops):
+            for l, layer in enumerate(self.core):
+                yield f"core.{l}", k, layer, self.cache_slot("core", l, k)
+        for j, layer in enumerate(self.coda):
+            yield f"coda.{j}", None, layer, self.cache_slot("coda", j, num_loops=num_loops)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        num_loops: int | None = None,
+        **kwargs,
+    ) -> LoopMoEModelOutput:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        num_loops = cfg.num_loops if num_loops is None else num_loops
+        cfg.check_num_loops(num_loops)
+        use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        if isinstance(past_key_values, DynamicCache) and past_key_values.layer_class_to_replicate is None:
+            # generate() sizes the cache from the config's loop count; test-time depth may need more slots.
+            while len(past_key_values.layers) < cfg.executed_depth(num_loops):
+                past_key_values.layers.append(DynamicLayer())
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        mask = create_causal_mask(
+            config=cfg, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=position_ids,
+        )
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1]:].bool()
+
+        h = inputs_embeds  # [B, S, d]
+        rope = self.rotary_emb(h, position_ids)
+        hidden_states = [h] if output_hidden_states else None
+        router_outputs = []
+        prelude_out = None
+        v_k = None
+        for name, k, layer, slot in self.execution_plan(num_loops):
+            if name == "core.0":  # start of iteration k
+                if k == 0:
+                    prelude_out = h
+                elif self.injection is not None:
+                    h = self.injection(torch.cat([h, prelude_out], dim=-1))
+                elif cfg.input_injection == "add":
+                    h = h + prelude_out
+                if self.iter_embedding is not None:
+                    h = h + self.iter_embedding.weight[k]
+                v_k = self.iter_encoder(k, h) if self.iter_encoder is not None else None
+            h, router = layer(h, rope, mask, past_key_values, slot, v_k if k is not None else None, token_mask)
+            router_outputs.append((name, k, router))
+            if output_hidden_states:
+                hidden_states.append(h)
+        h = self.norm(h)
+        return LoopMoEModelOutput(
+            last_hidden_state=h,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            router_outputs=router_outputs,
+        )
+
+
+class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LoopMoEConfig):
+        super().__init__(config)
+        self.model = LoopMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_loops: int | None = None,
+        **kwargs,
+    ) -> LoopMoECausalLMOutput:
+        cfg = self.config
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, num_loops=num_loops,
+        )
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+        else:
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h)
+
+        routers = out.router_outputs
+        aux_loss = torch.stack([r.aux_loss for _, _, r in routers]).mean()
+        z_loss = torch.stack([r.z_loss for _, _, r in routers]).mean()
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)
+            loss = lm_loss
+            if cfg.router_aux_loss_coef > 0:
+                loss = loss + cfg.router_aux_loss_coef * aux_loss
+            if cfg.router_z_loss_coef > 0:
+                loss = loss + cfg.router_z_loss_coef * z_loss
+        stats = [
+            {"name": name, "iteration": k, "load": r.load, "entropy": r.entropy, "experts": r.topk_idx}
+            for name, k, r in routers
+        ]
+        return LoopMoECausalLMOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,
+            past_key_values=out.past_key_values, hidden_states=out.hidden_states, router_stats=stats,
+        )
+
+    def update_router_biases(self, reduce_fn=None) -> None:
+        """Aux-loss-free balancing step; call after each optimiser step (``reduce_fn`` all-reduces counts)."""
+        rate = self.config.router_bias_update_rate
+        if rate <= 0:
+            return
+        for module in self.modules():
+            if isinstance(module, TopKRouter):
+                module.update_bias(rate, reduce_fn)

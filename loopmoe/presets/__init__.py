@@ -1,0 +1,90 @@
+"""Named model presets (TOML files beside this module) and loading model configs from files.
+
+A preset is a flat TOML table of ``LoopMoEConfig`` fields plus ``description`` and, for the
+paper-scale ones, ``paper_scale = true``. ``load_model_config`` accepts a preset name, a TOML
+file (flat, or with a ``[model]`` table), a JSON config, or a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+from loopmoe.config import LoopMoEConfig
+
+PRESET_META_KEYS = ("description", "paper_scale")
+
+
+def list_presets() -> dict[str, dict]:
+    """``{name: {"description": ..., "paper_scale": bool}}`` for every shipped preset."""
+    out = {}
+    for entry in sorted(resources.files(__package__).iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            data = tomllib.loads(entry.read_text())
+            out[entry.name[:-5]] = {"description": data.get("description", ""),
+                                    "paper_scale": bool(data.get("paper_scale", False))}
+    return out
+
+
+def _preset_table(name: str) -> dict:
+    entry = resources.files(__package__) / f"{name}.toml"
+    if not entry.is_file():
+        names = list(list_presets())
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}.{hint} Available presets: {', '.join(names)}")
+    return tomllib.loads(entry.read_text())
+
+
+def config_from_table(table: dict, source: str) -> LoopMoEConfig:
+    """Build a config from a dict of fields, rejecting unknown keys with a suggestion."""
+    table = {k: v for k, v in table.items() if k not in PRESET_META_KEYS}
+    known = set(LoopMoEConfig().architecture_dict()) | {"pad_token_id", "bos_token_id", "eos_token_id",
+                                                        "use_cache", "moe_implementation"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        hints = [f"{k!r} (did you mean {difflib.get_close_matches(k, known, n=1)[0]!r}?)"
+                 if difflib.get_close_matches(k, known, n=1) else repr(k) for k in unknown]
+        raise ValueError(f"{source}: unknown model field(s) {', '.join(hints)}; valid fields are the "
+                         f"arguments of LoopMoEConfig")
+    return LoopMoEConfig(**table)
+
+
+def get_preset(name: str, **overrides) -> LoopMoEConfig:
+    """The preset ``name`` as a LoopMoEConfig, with field ``overrides`` applied."""
+    return config_from_table({**_preset_table(name), **overrides}, f"preset {name!r}")
+
+
+def is_paper_scale(name: str) -> bool:
+    return bool(_preset_table(name).get("paper_scale", False))
+
+
+def load_model_config(spec: str | Path, **overrides) -> LoopMoEConfig:
+    """A model config from a preset name, a ``.toml`` / ``.json`` file, or a checkpoint directory."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec} is a directory without config.json: pass a checkpoint directory")
+    if path.suffix == ".toml" and path.is_file():
+        table = tomllib.loads(path.read_text())
+        table = table.get("model", table)
+        preset = table.pop("preset", None)
+        base = _preset_table(preset) if preset else {}
+        return config_from_table({**base, **table, **overrides}, str(path))
+    if path.suffix == ".json" and path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("model_type") == "qwen3_moe":
+            from loopmoe.convert import loopmoe_config_from_qwen3_moe
+
+            return loopmoe_config_from_qwen3_moe({**data, **overrides})
+        if data.get("model_type") not in (None, LoopMoEConfig.model_type):
+            raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not a LoopMoE or Qwen3-MoE config")
+        fields = LoopMoEConfig().architecture_dict()
+        return config_from_table({k: v for k, v in {**data, **overrides}.items() if k in fields}, str(path))
+    if path.suffix in (".toml", ".json"):
+        raise FileNotFoundError(f"model config file {path} not found")
+    return get_preset(str(spec), **overrides)
