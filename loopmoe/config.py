@@ -49,7 +49,8 @@ class LoopMoEConfig(PretrainedConfig):
             ``"grouped_mm"`` (one grouped GEMM, no host sync; CUDA) or ``"auto"``.
         iter_conditioning: one of ``none``, ``iter_embedding``, ``adaln_iter``, ``adaln_token``,
             ``iteradaln``. Defaults to ``iteradaln`` when ``num_loops > 1`` and ``none`` otherwise.
-        iter_cond_rank: width ``r`` of the IterAdaLN signal (``W_h`` rank and ``MLP_iter`` width).
+        iter_cond_rank: width ``r`` of the IterAdaLN signal (``W_h`` rank and ``MLP_iter`` width);
+            defaults to ``max(16, hidden_size // 16)``.
         iter_pe_dim: size of the sinusoidal encoding ``PE(k)`` of the iteration index.
         max_loops: largest loop count an ``iter_embedding`` table holds (test-time depth limit for it).
         input_injection: re-inject the prelude output at each later core iteration:
@@ -87,7 +88,7 @@ class LoopMoEConfig(PretrainedConfig):
         router_bias_update_rate: float = 0.0,
         moe_implementation: str = "auto",
         iter_conditioning: str | None = None,
-        iter_cond_rank: int = 64,
+        iter_cond_rank: int | None = None,
         iter_pe_dim: int = 64,
         max_loops: int = 16,
         input_injection: str = "none",
@@ -126,6 +127,10 @@ class LoopMoEConfig(PretrainedConfig):
         if iter_conditioning is None:
             iter_conditioning = "iteradaln" if num_loops > 1 else "none"
         self.iter_conditioning = iter_conditioning
+        if iter_cond_rank is None:
+            # The modulation costs ~7*d*r parameters and FLOPs per core layer: a rank that scales with
+            # the width keeps it a few percent of the layer at any size.
+            iter_cond_rank = max(16, hidden_size // 16)
         self.iter_cond_rank = iter_cond_rank
         self.iter_pe_dim = iter_pe_dim
         self.max_loops = max_loops

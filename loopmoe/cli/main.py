@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loopmoe.cli import budget, convert, presets
+from loopmoe.cli import budget, compare, convert, presets, train
 
-SUBCOMMANDS = {"budget": budget, "convert": convert, "presets": presets}
+SUBCOMMANDS = {"compare": compare, "budget": budget, "train": train, "convert": convert, "presets": presets}
 
 
 def build_parser() -> argparse.ArgumentParser:

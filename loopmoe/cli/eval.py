@@ -1,0 +1,138 @@
+"""``loopmoe eval``: perplexity, zero-shot tasks and looped-depth analysis of a checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from loopmoe.paths import shared_data_dir
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: held-out perplexity, zero-shot tasks, looped-depth analysis",
+        description="Evaluate MODEL_DIR (a LoopMoE checkpoint or any transformers causal-LM directory) offline. "
+                    "Tasks run through lm-evaluation-harness on local copies of the benchmarks in the data dir. "
+                    "Prints markdown tables; --output writes the full results as JSON.",
+    )
+    p.add_argument("model_dir", type=Path, help="checkpoint directory (config.json + weights)")
+    p.add_argument("--tasks", default="", help="comma-separated shipped tasks or 'all' (see --list-tasks)")
+    p.add_argument("--task-file", type=Path, action="append", default=[],
+                   help="YAML describing a JSONL multiple-choice task (jsonl, prompt, choices, gold); repeatable")
+    p.add_argument("--list-tasks", action="store_true", help="print the shipped task names and exit")
+    p.add_argument("--text", action="append", default=[],
+                   help="held-out text file or prepared shard folder (val split) for perplexity/bits-per-byte; "
+                        "relative paths not found here are looked up in the data dir; repeatable")
+    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: model context)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: window/2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens per --text")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the benchmark files (default: $LOOPMOE_DATA_DIR, else the shared data dir)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-loops", type=int, default=None, help="loops of the core at inference (LoopMoE only)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer.json or tokenizer dir, when MODEL_DIR has no tokenizer saved")
+    p.add_argument("--output", type=Path, default=None, help="write the full results JSON here")
+    depth = p.add_argument_group("looped-depth analysis (LoopMoE only)")
+    depth.add_argument("--depth-analysis", action="store_true",
+                       help="loss, logit lens and routing divergence vs loops run at inference, on the first --text")
+    depth.add_argument("--loops", default="1,2,4,8", help="comma-separated loop counts to compare")
+    depth.add_argument("--output-dir", type=Path, default=None, help="where depth.json and the plots go")
+    depth.add_argument("--seq-len", type=int, default=256, help="sequence length of the held-out rows")
+    depth.add_argument("--sequences", type=int, default=16, help="number of held-out rows")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from loopmoe.evaluation import harness
+
+    if args.list_tasks:
+        print("\n".join(harness.SHIPPED_TASKS))
+        return 0
+    data_dir = args.data_dir or shared_data_dir()
+    tasks = harness.resolve_tasks([t for t in args.tasks.split(",") if t.strip()])
+    if not (tasks or args.task_file or args.text or args.depth_analysis):
+        raise ValueError("nothing to evaluate: pass --tasks, --task-file, --text, or --depth-analysis with --text")
+    if args.depth_analysis and (not args.text or args.output_dir is None):
+        raise ValueError("--depth-analysis needs held-out text (--text) and --output-dir")
+    texts = [_find_text(t, data_dir) for t in args.text]
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    harness.check_task_files(tasks, data_dir)  # fail fast, before loading the model
+    task_configs = _task_files(args.task_file, data_dir)
+
+    from loopmoe.evaluation import loading, report
+
+    model = loading.load_model(args.model_dir, device=args.device)
+    tokenizer = loading.load_hf_tokenizer(args.model_dir, args.tokenizer)
+    results: dict = {"model_dir": str(args.model_dir), "num_loops": args.num_loops,
+                     "data_dir": None if data_dir is None else str(data_dir)}
+    if texts and not args.depth_analysis:
+        results["perplexity"] = _perplexity(model, tokenizer, texts, args)
+        print(report.perplexity_table(results["perplexity"]))
+    if args.depth_analysis:
+        results["depth"] = _depth(model, tokenizer, texts[0], tasks + task_configs, data_dir, args)
+        print(report.depth_table(results["depth"]))
+    elif tasks or task_configs:
+        lm = harness.wrap_model(model, tokenizer, batch_size=args.batch_size, device=args.device)
+        with loading.test_time_depth(model, args.num_loops):
+            raw = harness.evaluate_tasks(lm, tasks + task_configs, data_dir, limit=args.limit)
+        results["tasks"] = harness.summarize(raw)
+        results["lm_eval"] = {k: raw[k] for k in ("results", "n-samples", "versions") if k in raw}
+        print(report.task_table(results["tasks"]))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _find_text(name: str, data_dir: Path | None) -> Path:
+    """``name`` as given if it exists, else the same relative path inside the data dir if that exists."""
+    path = Path(name)
+    if not path.exists() and not path.is_absolute() and data_dir is not None and (data_dir / path).exists():
+        return data_dir / path
+    return path
+
+
+def _task_files(paths: list[Path], data_dir: Path | None) -> list[dict]:
+    from loopmoe.evaluation.custom_task import load_task_file
+
+    return [load_task_file(p, data_dir) for p in paths]
+
+
+def _perplexity(model, tokenizer, texts: list[Path], args) -> list[dict]:
+    from loopmoe.evaluation.perplexity import evaluate_perplexity
+
+    return [
+        evaluate_perplexity(model, tokenizer, text, window=args.window, stride=args.stride, batch_size=args.batch_size,
+                            max_tokens=args.max_tokens, num_loops=args.num_loops).as_dict()
+        for text in texts
+    ]
+
+
+def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, args) -> dict:
+    from loopmoe.evaluation import harness, loading
+    from loopmoe.evaluation.depth import analyse_depth, token_sequences
+    from loopmoe.evaluation.perplexity import read_heldout_tokens
+    from loopmoe.evaluation.plots import plot_depth
+
+    loading.require_looped(model, "depth analysis")
+    loops = [int(t) for t in args.loops.split(",") if t.strip()]
+    ids, _ = read_heldout_tokens(text, tokenizer, args.seq_len * args.sequences)
+    analysis = analyse_depth(model, token_sequences(ids, args.seq_len, args.sequences), loops,
+                             batch_size=args.batch_size)
+    analysis["text"] = str(text)
+    if tasks:
+        lm = harness.wrap_model(model, tokenizer, batch_size=args.batch_size, device=args.device)
+        analysis["tasks"] = {}
+        for t in loops:
+            with loading.test_time_depth(model, t):
+                raw = harness.evaluate_tasks(lm, tasks, data_dir, limit=args.limit)
+            analysis["tasks"][str(t)] = harness.summarize(raw)
+    analysis["plots"] = [str(p) for p in plot_depth(analysis, args.output_dir)]
+    (args.output_dir / "depth.json").write_text(json.dumps(analysis, indent=2))
+    return analysis

@@ -1,0 +1,123 @@
+"""What a run trains (model) and on what (data), behind two swappable factories.
+
+`run_training` only sees these contracts, so tests and experiments can pass their own
+factories, and the trainer does not change when the model or data package does.
+
+Data contract (`DataBundle`):
+  train        iterable of LongTensor (micro_batch_size, seq_len) for this rank, resumable via
+               state_dict()/load_state_dict(); iterating continues from its current position
+  val_batches  callable returning a fresh, deterministic iterable of validation batches
+  vocab_size   tokenizer vocabulary size (sets the model's vocab_size)
+  tokenizer    optional object with save(dir) or save_pretrained(dir), exported with the final model
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from loopmoe.training.config import RunConfig
+
+
+
+class ResumableLoader(Protocol):
+    def __iter__(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class DataBundle:
+    train: ResumableLoader
+    val_batches: Callable[[], Iterable[torch.Tensor]]
+    vocab_size: int
+    tokenizer: Any = None
+
+
+ModelFactory = Callable[[RunConfig, int], nn.Module]
+DataFactory = Callable[[RunConfig, int, int], DataBundle]
+
+
+def build_model_config(cfg: RunConfig, vocab_size: int) -> Any:
+    """Preset + explicit `[model]` fields + `loops` + the tokenizer's vocab size -> LoopMoEConfig.
+
+    `get_preset` rejects unknown fields with a suggestion, and derives loop-dependent defaults
+    (e.g. iteration conditioning) from the final `num_loops`.
+    """
+    from loopmoe.presets import get_preset
+
+    overrides = {**cfg.model.fields, "vocab_size": vocab_size}
+    if cfg.model.loops is not None:
+        overrides["num_loops"] = cfg.model.loops
+    return get_preset(cfg.model.preset, **overrides)
+
+
+def default_model_factory(cfg: RunConfig, vocab_size: int) -> nn.Module:
+    from loopmoe.model import LoopMoEForCausalLM
+
+    return LoopMoEForCausalLM(build_model_config(cfg, vocab_size))
+
+
+def resolve_source(spec: str) -> str:
+    """A corpus name like `tinyshakespeare` means that folder of the shared data directory."""
+    from loopmoe.paths import shared_data_dir
+
+    if spec == "embedded" or spec.startswith("hf:") or Path(spec).expanduser().exists():
+        return spec
+    shared = shared_data_dir()
+    if shared is not None and (shared / spec).exists():
+        return str(shared / spec)
+    raise ValueError(f"data.source = {spec!r} is neither a path, 'embedded', 'hf:NAME', nor a folder of the shared "
+                     f"data directory ({shared}); set LOOPMOE_DATA_DIR or give a path")
+
+
+def _tokenizer(cfg: RunConfig, source: Any, data_dir: Path) -> Any:
+    from loopmoe.data import load_tokenizer, train_bpe_tokenizer
+    from loopmoe.paths import shared_data_dir
+
+    d = cfg.data
+    if d.tokenizer is not None:
+        path = Path(d.tokenizer).expanduser()
+        shared = shared_data_dir()
+        if not path.exists() and shared is not None and (shared / "tokenizers" / d.tokenizer).exists():
+            path = shared / "tokenizers" / d.tokenizer
+        return load_tokenizer(path)
+    if d.train_bpe_vocab is not None:
+        return train_bpe_tokenizer(source, d.train_bpe_vocab, data_dir / "tokenizer", progress=False)
+    raise ValueError("set data.tokenizer (a path, or a name under the shared tokenizers folder, e.g. 'gpt2') "
+                     "or data.train_bpe_vocab (train a BPE of that size on the source)")
+
+
+def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBundle:
+    """Corpus -> tokenizer -> shards -> this rank's resumable loader, through `loopmoe.data`.
+
+    Rank 0 trains the tokenizer and writes the shards (both reused when current); the other
+    ranks wait at a barrier and then open them.
+    """
+    from loopmoe.data import TokenBatchLoader, load_shards, load_tokenizer, open_source, prepare_shards, validation_batches
+    from loopmoe.distributed.env import barrier
+
+    d, t = cfg.data, cfg.train
+    if d.data_dir is None:
+        raise ValueError("data.data_dir is not set; run_training sets it to OUT_DIR/data, or set it in [data]")
+    data_dir = Path(d.data_dir)
+    source = open_source(resolve_source(d.source))
+    if rank == 0:
+        tokenizer = _tokenizer(cfg, source, data_dir)
+        shards = prepare_shards(source, tokenizer, data_dir / "shards", val_fraction=d.val_fraction, progress=False)
+    barrier()
+    if rank != 0:
+        tokenizer = load_tokenizer(data_dir / "tokenizer") if d.tokenizer is None else _tokenizer(cfg, source, data_dir)
+        shards = load_shards(data_dir / "shards")
+    loader = TokenBatchLoader(shards.tokens("train"), batch_size=t.micro_batch_size, seq_len=d.seq_len, seed=t.seed,
+                              rank=rank, world_size=world_size)
+
+    def val_batches() -> Iterable[torch.Tensor]:
+        return validation_batches(shards.tokens("val"), batch_size=t.micro_batch_size, seq_len=d.seq_len,
+                                  num_batches=t.eval_batches, rank=rank, world_size=world_size)
+
+    return DataBundle(train=loader, val_batches=val_batches, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer)

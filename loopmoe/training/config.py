@@ -1,0 +1,280 @@
+"""Run configuration: TOML files and `section.key=value` overrides mapped onto validated dataclasses.
+
+A run is fully described by one `RunConfig`; it is stored, resolved, inside every checkpoint so
+a run can be resumed or audited without the file it came from. Every error names the key and
+the fix, because a typo in a config should cost seconds, not a wasted training run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+
+@dataclass
+class ModelSection:
+    """Model: a preset name, a loop count, and explicit `LoopMoEConfig` fields in `fields`.
+
+    In TOML every key of `[model]` other than `preset` and `loops` is an explicit config field
+    (e.g. `hidden_size = 128`); they are checked against the preset's config when the model is built.
+    """
+
+    preset: str = "debug"
+    loops: int | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    """Corpus and tokenizer: `source` is a corpus name or path resolved by `loopmoe.data`."""
+
+    source: str = "tinyshakespeare"
+    tokenizer: str | None = None
+    train_bpe_vocab: int | None = None
+    val_fraction: float = 0.05
+    seq_len: int = 128
+    data_dir: str | None = None
+
+
+@dataclass
+class OptimSection:
+    """AdamW hyper-parameters."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleSection:
+    """Learning-rate schedule: linear warmup, then cosine decay or WSD (warmup-stable-decay).
+
+    `decay_fraction` is the share of `max_steps` spent in the WSD decay phase (ignored by cosine);
+    `min_lr_ratio` is the final learning rate as a fraction of `optim.lr`.
+    """
+
+    kind: Literal["cosine", "wsd"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainSection:
+    """Loop, batch and bookkeeping settings.
+
+    Batch sizes count sequences. Give `grad_accum` or `global_batch_size` (or both, consistent):
+    global = micro_batch_size x grad_accum x world size.
+    """
+
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int | None = None
+    global_batch_size: int | None = None
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    eval_every: int = 100
+    eval_batches: int = 10
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+
+
+@dataclass
+class DistSection:
+    """Data-parallel strategy used when torchrun starts more than one process."""
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    dist: DistSection = field(default_factory=DistSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists) — JSON/TOML friendly."""
+        return _plain(dataclasses.asdict(self))
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank for this world size."""
+        t = self.train
+        if t.global_batch_size is None:
+            return t.grad_accum or 1
+        return t.global_batch_size // (t.micro_batch_size * world_size)
+
+    def global_batch_for(self, world_size: int) -> int:
+        return self.train.micro_batch_size * self.grad_accum_for(world_size) * world_size
+
+    def validate(self, world_size: int = 1) -> "RunConfig":
+        """Check cross-field contradictions; raises ValueError naming the keys and the fix."""
+        t, s, o = self.train, self.schedule, self.optim
+        for key, value in [("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
+                           ("train.eval_every", t.eval_every), ("train.checkpoint_every", t.checkpoint_every),
+                           ("train.keep_last", t.keep_last), ("train.log_every", t.log_every),
+                           ("data.seq_len", self.data.seq_len)]:
+            if value < 1:
+                raise ValueError(f"{key} = {value}: must be >= 1")
+        if t.eval_batches < 0:
+            raise ValueError(f"train.eval_batches = {t.eval_batches}: must be >= 0 (0 disables evaluation)")
+        if t.grad_accum is not None and t.grad_accum < 1:
+            raise ValueError(f"train.grad_accum = {t.grad_accum}: must be >= 1")
+        if t.grad_clip < 0:
+            raise ValueError(f"train.grad_clip = {t.grad_clip}: must be >= 0 (0 disables clipping)")
+        if o.lr <= 0 or o.eps <= 0 or o.weight_decay < 0:
+            raise ValueError("optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0")
+        if not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ValueError(f"optim.betas = {list(o.betas)}: each beta must be in [0, 1)")
+        if s.warmup_steps < 0 or s.warmup_steps >= t.max_steps:
+            raise ValueError(f"schedule.warmup_steps = {s.warmup_steps} must be in [0, train.max_steps = {t.max_steps}); "
+                             f"lower schedule.warmup_steps or raise train.max_steps")
+        if not 0.0 <= s.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio = {s.min_lr_ratio}: must be in [0, 1]")
+        if not 0.0 <= s.decay_fraction <= 1.0:
+            raise ValueError(f"schedule.decay_fraction = {s.decay_fraction}: must be in [0, 1]")
+        if s.kind == "wsd" and s.warmup_steps + round(s.decay_fraction * t.max_steps) > t.max_steps:
+            raise ValueError("schedule.warmup_steps + schedule.decay_fraction * train.max_steps exceeds train.max_steps; "
+                             "shorten the warmup or the decay")
+        if not 0.0 < self.data.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction = {self.data.val_fraction}: must be in (0, 1)")
+        if t.global_batch_size is not None:
+            per_step = t.micro_batch_size * world_size
+            if t.global_batch_size % per_step:
+                raise ValueError(
+                    f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size x world size "
+                    f"= {t.micro_batch_size} x {world_size}; use a multiple of {per_step}")
+            implied = t.global_batch_size // per_step
+            if t.grad_accum is not None and t.grad_accum != implied:
+                raise ValueError(
+                    f"train.grad_accum = {t.grad_accum} contradicts train.global_batch_size = {t.global_batch_size} "
+                    f"(which implies {implied} at world size {world_size}); set only one of them")
+        return self
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+_SECTION_TYPES = get_type_hints(RunConfig)
+
+
+def _suggest(key: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {', '.join(prefix + o for o in sorted(options))}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a type hint, allowing int->float and list->tuple; ValueError otherwise."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: cannot be None")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key} = {value!r}: must be one of {', '.join(repr(a) for a in args)}"
+                             + (_suggest(str(value), [str(a) for a in args]) if isinstance(value, str) else ""))
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key} = {value!r}: expected a list of {len(args)} values, e.g. [0.9, 0.95]")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} = {value!r}: expected a table")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ValueError(f"{key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build_section(name: str, raw: dict[str, Any]) -> Any:
+    cls = _SECTION_TYPES[name]
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    if name == "model":
+        extra = {k: v for k, v in raw.items() if k not in hints}
+        raw = {k: v for k, v in raw.items() if k in hints}
+        kwargs["fields"] = {**raw.pop("fields", {}), **extra}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ValueError(f"unknown key '{name}.{key}'" + _suggest(key, list(hints), prefix=f"{name}."))
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from nested dicts (a parsed TOML file); missing keys take defaults."""
+    for name in raw:
+        if name not in _SECTION_TYPES:
+            raise ValueError(f"unknown section '[{name}]'" + _suggest(name, list(_SECTION_TYPES)))
+        if not isinstance(raw[name], dict):
+            raise ValueError(f"'{name}' must be a table ([{name}]), got {type(raw[name]).__name__}")
+    return RunConfig(**{name: _build_section(name, raw.get(name, {})) for name in _SECTION_TYPES})
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's value as a TOML literal (numbers, booleans, lists); bare words stay strings."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to nested dicts (before typing, so errors name the key)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like section.key=value, e.g. train.max_steps=100")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2:
+            raise ValueError(f"override key '{path}' must be section.key, e.g. optim.lr=3e-4")
+        section, key = parts
+        if section not in _SECTION_TYPES:
+            raise ValueError(f"unknown section '{section}' in override '{item}'" + _suggest(section, list(_SECTION_TYPES)))
+        hint = get_type_hints(_SECTION_TYPES[section]).get(key)
+        value = text.strip() if hint is str else _parse_value(text.strip())
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None, world_size: int = 1) -> RunConfig:
+    """Read a TOML file (or start from defaults), apply overrides, type-check and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found; pass an existing .toml (see configs/)")
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    return config_from_dict(apply_overrides(raw, overrides or [])).validate(world_size)

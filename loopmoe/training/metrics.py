@@ -1,0 +1,93 @@
+"""Where training numbers go: `metrics.jsonl` (every step), TensorBoard and a progress bar.
+
+Only rank 0 writes. The JSONL file is the record runs are compared by (resume exactness,
+parity tests, plots); TensorBoard is for looking at a run while it trains.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step`: a resumed run re-does those steps and logs them again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def summarize_router_stats(stats_per_micro: Sequence[Sequence[dict[str, Any]]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Average router load and entropy over micro-batches, keyed by `name` + iteration.
+
+    Key is e.g. `core.0/iter1` for a looped core layer, `prelude.0` for a layer run once.
+    """
+    acc: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for stats in stats_per_micro:
+        for s in stats:
+            key = s["name"] if s.get("iteration") is None else f"{s['name']}/iter{s['iteration']}"
+            slot = acc.setdefault(key, {"load": [], "entropy": []})
+            slot["load"].append(s["load"].detach().float().cpu())
+            slot["entropy"].append(torch.as_tensor(s["entropy"]).detach().float().cpu())
+    return {k: {n: torch.stack(v).mean(0) for n, v in d.items()} for k, d in acc.items()}
+
+
+class MetricsLogger:
+    """Writes step records; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, max_steps: int, start_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self.writer: SummaryWriter | None = None
+        self.bar: tqdm | None = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.path, start_step)
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
+
+    def log_step(self, record: dict[str, Any], router: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Append one record to metrics.jsonl; TensorBoard scalars; advance the bar."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        step = record["step"]
+        assert self.writer is not None and self.bar is not None
+        for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"):
+            value = record.get(key)
+            if value is not None:
+                self.writer.add_scalar(f"train/{key}", value, step)
+        if record.get("val_loss") is not None:
+            self.writer.add_scalar("val/loss", record["val_loss"], step)
+        for key, stats in (router or {}).items():
+            self.writer.add_scalar(f"router/{key}/entropy", stats["entropy"].item(), step)
+            load = stats["load"]
+            self.writer.add_scalar(f"router/{key}/max_load_x_experts", (load.max() * load.numel()).item(), step)
+            for e, value in enumerate(load.tolist()):
+                self.writer.add_scalar(f"router/{key}/load/expert_{e:03d}", value, step)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()

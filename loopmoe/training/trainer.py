@@ -1,0 +1,114 @@
+"""One optimizer step and one evaluation, independent of how the model is parallelised.
+
+The step guards the weights: if the loss or the gradient norm is not finite on any rank, the
+update (and the router-bias update) is skipped and the gradients dropped, so one bad batch
+costs a step, not the run.
+"""
+from __future__ import annotations
+
+import warnings
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from loopmoe.distributed.env import all_reduce_mean, all_reduce_sum_
+from loopmoe.distributed.parallelize import gradient_sync, unwrap
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: `auto` is fp32 (no autocast) on CPU and bf16 on CUDA."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+@dataclass
+class StepOutput:
+    """Globally averaged numbers of one optimizer step (identical on every rank)."""
+
+    loss: float
+    lm_loss: float
+    aux_loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    tokens: int
+    router_stats: list[list[dict[str, Any]]] = field(default_factory=list)
+
+
+def _aux(out: Any, like: torch.Tensor) -> torch.Tensor:
+    aux = getattr(out, "aux_loss", None)
+    return torch.zeros((), device=like.device) if aux is None else torch.as_tensor(aux, device=like.device)
+
+
+class Trainer:
+    """Runs gradient-accumulated steps on a (possibly wrapped) model."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, grad_accum: int,
+                 grad_clip: float, device: torch.device, autocast_dtype: torch.dtype | None, world_size: int = 1,
+                 router_reduce: Callable[[torch.Tensor], None] | None = None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
+        self.device, self.autocast_dtype, self.world_size = device, autocast_dtype, world_size
+        self.router_reduce = router_reduce if router_reduce is not None else (all_reduce_sum_ if world_size > 1 else None)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _clip(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def train_step(self, batches: Iterator[torch.Tensor]) -> StepOutput:
+        """Consume `grad_accum` micro-batches, then update unless anything is non-finite."""
+        self.model.train()
+        sums = torch.zeros(3, device=self.device)
+        router_stats: list[list[dict[str, Any]]] = []
+        tokens = 0
+        for i in range(self.grad_accum):
+            x = next(batches).to(self.device, non_blocking=True)
+            tokens += x.numel()
+            with gradient_sync(self.model, enabled=i == self.grad_accum - 1):
+                with self._autocast():
+                    out = self.model(input_ids=x, labels=x)
+                (out.loss / self.grad_accum).backward()
+            sums += torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(), _aux(out, x).detach().float()])
+            router_stats.append(list(getattr(out, "router_stats", None) or []))
+        grad_norm = self._clip()
+        sums = all_reduce_mean(sums / self.grad_accum)
+        finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            unwrap(self.model).update_router_biases(reduce_fn=self.router_reduce)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)` before `optimizer.step")
+            self.scheduler.step()
+        loss, lm_loss, aux_loss = sums.tolist()
+        return StepOutput(loss, lm_loss, aux_loss, float(grad_norm), lr, not finite, tokens * self.world_size, router_stats)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[torch.Tensor], max_batches: int) -> float:
+        """Mean LM loss over up to `max_batches` validation batches, averaged over ranks."""
+        self.model.eval()
+        acc = torch.zeros(2, device=self.device)
+        for x in islice(batches, max_batches):
+            x = x.to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.model(input_ids=x, labels=x)
+            acc += torch.stack([out.lm_loss.detach().float(), torch.ones((), device=self.device)])
+        self.model.train()
+        all_reduce_sum_(acc)
+        return (acc[0] / acc[1].clamp(min=1)).item()

@@ -1,0 +1,236 @@
+"""The whole model: every architectural switch builds, trains, counts right and generates exactly."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loopmoe import LoopMoEForCausalLM
+from loopmoe.budget import compute_budget
+from loopmoe.flops import count_forward_flops
+
+VARIANTS = {
+    "vanilla": {},
+    "vanilla_shared_tied_noqk": {"shared_expert_intermediate_size": 24, "tie_word_embeddings": True, "qk_norm": False},
+    "sigmoid_router": {"router_score": "sigmoid", "router_bias_update_rate": 0.01, "router_z_loss_coef": 1e-3},
+    "iteradaln_prelude_coda": {"num_loops": 3, "num_prelude_layers": 1, "num_coda_layers": 1},
+    "adaln_iter": {"num_loops": 2, "iter_conditioning": "adaln_iter"},
+    "adaln_token_sandwich": {"num_loops": 2, "iter_conditioning": "adaln_token", "norm_scheme": "sandwich"},
+    "iter_embedding_add": {"num_loops": 2, "iter_conditioning": "iter_embedding", "input_injection": "add"},
+    "concat_depth_scaled": {"num_loops": 3, "num_prelude_layers": 1, "input_injection": "concat",
+                            "norm_scheme": "depth_scaled_sandwich"},
+    "looped_no_conditioning": {"num_loops": 2, "iter_conditioning": "none"},
+}
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return LoopMoEForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_backward_and_budget(tiny_config, name):
+    cfg = tiny_config(**VARIANTS[name])
+    model = build(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    out = model(input_ids=x, labels=x)
+    assert torch.isfinite(out.loss)
+    expected = out.lm_loss + cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters()
+               if "lm_head" not in n or not cfg.tie_word_embeddings), "a parameter gets no gradient"
+    assert len(out.router_stats) == cfg.executed_depth()
+
+    budget = compute_budget(cfg, seq_len=64)
+    assert budget.total_params == sum(p.numel() for p in model.parameters())
+    measured = count_forward_flops(model.eval(), torch.randint(0, cfg.vocab_size, (4, 64))) / (4 * 64)
+    assert measured == pytest.approx(budget.flops_per_token, rel=0.02)
+
+
+def test_active_params_count_only_routed_experts(tiny_config):
+    cfg = tiny_config(num_loops=2)
+    b = compute_budget(cfg, 64)
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert b.total_params - b.active_params == cfg.unique_layers * (cfg.num_experts - cfg.num_experts_per_tok) * expert
+
+
+def test_looping_divides_attention_ffn_ratio_by_loops(tiny_config):
+    flat = compute_budget(tiny_config(num_core_layers=2), 64)
+    looped = compute_budget(tiny_config(num_core_layers=2, num_loops=4), 64)
+    assert looped.attn_ffn_ratio == pytest.approx(flat.attn_ffn_ratio / 4)
+    a = 2 * 32 * 8 * (4 + 2) + 2 * 8  # projections + QK-norm
+    assert flat.attn_ffn_ratio == pytest.approx(a / (2 * 3 * 32 * 16))
+
+
+@pytest.mark.parametrize("conditioning", ["iteradaln", "adaln_iter", "adaln_token", "iter_embedding"])
+def test_conditioning_starts_as_plain_weight_shared_block(tiny_config, conditioning):
+    """Zero-initialised modulation / iteration embedding: at init the model is the plain loop."""
+    cond = build(tiny_config(num_loops=3, iter_conditioning=conditioning))
+    plain = build(tiny_config(num_loops=3, iter_conditioning="none"))
+    plain.load_state_dict(cond.state_dict(), strict=False)
+    x = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(cond(input_ids=x).logits, plain(input_ids=x).logits)
+
+
+def test_iteradaln_modulation_depends_on_iteration_and_token(tiny_config):
+    model = build(tiny_config(num_loops=2))
+    layer = model.model.core[0]
+    torch.nn.init.normal_(layer.modulation.w_mod.weight, std=0.5)
+    h = torch.randn(1, 3, 32)
+    v0, v1 = model.model.iter_encoder(0, h), model.model.iter_encoder(1, h)
+    m0, m1 = layer.modulation(h, v0)[0], layer.modulation(h, v1)[0]
+    assert not torch.allclose(m0, m1), "iteration index must change the modulation"
+    assert not torch.allclose(m0[0, 0], m0[0, 1]), "the token's hidden state must change the modulation"
+
+
+def test_concat_injection_starts_as_identity(tiny_config):
+    concat = build(tiny_config(num_loops=3, input_injection="concat", iter_conditioning="none"))
+    plain = build(tiny_config(num_loops=3, iter_conditioning="none"))
+    plain.load_state_dict(concat.state_dict(), strict=False)
+    x = torch.randint(0, 97, (1, 10))
+    torch.testing.assert_close(concat(input_ids=x).logits, plain(input_ids=x).logits)
+
+
+def test_add_injection_changes_later_iterations(tiny_config):
+    add = build(tiny_config(num_loops=2, input_injection="add", iter_conditioning="none"))
+    plain = build(tiny_config(num_loops=2, iter_conditioning="none"))
+    plain.load_state_dict(add.state_dict())
+    x = torch.randint(0, 97, (1, 10))
+    assert not torch.allclose(add(input_ids=x).logits, plain(input_ids=x).logits)
+
+
+def test_depth_scaled_sandwich_tinyinit(tiny_config):
+    cfg = tiny_config(num_loops=3, num_prelude_layers=1, num_coda_layers=1, norm_scheme="depth_scaled_sandwich",
+                      hidden_size=64, head_dim=16, moe_intermediate_size=64)
+    model = build(cfg)
+    L = cfg.executed_depth()
+    layer = model.model.core[0]
+    assert torch.allclose(layer.attn_out_norm.weight, torch.full((64,), 0.283 / math.sqrt(L)))
+    assert torch.allclose(layer.mlp_out_norm.weight, torch.full((64,), 0.432 / math.sqrt(L)))
+    std = layer.mlp.experts.gate_up_proj.std().item()
+    assert std == pytest.approx(math.sqrt(1 / (2 * 64 * L)), rel=0.05)
+
+
+def test_kv_cache_has_one_slot_per_executed_layer(tiny_config):
+    cfg = tiny_config(num_loops=3, num_prelude_layers=1, num_coda_layers=1)
+    model = build(cfg).eval()
+    x = torch.randint(0, 97, (1, 5))
+    cache = model(input_ids=x, use_cache=True).past_key_values
+    assert len(cache.layers) == cfg.executed_depth() == 1 + 2 * 3 + 1
+    keys = [layer.keys for layer in cache.layers]
+    assert all(k.shape == (1, 2, 5, 8) for k in keys)
+    # Slots are distinct states: the same core layer at different iterations sees different inputs.
+    core0 = [model.model.cache_slot("core", 0, k) for k in range(3)]
+    assert core0 == [1, 3, 5]
+    assert not torch.allclose(keys[core0[0]], keys[core0[1]])
+    assert model.model.cache_slot("coda", 0) == 7
+    deeper = model(input_ids=x, use_cache=True, num_loops=5).past_key_values
+    assert len(deeper.layers) == 1 + 2 * 5 + 1
+
+
+def test_incremental_decoding_matches_full_forward(tiny_config):
+    cfg = tiny_config(num_loops=3, num_prelude_layers=1)
+    model = build(cfg).eval()
+    x = torch.randint(0, 97, (2, 9))
+    full = model(input_ids=x).logits
+    out = model(input_ids=x[:, :6], use_cache=True)
+    step = model(input_ids=x[:, 6:], past_key_values=out.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(step, full[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+GENERATE = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20, temperature=0.9),
+    "beam": dict(do_sample=False, num_beams=3),
+}
+
+
+@pytest.mark.parametrize("mode", GENERATE)
+@pytest.mark.parametrize("num_loops", [None, 5])
+def test_cached_and_uncached_generation_agree(tiny_config, mode, num_loops):
+    cfg = tiny_config(num_loops=3, num_prelude_layers=1, num_coda_layers=1, pad_token_id=0)
+    model = build(cfg).eval()
+    prompts = torch.randint(1, 97, (3, 7))
+    mask = torch.ones_like(prompts)
+    prompts[0, :3], mask[0, :3] = 0, 0  # left padding
+    prompts[1, :1], mask[1, :1] = 0, 0
+    results = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        results.append(model.generate(prompts, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
+                                      use_cache=use_cache, num_loops=num_loops, pad_token_id=0,
+                                      **GENERATE[mode]))
+    assert torch.equal(results[0], results[1])
+
+
+def test_left_padding_does_not_change_a_sequence(tiny_config):
+    model = build(tiny_config(num_loops=2, pad_token_id=0)).eval()
+    prompt = torch.randint(1, 97, (1, 6))
+    alone = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1)
+    batch = model.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(batch[0, 3:], alone[0])
+
+
+def test_test_time_depth(tiny_config):
+    model = build(tiny_config(num_loops=2)).eval()
+    for layer in model.model.core:  # a trained-like, non-trivial modulation
+        torch.nn.init.normal_(layer.modulation.w_mod.weight, std=0.2)
+    x = torch.randint(0, 97, (1, 8))
+    logits = {t: model(input_ids=x, num_loops=t).logits for t in (1, 2, 6)}
+    torch.testing.assert_close(logits[2], model(input_ids=x).logits)
+    assert not torch.allclose(logits[1], logits[2]) and not torch.allclose(logits[6], logits[2])
+    out = model(input_ids=x, num_loops=6, output_hidden_states=True)
+    assert len(out.hidden_states) == 1 + 2 * 6
+
+
+def test_iter_embedding_depth_limit_is_a_clear_error(tiny_config):
+    model = build(tiny_config(num_loops=2, iter_conditioning="iter_embedding", max_loops=4))
+    with pytest.raises(ValueError, match="max_loops"):
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long), num_loops=5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_and_load_roundtrip_through_auto_classes(tiny_config, tmp_path, tied):
+    cfg = tiny_config(num_loops=2, num_coda_layers=1, router_bias_update_rate=0.01, tie_word_embeddings=tied)
+    model = build(cfg).eval()
+    with torch.no_grad():
+        model.model.core[0].mlp.gate.expert_bias.copy_(torch.tensor([0.1, -0.1, 0.2, 0.0]))
+        model.model.core[0].modulation.w_mod.weight.normal_()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is LoopMoEForCausalLM
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys()
+    assert all(torch.equal(saved[k], reloaded[k]) for k in saved), "weights must round-trip bit for bit"
+    # Logits may differ in the last ulp: safetensors memory-maps tensors at other alignments, and
+    # BLAS picks kernels by alignment.
+    x = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loaded.model.core[0].mlp.gate.expert_bias, model.model.core[0].mlp.gate.expert_bias)
+    if tied:
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_router_bias_update_through_model(tiny_config):
+    model = build(tiny_config(router_bias_update_rate=0.05)).train()
+    x = torch.randint(0, 97, (4, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    model.update_router_biases()
+    biases = torch.stack([layer.mlp.gate.expert_bias for layer in model.model.core])
+    assert biases.abs().sum() > 0
+    assert torch.all(torch.isin(biases, torch.tensor([-0.05, 0.0, 0.05])))
+
+
+def test_inputs_embeds_and_errors(tiny_config):
+    model = build(tiny_config()).eval()
+    x = torch.randint(0, 97, (1, 5))
+    torch.testing.assert_close(model(inputs_embeds=model.model.embed_tokens(x)).logits, model(input_ids=x).logits)
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="num_loops"):
+        model(input_ids=x, num_loops=0)
