@@ -17,8 +17,9 @@ fixed GQA group) are a large share of the FLOPs, so the search aims at the same 
 ``a + sigma`` in place of ``a`` in the FLOP balance: ``A' = t*a*(a+sigma+phi)/(t*(a+sigma)+phi)``. The
 search walks the integer grid around that point and scores each candidate on the exact budgets
 of ``loopmoe.budget`` (IterAdaLN, attention scores and routers included), so what it reports is
-what the model has. Strategy ``naive`` keeps the reference shapes and grows E' only: the
-ablation that shows why balancing matters.
+what the model has. Strategy ``naive`` keeps the reference shapes and grows E' to the closest
+parameter match only: the ablation that shows why balancing matters (its deviations are
+reported, not enforced).
 """
 
 from __future__ import annotations
@@ -142,8 +143,8 @@ def balance(
     looped = make(**best)
     looped_budget = compute_budget(looped, seq_len)
     dev = deviations(ref_budget, looped_budget)
-    enforced = TARGETS if strategy == "capacity" else ("total_params",)
-    failed = [k for k in enforced if abs(dev[k]) > tol[k]]
+    # The naive ablation exists to show the mismatch, so it reports deviations without enforcing them.
+    failed = [k for k in TARGETS if abs(dev[k]) > tol[k]] if strategy == "capacity" else []
     if failed:
         detail = "; ".join(f"{k} off by {dev[k]:+.2%} (tolerance {tol[k]:.0%})" for k in failed)
         raise ValueError(

@@ -143,6 +143,7 @@ class LoopMoEConfig(PretrainedConfig):
         self.num_hidden_layers = self.executed_depth()
         self.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
         kwargs.setdefault("attn_implementation", "sdpa")
+        self.validate()  # before transformers' own checks, whose messages do not name our fields' fixes
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -150,7 +151,6 @@ class LoopMoEConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate()
 
     # ----------------------------------------------------------------------------------------
     def executed_depth(self, num_loops: int | None = None) -> int:

@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     p.add_argument("--eval-batches", type=int, default=DEFAULTS.eval_batches)
     p.add_argument("--tasks", type=lambda s: tuple(t for t in s.split(",") if t), default=DEFAULTS.tasks,
-                   help="comma-separated downstream tasks (see `loopmoe eval --help`)")
+                   help="comma-separated downstream tasks (see `loopmoe eval --list-tasks`); 'auto' (default): "
+                        "every task whose data is present; '' for none")
     p.add_argument("--task-limit", type=int, default=DEFAULTS.task_limit, help="documents per task")
     p.add_argument("--out", type=Path, default=DEFAULTS.out, help="run folder")
     p.set_defaults(run=run)

@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from loopmoe.cli import budget, compare, convert, presets, train
+from loopmoe.cli import eval as eval_cli
 
-SUBCOMMANDS = {"compare": compare, "budget": budget, "train": train, "convert": convert, "presets": presets}
+SUBCOMMANDS = {"compare": compare, "budget": budget, "train": train, "eval": eval_cli, "convert": convert, "presets": presets}
 
 
 def build_parser() -> argparse.ArgumentParser:

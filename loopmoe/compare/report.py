@@ -104,15 +104,18 @@ def write_report(out: Path, results: dict[str, Any], budget_table: str) -> Path:
     ]
     downstream = results.get("downstream") or {}
     if downstream:
-        tasks = sorted({task for scores in downstream.values() for task in scores})
-        lines += ["", "## Downstream (zero-shot)", "", "| task | " + " | ".join(downstream) + " |",
-                  "|---|" + "---|" * len(downstream)]
-        for task in tasks:
+        scores = {name: {(r["task"], r["metric"]): r for r in rows} for name, rows in downstream.items()}
+        keys = sorted({key for table in scores.values() for key in table})
+        lines += ["", "## Downstream (zero-shot, lm-evaluation-harness)", "",
+                  "| task | metric | " + " | ".join(scores) + " | documents |", "|---|---|" + "---|" * (len(scores) + 1)]
+        for task, metric in keys:
             cells = []
-            for name in downstream:
-                score = downstream[name].get(task, {})
-                cells.append(f"{score['value']:.4f} ± {score.get('stderr', 0):.4f} ({score['metric']})" if score else "")
-            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+            for table in scores.values():
+                row = table.get((task, metric))
+                err = f" ± {row['stderr']:.4f}" if row and row["stderr"] is not None else ""
+                cells.append(f"{row['value']:.4f}{err}" if row else "")
+            n = next((t[(task, metric)]["n"] for t in scores.values() if (task, metric) in t), "")
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {n} |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -43,8 +43,8 @@ class CompareOptions:
     seeds: tuple[int, ...] = (0,)
     eval_every: int = 32
     eval_batches: int = 16
-    tasks: tuple[str, ...] = ()
-    task_limit: int | None = 200
+    tasks: tuple[str, ...] = ("auto",)  # "auto": every shipped task whose data is present
+    task_limit: int | None = 100
     out: Path = field(default_factory=lambda: Path("runs/compare"))
 
     def validate(self) -> "CompareOptions":
@@ -153,15 +153,32 @@ def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
     return results
 
 
-def _downstream(opts: CompareOptions, runs, log) -> dict[str, Any]:
-    """Zero-shot task accuracy of both models (seed of the first run), when tasks were asked for."""
-    if not opts.tasks:
+def available_tasks() -> tuple[str, ...]:
+    """Shipped downstream tasks whose data files are present in the data folder (none on a bare machine)."""
+    from loopmoe.evaluation import SHIPPED_TASKS
+    from loopmoe.evaluation.harness import required_files
+    from loopmoe.paths import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None:
+        return ()
+    return tuple(t for t in SHIPPED_TASKS if all((data / f).is_file() for f in required_files(t)))
+
+
+def _downstream(opts: CompareOptions, runs, log) -> dict[str, list[dict[str, Any]]]:
+    """Zero-shot task scores of both models (first seed) through lm-evaluation-harness."""
+    tasks = available_tasks() if opts.tasks == ("auto",) else opts.tasks
+    if not tasks:
+        if opts.tasks == ("auto",):
+            log("\nno downstream task data found (set LOOPMOE_DATA_DIR); skipping downstream evaluation")
         return {}
-    from loopmoe.evaluation import evaluate_tasks
+    from loopmoe.evaluation import evaluate_tasks, load_hf_tokenizer, load_model, summarize, wrap_model
+    from loopmoe.paths import shared_data_dir
 
     out = {}
     for name in MODELS:
         model_dir = runs[name][opts.seeds[0]]["final_dir"]
-        log(f"\n== downstream tasks for {name}: {', '.join(opts.tasks)}")
-        out[name] = evaluate_tasks(model_dir, list(opts.tasks), limit=opts.task_limit)
+        log(f"\n== downstream tasks for {name}: {', '.join(tasks)} (limit {opts.task_limit} documents each)")
+        lm = wrap_model(load_model(model_dir), load_hf_tokenizer(model_dir), batch_size=32)
+        out[name] = summarize(evaluate_tasks(lm, list(tasks), shared_data_dir(), limit=opts.task_limit))
     return out

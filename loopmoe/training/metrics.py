@@ -60,8 +60,11 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_after(self.path, start_step)
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not sys.stderr.isatty())
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not interactive)
+        # Logs and CI have no live bar: a plain line every 5% of the run shows it is alive instead.
+        self.max_steps = max_steps
+        self.plain_every = None if interactive else max(1, max_steps // 20)
 
     def log_step(self, record: dict[str, Any], router: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         """Append one record to metrics.jsonl; TensorBoard scalars; advance the bar."""
@@ -85,6 +88,10 @@ class MetricsLogger:
                 self.writer.add_scalar(f"router/{key}/load/expert_{e:03d}", value, step)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         self.bar.update(1)
+        if self.plain_every and (step % self.plain_every == 0 or step == self.max_steps):
+            val = f" val_loss {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
+            print(f"step {step}/{self.max_steps} loss {record['loss']:.4f}{val} {record['tokens_per_s']:.0f} tok/s",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

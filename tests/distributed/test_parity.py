@@ -13,10 +13,18 @@ SCRIPT = Path(__file__).resolve().parent / "train_standin.py"
 ARGS = ["data.seq_len=16", "train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=20",
         "schedule.warmup_steps=3", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
         "optim.lr=1e-2"]
+# The real model: a looped LoopMoE with IterAdaLN, prelude and expert routing, sized for 2 CPU processes.
+LOOPMOE_ARGS = ["model.preset=debug", "model.loops=2", "model.num_core_layers=1", "model.num_prelude_layers=1",
+                "model.hidden_size=32", "model.head_dim=8", "model.moe_intermediate_size=32", "optim.lr=3e-3"]
 
 
-def _launch(out_dir: Path, nproc: int, *extra: str, crash_at_batch: int | None = None) -> subprocess.CompletedProcess:
+def _launch(out_dir: Path, nproc: int, *extra: str, crash_at_batch: int | None = None,
+            real_model: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("PARITY_MODEL", None)
+    if real_model:
+        env["PARITY_MODEL"] = "loopmoe"
+        extra = (*LOOPMOE_ARGS, *extra)
     env.pop("STANDIN_CRASH_AT_BATCH", None)
     if crash_at_batch is not None:
         env["STANDIN_CRASH_AT_BATCH"] = str(crash_at_batch)
@@ -58,3 +66,19 @@ def test_fsdp2_matches_single_process_across_a_dcp_resume(tmp_path, single_losse
     assert [r["step"] for r in records] == list(range(1, 21))
     _assert_close([r["loss"] for r in records], single_losses)
     assert (tmp_path / "final" / "config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def single_loopmoe_losses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_loopmoe")
+    proc = _launch(out, 1, real_model=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [r["loss"] for r in read_metrics(out)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_real_loopmoe_matches_single_process(tmp_path, single_loopmoe_losses, strategy):
+    proc = _launch(tmp_path, 2, f"dist.strategy={strategy}", real_model=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_close([r["loss"] for r in read_metrics(tmp_path)], single_loopmoe_losses)

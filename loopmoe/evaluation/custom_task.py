@@ -1,0 +1,101 @@
+"""Turn a small YAML description of a JSONL multiple-choice task into an lm-eval task config.
+
+Lets a user add a benchmark without writing Python or an lm-eval YAML::
+
+    task: capitals                    # name in the results (default: the file's stem)
+    jsonl: capitals.jsonl             # relative to this file, else to the data dir
+    prompt: "Q: What is the capital of {country}?\\nA:"
+    choices: options                  # a field holding the list of choices, or a list of templates
+    gold: answer                      # a field holding the gold index, or the gold choice's text
+    target_delimiter: " "             # optional, lm-eval's default
+    metrics: [acc, acc_norm]          # optional
+
+Choices are scored as ``prompt + target_delimiter + choice`` by log-likelihood, as lm-eval does.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loopmoe.evaluation.tasks.loaders import MissingDataError, read_jsonl
+
+REQUIRED = ("jsonl", "prompt", "choices", "gold")
+OPTIONAL = ("task", "target_delimiter", "metrics")
+
+
+def load_task_file(path: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """An inline lm-eval task config (callables included) for the task described in ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} not found")
+    spec = yaml.safe_load(path.read_text()) or {}
+    missing = [k for k in REQUIRED if k not in spec]
+    unknown = [k for k in spec if k not in REQUIRED + OPTIONAL]
+    if missing or unknown:
+        raise ValueError(f"task file {path}: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
+                         f"fields are {', '.join(REQUIRED)} (required) and {', '.join(OPTIONAL)}")
+    jsonl = _find_jsonl(spec["jsonl"], path.parent, data_dir)
+    choices = spec["choices"]
+    return {
+        "task": spec.get("task", path.stem),
+        "custom_dataset": partial(_dataset, jsonl, spec["gold"], choices),
+        "output_type": "multiple_choice",
+        "test_split": "test",
+        "doc_to_text": partial(_render, spec["prompt"]),
+        "doc_to_choice": partial(_choices, choices),
+        "doc_to_target": partial(_gold, spec["gold"], choices),
+        "target_delimiter": spec.get("target_delimiter", " "),
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                        for m in spec.get("metrics", ["acc", "acc_norm"])],
+        "metadata": {"version": 0, "task_file": str(path)},
+    }
+
+
+def _find_jsonl(name: str, task_dir: Path, data_dir: str | Path | None) -> Path:
+    candidates = [Path(name)] if Path(name).is_absolute() else [task_dir / name]
+    if data_dir is not None and not Path(name).is_absolute():
+        candidates.append(Path(data_dir) / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise MissingDataError(f"task data {name!r} not found; looked for {' and '.join(map(str, candidates))}")
+
+
+def _dataset(jsonl: Path, gold: str, choices: str | list[str], **_):
+    """The JSONL as a one-split dataset, the gold field resolved to an index up front (a column
+    mixing indices and choice texts cannot be stored, and a bad gold value surfaces before scoring)."""
+    from datasets import Dataset, DatasetDict
+
+    docs = [{**doc, gold: _gold(gold, choices, doc)} for doc in read_jsonl(jsonl)]
+    return DatasetDict({"test": Dataset.from_list(docs)})
+
+
+def _render(template: str, doc: dict) -> str:
+    try:
+        return template.format_map(doc)
+    except KeyError as err:
+        raise ValueError(f"template {template!r} uses field {err} that the document lacks ({sorted(doc)})") from None
+
+
+def _choices(choices: str | list[str], doc: dict) -> list[str]:
+    if isinstance(choices, str):
+        return [str(c) for c in doc[choices]]
+    return [_render(t, doc) for t in choices]
+
+
+def _gold(field: str, choices: str | list[str], doc: dict) -> int:
+    value = doc[field]
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"gold field {field!r} must be an index or a choice's text, got {value!r}")
+    if isinstance(value, int):
+        return value
+    options = _choices(choices, doc)
+    if value in options:
+        return options.index(value)
+    if value.strip().isdigit():
+        return int(value)
+    raise ValueError(f"gold value {value!r} is neither an index nor one of the choices {options}")

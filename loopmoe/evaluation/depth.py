@@ -1,0 +1,86 @@
+"""What the looped core does with more or fewer iterations at inference (test-time depth).
+
+For each loop count T, on the same held-out sequences:
+- ``loss``: next-token loss of the full model run with T iterations;
+- ``lens``: logit lens at loop boundaries, the loss when the hidden state after iteration k
+  (k = 1..T) is read out through the final norm and LM head, skipping any coda layers;
+- ``routing``: per core layer, how the selected expert set of each token changes from iteration
+  k-1 to k: the fraction of tokens whose set differs, and the mean Jaccard overlap of the sets.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from loopmoe.evaluation.loading import require_looped
+
+
+def token_sequences(ids, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``[n, seq_len]`` rows of a 1-D id array (the ragged tail is dropped)."""
+    n = len(ids) // seq_len
+    if max_sequences is not None:
+        n = min(n, max_sequences)
+    if n == 0:
+        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than one sequence of {seq_len}: "
+                         "use more text or a smaller --seq-len")
+    return torch.as_tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def set_change(current: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: whether the top-k expert sets differ, and their Jaccard overlap (``[N, k]`` inputs)."""
+    inter = (current.unsqueeze(-1) == previous.unsqueeze(-2)).any(-1).sum(-1).float()
+    union = current.shape[-1] + previous.shape[-1] - inter
+    return inter < current.shape[-1], inter / union
+
+
+def _boundary_index(config, iteration: int) -> int:
+    """Index in ``hidden_states`` of the state after core iteration ``iteration`` (1-based)."""
+    return config.num_prelude_layers + iteration * config.num_core_layers
+
+
+@torch.no_grad()
+def analyse_depth(model, sequences: torch.Tensor, loops: list[int], *, batch_size: int = 4) -> dict:
+    """Loss, logit-lens loss and routing divergence for each loop count in ``loops`` (JSON-ready)."""
+    require_looped(model, "depth analysis")
+    for t in loops:
+        model.config.check_num_loops(t)
+    device = next(model.parameters()).device
+    norm, head, cfg = model.model.norm, model.lm_head, model.config
+    results = {"loops": list(loops), "tokens": int(sequences[:, 1:].numel()), "by_loops": {}}
+    for t in loops:
+        nll, lens_nll = 0.0, torch.zeros(t, dtype=torch.float64)
+        changed, jaccard, counted = defaultdict(lambda: torch.zeros(t - 1, dtype=torch.float64)), \
+            defaultdict(lambda: torch.zeros(t - 1, dtype=torch.float64)), defaultdict(int)
+        for batch in sequences.split(batch_size):
+            batch = batch.to(device)
+            targets = batch[:, 1:].reshape(-1)
+            out = model(input_ids=batch, num_loops=t, output_hidden_states=True, use_cache=False)
+            nll += F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), targets,
+                                   reduction="sum").item()
+            for k in range(1, t + 1):
+                logits = head(norm(out.hidden_states[_boundary_index(cfg, k)]))[:, :-1].float()
+                lens_nll[k - 1] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum").item()
+            experts = defaultdict(dict)
+            for stat in out.router_stats:
+                if stat["iteration"] is not None:
+                    experts[stat["name"]][stat["iteration"]] = stat["experts"]
+            for layer, per_iteration in experts.items():
+                for k in range(1, t):
+                    differs, overlap = set_change(per_iteration[k], per_iteration[k - 1])
+                    changed[layer][k - 1] += differs.double().sum().item()
+                    jaccard[layer][k - 1] += overlap.double().sum().item()
+                counted[layer] += per_iteration[0].shape[0]
+        n = results["tokens"]
+        results["by_loops"][str(t)] = {
+            "loss": nll / n,
+            "lens_loss": (lens_nll / n).tolist(),
+            "routing": {
+                layer: {"changed": (changed[layer] / counted[layer]).tolist(),
+                        "jaccard": (jaccard[layer] / counted[layer]).tolist()}
+                for layer in sorted(counted)
+            },
+        }
+    return results

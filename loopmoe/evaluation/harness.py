@@ -1,0 +1,108 @@
+"""Run zero-shot tasks through lm-evaluation-harness 0.4 on an in-memory model, fully offline.
+
+The shipped tasks are lm-eval YAMLs in ``tasks/`` that read local files through a
+``custom_dataset`` loader; the data dir is only known at run time, so it travels as task
+metadata (lm-eval passes metadata to the loader), and the YAMLs stay static package data.
+A TaskManager restricted to that folder (``include_defaults=False``) keeps lm-eval from indexing
+or ever resolving its own hub-backed task of the same name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loopmoe.evaluation.tasks.loaders import data_file
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+SHIPPED_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
+# Stderr of the perplexity aggregate is bootstrapped; lm-eval's default of 100k resamples is
+# minutes of CPU for no gain at the precision reported here.
+BOOTSTRAP_ITERS = 1000
+REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
+
+
+def resolve_tasks(names: Sequence[str]) -> list[str]:
+    """Expand ``all`` and check every name is a shipped task (the error lists them)."""
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            out.extend(t for t in SHIPPED_TASKS if t not in out)
+        elif name in SHIPPED_TASKS:
+            if name not in out:
+                out.append(name)
+        else:
+            raise ValueError(f"unknown task {name!r}: choose from {', '.join(SHIPPED_TASKS)}, 'all', "
+                             "or add your own with --task-file")
+    return out
+
+
+def required_files(task: str) -> list[str]:
+    """The data files a shipped task reads, relative to the data dir (from its YAML)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(TASKS_DIR / f"{task}.yaml", resolve_func=False)
+    return list(cfg["dataset_kwargs"]["files"])
+
+
+def check_task_files(tasks: Sequence[str], data_dir: str | Path | None) -> None:
+    """Fail before any model work if a task's file is missing, naming the expected path."""
+    for task in tasks:
+        for relative in required_files(task):
+            data_file(data_dir, relative, task)
+
+
+def task_manager(data_dir: str | Path | None):
+    """A TaskManager over the shipped task folder only, with ``data_dir`` as every task's metadata."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                       metadata={"data_dir": None if data_dir is None else str(data_dir)})
+
+
+def wrap_model(model, tokenizer, *, batch_size: int = 8, device: str | None = None):
+    """lm-eval's HFLM around an already loaded model and tokenizer (no hub access)."""
+    from lm_eval.models.huggingface import HFLM
+
+    device = device or str(next(model.parameters()).device)
+    # backend="causal": LoopMoE is not in transformers' own causal-LM name list, which HFLM consults.
+    return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=device)
+
+
+def evaluate_tasks(
+    lm,
+    tasks: Sequence[str | dict[str, Any]],
+    data_dir: str | Path | None,
+    *,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on shipped task names and/or inline task configs (dicts).
+
+    Returns lm-eval's own results dict (``results``, ``n-samples``, ``configs``, ...).
+    """
+    from lm_eval import simple_evaluate
+
+    check_task_files([t for t in tasks if isinstance(t, str)], data_dir)
+    results = simple_evaluate(
+        model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=task_manager(data_dir),
+        bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+    )
+    if results is None:  # only on non-zero ranks under multi-process lm-eval
+        raise RuntimeError("lm-eval returned no results on this process")
+    return results
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (task, metric) of ``REPORTED_METRICS``: value, stderr and the number of docs scored."""
+    rows = []
+    for task, metrics in results["results"].items():
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        for name in REPORTED_METRICS:
+            key = f"{name},none"
+            if key not in metrics:
+                continue
+            stderr = metrics.get(f"{name}_stderr,none")
+            rows.append({"task": task, "metric": name, "value": float(metrics[key]),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
+    return rows

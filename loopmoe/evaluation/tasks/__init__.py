@@ -1,0 +1,1 @@
+"""lm-eval task YAMLs for the shipped benchmarks, their local-file loaders and prompt functions."""

@@ -1,0 +1,71 @@
+"""A LoopMoE with T = 1 is Qwen3-MoE: converted checkpoints reproduce transformers' logits."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from loopmoe import LoopMoEForCausalLM
+from loopmoe.cli.main import main
+from loopmoe.convert import convert_qwen3_moe
+
+QWEN = dict(vocab_size=151, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, moe_intermediate_size=32, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+            pad_token_id=0, max_position_embeddings=256)
+
+
+def qwen_checkpoint(tmp_path, **overrides):
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**QWEN, **overrides})).eval()
+    model.save_pretrained(tmp_path / "qwen")
+    return model, tmp_path / "qwen"
+
+
+@pytest.mark.parametrize("overrides", [{"norm_topk_prob": True}, {"norm_topk_prob": False, "tie_word_embeddings": True},
+                                       {"rope_theta": 500000.0, "norm_topk_prob": True}])
+def test_converted_logits_match_transformers(tmp_path, overrides):
+    qwen, src = qwen_checkpoint(tmp_path, **overrides)
+    convert_qwen3_moe(src, tmp_path / "loopmoe")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "loopmoe").eval()
+    assert isinstance(ours, LoopMoEForCausalLM) and ours.config.num_loops == 1
+    x = torch.randint(1, 151, (3, 33))
+    mask = torch.ones_like(x)
+    mask[0, :7] = 0  # left padding
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            theirs, mine = qwen(input_ids=x, **kwargs).logits, ours(input_ids=x, **kwargs).logits
+            keep = mask.bool() if kwargs else torch.ones_like(mask, dtype=torch.bool)
+            assert (theirs - mine)[keep].abs().max().item() < 1e-4
+        gen_theirs = qwen.generate(x, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        gen_mine = ours.generate(x, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen_theirs, gen_mine)
+
+
+def test_cli_convert_and_unsupported_features(tmp_path, capsys):
+    _, src = qwen_checkpoint(tmp_path)
+    assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "loopmoe"
+
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "mlp_only_layers": [1]}))
+    assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "bad")]) == 2
+    assert "mlp_only_layers" in capsys.readouterr().err
+    assert main(["convert", "--from", "qwen3-moe", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+
+
+def test_conversion_reads_no_pickles(tmp_path):
+    """Only safetensors, or torch.load with weights_only: a malicious .bin cannot run code."""
+    import pickle
+
+    _, src = qwen_checkpoint(tmp_path)
+    (src / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('code from a checkpoint ran')",))
+
+    (src / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(Exception) as err:
+        convert_qwen3_moe(src, tmp_path / "out")
+    assert not isinstance(err.value, SystemExit)

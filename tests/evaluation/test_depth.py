@@ -1,0 +1,46 @@
+"""Depth analysis: loss vs loops, logit lens at loop boundaries, routing divergence, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from loopmoe.evaluation.depth import set_change
+
+
+def test_set_change_counts_and_jaccard():
+    current = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    previous = torch.tensor([[1, 0], [2, 7], [6, 7]])
+    differs, jaccard = set_change(current, previous)
+    assert differs.tolist() == [False, True, True]
+    assert jaccard.tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+
+
+def test_depth_analysis_cli(run_eval, loopmoe_dir, data_dir, tmp_path):
+    out_dir = tmp_path / "depth"
+    assert run_eval([str(loopmoe_dir), "--depth-analysis", "--loops", "1,2,3", "--text",
+                     "tinyshakespeare/input.txt", "--data-dir", str(data_dir), "--seq-len", "32",
+                     "--sequences", "4", "--output-dir", str(out_dir)]) == 0
+    for name in ("loss_vs_loops.png", "logit_lens.png", "routing_divergence.png"):
+        assert (out_dir / name).stat().st_size > 1000
+    analysis = json.loads((out_dir / "depth.json").read_text())
+    assert analysis["tokens"] == 4 * 31
+    for t in (1, 2, 3):
+        entry = analysis["by_loops"][str(t)]
+        assert math.isfinite(entry["loss"]) and len(entry["lens_loss"]) == t
+        # no coda layers: the readout after the last iteration is the model's own output
+        assert entry["lens_loss"][-1] == pytest.approx(entry["loss"], rel=1e-5)
+        assert set(entry["routing"]) == {"core.0", "core.1"}
+        for curves in entry["routing"].values():
+            assert len(curves["changed"]) == len(curves["jaccard"]) == t - 1
+            assert all(0.0 <= x <= 1.0 for x in curves["changed"] + curves["jaccard"])
+
+
+def test_depth_analysis_rejects_non_looped_models(run_eval, gpt2_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 100)
+    with pytest.raises(ValueError, match="needs a LoopMoE checkpoint"):
+        run_eval([str(gpt2_dir), "--depth-analysis", "--text", str(text), "--output-dir", str(tmp_path / "d")])

@@ -1,0 +1,60 @@
+"""Capacity balancing meets its targets on real models, and fails clearly when it cannot."""
+
+import pytest
+
+from loopmoe import LoopMoEForCausalLM
+from loopmoe.balance import balance
+from loopmoe.presets import get_preset
+
+
+@pytest.mark.parametrize("preset, loops, seq_len", [("debug", 2, 128), ("small", 2, 256), ("small", 4, 1024),
+                                                    ("bench", 4, 1024), ("paper-3b", 4, 2048)])
+def test_capacity_balancing_meets_tolerances(preset, loops, seq_len):
+    result = balance(get_preset(preset), loops, seq_len=seq_len)
+    ref, looped = result.reference, result.looped
+    assert abs(result.deviations["total_params"]) <= 0.01
+    assert abs(result.deviations["flops_per_token"]) <= 0.01
+    assert abs(result.deviations["attn_ffn_ratio"]) <= 0.05
+    assert looped.executed_depth() == ref.executed_depth()
+    assert (looped.hidden_size, looped.vocab_size) == (ref.hidden_size, ref.vocab_size)
+    assert looped.num_loops == loops and looped.iter_conditioning == "iteradaln"
+
+
+def test_balanced_budget_is_the_real_models_budget():
+    result = balance(get_preset("debug"), 2, seq_len=128)
+    for cfg, budget in ((result.reference, result.reference_budget), (result.looped, result.looped_budget)):
+        assert sum(p.numel() for p in LoopMoEForCausalLM(cfg).parameters()) == budget.total_params
+
+
+def test_naive_strategy_keeps_shapes_and_divides_ratio():
+    result = balance(get_preset("debug"), 4, strategy="naive", seq_len=128)
+    ref, looped = result.reference, result.looped
+    assert (looped.num_attention_heads, looped.head_dim, looped.moe_intermediate_size) == \
+        (ref.num_attention_heads, ref.head_dim, ref.moe_intermediate_size)
+    assert looped.num_experts > ref.num_experts
+    assert result.deviations["attn_ffn_ratio"] == pytest.approx(-0.75, abs=1e-6)
+    assert abs(result.deviations["total_params"]) <= 0.01
+
+
+def test_prelude_and_coda():
+    result = balance(get_preset("small"), 2, seq_len=256, num_prelude_layers=1, num_coda_layers=1)
+    looped = result.looped
+    assert (looped.num_prelude_layers, looped.num_core_layers, looped.num_coda_layers) == (1, 1, 1)
+    assert abs(result.deviations["flops_per_token"]) <= 0.01
+
+
+def test_infeasible_target_names_what_to_change():
+    with pytest.raises(ValueError) as err:
+        balance(get_preset("debug"), 4, seq_len=2048)
+    message = str(err.value)
+    assert "attn_ffn_ratio" in message or "flops_per_token" in message
+    assert "Try another loop count" in message
+
+
+def test_bad_loop_counts_and_references():
+    with pytest.raises(ValueError, match="divisors of 4"):
+        balance(get_preset("debug"), 3)
+    with pytest.raises(ValueError, match="must be a Vanilla MoE"):
+        balance(get_preset("debug", num_loops=2, num_core_layers=2), 2)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        balance(get_preset("debug"), 2, strategy="magic")
