@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
     p.add_argument("--batch-size", dest="micro_batch_size", type=int, default=DEFAULTS.micro_batch_size)
     p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="optimizer steps per model")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="training tokens per model (sets --steps from batch size and sequence length)")
     p.add_argument("--lr", type=float, default=DEFAULTS.lr)
     p.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps)
     p.add_argument("--schedule", choices=("cosine", "wsd"), default=DEFAULTS.schedule)

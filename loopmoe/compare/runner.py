@@ -37,6 +37,7 @@ class CompareOptions:
     seq_len: int = 128
     micro_batch_size: int = 16
     steps: int = 256
+    tokens: int | None = None  # when set, the token budget per model decides the number of steps
     lr: float = 3e-3
     warmup_steps: int = 25
     schedule: str = "cosine"
@@ -48,6 +49,11 @@ class CompareOptions:
     out: Path = field(default_factory=lambda: Path("runs/compare"))
 
     def validate(self) -> "CompareOptions":
+        if self.tokens is not None:
+            if self.tokens < self.micro_batch_size * self.seq_len:
+                raise ValueError(f"--tokens ({self.tokens}) is less than one batch "
+                                 f"({self.micro_batch_size} x {self.seq_len}); raise it")
+            self.steps = -(-self.tokens // (self.micro_batch_size * self.seq_len))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name in ("loops", "seq_len", "micro_batch_size", "steps", "eval_every", "bpe_vocab"):

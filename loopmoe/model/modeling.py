@@ -53,8 +53,9 @@ class DecoderLayer(nn.Module):
             self.mlp_out_norm = RMSNorm(d, eps, init_gain=SANDWICH_FFN_GAIN / depth if depth != 1.0 else 1.0)
         self.modulation = Modulation(config) if modulated else None
 
-    def forward(self, h, position_embeddings, attention_mask, past_key_values, cache_slot, v_k, token_mask):
-        # h: [B, S, d] -> ([B, S, d], RouterOutput)
+    def forward(self, h, position_embeddings, attention_mask, past_key_values, cache_slot, v_k, token_mask,
+                router_stats: bool = True):
+        # h: [B, S, d] -> ([B, S, d], RouterOutput, or None when router_stats is False)
         if self.modulation is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(h, v_k)
         x = self.input_layernorm(h)
@@ -68,7 +69,7 @@ class DecoderLayer(nn.Module):
         x = self.post_attention_layernorm(h)
         if self.modulation is not None:
             x = x * (1 + scale2) + shift2
-        m, router = self.mlp(x, token_mask)
+        m, router = self.mlp(x, token_mask, router_stats)
         if self.mlp_out_norm is not None:
             m = self.mlp_out_norm(m)
         h = h + (m * (1 + gate2) if self.modulation is not None else m)
@@ -193,6 +194,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         num_loops: int | None = None,
+        output_router_stats: bool = True,
         **kwargs,
     ) -> LoopMoEModelOutput:
         cfg = self.config
@@ -237,7 +239,8 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
                 if self.iter_embedding is not None:
                     h = h + self.iter_embedding.weight[k]
                 v_k = self.iter_encoder(k, h) if self.iter_encoder is not None else None
-            h, router = layer(h, rope, mask, past_key_values, slot, v_k if k is not None else None, token_mask)
+            h, router = layer(h, rope, mask, past_key_values, slot, v_k if k is not None else None, token_mask,
+                              output_router_stats)
             router_outputs.append((name, k, router))
             if output_hidden_states:
                 hidden_states.append(h)
@@ -246,7 +249,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
             last_hidden_state=h,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            router_outputs=router_outputs,
+            router_outputs=router_outputs if output_router_stats else None,
         )
 
 
@@ -271,13 +274,17 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_loops: int | None = None,
+        output_router_stats: bool = True,
         **kwargs,
     ) -> LoopMoECausalLMOutput:
+        # output_router_stats=False (what generate() passes) skips the balancing losses and router
+        # statistics of every MoE slot: aux_loss, z_loss and router_stats are then None.
         cfg = self.config
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states, num_loops=num_loops,
+            output_router_stats=output_router_stats,
         )
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -287,24 +294,33 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
 
         routers = out.router_outputs
-        aux_loss = torch.stack([r.aux_loss for _, _, r in routers]).mean()
-        z_loss = torch.stack([r.z_loss for _, _, r in routers]).mean()
+        aux_loss = z_loss = stats = None
+        if routers is not None:
+            aux_loss = torch.stack([r.aux_loss for _, _, r in routers]).mean()
+            z_loss = torch.stack([r.z_loss for _, _, r in routers]).mean()
+            stats = [
+                {"name": name, "iteration": k, "load": r.load, "entropy": r.entropy, "experts": r.topk_idx}
+                for name, k, r in routers
+            ]
         lm_loss = loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)
             loss = lm_loss
-            if cfg.router_aux_loss_coef > 0:
+            if routers is not None and cfg.router_aux_loss_coef > 0:
                 loss = loss + cfg.router_aux_loss_coef * aux_loss
-            if cfg.router_z_loss_coef > 0:
+            if routers is not None and cfg.router_z_loss_coef > 0:
                 loss = loss + cfg.router_z_loss_coef * z_loss
-        stats = [
-            {"name": name, "iteration": k, "load": r.load, "entropy": r.entropy, "experts": r.topk_idx}
-            for name, k, r in routers
-        ]
         return LoopMoECausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,
             past_key_values=out.past_key_values, hidden_states=out.hidden_states, router_stats=stats,
         )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # generate() never returns router statistics; skipping them saves ~20 small ops per MoE slot
+        # and decoding step, a large share of batch-1 decoding time on CPU.
+        inputs.setdefault("output_router_stats", False)
+        return inputs
 
     def update_router_biases(self, reduce_fn=None) -> None:
         """Aux-loss-free balancing step; call after each optimiser step (``reduce_fn`` all-reduces counts)."""

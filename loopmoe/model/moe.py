@@ -4,8 +4,10 @@ Dispatch sorts the (token, expert) assignments by expert so that each expert see
 contiguous block of rows, then runs either one matmul per expert group (``loop``: CPU, where
 ``torch._grouped_mm`` has no backward) or one grouped GEMM over all groups (``grouped_mm``: CUDA,
 no host synchronisation). Expert weights are 3-D tensors in the Qwen3-MoE layout
-(``gate_up_proj: [E, 2f, d]`` gate rows first, ``down_proj: [E, d, f]``); the loop path reads
-them through ``unbind`` so the backward writes one gradient tensor, not one per expert.
+(``gate_up_proj: [E, 2f, d]`` gate rows first, ``down_proj: [E, d, f]``); the loop path has a
+hand-written backward (``_LoopExperts``) that writes each expert's gradient straight into one 3-D
+gradient tensor. Tokens are permuted into expert order and back with gathers whose backward is the
+inverse gather (no scatter-add), and the k expert outputs of a token are combined by a weighted sum.
 
 Balancing, all per executed (layer, iteration) slot:
 - switch-style auxiliary loss ``E * sum_i f_i * P_i`` (``f_i``: fraction of assignments, ``P_i``:
@@ -116,13 +118,130 @@ class Experts(nn.Module):
             gate_up = torch._grouped_mm(x_sorted, self.gate_up_proj.transpose(-2, -1), offs=offsets)
             gate, up = gate_up.chunk(2, dim=-1)
             return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
-        outputs = []
-        for rows, w_gate_up, w_down in zip(
-            x_sorted.split(counts.tolist()), self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        ):
-            gate, up = F.linear(rows, w_gate_up).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, w_down))
-        return torch.cat(outputs)
+        # CPU: one matmul per non-empty expert group. Empty experts are skipped (at batch-1 decoding
+        # most are), and the backward is hand-written (``_LoopExperts``) so that weight gradients
+        # are written straight into the 3-D gradient tensors: autograd through ``unbind`` / ``chunk`` /
+        # ``split`` / ``cat`` would copy every activation and weight gradient once more.
+        groups = _groups(counts.tolist())
+        if torch.is_grad_enabled() and (x_sorted.requires_grad or self.gate_up_proj.requires_grad):
+            return _LoopExperts.apply(x_sorted, self.gate_up_proj, self.down_proj, groups)
+        return _loop_experts_forward(x_sorted, self.gate_up_proj, self.down_proj, groups)[0]
+
+
+def _groups(counts: list[int]) -> list[tuple[int, int, int]]:
+    """``(expert, first row, rows)`` of every expert that received rows."""
+    groups, start = [], 0
+    for e, n in enumerate(counts):
+        if n > 0:
+            groups.append((e, start, n))
+        start += n
+    return groups
+
+
+def _loop_experts_forward(x, w_gate_up, w_down, groups):
+    """SwiGLU of each expert group; returns (y, gate_up pre-activations h, activations a).
+
+    Same kernels and operand layouts as ``F.linear`` (``x @ W.T``), so the numbers equal the
+    per-expert ``F.linear`` formulation (and transformers' Qwen3-MoE experts) bit for bit.
+    """
+    f = w_down.shape[-1]
+    h = x.new_empty(x.shape[0], 2 * f)
+    y = x.new_empty(x.shape[0], w_down.shape[1])
+    for e, s, n in groups:
+        torch.mm(x[s:s + n], w_gate_up[e].t(), out=h[s:s + n])
+    a = F.silu(h[:, :f]) * h[:, f:]  # one element-wise pass over all groups, not one per expert
+    for e, s, n in groups:
+        torch.mm(a[s:s + n], w_down[e].t(), out=y[s:s + n])
+    return y, h, a
+
+
+class _LoopExperts(torch.autograd.Function):
+    """Expert SwiGLUs over rows sorted by expert, with a fused backward.
+
+    Backward per group: ``ga = gy W_d``, ``gW_d = gy^T a``, ``gh = [silu'(g) * ga * u, silu(g) * ga]``
+    (written into one buffer: no ``cat``), ``gW_gu = gh^T x``, ``gx = gh W_gu``. Experts that got no
+    rows receive zero gradients, as through autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_gate_up, w_down, groups):
+        y, h, a = _loop_experts_forward(x, w_gate_up, w_down, groups)
+        ctx.groups = groups
+        ctx.save_for_backward(x, w_gate_up, w_down, h, a)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w_gate_up, w_down, h, a = ctx.saved_tensors
+        groups, f = ctx.groups, w_down.shape[-1]
+        gy = gy.contiguous()
+        need_x, need_gu, need_d = ctx.needs_input_grad[:3]
+        ga = gy.new_empty(gy.shape[0], f)
+        g_down = _zeros_outside(w_down, groups) if need_d else None
+        for e, s, n in groups:
+            torch.mm(gy[s:s + n], w_down[e], out=ga[s:s + n])
+            if need_d:
+                torch.mm(gy[s:s + n].t(), a[s:s + n], out=g_down[e])
+        gate, up = h[:, :f], h[:, f:]
+        gh = torch.empty_like(h)
+        torch.mul(ga, F.silu(gate), out=gh[:, f:])
+        torch.ops.aten.silu_backward.grad_input(ga * up, gate, grad_input=gh[:, :f])
+        g_x = x.new_empty(x.shape) if need_x else None
+        g_gate_up = _zeros_outside(w_gate_up, groups) if need_gu else None
+        for e, s, n in groups:
+            if need_gu:
+                torch.mm(gh[s:s + n].t(), x[s:s + n], out=g_gate_up[e])
+            if need_x:
+                torch.mm(gh[s:s + n], w_gate_up[e], out=g_x[s:s + n])
+        return g_x, g_gate_up, g_down, None
+
+
+def _zeros_outside(weight: torch.Tensor, groups) -> torch.Tensor:
+    """An uninitialised gradient for a 3-D expert weight, zeroed only on experts without rows."""
+    grad = torch.empty_like(weight)
+    hit = {e for e, _, _ in groups}
+    for e in range(weight.shape[0]):
+        if e not in hit:
+            grad[e].zero_()
+    return grad
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm``; its gradient is the gather by the inverse permutation.
+
+    Autograd would differentiate the gather with an accumulating scatter (``index_put_`` /
+    ``index_add_``), which is serial and several times slower on CPU than a second gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Rows ``x[order // k]`` (each token once per selected expert, in expert order).
+
+    Backward: every token appears exactly k times, so its gradient is the sum of its k rows,
+    found through the inverse permutation: a gather and a sum instead of a scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token_of_row, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        rows = grad.index_select(0, inverse)  # [N*k, d] back in (token, slot) order
+        return rows.view(-1, ctx.k, rows.shape[-1]).sum(1), None, None, None
 
 
 class SparseMoE(nn.Module):
@@ -137,24 +256,50 @@ class SparseMoE(nn.Module):
         f_s = config.shared_expert_intermediate_size
         self.shared_experts = SwiGLU(config.hidden_size, f_s) if f_s > 0 else None
 
-    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
-        # hidden: [B, S, d]; token_mask: [B, S] bool, False on padding (excluded from losses/statistics)
+    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None,
+                router_stats: bool = True) -> tuple[torch.Tensor, RouterOutput | None]:
+        # hidden: [B, S, d]; token_mask: [B, S] bool, False on padding (excluded from losses/statistics).
+        # router_stats=False (generation) skips the balancing losses and statistics and returns None.
         B, S, d = hidden.shape
         x = hidden.reshape(-1, d)  # [N, d]
         logits, probs, topk_w, topk_idx = self.gate(x)
-
-        flat_expert = topk_idx.reshape(-1)  # [N*k]
-        order = torch.argsort(flat_expert, stable=True)
-        token_of_row = order // self.top_k  # [N*k] source token of each sorted row
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        y_sorted = self.experts(x[token_of_row], counts)  # [N*k, d]
-        y_sorted = y_sorted * topk_w.reshape(-1)[order].unsqueeze(-1)
-        out = torch.zeros_like(x).index_add_(0, token_of_row, y_sorted)
+        y = self._dispatch(x, topk_w, topk_idx)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            y = y + self.shared_experts(x)
+        router = self._balance(logits, probs, topk_idx, token_mask) if router_stats else None
+        return y.view(B, S, d), router
 
-        router = self._balance(logits, probs, topk_idx, token_mask)
-        return out.view(B, S, d), router
+    def _dispatch(self, x: torch.Tensor, topk_w: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        # x: [N, d], topk_w / topk_idx: [N, k] -> sum_j topk_w[:, j] * expert_{topk_idx[:, j]}(x): [N, d]
+        N, d = x.shape
+        k = self.top_k
+        if N == 1 and not torch.is_grad_enabled():
+            return self._dispatch_one(x, topk_w, topk_idx)
+        flat_expert = topk_idx.reshape(-1)  # [N*k], row n*k + j: token n, slot j
+        order = torch.argsort(flat_expert, stable=True)  # rows grouped by expert
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        if torch.is_grad_enabled():
+            x_sorted = _GatherTokens.apply(x, order // k, inverse, k)
+            y = _PermuteRows.apply(self.experts(x_sorted, counts), inverse, order)
+        else:
+            y = self.experts(x.index_select(0, order // k), counts).index_select(0, inverse)
+        # Weighted sum over the k slots of each token (for k = 2 this equals transformers' index_add_
+        # into zeros bit for bit: fp addition of two terms commutes).
+        return (y.view(N, k, d) * topk_w.unsqueeze(-1)).sum(1)
+
+    def _dispatch_one(self, x, topk_w, topk_idx):
+        """Inference on a single token (batch-1 decoding): one expert call per selected expert,
+        without the sort / bincount / permutations whose fixed cost dominates at one row. Each
+        expert sees the same single row as in the sorted path, so the numbers are identical."""
+        experts, f = self.experts, self.experts.down_proj.shape[-1]
+        y = None
+        for j, e in enumerate(topk_idx[0].tolist()):
+            gate, up = F.linear(x, experts.gate_up_proj[e]).split(f, dim=-1)
+            term = F.linear(F.silu(gate) * up, experts.down_proj[e]) * topk_w[:, j:j + 1]
+            y = term if y is None else y + term
+        return y
 
     def _balance(self, logits, probs, topk_idx, token_mask) -> RouterOutput:
         E = self.num_experts

@@ -87,7 +87,7 @@ def _tokenizer(cfg: RunConfig, source: Any, data_dir: Path) -> Any:
             path = shared / "tokenizers" / d.tokenizer
         return load_tokenizer(path)
     if d.train_bpe_vocab is not None:
-        return train_bpe_tokenizer(source, d.train_bpe_vocab, data_dir / "tokenizer", progress=False)
+        return train_bpe_tokenizer(source, d.train_bpe_vocab, data_dir / "tokenizer")
     raise ValueError("set data.tokenizer (a path, or a name under the shared tokenizers folder, e.g. 'gpt2') "
                      "or data.train_bpe_vocab (train a BPE of that size on the source)")
 
@@ -108,7 +108,7 @@ def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBund
     source = open_source(resolve_source(d.source))
     if rank == 0:
         tokenizer = _tokenizer(cfg, source, data_dir)
-        shards = prepare_shards(source, tokenizer, data_dir / "shards", val_fraction=d.val_fraction, progress=False)
+        shards = prepare_shards(source, tokenizer, data_dir / "shards", val_fraction=d.val_fraction)
     barrier()
     if rank != 0:
         tokenizer = load_tokenizer(data_dir / "tokenizer") if d.tokenizer is None else _tokenizer(cfg, source, data_dir)

@@ -1,0 +1,73 @@
+"""(4) Greedy generation with a KV cache: new tokens/s at batch 1 and 8, LoopMoE vs transformers.
+
+    python bench/generate.py [--quick]
+
+Same models as bench/train_step.py (LoopMoE converted from the transformers weights; logits
+checked first, and the greedy continuations checked identical). Prompt 32 random tokens,
+128 new tokens (``min_new_tokens`` forces the full length), timed interleaved.
+Writes bench/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+
+PROMPT, NEW = 32, 128
+
+
+def run(quick: bool = False) -> dict:
+    common.setup()
+    refs = {impl: common.qwen_model(impl) for impl in ("grouped_mm", "eager")}
+    ours = common.ours_from_qwen(refs["grouped_mm"])
+    diff = {impl: common.check_logits(ours, ref) for impl, ref in refs.items()}
+    models = {"ours": ours, **{f"hf_{k}": v for k, v in refs.items()}}
+    for m in models.values():
+        m.eval()
+    new = 64 if quick else NEW
+    rows = []
+    for batch in (1, 8):
+        prompt = torch.randint(2, 8192, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+
+        def gen(m):
+            def fn():
+                with torch.inference_mode():
+                    return m.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                      use_cache=True, pad_token_id=0, eos_token_id=None)
+            return fn
+
+        outs = {k: gen(m)() for k, m in models.items()}
+        same = {k: bool(torch.equal(outs["ours"], o)) for k, o in outs.items() if k != "ours"}
+        t = common.interleaved({k: gen(m) for k, m in models.items()}, reps=2 if quick else 3,
+                               tries=3 if quick else 10, budget_s=20 if quick else 60)
+        for k in models:
+            rows.append({"model": k, "batch": batch, "new_tok_s": batch * new / t[k]["median"],
+                         "new_tok_s_min": batch * new / t[k]["max"], "new_tok_s_max": batch * new / t[k]["min"],
+                         "ms_per_step": t[k]["median"] / new * 1e3, "same_tokens_as_ours": same.get(k, True),
+                         "time": t[k]})
+    return {"rows": rows, "prompt": PROMPT, "new_tokens": new, "max_abs_diff": diff, "quick": quick}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    res = run(args.quick)
+    base = {r["batch"]: r["new_tok_s"] for r in res["rows"] if r["model"] == "hf_grouped_mm"}
+    print(common.table(
+        ["model", "batch", "new tok/s median [min-max]", "ms/step", "vs HF grouped_mm", "same tokens"],
+        [[r["model"], r["batch"], f"{r['new_tok_s']:.0f} [{r['new_tok_s_min']:.0f}-{r['new_tok_s_max']:.0f}]",
+          f"{r['ms_per_step']:.2f}", f"{r['new_tok_s'] / base[r['batch']]:.2f}x", r["same_tokens_as_ours"]]
+         for r in res["rows"]]))
+    common.write_json("generate", res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

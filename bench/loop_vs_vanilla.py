@@ -1,0 +1,125 @@
+"""(5) LoopMoE vs its capacity-balanced Vanilla MoE reference: training tokens/s and peak memory.
+
+    python bench/loop_vs_vanilla.py [--quick] [--loops 2]
+
+The reference is the "bench" preset (the transformers tiny Qwen3-MoE shape; its weights come from
+transformers through the converter and its logits are checked against transformers first). The
+looped model is ``balance(reference, loops).looped``: matched total parameters, forward FLOPs per
+token and attention/FFN ratio. Throughput: forward+backward at batch 8 x 256, timed interleaved.
+Peak memory: one subprocess per model (``ru_maxrss`` after one training step, and its increase
+over the RSS after building the model = activations + gradients). Writes
+bench/results/loop_vs_vanilla.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+
+BATCH, SEQ = 8, 256
+
+
+def configs(loops: int):
+    from loopmoe.balance import balance
+    from loopmoe.presets import get_preset
+
+    reference = get_preset("bench")
+    return reference, balance(reference, loops, seq_len=SEQ).looped
+
+
+def child(which: str, loops: int) -> None:
+    """Build one model, run one training step, print its memory as JSON (run in a fresh process)."""
+    from loopmoe.model import LoopMoEForCausalLM
+
+    common.setup()
+    cfg = dict(zip(("vanilla", "loopmoe"), configs(loops)))[which]
+    model = LoopMoEForCausalLM(cfg).train()
+    ids = torch.randint(2, cfg.vocab_size, (BATCH, SEQ))
+    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model(input_ids=ids, labels=ids).loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rss_after_build_mib": built / 1024, "peak_rss_mib": peak / 1024,
+                      "step_increase_mib": (peak - built) / 1024}))
+
+
+def memory(which: str, loops: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", which, "--loops", str(loops)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(quick: bool = False, loops: int = 2) -> dict:
+    from loopmoe.budget import compute_budget
+    from loopmoe.model import LoopMoEForCausalLM
+
+    common.setup()
+    ref_cfg, loop_cfg = configs(loops)
+    hf = common.qwen_model("grouped_mm")
+    vanilla = common.ours_from_qwen(hf)
+    diff = common.check_logits(vanilla, hf)
+    torch.manual_seed(0)
+    looped = LoopMoEForCausalLM(loop_cfg)
+    models = {"vanilla": vanilla, "loopmoe": looped}
+    ids = torch.randint(2, 8192, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    for m in models.values():
+        m.train()
+
+    def fwd_bwd(m):
+        def fn():
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+        return fn
+
+    t = common.interleaved({k: fwd_bwd(m) for k, m in models.items()}, reps=3 if quick else 5,
+                           tries=8 if quick else 14, budget_s=30 if quick else 60)
+    peak = common.peak_gflops()
+    rows = []
+    for name, cfg in (("vanilla", ref_cfg), ("loopmoe", loop_cfg)):
+        b = compute_budget(cfg, SEQ)
+        tps = BATCH * SEQ / t[name]["median"]
+        rows.append({"model": name, "loops": cfg.num_loops, "total_params": b.total_params,
+                     "flops_per_token": b.flops_per_token, "attn_ffn_ratio": b.attn_ffn_ratio, "tok_s": tps,
+                     "tok_s_min": BATCH * SEQ / t[name]["max"], "tok_s_max": BATCH * SEQ / t[name]["min"],
+                     "mfu": tps * 3 * b.flops_per_token / (peak * 1e9), "time": t[name],
+                     "shape": {k: getattr(cfg, k) for k in ("num_core_layers", "num_loops", "num_attention_heads",
+                                                            "num_key_value_heads", "head_dim", "num_experts",
+                                                            "num_experts_per_tok", "moe_intermediate_size",
+                                                            "iter_conditioning")},
+                     **memory(name, loops)})
+    return {"rows": rows, "loops": loops, "max_abs_diff_vanilla_vs_hf": diff, "peak_gflops": peak, "quick": quick}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--loops", type=int, default=2)
+    ap.add_argument("--child", choices=("vanilla", "loopmoe"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args.child, args.loops)
+    res = run(args.quick, args.loops)
+    van = next(r for r in res["rows"] if r["model"] == "vanilla")
+    print(common.table(
+        ["model", "T", "params", "fwd MFLOP/tok", "tok/s median [min-max]", "vs vanilla", "MFU", "peak RSS MiB",
+         "step +MiB"],
+        [[r["model"], r["loops"], f"{r['total_params'] / 1e6:.2f}M", f"{r['flops_per_token'] / 1e6:.2f}",
+          f"{r['tok_s']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}]", f"{r['tok_s'] / van['tok_s']:.3f}x",
+          f"{100 * r['mfu']:.1f}%", f"{r['peak_rss_mib']:.0f}", f"{r['step_increase_mib']:.0f}"]
+         for r in res["rows"]]))
+    for r in res["rows"]:
+        print(f"  {r['model']}: {r['shape']}")
+    common.write_json("loop_vs_vanilla", res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Run every benchmark in order and print their tables: ``python bench/run_all.py [--quick]``.
+
+peak FLOPs first (the MFU denominator of the others), then the MoE layer, the training step,
+generation, LoopMoE vs its matched Vanilla MoE, and the data pipeline. JSON results go to
+bench/results/, plots to docs/. ``--quick`` (fewer sizes and repetitions) takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import data_pipeline, generate, loop_vs_vanilla, moe_layer, peak_flops, train_step  # noqa: E402
+
+BENCHMARKS = [("peak fp32 matmul", peak_flops), ("MoE layer", moe_layer), ("training step", train_step),
+              ("generation", generate), ("LoopMoE vs Vanilla MoE", loop_vs_vanilla), ("data pipeline", data_pipeline)]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", nargs="*", help="module names to run, e.g. train_step generate")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    for title, module in BENCHMARKS:
+        name = module.__name__.rsplit(".", 1)[-1]
+        if args.only and name not in args.only:
+            continue
+        print(f"\n## {title}  (python bench/{name}.py{' --quick' if args.quick else ''})", flush=True)
+        t0 = time.perf_counter()
+        module.main(["--quick"] if args.quick else [])
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+    print(f"\nall benchmarks: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

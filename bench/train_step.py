@@ -1,0 +1,86 @@
+"""(3) Whole-model training step: tokens/s and model FLOP utilisation, LoopMoE vs transformers.
+
+    python bench/train_step.py [--quick]
+
+transformers' Qwen3MoeForCausalLM (tiny config of shared/bench/hf_qwen3moe_reference.py, random
+weights, ``experts_implementation`` grouped_mm and eager) and LoopMoE with T = 1 converted from the
+same weights by ``loopmoe.convert.qwen3_moe``; logits are checked equal (< 1e-4) first. Batch 8 x
+256, timed interleaved: forward+backward, and forward+backward+AdamW step. MFU = 3 x analytic
+forward FLOPs/token (``loopmoe.budget``) x tokens/s / measured peak (bench/peak_flops.py).
+Writes bench/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+
+BATCH, SEQ = 8, 256
+
+
+def run(quick: bool = False) -> dict:
+    from loopmoe.budget import compute_budget
+
+    common.setup()
+    peak = common.peak_gflops()
+    refs = {impl: common.qwen_model(impl) for impl in ("grouped_mm", "eager")}
+    ours = common.ours_from_qwen(refs["grouped_mm"])
+    diff = {impl: common.check_logits(ours, ref) for impl, ref in refs.items()}
+    flops_tok = 3 * compute_budget(ours.config, SEQ).flops_per_token  # training = fwd + 2x for bwd
+    ids = torch.randint(2, 8192, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    models = {"ours": ours, **{f"hf_{k}": v for k, v in refs.items()}}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    for m in models.values():
+        m.train()
+
+    def fwd_bwd(m):
+        def fn():
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+        return fn
+
+    def train_step(m, opt):
+        def fn():
+            fwd_bwd(m)()
+            opt.step()
+        return fn
+
+    reps, tries, budget = (3, 8, 25) if quick else (5, 14, 60)
+    t1 = common.interleaved({k: fwd_bwd(m) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget)
+    t2 = common.interleaved({k: train_step(m, opts[k]) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget)
+    tokens = BATCH * SEQ
+    rows = []
+    for k in models:
+        for what, t in (("fwd+bwd", t1[k]), ("fwd+bwd+AdamW", t2[k])):
+            tps = tokens / t["median"]
+            rows.append({"model": k, "step": what, "tok_s": tps, "tok_s_min": tokens / t["max"],
+                         "tok_s_max": tokens / t["min"], "mfu": tps * flops_tok / (peak * 1e9), "time": t})
+    return {"rows": rows, "peak_gflops": peak, "train_flops_per_token": flops_tok, "max_abs_diff": diff,
+            "batch": BATCH, "seq": SEQ, "quick": quick}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    res = run(args.quick)
+    base = {r["step"]: r["tok_s"] for r in res["rows"] if r["model"] == "hf_grouped_mm"}
+    print(common.table(
+        ["model", "step", "tok/s median [min-max]", "ms/step", "MFU", "vs HF grouped_mm"],
+        [[r["model"], r["step"], f"{r['tok_s']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}]",
+          f"{r['time']['median'] * 1e3:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['tok_s'] / base[r['step']]:.2f}x"]
+         for r in res["rows"]]))
+    print(f"batch {BATCH}x{SEQ}, {res['train_flops_per_token'] / 1e6:.1f} MFLOP/token (3x forward), "
+          f"peak {res['peak_gflops']:.1f} GFLOP/s, logits max |diff| {max(res['max_abs_diff'].values()):.1e}")
+    common.write_json("train_step", res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
