@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="the main job: LoopMoE vs its matched Vanilla MoE, trained identically, with a report",
-        description="With no arguments: the debug reference and its capacity-balanced LoopMoE (T=2) on the "
-                    "embedded corpus, about 10 minutes on 2 CPU cores. Re-running resumes an interrupted comparison.",
+        description="With no arguments: the small reference and its capacity-balanced LoopMoE (T=2) on the "
+                    "embedded corpus, 1.2M tokens each, about 10 minutes on 2 CPU cores. Re-running resumes an interrupted comparison.",
     )
     p.add_argument("--reference", default=DEFAULTS.reference, help="preset name, model config file or checkpoint dir")
     p.add_argument("--loops", type=int, default=DEFAULTS.loops, help="loop count T of the LoopMoE")

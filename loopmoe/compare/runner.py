@@ -26,23 +26,23 @@ MODELS = ("reference", "looped")
 class CompareOptions:
     """Everything that defines a comparison; the defaults finish in about 10 minutes on 2 CPU cores."""
 
-    reference: str = "debug"
+    reference: str = "small"
     loops: int = 2
     strategy: str = "capacity"
     prelude: int = 0
     coda: int = 0
     source: str = "embedded"
     tokenizer: str | None = None
-    bpe_vocab: int = 2048
-    seq_len: int = 128
+    bpe_vocab: int = 4096
+    seq_len: int = 256
     micro_batch_size: int = 16
-    steps: int = 256
+    steps: int = 300
     tokens: int | None = None  # when set, the token budget per model decides the number of steps
     lr: float = 3e-3
-    warmup_steps: int = 25
+    warmup_steps: int = 30
     schedule: str = "cosine"
     seeds: tuple[int, ...] = (0,)
-    eval_every: int = 32
+    eval_every: int = 50
     eval_batches: int = 16
     tasks: tuple[str, ...] = ("auto",)  # "auto": every shipped task whose data is present
     task_limit: int | None = 100

@@ -30,7 +30,7 @@ from loopmoe.training.builders import (
 )
 from loopmoe.training.checkpoint import CheckpointManager, list_checkpoints
 from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
-from loopmoe.training.metrics import MetricsLogger, summarize_router_stats
+from loopmoe.training.metrics import MetricsLogger, read_metrics, summarize_router_stats
 from loopmoe.training.optim import build_optimizer, build_scheduler
 from loopmoe.training.trainer import Trainer, resolve_precision
 
@@ -170,6 +170,10 @@ def _run(run_config: RunConfig | str | Path, out_dir: Path, max_steps: int | Non
                            "config": cfg.to_dict()})
     finally:
         logger.close()
+    if not record:  # nothing was left to train: report the completed run as it was logged
+        history = read_metrics(out_dir) if info.is_main else []
+        record = history[-1] if history else {}
+        val_loss = next((r["val_loss"] for r in reversed(history) if r.get("val_loss") is not None), None)
     final = _export_final(model, bundle, cfg, out_dir, info, model_factory)
     return {**record, "val_loss": val_loss, "step": max(start_step, record.get("step", 0)), "tokens": tokens_seen,
             "skipped_steps": skipped_total, "run_dir": str(out_dir), "final_dir": str(final)}
