@@ -13,8 +13,9 @@ Continuous relaxation, with ``a = A`` and ``phi = k*F + G`` per layer and ``t = 
 ``A' = t*a*(a+phi)/(phi+t*a)`` and ``phi' = phi*(a+phi)/(phi+t*a)``, which keeps ``A'+phi' = a+phi``
 (FLOPs) and ``A'/(t*phi') = a/phi`` (ratio); E' then absorbs the remaining parameters. At small
 widths the attention scores (``sigma = 2*h_d*H*S`` multiply-adds per layer, growing with A' at a
-fixed GQA group) are a large share of the FLOPs, so the search aims at the same point with
-``a + sigma`` in place of ``a`` in the FLOP balance: ``A' = t*a*(a+sigma+phi)/(t*(a+sigma)+phi)``. The
+fixed GQA group) are a large share of the FLOPs, and so is IterAdaLN's per-token modulation
+(``m`` multiply-adds per executed layer, averaged over the core's share); the search therefore aims
+at ``A' = t*a*(a+sigma+phi-m)/(t*(a+sigma)+phi)``, with ``phi' = phi*A'/(t*a)``. The
 search walks the integer grid around that point and scores each candidate on the exact budgets
 of ``loopmoe.budget`` (IterAdaLN, attention scores and routers included), so what it reports is
 what the model has. Strategy ``naive`` keeps the reference shapes and grows E' to the closest
@@ -171,16 +172,22 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
                    + reference.shared_expert_intermediate_size)
     sigma = 2 * reference.head_dim * reference.num_attention_heads * ref_budget.seq_len
     t = L / (base["num_prelude_layers"] + base["num_core_layers"] + base["num_coda_layers"])
-    attn_target = t * a * (a + sigma + phi) / (t * (a + sigma) + phi)
+    # Per-token IterAdaLN matmuls (W_h, W_mod) of the core, averaged over executed layers: FLOPs
+    # the looped model spends that the reference does not, taken out of the shared budget.
+    r = LoopMoEConfig(**{**base, "num_loops": loops}).iter_cond_rank
+    per_token_mod = base["iter_conditioning"] in ("adaln_token", "iteradaln")
+    m = (d * r + r * 6 * d) * base["num_core_layers"] * loops / L if per_token_mod else 0
+    attn_target = t * a * (a + sigma + phi - m) / (t * (a + sigma) + phi)
     shared_ratio = reference.shared_expert_intermediate_size / reference.moe_intermediate_size
 
     best, best_key = None, None
-    for hd in range(hd_mult, 4 * reference.head_dim + 1, hd_mult):
+    smallest = hd_mult * math.ceil(8 / hd_mult)  # narrower heads are not attention heads worth having
+    for hd in range(smallest, 4 * reference.head_dim + 1, hd_mult):
         if hd % 2:
             continue
         per_kv_group = 2 * d * hd * (group + 1)  # attention params of one (group of H, 1 kv head)
         centre = attn_target / per_kv_group
-        for n_kv in {max(1, math.floor(centre)), max(1, math.ceil(centre))}:
+        for n_kv in range(max(1, math.floor(centre) - 1), math.ceil(centre) + 2):
             heads = {"head_dim": hd, "num_attention_heads": n_kv * group, "num_key_value_heads": n_kv}
             for k in range(1, reference.num_experts_per_tok + 1):
                 shape = {**heads, "num_experts_per_tok": k, "num_experts": reference.num_experts}
@@ -202,9 +209,11 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
                     cand = with_ffn(f2)
                     cand["num_experts"] = fit_experts(cand)
                     dev = deviations(ref_budget, budget(**cand))
-                    # Prefer feasible, then the reference's top-k and the nearest head size, then accuracy.
-                    key = (_score(dev, tol) > 1, k != reference.num_experts_per_tok,
-                           abs(hd - reference.head_dim), _score(dev, tol))
+                    # Prefer feasible, then the reference's top-k and the nearest head size, then accuracy;
+                    # among infeasible ones the least-bad (it is what the error message reports).
+                    score = _score(dev, tol)
+                    key = (score > 1, score if score > 1 else 0.0, k != reference.num_experts_per_tok,
+                           abs(hd - reference.head_dim), score)
                     if best_key is None or key < best_key:
                         best, best_key = cand, key
     return best
