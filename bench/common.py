@@ -170,3 +170,20 @@ def peak_gflops(cached: bool = True) -> float:
     from bench.peak_flops import measure
 
     return measure(quick=True)["peak_gflops"]
+
+
+def token_batch(batch: int, seq: int, vocab: int = 8192) -> "torch.Tensor":
+    """The fixed batch every training benchmark times: the same tokens for every model."""
+    import torch
+
+    return torch.randint(2, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def fwd_bwd(model, ids):
+    """One forward + backward of the LM loss on ``ids``: the unit the training benchmarks time."""
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return step

@@ -69,17 +69,11 @@ def run(quick: bool = False, loops: int = 2) -> dict:
     torch.manual_seed(0)
     looped = LoopMoEForCausalLM(loop_cfg)
     models = {"vanilla": vanilla, "loopmoe": looped}
-    ids = torch.randint(2, 8192, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    ids = common.token_batch(BATCH, SEQ)
     for m in models.values():
         m.train()
 
-    def fwd_bwd(m):
-        def fn():
-            m.zero_grad(set_to_none=True)
-            m(input_ids=ids, labels=ids).loss.backward()
-        return fn
-
-    t = common.interleaved({k: fwd_bwd(m) for k, m in models.items()}, reps=3 if quick else 5,
+    t = common.interleaved({k: common.fwd_bwd(m, ids) for k, m in models.items()}, reps=3 if quick else 5,
                            tries=8 if quick else 14, budget_s=30 if quick else 60)
     peak = common.peak_gflops()
     rows = []

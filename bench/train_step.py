@@ -33,26 +33,20 @@ def run(quick: bool = False) -> dict:
     ours = common.ours_from_qwen(refs["grouped_mm"])
     diff = {impl: common.check_logits(ours, ref) for impl, ref in refs.items()}
     flops_tok = 3 * compute_budget(ours.config, SEQ).flops_per_token  # training = fwd + 2x for bwd
-    ids = torch.randint(2, 8192, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    ids = common.token_batch(BATCH, SEQ)
     models = {"ours": ours, **{f"hf_{k}": v for k, v in refs.items()}}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     for m in models.values():
         m.train()
 
-    def fwd_bwd(m):
-        def fn():
-            m.zero_grad(set_to_none=True)
-            m(input_ids=ids, labels=ids).loss.backward()
-        return fn
-
     def train_step(m, opt):
         def fn():
-            fwd_bwd(m)()
+            common.fwd_bwd(m, ids)()
             opt.step()
         return fn
 
     reps, tries, budget = (3, 8, 25) if quick else (5, 14, 60)
-    t1 = common.interleaved({k: fwd_bwd(m) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget)
+    t1 = common.interleaved({k: common.fwd_bwd(m, ids) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget)
     t2 = common.interleaved({k: train_step(m, opts[k]) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget)
     tokens = BATCH * SEQ
     rows = []
