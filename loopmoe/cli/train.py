@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -38,8 +39,10 @@ def run(args) -> int:
         print_dry_run(cfg)
         return 0
     final = run_training(cfg, out)
-    summary = {k: final[k] for k in ("step", "loss", "val_loss", "tokens", "skipped_steps", "final_dir") if k in final}
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
+        summary = {k: final[k] for k in ("step", "loss", "val_loss", "tokens", "skipped_steps", "final_dir")
+                   if k in final}
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -62,6 +62,14 @@ def test_train_dry_run_prints_config_and_budget(capsys):
     assert '"max_steps": 70' in out and "FLOPs/token" in out
 
 
+def test_overrides_may_follow_options(capsys):
+    assert main(["train", "configs/debug.toml", "--dry-run", "train.max_steps=70", "optim.lr=0.001"]) == 0
+    out = capsys.readouterr().out
+    assert '"max_steps": 70' in out and '"lr": 0.001' in out
+    with pytest.raises(SystemExit):
+        main(["train", "configs/debug.toml", "--dry-run", "--no-such-flag"])
+
+
 def test_python_dash_m_entry_point():
     import subprocess
     import sys
