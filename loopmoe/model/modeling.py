@@ -48,9 +48,12 @@ class DecoderLayer(nn.Module):
         if config.norm_scheme == "pre":
             self.attn_out_norm = self.mlp_out_norm = None
         else:
-            depth = math.sqrt(config.executed_depth()) if config.norm_scheme == "depth_scaled_sandwich" else 1.0
-            self.attn_out_norm = RMSNorm(d, eps, init_gain=SANDWICH_ATTN_GAIN / depth if depth != 1.0 else 1.0)
-            self.mlp_out_norm = RMSNorm(d, eps, init_gain=SANDWICH_FFN_GAIN / depth if depth != 1.0 else 1.0)
+            attn_gain = ffn_gain = 1.0
+            if config.norm_scheme == "depth_scaled_sandwich":  # c / sqrt(L), L = executed depth
+                root = math.sqrt(config.executed_depth())
+                attn_gain, ffn_gain = SANDWICH_ATTN_GAIN / root, SANDWICH_FFN_GAIN / root
+            self.attn_out_norm = RMSNorm(d, eps, init_gain=attn_gain)
+            self.mlp_out_norm = RMSNorm(d, eps, init_gain=ffn_gain)
         self.modulation = Modulation(config) if modulated else None
 
     def forward(self, h, position_embeddings, attention_mask, past_key_values, cache_slot, v_k, token_mask,

@@ -113,6 +113,13 @@ def test_depth_scaled_sandwich_tinyinit(tiny_config):
     assert std == pytest.approx(math.sqrt(1 / (2 * 64 * L)), rel=0.05)
 
 
+def test_depth_scaled_gain_at_depth_one(tiny_config):
+    layer = build(tiny_config(num_core_layers=1, norm_scheme="depth_scaled_sandwich")).model.core[0]
+    assert torch.allclose(layer.attn_out_norm.weight, torch.full((32,), 0.283))
+    sandwich = build(tiny_config(norm_scheme="sandwich")).model.core[0]
+    assert torch.all(sandwich.attn_out_norm.weight == 1.0)
+
+
 def test_kv_cache_has_one_slot_per_executed_layer(tiny_config):
     cfg = tiny_config(num_loops=3, num_prelude_layers=1, num_coda_layers=1)
     model = build(cfg).eval()
