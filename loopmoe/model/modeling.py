@@ -333,3 +333,9 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         for module in self.modules():
             if isinstance(module, TopKRouter):
                 module.update_bias(rate, reduce_fn)
+
+    def discard_router_counts(self) -> None:
+        """Forget the expert counts gathered since the last bias update (a skipped, non-finite step)."""
+        for module in self.modules():
+            if isinstance(module, TopKRouter):
+                module.pending_counts.zero_()

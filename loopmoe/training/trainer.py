@@ -91,6 +91,8 @@ class Trainer:
         if finite:
             self.optimizer.step()
             unwrap(self.model).update_router_biases(reduce_fn=self.router_reduce)
+        else:  # a NaN batch routes arbitrarily: its expert counts must not steer the next bias update
+            unwrap(self.model).discard_router_counts()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that

@@ -241,3 +241,12 @@ def test_inputs_embeds_and_errors(tiny_config):
         model()
     with pytest.raises(ValueError, match="num_loops"):
         model(input_ids=x, num_loops=0)
+
+
+def test_discarded_router_counts_do_not_move_biases(tiny_config):
+    model = build(tiny_config(router_bias_update_rate=0.05)).train()
+    x = torch.randint(0, 97, (4, 16))
+    model(input_ids=x, labels=x)  # counts of a step that will be skipped
+    model.discard_router_counts()
+    model.update_router_biases()
+    assert all(torch.all(layer.mlp.gate.expert_bias == 0) for layer in model.model.core)

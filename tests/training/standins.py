@@ -56,6 +56,7 @@ class TinyMoELM(nn.Module):
         self.nan_at_forward: set[int] = set()  # training forwards (1-based) whose loss becomes NaN
         self.train_forwards = 0
         self.bias_updates = 0
+        self.discarded_counts = 0
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> StandinOutput:
         h = self.embed(input_ids)
@@ -76,6 +77,9 @@ class TinyMoELM(nn.Module):
 
     def update_router_biases(self, reduce_fn=None) -> None:
         self.bias_updates += 1
+
+    def discard_router_counts(self) -> None:
+        self.discarded_counts += 1
 
     def save_pretrained(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)

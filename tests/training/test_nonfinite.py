@@ -34,6 +34,7 @@ def test_nan_loss_skips_update():
     assert out.skipped and math.isnan(out.loss)
     _assert_same(before, _snapshot(model))
     assert model.bias_updates == 1 and all(p.grad is None for p in model.parameters())
+    assert model.discarded_counts == 1
     assert not trainer.train_step(batches).skipped  # training continues normally
 
 
