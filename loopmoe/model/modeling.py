@@ -31,7 +31,8 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from loopmoe.config import SANDWICH_ATTN_GAIN, SANDWICH_FFN_GAIN, LoopMoEConfig
 from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLinear
-from loopmoe.model.layers import Attention, RMSNorm, RotaryEmbedding
+from loopmoe.model.layers import Attention, Linear, RMSNorm, RotaryEmbedding
+from loopmoe.model.loss import linear_cross_entropy
 from loopmoe.model.moe import Experts, SparseMoE, TopKRouter
 
 
@@ -262,7 +263,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
     def __init__(self, config: LoopMoEConfig):
         super().__init__(config)
         self.model = LoopMoEModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
     def forward(
@@ -278,11 +279,18 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         num_loops: int | None = None,
         output_router_stats: bool = True,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> LoopMoECausalLMOutput:
         # output_router_stats=False (what generate() passes) skips the balancing losses and router
         # statistics of every MoE slot: aux_loss, z_loss and router_stats are then None.
+        # skip_logits (default: training with labels) computes the loss fused with the LM head
+        # (loss.py) and returns logits=None: the [B, S, V] logits are never materialised.
         cfg = self.config
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True needs labels: without them the logits are the only output.")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -290,11 +298,12 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             output_router_stats=output_router_stats,
         )
         h = out.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+        if skip_logits:
+            logits = None
+        elif isinstance(logits_to_keep, int):
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep > 0 else h)
         else:
-            h = h[:, logits_to_keep]
-        logits = self.lm_head(h)
+            logits = self.lm_head(h[:, logits_to_keep])
 
         routers = out.router_outputs
         aux_loss = z_loss = stats = None
@@ -306,8 +315,14 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
                 for name, k, r in routers
             ]
         lm_loss = loss = None
-        if labels is not None:
+        if labels is not None and skip_logits:
+            lm_loss = linear_cross_entropy(
+                h, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"),
+                kwargs.get("ignore_index", -100), kwargs.get("shift_labels"),
+            )
+        elif labels is not None:
             lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)
+        if lm_loss is not None:
             loss = lm_loss
             if routers is not None and cfg.router_aux_loss_coef > 0:
                 loss = loss + cfg.router_aux_loss_coef * aux_loss

@@ -1,0 +1,74 @@
+"""The fused LM-head cross-entropy against transformers' ForCausalLMLoss on materialised logits."""
+
+import pytest
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from loopmoe.model import LoopMoEForCausalLM
+from loopmoe.model.loss import linear_cross_entropy
+from loopmoe.presets import get_preset
+
+V, D = 50, 16
+
+
+def inputs(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 7, D, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, D, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, V, (3, 7), generator=g)
+    labels[0, :3] = -100
+    labels[2, 4] = -100
+    return h, w, labels
+
+
+def grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * V, 4 * V * 5, 1 << 20])  # 1 row, ragged chunks of 5, one chunk
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_matches_unfused_loss_and_gradients(chunk_bytes, num_items):
+    h, w, labels = inputs()
+    n = None if num_items is None else torch.tensor(num_items)
+    fused = linear_cross_entropy(h, w, labels, num_items_in_batch=n, chunk_bytes=chunk_bytes)
+    ref = ForCausalLMLoss(h @ w.t(), labels, V, num_items_in_batch=n)
+    torch.testing.assert_close(fused, ref.float(), rtol=1e-6, atol=0)
+    for a, b in zip(grads(fused, h, w), grads(ref, h, w)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_shift_labels_and_scaled_upstream_gradient():
+    h, w, labels = inputs()
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    fused = linear_cross_entropy(h, w, None, shift_labels=shifted)
+    ref = ForCausalLMLoss(h @ w.t(), labels, V)
+    torch.testing.assert_close(fused, ref.float(), rtol=1e-6, atol=0)
+    for a, b in zip(grads(3.5 * fused, h, w), grads(3.5 * ref, h, w)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_without_gradients_returns_the_loss_only():
+    h, w, labels = inputs(torch.float32)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, labels, chunk_bytes=4 * V * 4)
+    torch.testing.assert_close(loss, ForCausalLMLoss(h @ w.t(), labels, V).detach(), rtol=1e-5, atol=0)
+    assert loss.grad_fn is None
+
+
+def test_model_training_with_labels_skips_logits_and_keeps_the_loss():
+    cfg = get_preset("debug")
+    torch.manual_seed(0)
+    model = LoopMoEForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    fused = model(input_ids=ids, labels=ids)
+    assert fused.logits is None
+    g_fused = grads(fused.loss, *model.parameters())
+    unfused = model(input_ids=ids, labels=ids, skip_logits=False)
+    assert unfused.logits is not None
+    torch.testing.assert_close(fused.lm_loss, unfused.lm_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused.loss, unfused.loss, rtol=1e-6, atol=0)
+    for a, b in zip(g_fused, grads(unfused.loss, *model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert model.eval()(input_ids=ids, labels=ids).logits is not None  # evaluation keeps its logits
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=ids, skip_logits=True)
