@@ -126,6 +126,23 @@ def check_logits(ours, ref, vocab: int = 8192, tol: float = 1e-4, batch: int = 2
     return diff
 
 
+def check_training(ours, ref, ids, tol: float = 1e-4) -> dict:
+    """Training mode with labels (ours: the fused LM-head loss, no logits) against transformers:
+    the loss and the gradients of the LM head and the embedding, relative; raises when above ``tol``."""
+    diffs, grads = {}, {}
+    for name, m in (("ours", ours), ("ref", ref)):
+        m.zero_grad(set_to_none=True)
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads[name] = (out.loss.detach(), m.lm_head.weight.grad.clone(), m.get_input_embeddings().weight.grad.clone())
+        m.zero_grad(set_to_none=True)
+    for key, a, b in zip(("loss", "lm_head_grad", "embedding_grad"), grads["ours"], grads["ref"]):
+        diffs[key] = ((a - b).abs().max() / b.abs().max()).item()
+    if not max(diffs.values()) < tol:
+        raise AssertionError(f"training loss/gradients differ from transformers: {diffs} (> {tol:.0e})")
+    return diffs
+
+
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),

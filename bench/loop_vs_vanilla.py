@@ -6,7 +6,8 @@ The reference is the "bench" preset (the transformers tiny Qwen3-MoE shape; its 
 transformers through the converter and its logits are checked against transformers first). The
 looped model is ``balance(reference, loops).looped``: matched total parameters, forward FLOPs per
 token and attention/FFN ratio. Throughput: forward+backward at batch 8 x 256, timed interleaved.
-Peak memory: one subprocess per model (``ru_maxrss`` after one training step, and its increase
+Two controls locate a gap: the looped shapes unrolled (no weight sharing) and the loop without
+iteration conditioning. Peak memory: one subprocess per model (``ru_maxrss`` after one training step, and its increase
 over the RSS after building the model = activations + gradients). Writes
 bench/results/loop_vs_vanilla.json.
 """
@@ -14,6 +15,7 @@ bench/results/loop_vs_vanilla.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -34,6 +36,17 @@ def configs(loops: int):
 
     reference = get_preset("bench")
     return reference, balance(reference, loops, seq_len=SEQ).looped
+
+
+def controls(looped):
+    """Where a gap comes from: the looped model's shapes without weight sharing (C*T distinct layers,
+    T = 1: twice the parameters, same FLOPs), and the loop without iteration conditioning."""
+    unrolled = copy.deepcopy(looped)
+    unrolled.num_core_layers, unrolled.num_loops = looped.num_core_layers * looped.num_loops, 1
+    unrolled.iter_conditioning = "none"
+    plain = copy.deepcopy(looped)
+    plain.iter_conditioning = "none"
+    return {"control: shapes unrolled": unrolled, "control: loop, no conditioning": plain}
 
 
 def child(which: str, loops: int) -> None:
@@ -66,9 +79,11 @@ def run(quick: bool = False, loops: int = 2) -> dict:
     hf = common.qwen_model("grouped_mm")
     vanilla = common.ours_from_qwen(hf)
     diff = common.check_logits(vanilla, hf)
-    torch.manual_seed(0)
-    looped = LoopMoEForCausalLM(loop_cfg)
-    models = {"vanilla": vanilla, "loopmoe": looped}
+    cfgs = {"vanilla": ref_cfg, "loopmoe": loop_cfg, **controls(loop_cfg)}
+    models = {"vanilla": vanilla}
+    for name, cfg in list(cfgs.items())[1:]:
+        torch.manual_seed(0)
+        models[name] = LoopMoEForCausalLM(cfg)
     ids = common.token_batch(BATCH, SEQ)
     for m in models.values():
         m.train()
@@ -77,7 +92,7 @@ def run(quick: bool = False, loops: int = 2) -> dict:
                            tries=8 if quick else 14, budget_s=30 if quick else 60)
     peak = common.peak_gflops()
     rows = []
-    for name, cfg in (("vanilla", ref_cfg), ("loopmoe", loop_cfg)):
+    for name, cfg in cfgs.items():
         b = compute_budget(cfg, SEQ)
         tps = BATCH * SEQ / t[name]["median"]
         rows.append({"model": name, "loops": cfg.num_loops, "total_params": b.total_params,
@@ -88,7 +103,7 @@ def run(quick: bool = False, loops: int = 2) -> dict:
                                                             "num_key_value_heads", "head_dim", "num_experts",
                                                             "num_experts_per_tok", "moe_intermediate_size",
                                                             "iter_conditioning")},
-                     **memory(name, loops)})
+                     **(memory(name, loops) if name in ("vanilla", "loopmoe") else {})})
     return {"rows": rows, "loops": loops, "max_abs_diff_vanilla_vs_hf": diff, "peak_gflops": peak, "quick": quick}
 
 
@@ -107,7 +122,8 @@ def main(argv=None) -> dict:
          "step +MiB"],
         [[r["model"], r["loops"], f"{r['total_params'] / 1e6:.2f}M", f"{r['flops_per_token'] / 1e6:.2f}",
           f"{r['tok_s']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}]", f"{r['tok_s'] / van['tok_s']:.3f}x",
-          f"{100 * r['mfu']:.1f}%", f"{r['peak_rss_mib']:.0f}", f"{r['step_increase_mib']:.0f}"]
+          f"{100 * r['mfu']:.1f}%", f"{r.get('peak_rss_mib', float('nan')):.0f}",
+          f"{r.get('step_increase_mib', float('nan')):.0f}"]
          for r in res["rows"]]))
     for r in res["rows"]:
         print(f"  {r['model']}: {r['shape']}")

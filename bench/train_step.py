@@ -5,7 +5,9 @@
 transformers' Qwen3MoeForCausalLM (tiny config of shared/bench/hf_qwen3moe_reference.py, random
 weights, ``experts_implementation`` grouped_mm and eager) and LoopMoE with T = 1 converted from the
 same weights by ``loopmoe.convert.qwen3_moe``; logits are checked equal (< 1e-4) first. Batch 8 x
-256, timed interleaved: forward+backward, and forward+backward+AdamW step. MFU = 3 x analytic
+256, timed interleaved: forward+backward, and forward+backward+AdamW step. In training mode with labels
+LoopMoE computes the loss fused with the LM head (no logits), so the training loss and the LM-head and
+embedding gradients are also checked against transformers' first. MFU = 3 x analytic
 forward FLOPs/token (``loopmoe.budget``) x tokens/s / measured peak (bench/peak_flops.py).
 Writes bench/results/train_step.json.
 """
@@ -34,6 +36,7 @@ def run(quick: bool = False) -> dict:
     diff = {impl: common.check_logits(ours, ref) for impl, ref in refs.items()}
     flops_tok = 3 * compute_budget(ours.config, SEQ).flops_per_token  # training = fwd + 2x for bwd
     ids = common.token_batch(BATCH, SEQ)
+    train_diff = common.check_training(ours.train(), refs["grouped_mm"].train(), ids)
     models = {"ours": ours, **{f"hf_{k}": v for k, v in refs.items()}}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     for m in models.values():
@@ -56,6 +59,7 @@ def run(quick: bool = False) -> dict:
             rows.append({"model": k, "step": what, "tok_s": tps, "tok_s_min": tokens / t["max"],
                          "tok_s_max": tokens / t["min"], "mfu": tps * flops_tok / (peak * 1e9), "time": t})
     return {"rows": rows, "peak_gflops": peak, "train_flops_per_token": flops_tok, "max_abs_diff": diff,
+            "training_rel_diff": train_diff,
             "batch": BATCH, "seq": SEQ, "quick": quick}
 
 
@@ -71,7 +75,9 @@ def main(argv=None) -> dict:
           f"{r['time']['median'] * 1e3:.0f}", f"{100 * r['mfu']:.1f}%", f"{r['tok_s'] / base[r['step']]:.2f}x"]
          for r in res["rows"]]))
     print(f"batch {BATCH}x{SEQ}, {res['train_flops_per_token'] / 1e6:.1f} MFLOP/token (3x forward), "
-          f"peak {res['peak_gflops']:.1f} GFLOP/s, logits max |diff| {max(res['max_abs_diff'].values()):.1e}")
+          f"peak {res['peak_gflops']:.1f} GFLOP/s, logits max |diff| {max(res['max_abs_diff'].values()):.1e}, "
+          f"training loss / LM-head grad / embedding grad rel. diff "
+          + " / ".join(f"{v:.1e}" for v in res["training_rel_diff"].values()))
     common.write_json("train_step", res)
     return res
 

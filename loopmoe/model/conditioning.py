@@ -63,8 +63,15 @@ class Modulation(nn.Module):
         self.w_mod = ZeroInitLinear(r, 6 * d)
 
     def forward(self, h: torch.Tensor, v_k: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        # h: [B, S, d], v_k: [r] -> six tensors broadcastable to [B, S, d]
+        # h: [B, S, d], v_k: [r] -> (β1, 1+γ1, 1+α1, β2, 1+γ2, 1+α2), each [B, S, d]
         signal = v_k if self.use_iter else 0.0
         if self.use_token:
             signal = signal + self.w_h(self.norm(h))  # [B, S, r]
-        return self.w_mod(F.silu(signal)).chunk(6, dim=-1)
+        c = F.silu(signal)
+        # Six contiguous [B, S, d] outputs from row blocks of W_mod, rather than chunks of one
+        # [B, S, 6d] product: element-wise kernels on those strided chunks run at half speed on
+        # CPU, and the backward of `chunk` concatenates six activation-sized gradients.
+        # The "1 +" of the scales and gates goes into their [d] bias instead of a [B, S, d] add.
+        d = self.w_mod.out_features // 6
+        w, b = self.w_mod.weight, self.w_mod.bias
+        return tuple(F.linear(c, w[i * d:(i + 1) * d], b[i * d:(i + 1) * d] + (i % 3 != 0)) for i in range(6))

@@ -27,7 +27,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     summed in the kernel's own order: equal to ``F.linear`` up to fp rounding.
     """
     rows, out_features = x.numel() // x.shape[-1], weight.shape[0]
-    if rows <= _SPLIT_MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+    if (rows <= SPLIT_MAX_ROWS and weight.numel() >= _SPLIT_MIN_WEIGHT and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
         blocks = torch.get_num_threads()
         if blocks > 1 and out_features % blocks == 0 and weight.is_contiguous():
             blocked = weight.view(blocks, out_features // blocks, -1)  # [blocks, out/blocks, in]
@@ -40,7 +41,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-_SPLIT_MAX_ROWS = 8  # batch-8 decoding is still bound by reading the weights
+SPLIT_MAX_ROWS = 8  # batch-8 decoding is still bound by reading the weights
+_SPLIT_MIN_WEIGHT = 1 << 16  # below (a router: E x d) the weight sits in cache and the split costs more
 
 
 class Linear(nn.Linear):
@@ -64,12 +66,39 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # One fused kernel, bit-identical to the formula below in fp32 (tests/model/test_layers.py).
+            # The fused kernel, bit-identical to the formula below in fp32 (tests/model/test_layers.py),
+            # with a backward of 6 element-wise passes instead of autograd's ~12.
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNormFp32.apply(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class _RMSNormFp32(torch.autograd.Function):
+    """``w * x * rstd`` with ``rstd = rsqrt(mean(x^2) + eps)``; backward, with ``x̂ = x * rstd``:
+    ``gx = rstd * (g w - x̂ * mean(g w x̂))``, ``gw = sum_rows(g x̂)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)  # rstd: [..., 1]
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x * rstd
+        g_x = g_w = None
+        if ctx.needs_input_grad[0]:
+            gw = g * weight
+            mean_dot = torch.linalg.vecdot(gw, x_hat).unsqueeze(-1).div_(x.shape[-1])
+            g_x = torch.addcmul(gw, x_hat, mean_dot, value=-1).mul_(rstd)
+        if ctx.needs_input_grad[1]:
+            g_w = (g * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        return g_x, g_w, None
 
 
 class RotaryEmbedding(nn.Module):

@@ -61,22 +61,22 @@ class DecoderLayer(nn.Module):
                 router_stats: bool = True):
         # h: [B, S, d] -> ([B, S, d], RouterOutput, or None when router_stats is False)
         if self.modulation is not None:
-            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(h, v_k)
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(h, v_k)  # scales/gates include the 1
         x = self.input_layernorm(h)
         if self.modulation is not None:
-            x = x * (1 + scale1) + shift1
+            x = torch.addcmul(shift1, x, scale1)  # x * (1 + γ1) + β1
         a = self.self_attn(x, position_embeddings, attention_mask, past_key_values, cache_slot)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
-        h = h + (a * (1 + gate1) if self.modulation is not None else a)
+        h = h + (a * gate1 if self.modulation is not None else a)
 
         x = self.post_attention_layernorm(h)
         if self.modulation is not None:
-            x = x * (1 + scale2) + shift2
+            x = torch.addcmul(shift2, x, scale2)
         m, router = self.mlp(x, token_mask, router_stats)
         if self.mlp_out_norm is not None:
             m = self.mlp_out_norm(m)
-        h = h + (m * (1 + gate2) if self.modulation is not None else m)
+        h = h + (m * gate2 if self.modulation is not None else m)
         return h, router
 
 

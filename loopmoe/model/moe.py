@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopmoe.config import LoopMoEConfig
-from loopmoe.model.layers import Linear, linear
+from loopmoe.model.layers import SPLIT_MAX_ROWS, Linear, linear
 
 
 @dataclass
@@ -150,13 +150,22 @@ def _loop_experts_forward(x, w_gate_up, w_down, groups):
     g, u = x.new_empty(2, x.shape[0], f).unbind(0)
     y = x.new_empty(x.shape[0], w_down.shape[1])
     for e, s, n in groups:
-        torch.mm(x[s:s + n], w_gate_up[e, :f].t(), out=g[s:s + n])
-        torch.mm(x[s:s + n], w_gate_up[e, f:].t(), out=u[s:s + n])
+        _matmul_into(x[s:s + n], w_gate_up[e, :f], g[s:s + n])
+        _matmul_into(x[s:s + n], w_gate_up[e, f:], u[s:s + n])
     act = F.silu(g)
     a = act * u
     for e, s, n in groups:
-        torch.mm(a[s:s + n], w_down[e].t(), out=y[s:s + n])
+        _matmul_into(a[s:s + n], w_down[e], y[s:s + n])
     return y, g, u, act
+
+
+def _matmul_into(x, weight, out):
+    """``out = x @ weight.T``; a group of a few rows (batched decoding) is bound by reading the
+    expert's weight, which ``linear`` splits across threads."""
+    if x.shape[0] <= SPLIT_MAX_ROWS:
+        out.copy_(linear(x, weight))
+    else:
+        torch.mm(x, weight.t(), out=out)
 
 
 class _LoopExperts(torch.autograd.Function):
@@ -302,7 +311,7 @@ class SparseMoE(nn.Module):
         experts, f = self.experts, self.experts.down_proj.shape[-1]
         y = None
         for j, e in enumerate(topk_idx[0].tolist()):
-            gate, up = linear(x, experts.gate_up_proj[e, :f]), linear(x, experts.gate_up_proj[e, f:])
+            gate, up = linear(x, experts.gate_up_proj[e]).split(f, dim=-1)
             term = linear(F.silu(gate) * up, experts.down_proj[e]) * topk_w[:, j:j + 1]
             y = term if y is None else y + term
         return y
