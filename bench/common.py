@@ -71,13 +71,16 @@ def interleaved(fns: dict, reps: int = 5, tries: int = 20, warmup: int = 1, budg
             fn()
     ok = {k: [] for k in fns}
     noisy = {k: [] for k in fns}
+    rounds = {k: {} for k in fns}  # round -> wall of the quiet runs, for ratios within one round
     start = time.perf_counter()
-    for _ in range(tries):
+    for r in range(tries):
         for name, fn in fns.items():
             if len(ok[name]) >= reps:
                 continue
             wall, other = timed(fn)
             (ok if other < BUSY_LIMIT else noisy)[name].append((wall, other))
+            if other < BUSY_LIMIT:
+                rounds[name][r] = wall
         if all(len(v) >= reps for v in ok.values()):
             break
         if budget_s is not None and time.perf_counter() - start > budget_s:
@@ -88,8 +91,23 @@ def interleaved(fns: dict, reps: int = 5, tries: int = 20, warmup: int = 1, budg
         if len(runs) < 2:  # machine never quiet: keep the least-disturbed runs, flagged
             runs += [w for w, _ in sorted(noisy[name], key=lambda t: t[1])[: max(0, 3 - len(runs))]]
         out[name] = {"median": statistics.median(runs), "min": min(runs), "max": max(runs),
-                     "n": len(ok[name]), "rejected": len(noisy[name])}
+                     "n": len(ok[name]), "rejected": len(noisy[name]), "rounds": rounds[name]}
     return out
+
+
+def speedup(stats: dict, name: str, baseline: str) -> dict:
+    """How many times faster ``name`` ran than ``baseline``: the median over the rounds in which both
+    had a quiet run of ``baseline time / name time`` (paired ratios cancel the machine's slow drifts),
+    with its min and max; the ratio of medians when no round has both."""
+    a, b = stats[name].get("rounds", {}), stats[baseline].get("rounds", {})
+    ratios = [b[r] / a[r] for r in a if r in b]
+    if not ratios:
+        ratios = [stats[baseline]["median"] / stats[name]["median"]]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "pairs": len(ratios)}
+
+
+def fmt_speedup(s: dict) -> str:
+    return f"{s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}]"
 
 
 def qwen_model(impl: str = "grouped_mm", cfg: dict | None = None, seed: int = 0):
@@ -128,13 +146,18 @@ def check_logits(ours, ref, vocab: int = 8192, tol: float = 1e-4, batch: int = 2
 
 def check_training(ours, ref, ids, tol: float = 1e-4) -> dict:
     """Training mode with labels (ours: the fused LM-head loss, no logits) against transformers:
-    the loss and the gradients of the LM head and the embedding, relative; raises when above ``tol``."""
+    the language-model loss and its gradients of the LM head and the embedding, relative; raises when
+    above ``tol``. (The router balancing losses are left out: transformers' is one switch loss over
+    all layers' routing, ours the mean of per-layer ones; both are timed with theirs.)"""
     diffs, grads = {}, {}
     for name, m in (("ours", ours), ("ref", ref)):
         m.zero_grad(set_to_none=True)
-        out = m(input_ids=ids, labels=ids)
-        out.loss.backward()
-        grads[name] = (out.loss.detach(), m.lm_head.weight.grad.clone(), m.get_input_embeddings().weight.grad.clone())
+        if name == "ours":
+            loss = m(input_ids=ids, labels=ids).lm_loss
+        else:
+            loss = m(input_ids=ids, labels=ids, output_router_logits=False).loss
+        loss.backward()
+        grads[name] = (loss.detach(), m.lm_head.weight.grad.clone(), m.get_input_embeddings().weight.grad.clone())
         m.zero_grad(set_to_none=True)
     for key, a, b in zip(("loss", "lm_head_grad", "embedding_grad"), grads["ours"], grads["ref"]):
         diffs[key] = ((a - b).abs().max() / b.abs().max()).item()

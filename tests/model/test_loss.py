@@ -72,3 +72,15 @@ def test_model_training_with_labels_skips_logits_and_keeps_the_loss():
     assert model.eval()(input_ids=ids, labels=ids).logits is not None  # evaluation keeps its logits
     with pytest.raises(ValueError, match="needs labels"):
         model(input_ids=ids, skip_logits=True)
+
+
+def test_bf16_weights_accumulate_in_fp32_and_return_their_dtype():
+    h, w, labels = inputs(torch.float32)
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    loss = linear_cross_entropy(hb, wb, labels, chunk_bytes=4 * V * 4)
+    g_h, g_w = grads(loss, hb, wb)
+    assert loss.dtype == torch.float32 and g_h.dtype == g_w.dtype == torch.bfloat16
+    ref = ForCausalLMLoss(hb.float() @ wb.float().t(), labels, V)
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
+    for a, b in zip((g_h, g_w), grads(ref, hb, wb)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3)
