@@ -126,7 +126,7 @@ class Experts(nn.Module):
         groups = _groups(counts.tolist())
         if torch.is_grad_enabled() and (x_sorted.requires_grad or self.gate_up_proj.requires_grad):
             return _LoopExperts.apply(x_sorted, self.gate_up_proj, self.down_proj, groups)
-        return _loop_experts_forward(x_sorted, self.gate_up_proj, self.down_proj, groups)[0]
+        return _loop_experts_forward(x_sorted, self.gate_up_proj, self.down_proj, groups, decoding=True)[0]
 
 
 def _groups(counts: list[int]) -> list[tuple[int, int, int]]:
@@ -139,30 +139,31 @@ def _groups(counts: list[int]) -> list[tuple[int, int, int]]:
     return groups
 
 
-def _loop_experts_forward(x, w_gate_up, w_down, groups):
+def _loop_experts_forward(x, w_gate_up, w_down, groups, decoding: bool = False):
     """SwiGLU of each expert group; returns (y, gate pre-activations g, up u, silu(g)).
 
     Gate and up projections are written into two contiguous buffers (two matmuls per expert on
     the gate and up halves of ``gate_up_proj``): element-wise kernels on a strided half of one
     ``[rows, 2f]`` buffer run at half speed on CPU. The activation runs once over all groups.
+    ``decoding`` (inference): groups of a few rows are bound by reading the expert's weight, and
+    ``linear`` splits those matvecs across threads; in training the weights are hot in cache.
     """
     f = w_down.shape[-1]
     g, u = x.new_empty(2, x.shape[0], f).unbind(0)
     y = x.new_empty(x.shape[0], w_down.shape[1])
     for e, s, n in groups:
-        _matmul_into(x[s:s + n], w_gate_up[e, :f], g[s:s + n])
-        _matmul_into(x[s:s + n], w_gate_up[e, f:], u[s:s + n])
+        _matmul_into(x[s:s + n], w_gate_up[e, :f], g[s:s + n], decoding)
+        _matmul_into(x[s:s + n], w_gate_up[e, f:], u[s:s + n], decoding)
     act = F.silu(g)
     a = act * u
     for e, s, n in groups:
-        _matmul_into(a[s:s + n], w_down[e], y[s:s + n])
+        _matmul_into(a[s:s + n], w_down[e], y[s:s + n], decoding)
     return y, g, u, act
 
 
-def _matmul_into(x, weight, out):
-    """``out = x @ weight.T``; a group of a few rows (batched decoding) is bound by reading the
-    expert's weight, which ``linear`` splits across threads."""
-    if x.shape[0] <= SPLIT_MAX_ROWS:
+def _matmul_into(x, weight, out, decoding: bool):
+    """``out = x @ weight.T``."""
+    if decoding and x.shape[0] <= SPLIT_MAX_ROWS:
         out.copy_(linear(x, weight))
     else:
         torch.mm(x, weight.t(), out=out)
@@ -306,8 +307,9 @@ class SparseMoE(nn.Module):
 
     def _dispatch_one(self, x, topk_w, topk_idx):
         """Inference on a single token (batch-1 decoding): one expert call per selected expert,
-        without the sort / bincount / permutations whose fixed cost dominates at one row. Each
-        expert sees the same single row as in the sorted path, so the numbers are identical."""
+        without the sort / bincount / permutations whose fixed cost dominates at one row. The same
+        SwiGLU as the sorted path, equal to it up to fp rounding (one gate_up matvec here, two
+        halves there)."""
         experts, f = self.experts, self.experts.down_proj.shape[-1]
         y = None
         for j, e in enumerate(topk_idx[0].tolist()):

@@ -50,6 +50,24 @@ def test_dispatch_matches_per_token_reference(tiny_config, overrides):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])  # the single-token fast path; groups of a few rows
+def test_inference_paths_with_thread_split_matvecs_match_the_reference(tiny_config, tokens):
+    # Experts of 256 x 256: large enough for layers.linear to split their matvecs across threads.
+    moe = make_moe(tiny_config(hidden_size=256, moe_intermediate_size=256, head_dim=64))
+    for p in moe.parameters():
+        p.data.mul_(0.1)
+    x = torch.randn(1, tokens, 256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out, _ = moe(x, router_stats=False)
+    finally:
+        torch.set_num_threads(before)
+    ref = reference_moe(moe, x.reshape(-1, 256)).view(1, tokens, 256)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_mm_path_matches_loop_forward(tiny_config):
     moe = make_moe(tiny_config(moe_implementation="loop"))
     x = torch.randn(3, 5, 32)
