@@ -49,6 +49,9 @@ class ZeroInitLinear(nn.Linear):
     """A linear layer initialised to zero, so a modulation starts as the identity."""
 
 
+_PLUS_ONE = (0.0, 1.0, 1.0, 0.0, 1.0, 1.0)  # β1, 1+γ1, 1+α1, β2, 1+γ2, 1+α2
+
+
 class Modulation(nn.Module):
     """Per-layer modulation ``[β1, γ1, α1, β2, γ2, α2] = W_mod · SiLU(v_k + W_h · RMSNorm(h))``."""
 
@@ -74,4 +77,5 @@ class Modulation(nn.Module):
         # The "1 +" of the scales and gates goes into their [d] bias instead of a [B, S, d] add.
         d = self.w_mod.out_features // 6
         w, b = self.w_mod.weight, self.w_mod.bias
-        return tuple(F.linear(c, w[i * d:(i + 1) * d], b[i * d:(i + 1) * d] + (i % 3 != 0)) for i in range(6))
+        return tuple(F.linear(c, w[i * d:(i + 1) * d], b[i * d:(i + 1) * d] + one)
+                     for i, one in enumerate(_PLUS_ONE))
