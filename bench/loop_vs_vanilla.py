@@ -15,7 +15,6 @@ bench/results/loop_vs_vanilla.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -40,12 +39,14 @@ def configs(loops: int):
 def controls(looped):
     """Where a gap comes from: the looped model's shapes without weight sharing (C*T distinct layers,
     T = 1: twice the parameters, same FLOPs), and the loop without iteration conditioning."""
-    unrolled = copy.deepcopy(looped)
-    unrolled.num_core_layers, unrolled.num_loops = looped.num_core_layers * looped.num_loops, 1
-    unrolled.iter_conditioning = "none"
-    plain = copy.deepcopy(looped)
-    plain.iter_conditioning = "none"
-    return {"control: shapes unrolled": unrolled, "control: loop, no conditioning": plain}
+    from loopmoe.config import LoopMoEConfig
+
+    def variant(**overrides) -> LoopMoEConfig:  # a validated config, as balance() builds its candidates
+        return LoopMoEConfig(**{**looped.architecture_dict(), "pad_token_id": looped.pad_token_id, **overrides})
+
+    return {"control: shapes unrolled": variant(num_core_layers=looped.num_core_layers * looped.num_loops,
+                                                num_loops=1, iter_conditioning="none"),
+            "control: loop, no conditioning": variant(iter_conditioning="none")}
 
 
 def child(which: str, loops: int) -> None:
