@@ -133,8 +133,8 @@ def main(argv=None) -> dict:
          "peak RSS MiB", "step +MiB"],
         [[r["model"], r["loops"], f"{r['total_params'] / 1e6:.2f}M", f"{r['flops_per_token'] / 1e6:.2f}",
           f"{r['tok_s']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}]", common.fmt_speedup(r["vs_vanilla"]),
-          f"{100 * r['mfu']:.1f}%", f"{r.get('peak_rss_mib', float('nan')):.0f}",
-          f"{r.get('step_increase_mib', float('nan')):.0f}"]
+          f"{100 * r['mfu']:.1f}%", *(f"{r[k]:.0f}" if k in r else "-"  # controls: not measured
+                                      for k in ("peak_rss_mib", "step_increase_mib"))]
          for r in res["rows"]]))
     for r in res["rows"]:
         print(f"  {r['model']}: {r['shape']}")
