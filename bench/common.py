@@ -26,12 +26,31 @@ RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
 
 # The tiny Qwen3-MoE of the reference script (same shape as the "bench" preset).
-QWEN_CFG = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=4, head_dim=64, intermediate_size=1024, moe_intermediate_size=512,
-                num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
-                mlp_only_layers=[], output_router_logits=True, router_aux_loss_coef=0.001,
-                max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6,
-                tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=None, pad_token_id=0)
+QWEN_CFG = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=64,
+    intermediate_size=1024,
+    moe_intermediate_size=512,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    output_router_logits=True,
+    router_aux_loss_coef=0.001,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=None,
+    pad_token_id=0,
+)
 
 BUSY_LIMIT = 0.08  # fraction of the machine other processes may use during an accepted run
 
@@ -43,8 +62,8 @@ def setup(threads: int = 2) -> None:
 
 def busy():
     """(machine busy jiffies, own jiffies, time): detects other processes stealing the cores."""
-    v = list(map(int, open("/proc/stat").readline().split()[1:]))
-    s = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    v = list(map(int, open("/proc/stat").readline().split()[1:]))  # noqa: SIM115
+    s = open("/proc/self/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
     return sum(v) - v[3] - v[4], int(s[11]) + int(s[12]), time.perf_counter()
 
 
@@ -90,8 +109,14 @@ def interleaved(fns: dict, reps: int = 5, tries: int = 20, warmup: int = 1, budg
         runs = [w for w, _ in ok[name]]
         if len(runs) < 2:  # machine never quiet: keep the least-disturbed runs, flagged
             runs += [w for w, _ in sorted(noisy[name], key=lambda t: t[1])[: max(0, 3 - len(runs))]]
-        out[name] = {"median": statistics.median(runs), "min": min(runs), "max": max(runs),
-                     "n": len(ok[name]), "rejected": len(noisy[name]), "rounds": rounds[name]}
+        out[name] = {
+            "median": statistics.median(runs),
+            "min": min(runs),
+            "max": max(runs),
+            "n": len(ok[name]),
+            "rejected": len(noisy[name]),
+            "rounds": rounds[name],
+        }
     return out
 
 
@@ -115,8 +140,12 @@ def qwen_model(impl: str = "grouped_mm", cfg: dict | None = None, seed: int = 0)
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen3MoeForCausalLM._from_config(Qwen3MoeConfig(**(cfg or QWEN_CFG)), attn_implementation="sdpa",
-                                            experts_implementation=impl, dtype=torch.float32)
+    return Qwen3MoeForCausalLM._from_config(
+        Qwen3MoeConfig(**(cfg or QWEN_CFG)),
+        attn_implementation="sdpa",
+        experts_implementation=impl,
+        dtype=torch.float32,
+    )
 
 
 def ours_from_qwen(qwen_model_, **config_overrides):
@@ -140,7 +169,9 @@ def check_logits(ours, ref, vocab: int = 8192, tol: float = 1e-4, batch: int = 2
         diff = (ours(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
     ours.train(was[0]), ref.train(was[1])
     if not diff < tol:
-        raise AssertionError(f"logits differ from transformers by {diff:.2e} (> {tol:.0e}): timings would be meaningless")
+        raise AssertionError(
+            f"logits differ from transformers by {diff:.2e} (> {tol:.0e}): timings would be meaningless"
+        )
     return diff
 
 
@@ -167,14 +198,19 @@ def check_training(ours, ref, ids, tol: float = 1e-4) -> dict:
 
 
 def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
-            "cpu": _cpu_name(), "cores": os.cpu_count()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+    }
 
 
 def _cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):  # noqa: SIM115
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -198,7 +234,10 @@ def table(headers: list[str], rows: list[list]) -> str:
     """A markdown table (printed and pasted into PERFORMANCE.md)."""
     cells = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
@@ -212,7 +251,7 @@ def peak_gflops(cached: bool = True) -> float:
     return measure(quick=True)["peak_gflops"]
 
 
-def token_batch(batch: int, seq: int, vocab: int = 8192) -> "torch.Tensor":
+def token_batch(batch: int, seq: int, vocab: int = 8192) -> torch.Tensor:
     """The fixed batch every training benchmark times: the same tokens for every model."""
     import torch
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+from bench import common
 
 
 def run(quick: bool = False) -> dict:
@@ -41,11 +41,16 @@ def run(quick: bool = False) -> dict:
         tok = train_bpe_tokenizer(source, 8192, Path(tmp) / "tok", progress=False)
         out["bpe_train_s"] = time.perf_counter() - t0
 
-        docs = [text[i:i + 4096] for i in range(0, len(text), 4096)]
+        docs = [text[i : i + 4096] for i in range(0, len(text), 4096)]
         enc = common.interleaved({"encode": lambda: tok.encode_batch(docs)}, reps=3, tries=8, budget_s=10)["encode"]
         n_tokens = sum(len(ids) for ids in tok.encode_batch(docs))
-        out.update(tokens=n_tokens, encode=enc, encode_mb_s=out["bytes"] / enc["median"] / 1e6,
-                   encode_tok_s=n_tokens / enc["median"], chars_per_token=len(text) / n_tokens)
+        out.update(
+            tokens=n_tokens,
+            encode=enc,
+            encode_mb_s=out["bytes"] / enc["median"] / 1e6,
+            encode_tok_s=n_tokens / enc["median"],
+            chars_per_token=len(text) / n_tokens,
+        )
 
         t0 = time.perf_counter()
         shards = prepare_shards(source, tok, Path(tmp) / "shards", progress=False)
@@ -61,15 +66,17 @@ def run(quick: bool = False) -> dict:
             for _ in range(n):
                 next(loader)
             per = (time.perf_counter() - t0) / n
-            loader_rows.append({"batch": batch, "seq": seq, "us_per_batch": per * 1e6,
-                                "tokens_per_s": batch * seq / per})
+            loader_rows.append(
+                {"batch": batch, "seq": seq, "us_per_batch": per * 1e6, "tokens_per_s": batch * seq / per}
+            )
         out["loader"] = loader_rows
     train = common.RESULTS / "train_step.json"
     if train.is_file():
         import json
 
-        step = next(r for r in json.loads(train.read_text())["rows"]
-                    if r["model"] == "ours" and r["step"] == "fwd+bwd+AdamW")
+        step = next(
+            r for r in json.loads(train.read_text())["rows"] if r["model"] == "ours" and r["step"] == "fwd+bwd+AdamW"
+        )
         out["loader_share_of_step"] = loader_rows[0]["us_per_batch"] * 1e-6 / step["time"]["median"]
     return out
 
@@ -79,12 +86,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     r = run(args.quick)
-    rows = [["train BPE (vocab 8192)", f"{r['bpe_train_s']:.2f} s", f"{r['bytes'] / r['bpe_train_s'] / 1e6:.2f} MB/s"],
-            ["encode_batch (4 KiB docs)", f"{r['encode']['median'] * 1e3:.0f} ms",
-             f"{r['encode_mb_s']:.2f} MB/s, {r['encode_tok_s'] / 1e6:.2f} M tok/s"],
-            ["prepare_shards (end to end)", f"{r['prepare_shards_s']:.2f} s", f"{r['prepare_shards_tok_s'] / 1e6:.2f} M tok/s"]]
-    rows += [[f"TokenBatchLoader {l['batch']}x{l['seq']}", f"{l['us_per_batch']:.0f} us/batch",
-              f"{l['tokens_per_s'] / 1e6:.1f} M tok/s"] for l in r["loader"]]
+    rows = [
+        ["train BPE (vocab 8192)", f"{r['bpe_train_s']:.2f} s", f"{r['bytes'] / r['bpe_train_s'] / 1e6:.2f} MB/s"],
+        [
+            "encode_batch (4 KiB docs)",
+            f"{r['encode']['median'] * 1e3:.0f} ms",
+            f"{r['encode_mb_s']:.2f} MB/s, {r['encode_tok_s'] / 1e6:.2f} M tok/s",
+        ],
+        [
+            "prepare_shards (end to end)",
+            f"{r['prepare_shards_s']:.2f} s",
+            f"{r['prepare_shards_tok_s'] / 1e6:.2f} M tok/s",
+        ],
+    ]
+    rows += [
+        [
+            f"TokenBatchLoader {l['batch']}x{l['seq']}",
+            f"{l['us_per_batch']:.0f} us/batch",
+            f"{l['tokens_per_s'] / 1e6:.1f} M tok/s",
+        ]
+        for l in r["loader"]
+    ]
     print(common.table(["stage", "time", "throughput"], rows))
     print(f"tinyshakespeare: {r['bytes'] / 1e6:.2f} MB, {r['tokens']} tokens ({r['chars_per_token']:.2f} chars/token)")
     if "loader_share_of_step" in r:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+from bench import common
 
 PROMPT, NEW = 32, 128
 
@@ -38,19 +38,40 @@ def run(quick: bool = False) -> dict:
         def gen(m):
             def fn():
                 with torch.inference_mode():
-                    return m.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                      use_cache=True, pad_token_id=0, eos_token_id=None)
+                    return m.generate(
+                        prompt,  # noqa: B023
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        do_sample=False,
+                        use_cache=True,
+                        pad_token_id=0,
+                        eos_token_id=None,
+                    )
+
             return fn
 
         outs = {k: gen(m)() for k, m in models.items()}
         same = {k: bool(torch.equal(outs["ours"], o)) for k, o in outs.items() if k != "ours"}
-        t = common.interleaved({k: gen(m) for k, m in models.items()}, reps=3 if quick else 7,
-                               tries=5 if quick else 14, budget_s=25 if quick else 90)
+        t = common.interleaved(
+            {k: gen(m) for k, m in models.items()},
+            reps=3 if quick else 7,
+            tries=5 if quick else 14,
+            budget_s=25 if quick else 90,
+        )
         for k in models:
-            rows.append({"model": k, "batch": batch, "new_tok_s": batch * new / t[k]["median"],
-                         "new_tok_s_min": batch * new / t[k]["max"], "new_tok_s_max": batch * new / t[k]["min"],
-                         "ms_per_step": t[k]["median"] / new * 1e3, "same_tokens_as_ours": same.get(k, True),
-                         "time": t[k], "vs_hf": common.speedup(t, k, "hf_grouped_mm")})
+            rows.append(
+                {
+                    "model": k,
+                    "batch": batch,
+                    "new_tok_s": batch * new / t[k]["median"],
+                    "new_tok_s_min": batch * new / t[k]["max"],
+                    "new_tok_s_max": batch * new / t[k]["min"],
+                    "ms_per_step": t[k]["median"] / new * 1e3,
+                    "same_tokens_as_ours": same.get(k, True),
+                    "time": t[k],
+                    "vs_hf": common.speedup(t, k, "hf_grouped_mm"),
+                }
+            )
     return {"rows": rows, "prompt": PROMPT, "new_tokens": new, "max_abs_diff": diff, "quick": quick}
 
 
@@ -59,12 +80,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     res = run(args.quick)
-    print(common.table(
-        ["model", "batch", "new tok/s median [min-max]", "ms/step", "vs HF grouped_mm (paired) [min-max]",
-         "same tokens"],
-        [[r["model"], r["batch"], f"{r['new_tok_s']:.0f} [{r['new_tok_s_min']:.0f}-{r['new_tok_s_max']:.0f}]",
-          f"{r['ms_per_step']:.2f}", common.fmt_speedup(r["vs_hf"]), r["same_tokens_as_ours"]]
-         for r in res["rows"]]))
+    print(
+        common.table(
+            [
+                "model",
+                "batch",
+                "new tok/s median [min-max]",
+                "ms/step",
+                "vs HF grouped_mm (paired) [min-max]",
+                "same tokens",
+            ],
+            [
+                [
+                    r["model"],
+                    r["batch"],
+                    f"{r['new_tok_s']:.0f} [{r['new_tok_s_min']:.0f}-{r['new_tok_s_max']:.0f}]",
+                    f"{r['ms_per_step']:.2f}",
+                    common.fmt_speedup(r["vs_hf"]),
+                    r["same_tokens_as_ours"],
+                ]
+                for r in res["rows"]
+            ],
+        )
+    )
     common.write_json("generate", res)
     return res
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+from bench import common
 
 BATCH, SEQ = 8, 256
 
@@ -44,9 +44,12 @@ def controls(looped):
     def variant(**overrides) -> LoopMoEConfig:  # a validated config, as balance() builds its candidates
         return LoopMoEConfig(**{**looped.architecture_dict(), "pad_token_id": looped.pad_token_id, **overrides})
 
-    return {"control: shapes unrolled": variant(num_core_layers=looped.num_core_layers * looped.num_loops,
-                                                num_loops=1, iter_conditioning="none"),
-            "control: loop, no conditioning": variant(iter_conditioning="none")}
+    return {
+        "control: shapes unrolled": variant(
+            num_core_layers=looped.num_core_layers * looped.num_loops, num_loops=1, iter_conditioning="none"
+        ),
+        "control: loop, no conditioning": variant(iter_conditioning="none"),
+    }
 
 
 def child(which: str, loops: int) -> None:
@@ -64,8 +67,15 @@ def child(which: str, loops: int) -> None:
     Path("/proc/self/clear_refs").write_text("5")
     model(input_ids=ids, labels=ids).loss.backward()
     peak = _status_kib("VmHWM")
-    print(json.dumps({"rss_before_step_mib": built / 1024, "peak_rss_mib": peak / 1024,
-                      "step_increase_mib": (peak - built) / 1024}))
+    print(
+        json.dumps(
+            {
+                "rss_before_step_mib": built / 1024,
+                "peak_rss_mib": peak / 1024,
+                "step_increase_mib": (peak - built) / 1024,
+            }
+        )
+    )
 
 
 def _status_kib(field: str) -> int:
@@ -76,8 +86,9 @@ def _status_kib(field: str) -> int:
 
 
 def memory(which: str, loops: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", which, "--loops", str(loops)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", which, "--loops", str(loops)], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -99,23 +110,47 @@ def run(quick: bool = False, loops: int = 2) -> dict:
     for m in models.values():
         m.train()
 
-    t = common.interleaved({k: common.fwd_bwd(m, ids) for k, m in models.items()}, reps=5 if quick else 12,
-                           tries=10 if quick else 24, budget_s=45 if quick else 150)
+    t = common.interleaved(
+        {k: common.fwd_bwd(m, ids) for k, m in models.items()},
+        reps=5 if quick else 12,
+        tries=10 if quick else 24,
+        budget_s=45 if quick else 150,
+    )
     peak = common.peak_gflops()
     rows = []
     for name, cfg in cfgs.items():
         b = compute_budget(cfg, SEQ)
         tps = BATCH * SEQ / t[name]["median"]
-        rows.append({"model": name, "loops": cfg.num_loops, "total_params": b.total_params,
-                     "flops_per_token": b.flops_per_token, "attn_ffn_ratio": b.attn_ffn_ratio, "tok_s": tps,
-                     "tok_s_min": BATCH * SEQ / t[name]["max"], "tok_s_max": BATCH * SEQ / t[name]["min"],
-                     "mfu": tps * 3 * b.flops_per_token / (peak * 1e9), "time": t[name],
-                     "vs_vanilla": common.speedup(t, name, "vanilla"),
-                     "shape": {k: getattr(cfg, k) for k in ("num_core_layers", "num_loops", "num_attention_heads",
-                                                            "num_key_value_heads", "head_dim", "num_experts",
-                                                            "num_experts_per_tok", "moe_intermediate_size",
-                                                            "iter_conditioning")},
-                     **(memory(name, loops) if name in ("vanilla", "loopmoe") else {})})
+        rows.append(
+            {
+                "model": name,
+                "loops": cfg.num_loops,
+                "total_params": b.total_params,
+                "flops_per_token": b.flops_per_token,
+                "attn_ffn_ratio": b.attn_ffn_ratio,
+                "tok_s": tps,
+                "tok_s_min": BATCH * SEQ / t[name]["max"],
+                "tok_s_max": BATCH * SEQ / t[name]["min"],
+                "mfu": tps * 3 * b.flops_per_token / (peak * 1e9),
+                "time": t[name],
+                "vs_vanilla": common.speedup(t, name, "vanilla"),
+                "shape": {
+                    k: getattr(cfg, k)
+                    for k in (
+                        "num_core_layers",
+                        "num_loops",
+                        "num_attention_heads",
+                        "num_key_value_heads",
+                        "head_dim",
+                        "num_experts",
+                        "num_experts_per_tok",
+                        "moe_intermediate_size",
+                        "iter_conditioning",
+                    )
+                },
+                **(memory(name, loops) if name in ("vanilla", "loopmoe") else {}),
+            }
+        )
     return {"rows": rows, "loops": loops, "max_abs_diff_vanilla_vs_hf": diff, "peak_gflops": peak, "quick": quick}
 
 
@@ -128,14 +163,37 @@ def main(argv=None) -> dict:
     if args.child:
         return child(args.child, args.loops)
     res = run(args.quick, args.loops)
-    print(common.table(
-        ["model", "T", "params", "fwd MFLOP/tok", "tok/s median [min-max]", "vs vanilla (paired) [min-max]", "MFU",
-         "peak RSS MiB", "step +MiB"],
-        [[r["model"], r["loops"], f"{r['total_params'] / 1e6:.2f}M", f"{r['flops_per_token'] / 1e6:.2f}",
-          f"{r['tok_s']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}]", common.fmt_speedup(r["vs_vanilla"]),
-          f"{100 * r['mfu']:.1f}%", *(f"{r[k]:.0f}" if k in r else "-"  # controls: not measured
-                                      for k in ("peak_rss_mib", "step_increase_mib"))]
-         for r in res["rows"]]))
+    print(
+        common.table(
+            [
+                "model",
+                "T",
+                "params",
+                "fwd MFLOP/tok",
+                "tok/s median [min-max]",
+                "vs vanilla (paired) [min-max]",
+                "MFU",
+                "peak RSS MiB",
+                "step +MiB",
+            ],
+            [
+                [
+                    r["model"],
+                    r["loops"],
+                    f"{r['total_params'] / 1e6:.2f}M",
+                    f"{r['flops_per_token'] / 1e6:.2f}",
+                    f"{r['tok_s']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}]",
+                    common.fmt_speedup(r["vs_vanilla"]),
+                    f"{100 * r['mfu']:.1f}%",
+                    *(
+                        f"{r[k]:.0f}" if k in r else "-"  # controls: not measured
+                        for k in ("peak_rss_mib", "step_increase_mib")
+                    ),
+                ]
+                for r in res["rows"]
+            ],
+        )
+    )
     for r in res["rows"]:
         print(f"  {r['model']}: {r['shape']}")
     common.write_json("loop_vs_vanilla", res)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+from bench import common
 
 # (name, hidden d, experts E, top-k, expert size f)
 CONFIGS = [
@@ -40,16 +40,18 @@ def build(d: int, E: int, k: int, f: int, seed: int = 0):
     from loopmoe.model.moe import SparseMoE
 
     torch.manual_seed(seed)
-    ours = SparseMoE(LoopMoEConfig(hidden_size=d, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=f,
-                                   norm_topk_prob=True))
+    ours = SparseMoE(
+        LoopMoEConfig(hidden_size=d, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=f, norm_topk_prob=True)
+    )
     with torch.no_grad():
         torch.nn.init.normal_(ours.gate.weight, std=0.02)
         torch.nn.init.normal_(ours.experts.gate_up_proj, std=0.02)
         torch.nn.init.normal_(ours.experts.down_proj, std=0.02)
     refs = {}
     for impl in IMPLS:
-        qcfg = Qwen3MoeConfig(hidden_size=d, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=f,
-                              norm_topk_prob=True)
+        qcfg = Qwen3MoeConfig(
+            hidden_size=d, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=f, norm_topk_prob=True
+        )
         qcfg._experts_implementation = impl
         ref = Qwen3MoeSparseMoeBlock(qcfg)
         with torch.no_grad():
@@ -78,21 +80,31 @@ def run(quick: bool = False) -> dict:
 
             def step(layer, ours_layer=False):
                 def fn():
-                    xi = x.detach().requires_grad_()
+                    xi = x.detach().requires_grad_()  # noqa: B023
                     layer.zero_grad(set_to_none=True)
                     out = layer(xi)[0] if ours_layer else layer(xi)
-                    (out * g).sum().backward()
+                    (out * g).sum().backward()  # noqa: B023
+
                 return fn
 
             fns = {"ours": step(ours, True), **{f"hf_{impl}": step(ref) for impl, ref in refs.items()}}
-            t = common.interleaved(fns, reps=3 if quick else 5, tries=8 if quick else 12,
-                                   budget_s=6 if quick else 12)
-            row = {"config": name, "d": d, "E": E, "k": k, "f": f, "tokens": n, "max_abs_diff": diffs,
-                   **{f"{key}_s": v for key, v in t.items()},
-                   **{f"{key}_tok_s": n / v["median"] for key, v in t.items()}}
+            t = common.interleaved(fns, reps=3 if quick else 5, tries=8 if quick else 12, budget_s=6 if quick else 12)
+            row = {
+                "config": name,
+                "d": d,
+                "E": E,
+                "k": k,
+                "f": f,
+                "tokens": n,
+                "max_abs_diff": diffs,
+                **{f"{key}_s": v for key, v in t.items()},
+                **{f"{key}_tok_s": n / v["median"] for key, v in t.items()},
+            }
             results.append(row)
-            print(f"  {name:28s} N={n:5d}: " + ", ".join(f"{key} {n / v['median']:8.0f} tok/s" for key, v in t.items()),
-                  flush=True)
+            print(
+                f"  {name:28s} N={n:5d}: " + ", ".join(f"{key} {n / v['median']:8.0f} tok/s" for key, v in t.items()),
+                flush=True,
+            )
     return {"rows": results, "quick": quick}
 
 
@@ -131,12 +143,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     res = run(args.quick)
-    rows = [[r["config"], r["tokens"], f"{r['ours_tok_s']:.0f}", f"{r['hf_grouped_mm_tok_s']:.0f}",
-             f"{r['hf_eager_tok_s']:.0f}", f"{r['ours_tok_s'] / r['hf_grouped_mm_tok_s']:.2f}x",
-             f"{r['ours_tok_s'] / r['hf_eager_tok_s']:.2f}x", f"{max(r['max_abs_diff'].values()):.1e}"]
-            for r in res["rows"]]
-    print(common.table(["config", "tokens", "ours tok/s", "HF grouped_mm", "HF eager", "vs grouped_mm",
-                        "vs eager", "max |diff|"], rows))
+    rows = [
+        [
+            r["config"],
+            r["tokens"],
+            f"{r['ours_tok_s']:.0f}",
+            f"{r['hf_grouped_mm_tok_s']:.0f}",
+            f"{r['hf_eager_tok_s']:.0f}",
+            f"{r['ours_tok_s'] / r['hf_grouped_mm_tok_s']:.2f}x",
+            f"{r['ours_tok_s'] / r['hf_eager_tok_s']:.2f}x",
+            f"{max(r['max_abs_diff'].values()):.1e}",
+        ]
+        for r in res["rows"]
+    ]
+    print(
+        common.table(
+            ["config", "tokens", "ours tok/s", "HF grouped_mm", "HF eager", "vs grouped_mm", "vs eager", "max |diff|"],
+            rows,
+        )
+    )
     common.write_json("moe_layer", res)
     png = common.DOCS / ("moe_layer_throughput_quick.png" if args.quick else "moe_layer_throughput.png")
     plot(res, png)

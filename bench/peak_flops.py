@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from bench import common  # noqa: E402
+from bench import common
 
 
 def measure(quick: bool = False) -> dict:
@@ -26,11 +26,20 @@ def measure(quick: bool = False) -> dict:
         a, b = torch.randn(n, n), torch.randn(n, n)
         c = torch.empty(n, n)
         reps = max(1, int(2e9 // (2 * n**3)))  # ~2 GFLOP per timed call
-        fn = lambda: [torch.mm(a, b, out=c) for _ in range(reps)]
+
+        def fn():
+            return [torch.mm(a, b, out=c) for _ in range(reps)]  # noqa: B023
+
         t = common.interleaved({"mm": fn}, reps=3 if quick else 5, tries=12, budget_s=8 if quick else 30)["mm"]
         flops = 2 * n**3 * reps
-        rows.append({"n": n, "gflops_median": flops / t["median"] / 1e9, "gflops_best": flops / t["min"] / 1e9,
-                     "quiet_runs": t["n"]})
+        rows.append(
+            {
+                "n": n,
+                "gflops_median": flops / t["median"] / 1e9,
+                "gflops_best": flops / t["min"] / 1e9,
+                "quiet_runs": t["n"],
+            }
+        )
     peak = max(r["gflops_best"] for r in rows)
     return {"peak_gflops": peak, "sizes": rows}
 
@@ -40,9 +49,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     res = measure(args.quick)
-    print(common.table(["n", "GFLOP/s median", "GFLOP/s best", "quiet runs"],
-                       [[r["n"], f"{r['gflops_median']:.1f}", f"{r['gflops_best']:.1f}", r["quiet_runs"]]
-                        for r in res["sizes"]]))
+    print(
+        common.table(
+            ["n", "GFLOP/s median", "GFLOP/s best", "quiet runs"],
+            [[r["n"], f"{r['gflops_median']:.1f}", f"{r['gflops_best']:.1f}", r["quiet_runs"]] for r in res["sizes"]],
+        )
+    )
     print(f"peak fp32 matmul: {res['peak_gflops']:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     common.write_json("peak_flops", res)
     return res

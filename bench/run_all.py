@@ -14,10 +14,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import data_pipeline, generate, loop_vs_vanilla, moe_layer, peak_flops, train_step  # noqa: E402
+from bench import data_pipeline, generate, loop_vs_vanilla, moe_layer, peak_flops, train_step
 
-BENCHMARKS = [("peak fp32 matmul", peak_flops), ("MoE layer", moe_layer), ("training step", train_step),
-              ("generation", generate), ("LoopMoE vs Vanilla MoE", loop_vs_vanilla), ("data pipeline", data_pipeline)]
+BENCHMARKS = [
+    ("peak fp32 matmul", peak_flops),
+    ("MoE layer", moe_layer),
+    ("training step", train_step),
+    ("generation", generate),
+    ("LoopMoE vs Vanilla MoE", loop_vs_vanilla),
+    ("data pipeline", data_pipeline),
+]
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import common  # noqa: E402
+from bench import common
 
 BATCH, SEQ = 8, 256
 
@@ -46,22 +46,43 @@ def run(quick: bool = False) -> dict:
         def fn():
             common.fwd_bwd(m, ids)()
             opt.step()
+
         return fn
 
     reps, tries, budget = (3, 8, 25) if quick else (5, 14, 60)
-    t1 = common.interleaved({k: common.fwd_bwd(m, ids) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget)
-    t2 = common.interleaved({k: train_step(m, opts[k]) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget)
+    t1 = common.interleaved(
+        {k: common.fwd_bwd(m, ids) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget
+    )
+    t2 = common.interleaved(
+        {k: train_step(m, opts[k]) for k, m in models.items()}, reps=reps, tries=tries, budget_s=budget
+    )
     tokens = BATCH * SEQ
     rows = []
     for k in models:
         for what, t in (("fwd+bwd", t1), ("fwd+bwd+AdamW", t2)):
             tps = tokens / t[k]["median"]
-            rows.append({"model": k, "step": what, "tok_s": tps, "tok_s_min": tokens / t[k]["max"],
-                         "tok_s_max": tokens / t[k]["min"], "mfu": tps * flops_tok / (peak * 1e9), "time": t[k],
-                         "vs_hf": common.speedup(t, k, "hf_grouped_mm")})
-    return {"rows": rows, "peak_gflops": peak, "train_flops_per_token": flops_tok, "max_abs_diff": diff,
-            "training_rel_diff": train_diff,
-            "batch": BATCH, "seq": SEQ, "quick": quick}
+            rows.append(
+                {
+                    "model": k,
+                    "step": what,
+                    "tok_s": tps,
+                    "tok_s_min": tokens / t[k]["max"],
+                    "tok_s_max": tokens / t[k]["min"],
+                    "mfu": tps * flops_tok / (peak * 1e9),
+                    "time": t[k],
+                    "vs_hf": common.speedup(t, k, "hf_grouped_mm"),
+                }
+            )
+    return {
+        "rows": rows,
+        "peak_gflops": peak,
+        "train_flops_per_token": flops_tok,
+        "max_abs_diff": diff,
+        "training_rel_diff": train_diff,
+        "batch": BATCH,
+        "seq": SEQ,
+        "quick": quick,
+    }
 
 
 def main(argv=None) -> dict:
@@ -69,15 +90,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     res = run(args.quick)
-    print(common.table(
-        ["model", "step", "tok/s median [min-max]", "ms/step", "MFU", "vs HF grouped_mm (paired) [min-max]"],
-        [[r["model"], r["step"], f"{r['tok_s']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}]",
-          f"{r['time']['median'] * 1e3:.0f}", f"{100 * r['mfu']:.1f}%", common.fmt_speedup(r["vs_hf"])]
-         for r in res["rows"]]))
-    print(f"batch {BATCH}x{SEQ}, {res['train_flops_per_token'] / 1e6:.1f} MFLOP/token (3x forward), "
-          f"peak {res['peak_gflops']:.1f} GFLOP/s, logits max |diff| {max(res['max_abs_diff'].values()):.1e}, "
-          f"training loss / LM-head grad / embedding grad rel. diff "
-          + " / ".join(f"{v:.1e}" for v in res["training_rel_diff"].values()))
+    print(
+        common.table(
+            ["model", "step", "tok/s median [min-max]", "ms/step", "MFU", "vs HF grouped_mm (paired) [min-max]"],
+            [
+                [
+                    r["model"],
+                    r["step"],
+                    f"{r['tok_s']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}]",
+                    f"{r['time']['median'] * 1e3:.0f}",
+                    f"{100 * r['mfu']:.1f}%",
+                    common.fmt_speedup(r["vs_hf"]),
+                ]
+                for r in res["rows"]
+            ],
+        )
+    )
+    print(
+        f"batch {BATCH}x{SEQ}, {res['train_flops_per_token'] / 1e6:.1f} MFLOP/token (3x forward), "
+        f"peak {res['peak_gflops']:.1f} GFLOP/s, logits max |diff| {max(res['max_abs_diff'].values()):.1e}, "
+        f"training loss / LM-head grad / embedding grad rel. diff "
+        + " / ".join(f"{v:.1e}" for v in res["training_rel_diff"].values())
+    )
     common.write_json("train_step", res)
     return res
 

@@ -49,8 +49,14 @@ class BalanceResult:
 
     def as_dict(self) -> dict:
         def side(cfg, budget):
-            return {"config": cfg.architecture_dict(), **{k: getattr(budget, k) for k in
-                    ("total_params", "active_params", "flops_per_token", "attn_ffn_ratio")}}
+            return {
+                "config": cfg.architecture_dict(),
+                **{
+                    k: getattr(budget, k)
+                    for k in ("total_params", "active_params", "flops_per_token", "attn_ffn_ratio")
+                },
+            }
+
         return {
             "strategy": self.strategy,
             "seq_len": self.seq_len,
@@ -113,10 +119,15 @@ def balance(
     ffn_multiple = ffn_multiple or _grid(reference.moe_intermediate_size, 64)
     ref_budget = compute_budget(reference, seq_len)
 
-    base = {**reference.architecture_dict(), **looped_overrides,
-            "num_prelude_layers": num_prelude_layers, "num_core_layers": body // loops,
-            "num_coda_layers": num_coda_layers, "num_loops": loops,
-            "iter_conditioning": iter_conditioning if loops > 1 else "none"}
+    base = {
+        **reference.architecture_dict(),
+        **looped_overrides,
+        "num_prelude_layers": num_prelude_layers,
+        "num_core_layers": body // loops,
+        "num_coda_layers": num_coda_layers,
+        "num_loops": loops,
+        "iter_conditioning": iter_conditioning if loops > 1 else "none",
+    }
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         base[key] = getattr(reference, key)
 
@@ -131,7 +142,9 @@ def balance(
     def fit_experts(shape: dict) -> int:
         """E' (>= top-k') whose total parameters are closest to the reference's."""
         k = shape.get("num_experts_per_tok", reference.num_experts_per_tok)
-        e = _linear_solve(lambda n: budget(**{**shape, "num_experts": n}).total_params, k, k + 1, ref_budget.total_params)
+        e = _linear_solve(
+            lambda n: budget(**{**shape, "num_experts": n}).total_params, k, k + 1, ref_budget.total_params
+        )
         return max(k, round(e))
 
     if strategy == "naive":
@@ -139,8 +152,9 @@ def balance(
         shape["num_experts"] = fit_experts(shape)
         best = shape
     else:
-        best = _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
-                                head_dim_multiple, ffn_multiple, tol)
+        best = _capacity_search(
+            reference, ref_budget, base, budget, fit_experts, loops, L, head_dim_multiple, ffn_multiple, tol
+        )
     looped = make(**best)
     looped_budget = compute_budget(looped, seq_len)
     dev = deviations(ref_budget, looped_budget)
@@ -168,8 +182,11 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
     d = reference.hidden_size
     group = reference.num_attention_heads // reference.num_key_value_heads
     a = d * reference.head_dim * (2 * reference.num_attention_heads + 2 * reference.num_key_value_heads)
-    phi = 3 * d * (reference.num_experts_per_tok * reference.moe_intermediate_size
-                   + reference.shared_expert_intermediate_size)
+    phi = (
+        3
+        * d
+        * (reference.num_experts_per_tok * reference.moe_intermediate_size + reference.shared_expert_intermediate_size)
+    )
     sigma = 2 * reference.head_dim * reference.num_attention_heads * ref_budget.seq_len
     t = L / (base["num_prelude_layers"] + base["num_core_layers"] + base["num_coda_layers"])
     # Per-token IterAdaLN matmuls (W_h, W_mod) of the core, averaged over executed layers: FLOPs
@@ -193,12 +210,19 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
                 shape = {**heads, "num_experts_per_tok": k, "num_experts": reference.num_experts}
 
                 def with_ffn(f: int) -> dict:
-                    return {**shape, "moe_intermediate_size": f,
-                            "shared_expert_intermediate_size": ffn_mult * round(shared_ratio * f / ffn_mult)}
+                    return {
+                        **shape,  # noqa: B023
+                        "moe_intermediate_size": f,
+                        "shared_expert_intermediate_size": ffn_mult * round(shared_ratio * f / ffn_mult),
+                    }
 
                 for _ in range(2):  # FLOPs depend on E' through the router; two passes settle it
-                    f = _linear_solve(lambda x: budget(**with_ffn(x)).flops_per_token, ffn_mult, 2 * ffn_mult,
-                                      ref_budget.flops_per_token)
+                    f = _linear_solve(
+                        lambda x: budget(**with_ffn(x)).flops_per_token,
+                        ffn_mult,
+                        2 * ffn_mult,
+                        ref_budget.flops_per_token,
+                    )
                     f = max(ffn_mult, ffn_mult * round(f / ffn_mult))
                     shape = {**with_ffn(f)}
                     shape["num_experts"] = fit_experts(shape)
@@ -212,8 +236,13 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
                     # Prefer feasible, then the reference's top-k and the nearest head size, then accuracy;
                     # among infeasible ones the least-bad (it is what the error message reports).
                     score = _score(dev, tol)
-                    key = (score > 1, score if score > 1 else 0.0, k != reference.num_experts_per_tok,
-                           abs(hd - reference.head_dim), score)
+                    key = (
+                        score > 1,
+                        score if score > 1 else 0.0,
+                        k != reference.num_experts_per_tok,
+                        abs(hd - reference.head_dim),
+                        score,
+                    )
                     if best_key is None or key < best_key:
                         best, best_key = cand, key
     return best

@@ -83,8 +83,16 @@ def global_params(cfg: LoopMoEConfig) -> int:
 
 
 def _layer_params(s: LayerShapes, experts: int) -> int:
-    return (s.attention + s.attention_norms + s.layer_norms + experts * s.expert + s.shared + s.router
-            + s.modulation_token + s.modulation_out)
+    return (
+        s.attention
+        + s.attention_norms
+        + s.layer_norms
+        + experts * s.expert
+        + s.shared
+        + s.router
+        + s.modulation_token
+        + s.modulation_out
+    )
 
 
 def compute_budget(cfg: LoopMoEConfig, seq_len: int, num_loops: int | None = None) -> Budget:

@@ -173,36 +173,67 @@ class LoopMoEConfig(PretrainedConfig):
             if not cond:
                 raise ValueError(f"LoopMoEConfig: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "num_core_layers", "num_loops", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
-                     "moe_intermediate_size", "max_position_embeddings", "iter_cond_rank", "iter_pe_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_core_layers",
+            "num_loops",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "max_position_embeddings",
+            "iter_cond_rank",
+            "iter_pe_dim",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be a positive integer, got {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}",
+            )
         for name in ("num_prelude_layers", "num_coda_layers", "shared_expert_intermediate_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
-        need(self.num_attention_heads % self.num_key_value_heads == 0,
-             f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-             f"({self.num_key_value_heads}); pick num_key_value_heads from its divisors")
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+            f"({self.num_key_value_heads}); pick num_key_value_heads from its divisors",
+        )
         need(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        need(self.num_experts_per_tok <= self.num_experts,
-             f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})")
-        need(self.router_score in ROUTER_SCORES, f"router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}")
-        need(self.moe_implementation in MOE_IMPLEMENTATIONS,
-             f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}")
-        need(self.iter_conditioning in ITER_CONDITIONINGS,
-             f"iter_conditioning must be one of {ITER_CONDITIONINGS}, got {self.iter_conditioning!r}")
-        need(self.input_injection in INPUT_INJECTIONS,
-             f"input_injection must be one of {INPUT_INJECTIONS}, got {self.input_injection!r}")
+        need(
+            self.num_experts_per_tok <= self.num_experts,
+            f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})",
+        )
+        need(
+            self.router_score in ROUTER_SCORES,
+            f"router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}",
+        )
+        need(
+            self.moe_implementation in MOE_IMPLEMENTATIONS,
+            f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}",
+        )
+        need(
+            self.iter_conditioning in ITER_CONDITIONINGS,
+            f"iter_conditioning must be one of {ITER_CONDITIONINGS}, got {self.iter_conditioning!r}",
+        )
+        need(
+            self.input_injection in INPUT_INJECTIONS,
+            f"input_injection must be one of {INPUT_INJECTIONS}, got {self.input_injection!r}",
+        )
         need(self.norm_scheme in NORM_SCHEMES, f"norm_scheme must be one of {NORM_SCHEMES}, got {self.norm_scheme!r}")
         need(self.iter_pe_dim % 2 == 0, f"iter_pe_dim must be even (sin/cos pairs), got {self.iter_pe_dim}")
-        need(self.iter_conditioning != "iter_embedding" or self.num_loops <= self.max_loops,
-             f"num_loops ({self.num_loops}) exceeds max_loops ({self.max_loops}) of the iter_embedding table; "
-             f"raise max_loops")
-        need(self.input_injection == "none" or self.num_loops > 1,
-             f"input_injection={self.input_injection!r} needs num_loops > 1 (it re-injects at later iterations); "
-             f"set input_injection='none' for a non-looped model")
+        need(
+            self.iter_conditioning != "iter_embedding" or self.num_loops <= self.max_loops,
+            f"num_loops ({self.num_loops}) exceeds max_loops ({self.max_loops}) of the iter_embedding table; "
+            f"raise max_loops",
+        )
+        need(
+            self.input_injection == "none" or self.num_loops > 1,
+            f"input_injection={self.input_injection!r} needs num_loops > 1 (it re-injects at later iterations); "
+            f"set input_injection='none' for a non-looped model",
+        )
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -219,11 +250,36 @@ class LoopMoEConfig(PretrainedConfig):
 
     def architecture_dict(self) -> dict:
         """The fields that define the architecture (no transformers bookkeeping), for tables and JSON."""
-        keys = ("vocab_size", "hidden_size", "num_prelude_layers", "num_core_layers", "num_coda_layers",
-                "num_loops", "num_attention_heads", "num_key_value_heads", "head_dim", "qk_norm", "rope_theta",
-                "max_position_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                "shared_expert_intermediate_size", "router_score", "norm_topk_prob", "router_aux_loss_coef",
-                "router_z_loss_coef", "router_bias_update_rate", "iter_conditioning", "iter_cond_rank",
-                "iter_pe_dim", "max_loops", "input_injection", "norm_scheme", "rms_norm_eps",
-                "initializer_range", "tie_word_embeddings")
+        keys = (
+            "vocab_size",
+            "hidden_size",
+            "num_prelude_layers",
+            "num_core_layers",
+            "num_coda_layers",
+            "num_loops",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "qk_norm",
+            "rope_theta",
+            "max_position_embeddings",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "router_score",
+            "norm_topk_prob",
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "router_bias_update_rate",
+            "iter_conditioning",
+            "iter_cond_rank",
+            "iter_pe_dim",
+            "max_loops",
+            "input_injection",
+            "norm_scheme",
+            "rms_norm_eps",
+            "initializer_range",
+            "tie_word_embeddings",
+        )
         return {k: getattr(self, k) for k in keys}

@@ -7,8 +7,10 @@ from loopmoe.balance import balance
 from loopmoe.presets import get_preset
 
 
-@pytest.mark.parametrize("preset, loops, seq_len", [("debug", 2, 128), ("small", 2, 256), ("small", 4, 1024),
-                                                    ("bench", 4, 1024), ("paper-3b", 4, 2048)])
+@pytest.mark.parametrize(
+    "preset, loops, seq_len",
+    [("debug", 2, 128), ("small", 2, 256), ("small", 4, 1024), ("bench", 4, 1024), ("paper-3b", 4, 2048)],
+)
 def test_capacity_balancing_meets_tolerances(preset, loops, seq_len):
     result = balance(get_preset(preset), loops, seq_len=seq_len)
     ref, looped = result.reference, result.looped
@@ -29,8 +31,11 @@ def test_balanced_budget_is_the_real_models_budget():
 def test_naive_strategy_keeps_shapes_and_divides_ratio():
     result = balance(get_preset("debug"), 4, strategy="naive", seq_len=128)
     ref, looped = result.reference, result.looped
-    assert (looped.num_attention_heads, looped.head_dim, looped.moe_intermediate_size) == \
-        (ref.num_attention_heads, ref.head_dim, ref.moe_intermediate_size)
+    assert (looped.num_attention_heads, looped.head_dim, looped.moe_intermediate_size) == (
+        ref.num_attention_heads,
+        ref.head_dim,
+        ref.moe_intermediate_size,
+    )
     assert looped.num_experts > ref.num_experts
     assert result.deviations["attn_ffn_ratio"] == pytest.approx(-0.75, abs=1e-6)
     assert abs(result.deviations["total_params"]) <= 0.01

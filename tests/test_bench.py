@@ -5,8 +5,18 @@ import torch
 
 from bench import common
 
-TINY = dict(common.QWEN_CFG, vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, head_dim=16, intermediate_size=64, moe_intermediate_size=24, num_experts=4)
+TINY = dict(
+    common.QWEN_CFG,
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=64,
+    moe_intermediate_size=24,
+    num_experts=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +48,10 @@ def test_training_check_catches_a_wrong_model(models):
 
 def test_speedup_pairs_runs_of_the_same_round():
     # Round 1 ran slowly for both (the machine drifted): paired ratios stay 2.0, the ratio of medians would not.
-    stats = {"ours": {"median": 2.0, "rounds": {0: 1.0, 1: 3.0, 2: 2.0}},
-             "ref": {"median": 5.0, "rounds": {0: 2.0, 1: 6.0, 3: 9.0}}}
+    stats = {
+        "ours": {"median": 2.0, "rounds": {0: 1.0, 1: 3.0, 2: 2.0}},
+        "ref": {"median": 5.0, "rounds": {0: 2.0, 1: 6.0, 3: 9.0}},
+    }
     s = common.speedup(stats, "ours", "ref")
     assert s == {"median": 2.0, "min": 2.0, "max": 2.0, "pairs": 2}
     assert common.speedup({"a": {"median": 2.0}, "b": {"median": 3.0}}, "a", "b")["median"] == 1.5

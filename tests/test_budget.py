@@ -36,9 +36,8 @@ def test_audit_counts_attention_that_plain_flopcounter_misses(tiny_config):
     audited = count_forward_flops(model, x)
     cfg = model.config
     scores = cfg.executed_depth() * 4 * cfg.head_dim * cfg.num_attention_heads * 64 * x.numel()
-    with FlopCounterMode(display=False) as plain:
-        with torch.no_grad():
-            model(input_ids=x, use_cache=False)
+    with FlopCounterMode(display=False) as plain, torch.no_grad():
+        model(input_ids=x, use_cache=False)
     assert audited - plain.get_total_flops() in (0, scores)  # 0 once torch learns the CPU kernel
     assert audited == pytest.approx(compute_budget(cfg, 64).flops_per_token * x.numel(), rel=1e-6)
 

@@ -6,18 +6,21 @@ from transformers import AutoConfig
 from loopmoe import LoopMoEConfig
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"num_attention_heads": 6, "num_key_value_heads": 4}, "multiple of num_key_value_heads"),
-    ({"num_experts_per_tok": 5}, "cannot exceed num_experts"),
-    ({"iter_conditioning": "adaln"}, "iter_conditioning must be one of"),
-    ({"input_injection": "add"}, "needs num_loops > 1"),
-    ({"norm_scheme": "post"}, "norm_scheme must be one of"),
-    ({"router_score": "relu"}, "router_score must be one of"),
-    ({"head_dim": 7}, "even"),
-    ({"num_loops": 0}, "num_loops must be a positive integer"),
-    ({"num_loops": 8, "iter_conditioning": "iter_embedding", "max_loops": 4}, "raise max_loops"),
-    ({"router_aux_loss_coef": -1.0}, ">= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_attention_heads": 6, "num_key_value_heads": 4}, "multiple of num_key_value_heads"),
+        ({"num_experts_per_tok": 5}, "cannot exceed num_experts"),
+        ({"iter_conditioning": "adaln"}, "iter_conditioning must be one of"),
+        ({"input_injection": "add"}, "needs num_loops > 1"),
+        ({"norm_scheme": "post"}, "norm_scheme must be one of"),
+        ({"router_score": "relu"}, "router_score must be one of"),
+        ({"head_dim": 7}, "even"),
+        ({"num_loops": 0}, "num_loops must be a positive integer"),
+        ({"num_loops": 8, "iter_conditioning": "iter_embedding", "max_loops": 4}, "raise max_loops"),
+        ({"router_aux_loss_coef": -1.0}, ">= 0"),
+    ],
+)
 def test_invalid_configs_name_the_fix(tiny_config, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)

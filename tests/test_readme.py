@@ -14,8 +14,20 @@ BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 # Commands that need artefacts of earlier runs (a trained model, a Qwen checkpoint) or are the
 # multi-minute jobs themselves: parsed here, exercised by their own tests.
 PARSE_ONLY = ("loopmoe eval", "loopmoe convert", "loopmoe train configs/debug.toml --out")
-TINY_COMPARE = ["--steps", "6", "--warmup-steps", "1", "--eval-every", "3", "--eval-batches", "2",
-                "--tasks", "copa", "--task-limit", "4"]
+TINY_COMPARE = [
+    "--steps",
+    "6",
+    "--warmup-steps",
+    "1",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "2",
+    "--tasks",
+    "copa",
+    "--task-limit",
+    "4",
+]
 
 
 def readme_commands() -> list[str]:
@@ -39,18 +51,18 @@ def test_first_lines_are_setup_plus_main_job_and_tests():
 def test_readme_command(command, tmp_path, monkeypatch, capsys):
     argv = shlex.split(command)
     if argv[0] == "torchrun":
-        argv = argv[argv.index("loopmoe") + 1:]
+        argv = argv[argv.index("loopmoe") + 1 :]
     else:
         argv = argv[1:]
     build_parser().parse_args(argv)  # every command parses
-    if any(command.startswith(p) for p in PARSE_ONLY) or argv[0] == "train" and "--dry-run" not in argv:
+    if any(command.startswith(p) for p in PARSE_ONLY) or (argv[0] == "train" and "--dry-run" not in argv):
         return
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     if argv[0] == "compare":
         if "--steps" in argv:  # the longer variants: the default one stands for them
             pytest.skip("a longer variant of the default comparison")
-        argv += TINY_COMPARE + ["--out", str(tmp_path / "cmp")]
+        argv += [*TINY_COMPARE, "--out", str(tmp_path / "cmp")]
     assert main(argv) == 0, capsys.readouterr().err
     if argv[0] == "compare":
         report = (tmp_path / "cmp" / "report.md").read_text()

@@ -14,32 +14,52 @@ def add_parser(sub) -> None:
         "eval",
         help="evaluate a checkpoint: held-out perplexity, zero-shot tasks, looped-depth analysis",
         description="Evaluate MODEL_DIR (a LoopMoE checkpoint or any transformers causal-LM directory) offline. "
-                    "Tasks run through lm-evaluation-harness on local copies of the benchmarks in the data dir. "
-                    "Prints markdown tables; --output writes the full results as JSON.",
+        "Tasks run through lm-evaluation-harness on local copies of the benchmarks in the data dir. "
+        "Prints markdown tables; --output writes the full results as JSON.",
     )
     p.add_argument("model_dir", type=Path, help="checkpoint directory (config.json + weights)")
     p.add_argument("--tasks", default="", help="comma-separated shipped tasks or 'all' (see --list-tasks)")
-    p.add_argument("--task-file", type=Path, action="append", default=[],
-                   help="YAML describing a JSONL multiple-choice task (jsonl, prompt, choices, gold); repeatable")
+    p.add_argument(
+        "--task-file",
+        type=Path,
+        action="append",
+        default=[],
+        help="YAML describing a JSONL multiple-choice task (jsonl, prompt, choices, gold); repeatable",
+    )
     p.add_argument("--list-tasks", action="store_true", help="print the shipped task names and exit")
-    p.add_argument("--text", action="append", default=[],
-                   help="held-out text file or prepared shard folder (val split) for perplexity/bits-per-byte; "
-                        "relative paths not found here are looked up in the data dir; repeatable")
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        help="held-out text file or prepared shard folder (val split) for perplexity/bits-per-byte; "
+        "relative paths not found here are looked up in the data dir; repeatable",
+    )
     p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: model context)")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: window/2)")
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens per --text")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with the benchmark files (default: $LOOPMOE_DATA_DIR, else the shared data dir)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the benchmark files (default: $LOOPMOE_DATA_DIR, else the shared data dir)",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-loops", type=int, default=None, help="loops of the core at inference (LoopMoE only)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer.json or tokenizer dir, when MODEL_DIR has no tokenizer saved")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer.json or tokenizer dir, when MODEL_DIR has no tokenizer saved",
+    )
     p.add_argument("--output", type=Path, default=None, help="write the full results JSON here")
     depth = p.add_argument_group("looped-depth analysis (LoopMoE only)")
-    depth.add_argument("--depth-analysis", action="store_true",
-                       help="loss, logit lens and routing divergence vs loops run at inference, on the first --text")
+    depth.add_argument(
+        "--depth-analysis",
+        action="store_true",
+        help="loss, logit lens and routing divergence vs loops run at inference, on the first --text",
+    )
     depth.add_argument("--loops", default="1,2,4,8", help="comma-separated loop counts to compare")
     depth.add_argument("--output-dir", type=Path, default=None, help="where depth.json and the plots go")
     depth.add_argument("--seq-len", type=int, default=256, help="sequence length of the held-out rows")
@@ -69,8 +89,11 @@ def run(args) -> int:
 
     model = loading.load_model(args.model_dir, device=args.device)
     tokenizer = loading.load_hf_tokenizer(args.model_dir, args.tokenizer)
-    results: dict = {"model_dir": str(args.model_dir), "num_loops": args.num_loops,
-                     "data_dir": None if data_dir is None else str(data_dir)}
+    results: dict = {
+        "model_dir": str(args.model_dir),
+        "num_loops": args.num_loops,
+        "data_dir": None if data_dir is None else str(data_dir),
+    }
     if texts and not args.depth_analysis:
         results["perplexity"] = _perplexity(model, tokenizer, texts, args)
         print(report.perplexity_table(results["perplexity"]))
@@ -108,8 +131,16 @@ def _perplexity(model, tokenizer, texts: list[Path], args) -> list[dict]:
     from loopmoe.evaluation.perplexity import evaluate_perplexity
 
     return [
-        evaluate_perplexity(model, tokenizer, text, window=args.window, stride=args.stride, batch_size=args.batch_size,
-                            max_tokens=args.max_tokens, num_loops=args.num_loops).as_dict()
+        evaluate_perplexity(
+            model,
+            tokenizer,
+            text,
+            window=args.window,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            num_loops=args.num_loops,
+        ).as_dict()
         for text in texts
     ]
 
@@ -123,8 +154,9 @@ def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, arg
     loading.require_looped(model, "depth analysis")
     loops = [int(t) for t in args.loops.split(",") if t.strip()]
     ids, _ = read_heldout_tokens(text, tokenizer, args.seq_len * args.sequences)
-    analysis = analyse_depth(model, token_sequences(ids, args.seq_len, args.sequences), loops,
-                             batch_size=args.batch_size)
+    analysis = analyse_depth(
+        model, token_sequences(ids, args.seq_len, args.sequences), loops, batch_size=args.batch_size
+    )
     analysis["text"] = str(text)
     if tasks:
         lm = harness.wrap_model(model, tokenizer, batch_size=args.batch_size, device=args.device)

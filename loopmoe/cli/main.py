@@ -8,13 +8,20 @@ import sys
 from loopmoe.cli import budget, compare, convert, presets, train
 from loopmoe.cli import eval as eval_cli
 
-SUBCOMMANDS = {"compare": compare, "budget": budget, "train": train, "eval": eval_cli, "convert": convert, "presets": presets}
+SUBCOMMANDS = {
+    "compare": compare,
+    "budget": budget,
+    "train": train,
+    "eval": eval_cli,
+    "convert": convert,
+    "presets": presets,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopmoe", description="Looped Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    for _name, module in SUBCOMMANDS.items():
         module.add_parser(sub)
     return parser
 

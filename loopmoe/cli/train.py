@@ -12,8 +12,8 @@ def add_parser(sub) -> None:
         "train",
         help="train a model from a run config (TOML)",
         description="Train from a TOML run config with dotted overrides (train.max_steps=100 optim.lr=3e-4). "
-                    "Re-running the same command resumes from the newest complete checkpoint in --out. "
-                    "Multi-process: torchrun --nproc_per_node=N -m loopmoe train CONFIG ...",
+        "Re-running the same command resumes from the newest complete checkpoint in --out. "
+        "Multi-process: torchrun --nproc_per_node=N -m loopmoe train CONFIG ...",
     )
     p.add_argument("config", type=Path, help="run config, e.g. configs/debug.toml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -40,8 +40,9 @@ def run(args) -> int:
         return 0
     final = run_training(cfg, out)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
-        summary = {k: final[k] for k in ("step", "loss", "val_loss", "tokens", "skipped_steps", "final_dir")
-                   if k in final}
+        summary = {
+            k: final[k] for k in ("step", "loss", "val_loss", "tokens", "skipped_steps", "final_dir") if k in final
+        }
         print(json.dumps(summary, indent=2))
     return 0
 
@@ -57,7 +58,9 @@ def print_dry_run(cfg) -> None:
     vocab = cfg.data.train_bpe_vocab or get_preset(cfg.model.preset).vocab_size
     model_cfg = build_model_config(cfg, vocab)
     b = compute_budget(model_cfg, cfg.data.seq_len)
-    print(f"\nmodel: {model_cfg.num_prelude_layers}+{model_cfg.num_core_layers}x{model_cfg.num_loops}+"
-          f"{model_cfg.num_coda_layers} layers, total {human(b.total_params)}, active {human(b.active_params)}, "
-          f"{human(b.flops_per_token)} FLOPs/token at seq_len {cfg.data.seq_len}, attn/FFN ratio "
-          f"{b.attn_ffn_ratio:.4f} (vocabulary {vocab}{'' if cfg.data.train_bpe_vocab else ' from the preset; the tokenizer sets it'})")
+    print(
+        f"\nmodel: {model_cfg.num_prelude_layers}+{model_cfg.num_core_layers}x{model_cfg.num_loops}+"
+        f"{model_cfg.num_coda_layers} layers, total {human(b.total_params)}, active {human(b.active_params)}, "
+        f"{human(b.flops_per_token)} FLOPs/token at seq_len {cfg.data.seq_len}, attn/FFN ratio "
+        f"{b.attn_ffn_ratio:.4f} (vocabulary {vocab}{'' if cfg.data.train_bpe_vocab else ' from the preset; the tokenizer sets it'})"
+    )

@@ -14,7 +14,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 COLORS = {"reference": "tab:blue", "looped": "tab:orange"}
 
@@ -30,7 +30,7 @@ def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
 def plot_losses(runs: dict[str, dict[int, dict]], path: Path) -> None:
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for name, seeds in runs.items():
-        for i, (seed, run) in enumerate(sorted(seeds.items())):
+        for i, (_seed, run) in enumerate(sorted(seeds.items())):
             steps = [m for m in run["metrics"] if not m.get("skipped")]
             tokens = [m["tokens"] / 1e6 for m in steps]
             label = name if i == 0 else None
@@ -106,8 +106,13 @@ def write_report(out: Path, results: dict[str, Any], budget_table: str) -> Path:
     if downstream:
         scores = {name: {(r["task"], r["metric"]): r for r in rows} for name, rows in downstream.items()}
         keys = sorted({key for table in scores.values() for key in table})
-        lines += ["", "## Downstream (zero-shot, lm-evaluation-harness)", "",
-                  "| task | metric | " + " | ".join(scores) + " | documents |", "|---|---|" + "---|" * (len(scores) + 1)]
+        lines += [
+            "",
+            "## Downstream (zero-shot, lm-evaluation-harness)",
+            "",
+            "| task | metric | " + " | ".join(scores) + " | documents |",
+            "|---|---|" + "---|" * (len(scores) + 1),
+        ]
         for task, metric in keys:
             cells = []
             for table in scores.values():

@@ -48,11 +48,13 @@ class CompareOptions:
     task_limit: int | None = 100
     out: Path = field(default_factory=lambda: Path("runs/compare"))
 
-    def validate(self) -> "CompareOptions":
+    def validate(self) -> CompareOptions:
         if self.tokens is not None:
             if self.tokens < self.micro_batch_size * self.seq_len:
-                raise ValueError(f"--tokens ({self.tokens}) is less than one batch "
-                                 f"({self.micro_batch_size} x {self.seq_len}); raise it")
+                raise ValueError(
+                    f"--tokens ({self.tokens}) is less than one batch "
+                    f"({self.micro_batch_size} x {self.seq_len}); raise it"
+                )
             self.steps = -(-self.tokens // (self.micro_batch_size * self.seq_len))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
@@ -89,9 +91,17 @@ def run_config_for(opts: CompareOptions, model: LoopMoEConfig, seed: int):
         "data": _data_section(opts),
         "optim": {"lr": opts.lr},
         "schedule": {"kind": opts.schedule, "warmup_steps": opts.warmup_steps},
-        "train": {"max_steps": opts.steps, "micro_batch_size": opts.micro_batch_size, "grad_accum": 1, "seed": seed,
-                  "eval_every": opts.eval_every, "eval_batches": opts.eval_batches,
-                  "checkpoint_every": max(1, opts.steps // 4), "keep_last": 1, "log_every": 8},
+        "train": {
+            "max_steps": opts.steps,
+            "micro_batch_size": opts.micro_batch_size,
+            "grad_accum": 1,
+            "seed": seed,
+            "eval_every": opts.eval_every,
+            "eval_batches": opts.eval_batches,
+            "checkpoint_every": max(1, opts.steps // 4),
+            "keep_last": 1,
+            "log_every": 8,
+        },
     }
     return config_from_dict(raw).validate(1)
 
@@ -104,8 +114,14 @@ def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
     probe = run_config_for(opts, load_model_config(opts.reference), opts.seeds[0])
     bundle = default_data_factory(probe, 0, 1)
     reference = load_model_config(opts.reference, vocab_size=bundle.vocab_size)
-    result = balance(reference, opts.loops, strategy=opts.strategy, seq_len=opts.seq_len,
-                     num_prelude_layers=opts.prelude, num_coda_layers=opts.coda)
+    result = balance(
+        reference,
+        opts.loops,
+        strategy=opts.strategy,
+        seq_len=opts.seq_len,
+        num_prelude_layers=opts.prelude,
+        num_coda_layers=opts.coda,
+    )
     return result, bundle
 
 
@@ -140,8 +156,12 @@ def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
             run_dir = opts.out / f"seed{seed}" / name
             log(f"\n== training {name} (seed {seed}, {opts.tokens_per_model:,} tokens) -> {run_dir}")
             final = run_training(run_config_for(opts, model_cfg, seed), run_dir)
-            runs[name][seed] = {"val_loss": final["val_loss"], "train_loss": final["loss"],
-                                "final_dir": final["final_dir"], "metrics": read_metrics(run_dir)}
+            runs[name][seed] = {
+                "val_loss": final["val_loss"],
+                "train_loss": final["loss"],
+                "final_dir": final["final_dir"],
+                "metrics": read_metrics(run_dir),
+            }
             log(f"   {name}: final train loss {final['loss']:.4f}, held-out loss {final['val_loss']:.4f}")
     for name in MODELS:
         seed0 = runs[name][opts.seeds[0]]

@@ -18,8 +18,16 @@ from safetensors import safe_open
 
 from loopmoe.config import LoopMoEConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+)
 
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -78,7 +86,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f:
                 tensors[key] = f.get_tensor(key)
     if not files:
         for file in sorted(folder.glob("pytorch_model*.bin")):
@@ -97,7 +105,7 @@ def qwen3_moe_state_dict_to_loopmoe(qwen_sd: dict[str, torch.Tensor], config: Lo
         if m:
             per_expert[(int(m.group(1)), int(m.group(2)), m.group(3))] = value
         elif key.startswith("model.layers."):
-            out["model.core." + key[len("model.layers."):]] = value
+            out["model.core." + key[len("model.layers.") :]] = value
         else:
             out[key] = value
     E = config.num_experts
@@ -133,8 +141,9 @@ def convert_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     missing = sorted(k for k in expected - set(state) if not k.endswith("expert_bias"))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the Qwen3-MoE layout: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint does not match the Qwen3-MoE layout: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.load_state_dict(state, strict=False)
     if dtype is not None:
         model.to(dtype)

@@ -132,7 +132,9 @@ def prepare_shards(
     with atomic_directory(directory) as staging:
         tokens, documents = _tokenise(source, tokenizer, staging, dtype, val_fraction, progress)
         if documents["train"] == 0:
-            raise ValueError(f"data source {source.spec!r} has no training documents: it is empty or val_fraction is too high")
+            raise ValueError(
+                f"data source {source.spec!r} has no training documents: it is empty or val_fraction is too high"
+            )
         if val_fraction > 0 and documents["val"] == 0:
             raise ValueError(
                 f"data source {source.spec!r} has only {documents['train']} documents, too few for "
@@ -188,14 +190,14 @@ def _tokenise(
 ) -> tuple[dict[str, int], dict[str, int]]:
     tokens = dict.fromkeys(SPLITS, 0)
     documents = dict.fromkeys(SPLITS, 0)
-    outputs = {split: open(staging / f"{split}.bin", "wb") for split in SPLITS}
+    outputs = {split: open(staging / f"{split}.bin", "wb") for split in SPLITS}  # noqa: SIM115
     bar = tqdm(desc=f"tokenising {source.spec}", unit="doc", disable=not progress)
     try:
         index = 0
         for batch in _char_batches(source.documents()):
             for ids in tokenizer.encode_batch(batch):
                 split = "val" if is_validation_document(index, val_fraction) else "train"
-                array = np.array(ids + [tokenizer.eos_id], dtype=dtype)
+                array = np.array([*ids, tokenizer.eos_id], dtype=dtype)
                 array.tofile(outputs[split])
                 tokens[split] += array.size
                 documents[split] += 1

@@ -108,14 +108,20 @@ def open_source(
     for suffix in _COMPRESSED:
         base = base.removesuffix(suffix)
     if base.endswith(_TEXT_SUFFIXES):
-        documents: Callable[[], Iterator[str]] = lambda: _text_documents(path, chunk_chars)
+
+        def documents() -> Iterator[str]:
+            return _text_documents(path, chunk_chars)
     elif base.endswith(_JSONL_SUFFIXES):
-        documents = lambda: _jsonl_documents(path, text_field)
+
+        def documents():
+            return _jsonl_documents(path, text_field)
     elif name.endswith(tuple(_DATASETS_BUILDERS)):
         builder = _DATASETS_BUILDERS[path.suffix.lower()]
-        documents = lambda: _dataset_documents(
-            _load_dataset(spec, builder, data_files=str(path), split="train"), text_field, spec
-        )
+
+        def documents():
+            return _dataset_documents(
+                _load_dataset(spec, builder, data_files=str(path), split="train"), text_field, spec
+            )
     else:
         raise ValueError(f"unknown format for data source {spec!r}. Accepted: {ACCEPTED_FORMATS}")
     return DataSource(spec, documents, lambda: _files_identity([path], options))
@@ -153,9 +159,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f"{path}:{number}: no field {text_field!r} (found {keys}); pass text_field="
-                )
+                raise ValueError(f"{path}:{number}: no field {text_field!r} (found {keys}); pass text_field=")
             text = record[text_field]
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
@@ -192,7 +196,9 @@ def _load_dataset(spec: str, *args, **kwargs):
 
 def _dataset_documents(dataset, text_field: str, spec: str) -> Iterator[str]:
     if text_field not in dataset.column_names:
-        raise ValueError(f"data source {spec!r} has no column {text_field!r} (columns: {dataset.column_names}); pass text_field=")
+        raise ValueError(
+            f"data source {spec!r} has no column {text_field!r} (columns: {dataset.column_names}); pass text_field="
+        )
     for batch in dataset.iter(batch_size=1000):
         yield from (text for text in batch[text_field] if text is not None)  # empty CSV cells
 
@@ -203,4 +209,3 @@ def _files_identity(files: list[Path], options: str) -> str:
         stat = f.stat()
         digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
-

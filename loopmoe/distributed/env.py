@@ -3,6 +3,7 @@
 Everything distributed reads the world through these helpers, so that a single-process run
 (no torchrun, or torchrun with one process) needs no process group at all.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Modules never know how they are parallelised: the trainer builds the plain model
 one of these. Keeping it outside the modules lets the same model run alone, under DDP or
 under FSDP2 without any change to its code.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -42,7 +43,11 @@ def apply_fsdp2(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
     Per-layer units bound peak memory to about one layer's full parameters. `param_dtype`
     (bf16 on GPU) casts parameters for compute while gradients reduce in fp32.
     """
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if param_dtype
+        else MixedPrecisionPolicy()
+    )
     for unit in _shard_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -62,7 +67,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     micro-batch, with the same result.
     """
     if isinstance(model, DDP):
-        with (nullcontext() if enabled else model.no_sync()):
+        with nullcontext() if enabled else model.no_sync():
             yield
     elif isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)

@@ -36,8 +36,10 @@ def load_task_file(path: str | Path, data_dir: str | Path | None = None) -> dict
     missing = [k for k in REQUIRED if k not in spec]
     unknown = [k for k in spec if k not in REQUIRED + OPTIONAL]
     if missing or unknown:
-        raise ValueError(f"task file {path}: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
-                         f"fields are {', '.join(REQUIRED)} (required) and {', '.join(OPTIONAL)}")
+        raise ValueError(
+            f"task file {path}: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
+            f"fields are {', '.join(REQUIRED)} (required) and {', '.join(OPTIONAL)}"
+        )
     jsonl = _find_jsonl(spec["jsonl"], path.parent, data_dir)
     choices = spec["choices"]
     return {
@@ -49,8 +51,10 @@ def load_task_file(path: str | Path, data_dir: str | Path | None = None) -> dict
         "doc_to_choice": partial(_choices, choices),
         "doc_to_target": partial(_gold, spec["gold"], choices),
         "target_delimiter": spec.get("target_delimiter", " "),
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                        for m in spec.get("metrics", ["acc", "acc_norm"])],
+        "metric_list": [
+            {"metric": m, "aggregation": "mean", "higher_is_better": True}
+            for m in spec.get("metrics", ["acc", "acc_norm"])
+        ],
         "metadata": {"version": 0, "task_file": str(path)},
     }
 

@@ -24,8 +24,10 @@ def token_sequences(ids, seq_len: int, max_sequences: int | None = None) -> torc
     if max_sequences is not None:
         n = min(n, max_sequences)
     if n == 0:
-        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than one sequence of {seq_len}: "
-                         "use more text or a smaller --seq-len")
+        raise ValueError(
+            f"held-out text has {len(ids)} tokens, fewer than one sequence of {seq_len}: "
+            "use more text or a smaller --seq-len"
+        )
     return torch.as_tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
@@ -52,17 +54,23 @@ def analyse_depth(model, sequences: torch.Tensor, loops: list[int], *, batch_siz
     results = {"loops": list(loops), "tokens": int(sequences[:, 1:].numel()), "by_loops": {}}
     for t in loops:
         nll, lens_nll = 0.0, torch.zeros(t, dtype=torch.float64)
-        changed, jaccard, counted = defaultdict(lambda: torch.zeros(t - 1, dtype=torch.float64)), \
-            defaultdict(lambda: torch.zeros(t - 1, dtype=torch.float64)), defaultdict(int)
+        changed, jaccard, counted = (
+            defaultdict(lambda: torch.zeros(t - 1, dtype=torch.float64)),  # noqa: B023
+            defaultdict(lambda: torch.zeros(t - 1, dtype=torch.float64)),  # noqa: B023
+            defaultdict(int),
+        )
         for batch in sequences.split(batch_size):
             batch = batch.to(device)
             targets = batch[:, 1:].reshape(-1)
             out = model(input_ids=batch, num_loops=t, output_hidden_states=True, use_cache=False)
-            nll += F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), targets,
-                                   reduction="sum").item()
+            nll += F.cross_entropy(
+                out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), targets, reduction="sum"
+            ).item()
             for k in range(1, t + 1):
                 logits = head(norm(out.hidden_states[_boundary_index(cfg, k)]))[:, :-1].float()
-                lens_nll[k - 1] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum").item()
+                lens_nll[k - 1] += F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets, reduction="sum"
+                ).item()
             experts = defaultdict(dict)
             for stat in out.router_stats:
                 if stat["iteration"] is not None:
@@ -78,8 +86,10 @@ def analyse_depth(model, sequences: torch.Tensor, loops: list[int], *, batch_siz
             "loss": nll / n,
             "lens_loss": (lens_nll / n).tolist(),
             "routing": {
-                layer: {"changed": (changed[layer] / counted[layer]).tolist(),
-                        "jaccard": (jaccard[layer] / counted[layer]).tolist()}
+                layer: {
+                    "changed": (changed[layer] / counted[layer]).tolist(),
+                    "jaccard": (jaccard[layer] / counted[layer]).tolist(),
+                }
                 for layer in sorted(counted)
             },
         }

@@ -33,8 +33,10 @@ def resolve_tasks(names: Sequence[str]) -> list[str]:
             if name not in out:
                 out.append(name)
         else:
-            raise ValueError(f"unknown task {name!r}: choose from {', '.join(SHIPPED_TASKS)}, 'all', "
-                             "or add your own with --task-file")
+            raise ValueError(
+                f"unknown task {name!r}: choose from {', '.join(SHIPPED_TASKS)}, 'all', "
+                "or add your own with --task-file"
+            )
     return out
 
 
@@ -57,8 +59,11 @@ def task_manager(data_dir: str | Path | None):
     """A TaskManager over the shipped task folder only, with ``data_dir`` as every task's metadata."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
-                       metadata={"data_dir": None if data_dir is None else str(data_dir)})
+    return TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=False,
+        metadata={"data_dir": None if data_dir is None else str(data_dir)},
+    )
 
 
 def wrap_model(model, tokenizer, *, batch_size: int = 8, device: str | None = None):
@@ -85,8 +90,13 @@ def evaluate_tasks(
 
     check_task_files([t for t in tasks if isinstance(t, str)], data_dir)
     results = simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=task_manager(data_dir),
-        bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=0,
+        limit=limit,
+        task_manager=task_manager(data_dir),
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        log_samples=False,
     )
     if results is None:  # only on non-zero ranks under multi-process lm-eval
         raise RuntimeError("lm-eval returned no results on this process")
@@ -103,6 +113,13 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
             if key not in metrics:
                 continue
             stderr = metrics.get(f"{name}_stderr,none")
-            rows.append({"task": task, "metric": name, "value": float(metrics[key]),
-                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": name,
+                    "value": float(metrics[key]),
+                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                    "n": n,
+                }
+            )
     return rows

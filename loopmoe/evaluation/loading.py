@@ -13,14 +13,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None):
     """``AutoModelForCausalLM`` from a local directory in eval mode (``import loopmoe`` registers LoopMoE)."""
-    import loopmoe  # noqa: F401  (registers the LoopMoE Auto classes)
     from transformers import AutoModelForCausalLM
+
+    import loopmoe  # noqa: F401  (registers the LoopMoE Auto classes)
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory: expected {model_dir / 'config.json'}")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
-                                                 dtype=dtype if dtype is not None else "auto")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), local_files_only=True, dtype=dtype if dtype is not None else "auto"
+    )
     return model.to(device).eval()
 
 

@@ -83,8 +83,9 @@ def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
 
 
 @torch.no_grad()
-def sliding_window_nll(model, ids: torch.Tensor, *, window: int, stride: int, batch_size: int = 1,
-                       num_loops: int | None = None) -> tuple[float, int]:
+def sliding_window_nll(
+    model, ids: torch.Tensor, *, window: int, stride: int, batch_size: int = 1, num_loops: int | None = None
+) -> tuple[float, int]:
     """Summed NLL (nats) and count of ``ids[1:]`` given their preceding ids, window by window."""
     device = next(model.parameters()).device
     spans = window_spans(len(ids), window, stride)
@@ -93,21 +94,29 @@ def sliding_window_nll(model, ids: torch.Tensor, *, window: int, stride: int, ba
     by_length: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
         by_length.setdefault(span[1] - span[0], []).append(span)
-    for length, group in by_length.items():
+    for _length, group in by_length.items():
         for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
+            chunk = group[i : i + batch_size]
             inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
             logits = model(input_ids=inputs, use_cache=False, **kwargs).logits.float()
             for row, (b, e, first) in enumerate(chunk):
-                pred = logits[row, first - b - 1:e - b - 1]
-                total += F.cross_entropy(pred, inputs[row, first - b:], reduction="sum").item()
+                pred = logits[row, first - b - 1 : e - b - 1]
+                total += F.cross_entropy(pred, inputs[row, first - b :], reduction="sum").item()
                 count += e - first
     return total, count
 
 
-def evaluate_perplexity(model, tokenizer, source: str | Path, *, window: int | None = None, stride: int | None = None,
-                        batch_size: int = 1, max_tokens: int | None = None,
-                        num_loops: int | None = None) -> PerplexityResult:
+def evaluate_perplexity(
+    model,
+    tokenizer,
+    source: str | Path,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 1,
+    max_tokens: int | None = None,
+    num_loops: int | None = None,
+) -> PerplexityResult:
     """Perplexity and bits-per-byte of ``source`` (text file or shard folder) under ``model``.
 
     ``window`` defaults to the model's context length (capped at 2048), ``stride`` to half of it.
@@ -120,6 +129,7 @@ def evaluate_perplexity(model, tokenizer, source: str | Path, *, window: int | N
     if prefix is None:
         raise ValueError("the tokenizer has neither an EOS nor a BOS token to start the held-out stream with")
     stream = torch.from_numpy(np.concatenate([[prefix], ids]))
-    nll, count = sliding_window_nll(model, stream, window=window, stride=stride, batch_size=batch_size,
-                                    num_loops=num_loops)
+    nll, count = sliding_window_nll(
+        model, stream, window=window, stride=stride, batch_size=batch_size, num_loops=num_loops
+    )
     return PerplexityResult(name=str(source), tokens=count, bytes=n_bytes, nll=nll, window=window, stride=stride)

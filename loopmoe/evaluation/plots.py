@@ -31,8 +31,10 @@ def plot_depth(analysis: dict, output_dir: str | Path) -> list[Path]:
     if tasks:
         twin = ax.twinx()
         for name in sorted({r["task"] for rows in tasks.values() for r in rows}):
-            ys = [next((r["value"] for r in tasks[str(t)] if r["task"] == name and r["metric"] == "acc"), None)
-                  for t in loops]
+            ys = [
+                next((r["value"] for r in tasks[str(t)] if r["task"] == name and r["metric"] == "acc"), None)
+                for t in loops
+            ]
             twin.plot(loops, ys, linestyle="--", marker="x", label=f"{name} acc")
         twin.set_ylabel("accuracy")
         twin.legend(loc="upper right", fontsize=7)

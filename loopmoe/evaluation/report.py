@@ -19,15 +19,19 @@ def perplexity_table(results: list[dict]) -> str:
     """| text | tokens | loss | perplexity | bits/byte | from ``PerplexityResult.as_dict()``."""
     lines = ["| text | tokens | loss | perplexity | bits/byte |", "|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['name']} | {r['tokens']} | {_fmt(r['loss'])} | {_fmt(r['perplexity'], 2)} "
-                     f"| {_fmt(r['bits_per_byte'])} |")
+        lines.append(
+            f"| {r['name']} | {r['tokens']} | {_fmt(r['loss'])} | {_fmt(r['perplexity'], 2)} "
+            f"| {_fmt(r['bits_per_byte'])} |"
+        )
     return "\n".join(lines)
 
 
 def depth_table(analysis: dict) -> str:
     """| loops | loss | logit lens per iteration | mean routing change | per loop count."""
-    lines = ["| loops T | loss | lens loss after k=1..T | expert set changed (mean over layers, k=1..T-1) |",
-             "|---:|---:|---|---|"]
+    lines = [
+        "| loops T | loss | lens loss after k=1..T | expert set changed (mean over layers, k=1..T-1) |",
+        "|---:|---:|---|---|",
+    ]
     for t in analysis["loops"]:
         entry = analysis["by_loops"][str(t)]
         lens = ", ".join(_fmt(x, 3) for x in entry["lens_loss"])

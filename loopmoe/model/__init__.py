@@ -2,4 +2,4 @@
 
 from loopmoe.model.modeling import LoopMoECausalLMOutput, LoopMoEForCausalLM, LoopMoEModel
 
-__all__ = ["LoopMoEForCausalLM", "LoopMoEModel", "LoopMoECausalLMOutput"]
+__all__ = ["LoopMoECausalLMOutput", "LoopMoEForCausalLM", "LoopMoEModel"]

@@ -77,5 +77,6 @@ class Modulation(nn.Module):
         # The "1 +" of the scales and gates goes into their [d] bias instead of a [B, S, d] add.
         d = self.w_mod.out_features // 6
         w, b = self.w_mod.weight, self.w_mod.bias
-        return tuple(F.linear(c, w[i * d:(i + 1) * d], b[i * d:(i + 1) * d] + one)
-                     for i, one in enumerate(_PLUS_ONE))
+        return tuple(
+            F.linear(c, w[i * d : (i + 1) * d], b[i * d : (i + 1) * d] + one) for i, one in enumerate(_PLUS_ONE)
+        )

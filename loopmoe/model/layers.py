@@ -27,8 +27,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     summed in the kernel's own order: equal to ``F.linear`` up to fp rounding.
     """
     rows, out_features = x.numel() // x.shape[-1], weight.shape[0]
-    if (rows <= SPLIT_MAX_ROWS and weight.numel() >= _SPLIT_MIN_WEIGHT and x.device.type == "cpu"
-            and not torch.is_grad_enabled()):
+    if (
+        rows <= SPLIT_MAX_ROWS
+        and weight.numel() >= _SPLIT_MIN_WEIGHT
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+    ):
         blocks = torch.get_num_threads()
         if blocks > 1 and out_features % blocks == 0 and weight.is_contiguous():
             blocked = weight.view(blocks, out_features // blocks, -1)  # [blocks, out/blocks, in]

@@ -38,7 +38,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for start in range(0, h.shape[0], chunk_rows):
-            h_c, t_c = h[start:start + chunk_rows], targets[start:start + chunk_rows]
+            h_c, t_c = h[start : start + chunk_rows], targets[start : start + chunk_rows]
             logp = torch.log_softmax((h_c @ weight.t()).float(), dim=-1)  # [n, V]
             valid = t_c != ignore_index
             safe_t = torch.where(valid, t_c, 0)[:, None]
@@ -51,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             p.mul_(valid[:, None])
             p = p.to(h.dtype)
             if grad_h is not None:
-                torch.mm(p, weight, out=grad_h[start:start + chunk_rows])
+                torch.mm(p, weight, out=grad_h[start : start + chunk_rows])
             if grad_w is not None and p.dtype == torch.float32:
                 grad_w.addmm_(p.t(), h_c)
             elif grad_w is not None:  # bf16 products, still accumulated over chunks in fp32

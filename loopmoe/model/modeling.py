@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -57,8 +56,17 @@ class DecoderLayer(nn.Module):
             self.mlp_out_norm = RMSNorm(d, eps, init_gain=ffn_gain)
         self.modulation = Modulation(config) if modulated else None
 
-    def forward(self, h, position_embeddings, attention_mask, past_key_values, cache_slot, v_k, token_mask,
-                router_stats: bool = True):
+    def forward(
+        self,
+        h,
+        position_embeddings,
+        attention_mask,
+        past_key_values,
+        cache_slot,
+        v_k,
+        token_mask,
+        router_stats: bool = True,
+    ):
         # h: [B, S, d] -> ([B, S, d], RouterOutput, or None when router_stats is False)
         if self.modulation is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(h, v_k)  # scales/gates include the 1
@@ -219,12 +227,15 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
         mask = create_causal_mask(
-            config=cfg, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids,
+            config=cfg,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
         )
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -inputs_embeds.shape[1]:].bool()
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
 
         h = inputs_embeds  # [B, S, d]
         rope = self.rotary_emb(h, position_ids)
@@ -243,8 +254,9 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
                 if self.iter_embedding is not None:
                     h = h + self.iter_embedding.weight[k]
                 v_k = self.iter_encoder(k, h) if self.iter_encoder is not None else None
-            h, router = layer(h, rope, mask, past_key_values, slot, v_k if k is not None else None, token_mask,
-                              output_router_stats)
+            h, router = layer(
+                h, rope, mask, past_key_values, slot, v_k if k is not None else None, token_mask, output_router_stats
+            )
             router_outputs.append((name, k, router))
             if output_hidden_states:
                 hidden_states.append(h)
@@ -292,9 +304,14 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True needs labels: without them the logits are the only output.")
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, num_loops=num_loops,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            num_loops=num_loops,
             output_router_stats=output_router_stats,
         )
         h = out.last_hidden_state
@@ -317,8 +334,12 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         lm_loss = loss = None
         if labels is not None and skip_logits:
             lm_loss = linear_cross_entropy(
-                h, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"),
-                kwargs.get("ignore_index", -100), kwargs.get("shift_labels"),
+                h,
+                self.lm_head.weight,
+                labels,
+                kwargs.get("num_items_in_batch"),
+                kwargs.get("ignore_index", -100),
+                kwargs.get("shift_labels"),
             )
         elif labels is not None:
             lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)
@@ -329,8 +350,14 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             if routers is not None and cfg.router_z_loss_coef > 0:
                 loss = loss + cfg.router_z_loss_coef * z_loss
         return LoopMoECausalLMOutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits,
-            past_key_values=out.past_key_values, hidden_states=out.hidden_states, router_stats=stats,
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            router_stats=stats,
         )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):

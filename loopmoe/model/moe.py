@@ -152,12 +152,12 @@ def _loop_experts_forward(x, w_gate_up, w_down, groups, decoding: bool = False):
     g, u = x.new_empty(2, x.shape[0], f).unbind(0)
     y = x.new_empty(x.shape[0], w_down.shape[1])
     for e, s, n in groups:
-        _matmul_into(x[s:s + n], w_gate_up[e, :f], g[s:s + n], decoding)
-        _matmul_into(x[s:s + n], w_gate_up[e, f:], u[s:s + n], decoding)
+        _matmul_into(x[s : s + n], w_gate_up[e, :f], g[s : s + n], decoding)
+        _matmul_into(x[s : s + n], w_gate_up[e, f:], u[s : s + n], decoding)
     act = F.silu(g)
     a = act * u
     for e, s, n in groups:
-        _matmul_into(a[s:s + n], w_down[e], y[s:s + n], decoding)
+        _matmul_into(a[s : s + n], w_down[e], y[s : s + n], decoding)
     return y, g, u, act
 
 
@@ -195,20 +195,20 @@ class _LoopExperts(torch.autograd.Function):
         a = act * u if need_d else None
         g_down = _zeros_outside(w_down, groups) if need_d else None
         for e, s, n in groups:
-            torch.mm(gy[s:s + n], w_down[e], out=ga[s:s + n])
+            torch.mm(gy[s : s + n], w_down[e], out=ga[s : s + n])
             if need_d:
-                torch.mm(gy[s:s + n].t(), a[s:s + n], out=g_down[e])
+                torch.mm(gy[s : s + n].t(), a[s : s + n], out=g_down[e])
         g_up = ga * act
         g_gate = torch.ops.aten.silu_backward(ga.mul_(u), g)
         g_x = x.new_empty(x.shape) if need_x else None
         g_gate_up = _zeros_outside(w_gate_up, groups) if need_gu else None
         for e, s, n in groups:
             if need_gu:
-                torch.mm(g_gate[s:s + n].t(), x[s:s + n], out=g_gate_up[e, :f])
-                torch.mm(g_up[s:s + n].t(), x[s:s + n], out=g_gate_up[e, f:])
+                torch.mm(g_gate[s : s + n].t(), x[s : s + n], out=g_gate_up[e, :f])
+                torch.mm(g_up[s : s + n].t(), x[s : s + n], out=g_gate_up[e, f:])
             if need_x:
-                torch.mm(g_gate[s:s + n], w_gate_up[e, :f], out=g_x[s:s + n])
-                g_x[s:s + n].addmm_(g_up[s:s + n], w_gate_up[e, f:])
+                torch.mm(g_gate[s : s + n], w_gate_up[e, :f], out=g_x[s : s + n])
+                g_x[s : s + n].addmm_(g_up[s : s + n], w_gate_up[e, f:])
         return g_x, g_gate_up, g_down, None
 
 
@@ -272,8 +272,9 @@ class SparseMoE(nn.Module):
         f_s = config.shared_expert_intermediate_size
         self.shared_experts = SwiGLU(config.hidden_size, f_s) if f_s > 0 else None
 
-    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None,
-                router_stats: bool = True) -> tuple[torch.Tensor, RouterOutput | None]:
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None, router_stats: bool = True
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
         # hidden: [B, S, d]; token_mask: [B, S] bool, False on padding (excluded from losses/statistics).
         # router_stats=False (generation) skips the balancing losses and statistics and returns None.
         B, S, d = hidden.shape
@@ -314,7 +315,7 @@ class SparseMoE(nn.Module):
         y = None
         for j, e in enumerate(topk_idx[0].tolist()):
             gate, up = linear(x, experts.gate_up_proj[e]).split(f, dim=-1)
-            term = linear(F.silu(gate) * up, experts.down_proj[e]) * topk_w[:, j:j + 1]
+            term = linear(F.silu(gate) * up, experts.down_proj[e]) * topk_w[:, j : j + 1]
             y = term if y is None else y + term
         return y
 
@@ -337,5 +338,4 @@ class SparseMoE(nn.Module):
             entropy = (entropy * weight).sum() / n
             if self.training and self.gate.track_counts:
                 self.gate.pending_counts += assigned
-        return RouterOutput(aux_loss=aux_loss, z_loss=z_loss, load=frac.detach(), entropy=entropy,
-                            topk_idx=topk_idx)
+        return RouterOutput(aux_loss=aux_loss, z_loss=z_loss, load=frac.detach(), entropy=entropy, topk_idx=topk_idx)

@@ -24,8 +24,10 @@ def list_presets() -> dict[str, dict]:
     for entry in sorted(resources.files(__package__).iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".toml"):
             data = tomllib.loads(entry.read_text())
-            out[entry.name[:-5]] = {"description": data.get("description", ""),
-                                    "paper_scale": bool(data.get("paper_scale", False))}
+            out[entry.name[:-5]] = {
+                "description": data.get("description", ""),
+                "paper_scale": bool(data.get("paper_scale", False)),
+            }
     return out
 
 
@@ -42,14 +44,24 @@ def _preset_table(name: str) -> dict:
 def config_from_table(table: dict, source: str) -> LoopMoEConfig:
     """Build a config from a dict of fields, rejecting unknown keys with a suggestion."""
     table = {k: v for k, v in table.items() if k not in PRESET_META_KEYS}
-    known = set(LoopMoEConfig().architecture_dict()) | {"pad_token_id", "bos_token_id", "eos_token_id",
-                                                        "use_cache", "moe_implementation"}
+    known = set(LoopMoEConfig().architecture_dict()) | {
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "use_cache",
+        "moe_implementation",
+    }
     unknown = sorted(set(table) - known)
     if unknown:
-        hints = [f"{k!r} (did you mean {difflib.get_close_matches(k, known, n=1)[0]!r}?)"
-                 if difflib.get_close_matches(k, known, n=1) else repr(k) for k in unknown]
-        raise ValueError(f"{source}: unknown model field(s) {', '.join(hints)}; valid fields are the "
-                         f"arguments of LoopMoEConfig")
+        hints = [
+            f"{k!r} (did you mean {difflib.get_close_matches(k, known, n=1)[0]!r}?)"
+            if difflib.get_close_matches(k, known, n=1)
+            else repr(k)
+            for k in unknown
+        ]
+        raise ValueError(
+            f"{source}: unknown model field(s) {', '.join(hints)}; valid fields are the arguments of LoopMoEConfig"
+        )
     return LoopMoEConfig(**table)
 
 

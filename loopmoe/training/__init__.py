@@ -1,4 +1,5 @@
 """Training: run configuration, optimizer and schedules, the trainer, checkpoints, `run_training`."""
+
 from loopmoe.training.builders import DataBundle, build_model_config
 from loopmoe.training.checkpoint import CheckpointManager, CorruptCheckpointError
 from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
@@ -8,7 +9,18 @@ from loopmoe.training.run import run_training
 from loopmoe.training.trainer import Trainer
 
 __all__ = [
-    "DataBundle", "build_model_config", "CheckpointManager", "CorruptCheckpointError", "RunConfig",
-    "config_from_dict", "load_run_config", "read_metrics", "WarmupCosine", "WarmupStableDecay",
-    "build_optimizer", "build_scheduler", "run_training", "Trainer",
+    "CheckpointManager",
+    "CorruptCheckpointError",
+    "DataBundle",
+    "RunConfig",
+    "Trainer",
+    "WarmupCosine",
+    "WarmupStableDecay",
+    "build_model_config",
+    "build_optimizer",
+    "build_scheduler",
+    "config_from_dict",
+    "load_run_config",
+    "read_metrics",
+    "run_training",
 ]

@@ -10,6 +10,7 @@ Data contract (`DataBundle`):
   vocab_size   tokenizer vocabulary size (sets the model's vocab_size)
   tokenizer    optional object with save(dir) or save_pretrained(dir), exported with the final model
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 
 from loopmoe.training.config import RunConfig
-
 
 
 class ResumableLoader(Protocol):
@@ -71,8 +71,10 @@ def resolve_source(spec: str) -> str:
     shared = shared_data_dir()
     if shared is not None and (shared / spec).exists():
         return str(shared / spec)
-    raise ValueError(f"data.source = {spec!r} is neither a path, 'embedded', 'hf:NAME', nor a folder of the shared "
-                     f"data directory ({shared}); set LOOPMOE_DATA_DIR or give a path")
+    raise ValueError(
+        f"data.source = {spec!r} is neither a path, 'embedded', 'hf:NAME', nor a folder of the shared "
+        f"data directory ({shared}); set LOOPMOE_DATA_DIR or give a path"
+    )
 
 
 def _tokenizer(cfg: RunConfig, source: Any, data_dir: Path) -> Any:
@@ -88,8 +90,10 @@ def _tokenizer(cfg: RunConfig, source: Any, data_dir: Path) -> Any:
         return load_tokenizer(path)
     if d.train_bpe_vocab is not None:
         return train_bpe_tokenizer(source, d.train_bpe_vocab, data_dir / "tokenizer")
-    raise ValueError("set data.tokenizer (a path, or a name under the shared tokenizers folder, e.g. 'gpt2') "
-                     "or data.train_bpe_vocab (train a BPE of that size on the source)")
+    raise ValueError(
+        "set data.tokenizer (a path, or a name under the shared tokenizers folder, e.g. 'gpt2') "
+        "or data.train_bpe_vocab (train a BPE of that size on the source)"
+    )
 
 
 def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBundle:
@@ -98,7 +102,14 @@ def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBund
     Rank 0 trains the tokenizer and writes the shards (both reused when current); the other
     ranks wait at a barrier and then open them.
     """
-    from loopmoe.data import TokenBatchLoader, load_shards, load_tokenizer, open_source, prepare_shards, validation_batches
+    from loopmoe.data import (
+        TokenBatchLoader,
+        load_shards,
+        load_tokenizer,
+        open_source,
+        prepare_shards,
+        validation_batches,
+    )
     from loopmoe.distributed.env import barrier
 
     d, t = cfg.data, cfg.train
@@ -113,11 +124,23 @@ def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBund
     if rank != 0:
         tokenizer = load_tokenizer(data_dir / "tokenizer") if d.tokenizer is None else _tokenizer(cfg, source, data_dir)
         shards = load_shards(data_dir / "shards")
-    loader = TokenBatchLoader(shards.tokens("train"), batch_size=t.micro_batch_size, seq_len=d.seq_len, seed=t.seed,
-                              rank=rank, world_size=world_size)
+    loader = TokenBatchLoader(
+        shards.tokens("train"),
+        batch_size=t.micro_batch_size,
+        seq_len=d.seq_len,
+        seed=t.seed,
+        rank=rank,
+        world_size=world_size,
+    )
 
     def val_batches() -> Iterable[torch.Tensor]:
-        return validation_batches(shards.tokens("val"), batch_size=t.micro_batch_size, seq_len=d.seq_len,
-                                  num_batches=t.eval_batches, rank=rank, world_size=world_size)
+        return validation_batches(
+            shards.tokens("val"),
+            batch_size=t.micro_batch_size,
+            seq_len=d.seq_len,
+            num_batches=t.eval_batches,
+            rank=rank,
+            world_size=world_size,
+        )
 
     return DataBundle(train=loader, val_batches=val_batches, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer)

@@ -12,6 +12,7 @@ A checkpoint is written into `step_XXXXXXX.tmp/` and renamed only once `COMPLETE
 crash at any moment leaves either a whole checkpoint or a `.tmp` directory that is ignored.
 Everything is loaded with `torch.load(weights_only=True)`: reading a checkpoint never runs code.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,13 @@ def capture_rng() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -155,8 +161,15 @@ class CheckpointManager:
         self.rank = rank
 
     # ------------------------------------------------------------ save
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             loader_state: Any, meta: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        loader_state: Any,
+        meta: dict[str, Any],
+    ) -> Path:
         """Write checkpoint `step` atomically, then prune to the last `keep_last`. All ranks call it."""
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f"step_{step:07d}.tmp"
@@ -234,7 +247,10 @@ class CheckpointManager:
         for _, path in reversed(list_checkpoints(self.root)):
             try:
                 verify(path)
-                files = {name: _read(path, name) for name in ("model.pt", "optim.pt", "scheduler.pt", "rank_00000.pt", "meta.json")}
+                files = {
+                    name: _read(path, name)
+                    for name in ("model.pt", "optim.pt", "scheduler.pt", "rank_00000.pt", "meta.json")
+                }
             except CorruptCheckpointError as e:
                 warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
                 continue
@@ -249,8 +265,10 @@ class CheckpointManager:
         meta = _read(path, "meta.json")
         world = torch.distributed.get_world_size()
         if meta.get("world_size") != world:
-            raise ValueError(f"{path} was written by {meta.get('world_size')} processes, this run has {world}; "
-                             f"resume with --nproc_per_node={meta.get('world_size')} or start a new run directory")
+            raise ValueError(
+                f"{path} was written by {meta.get('world_size')} processes, this run has {world}; "
+                f"resume with --nproc_per_node={meta.get('world_size')} or start a new run directory"
+            )
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         set_model_state_dict(model, state["model"])
@@ -277,5 +295,5 @@ def _read(path: Path, name: str) -> Any:
         if name.endswith(".json"):
             return json.loads(f.read_text())
         return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file means the checkpoint is unusable
+    except Exception as e:
         raise CorruptCheckpointError(f"{f} cannot be loaded: {type(e).__name__}: {e}") from e

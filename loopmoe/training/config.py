@@ -4,6 +4,7 @@ A run is fully described by one `RunConfig`; it is stored, resolved, inside ever
 a run can be resumed or audited without the file it came from. Every error names the key and
 the fix, because a typo in a config should cost seconds, not a wasted training run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,13 +117,18 @@ class RunConfig:
     def global_batch_for(self, world_size: int) -> int:
         return self.train.micro_batch_size * self.grad_accum_for(world_size) * world_size
 
-    def validate(self, world_size: int = 1) -> "RunConfig":
+    def validate(self, world_size: int = 1) -> RunConfig:
         """Check cross-field contradictions; raises ValueError naming the keys and the fix."""
         t, s, o = self.train, self.schedule, self.optim
-        for key, value in [("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
-                           ("train.eval_every", t.eval_every), ("train.checkpoint_every", t.checkpoint_every),
-                           ("train.keep_last", t.keep_last), ("train.log_every", t.log_every),
-                           ("data.seq_len", self.data.seq_len)]:
+        for key, value in [
+            ("train.max_steps", t.max_steps),
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("train.eval_every", t.eval_every),
+            ("train.checkpoint_every", t.checkpoint_every),
+            ("train.keep_last", t.keep_last),
+            ("train.log_every", t.log_every),
+            ("data.seq_len", self.data.seq_len),
+        ]:
             if value < 1:
                 raise ValueError(f"{key} = {value}: must be >= 1")
         if t.eval_batches < 0:
@@ -136,15 +142,19 @@ class RunConfig:
         if not all(0.0 <= b < 1.0 for b in o.betas):
             raise ValueError(f"optim.betas = {list(o.betas)}: each beta must be in [0, 1)")
         if s.warmup_steps < 0 or s.warmup_steps >= t.max_steps:
-            raise ValueError(f"schedule.warmup_steps = {s.warmup_steps} must be in [0, train.max_steps = {t.max_steps}); "
-                             f"lower schedule.warmup_steps or raise train.max_steps")
+            raise ValueError(
+                f"schedule.warmup_steps = {s.warmup_steps} must be in [0, train.max_steps = {t.max_steps}); "
+                f"lower schedule.warmup_steps or raise train.max_steps"
+            )
         if not 0.0 <= s.min_lr_ratio <= 1.0:
             raise ValueError(f"schedule.min_lr_ratio = {s.min_lr_ratio}: must be in [0, 1]")
         if not 0.0 <= s.decay_fraction <= 1.0:
             raise ValueError(f"schedule.decay_fraction = {s.decay_fraction}: must be in [0, 1]")
         if s.kind == "wsd" and s.warmup_steps + round(s.decay_fraction * t.max_steps) > t.max_steps:
-            raise ValueError("schedule.warmup_steps + schedule.decay_fraction * train.max_steps exceeds train.max_steps; "
-                             "shorten the warmup or the decay")
+            raise ValueError(
+                "schedule.warmup_steps + schedule.decay_fraction * train.max_steps exceeds train.max_steps; "
+                "shorten the warmup or the decay"
+            )
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction = {self.data.val_fraction}: must be in (0, 1)")
         if t.global_batch_size is not None:
@@ -152,12 +162,14 @@ class RunConfig:
             if t.global_batch_size % per_step:
                 raise ValueError(
                     f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size x world size "
-                    f"= {t.micro_batch_size} x {world_size}; use a multiple of {per_step}")
+                    f"= {t.micro_batch_size} x {world_size}; use a multiple of {per_step}"
+                )
             implied = t.global_batch_size // per_step
             if t.grad_accum is not None and t.grad_accum != implied:
                 raise ValueError(
                     f"train.grad_accum = {t.grad_accum} contradicts train.global_batch_size = {t.global_batch_size} "
-                    f"(which implies {implied} at world size {world_size}); set only one of them")
+                    f"(which implies {implied} at world size {world_size}); set only one of them"
+                )
         return self
 
 
@@ -196,8 +208,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise ValueError(errors[0] if errors else f"{key}: cannot be None")
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key} = {value!r}: must be one of {', '.join(repr(a) for a in args)}"
-                             + (_suggest(str(value), [str(a) for a in args]) if isinstance(value, str) else ""))
+            raise ValueError(
+                f"{key} = {value!r}: must be one of {', '.join(repr(a) for a in args)}"
+                + (_suggest(str(value), [str(a) for a in args]) if isinstance(value, str) else "")
+            )
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -209,7 +223,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
         raise ValueError(f"{key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
     return value
 
@@ -261,14 +275,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ValueError(f"override key '{path}' must be section.key, e.g. optim.lr=3e-4")
         section, key = parts
         if section not in _SECTION_TYPES:
-            raise ValueError(f"unknown section '{section}' in override '{item}'" + _suggest(section, list(_SECTION_TYPES)))
+            raise ValueError(
+                f"unknown section '{section}' in override '{item}'" + _suggest(section, list(_SECTION_TYPES))
+            )
         hint = get_type_hints(_SECTION_TYPES[section]).get(key)
         value = text.strip() if hint is str else _parse_value(text.strip())
         out.setdefault(section, {})[key] = value
     return out
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None, world_size: int = 1) -> RunConfig:
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, world_size: int = 1
+) -> RunConfig:
     """Read a TOML file (or start from defaults), apply overrides, type-check and validate."""
     raw: dict[str, Any] = {}
     if path is not None:

@@ -3,6 +3,7 @@
 Only rank 0 writes. The JSONL file is the record runs are compared by (resume exactness,
 parity tests, plots); TensorBoard is for looking at a run while it trains.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,7 +60,9 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_after(self.path, start_step)
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(
+            str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None
+        )
         interactive = sys.stderr.isatty()
         self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not interactive)
         # Logs and CI have no live bar: a plain line every 5% of the run shows it is alive instead.
@@ -90,8 +93,11 @@ class MetricsLogger:
         self.bar.update(1)
         if self.plain_every and (step % self.plain_every == 0 or step == self.max_steps):
             val = f" val_loss {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
-            print(f"step {step}/{self.max_steps} loss {record['loss']:.4f}{val} {record['tokens_per_s']:.0f} tok/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"step {step}/{self.max_steps} loss {record['loss']:.4f}{val} {record['tokens_per_s']:.0f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.writer is not None:

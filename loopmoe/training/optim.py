@@ -3,6 +3,7 @@
 Schedules are small callable dataclasses rather than closures so `LambdaLR.state_dict()` can
 store their settings, and so a resumed run reproduces the same learning rate at every step.
 """
+
 from __future__ import annotations
 
 import math

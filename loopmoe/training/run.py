@@ -4,6 +4,7 @@ checkpoints, logging), resume it if it was interrupted, train, export the final 
 Re-running the same command on the same `out_dir` continues from the newest complete
 checkpoint; on CPU the continued run's per-step losses equal those of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resolve_config(run_config: RunConfig | str | Path, out_dir: Path, max_steps: int | None,
-                    checkpoint_every: int | None, world_size: int) -> RunConfig:
+def _resolve_config(
+    run_config: RunConfig | str | Path,
+    out_dir: Path,
+    max_steps: int | None,
+    checkpoint_every: int | None,
+    world_size: int,
+) -> RunConfig:
     """Apply the call's overrides; the data cache defaults to OUT_DIR/data."""
     cfg = run_config if isinstance(run_config, RunConfig) else load_run_config(run_config)
     raw = cfg.to_dict()
@@ -70,13 +76,16 @@ def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig) -> None:
     current = cfg.to_dict()
     for section in _RESUME_MUST_MATCH:
         if saved.get(section) != current[section]:
-            warnings.warn(f"resuming with a different [{section}] than the checkpoint was written with: "
-                          f"{saved.get(section)} -> {current[section]}; the run will not match an uninterrupted one",
-                          stacklevel=3)
+            warnings.warn(
+                f"resuming with a different [{section}] than the checkpoint was written with: "
+                f"{saved.get(section)} -> {current[section]}; the run will not match an uninterrupted one",
+                stacklevel=3,
+            )
 
 
-def _export_final(model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir: Path, info: DistInfo,
-                  model_factory: ModelFactory) -> Path:
+def _export_final(
+    model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir: Path, info: DistInfo, model_factory: ModelFactory
+) -> Path:
     """HF checkpoint of the final weights (gathered from shards under FSDP2) + tokenizer + config."""
     final = out_dir / "final"
     if isinstance(model, FSDPModule):
@@ -96,9 +105,16 @@ def _export_final(model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir:
     return final
 
 
-def run_training(run_config: RunConfig | str | Path, out_dir: str | Path, max_steps: int | None = None,
-                 checkpoint_every: int | None = None, resume: bool = True, *,
-                 model_factory: ModelFactory | None = None, data_factory: DataFactory | None = None) -> dict[str, Any]:
+def run_training(
+    run_config: RunConfig | str | Path,
+    out_dir: str | Path,
+    max_steps: int | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    *,
+    model_factory: ModelFactory | None = None,
+    data_factory: DataFactory | None = None,
+) -> dict[str, Any]:
     """Train a run into `out_dir` and return its final metrics.
 
     `run_config` is a RunConfig or a TOML path; `max_steps`/`checkpoint_every` override the
@@ -110,20 +126,38 @@ def run_training(run_config: RunConfig | str | Path, out_dir: str | Path, max_st
     owns_group = not is_distributed()
     info = init_distributed()
     try:
-        return _run(run_config, Path(out_dir), max_steps, checkpoint_every, resume, info,
-                    model_factory or default_model_factory, data_factory or default_data_factory)
+        return _run(
+            run_config,
+            Path(out_dir),
+            max_steps,
+            checkpoint_every,
+            resume,
+            info,
+            model_factory or default_model_factory,
+            data_factory or default_data_factory,
+        )
     finally:
         if owns_group:
             teardown_distributed()
 
 
-def _run(run_config: RunConfig | str | Path, out_dir: Path, max_steps: int | None, checkpoint_every: int | None,
-         resume: bool, info: DistInfo, model_factory: ModelFactory, data_factory: DataFactory) -> dict[str, Any]:
+def _run(
+    run_config: RunConfig | str | Path,
+    out_dir: Path,
+    max_steps: int | None,
+    checkpoint_every: int | None,
+    resume: bool,
+    info: DistInfo,
+    model_factory: ModelFactory,
+    data_factory: DataFactory,
+) -> dict[str, Any]:
     cfg = _resolve_config(run_config, out_dir, max_steps, checkpoint_every, info.world_size)
     t = cfg.train
     ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=t.keep_last, rank=info.rank)
     if not resume and list_checkpoints(ckpt.root):
-        raise ValueError(f"{out_dir} already holds checkpoints; pass resume=True to continue it or choose a new out_dir")
+        raise ValueError(
+            f"{out_dir} already holds checkpoints; pass resume=True to continue it or choose a new out_dir"
+        )
 
     _seed_everything(t.seed)
     bundle = data_factory(cfg, info.rank, info.world_size)
@@ -143,9 +177,16 @@ def _run(run_config: RunConfig | str | Path, out_dir: Path, max_steps: int | Non
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    trainer = Trainer(model, optimizer, scheduler, grad_accum=cfg.grad_accum_for(info.world_size), grad_clip=t.grad_clip,
-                      device=info.device, autocast_dtype=resolve_precision(t.precision, info.device),
-                      world_size=info.world_size)
+    trainer = Trainer(
+        model,
+        optimizer,
+        scheduler,
+        grad_accum=cfg.grad_accum_for(info.world_size),
+        grad_clip=t.grad_clip,
+        device=info.device,
+        autocast_dtype=resolve_precision(t.precision, info.device),
+        world_size=info.world_size,
+    )
     logger = MetricsLogger(out_dir, enabled=info.is_main, max_steps=t.max_steps, start_step=start_step)
     batches = iter(bundle.train)
     record: dict[str, Any] = {}
@@ -156,18 +197,36 @@ def _run(run_config: RunConfig | str | Path, out_dir: Path, max_steps: int | Non
             out = trainer.train_step(batches)
             tokens_seen += out.tokens
             skipped_total += out.skipped
-            record = {"step": step, "loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss, "lr": out.lr,
-                      "grad_norm": out.grad_norm, "tokens": tokens_seen,
-                      "tokens_per_s": out.tokens / max(time.perf_counter() - t0, 1e-9),
-                      "skipped": out.skipped, "skipped_steps": skipped_total}
+            record = {
+                "step": step,
+                "loss": out.loss,
+                "lm_loss": out.lm_loss,
+                "aux_loss": out.aux_loss,
+                "lr": out.lr,
+                "grad_norm": out.grad_norm,
+                "tokens": tokens_seen,
+                "tokens_per_s": out.tokens / max(time.perf_counter() - t0, 1e-9),
+                "skipped": out.skipped,
+                "skipped_steps": skipped_total,
+            }
             if t.eval_batches and (step % t.eval_every == 0 or step == t.max_steps):
                 val_loss = record["val_loss"] = trainer.evaluate(bundle.val_batches(), t.eval_batches)
             router = summarize_router_stats(out.router_stats) if info.is_main and step % t.log_every == 0 else None
             logger.log_step(record, router)
             if step % t.checkpoint_every == 0 or step == t.max_steps:
-                ckpt.save(step, model, optimizer, scheduler, bundle.train.state_dict(),
-                          {"tokens": tokens_seen, "skipped_steps": skipped_total, "world_size": info.world_size,
-                           "config": cfg.to_dict()})
+                ckpt.save(
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    bundle.train.state_dict(),
+                    {
+                        "tokens": tokens_seen,
+                        "skipped_steps": skipped_total,
+                        "world_size": info.world_size,
+                        "config": cfg.to_dict(),
+                    },
+                )
     finally:
         logger.close()
     if not record:  # nothing was left to train: report the completed run as it was logged
@@ -175,5 +234,12 @@ def _run(run_config: RunConfig | str | Path, out_dir: Path, max_steps: int | Non
         record = history[-1] if history else {}
         val_loss = next((r["val_loss"] for r in reversed(history) if r.get("val_loss") is not None), None)
     final = _export_final(model, bundle, cfg, out_dir, info, model_factory)
-    return {**record, "val_loss": val_loss, "step": max(start_step, record.get("step", 0)), "tokens": tokens_seen,
-            "skipped_steps": skipped_total, "run_dir": str(out_dir), "final_dir": str(final)}
+    return {
+        **record,
+        "val_loss": val_loss,
+        "step": max(start_step, record.get("step", 0)),
+        "tokens": tokens_seen,
+        "skipped_steps": skipped_total,
+        "run_dir": str(out_dir),
+        "final_dir": str(final),
+    }

@@ -4,10 +4,10 @@ The step guards the weights: if the loss or the gradient norm is not finite on a
 update (and the router-bias update) is skipped and the gradients dropped, so one bad batch
 costs a step, not the run.
 """
+
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,13 +51,25 @@ def _aux(out: Any, like: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Runs gradient-accumulated steps on a (possibly wrapped) model."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, grad_accum: int,
-                 grad_clip: float, device: torch.device, autocast_dtype: torch.dtype | None, world_size: int = 1,
-                 router_reduce: Callable[[torch.Tensor], None] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        *,
+        grad_accum: int,
+        grad_clip: float,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        world_size: int = 1,
+        router_reduce: Callable[[torch.Tensor], None] | None = None,
+    ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.device, self.autocast_dtype, self.world_size = device, autocast_dtype, world_size
-        self.router_reduce = router_reduce if router_reduce is not None else (all_reduce_sum_ if world_size > 1 else None)
+        self.router_reduce = (
+            router_reduce if router_reduce is not None else (all_reduce_sum_ if world_size > 1 else None)
+        )
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -83,7 +95,9 @@ class Trainer:
                 with self._autocast():
                     out = self.model(input_ids=x, labels=x)
                 (out.loss / self.grad_accum).backward()
-            sums += torch.stack([out.loss.detach().float(), out.lm_loss.detach().float(), _aux(out, x).detach().float()])
+            sums += torch.stack(
+                [out.loss.detach().float(), out.lm_loss.detach().float(), _aux(out, x).detach().float()]
+            )
             router_stats.append(list(getattr(out, "router_stats", None) or []))
         grad_norm = self._clip()
         sums = all_reduce_mean(sums / self.grad_accum)
@@ -99,7 +113,9 @@ class Trainer:
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)` before `optimizer.step")
             self.scheduler.step()
         loss, lm_loss, aux_loss = sums.tolist()
-        return StepOutput(loss, lm_loss, aux_loss, float(grad_norm), lr, not finite, tokens * self.world_size, router_stats)
+        return StepOutput(
+            loss, lm_loss, aux_loss, float(grad_norm), lr, not finite, tokens * self.world_size, router_stats
+        )
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[torch.Tensor], max_batches: int) -> float:

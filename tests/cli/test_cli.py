@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from loopmoe.cli.main import main
@@ -44,12 +43,15 @@ def test_budget_from_config_file(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["reference"]["config"]["num_experts"] == 16
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["budget", "debgu", "--loops", "2"], "Did you mean 'debug'"),
-    (["budget", "debug", "--loops", "3"], "divisors of 4"),
-    (["budget", "missing.toml", "--loops", "2"], "not found"),
-    (["train", "configs/debug.toml", "train.max_step=5", "--dry-run"], "did you mean 'train.max_steps'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["budget", "debgu", "--loops", "2"], "Did you mean 'debug'"),
+        (["budget", "debug", "--loops", "3"], "divisors of 4"),
+        (["budget", "missing.toml", "--loops", "2"], "not found"),
+        (["train", "configs/debug.toml", "train.max_step=5", "--dry-run"], "did you mean 'train.max_steps'"),
+    ],
+)
 def test_errors_are_one_line_with_the_fix(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err

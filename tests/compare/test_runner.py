@@ -22,8 +22,12 @@ def test_both_models_train_under_identical_conditions(tmp_path):
 def test_options_validate_and_tokens_set_steps():
     opts = CompareOptions(tokens=1_000_000).validate()
     assert opts.steps == -(-1_000_000 // (opts.micro_batch_size * opts.seq_len))
-    for bad, message in (({"tokens": 10}, "less than one batch"), ({"warmup_steps": 500}, "--warmup-steps"),
-                         ({"seeds": ()}, "--seeds"), ({"strategy": "x"}, "--strategy")):
+    for bad, message in (
+        ({"tokens": 10}, "less than one batch"),
+        ({"warmup_steps": 500}, "--warmup-steps"),
+        ({"seeds": ()}, "--seeds"),
+        ({"strategy": "x"}, "--strategy"),
+    ):
         with pytest.raises(ValueError, match=message):
             CompareOptions(**bad).validate()
 

@@ -10,9 +10,20 @@ from loopmoe import LoopMoEForCausalLM
 from loopmoe.cli.main import main
 from loopmoe.convert import convert_qwen3_moe
 
-QWEN = dict(vocab_size=151, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, moe_intermediate_size=32, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
-            pad_token_id=0, max_position_embeddings=256)
+QWEN = dict(
+    vocab_size=151,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+    intermediate_size=64,
+    num_experts=8,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+    max_position_embeddings=256,
+)
 
 
 def qwen_checkpoint(tmp_path, **overrides):
@@ -22,8 +33,14 @@ def qwen_checkpoint(tmp_path, **overrides):
     return model, tmp_path / "qwen"
 
 
-@pytest.mark.parametrize("overrides", [{"norm_topk_prob": True}, {"norm_topk_prob": False, "tie_word_embeddings": True},
-                                       {"rope_theta": 500000.0, "norm_topk_prob": True}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"norm_topk_prob": True},
+        {"norm_topk_prob": False, "tie_word_embeddings": True},
+        {"rope_theta": 500000.0, "norm_topk_prob": True},
+    ],
+)
 def test_converted_logits_match_transformers(tmp_path, overrides):
     qwen, src = qwen_checkpoint(tmp_path, **overrides)
     convert_qwen3_moe(src, tmp_path / "loopmoe")

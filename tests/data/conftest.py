@@ -16,19 +16,53 @@ import pytest
 from loopmoe.data import LMTokenizer, open_source, train_bpe_tokenizer
 from loopmoe.paths import shared_data_dir
 
-WORDS = (
-    "the model loops over its experts while a router picks two of them for every token and the "
-    "budget stays matched so that quality can be compared fairly across depth width and time"
-).split()
+WORDS = [
+    "the",
+    "model",
+    "loops",
+    "over",
+    "its",
+    "experts",
+    "while",
+    "a",
+    "router",
+    "picks",
+    "two",
+    "of",
+    "them",
+    "for",
+    "every",
+    "token",
+    "and",
+    "the",
+    "budget",
+    "stays",
+    "matched",
+    "so",
+    "that",
+    "quality",
+    "can",
+    "be",
+    "compared",
+    "fairly",
+    "across",
+    "depth",
+    "width",
+    "and",
+    "time",
+]
 
 
 def make_text(seed: int, paragraphs: int, words_per_paragraph: int = 40) -> str:
     """Deterministic pseudo-English: paragraphs separated by blank lines."""
     rng = random.Random(seed)
-    return "\n\n".join(
-        " ".join(rng.choice(WORDS) for _ in range(words_per_paragraph)).capitalize() + "."
-        for _ in range(paragraphs)
-    ) + "\n"
+    return (
+        "\n\n".join(
+            " ".join(rng.choice(WORDS) for _ in range(words_per_paragraph)).capitalize() + "."
+            for _ in range(paragraphs)
+        )
+        + "\n"
+    )
 
 
 @pytest.fixture(name="make_text", scope="session")

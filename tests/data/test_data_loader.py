@@ -95,7 +95,10 @@ def test_validation_batches_fixed_spread_and_rank_split():
     starts = torch.cat(first)[:, 0].tolist()
     assert starts == sorted(set(starts)) and all(s % 25 == 0 for s in starts)
     assert starts[-1] > 4_000  # spread over the whole split, not just its start
-    halves = [list(validation_batches(TOKENS, batch_size=2, seq_len=25, num_batches=3, rank=r, world_size=2)) for r in range(2)]
+    halves = [
+        list(validation_batches(TOKENS, batch_size=2, seq_len=25, num_batches=3, rank=r, world_size=2))
+        for r in range(2)
+    ]
     for step in range(3):
         assert torch.equal(first[step], torch.cat([halves[0][step], halves[1][step]]))
     assert len(list(validation_batches(TOKENS, batch_size=4, seq_len=25))) == 50  # None: every full batch
@@ -112,7 +115,9 @@ def test_validation_errors():
 def test_end_to_end_on_shards(corpus_file, tiny_tokenizer, tmp_path):
     from loopmoe.data import open_source, prepare_shards
 
-    shards = prepare_shards(open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, tmp_path / "s", val_fraction=0.2, progress=False)
+    shards = prepare_shards(
+        open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, tmp_path / "s", val_fraction=0.2, progress=False
+    )
     loader = TokenBatchLoader(shards.tokens("train"), batch_size=2, seq_len=32, seed=0)
     batch = next(loader)
     assert batch.shape == (2, 32) and int(batch.max()) < tiny_tokenizer.vocab_size

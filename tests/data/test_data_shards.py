@@ -28,7 +28,7 @@ def test_build_contents_and_meta(corpus_file, tiny_tokenizer, tmp_path):
     documents = list(source.documents())
     expected = {"train": [], "val": []}
     for index, ids in enumerate(tiny_tokenizer.encode_batch(documents)):
-        expected["val" if is_validation_document(index, 0.2) else "train"] += ids + [tiny_tokenizer.eos_id]
+        expected["val" if is_validation_document(index, 0.2) else "train"] += [*ids, tiny_tokenizer.eos_id]
     for split in ("train", "val"):
         assert shards.tokens(split).dtype == np.uint16
         assert shards.tokens(split).tolist() == expected[split]
@@ -64,12 +64,18 @@ def test_second_call_reuses_without_reading_the_source(corpus_file, tiny_tokeniz
 
 def test_rebuild_when_source_split_or_tokenizer_changes(corpus_file, tiny_tokenizer, tmp_path, make_text):
     out = tmp_path / "s"
-    first = prepare_shards(open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.2, progress=False)
-    other_split = prepare_shards(open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.1, progress=False)
+    first = prepare_shards(
+        open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.2, progress=False
+    )
+    other_split = prepare_shards(
+        open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.1, progress=False
+    )
     assert not other_split.reused and other_split.meta.fingerprint != first.meta.fingerprint
 
     corpus_file.write_text(make_text(seed=9, paragraphs=120))
-    changed = prepare_shards(open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.1, progress=False)
+    changed = prepare_shards(
+        open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.1, progress=False
+    )
     assert not changed.reused and changed.meta.tokens != other_split.meta.tokens
 
     retokenised = prepare_shards(
@@ -99,7 +105,9 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
 
 def test_interrupted_build_leaves_previous_shards_intact(corpus_file, tiny_tokenizer, tmp_path):
     out = tmp_path / "s"
-    good = prepare_shards(open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.2, progress=False)
+    good = prepare_shards(
+        open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.2, progress=False
+    )
 
     def crash_midway():
         yield "some text"
@@ -111,7 +119,9 @@ def test_interrupted_build_leaves_previous_shards_intact(corpus_file, tiny_token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "s"]
 
     with pytest.raises(KeyboardInterrupt):
-        prepare_shards(DataSource("crashy", crash_midway, lambda: "crashy"), tiny_tokenizer, tmp_path / "new", progress=False)
+        prepare_shards(
+            DataSource("crashy", crash_midway, lambda: "crashy"), tiny_tokenizer, tmp_path / "new", progress=False
+        )
     assert not (tmp_path / "new").exists()
 
 
@@ -134,7 +144,9 @@ def test_bad_split_parameters_fail_clearly(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
         prepare_shards(open_source(one_doc), tiny_tokenizer, tmp_path / "s", val_fraction=1.0)
     with pytest.raises(ValueError, match="split must be one of"):
-        prepare_shards(open_source(one_doc), tiny_tokenizer, tmp_path / "s", val_fraction=0.0, progress=False).tokens("test")
+        prepare_shards(open_source(one_doc), tiny_tokenizer, tmp_path / "s", val_fraction=0.0, progress=False).tokens(
+            "test"
+        )
 
 
 def test_shared_tinyshakespeare_with_gpt2(shared_dir, tmp_path):

@@ -1,4 +1,5 @@
 """2-process DDP and FSDP2 runs (gloo) match a single-process run with the same global batch."""
+
 import os
 import subprocess
 import sys
@@ -10,16 +11,33 @@ from loopmoe.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).resolve().parent / "train_standin.py"
-ARGS = ["data.seq_len=16", "train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=20",
-        "schedule.warmup_steps=3", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
-        "optim.lr=1e-2"]
+ARGS = [
+    "data.seq_len=16",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    "train.max_steps=20",
+    "schedule.warmup_steps=3",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "train.checkpoint_every=10",
+    "optim.lr=1e-2",
+]
 # The real model: a looped LoopMoE with IterAdaLN, prelude and expert routing, sized for 2 CPU processes.
-LOOPMOE_ARGS = ["model.preset=debug", "model.loops=2", "model.num_core_layers=1", "model.num_prelude_layers=1",
-                "model.hidden_size=32", "model.head_dim=8", "model.moe_intermediate_size=32", "optim.lr=3e-3"]
+LOOPMOE_ARGS = [
+    "model.preset=debug",
+    "model.loops=2",
+    "model.num_core_layers=1",
+    "model.num_prelude_layers=1",
+    "model.hidden_size=32",
+    "model.head_dim=8",
+    "model.moe_intermediate_size=32",
+    "optim.lr=3e-3",
+]
 
 
-def _launch(out_dir: Path, nproc: int, *extra: str, crash_at_batch: int | None = None,
-            real_model: bool = False) -> subprocess.CompletedProcess:
+def _launch(
+    out_dir: Path, nproc: int, *extra: str, crash_at_batch: int | None = None, real_model: bool = False
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("PARITY_MODEL", None)
     if real_model:
@@ -28,9 +46,14 @@ def _launch(out_dir: Path, nproc: int, *extra: str, crash_at_batch: int | None =
     env.pop("STANDIN_CRASH_AT_BATCH", None)
     if crash_at_batch is not None:
         env["STANDIN_CRASH_AT_BATCH"] = str(crash_at_batch)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    return subprocess.run([*launcher, str(SCRIPT), str(out_dir), *ARGS, *extra], env=env, capture_output=True,
-                          text=True, timeout=300)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*launcher, str(SCRIPT), str(out_dir), *ARGS, *extra], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")

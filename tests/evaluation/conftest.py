@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from loopmoe.paths import shared_data_dir  # noqa: E402
+from loopmoe.paths import shared_data_dir
 
 
 @pytest.fixture(scope="session")

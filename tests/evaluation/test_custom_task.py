@@ -20,8 +20,9 @@ DOCS = [
 def task_file(tmp_path):
     (tmp_path / "capitals.jsonl").write_text("\n".join(json.dumps(d) for d in DOCS) + "\n")
     path = tmp_path / "capitals.yaml"
-    path.write_text('jsonl: capitals.jsonl\nprompt: "Q: What is the capital of {country}?\\nA:"\n'
-                    "choices: options\ngold: answer\n")
+    path.write_text(
+        'jsonl: capitals.jsonl\nprompt: "Q: What is the capital of {country}?\\nA:"\nchoices: options\ngold: answer\n'
+    )
     return path
 
 

@@ -21,9 +21,27 @@ def test_set_change_counts_and_jaccard():
 
 def test_depth_analysis_cli(run_eval, loopmoe_dir, data_dir, tmp_path):
     out_dir = tmp_path / "depth"
-    assert run_eval([str(loopmoe_dir), "--depth-analysis", "--loops", "1,2,3", "--text",
-                     "tinyshakespeare/input.txt", "--data-dir", str(data_dir), "--seq-len", "32",
-                     "--sequences", "4", "--output-dir", str(out_dir)]) == 0
+    assert (
+        run_eval(
+            [
+                str(loopmoe_dir),
+                "--depth-analysis",
+                "--loops",
+                "1,2,3",
+                "--text",
+                "tinyshakespeare/input.txt",
+                "--data-dir",
+                str(data_dir),
+                "--seq-len",
+                "32",
+                "--sequences",
+                "4",
+                "--output-dir",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     for name in ("loss_vs_loops.png", "logit_lens.png", "routing_divergence.png"):
         assert (out_dir / name).stat().st_size > 1000
     analysis = json.loads((out_dir / "depth.json").read_text())

@@ -39,14 +39,35 @@ def upstream_config(task: str, data_dir: Path) -> dict:
 def test_cli_equals_hflm_with_upstream_tasks(run_eval, request, model_fixture, data_dir, tmp_path):
     model_dir = request.getfixturevalue(model_fixture)
     out = tmp_path / "ours.json"
-    assert run_eval([str(model_dir), "--tasks", ",".join(CASES), "--limit", str(LIMIT), "--batch-size", "4",
-                     "--data-dir", str(data_dir), "--output", str(out)]) == 0
+    assert (
+        run_eval(
+            [
+                str(model_dir),
+                "--tasks",
+                ",".join(CASES),
+                "--limit",
+                str(LIMIT),
+                "--batch-size",
+                "4",
+                "--data-dir",
+                str(data_dir),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ours = json.loads(out.read_text())["lm_eval"]["results"]
 
     lm = HFLM(pretrained=str(model_dir), batch_size=4, device="cpu")  # lm-eval loads the directory itself
     theirs = simple_evaluate(
-        model=lm, tasks=[upstream_config(t, data_dir) for t in CASES], num_fewshot=0, limit=LIMIT,
-        bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False, task_manager=TaskManager(include_defaults=False),
+        model=lm,
+        tasks=[upstream_config(t, data_dir) for t in CASES],
+        num_fewshot=0,
+        limit=LIMIT,
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        log_samples=False,
+        task_manager=TaskManager(include_defaults=False),
     )["results"]
 
     for task in CASES:

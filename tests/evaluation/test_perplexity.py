@@ -18,8 +18,9 @@ TEXT = "The quick brown fox jumps over the lazy dog. " * 6 + "Pack my box with f
 @pytest.fixture(scope="module")
 def tiny_gpt2(gpt2_tokenizer):
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=len(gpt2_tokenizer), n_positions=128, n_embd=32, n_layer=2,
-                                      n_head=2)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(gpt2_tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    ).eval()
 
 
 @pytest.mark.parametrize(("n", "window", "stride"), [(10, 4, 2), (11, 4, 3), (5, 8, 4), (30, 7, 1)])
@@ -70,7 +71,23 @@ def test_cli_perplexity_with_test_time_depth(run_eval, loopmoe_dir, tmp_path):
     path.write_text(TEXT)
     out = tmp_path / "r.json"
     for loops in ("1", "3"):
-        assert run_eval([str(loopmoe_dir), "--text", str(path), "--window", "32", "--stride", "16",
-                         "--num-loops", loops, "--output", str(out)]) == 0
+        assert (
+            run_eval(
+                [
+                    str(loopmoe_dir),
+                    "--text",
+                    str(path),
+                    "--window",
+                    "32",
+                    "--stride",
+                    "16",
+                    "--num-loops",
+                    loops,
+                    "--output",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         (row,) = json.loads(out.read_text())["perplexity"]
         assert math.isfinite(row["loss"]) and row["bits_per_byte"] > 0

@@ -13,15 +13,41 @@ ABSENT_HERE = {"arc_challenge", "winogrande"}  # not in the shared data; exercis
 
 
 def test_shipped_task_list():
-    assert set(SHIPPED_TASKS) == {"hellaswag", "piqa", "siqa", "arc_easy", "arc_challenge", "boolq", "copa",
-                                  "openbookqa", "lambada_openai", "winogrande"}
+    assert set(SHIPPED_TASKS) == {
+        "hellaswag",
+        "piqa",
+        "siqa",
+        "arc_easy",
+        "arc_challenge",
+        "boolq",
+        "copa",
+        "openbookqa",
+        "lambada_openai",
+        "winogrande",
+    }
 
 
 def test_every_present_task_runs(run_eval, loopmoe_dir, data_dir, tmp_path):
     tasks = [t for t in SHIPPED_TASKS if t not in ABSENT_HERE]
     out = tmp_path / "results.json"
-    assert run_eval([str(loopmoe_dir), "--tasks", ",".join(tasks), "--limit", "2", "--batch-size", "4",
-                     "--data-dir", str(data_dir), "--output", str(out)]) == 0
+    assert (
+        run_eval(
+            [
+                str(loopmoe_dir),
+                "--tasks",
+                ",".join(tasks),
+                "--limit",
+                "2",
+                "--batch-size",
+                "4",
+                "--data-dir",
+                str(data_dir),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["tasks"]
     for task in tasks:
         acc = [r for r in rows if r["task"] == task and r["metric"] == "acc"]
@@ -32,15 +58,28 @@ def test_every_present_task_runs(run_eval, loopmoe_dir, data_dir, tmp_path):
 
 def _write_absent_task_files(root):
     (root / "arc").mkdir()
-    arc = [{"id": f"q{i}", "question": {"stem": f"Which number is {i}?",
-                                        "choices": [{"text": str(i + j), "label": "ABCD"[j]} for j in range(4)]},
-            "answerKey": "A"} for i in range(3)]
+    arc = [
+        {
+            "id": f"q{i}",
+            "question": {
+                "stem": f"Which number is {i}?",
+                "choices": [{"text": str(i + j), "label": "ABCD"[j]} for j in range(4)],
+            },
+            "answerKey": "A",
+        }
+        for i in range(3)
+    ]
     (root / "arc/ARC-Challenge-Test.jsonl").write_text("\n".join(json.dumps(d) for d in arc) + "\n")
     (root / "winogrande").mkdir()
     wino = [
-        {"context_options": ["The trophy didn't fit in the suitcase because the trophy",
-                             "The trophy didn't fit in the suitcase because the suitcase"],
-         "continuation": "was too big.", "gold": 0},
+        {
+            "context_options": [
+                "The trophy didn't fit in the suitcase because the trophy",
+                "The trophy didn't fit in the suitcase because the suitcase",
+            ],
+            "continuation": "was too big.",
+            "gold": 0,
+        },
         {"sentence": "Anna gave Mary a gift because _ was kind.", "option1": "Anna", "option2": "Mary", "answer": "1"},
     ]
     (root / "winogrande/winogrande_dev.jsonl").write_text("\n".join(json.dumps(d) for d in wino) + "\n")
@@ -51,8 +90,12 @@ def test_arc_challenge_and_winogrande_from_their_files(run_eval, loopmoe_dir, tm
     data.mkdir()
     _write_absent_task_files(data)
     out = tmp_path / "r.json"
-    assert run_eval([str(loopmoe_dir), "--tasks", "arc_challenge,winogrande", "--data-dir", str(data),
-                     "--output", str(out)]) == 0
+    assert (
+        run_eval(
+            [str(loopmoe_dir), "--tasks", "arc_challenge,winogrande", "--data-dir", str(data), "--output", str(out)]
+        )
+        == 0
+    )
     rows = {(r["task"], r["metric"]): r for r in json.loads(out.read_text())["tasks"]}
     assert rows[("arc_challenge", "acc")]["n"] == 3
     assert rows[("winogrande", "acc")]["n"] == 2
@@ -70,8 +113,15 @@ def test_loaders_produce_upstream_schema(data_dir):
     piqa = loaders.piqa(data_dir, required_files("piqa"))["validation"]
     assert len(piqa) == 1838 and set(piqa[0]) == {"goal", "sol1", "sol2", "label"}
     obqa = loaders.openbookqa(data_dir, required_files("openbookqa"))["test"][0]
-    assert obqa["choices"] == {"text": ["make more phone calls", "quit eating lunch out", "buy less with monopoly money",
-                                        "have lunch with friends"], "label": ["A", "B", "C", "D"]}
+    assert obqa["choices"] == {
+        "text": [
+            "make more phone calls",
+            "quit eating lunch out",
+            "buy less with monopoly money",
+            "have lunch with friends",
+        ],
+        "label": ["A", "B", "C", "D"],
+    }
     assert obqa["answerKey"] == "B"
     assert loaders.boolq(data_dir, required_files("boolq"))["validation"][0]["label"] in (0, 1)
     lam = loaders.lambada(data_dir, required_files("lambada_openai"))["test"][0]["text"]
@@ -79,8 +129,11 @@ def test_loaders_produce_upstream_schema(data_dir):
 
 
 def test_hellaswag_context_follows_lm_eval():
-    row = {"ctx": "Roof shingle removal: A man is sitting on a roof. he", "label": "3",
-           "endings": ["is using wrap to wrap a pair of skis.", " a [title] b", "c", "d"]}
+    row = {
+        "ctx": "Roof shingle removal: A man is sitting on a roof. he",
+        "label": "3",
+        "endings": ["is using wrap to wrap a pair of skis.", " a [title] b", "c", "d"],
+    }
     from datasets import Dataset
 
     doc = prompts.hellaswag_process_docs(Dataset.from_list([row]))[0]

@@ -18,8 +18,12 @@ VARIANTS = {
     "adaln_iter": {"num_loops": 2, "iter_conditioning": "adaln_iter"},
     "adaln_token_sandwich": {"num_loops": 2, "iter_conditioning": "adaln_token", "norm_scheme": "sandwich"},
     "iter_embedding_add": {"num_loops": 2, "iter_conditioning": "iter_embedding", "input_injection": "add"},
-    "concat_depth_scaled": {"num_loops": 3, "num_prelude_layers": 1, "input_injection": "concat",
-                            "norm_scheme": "depth_scaled_sandwich"},
+    "concat_depth_scaled": {
+        "num_loops": 3,
+        "num_prelude_layers": 1,
+        "input_injection": "concat",
+        "norm_scheme": "depth_scaled_sandwich",
+    },
     "looped_no_conditioning": {"num_loops": 2, "iter_conditioning": "none"},
 }
 
@@ -39,8 +43,9 @@ def test_forward_backward_and_budget(tiny_config, name):
     expected = out.lm_loss + cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
-    assert all(p.grad is not None for n, p in model.named_parameters()
-               if "lm_head" not in n or not cfg.tie_word_embeddings), "a parameter gets no gradient"
+    assert all(
+        p.grad is not None for n, p in model.named_parameters() if "lm_head" not in n or not cfg.tie_word_embeddings
+    ), "a parameter gets no gradient"
     assert len(out.router_stats) == cfg.executed_depth()
 
     budget = compute_budget(cfg, seq_len=64)
@@ -102,8 +107,15 @@ def test_add_injection_changes_later_iterations(tiny_config):
 
 
 def test_depth_scaled_sandwich_tinyinit(tiny_config):
-    cfg = tiny_config(num_loops=3, num_prelude_layers=1, num_coda_layers=1, norm_scheme="depth_scaled_sandwich",
-                      hidden_size=64, head_dim=16, moe_intermediate_size=64)
+    cfg = tiny_config(
+        num_loops=3,
+        num_prelude_layers=1,
+        num_coda_layers=1,
+        norm_scheme="depth_scaled_sandwich",
+        hidden_size=64,
+        head_dim=16,
+        moe_intermediate_size=64,
+    )
     model = build(cfg)
     L = cfg.executed_depth()
     layer = model.model.core[0]
@@ -166,9 +178,18 @@ def test_cached_and_uncached_generation_agree(tiny_config, mode, num_loops):
     results = []
     for use_cache in (True, False):
         torch.manual_seed(123)
-        results.append(model.generate(prompts, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
-                                      use_cache=use_cache, num_loops=num_loops, pad_token_id=0,
-                                      **GENERATE[mode]))
+        results.append(
+            model.generate(
+                prompts,
+                attention_mask=mask,
+                max_new_tokens=8,
+                min_new_tokens=8,
+                use_cache=use_cache,
+                num_loops=num_loops,
+                pad_token_id=0,
+                **GENERATE[mode],
+            )
+        )
     assert torch.equal(results[0], results[1])
 
 

@@ -36,10 +36,16 @@ def make_moe(cfg):
     return moe
 
 
-@pytest.mark.parametrize("overrides", [
-    {}, {"router_score": "sigmoid"}, {"norm_topk_prob": False}, {"shared_expert_intermediate_size": 24},
-    {"router_bias_update_rate": 0.01, "router_score": "sigmoid"},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"router_score": "sigmoid"},
+        {"norm_topk_prob": False},
+        {"shared_expert_intermediate_size": 24},
+        {"router_bias_update_rate": 0.01, "router_score": "sigmoid"},
+    ],
+)
 def test_dispatch_matches_per_token_reference(tiny_config, overrides):
     moe = make_moe(tiny_config(**overrides))
     if overrides.get("router_bias_update_rate"):
@@ -135,7 +141,7 @@ def test_loss_free_bias_moves_against_load(tiny_config):
 def test_bias_changes_selection_not_weights(tiny_config):
     moe = make_moe(tiny_config(router_bias_update_rate=0.1, norm_topk_prob=False))
     x = torch.randn(1, 8, 32)
-    _, before = moe(x)
+    _, _before = moe(x)
     moe.gate.expert_bias.copy_(torch.tensor([100.0, 100.0, 0.0, 0.0]))
     out, after = moe(x)
     assert torch.all(after.topk_idx.sort(-1).values == torch.tensor([0, 1]))

@@ -4,13 +4,14 @@
 update_router_biases, save_pretrained); `SyntheticLoader` is a deterministic, resumable,
 rank-aware loader whose global batch is the same for any world size.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import signal
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -102,12 +103,18 @@ class SyntheticLoader:
     """Micro-batch j of rank r is global chunk j*world + r: any world size sees the same tokens per step."""
 
     def __init__(self, micro_batch: int, seq_len: int, rank: int, world_size: int, seed: int = 0):
-        self.micro_batch, self.seq_len, self.rank, self.world_size, self.seed = micro_batch, seq_len, rank, world_size, seed
+        self.micro_batch, self.seq_len, self.rank, self.world_size, self.seed = (
+            micro_batch,
+            seq_len,
+            rank,
+            world_size,
+            seed,
+        )
         self.position = 0
         crash = os.environ.get("STANDIN_CRASH_AT_BATCH")
         self.crash_at = int(crash) if crash else None
 
-    def __iter__(self) -> "SyntheticLoader":
+    def __iter__(self) -> SyntheticLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
@@ -140,8 +147,16 @@ def data_factory(cfg, rank: int, world_size: int) -> DataBundle:
 
 def standin_overrides(**extra: object) -> list[str]:
     """A small fast run: overrides for load_run_config."""
-    base = {"data.seq_len": 16, "train.micro_batch_size": 4, "train.max_steps": 20, "schedule.warmup_steps": 3,
-            "train.eval_every": 10, "train.eval_batches": 2, "train.checkpoint_every": 10, "train.log_every": 5,
-            "optim.lr": 1e-2}
+    base = {
+        "data.seq_len": 16,
+        "train.micro_batch_size": 4,
+        "train.max_steps": 20,
+        "schedule.warmup_steps": 3,
+        "train.eval_every": 10,
+        "train.eval_batches": 2,
+        "train.checkpoint_every": 10,
+        "train.log_every": 5,
+        "optim.lr": 1e-2,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

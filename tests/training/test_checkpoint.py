@@ -1,4 +1,5 @@
 """Atomic checkpoints: keep-last-k, and incomplete or corrupt ones skipped with a warning."""
+
 import json
 
 import pytest
@@ -32,7 +33,8 @@ def test_atomic_layout_and_keep_last(tmp_path):
         _save(mgr, step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000020", "step_0000030"]
     assert {"model.pt", "optim.pt", "scheduler.pt", "rank_00000.pt", "meta.json", MARKER} <= {
-        p.name for p in (tmp_path / "step_0000030").iterdir()}
+        p.name for p in (tmp_path / "step_0000030").iterdir()
+    }
 
 
 def test_resume_restores_state(tmp_path):

@@ -1,4 +1,5 @@
 """Run-config parsing: typed overrides, and errors that name the key and the fix."""
+
 from pathlib import Path
 
 import pytest
@@ -9,15 +10,26 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_overrides_are_typed_by_field():
-    cfg = load_run_config(None, ["train.max_steps=300", "optim.lr=3e-4", "optim.betas=[0.9, 0.99]",
-                                 "schedule.kind=wsd", "data.source=tinyshakespeare", "model.hidden_size=32"])
+    cfg = load_run_config(
+        None,
+        [
+            "train.max_steps=300",
+            "optim.lr=3e-4",
+            "optim.betas=[0.9, 0.99]",
+            "schedule.kind=wsd",
+            "data.source=tinyshakespeare",
+            "model.hidden_size=32",
+        ],
+    )
     assert cfg.train.max_steps == 300 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.9, 0.99)
     assert cfg.schedule.kind == "wsd" and cfg.model.fields == {"hidden_size": 32}
 
 
 def test_toml_file_and_int_for_float(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[model]\npreset = "debug"\nloops = 3\nnum_experts = 8\n[optim]\nlr = 1\n[train]\nmax_steps = 500\n')
+    path.write_text(
+        '[model]\npreset = "debug"\nloops = 3\nnum_experts = 8\n[optim]\nlr = 1\n[train]\nmax_steps = 500\n'
+    )
     cfg = load_run_config(path)
     assert cfg.model.loops == 3 and cfg.model.fields == {"num_experts": 8}
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
@@ -42,7 +54,9 @@ def test_bad_type_and_bad_choice():
 def test_contradictions_name_the_fix():
     with pytest.raises(ValueError, match=r"schedule.warmup_steps = 100 must be in \[0, train.max_steps = 50\)"):
         load_run_config(None, ["train.max_steps=50"])
-    with pytest.raises(ValueError, match=r"not divisible by train.micro_batch_size x world size = 8 x 2; use a multiple of 16"):
+    with pytest.raises(
+        ValueError, match=r"not divisible by train.micro_batch_size x world size = 8 x 2; use a multiple of 16"
+    ):
         load_run_config(None, ["train.global_batch_size=24"], world_size=2)
     with pytest.raises(ValueError, match=r"train.grad_accum = 2 contradicts train.global_batch_size"):
         load_run_config(None, ["train.global_batch_size=32", "train.grad_accum=2"])

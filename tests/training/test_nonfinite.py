@@ -1,4 +1,5 @@
 """A non-finite loss or gradient never reaches the weights; the step is skipped and logged."""
+
 import math
 
 import torch
@@ -9,8 +10,15 @@ from loopmoe.training import Trainer, build_optimizer, build_scheduler, load_run
 
 def _trainer(model, cfg):
     opt = build_optimizer(model, cfg)
-    return Trainer(model, opt, build_scheduler(opt, cfg), grad_accum=2, grad_clip=1.0,
-                   device=torch.device("cpu"), autocast_dtype=None)
+    return Trainer(
+        model,
+        opt,
+        build_scheduler(opt, cfg),
+        grad_accum=2,
+        grad_clip=1.0,
+        device=torch.device("cpu"),
+        autocast_dtype=None,
+    )
 
 
 def _snapshot(model):
@@ -58,8 +66,9 @@ def test_skipped_step_is_logged(tmp_path):
         m.nan_at_forward = {3}
         return m
 
-    cfg = load_run_config(None, standin_overrides(**{"train.max_steps": 6, "train.checkpoint_every": 100,
-                                                     "train.eval_batches": 0}))
+    cfg = load_run_config(
+        None, standin_overrides(**{"train.max_steps": 6, "train.checkpoint_every": 100, "train.eval_batches": 0})
+    )
     result = run_training(cfg, tmp_path, model_factory=nan_model, data_factory=data_factory)
     records = read_metrics(tmp_path)
     assert [r["skipped"] for r in records] == [False, False, True, False, False, False]

@@ -1,4 +1,7 @@
 """Schedule shapes and weight-decay groups."""
+
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +16,7 @@ def test_warmup_cosine_shape():
     assert f(60) == pytest.approx(0.55)  # half-way through the cosine
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     values = [f(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_wsd_shape():
@@ -24,8 +27,17 @@ def test_wsd_shape():
 
 
 def test_scheduler_drives_optimizer_lr():
-    cfg = load_run_config(None, ["train.max_steps=20", "schedule.warmup_steps=4", "optim.lr=1.0", "schedule.kind=wsd",
-                                 "schedule.decay_fraction=0.5", "schedule.min_lr_ratio=0.0"])
+    cfg = load_run_config(
+        None,
+        [
+            "train.max_steps=20",
+            "schedule.warmup_steps=4",
+            "optim.lr=1.0",
+            "schedule.kind=wsd",
+            "schedule.decay_fraction=0.5",
+            "schedule.min_lr_ratio=0.0",
+        ],
+    )
     model = nn.Linear(2, 2)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)

@@ -1,10 +1,19 @@
 """Re-running a finished run trains nothing and reports the finished run's final metrics."""
+
 from standins import data_factory, model_factory
 
 from loopmoe.training import load_run_config, read_metrics, run_training
 
-ARGS = ["data.seq_len=16", "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=6",
-        "schedule.warmup_steps=1", "train.eval_every=3", "train.eval_batches=2", "train.checkpoint_every=3"]
+ARGS = [
+    "data.seq_len=16",
+    "train.micro_batch_size=4",
+    "train.grad_accum=1",
+    "train.max_steps=6",
+    "schedule.warmup_steps=1",
+    "train.eval_every=3",
+    "train.eval_batches=2",
+    "train.checkpoint_every=3",
+]
 
 
 def test_rerun_of_a_finished_run(tmp_path):

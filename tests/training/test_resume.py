@@ -1,4 +1,5 @@
 """Exact resume: a run SIGKILLed after a checkpoint and re-run matches an uninterrupted run."""
+
 import os
 import subprocess
 import sys
@@ -8,9 +9,18 @@ from loopmoe.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "distributed" / "train_standin.py"
-ARGS = ["data.seq_len=16", "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=16",
-        "schedule.warmup_steps=3", "train.eval_every=4", "train.eval_batches=2", "train.checkpoint_every=5",
-        "train.keep_last=2", "optim.lr=1e-2"]
+ARGS = [
+    "data.seq_len=16",
+    "train.micro_batch_size=4",
+    "train.grad_accum=2",
+    "train.max_steps=16",
+    "schedule.warmup_steps=3",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.checkpoint_every=5",
+    "train.keep_last=2",
+    "optim.lr=1e-2",
+]
 
 
 def _run(out_dir: Path, crash_at_batch: int | None = None) -> subprocess.CompletedProcess:

@@ -81,12 +81,14 @@ def arc(data_dir=None, files=(), **_) -> DatasetDict:
     rows = []
     for d in read_jsonl(path):
         choices = d["question"]["choices"]
-        rows.append({
-            "id": d["id"],
-            "question": d["question"]["stem"],
-            "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
-            "answerKey": d["answerKey"],
-        })
+        rows.append(
+            {
+                "id": d["id"],
+                "question": d["question"]["stem"],
+                "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
+                "answerKey": d["answerKey"],
+            }
+        )
     return _single_split("test", rows)
 
 
@@ -125,12 +127,14 @@ def openbookqa(data_dir=None, files=(), **_) -> DatasetDict:
         for rec in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
             parts = _OBQA_CHOICE.split(rec["Choices"].strip())  # ['', 'A', text, 'B', text, ...]
             labels, texts = parts[1::2], [t.strip() for t in parts[2::2]]
-            rows.append({
-                "id": rec["ID"],
-                "question_stem": rec["Question Stem"],
-                "choices": {"text": texts, "label": labels},
-                "answerKey": rec["Answer Key"],
-            })
+            rows.append(
+                {
+                    "id": rec["ID"],
+                    "question_stem": rec["Question Stem"],
+                    "choices": {"text": texts, "label": labels},
+                    "answerKey": rec["Answer Key"],
+                }
+            )
     return _single_split("test", rows)
 
 
@@ -155,7 +159,7 @@ def hellaswag(data_dir=None, files=(), **_) -> DatasetDict:
     if len(lines) % 6:
         raise ValueError(f"{path}: expected 6 lines per item (context, label, 4 endings), got {len(lines)} lines")
     rows = [
-        {"ctx": lines[i], "label": lines[i + 1].strip(), "endings": lines[i + 2:i + 6]}
+        {"ctx": lines[i], "label": lines[i + 1].strip(), "endings": lines[i + 2 : i + 6]}
         for i in range(0, len(lines), 6)
     ]
     return _single_split("validation", rows)
@@ -174,9 +178,10 @@ def winogrande(data_dir=None, files=(), **_) -> DatasetDict:
             cut = d["sentence"].index("_")
             d = {
                 "context_options": [d["sentence"][:cut] + d["option1"], d["sentence"][:cut] + d["option2"]],
-                "continuation": d["sentence"][cut + 1:],
+                "continuation": d["sentence"][cut + 1 :],
                 "gold": int(d["answer"]) - 1,
             }
-        rows.append({"context_options": list(d["context_options"]), "continuation": d["continuation"],
-                     "gold": int(d["gold"])})
+        rows.append(
+            {"context_options": list(d["context_options"]), "continuation": d["continuation"], "gold": int(d["gold"])}
+        )
     return _single_split("validation", rows)
