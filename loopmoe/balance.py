@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from loopmoe.budget import Budget, compute_budget
+from loopmoe.budget import Budget, compute_budget, modulation_matmul_weights
 from loopmoe.config import LoopMoEConfig
 
 STRATEGIES = ("capacity", "naive")
@@ -191,9 +191,7 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
     t = L / (base["num_prelude_layers"] + base["num_core_layers"] + base["num_coda_layers"])
     # Per-token IterAdaLN matmuls (W_h, W_mod) of the core, averaged over executed layers: FLOPs
     # the looped model spends that the reference does not, taken out of the shared budget.
-    r = LoopMoEConfig(**{**base, "num_loops": loops}).iter_cond_rank
-    per_token_mod = base["iter_conditioning"] in ("adaln_token", "iteradaln")
-    m = (d * r + r * 6 * d) * base["num_core_layers"] * loops / L if per_token_mod else 0
+    m = modulation_matmul_weights(LoopMoEConfig(**{**base, "num_loops": loops})) * base["num_core_layers"] * loops / L
     attn_target = t * a * (a + sigma + phi - m) / (t * (a + sigma) + phi)
     shared_ratio = reference.shared_expert_intermediate_size / reference.moe_intermediate_size
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from loopmoe.config import LoopMoEConfig
+from loopmoe.config import IterConditioning, LoopMoEConfig
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ class Budget:
 def layer_shapes(cfg: LoopMoEConfig, core: bool) -> LayerShapes:
     d, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     r = cfg.iter_cond_rank
-    token_mod = core and cfg.iter_conditioning in ("adaln_token", "iteradaln")
-    any_mod = core and cfg.iter_conditioning in ("adaln_iter", "adaln_token", "iteradaln")
+    cond = IterConditioning(cfg.iter_conditioning)
+    token_mod, any_mod = core and cond.uses_token, core and cond.modulates
     return LayerShapes(
         attention=d * H * hd + 2 * d * Hkv * hd + H * hd * d,
         attention_norms=2 * hd if cfg.qk_norm else 0,
@@ -72,14 +72,23 @@ def layer_shapes(cfg: LoopMoEConfig, core: bool) -> LayerShapes:
 def global_params(cfg: LoopMoEConfig) -> int:
     """Parameters outside the layers: embeddings, LM head, final norm, conditioning, injection."""
     d, r, p = cfg.hidden_size, cfg.iter_cond_rank, cfg.iter_pe_dim
+    cond = IterConditioning(cfg.iter_conditioning)
     n = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
-    if cfg.iter_conditioning in ("adaln_iter", "iteradaln"):
+    if cond.uses_iteration:
         n += p * r + r + r * r + r  # MLP_iter
-    if cfg.iter_conditioning == "iter_embedding":
+    if cond.embeds_iteration:
         n += cfg.max_loops * d
     if cfg.input_injection == "concat":
         n += 2 * d * d
     return n
+
+
+def modulation_matmul_weights(cfg: LoopMoEConfig) -> int:
+    """Weights of IterAdaLN's per-token matmuls in one executed core layer: ``W_h`` (r x d) and
+    ``W_mod`` (6d x r) when the modulation reads the token, else 0 (from k alone it is one vector
+    per sequence). Balancing charges the same cost (``loopmoe.balance``)."""
+    d, r = cfg.hidden_size, cfg.iter_cond_rank
+    return d * r + r * 6 * d if IterConditioning(cfg.iter_conditioning).uses_token else 0
 
 
 def _layer_params(s: LayerShapes, experts: int) -> int:
@@ -108,17 +117,13 @@ def compute_budget(cfg: LoopMoEConfig, seq_len: int, num_loops: int | None = Non
     total = global_params(cfg) + n_plain * _layer_params(plain, E) + C * _layer_params(core, E)
     active = global_params(cfg) + n_plain * _layer_params(plain, k) + C * _layer_params(core, k)
 
-    def layer_matmul_weights(s: LayerShapes, modulation_per_token: bool) -> int:
-        w = s.attention + k * s.expert + s.shared + s.router
-        if modulation_per_token:
-            w += s.modulation_token - d + s.modulation_out - 6 * d  # W_h and W_mod weights (norm/bias: no matmul)
-        return w
+    def layer_matmul_weights(s: LayerShapes) -> int:
+        return s.attention + k * s.expert + s.shared + s.router
 
     scores = 2 * 2 * hd * H * seq_len
-    per_token_mod = cfg.iter_conditioning in ("adaln_token", "iteradaln")
     executed = n_plain + C * T
-    flops = 2 * n_plain * layer_matmul_weights(plain, False)
-    flops += 2 * C * T * layer_matmul_weights(core, per_token_mod)
+    flops = 2 * n_plain * layer_matmul_weights(plain)
+    flops += 2 * C * T * (layer_matmul_weights(core) + modulation_matmul_weights(cfg))
     flops += executed * scores
     flops += 2 * cfg.vocab_size * d  # LM head
     if cfg.input_injection == "concat":

@@ -2,8 +2,10 @@
 
 A Vanilla MoE is ``LoopMoEConfig(num_loops=1, iter_conditioning="none")`` with every layer in the
 core; a LoopMoE runs the core ``num_loops`` times between a prelude and a coda that run once.
-The definitions follow ``DESIGN.md`` (IterAdaLN, norm schemes, budgets); every architectural
-switch is a field here so that ablations are config changes, not code changes.
+The definitions are in ``docs/design.md`` (structure §1, IterAdaLN §2, norm schemes §3); every
+architectural switch is a field here so that ablations are config changes, not code changes, and
+what a switch *means* (which modules exist, what the budget counts) is decoded here once: see
+``IterConditioning``.
 
 The config validates itself on construction and raises ``ValueError`` naming the fix, so a bad
 combination fails before any weight is allocated.
@@ -11,9 +13,47 @@ combination fails before any weight is allocated.
 
 from __future__ import annotations
 
+import inspect
+from enum import StrEnum
+
 from transformers import PretrainedConfig
 
-ITER_CONDITIONINGS = ("none", "iter_embedding", "adaln_iter", "adaln_token", "iteradaln")
+
+class IterConditioning(StrEnum):
+    """How the looped core is told which iteration it is running (docs/design.md §2).
+
+    The config stores the plain string (it is JSON); every place that needs to know what a value
+    implies asks these properties instead of comparing strings.
+    """
+
+    NONE = "none"
+    ITER_EMBEDDING = "iter_embedding"  # h += e_k, a learned vector per iteration (up to max_loops)
+    ADALN_ITER = "adaln_iter"  # modulation from v_k = MLP_iter(PE(k)) only
+    ADALN_TOKEN = "adaln_token"  # modulation from u = W_h RMSNorm(h) only
+    ITERADALN = "iteradaln"  # modulation from SiLU(v_k + u)
+
+    @property
+    def modulates(self) -> bool:
+        """Core layers carry a ``Modulation`` (W_mod producing the six shift/scale/gate outputs)."""
+        return self in (IterConditioning.ADALN_ITER, IterConditioning.ADALN_TOKEN, IterConditioning.ITERADALN)
+
+    @property
+    def uses_iteration(self) -> bool:
+        """The modulation reads ``v_k = MLP_iter(PE(k))``: the model has one ``IterationEncoder``."""
+        return self in (IterConditioning.ADALN_ITER, IterConditioning.ITERADALN)
+
+    @property
+    def uses_token(self) -> bool:
+        """The modulation reads the token: ``W_h RMSNorm(h)``, per token and per executed core layer."""
+        return self in (IterConditioning.ADALN_TOKEN, IterConditioning.ITERADALN)
+
+    @property
+    def embeds_iteration(self) -> bool:
+        """A learned per-iteration vector is added to h (the table bounds the loop count)."""
+        return self is IterConditioning.ITER_EMBEDDING
+
+
+ITER_CONDITIONINGS = tuple(c.value for c in IterConditioning)
 INPUT_INJECTIONS = ("none", "add", "concat")
 NORM_SCHEMES = ("pre", "sandwich", "depth_scaled_sandwich")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -166,6 +206,11 @@ class LoopMoEConfig(PretrainedConfig):
     def is_looped(self) -> bool:
         return self.num_loops > 1
 
+    @property
+    def conditioning(self) -> IterConditioning:
+        """``iter_conditioning`` as an ``IterConditioning``: what the setting implies."""
+        return IterConditioning(self.iter_conditioning)
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the fix for any invalid combination."""
 
@@ -225,7 +270,7 @@ class LoopMoEConfig(PretrainedConfig):
         need(self.norm_scheme in NORM_SCHEMES, f"norm_scheme must be one of {NORM_SCHEMES}, got {self.norm_scheme!r}")
         need(self.iter_pe_dim % 2 == 0, f"iter_pe_dim must be even (sin/cos pairs), got {self.iter_pe_dim}")
         need(
-            self.iter_conditioning != "iter_embedding" or self.num_loops <= self.max_loops,
+            not self.conditioning.embeds_iteration or self.num_loops <= self.max_loops,
             f"num_loops ({self.num_loops}) exceeds max_loops ({self.max_loops}) of the iter_embedding table; "
             f"raise max_loops",
         )
@@ -241,7 +286,7 @@ class LoopMoEConfig(PretrainedConfig):
         """Validate a loop count requested at inference (test-time depth)."""
         if not isinstance(num_loops, int) or num_loops < 1:
             raise ValueError(f"num_loops must be a positive integer, got {num_loops!r}")
-        if self.iter_conditioning == "iter_embedding" and num_loops > self.max_loops:
+        if self.conditioning.embeds_iteration and num_loops > self.max_loops:
             raise ValueError(
                 f"num_loops={num_loops} exceeds max_loops={self.max_loops}: the iter_embedding ablation has one "
                 f"learned vector per iteration. Use at most {self.max_loops} loops, or a model trained with "
@@ -249,37 +294,17 @@ class LoopMoEConfig(PretrainedConfig):
             )
 
     def architecture_dict(self) -> dict:
-        """The fields that define the architecture (no transformers bookkeeping), for tables and JSON."""
-        keys = (
-            "vocab_size",
-            "hidden_size",
-            "num_prelude_layers",
-            "num_core_layers",
-            "num_coda_layers",
-            "num_loops",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "qk_norm",
-            "rope_theta",
-            "max_position_embeddings",
-            "num_experts",
-            "num_experts_per_tok",
-            "moe_intermediate_size",
-            "shared_expert_intermediate_size",
-            "router_score",
-            "norm_topk_prob",
-            "router_aux_loss_coef",
-            "router_z_loss_coef",
-            "router_bias_update_rate",
-            "iter_conditioning",
-            "iter_cond_rank",
-            "iter_pe_dim",
-            "max_loops",
-            "input_injection",
-            "norm_scheme",
-            "rms_norm_eps",
-            "initializer_range",
-            "tie_word_embeddings",
-        )
-        return {k: getattr(self, k) for k in keys}
+        """The fields that define the architecture (``ARCHITECTURE_FIELDS``), for tables and JSON."""
+        return {k: getattr(self, k) for k in ARCHITECTURE_FIELDS}
+
+
+# Every argument of LoopMoEConfig, in signature order: the one list of the config's fields.
+CONFIG_FIELDS: tuple[str, ...] = tuple(
+    name
+    for name, param in inspect.signature(LoopMoEConfig.__init__).parameters.items()
+    if name != "self" and param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+)
+# Fields that do not change what the model computes: the kernel choice, cache use and token ids.
+_RUNTIME_FIELDS = ("moe_implementation", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id")
+# The fields that define the architecture: two configs equal on these build the same model.
+ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(f for f in CONFIG_FIELDS if f not in _RUNTIME_FIELDS)

@@ -13,7 +13,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from loopmoe.config import LoopMoEConfig
+from loopmoe.config import ARCHITECTURE_FIELDS, CONFIG_FIELDS, LoopMoEConfig
 
 PRESET_META_KEYS = ("description", "paper_scale")
 
@@ -44,13 +44,7 @@ def _preset_table(name: str) -> dict:
 def config_from_table(table: dict, source: str) -> LoopMoEConfig:
     """Build a config from a dict of fields, rejecting unknown keys with a suggestion."""
     table = {k: v for k, v in table.items() if k not in PRESET_META_KEYS}
-    known = set(LoopMoEConfig().architecture_dict()) | {
-        "pad_token_id",
-        "bos_token_id",
-        "eos_token_id",
-        "use_cache",
-        "moe_implementation",
-    }
+    known = set(CONFIG_FIELDS)
     unknown = sorted(set(table) - known)
     if unknown:
         hints = [
@@ -95,8 +89,9 @@ def load_model_config(spec: str | Path, **overrides) -> LoopMoEConfig:
             return loopmoe_config_from_qwen3_moe({**data, **overrides})
         if data.get("model_type") not in (None, LoopMoEConfig.model_type):
             raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not a LoopMoE or Qwen3-MoE config")
-        fields = LoopMoEConfig().architecture_dict()
-        return config_from_table({k: v for k, v in {**data, **overrides}.items() if k in fields}, str(path))
+        return config_from_table(
+            {k: v for k, v in {**data, **overrides}.items() if k in ARCHITECTURE_FIELDS}, str(path)
+        )
     if path.suffix in (".toml", ".json"):
         raise FileNotFoundError(f"model config file {path} not found")
     return get_preset(str(spec), **overrides)
