@@ -148,7 +148,7 @@ def balance(
         return max(k, round(e))
 
     if strategy == "naive":
-        shape = {}
+        shape: dict[str, int] = {}
         shape["num_experts"] = fit_experts(shape)
         best = shape
     else:
@@ -243,4 +243,5 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
                     )
                     if best_key is None or key < best_key:
                         best, best_key = cand, key
+    assert best is not None, "the head-size grid is never empty"
     return best

@@ -20,8 +20,13 @@ on all P + C*T + Q executed layers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 from loopmoe.config import IterConditioning, LoopMoEConfig
+
+# A LoopMoEConfig, or any object with its fields: the balancing search scores thousands of
+# candidates as plain namespaces, far cheaper to build than a transformers config.
+ConfigLike = LoopMoEConfig | SimpleNamespace
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class Budget:
         return asdict(self)
 
 
-def layer_shapes(cfg: LoopMoEConfig, core: bool) -> LayerShapes:
+def layer_shapes(cfg: ConfigLike, core: bool) -> LayerShapes:
     d, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     r = cfg.iter_cond_rank
     cond = IterConditioning(cfg.iter_conditioning)
@@ -69,7 +74,7 @@ def layer_shapes(cfg: LoopMoEConfig, core: bool) -> LayerShapes:
     )
 
 
-def global_params(cfg: LoopMoEConfig) -> int:
+def global_params(cfg: ConfigLike) -> int:
     """Parameters outside the layers: embeddings, LM head, final norm, conditioning, injection."""
     d, r, p = cfg.hidden_size, cfg.iter_cond_rank, cfg.iter_pe_dim
     cond = IterConditioning(cfg.iter_conditioning)
@@ -83,7 +88,7 @@ def global_params(cfg: LoopMoEConfig) -> int:
     return n
 
 
-def modulation_matmul_weights(cfg: LoopMoEConfig) -> int:
+def modulation_matmul_weights(cfg: ConfigLike) -> int:
     """Weights of IterAdaLN's per-token matmuls in one executed core layer: ``W_h`` (r x d) and
     ``W_mod`` (6d x r) when the modulation reads the token, else 0 (from k alone it is one vector
     per sequence). Balancing charges the same cost (``loopmoe.balance``)."""
@@ -104,7 +109,7 @@ def _layer_params(s: LayerShapes, experts: int) -> int:
     )
 
 
-def compute_budget(cfg: LoopMoEConfig, seq_len: int, num_loops: int | None = None) -> Budget:
+def compute_budget(cfg: ConfigLike, seq_len: int, num_loops: int | None = None) -> Budget:
     """Total / active parameters, forward FLOPs per token at ``seq_len``, and the attention/FFN ratio."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")

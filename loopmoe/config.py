@@ -184,7 +184,7 @@ class LoopMoEConfig(PretrainedConfig):
         self.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
         kwargs.setdefault("attn_implementation", "sdpa")
         self.validate()  # before transformers' own checks, whose messages do not name our fields' fixes
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]  # transformers' signature omits the token ids it takes
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,

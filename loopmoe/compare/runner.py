@@ -134,8 +134,7 @@ def expert_load(model_dir: Path, batches) -> dict[str, list[float]]:
     totals: dict[str, torch.Tensor] = {}
     for x in batches:
         for stat in model(input_ids=x, use_cache=False).router_stats:
-            key = stat["name"] + (f"@{stat['iteration']}" if stat["iteration"] is not None else "")
-            totals[key] = totals.get(key, 0) + stat["load"]
+            totals[stat.slot.name] = totals.get(stat.slot.name, 0) + stat.load
     return {k: (v / v.sum()).tolist() for k, v in totals.items()}
 
 

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from loopmoe.data.atomic import atomic_directory
+from loopmoe.atomic import atomic_directory
 from loopmoe.data.sources import DataSource
 from loopmoe.data.tokenizer import LMTokenizer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from loopmoe.data.atomic import atomic_directory
+from loopmoe.atomic import atomic_directory
 from loopmoe.data.sources import DataSource
 
 log = logging.getLogger(__name__)

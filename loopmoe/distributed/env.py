@@ -75,7 +75,7 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> None:
-    """Sum a tensor over ranks in place; the `reduce_fn` handed to `update_router_biases`."""
+    """Sum a tensor over ranks in place; the `reduce_fn` handed to `StepHooks.on_optimizer_step`."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from loopmoe.evaluation.loading import require_looped
+from loopmoe.model.slots import cache_index
 
 
 def token_sequences(ids, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
@@ -39,8 +40,11 @@ def set_change(current: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Ten
 
 
 def _boundary_index(config, iteration: int) -> int:
-    """Index in ``hidden_states`` of the state after core iteration ``iteration`` (1-based)."""
-    return config.num_prelude_layers + iteration * config.num_core_layers
+    """Index in ``hidden_states`` of the state after core iteration ``iteration`` (1-based): the
+    number of layers executed before iteration ``iteration`` (0-based) starts."""
+    return cache_index(
+        "core", 0, iteration, prelude=config.num_prelude_layers, core=config.num_core_layers, loops=iteration
+    )
 
 
 @torch.no_grad()
@@ -73,8 +77,8 @@ def analyse_depth(model, sequences: torch.Tensor, loops: list[int], *, batch_siz
                 ).item()
             experts = defaultdict(dict)
             for stat in out.router_stats:
-                if stat["iteration"] is not None:
-                    experts[stat["name"]][stat["iteration"]] = stat["experts"]
+                if stat.slot.iteration is not None:
+                    experts[stat.slot.layer_name][stat.slot.iteration] = stat.experts
             for layer, per_iteration in experts.items():
                 for k in range(1, t):
                     differs, overlap = set_change(per_iteration[k], per_iteration[k - 1])

@@ -1,4 +1,4 @@
-"""Iteration conditioning of the looped core: IterAdaLN and its ablations (DESIGN.md section 2).
+"""Iteration conditioning of the looped core: IterAdaLN and its ablations (docs/design.md §2).
 
 IterAdaLN, for core layer l at iteration k (0-based)::
 
@@ -58,8 +58,8 @@ class Modulation(nn.Module):
     def __init__(self, config: LoopMoEConfig):
         super().__init__()
         d, r = config.hidden_size, config.iter_cond_rank
-        self.use_token = config.iter_conditioning in ("adaln_token", "iteradaln")
-        self.use_iter = config.iter_conditioning in ("adaln_iter", "iteradaln")
+        self.use_token = config.conditioning.uses_token
+        self.use_iter = config.conditioning.uses_iteration
         if self.use_token:
             self.norm = RMSNorm(d, eps=config.rms_norm_eps)
             self.w_h = nn.Linear(d, r, bias=False)
@@ -67,9 +67,13 @@ class Modulation(nn.Module):
 
     def forward(self, h: torch.Tensor, v_k: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         # h: [B, S, d], v_k: [r] -> (β1, 1+γ1, 1+α1, β2, 1+γ2, 1+α2), each [B, S, d]
-        signal = v_k if self.use_iter else 0.0
+        signal: torch.Tensor | float = 0.0
+        if self.use_iter:
+            assert v_k is not None, "a modulation from the iteration index needs v_k"
+            signal = v_k
         if self.use_token:
             signal = signal + self.w_h(self.norm(h))  # [B, S, r]
+        assert isinstance(signal, torch.Tensor)  # a modulated layer uses at least one of the two
         c = F.silu(signal)
         # Six contiguous [B, S, d] outputs from row blocks of W_mod, rather than chunks of one
         # [B, S, 6d] product: element-wise kernels on those strided chunks run at half speed on

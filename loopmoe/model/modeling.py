@@ -1,23 +1,31 @@
 """LoopMoE: a looped Mixture-of-Experts decoder, and the Vanilla MoE it is compared against.
 
-Architecture (DESIGN.md section 2), top to bottom:
-- token embedding -> prelude (P layers, once) -> core (C layers, T times, shared weights)
-  -> coda (Q layers, once) -> final RMSNorm -> LM head (optionally tied to the embedding);
+Architecture (docs/design.md §1-§5), top to bottom, as ``LoopMoEModel.forward`` runs it:
+
+    h = embed(tokens)                                   # [B, S, d]
+    for i in range(P): h = prelude[i](h)                # once
+    e = h
+    for k in range(T):                                  # the same C core layers, T times
+        if k > 0: h = inject(h, e)                      # optional: h + e, or W [h; e]
+        v_k = MLP_iter(PE(k))                           # iteration signal (IterAdaLN)
+        for l in range(C): h = core[l](h, v_k)          # modulated from v_k and h
+    for j in range(Q): h = coda[j](h)                   # once
+    logits = lm_head(norm(h))
+
 - each layer: GQA attention with RoPE and optional QK-norm, through SDPA, then a dropless
   sparse MoE FFN (``moe.py``); norm scheme pre-norm, sandwich, or depth-scaled sandwich with
   TinyInit;
 - core layers may be conditioned on the iteration (``conditioning.py``): IterAdaLN by default
   when T > 1; with T = 1 and no conditioning this is a Vanilla MoE, weight-compatible with
   Qwen3-MoE;
-- optional re-injection of the prelude output at each later core iteration (``add`` or a
-  Huginn-style ``concat`` + linear, initialised to pass h through unchanged);
-- KV cache: one slot per executed (iteration, layer): prelude ``i``, core ``P + k*C + l``,
-  coda ``P + T*C + j``; ``num_loops=`` on forward/generate changes T at inference.
+- every executed (iteration, layer) is a ``Slot`` (``slots.py``) with its own KV-cache entry and
+  router statistics; ``num_loops=`` on forward/generate changes T at inference.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +38,10 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from loopmoe.config import SANDWICH_ATTN_GAIN, SANDWICH_FFN_GAIN, LoopMoEConfig
 from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLinear
+from loopmoe.model.kernels.cross_entropy import linear_cross_entropy
 from loopmoe.model.layers import Attention, Linear, RMSNorm, RotaryEmbedding
-from loopmoe.model.loss import linear_cross_entropy
-from loopmoe.model.moe import Experts, SparseMoE, TopKRouter
+from loopmoe.model.moe import Experts, RouterStats, SparseMoE, TopKRouter
+from loopmoe.model.slots import Block, Slot, cache_index
 
 
 class DecoderLayer(nn.Module):
@@ -58,22 +67,23 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h,
-        position_embeddings,
-        attention_mask,
-        past_key_values,
-        cache_slot,
-        v_k,
-        token_mask,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+        slot: Slot,
+        v_k: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
         router_stats: bool = True,
-    ):
-        # h: [B, S, d] -> ([B, S, d], RouterOutput, or None when router_stats is False)
+    ) -> tuple[torch.Tensor, RouterStats | None]:
+        # h: [B, S, d] -> [B, S, d]; v_k: [r] iteration signal (modulated core layers only).
+        # Returns the slot's RouterStats, or None when router_stats is False.
         if self.modulation is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(h, v_k)  # scales/gates include the 1
         x = self.input_layernorm(h)
         if self.modulation is not None:
             x = torch.addcmul(shift1, x, scale1)  # x * (1 + γ1) + β1
-        a = self.self_attn(x, position_embeddings, attention_mask, past_key_values, cache_slot)
+        a = self.self_attn(x, rope, mask, cache, slot.cache_index)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
         h = h + (a * gate1 if self.modulation is not None else a)
@@ -85,6 +95,8 @@ class DecoderLayer(nn.Module):
         if self.mlp_out_norm is not None:
             m = self.mlp_out_norm(m)
         h = h + (m * gate2 if self.modulation is not None else m)
+        if router is not None:
+            router.slot = slot
         return h, router
 
 
@@ -94,18 +106,18 @@ class InjectionLinear(nn.Linear):
 
 @dataclass
 class LoopMoEModelOutput(MoeModelOutputWithPast):
-    """Adds the per-slot router outputs of every executed MoE layer."""
+    """Adds the ``RouterStats`` of every executed MoE slot, in execution order."""
 
-    router_outputs: list | None = None
+    router_stats: list[RouterStats] | None = None
 
 
 @dataclass
 class LoopMoECausalLMOutput(MoeCausalLMOutputWithPast):
-    """``loss`` = ``lm_loss`` + weighted aux and z losses; ``router_stats``: one dict per executed MoE slot."""
+    """``loss`` = ``lm_loss`` + weighted aux and z losses; ``router_stats``: one per executed MoE slot."""
 
-    lm_loss: torch.FloatTensor | None = None
-    z_loss: torch.FloatTensor | None = None
-    router_stats: list | None = None
+    lm_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_stats: list[RouterStats] | None = None
 
 
 class LoopMoEPreTrainedModel(PreTrainedModel):
@@ -156,16 +168,12 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         super().__init__(config)
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
-        modulated = config.iter_conditioning in ("adaln_iter", "adaln_token", "iteradaln")
+        cond = config.conditioning
         self.prelude = nn.ModuleList(DecoderLayer(config, False) for _ in range(config.num_prelude_layers))
-        self.core = nn.ModuleList(DecoderLayer(config, modulated) for _ in range(config.num_core_layers))
+        self.core = nn.ModuleList(DecoderLayer(config, cond.modulates) for _ in range(config.num_core_layers))
         self.coda = nn.ModuleList(DecoderLayer(config, False) for _ in range(config.num_coda_layers))
-        self.iter_encoder = (
-            IterationEncoder(config) if config.iter_conditioning in ("adaln_iter", "iteradaln") else None
-        )
-        self.iter_embedding = (
-            nn.Embedding(config.max_loops, d) if config.iter_conditioning == "iter_embedding" else None
-        )
+        self.iter_encoder = IterationEncoder(config) if cond.uses_iteration else None  # v_k = MLP_iter(PE(k))
+        self.iter_embedding = nn.Embedding(config.max_loops, d) if cond.embeds_iteration else None
         self.injection = InjectionLinear(2 * d, d, bias=False) if config.input_injection == "concat" else None
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -176,31 +184,20 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         if module is self.iter_embedding:  # starts as the plain loop, like the other conditionings
             init.zeros_(module.weight)
 
-    def cache_slot(self, section: str, index: int, iteration: int = 0, num_loops: int | None = None) -> int:
-        """KV-cache slot of an executed layer (DESIGN.md): prelude, then ``k*C + l``, then coda."""
+    def slot(self, block: Block, layer: int, iteration: int | None = None, num_loops: int | None = None) -> Slot:
+        """The executed slot of ``layer`` in ``block`` (at core ``iteration``) when the core runs ``num_loops`` times."""
         cfg = self.config
         loops = cfg.num_loops if num_loops is None else num_loops
-        if section == "prelude":
-            return index
-        if section == "core":
-            return cfg.num_prelude_layers + iteration * cfg.num_core_layers + index
-        return cfg.num_prelude_layers + loops * cfg.num_core_layers + index
-
-    def execution_plan(self, num_loops: int):
-        """Yield ``(name, iteration or None, layer, cache slot)`` in execution order."""
-        for i, layer in enumerate(self.prelude):
-            yield f"prelude.{i}", None, layer, self.cache_slot("prelude", i)
-        for k in range(num_loops):
-            for l, layer in enumerate(self.core):
-                yield f"core.{l}", k, layer, self.cache_slot("core", l, k)
-        for j, layer in enumerate(self.coda):
-            yield f"coda.{j}", None, layer, self.cache_slot("coda", j, num_loops=num_loops)
+        index = cache_index(
+            block, layer, iteration or 0, prelude=cfg.num_prelude_layers, core=cfg.num_core_layers, loops=loops
+        )
+        return Slot(block, layer, iteration, index)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -240,32 +237,41 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         h = inputs_embeds  # [B, S, d]
         rope = self.rotary_emb(h, position_ids)
         hidden_states = [h] if output_hidden_states else None
-        router_outputs = []
-        prelude_out = None
-        v_k = None
-        for name, k, layer, slot in self.execution_plan(num_loops):
-            if name == "core.0":  # start of iteration k
-                if k == 0:
-                    prelude_out = h
-                elif self.injection is not None:
-                    h = self.injection(torch.cat([h, prelude_out], dim=-1))
-                elif cfg.input_injection == "add":
-                    h = h + prelude_out
-                if self.iter_embedding is not None:
-                    h = h + self.iter_embedding.weight[k]
-                v_k = self.iter_encoder(k, h) if self.iter_encoder is not None else None
-            h, router = layer(
-                h, rope, mask, past_key_values, slot, v_k if k is not None else None, token_mask, output_router_stats
-            )
-            router_outputs.append((name, k, router))
-            if output_hidden_states:
+        routers: list[RouterStats] = []
+
+        def run(layer: nn.Module, h: torch.Tensor, slot: Slot, v_k: torch.Tensor | None = None) -> torch.Tensor:
+            h, router = layer(h, rope, mask, past_key_values, slot, v_k, token_mask, output_router_stats)
+            if router is not None:
+                routers.append(router)
+            if hidden_states is not None:
                 hidden_states.append(h)
+            return h
+
+        # Prelude: P layers, once.
+        for i, layer in enumerate(self.prelude):
+            h = run(layer, h, self.slot("prelude", i))
+        # Core: the same C layers, T times.
+        e = h  # the prelude's output, re-injected at every later iteration
+        for k in range(num_loops):
+            if k > 0 and self.injection is not None:  # concat: h <- W [h; e]
+                h = self.injection(torch.cat([h, e], dim=-1))
+            elif k > 0 and cfg.input_injection == "add":
+                h = h + e
+            if self.iter_embedding is not None:  # iter_embedding ablation: h <- h + e_k
+                h = h + self.iter_embedding.weight[k]
+            v_k = self.iter_encoder(k, h) if self.iter_encoder is not None else None  # [r]
+            for l, layer in enumerate(self.core):
+                h = run(layer, h, self.slot("core", l, k, num_loops), v_k)
+        # Coda: Q layers, once.
+        for j, layer in enumerate(self.coda):
+            h = run(layer, h, self.slot("coda", j, num_loops=num_loops))
+
         h = self.norm(h)
         return LoopMoEModelOutput(
             last_hidden_state=h,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            router_outputs=router_outputs if output_router_stats else None,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            router_stats=routers if output_router_stats else None,
         )
 
 
@@ -297,7 +303,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         # output_router_stats=False (what generate() passes) skips the balancing losses and router
         # statistics of every MoE slot: aux_loss, z_loss and router_stats are then None.
         # skip_logits (default: training with labels) computes the loss fused with the LM head
-        # (loss.py) and returns logits=None: the [B, S, V] logits are never materialised.
+        # (kernels/cross_entropy.py) and returns logits=None: the [B, S, V] logits are never materialised.
         cfg = self.config
         if skip_logits is None:
             skip_logits = self.training and labels is not None
@@ -322,15 +328,11 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         else:
             logits = self.lm_head(h[:, logits_to_keep])
 
-        routers = out.router_outputs
-        aux_loss = z_loss = stats = None
-        if routers is not None:
-            aux_loss = torch.stack([r.aux_loss for _, _, r in routers]).mean()
-            z_loss = torch.stack([r.z_loss for _, _, r in routers]).mean()
-            stats = [
-                {"name": name, "iteration": k, "load": r.load, "entropy": r.entropy, "experts": r.topk_idx}
-                for name, k, r in routers
-            ]
+        routers = out.router_stats
+        aux_loss = z_loss = None
+        if routers is not None:  # mean over executed MoE slots
+            aux_loss = torch.stack([r.aux_loss for r in routers]).mean()
+            z_loss = torch.stack([r.z_loss for r in routers]).mean()
         lm_loss = loss = None
         if labels is not None and skip_logits:
             lm_loss = linear_cross_entropy(
@@ -345,9 +347,9 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)
         if lm_loss is not None:
             loss = lm_loss
-            if routers is not None and cfg.router_aux_loss_coef > 0:
+            if aux_loss is not None and cfg.router_aux_loss_coef > 0:
                 loss = loss + cfg.router_aux_loss_coef * aux_loss
-            if routers is not None and cfg.router_z_loss_coef > 0:
+            if z_loss is not None and cfg.router_z_loss_coef > 0:
                 loss = loss + cfg.router_z_loss_coef * z_loss
         return LoopMoECausalLMOutput(
             loss=loss,
@@ -357,7 +359,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
-            router_stats=stats,
+            router_stats=routers,
         )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
@@ -367,17 +369,27 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         inputs.setdefault("output_router_stats", False)
         return inputs
 
-    def update_router_biases(self, reduce_fn=None) -> None:
-        """Aux-loss-free balancing step; call after each optimiser step (``reduce_fn`` all-reduces counts)."""
+    # The trainer's step hooks (``loopmoe.training.trainer.StepHooks``): state that lives outside
+    # autograd and changes once per optimizer step, here the aux-loss-free router biases.
+    def on_optimizer_step(self, reduce_fn: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Aux-loss-free balancing step after an applied optimizer step.
+
+        The expert counts of every router are concatenated so that a data-parallel run sums them
+        with one ``reduce_fn`` call (an all-reduce) rather than one per layer.
+        """
         rate = self.config.router_bias_update_rate
         if rate <= 0:
             return
-        for module in self.modules():
-            if isinstance(module, TopKRouter):
-                module.update_bias(rate, reduce_fn)
+        routers: list[TopKRouter] = [m for m in self.modules() if isinstance(m, TopKRouter)]
+        counts = torch.cat([r.pending_counts for r in routers])  # [layers * E], a copy
+        if reduce_fn is not None:
+            reduce_fn(counts)
+        for router, c in zip(routers, counts.split([r.num_experts for r in routers])):
+            router.update_bias(rate, c)
 
-    def discard_router_counts(self) -> None:
-        """Forget the expert counts gathered since the last bias update (a skipped, non-finite step)."""
+    def on_skipped_step(self) -> None:
+        """Forget the expert counts gathered since the last update: a skipped (non-finite) step's
+        batch routes arbitrarily and must not steer the next bias update."""
         for module in self.modules():
             if isinstance(module, TopKRouter):
                 module.pending_counts.zero_()

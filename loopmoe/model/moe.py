@@ -1,13 +1,10 @@
 """Dropless sparse MoE feed-forward: router, SwiGLU experts, shared experts, balancing losses.
 
 Dispatch sorts the (token, expert) assignments by expert so that each expert sees one
-contiguous block of rows, then runs either one matmul per expert group (``loop``: CPU, where
-``torch._grouped_mm`` has no backward) or one grouped GEMM over all groups (``grouped_mm``: CUDA,
-no host synchronisation). Expert weights are 3-D tensors in the Qwen3-MoE layout
-(``gate_up_proj: [E, 2f, d]`` gate rows first, ``down_proj: [E, d, f]``); the loop path has a
-hand-written backward (``_LoopExperts``) that writes each expert's gradient straight into one 3-D
-gradient tensor. Tokens are permuted into expert order and back with gathers whose backward is the
-inverse gather (no scatter-add), and the k expert outputs of a token are combined by a weighted sum.
+contiguous block of rows, runs the experts on those blocks (``kernels.experts``: one grouped GEMM
+on CUDA, one matmul per expert group on CPU), permutes the rows back (``kernels.permute``) and
+combines the k expert outputs of a token by a weighted sum. Expert weights are 3-D tensors in the
+Qwen3-MoE layout (``gate_up_proj: [E, 2f, d]`` gate rows first, ``down_proj: [E, d, f]``).
 
 Balancing, all per executed (layer, iteration) slot:
 - switch-style auxiliary loss ``E * sum_i f_i * P_i`` (``f_i``: fraction of assignments, ``P_i``:
@@ -26,22 +23,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopmoe.config import LoopMoEConfig
-from loopmoe.model.layers import SPLIT_MAX_ROWS, Linear, linear
+from loopmoe.model.kernels.experts import experts_grouped_mm, experts_loop
+from loopmoe.model.kernels.linear import linear
+from loopmoe.model.kernels.permute import gather_tokens, permute_rows
+from loopmoe.model.layers import Linear
+from loopmoe.model.slots import Slot
 
 
 @dataclass
-class RouterOutput:
-    """What one MoE call reports back to the model for losses and statistics."""
+class RouterStats:
+    """What one MoE call reports: its balancing losses and its routing statistics."""
 
     aux_loss: torch.Tensor  # scalar, switch-style load-balancing loss of this slot
     z_loss: torch.Tensor  # scalar
     load: torch.Tensor  # [E] fraction of routed assignments per expert (detached)
     entropy: torch.Tensor  # scalar mean entropy of the normalised scores (detached)
-    topk_idx: torch.Tensor  # [N, k] selected experts, for routing analyses
+    experts: torch.Tensor  # [N, k] selected expert ids, for routing analyses
+    slot: Slot | None = None  # the executed (layer, iteration) it came from; set by the model
 
 
 class TopKRouter(nn.Module):
     """Linear router over experts with softmax or sigmoid scores and optional selection bias."""
+
+    expert_bias: torch.Tensor  # [E] buffers
+    pending_counts: torch.Tensor
 
     def __init__(self, config: LoopMoEConfig):
         super().__init__()
@@ -75,11 +80,9 @@ class TopKRouter(nn.Module):
         return logits, probs, topk_w.to(x.dtype), topk_idx
 
     @torch.no_grad()
-    def update_bias(self, rate: float, reduce_fn=None) -> None:
-        """Move the selection bias towards uniform load: ``b_i += rate * sign(mean(c) - c_i)``."""
-        counts = self.pending_counts.clone()
-        if reduce_fn is not None:
-            reduce_fn(counts)
+    def update_bias(self, rate: float, counts: torch.Tensor) -> None:
+        """Move the selection bias towards uniform load, ``b_i += rate * sign(mean(c) - c_i)``, from
+        the (all-reduced) assignment counts ``c`` since the last update; then reset the counts."""
         if counts.sum() > 0:
             self.expert_bias += rate * torch.sign(counts.mean() - counts)
         self.pending_counts.zero_()
@@ -114,154 +117,12 @@ class Experts(nn.Module):
         impl = self.implementation
         if impl == "auto":
             impl = "grouped_mm" if x_sorted.is_cuda else "loop"
-        if impl == "grouped_mm":
-            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-            gate_up = torch._grouped_mm(x_sorted, self.gate_up_proj.transpose(-2, -1), offs=offsets)
-            gate, up = gate_up.chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
-        # CPU: one matmul per non-empty expert group. Empty experts are skipped (at batch-1 decoding
-        # most are), and the backward is hand-written (``_LoopExperts``) so that weight gradients
-        # are written straight into the 3-D gradient tensors: autograd through ``unbind`` / ``chunk`` /
-        # ``split`` / ``cat`` would copy every activation and weight gradient once more.
-        groups = _groups(counts.tolist())
-        if torch.is_grad_enabled() and (x_sorted.requires_grad or self.gate_up_proj.requires_grad):
-            return _LoopExperts.apply(x_sorted, self.gate_up_proj, self.down_proj, groups)
-        return _loop_experts_forward(x_sorted, self.gate_up_proj, self.down_proj, groups, decoding=True)[0]
-
-
-def _groups(counts: list[int]) -> list[tuple[int, int, int]]:
-    """``(expert, first row, rows)`` of every expert that received rows."""
-    groups, start = [], 0
-    for e, n in enumerate(counts):
-        if n > 0:
-            groups.append((e, start, n))
-        start += n
-    return groups
-
-
-def _loop_experts_forward(x, w_gate_up, w_down, groups, decoding: bool = False):
-    """SwiGLU of each expert group; returns (y, gate pre-activations g, up u, silu(g)).
-
-    Gate and up projections are written into two contiguous buffers (two matmuls per expert on
-    the gate and up halves of ``gate_up_proj``): element-wise kernels on a strided half of one
-    ``[rows, 2f]`` buffer run at half speed on CPU. The activation runs once over all groups.
-    ``decoding`` (inference): groups of a few rows are bound by reading the expert's weight, and
-    ``linear`` splits those matvecs across threads; in training the weights are hot in cache.
-    """
-    f = w_down.shape[-1]
-    g, u = x.new_empty(2, x.shape[0], f).unbind(0)
-    y = x.new_empty(x.shape[0], w_down.shape[1])
-    for e, s, n in groups:
-        _matmul_into(x[s : s + n], w_gate_up[e, :f], g[s : s + n], decoding)
-        _matmul_into(x[s : s + n], w_gate_up[e, f:], u[s : s + n], decoding)
-    act = F.silu(g)
-    a = act * u
-    for e, s, n in groups:
-        _matmul_into(a[s : s + n], w_down[e], y[s : s + n], decoding)
-    return y, g, u, act
-
-
-def _matmul_into(x, weight, out, decoding: bool):
-    """``out = x @ weight.T``."""
-    if decoding and x.shape[0] <= SPLIT_MAX_ROWS:
-        out.copy_(linear(x, weight))
-    else:
-        torch.mm(x, weight.t(), out=out)
-
-
-class _LoopExperts(torch.autograd.Function):
-    """Expert SwiGLUs over rows sorted by expert, with a fused backward.
-
-    Backward per group, with ``a = silu(g) * u`` recomputed rather than saved: ``ga = gy W_d``,
-    ``gW_d = gy^T a``, ``gu = silu(g) * ga``, ``gg = silu'(g) * ga * u``, ``gW_gu = [gg; gu]^T x``
-    (written into the two halves of the expert's gradient), ``gx = gg W_g + gu W_u``. Experts that
-    got no rows receive zero gradients, as through autograd.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w_gate_up, w_down, groups):
-        y, g, u, act = _loop_experts_forward(x, w_gate_up, w_down, groups)
-        ctx.groups = groups
-        ctx.save_for_backward(x, w_gate_up, w_down, g, u, act)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w_gate_up, w_down, g, u, act = ctx.saved_tensors
-        groups, f = ctx.groups, w_down.shape[-1]
-        gy = gy.contiguous()
-        need_x, need_gu, need_d = ctx.needs_input_grad[:3]
-        ga = gy.new_empty(gy.shape[0], f)
-        a = act * u if need_d else None
-        g_down = _zeros_outside(w_down, groups) if need_d else None
-        for e, s, n in groups:
-            torch.mm(gy[s : s + n], w_down[e], out=ga[s : s + n])
-            if need_d:
-                torch.mm(gy[s : s + n].t(), a[s : s + n], out=g_down[e])
-        g_up = ga * act
-        g_gate = torch.ops.aten.silu_backward(ga.mul_(u), g)
-        g_x = x.new_empty(x.shape) if need_x else None
-        g_gate_up = _zeros_outside(w_gate_up, groups) if need_gu else None
-        for e, s, n in groups:
-            if need_gu:
-                torch.mm(g_gate[s : s + n].t(), x[s : s + n], out=g_gate_up[e, :f])
-                torch.mm(g_up[s : s + n].t(), x[s : s + n], out=g_gate_up[e, f:])
-            if need_x:
-                torch.mm(g_gate[s : s + n], w_gate_up[e, :f], out=g_x[s : s + n])
-                g_x[s : s + n].addmm_(g_up[s : s + n], w_gate_up[e, f:])
-        return g_x, g_gate_up, g_down, None
-
-
-def _zeros_outside(weight: torch.Tensor, groups) -> torch.Tensor:
-    """An uninitialised gradient for a 3-D expert weight, zeroed only on experts without rows."""
-    grad = torch.empty_like(weight)
-    hit = {e for e, _, _ in groups}
-    for e in range(weight.shape[0]):
-        if e not in hit:
-            grad[e].zero_()
-    return grad
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm``; its gradient is the gather by the inverse permutation.
-
-    Autograd would differentiate the gather with an accumulating scatter (``index_put_`` /
-    ``index_add_``), which is serial and several times slower on CPU than a second gather.
-    """
-
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class _GatherTokens(torch.autograd.Function):
-    """Rows ``x[order // k]`` (each token once per selected expert, in expert order).
-
-    Backward: every token appears exactly k times, so its gradient is the sum of its k rows,
-    found through the inverse permutation: a gather and a sum instead of a scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx, x, token_of_row, inverse, k):
-        ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x.index_select(0, token_of_row)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        rows = grad.index_select(0, inverse)  # [N*k, d] back in (token, slot) order
-        return rows.view(-1, ctx.k, rows.shape[-1]).sum(1), None, None, None
+        run = experts_grouped_mm if impl == "grouped_mm" else experts_loop
+        return run(x_sorted, self.gate_up_proj, self.down_proj, counts)
 
 
 class SparseMoE(nn.Module):
-    """Router + dropless experts (+ shared experts). Returns the output and a RouterOutput."""
+    """Router + dropless experts (+ shared experts). Returns the output and its ``RouterStats``."""
 
     def __init__(self, config: LoopMoEConfig):
         super().__init__()
@@ -274,7 +135,7 @@ class SparseMoE(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None, router_stats: bool = True
-    ) -> tuple[torch.Tensor, RouterOutput | None]:
+    ) -> tuple[torch.Tensor, RouterStats | None]:
         # hidden: [B, S, d]; token_mask: [B, S] bool, False on padding (excluded from losses/statistics).
         # router_stats=False (generation) skips the balancing losses and statistics and returns None.
         B, S, d = hidden.shape
@@ -298,8 +159,8 @@ class SparseMoE(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         if torch.is_grad_enabled():
-            x_sorted = _GatherTokens.apply(x, order // k, inverse, k)
-            y = _PermuteRows.apply(self.experts(x_sorted, counts), inverse, order)
+            x_sorted = gather_tokens(x, order // k, inverse, k)
+            y = permute_rows(self.experts(x_sorted, counts), inverse, order)
         else:
             y = self.experts(x.index_select(0, order // k), counts).index_select(0, inverse)
         # Weighted sum over the k slots of each token (for k = 2 this equals transformers' index_add_
@@ -319,7 +180,7 @@ class SparseMoE(nn.Module):
             y = term if y is None else y + term
         return y
 
-    def _balance(self, logits, probs, topk_idx, token_mask) -> RouterOutput:
+    def _balance(self, logits, probs, topk_idx, token_mask) -> RouterStats:
         E = self.num_experts
         if token_mask is None:
             weight = torch.ones(probs.shape[0], device=probs.device, dtype=torch.float32)
@@ -338,4 +199,4 @@ class SparseMoE(nn.Module):
             entropy = (entropy * weight).sum() / n
             if self.training and self.gate.track_counts:
                 self.gate.pending_counts += assigned
-        return RouterOutput(aux_loss=aux_loss, z_loss=z_loss, load=frac.detach(), entropy=entropy, topk_idx=topk_idx)
+        return RouterStats(aux_loss=aux_loss, z_loss=z_loss, load=frac.detach(), entropy=entropy, experts=topk_idx)

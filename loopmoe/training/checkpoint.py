@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -25,7 +24,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from loopmoe.atomic import publish_directory
 from loopmoe.distributed.env import barrier, broadcast_object, is_distributed
 from loopmoe.distributed.parallelize import unwrap
 
@@ -61,7 +61,7 @@ class ResumeState:
 # ---------------------------------------------------------------- RNG states
 def capture_rng() -> dict[str, Any]:
     """Python, numpy, torch and CUDA generator states, in weights_only-loadable types."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
@@ -107,19 +107,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _files(root: Path) -> list[Path]:
@@ -196,20 +183,11 @@ class CheckpointManager:
         return final
 
     def _seal(self, tmp: Path, final: Path) -> None:
-        files = _files(tmp)
-        for f in files:
-            _fsync_file(f)
-        manifest = {"files": {str(f.relative_to(tmp)): _sha256(f) for f in files}}
-        marker = tmp / MARKER
-        with marker.open("w") as fh:
-            json.dump(manifest, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # a rejected (corrupt) checkpoint of the same step: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
+        # The marker lists every file's checksum and is written last; publishing fsyncs all files
+        # and renames the folder into place (replacing a rejected, corrupt checkpoint of that step).
+        manifest = {"files": {str(f.relative_to(tmp)): _sha256(f) for f in _files(tmp)}}
+        (tmp / MARKER).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        publish_directory(tmp, final)
 
     def _prune(self) -> None:
         for _, path in list_checkpoints(self.root)[: -self.keep_last]:
@@ -269,7 +247,10 @@ class CheckpointManager:
                 f"{path} was written by {meta.get('world_size')} processes, this run has {world}; "
                 f"resume with --nproc_per_node={meta.get('world_size')} or start a new run directory"
             )
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        state: dict[str, Any] = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -10,11 +10,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from loopmoe.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from loopmoe.model.moe import RouterStats
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -30,21 +35,21 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def summarize_router_stats(stats_per_micro: Sequence[Sequence[dict[str, Any]]]) -> dict[str, dict[str, torch.Tensor]]:
-    """Average router load and entropy over micro-batches, keyed by `name` + iteration.
+def summarize_router_stats(stats_per_micro: Sequence[Sequence[RouterStats]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Average router load and entropy over micro-batches, keyed by the slot's name.
 
     Key is e.g. `core.0/iter1` for a looped core layer, `prelude.0` for a layer run once.
     """
     acc: dict[str, dict[str, list[torch.Tensor]]] = {}
     for stats in stats_per_micro:
         for s in stats:
-            key = s["name"] if s.get("iteration") is None else f"{s['name']}/iter{s['iteration']}"
-            slot = acc.setdefault(key, {"load": [], "entropy": []})
-            slot["load"].append(s["load"].detach().float().cpu())
-            slot["entropy"].append(torch.as_tensor(s["entropy"]).detach().float().cpu())
+            assert s.slot is not None, "router statistics come from the model, which names their slot"
+            slot = acc.setdefault(s.slot.name, {"load": [], "entropy": []})
+            slot["load"].append(s.load.detach().float().cpu())
+            slot["entropy"].append(torch.as_tensor(s.entropy).detach().float().cpu())
     return {k: {n: torch.stack(v).mean(0) for n, v in d.items()} for k, d in acc.items()}
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from loopmoe.atomic import atomic_write_text
 from loopmoe.distributed.env import DistInfo, barrier, init_distributed, is_distributed, teardown_distributed
 from loopmoe.distributed.parallelize import apply_ddp, apply_fsdp2, build_mesh, unwrap
 from loopmoe.training.builders import (
@@ -100,7 +101,7 @@ def _export_final(
         tok = bundle.tokenizer
         if tok is not None:
             (tok.save if hasattr(tok, "save") else tok.save_pretrained)(str(final))
-        (final / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(final / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
     barrier()
     return final
 
@@ -175,7 +176,7 @@ def _run(
         skipped_total = restored.meta["skipped_steps"]
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(out_dir / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
 
     trainer = Trainer(
         model,

@@ -1,8 +1,13 @@
 """One optimizer step and one evaluation, independent of how the model is parallelised.
 
 The step guards the weights: if the loss or the gradient norm is not finite on any rank, the
-update (and the router-bias update) is skipped and the gradients dropped, so one bad batch
-costs a step, not the run.
+update (and the model's own per-step update, see ``StepHooks``) is skipped and the gradients
+dropped, so one bad batch costs a step, not the run.
+
+The contract with the model: ``model(input_ids=x, labels=x)`` returns an output with ``loss``
+and ``lm_loss`` (``aux_loss`` and ``router_stats`` when it has them); a model with state that
+changes once per optimizer step outside autograd implements ``StepHooks``. Nothing here knows
+about experts or routers.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -20,6 +25,24 @@ from torch.distributed.tensor import DTensor
 
 from loopmoe.distributed.env import all_reduce_mean, all_reduce_sum_
 from loopmoe.distributed.parallelize import gradient_sync, unwrap
+
+if TYPE_CHECKING:
+    from loopmoe.model.moe import RouterStats
+
+
+@runtime_checkable
+class StepHooks(Protocol):
+    """Per-step state of a model outside autograd, e.g. aux-loss-free router biases.
+
+    After every applied optimizer step the trainer calls ``on_optimizer_step(reduce_fn)``, where
+    ``reduce_fn`` sums a tensor over the data-parallel ranks in place (None in one process), so
+    every rank takes the same decision; after a skipped step it calls ``on_skipped_step()``, so
+    that what the bad batch gathered is dropped.
+    """
+
+    def on_optimizer_step(self, reduce_fn: Callable[[torch.Tensor], None] | None) -> None: ...
+
+    def on_skipped_step(self) -> None: ...
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -40,7 +63,7 @@ class StepOutput:
     lr: float
     skipped: bool
     tokens: int
-    router_stats: list[list[dict[str, Any]]] = field(default_factory=list)
+    router_stats: list[list[RouterStats]] = field(default_factory=list)  # per micro-batch
 
 
 def _aux(out: Any, like: torch.Tensor) -> torch.Tensor:
@@ -62,14 +85,12 @@ class Trainer:
         device: torch.device,
         autocast_dtype: torch.dtype | None,
         world_size: int = 1,
-        router_reduce: Callable[[torch.Tensor], None] | None = None,
+        step_reduce: Callable[[torch.Tensor], None] | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.device, self.autocast_dtype, self.world_size = device, autocast_dtype, world_size
-        self.router_reduce = (
-            router_reduce if router_reduce is not None else (all_reduce_sum_ if world_size > 1 else None)
-        )
+        self.step_reduce = step_reduce if step_reduce is not None else (all_reduce_sum_ if world_size > 1 else None)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -86,7 +107,7 @@ class Trainer:
         """Consume `grad_accum` micro-batches, then update unless anything is non-finite."""
         self.model.train()
         sums = torch.zeros(3, device=self.device)
-        router_stats: list[list[dict[str, Any]]] = []
+        router_stats: list[list[RouterStats]] = []
         tokens = 0
         for i in range(self.grad_accum):
             x = next(batches).to(self.device, non_blocking=True)
@@ -102,11 +123,13 @@ class Trainer:
         grad_norm = self._clip()
         sums = all_reduce_mean(sums / self.grad_accum)
         finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
+        hooks = unwrap(self.model)
         if finite:
             self.optimizer.step()
-            unwrap(self.model).update_router_biases(reduce_fn=self.router_reduce)
-        else:  # a NaN batch routes arbitrarily: its expert counts must not steer the next bias update
-            unwrap(self.model).discard_router_counts()
+            if isinstance(hooks, StepHooks):
+                hooks.on_optimizer_step(self.step_reduce)
+        elif isinstance(hooks, StepHooks):
+            hooks.on_skipped_step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():  # a skipped step still advances the schedule; torch warns about that

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from loopmoe import LoopMoEForCausalLM
 from loopmoe.budget import compute_budget
 from loopmoe.flops import count_forward_flops
+from loopmoe.presets import get_preset
 
 VARIANTS = {
     "vanilla": {},
@@ -141,10 +142,10 @@ def test_kv_cache_has_one_slot_per_executed_layer(tiny_config):
     keys = [layer.keys for layer in cache.layers]
     assert all(k.shape == (1, 2, 5, 8) for k in keys)
     # Slots are distinct states: the same core layer at different iterations sees different inputs.
-    core0 = [model.model.cache_slot("core", 0, k) for k in range(3)]
+    core0 = [model.model.slot("core", 0, k).cache_index for k in range(3)]
     assert core0 == [1, 3, 5]
     assert not torch.allclose(keys[core0[0]], keys[core0[1]])
-    assert model.model.cache_slot("coda", 0) == 7
+    assert model.model.slot("coda", 0).cache_index == 7
     deeper = model(input_ids=x, use_cache=True, num_loops=5).past_key_values
     assert len(deeper.layers) == 1 + 2 * 5 + 1
 
@@ -248,10 +249,13 @@ def test_router_bias_update_through_model(tiny_config):
     model = build(tiny_config(router_bias_update_rate=0.05)).train()
     x = torch.randint(0, 97, (4, 16))
     model(input_ids=x, labels=x).loss.backward()
-    model.update_router_biases()
+    reduced = []
+    model.on_optimizer_step(reduce_fn=reduced.append)  # a data-parallel run all-reduces here
     biases = torch.stack([layer.mlp.gate.expert_bias for layer in model.model.core])
     assert biases.abs().sum() > 0
     assert torch.all(torch.isin(biases, torch.tensor([-0.05, 0.0, 0.05])))
+    # One reduction for all routers: the counts of every layer in one tensor.
+    assert len(reduced) == 1 and reduced[0].numel() == biases.numel()
 
 
 def test_inputs_embeds_and_errors(tiny_config):
@@ -268,6 +272,25 @@ def test_discarded_router_counts_do_not_move_biases(tiny_config):
     model = build(tiny_config(router_bias_update_rate=0.05)).train()
     x = torch.randint(0, 97, (4, 16))
     model(input_ids=x, labels=x)  # counts of a step that will be skipped
-    model.discard_router_counts()
-    model.update_router_biases()
+    model.on_skipped_step()
+    model.on_optimizer_step()
     assert all(torch.all(layer.mlp.gate.expert_bias == 0) for layer in model.model.core)
+
+
+def test_model_training_with_labels_skips_logits_and_keeps_the_loss():
+    cfg = get_preset("debug")
+    torch.manual_seed(0)
+    model = LoopMoEForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    fused = model(input_ids=ids, labels=ids)
+    assert fused.logits is None
+    g_fused = torch.autograd.grad(fused.loss, list(model.parameters()))
+    unfused = model(input_ids=ids, labels=ids, skip_logits=False)
+    assert unfused.logits is not None
+    torch.testing.assert_close(fused.lm_loss, unfused.lm_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused.loss, unfused.loss, rtol=1e-6, atol=0)
+    for a, b in zip(g_fused, torch.autograd.grad(unfused.loss, list(model.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert model.eval()(input_ids=ids, labels=ids).logits is not None  # evaluation keeps its logits
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=ids, skip_logits=True)

@@ -1,7 +1,7 @@
 """Stand-ins for the model and data contracts, so training tests depend only on the contracts.
 
 `TinyMoELM` answers like LoopMoEForCausalLM (loss, lm_loss, aux_loss, router_stats,
-update_router_biases, save_pretrained); `SyntheticLoader` is a deterministic, resumable,
+on_optimizer_step / on_skipped_step, save_pretrained); `SyntheticLoader` is a deterministic, resumable,
 rank-aware loader whose global batch is the same for any world size.
 """
 
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopmoe.model.moe import RouterStats
+from loopmoe.model.slots import Slot
 from loopmoe.training.builders import DataBundle
 
 VOCAB = 61
@@ -66,7 +68,8 @@ class TinyMoELM(nn.Module):
             h, probs = layer(h)
             load = probs.mean((0, 1))
             entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
-            stats.append({"name": f"core.{i}", "iteration": 1, "load": load.detach(), "entropy": entropy.detach()})
+            slot = Slot("core", i, 1, i)
+            stats.append(RouterStats(aux, aux, load.detach(), entropy.detach(), probs.argmax(-1), slot))
             aux = aux + (load * load).sum() * load.numel()
         logits = self.head(self.norm(h))
         lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
@@ -76,10 +79,10 @@ class TinyMoELM(nn.Module):
                 lm = lm * float("nan")
         return StandinOutput(loss=lm + 0.01 * aux, lm_loss=lm, aux_loss=aux, router_stats=stats, logits=logits)
 
-    def update_router_biases(self, reduce_fn=None) -> None:
+    def on_optimizer_step(self, reduce_fn=None) -> None:
         self.bias_updates += 1
 
-    def discard_router_counts(self) -> None:
+    def on_skipped_step(self) -> None:
         self.discarded_counts += 1
 
     def save_pretrained(self, directory: str) -> None:

@@ -14,7 +14,8 @@ Semantics are transformers' ``ForCausalLMLoss``: labels are shifted inside (posi
 label t+1), ``ignore_index`` rows are excluded, the sum is divided by ``num_items_in_batch`` when
 given and by the number of counted rows otherwise. The logits are computed in the weight's dtype
 and upcast to fp32 before the softmax, as there. The loss equals the unfused one up to fp32
-rounding (~1e-7 relative), not bit for bit: summation order differs.
+rounding (~1e-7 relative), not bit for bit: summation order differs; the reference is
+``linear_cross_entropy_reference`` (transformers' loss on materialised logits).
 """
 
 from __future__ import annotations
@@ -85,7 +86,12 @@ def linear_cross_entropy(
     """
     d, vocab = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, d)
-    targets = shift_labels.reshape(-1) if shift_labels is not None else _shift(labels, ignore_index)
+    if shift_labels is not None:
+        targets = shift_labels.reshape(-1)
+    elif labels is not None:
+        targets = _shift(labels, ignore_index)
+    else:
+        raise ValueError("linear_cross_entropy needs labels or shift_labels")
     targets = targets.to(h.device)
     if num_items_in_batch is None:
         denominator = (targets != ignore_index).sum().to(torch.float32)
@@ -93,3 +99,19 @@ def linear_cross_entropy(
         denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=h.device)
     chunk_rows = max(1, chunk_bytes // (4 * vocab))
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, denominator, chunk_rows)
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What ``linear_cross_entropy`` must equal: transformers' ``ForCausalLMLoss`` on ``hidden @ weight.T``."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = hidden @ weight.t()
+    items = torch.as_tensor(num_items_in_batch) if num_items_in_batch is not None else None
+    return ForCausalLMLoss(logits, labels, weight.shape[0], items, ignore_index=ignore_index, shift_labels=shift_labels)

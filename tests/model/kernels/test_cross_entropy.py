@@ -1,12 +1,10 @@
-"""The fused LM-head cross-entropy against transformers' ForCausalLMLoss on materialised logits."""
+"""kernels.cross_entropy: the fused LM-head loss against transformers' ForCausalLMLoss on materialised logits."""
 
 import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from loopmoe.model import LoopMoEForCausalLM
-from loopmoe.model.loss import linear_cross_entropy
-from loopmoe.presets import get_preset
+from loopmoe.model.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 V, D = 50, 16
 
@@ -55,25 +53,6 @@ def test_without_gradients_returns_the_loss_only():
     assert loss.grad_fn is None
 
 
-def test_model_training_with_labels_skips_logits_and_keeps_the_loss():
-    cfg = get_preset("debug")
-    torch.manual_seed(0)
-    model = LoopMoEForCausalLM(cfg).train()
-    ids = torch.randint(0, cfg.vocab_size, (2, 24))
-    fused = model(input_ids=ids, labels=ids)
-    assert fused.logits is None
-    g_fused = grads(fused.loss, *model.parameters())
-    unfused = model(input_ids=ids, labels=ids, skip_logits=False)
-    assert unfused.logits is not None
-    torch.testing.assert_close(fused.lm_loss, unfused.lm_loss, rtol=1e-6, atol=0)
-    torch.testing.assert_close(fused.loss, unfused.loss, rtol=1e-6, atol=0)
-    for a, b in zip(g_fused, grads(unfused.loss, *model.parameters())):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    assert model.eval()(input_ids=ids, labels=ids).logits is not None  # evaluation keeps its logits
-    with pytest.raises(ValueError, match="needs labels"):
-        model(input_ids=ids, skip_logits=True)
-
-
 def test_bf16_weights_accumulate_in_fp32_and_return_their_dtype():
     h, w, labels = inputs(torch.float32)
     hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
@@ -84,3 +63,8 @@ def test_bf16_weights_accumulate_in_fp32_and_return_their_dtype():
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
     for a, b in zip((g_h, g_w), grads(ref, hb, wb)):
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3)
+
+
+def test_reference_is_transformers_loss():
+    h, w, labels = inputs()
+    torch.testing.assert_close(linear_cross_entropy_reference(h, w, labels), ForCausalLMLoss(h @ w.t(), labels, V))

@@ -1,0 +1,85 @@
+"""Atomic, durable writes: a file or a folder is either wholly there or not there at all.
+
+Everything loopmoe writes that a later run reads back (checkpoints, shards, tokenizers, metrics,
+run configs, reports) goes through here, so every writer has the same guarantee: the content is
+written under a temporary name private to this process, flushed to disk (``fsync``), renamed into
+place in one ``os.replace`` and the rename itself made durable (``fsync`` of the parent folder).
+A crash at any moment leaves the old version or the new one, never a torn one; a stale
+temporary (``.NAME.tmp-*`` / ``.NAME.staging-*``) is all an interrupted write can leave behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_file(path: Path) -> None:
+    with Path(path).open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def publish_directory(staging: Path, destination: Path) -> None:
+    """Make the finished folder ``staging`` appear as ``destination`` in one rename, durably.
+
+    Every file is fsynced first; an existing ``destination`` is moved aside and deleted after the
+    swap, so a reader sees the old folder or the new one.
+    """
+    for f in staging.rglob("*"):
+        if f.is_file():
+            fsync_file(f)
+    fsync_dir(staging)
+    old = None
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        os.replace(destination, old)
+    os.replace(staging, destination)
+    fsync_dir(destination.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(destination: Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``destination``; on success it replaces ``destination``.
+
+    On an exception the staging folder is removed and ``destination`` is untouched.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.staging-", dir=destination.parent))
+    try:
+        yield staging
+        publish_directory(staging, destination)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
