@@ -54,6 +54,34 @@ def apply_fsdp2(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
     return model
 
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> nn.Module:
+    """Recompute activations in backward instead of keeping them (torchtitan's full / selective AC).
+
+    ``full``: every executed (iteration, layer) slot is a checkpoint region; ``selective``: every
+    ``every``-th executed slot (1-based, so ``every=2`` checkpoints the 2nd, 4th, ...); ``none``
+    turns it off. The unit is the executed slot, not the module: a core layer runs T times and each
+    run keeps or drops its own activations. Apply before DDP / FSDP2 wrapping or after; either works.
+    """
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"activation checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
+    if mode == "selective" and every < 1:
+        raise ValueError(f"selective activation checkpointing needs every >= 1, got {every}")
+    targets = [m for m in unwrap(model).modules() if hasattr(m, "checkpoint_policy")]
+    if not targets:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no executed slots to checkpoint (no checkpoint_policy)")
+    policy = {
+        "none": None,
+        "full": lambda slot: True,
+        "selective": lambda slot: (slot.cache_index + 1) % every == 0,
+    }[mode]
+    for m in targets:
+        m.checkpoint_policy = policy
+    return model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under a DDP wrapper (FSDP2 modifies modules in place, so: itself)."""
     return model.module if isinstance(model, DDP) else model

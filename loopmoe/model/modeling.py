@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -120,11 +121,16 @@ class LoopMoECausalLMOutput(MoeCausalLMOutputWithPast):
     router_stats: list[RouterStats] | None = None
 
 
+def checkpoint_every_slot(slot: Slot) -> bool:
+    """The ``checkpoint_policy`` of full activation checkpointing."""
+    return True
+
+
 class LoopMoEPreTrainedModel(PreTrainedModel):
     config_class = LoopMoEConfig
     config: LoopMoEConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # per executed slot; see LoopMoEModel.checkpoint_policy
     _no_split_modules = ["DecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
@@ -177,7 +183,24 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         self.injection = InjectionLinear(2 * d, d, bias=False) if config.input_injection == "concat" else None
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # Activation checkpointing: which executed slots recompute their activations in backward.
+        # Set by ``loopmoe.distributed.parallelize.apply_activation_checkpointing`` (or HF's
+        # ``gradient_checkpointing_enable``); a slot, not a module, is the unit, because the core's
+        # modules run T times and each run is its own region.
+        self.checkpoint_policy: Callable[[Slot], bool] | None = None
         self.post_init()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """transformers' switch: on means every executed slot is checkpointed."""
+        return self.checkpoint_policy is not None
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        # transformers also hands over its checkpoint function (reentrant by default); the slots
+        # always use the non-reentrant one, which keeps gradients flowing into the aux losses that
+        # come out of a region inside RouterStats.
+        self.checkpoint_policy = checkpoint_every_slot if enable else None
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -239,8 +262,16 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         hidden_states = [h] if output_hidden_states else None
         routers: list[RouterStats] = []
 
+        # Checkpointed slots recompute in backward; never while filling a KV cache (it would be filled twice).
+        checkpointing = self.training and torch.is_grad_enabled() and past_key_values is None
+        recompute = self.checkpoint_policy if checkpointing else None
+
         def run(layer: nn.Module, h: torch.Tensor, slot: Slot, v_k: torch.Tensor | None = None) -> torch.Tensor:
-            h, router = layer(h, rope, mask, past_key_values, slot, v_k, token_mask, output_router_stats)
+            args = (h, rope, mask, past_key_values, slot, v_k, token_mask, output_router_stats)
+            if recompute is not None and recompute(slot):
+                h, router = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                h, router = layer(*args)
             if router is not None:
                 routers.append(router)
             if hidden_states is not None:

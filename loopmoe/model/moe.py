@@ -42,6 +42,12 @@ class RouterStats:
     slot: Slot | None = None  # the executed (layer, iteration) it came from; set by the model
 
 
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass: a forward now is activation checkpointing's
+    recomputation, whose routing was already counted by the original forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class TopKRouter(nn.Module):
     """Linear router over experts with softmax or sigmoid scores and optional selection bias."""
 
@@ -197,6 +203,6 @@ class SparseMoE(nn.Module):
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
             entropy = (entropy * weight).sum() / n
-            if self.training and self.gate.track_counts:
+            if self.training and self.gate.track_counts and not _recomputing():
                 self.gate.pending_counts += assigned
         return RouterStats(aux_loss=aux_loss, z_loss=z_loss, load=frac.detach(), entropy=entropy, experts=topk_idx)
