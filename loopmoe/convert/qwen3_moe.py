@@ -86,7 +86,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 -- safe_open objects are not iterable: keys() is the listing
                 tensors[key] = f.get_tensor(key)
     if not files:
         for file in sorted(folder.glob("pytorch_model*.bin")):
