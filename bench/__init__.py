@@ -1,1 +1,3 @@
-"""Benchmark scripts (not tests): ``python bench/run_all.py [--quick]``; see PERFORMANCE.md."""
+"""Benchmark scripts (not tests), run as modules from the repository root:
+``python -m bench.run_all [--quick]`` or one of them, e.g. ``python -m bench.train_step --quick``;
+see PERFORMANCE.md."""

@@ -1,9 +1,10 @@
-"""Shared helpers of the benchmark scripts: timing on a busy machine, the reference models, I/O.
+"""Shared helpers of the benchmark scripts: timing on a busy machine, tables, I/O.
 
 Timing follows ``shared/bench/hf_qwen3moe_reference.py``: a run only counts when the rest of the
 machine used < 8% of the cores during it (other agents run tests on the same 2 cores), ours and
 the reference are timed *interleaved* in one process (A B A B ...), and we report the median with
-the min/max of the accepted runs.
+the min/max of the accepted runs. The reference models and the parity checks run before timing
+come from ``loopmoe.testing.hf_parity`` (shared with the tests).
 """
 
 from __future__ import annotations
@@ -12,45 +13,14 @@ import json
 import os
 import platform
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
-
-# The tiny Qwen3-MoE of the reference script (same shape as the "bench" preset).
-QWEN_CFG = dict(
-    vocab_size=8192,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    head_dim=64,
-    intermediate_size=1024,
-    moe_intermediate_size=512,
-    num_experts=8,
-    num_experts_per_tok=2,
-    norm_topk_prob=True,
-    decoder_sparse_step=1,
-    mlp_only_layers=[],
-    output_router_logits=True,
-    router_aux_loss_coef=0.001,
-    max_position_embeddings=1024,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    hidden_act="silu",
-    bos_token_id=1,
-    eos_token_id=None,
-    pad_token_id=0,
-)
 
 BUSY_LIMIT = 0.08  # fraction of the machine other processes may use during an accepted run
 
@@ -62,8 +32,10 @@ def setup(threads: int = 2) -> None:
 
 def busy():
     """(machine busy jiffies, own jiffies, time): detects other processes stealing the cores."""
-    v = list(map(int, open("/proc/stat").readline().split()[1:]))  # noqa: SIM115
-    s = open("/proc/self/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    with open("/proc/stat") as f:
+        v = list(map(int, f.readline().split()[1:]))
+    with open("/proc/self/stat") as f:
+        s = f.read().rsplit(")", 1)[1].split()
     return sum(v) - v[3] - v[4], int(s[11]) + int(s[12]), time.perf_counter()
 
 
@@ -135,68 +107,6 @@ def fmt_speedup(s: dict) -> str:
     return f"{s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}]"
 
 
-def qwen_model(impl: str = "grouped_mm", cfg: dict | None = None, seed: int = 0):
-    """transformers' Qwen3MoeForCausalLM with random weights, as in the reference script."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(seed)
-    return Qwen3MoeForCausalLM._from_config(
-        Qwen3MoeConfig(**(cfg or QWEN_CFG)),
-        attn_implementation="sdpa",
-        experts_implementation=impl,
-        dtype=torch.float32,
-    )
-
-
-def ours_from_qwen(qwen_model_, **config_overrides):
-    """Convert a transformers Qwen3-MoE model to LoopMoE (T = 1) through the checkpoint converter."""
-    from loopmoe.convert.qwen3_moe import convert_qwen3_moe
-    from loopmoe.model import LoopMoEForCausalLM
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "qwen", Path(tmp) / "loopmoe"
-        qwen_model_.save_pretrained(src)
-        convert_qwen3_moe(src, dst)
-        return LoopMoEForCausalLM.from_pretrained(dst, dtype=torch.float32, **config_overrides)
-
-
-def check_logits(ours, ref, vocab: int = 8192, tol: float = 1e-4, batch: int = 2, seq: int = 64) -> float:
-    """Max |logits_ours - logits_ref| on random ids; raises when above ``tol``."""
-    ids = torch.randint(2, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
-    was = ours.training, ref.training
-    ours.eval(), ref.eval()
-    with torch.no_grad():
-        diff = (ours(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
-    ours.train(was[0]), ref.train(was[1])
-    if not diff < tol:
-        raise AssertionError(
-            f"logits differ from transformers by {diff:.2e} (> {tol:.0e}): timings would be meaningless"
-        )
-    return diff
-
-
-def check_training(ours, ref, ids, tol: float = 1e-4) -> dict:
-    """Training mode with labels (ours: the fused LM-head loss, no logits) against transformers:
-    the language-model loss and its gradients of the LM head and the embedding, relative; raises when
-    above ``tol``. (The router balancing losses are left out: transformers' is one switch loss over
-    all layers' routing, ours the mean of per-layer ones; both are timed with theirs.)"""
-    diffs, grads = {}, {}
-    for name, m in (("ours", ours), ("ref", ref)):
-        m.zero_grad(set_to_none=True)
-        if name == "ours":
-            loss = m(input_ids=ids, labels=ids).lm_loss
-        else:
-            loss = m(input_ids=ids, labels=ids, output_router_logits=False).loss
-        loss.backward()
-        grads[name] = (loss.detach(), m.lm_head.weight.grad.clone(), m.get_input_embeddings().weight.grad.clone())
-        m.zero_grad(set_to_none=True)
-    for key, a, b in zip(("loss", "lm_head_grad", "embedding_grad"), grads["ours"], grads["ref"]):
-        diffs[key] = ((a - b).abs().max() / b.abs().max()).item()
-    if not max(diffs.values()) < tol:
-        raise AssertionError(f"training loss/gradients differ from transformers: {diffs} (> {tol:.0e})")
-    return diffs
-
-
 def machine() -> dict:
     return {
         "python": platform.python_version(),
@@ -210,9 +120,10 @@ def machine() -> dict:
 
 def _cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):  # noqa: SIM115
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor()
@@ -239,16 +150,6 @@ def table(headers: list[str], rows: list[list]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
 
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
-
-
-def peak_gflops(cached: bool = True) -> float:
-    """Measured peak fp32 matmul GFLOP/s (bench/peak_flops.py's result when present)."""
-    path = RESULTS / "peak_flops.json"
-    if cached and path.is_file():
-        return json.loads(path.read_text())["peak_gflops"]
-    from bench.peak_flops import measure
-
-    return measure(quick=True)["peak_gflops"]
 
 
 def token_batch(batch: int, seq: int, vocab: int = 8192) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """(6) Data pipeline: BPE training and tokenisation throughput, shard building, loader overhead.
 
-    python bench/data_pipeline.py [--quick]
+    python -m bench.data_pipeline [--quick]
 
 On tinyshakespeare from ``loopmoe.paths.shared_data_dir()`` (in a temporary folder, so nothing
 cached is reused): ``train_bpe_tokenizer`` (vocab 8192), ``encode_batch`` throughput,
@@ -12,12 +12,10 @@ Writes bench/results/data_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common
 
 

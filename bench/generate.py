@@ -1,8 +1,8 @@
 """(4) Greedy generation with a KV cache: new tokens/s at batch 1 and 8, LoopMoE vs transformers.
 
-    python bench/generate.py [--quick]
+    python -m bench.generate [--quick]
 
-Same models as bench/train_step.py (LoopMoE converted from the transformers weights; logits
+Same models as ``bench.train_step`` (LoopMoE converted from the transformers weights; logits
 checked first, and the greedy continuations checked identical). Prompt 32 random tokens,
 128 new tokens (``min_new_tokens`` forces the full length), timed interleaved.
 Writes bench/results/generate.json.
@@ -11,22 +11,38 @@ Writes bench/results/generate.json.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common
+from loopmoe.testing import hf_parity
 
 PROMPT, NEW = 32, 128
 
 
+def greedy(model, prompt: torch.Tensor, new: int):
+    """The timed unit: greedy generation of exactly ``new`` tokens after ``prompt``, with a KV cache."""
+
+    def fn():
+        with torch.inference_mode():
+            return model.generate(
+                prompt,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+
+    return fn
+
+
 def run(quick: bool = False) -> dict:
     common.setup()
-    refs = {impl: common.qwen_model(impl) for impl in ("grouped_mm", "eager")}
-    ours = common.ours_from_qwen(refs["grouped_mm"])
-    diff = {impl: common.check_logits(ours, ref) for impl, ref in refs.items()}
+    refs = {impl: hf_parity.qwen_model(impl) for impl in ("grouped_mm", "eager")}
+    ours = hf_parity.ours_from_qwen(refs["grouped_mm"])
+    diff = {impl: hf_parity.check_logits(ours, ref) for impl, ref in refs.items()}
     models = {"ours": ours, **{f"hf_{k}": v for k, v in refs.items()}}
     for m in models.values():
         m.eval()
@@ -35,25 +51,10 @@ def run(quick: bool = False) -> dict:
     for batch in (1, 8):
         prompt = torch.randint(2, 8192, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
 
-        def gen(m):
-            def fn():
-                with torch.inference_mode():
-                    return m.generate(
-                        prompt,  # noqa: B023
-                        max_new_tokens=new,
-                        min_new_tokens=new,
-                        do_sample=False,
-                        use_cache=True,
-                        pad_token_id=0,
-                        eos_token_id=None,
-                    )
-
-            return fn
-
-        outs = {k: gen(m)() for k, m in models.items()}
+        outs = {k: greedy(m, prompt, new)() for k, m in models.items()}
         same = {k: bool(torch.equal(outs["ours"], o)) for k, o in outs.items() if k != "ours"}
         t = common.interleaved(
-            {k: gen(m) for k, m in models.items()},
+            {k: greedy(m, prompt, new) for k, m in models.items()},
             reps=3 if quick else 7,
             tries=5 if quick else 14,
             budget_s=25 if quick else 90,

@@ -1,6 +1,6 @@
 """(5) LoopMoE vs its capacity-balanced Vanilla MoE reference: training tokens/s and peak memory.
 
-    python bench/loop_vs_vanilla.py [--quick] [--loops 2]
+    python -m bench.loop_vs_vanilla [--quick] [--loops 2]
 
 The reference is the "bench" preset (the transformers tiny Qwen3-MoE shape; its weights come from
 transformers through the converter and its logits are checked against transformers first). The
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common
+from bench.peak_flops import peak_gflops
+from loopmoe.testing import hf_parity
 
 BATCH, SEQ = 8, 256
 
@@ -87,7 +88,11 @@ def _status_kib(field: str) -> int:
 
 def memory(which: str, loops: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", which, "--loops", str(loops)], check=True, capture_output=True, text=True
+        [sys.executable, "-m", "bench.loop_vs_vanilla", "--child", which, "--loops", str(loops)],
+        cwd=common.ROOT,  # where `bench` and `loopmoe` import from, as for the parent's `python -m`
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -98,9 +103,9 @@ def run(quick: bool = False, loops: int = 2) -> dict:
 
     common.setup()
     ref_cfg, loop_cfg = configs(loops)
-    hf = common.qwen_model("grouped_mm")
-    vanilla = common.ours_from_qwen(hf)
-    diff = common.check_logits(vanilla, hf)
+    hf = hf_parity.qwen_model("grouped_mm")
+    vanilla = hf_parity.ours_from_qwen(hf)
+    diff = hf_parity.check_logits(vanilla, hf)
     cfgs = {"vanilla": ref_cfg, "loopmoe": loop_cfg, **controls(loop_cfg)}
     models = {"vanilla": vanilla}
     for name, cfg in list(cfgs.items())[1:]:
@@ -116,7 +121,7 @@ def run(quick: bool = False, loops: int = 2) -> dict:
         tries=10 if quick else 24,
         budget_s=45 if quick else 150,
     )
-    peak = common.peak_gflops()
+    peak = peak_gflops()
     rows = []
     for name, cfg in cfgs.items():
         b = compute_budget(cfg, SEQ)

@@ -1,6 +1,6 @@
 """(2) MoE layer forward+backward throughput: LoopMoE's SparseMoE vs transformers' Qwen3-MoE block.
 
-    python bench/moe_layer.py [--quick]
+    python -m bench.moe_layer [--quick]
 
 For each expert configuration and token count, both layers get the same weights (router and
 3-D expert tensors), their outputs are checked equal (max abs diff < 1e-4), then
@@ -13,12 +13,10 @@ bench/results/moe_layer.json and docs/moe_layer_throughput.png.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common
 
 # (name, hidden d, experts E, top-k, expert size f)
@@ -62,6 +60,18 @@ def build(d: int, E: int, k: int, f: int, seed: int = 0):
     return ours, refs
 
 
+def step(layer, x: torch.Tensor, g: torch.Tensor, ours_layer: bool = False):
+    """The timed unit: ``y = layer(x); (y * g).sum().backward()`` (ours returns a tuple, the reference a tensor)."""
+
+    def fn():
+        xi = x.detach().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        out = layer(xi)[0] if ours_layer else layer(xi)
+        (out * g).sum().backward()
+
+    return fn
+
+
 def run(quick: bool = False) -> dict:
     common.setup()
     tokens = QUICK_TOKENS if quick else TOKENS
@@ -78,16 +88,7 @@ def run(quick: bool = False) -> dict:
             if max(diffs.values()) >= 1e-4:
                 raise AssertionError(f"{name} N={n}: outputs differ from transformers: {diffs}")
 
-            def step(layer, ours_layer=False):
-                def fn():
-                    xi = x.detach().requires_grad_()  # noqa: B023
-                    layer.zero_grad(set_to_none=True)
-                    out = layer(xi)[0] if ours_layer else layer(xi)
-                    (out * g).sum().backward()  # noqa: B023
-
-                return fn
-
-            fns = {"ours": step(ours, True), **{f"hf_{impl}": step(ref) for impl, ref in refs.items()}}
+            fns = {"ours": step(ours, x, g, True), **{f"hf_{impl}": step(ref, x, g) for impl, ref in refs.items()}}
             t = common.interleaved(fns, reps=3 if quick else 5, tries=8 if quick else 12, budget_s=6 if quick else 12)
             row = {
                 "config": name,

@@ -1,6 +1,6 @@
 """(1) Peak fp32 matmul throughput of this machine: the denominator of model FLOP utilisation.
 
-    python bench/peak_flops.py [--quick]
+    python -m bench.peak_flops [--quick]
 
 Square fp32 matmuls at a few sizes with the benchmark thread count; the best quiet run of the
 best size is the peak. Writes bench/results/peak_flops.json.
@@ -9,13 +9,16 @@ best size is the peak. Writes bench/results/peak_flops.json.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
+import json
+from functools import partial
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from bench import common
+
+
+def _matmuls(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, reps: int) -> list[torch.Tensor]:
+    return [torch.mm(a, b, out=c) for _ in range(reps)]
 
 
 def measure(quick: bool = False) -> dict:
@@ -26,10 +29,7 @@ def measure(quick: bool = False) -> dict:
         a, b = torch.randn(n, n), torch.randn(n, n)
         c = torch.empty(n, n)
         reps = max(1, int(2e9 // (2 * n**3)))  # ~2 GFLOP per timed call
-
-        def fn():
-            return [torch.mm(a, b, out=c) for _ in range(reps)]  # noqa: B023
-
+        fn = partial(_matmuls, a, b, c, reps)
         t = common.interleaved({"mm": fn}, reps=3 if quick else 5, tries=12, budget_s=8 if quick else 30)["mm"]
         flops = 2 * n**3 * reps
         rows.append(
@@ -42,6 +42,14 @@ def measure(quick: bool = False) -> dict:
         )
     peak = max(r["gflops_best"] for r in rows)
     return {"peak_gflops": peak, "sizes": rows}
+
+
+def peak_gflops(cached: bool = True) -> float:
+    """Measured peak fp32 matmul GFLOP/s (this benchmark's saved result when present, else a quick run)."""
+    path = common.RESULTS / "peak_flops.json"
+    if cached and path.is_file():
+        return json.loads(path.read_text())["peak_gflops"]
+    return measure(quick=True)["peak_gflops"]
 
 
 def main(argv=None) -> dict:

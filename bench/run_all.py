@@ -1,4 +1,4 @@
-"""Run every benchmark in order and print their tables: ``python bench/run_all.py [--quick]``.
+"""Run every benchmark in order and print their tables: ``python -m bench.run_all [--quick]``.
 
 peak FLOPs first (the MFU denominator of the others), then the MoE layer, the training step,
 generation, LoopMoE vs its matched Vanilla MoE, and the data pipeline. JSON results go to
@@ -8,11 +8,7 @@ bench/results/, plots to docs/. ``--quick`` (fewer sizes and repetitions) takes 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import data_pipeline, generate, loop_vs_vanilla, moe_layer, peak_flops, train_step
 
@@ -36,7 +32,7 @@ def main(argv=None) -> None:
         name = module.__name__.rsplit(".", 1)[-1]
         if args.only and name not in args.only:
             continue
-        print(f"\n## {title}  (python bench/{name}.py{' --quick' if args.quick else ''})", flush=True)
+        print(f"\n## {title}  (python -m bench.{name}{' --quick' if args.quick else ''})", flush=True)
         t0 = time.perf_counter()
         module.main(["--quick"] if args.quick else [])
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)

@@ -1,6 +1,6 @@
 """(3) Whole-model training step: tokens/s and model FLOP utilisation, LoopMoE vs transformers.
 
-    python bench/train_step.py [--quick]
+    python -m bench.train_step [--quick]
 
 transformers' Qwen3MoeForCausalLM (tiny config of shared/bench/hf_qwen3moe_reference.py, random
 weights, ``experts_implementation`` grouped_mm and eager) and LoopMoE with T = 1 converted from the
@@ -8,20 +8,19 @@ same weights by ``loopmoe.convert.qwen3_moe``; logits are checked equal (< 1e-4)
 256, timed interleaved: forward+backward, and forward+backward+AdamW step. In training mode with labels
 LoopMoE computes the loss fused with the LM head (no logits), so the training loss and the LM-head and
 embedding gradients are also checked against transformers' first. MFU = 3 x analytic
-forward FLOPs/token (``loopmoe.budget``) x tokens/s / measured peak (bench/peak_flops.py).
+forward FLOPs/token (``loopmoe.budget``) x tokens/s / measured peak (``bench.peak_flops``).
 Writes bench/results/train_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common
+from bench.peak_flops import peak_gflops
+from loopmoe.testing import hf_parity
 
 BATCH, SEQ = 8, 256
 
@@ -30,13 +29,13 @@ def run(quick: bool = False) -> dict:
     from loopmoe.budget import compute_budget
 
     common.setup()
-    peak = common.peak_gflops()
-    refs = {impl: common.qwen_model(impl) for impl in ("grouped_mm", "eager")}
-    ours = common.ours_from_qwen(refs["grouped_mm"])
-    diff = {impl: common.check_logits(ours, ref) for impl, ref in refs.items()}
+    peak = peak_gflops()
+    refs = {impl: hf_parity.qwen_model(impl) for impl in ("grouped_mm", "eager")}
+    ours = hf_parity.ours_from_qwen(refs["grouped_mm"])
+    diff = {impl: hf_parity.check_logits(ours, ref) for impl, ref in refs.items()}
     flops_tok = 3 * compute_budget(ours.config, SEQ).flops_per_token  # training = fwd + 2x for bwd
     ids = common.token_batch(BATCH, SEQ)
-    train_diff = common.check_training(ours.train(), refs["grouped_mm"].train(), ids)
+    train_diff = hf_parity.check_training(ours.train(), refs["grouped_mm"].train(), ids)
     models = {"ours": ours, **{f"hf_{k}": v for k, v in refs.items()}}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     for m in models.values():

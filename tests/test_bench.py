@@ -1,12 +1,14 @@
-"""The checks the benchmarks run before timing, and how they turn timings into ratios."""
+"""The checks the benchmarks run before timing (``loopmoe.testing.hf_parity``), and how they turn
+timings into ratios."""
 
 import pytest
 import torch
 
 from bench import common
+from loopmoe.testing import hf_parity
 
 TINY = dict(
-    common.QWEN_CFG,
+    hf_parity.QWEN_CONFIG,
     vocab_size=128,
     hidden_size=32,
     num_hidden_layers=2,
@@ -21,15 +23,15 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def models():
-    ref = common.qwen_model("grouped_mm", cfg=TINY)
-    return common.ours_from_qwen(ref), ref
+    ref = hf_parity.qwen_model("grouped_mm", config=TINY)
+    return hf_parity.ours_from_qwen(ref), ref
 
 
 def test_converted_model_passes_the_logit_and_training_checks(models):
     ours, ref = models
-    assert common.check_logits(ours, ref, vocab=TINY["vocab_size"]) < 1e-5
+    assert hf_parity.check_logits(ours, ref, vocab=TINY["vocab_size"]) < 1e-5
     ids = torch.randint(2, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
-    diffs = common.check_training(ours.train(), ref.train(), ids)
+    diffs = hf_parity.check_training(ours.train(), ref.train(), ids)
     assert set(diffs) == {"loss", "lm_head_grad", "embedding_grad"} and max(diffs.values()) < 1e-5
 
 
@@ -40,7 +42,7 @@ def test_training_check_catches_a_wrong_model(models):
         ours.lm_head.weight[5] += 0.5
     try:
         with pytest.raises(AssertionError, match="differ from transformers"):
-            common.check_training(ours.train(), ref.train(), ids)
+            hf_parity.check_training(ours.train(), ref.train(), ids)
     finally:
         with torch.no_grad():
             ours.lm_head.weight[5] -= 0.5

@@ -154,7 +154,7 @@ def save_models(result: BalanceResult, directory: Path, dtype: torch.dtype) -> N
             f"{available / 2**30:.1f} GiB are free: pass --dtype bfloat16 or a smaller reference"
         )
     for name, cfg in (("reference", result.reference), ("looped", result.looped)):
-        model = LoopMoEForCausalLM(cfg).to(dtype)
+        model = LoopMoEForCausalLM(cfg).to(dtype)  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
         model.save_pretrained(directory / name)
         del model
         print(f"wrote {directory / name}")

@@ -84,6 +84,7 @@ def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     harness.check_task_files(tasks, data_dir)  # fail fast, before loading the model
     task_configs = _task_files(args.task_file, data_dir)
+    requested: list[str | dict] = [*tasks, *task_configs]  # shipped task names, then task-file configs
 
     from loopmoe.evaluation import loading, report
 
@@ -98,12 +99,12 @@ def run(args) -> int:
         results["perplexity"] = _perplexity(model, tokenizer, texts, args)
         print(report.perplexity_table(results["perplexity"]))
     if args.depth_analysis:
-        results["depth"] = _depth(model, tokenizer, texts[0], tasks + task_configs, data_dir, args)
+        results["depth"] = _depth(model, tokenizer, texts[0], requested, data_dir, args)
         print(report.depth_table(results["depth"]))
     elif tasks or task_configs:
         lm = harness.wrap_model(model, tokenizer, batch_size=args.batch_size, device=args.device)
         with loading.test_time_depth(model, args.num_loops):
-            raw = harness.evaluate_tasks(lm, tasks + task_configs, data_dir, limit=args.limit)
+            raw = harness.evaluate_tasks(lm, requested, data_dir, limit=args.limit)
         results["tasks"] = harness.summarize(raw)
         results["lm_eval"] = {k: raw[k] for k in ("results", "n-samples", "versions") if k in raw}
         print(report.task_table(results["tasks"]))

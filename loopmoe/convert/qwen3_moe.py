@@ -53,6 +53,8 @@ def loopmoe_config_from_qwen3_moe(qwen: dict) -> LoopMoEConfig:
         )
     rope = qwen.get("rope_parameters") or {}
     num_experts = qwen.get("num_experts", qwen.get("num_local_experts"))
+    if num_experts is None:
+        raise ValueError("this Qwen3-MoE config has no num_experts (nor num_local_experts): not an MoE checkpoint")
     return LoopMoEConfig(
         vocab_size=qwen["vocab_size"],
         hidden_size=qwen["hidden_size"],
@@ -86,7 +88,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 -- safe_open objects are not iterable: keys() is the listing
                 tensors[key] = f.get_tensor(key)
     if not files:
         for file in sorted(folder.glob("pytorch_model*.bin")):
@@ -146,7 +148,7 @@ def convert_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
         )
     model.load_state_dict(state, strict=False)
     if dtype is not None:
-        model.to(dtype)
+        model.to(dtype)  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
     model.save_pretrained(dst)
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and name != "generation_config.json":

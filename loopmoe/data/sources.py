@@ -30,13 +30,13 @@ import lzma
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from loopmoe.data.embedded import embedded_documents, embedded_identity
 
 DEFAULT_CHUNK_CHARS = 32_768
 
-_COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+_COMPRESSED: dict[str, Callable[..., IO[Any]]] = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 _TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", ".tokens")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
@@ -113,12 +113,12 @@ def open_source(
             return _text_documents(path, chunk_chars)
     elif base.endswith(_JSONL_SUFFIXES):
 
-        def documents():
+        def documents() -> Iterator[str]:
             return _jsonl_documents(path, text_field)
     elif name.endswith(tuple(_DATASETS_BUILDERS)):
         builder = _DATASETS_BUILDERS[path.suffix.lower()]
 
-        def documents():
+        def documents() -> Iterator[str]:
             return _dataset_documents(
                 _load_dataset(spec, builder, data_files=str(path), split="train"), text_field, spec
             )
@@ -129,7 +129,7 @@ def open_source(
 
 def _open_text(path: Path) -> IO[str]:
     """Open a possibly compressed file as UTF-8 text (undecodable bytes become U+FFFD)."""
-    opener = _COMPRESSED.get(path.suffix.lower(), open)
+    opener: Callable[..., IO[Any]] = _COMPRESSED.get(path.suffix.lower(), open)
     return opener(path, "rt", encoding="utf-8", errors="replace")
 
 

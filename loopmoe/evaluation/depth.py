@@ -11,6 +11,8 @@ For each loop count T, on the same held-out sequences:
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,14 +57,13 @@ def analyse_depth(model, sequences: torch.Tensor, loops: list[int], *, batch_siz
         model.config.check_num_loops(t)
     device = next(model.parameters()).device
     norm, head, cfg = model.model.norm, model.lm_head, model.config
-    results = {"loops": list(loops), "tokens": int(sequences[:, 1:].numel()), "by_loops": {}}
+    results: dict[str, Any] = {"loops": list(loops), "tokens": int(sequences[:, 1:].numel()), "by_loops": {}}
     for t in loops:
         nll, lens_nll = 0.0, torch.zeros(t, dtype=torch.float64)
-        changed, jaccard, counted = (
-            defaultdict(lambda: torch.zeros(t - 1, dtype=torch.float64)),  # noqa: B023
-            defaultdict(lambda: torch.zeros(t - 1, dtype=torch.float64)),  # noqa: B023
-            defaultdict(int),
-        )
+        # per MoE layer: summed over tokens, one entry per pair of consecutive iterations
+        changed: defaultdict[str, torch.Tensor] = defaultdict(partial(torch.zeros, t - 1, dtype=torch.float64))
+        jaccard: defaultdict[str, torch.Tensor] = defaultdict(partial(torch.zeros, t - 1, dtype=torch.float64))
+        counted: defaultdict[str, int] = defaultdict(int)
         for batch in sequences.split(batch_size):
             batch = batch.to(device)
             targets = batch[:, 1:].reshape(-1)
@@ -75,7 +76,7 @@ def analyse_depth(model, sequences: torch.Tensor, loops: list[int], *, batch_siz
                 lens_nll[k - 1] += F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), targets, reduction="sum"
                 ).item()
-            experts = defaultdict(dict)
+            experts: defaultdict[str, dict[int, torch.Tensor]] = defaultdict(dict)
             for stat in out.router_stats:
                 if stat.slot.iteration is not None:
                     experts[stat.slot.layer_name][stat.slot.iteration] = stat.experts

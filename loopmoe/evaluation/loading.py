@@ -23,7 +23,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), local_files_only=True, dtype=dtype if dtype is not None else "auto"
     )
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
 
 
 def load_hf_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):

@@ -122,6 +122,7 @@ def evaluate_perplexity(
     ``window`` defaults to the model's context length (capped at 2048), ``stride`` to half of it.
     """
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    assert max_pos is not None, "the model config's n_positions is None: no context length to window with"
     window = window or min(int(max_pos), 2048)
     stride = stride or max(1, window // 2)
     ids, n_bytes = read_heldout_tokens(source, tokenizer, max_tokens)

@@ -12,7 +12,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -84,6 +84,12 @@ def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig) -> None:
             )
 
 
+class _Exportable(Protocol):
+    """The model contract's export (``loopmoe.training.builders``): what LoopMoEForCausalLM and stand-ins provide."""
+
+    def save_pretrained(self, save_directory: str) -> Any: ...
+
+
 def _export_final(
     model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir: Path, info: DistInfo, model_factory: ModelFactory
 ) -> Path:
@@ -94,9 +100,9 @@ def _export_final(
         if info.is_main:
             plain = model_factory(cfg, bundle.vocab_size)
             plain.load_state_dict(full)
-            plain.save_pretrained(str(final))
+            cast(_Exportable, plain).save_pretrained(str(final))
     elif info.is_main:
-        unwrap(model).save_pretrained(str(final))
+        cast(_Exportable, unwrap(model)).save_pretrained(str(final))
     if info.is_main:
         tok = bundle.tokenizer
         if tok is not None:

@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM
 
 from loopmoe import LoopMoEForCausalLM
 from loopmoe.cli.main import main
 from loopmoe.convert import convert_qwen3_moe
+from loopmoe.testing.hf_parity import qwen_model
 
 QWEN = dict(
     vocab_size=151,
@@ -27,8 +28,7 @@ QWEN = dict(
 
 
 def qwen_checkpoint(tmp_path, **overrides):
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**QWEN, **overrides})).eval()
+    model = qwen_model(config={**QWEN, **overrides}, seed=0).eval()
     model.save_pretrained(tmp_path / "qwen")
     return model, tmp_path / "qwen"
 

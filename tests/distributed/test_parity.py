@@ -10,7 +10,7 @@ import pytest
 from loopmoe.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = Path(__file__).resolve().parent / "train_standin.py"
+MODULE = "tests.distributed.train_standin"  # a module: run with `-m`, importable through PYTHONPATH=ROOT
 ARGS = [
     "data.seq_len=16",
     "train.micro_batch_size=4",
@@ -47,12 +47,12 @@ def _launch(
     if crash_at_batch is not None:
         env["STANDIN_CRASH_AT_BATCH"] = str(crash_at_batch)
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
         if nproc > 1
-        else [sys.executable]
+        else [sys.executable, "-m"]
     )
     return subprocess.run(
-        [*launcher, str(SCRIPT), str(out_dir), *ARGS, *extra], env=env, capture_output=True, text=True, timeout=300
+        [*launcher, MODULE, str(out_dir), *ARGS, *extra], env=env, capture_output=True, text=True, timeout=300
     )
 
 

@@ -1,19 +1,16 @@
 """Train with `run_training` (alone or under torchrun) on the synthetic loader.
 
-usage: python train_standin.py OUT_DIR [section.key=value ...]
+usage: python -m tests.distributed.train_standin OUT_DIR [section.key=value ...]
+(from the repository root, or with it on PYTHONPATH; under torchrun: ``torchrun ... -m tests.distributed.train_standin``)
 With PARITY_MODEL=loopmoe the real LoopMoE (built from the [model] overrides) replaces the stand-in.
 """
 
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-
-from standins import data_factory, model_factory
 
 from loopmoe.distributed.env import env_world_size
 from loopmoe.training import load_run_config, run_training
+from tests.training.standins import data_factory, model_factory
 
 if __name__ == "__main__":
     out_dir, overrides = sys.argv[1], sys.argv[2:]

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from standins import TinyMoELM, standin_overrides
 
 from loopmoe.training import CheckpointManager, build_optimizer, build_scheduler, load_run_config
 from loopmoe.training.checkpoint import MARKER, _files, _sha256
+from tests.training.standins import TinyMoELM, standin_overrides
 
 
 def _state(seed):

@@ -3,9 +3,9 @@
 import math
 
 import torch
-from standins import TinyMoELM, data_factory, model_factory, standin_overrides
 
 from loopmoe.training import Trainer, build_optimizer, build_scheduler, load_run_config, read_metrics, run_training
+from tests.training.standins import TinyMoELM, data_factory, model_factory, standin_overrides
 
 
 def _trainer(model, cfg):

@@ -1,8 +1,7 @@
 """Re-running a finished run trains nothing and reports the finished run's final metrics."""
 
-from standins import data_factory, model_factory
-
 from loopmoe.training import load_run_config, read_metrics, run_training
+from tests.training.standins import data_factory, model_factory
 
 ARGS = [
     "data.seq_len=16",

@@ -8,7 +8,7 @@ from pathlib import Path
 from loopmoe.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "tests" / "distributed" / "train_standin.py"
+MODULE = "tests.distributed.train_standin"  # a module: run with `-m`, importable through PYTHONPATH=ROOT
 ARGS = [
     "data.seq_len=16",
     "train.micro_batch_size=4",
@@ -28,7 +28,7 @@ def _run(out_dir: Path, crash_at_batch: int | None = None) -> subprocess.Complet
     env.pop("STANDIN_CRASH_AT_BATCH", None)
     if crash_at_batch is not None:
         env["STANDIN_CRASH_AT_BATCH"] = str(crash_at_batch)
-    return subprocess.run([sys.executable, str(SCRIPT), str(out_dir), *ARGS], env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", MODULE, str(out_dir), *ARGS], env=env, capture_output=True, text=True)
 
 
 def test_killed_run_resumes_exactly(tmp_path):
