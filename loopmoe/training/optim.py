@@ -22,7 +22,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Decaying a norm gain or a bias pulls it toward 0, which is a change of function, not a
     regulariser of capacity.
     """
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
