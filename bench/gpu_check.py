@@ -1,0 +1,1356 @@
+"""One-shot GPU check of LoopMoE: correctness and speed of what has only ever run on a CPU.
+
+    PYTHONPATH=. python3 -m bench.gpu_check --out $OUT/gpu_check.json      # on a CUDA machine
+    PYTHONPATH=. python3 bench/gpu_check.py --out $OUT/gpu_check.json      # the same
+    PYTHONPATH=. python -m bench.gpu_check --device cpu --quick --out /tmp/gpu_check_cpu.json  # smoke run
+
+Self-contained (imports only ``loopmoe``, the standard library, torch and transformers) and made
+for one run under a hard wall-clock limit: every check runs in its own try/except with a time
+budget (SIGALRM), the JSON is rewritten after every check and sub-case (a timeout keeps what was
+measured), progress lines are flushed as they happen, and the whole run stops starting work once
+``--budget`` seconds have passed since the process started (imports included).
+
+Checks (``--checks`` picks a subset, by name):
+
+- ``env``: python / torch / CUDA / transformers versions, the device, whether ``torch._grouped_mm``
+  exists, TF32 and SDPA backend flags, whether ``loopmoe`` imports.
+- ``peak``: peak dense matmul throughput (bf16 ``n^3``, n = 8192 on CUDA): the MFU denominator.
+- ``moe``: one ``SparseMoE`` layer, ``moe_implementation`` ``grouped_mm`` against ``loop`` on the
+  same weights and inputs: forward output, gradients of the input, router and 3-D expert weights
+  (max abs error, max abs error / max abs of the loop result, relative L2), in bf16, fp32 and fp32
+  weights under bf16 autocast (the dtype the experts actually run in is recorded), with and
+  without a shared expert; fwd+bwd time of each; and the CUDA loop / grouped paths against the CPU
+  loop path in fp32 on a small layer.
+- ``train``: ``LoopMoEForCausalLM`` from the ``bench`` preset at T = 2 with IterAdaLN, ~20 AdamW
+  steps on one fixed random batch (memorisation, so the loss moves), bf16 autocast vs fp32 from the
+  same initial weights: both loss curves, the max relative gap, gradient norms and finiteness; then
+  which SDPA op runs by default (profiler), and whether forward+backward works with only the
+  flash / efficient / cuDNN / math backend enabled, a pure-bf16 model under flash only, and a
+  padded attention mask under flash only.
+- ``throughput``: training step (fwd + bwd + AdamW, bf16 autocast) tokens/s, MFU and peak memory of
+  a ~0.64B-total-parameter Vanilla MoE (``paper-3b`` shapes, 4 layers) and its capacity-balanced
+  T = 2 LoopMoE (``loopmoe.balance``), batch 8 x 2048, ``grouped_mm`` vs ``loop``; plus the
+  Vanilla one with the unfused cross-entropy (``skip_logits=False``) and with bf16 parameters
+  (no autocast; ``grouped_mm`` and ``loop``). Warm-up 3, then 10 steps timed with CUDA events
+  (fewer when the first step shows they would not fit). MFU = 3 x
+  ``compute_budget(cfg, seq).flops_per_token`` x tokens/s / measured peak.
+- ``generation``: greedy ``generate()`` with and without the KV cache (same tokens?), the cached
+  step logits against a full forward on the generated sequence, the same at test-time depth
+  ``num_loops=3``, and decoding tokens/s at batch 1 and 8 (fp32 and bf16 weights).
+- ``compile``: ``torch.compile(model)`` on an eval forward without grad: works or not (the error),
+  compile time, max diff vs eager, eager vs compiled time, dynamo graph-break reasons.
+- ``edge``: ``grouped_mm`` on shapes likely to break it (mostly empty experts, unaligned widths,
+  fp16), against ``loop``. Runs last: a device fault there cannot spoil the other checks.
+
+``--quick`` shrinks every size so that ``--device cpu --quick`` runs end to end in well under a
+minute (on one thread, so that a busy shared CPU does not stall it); CUDA-only parts are then
+recorded as skipped with the reason, and throughput times the loop path only. At the end a compact summary
+is printed as markdown table rows, ready to paste into PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def _process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except Exception:
+        return 0.0
+
+
+T0 = time.monotonic() - _process_age()
+
+# Seconds each check may run (SIGALRM). The run as a whole stops at --budget.
+CHECK_BUDGETS = {
+    "env": 30,
+    "peak": 15,
+    "moe": 35,
+    "train": 45,
+    "throughput": 100,
+    "generation": 30,
+    "compile": 60,
+    "edge": 15,
+}
+CHECK_ORDER = list(CHECK_BUDGETS)
+QUICK_MODEL = {"num_core_layers": 2}  # --quick: the debug preset with a 2-layer core (x T = 2)
+RESERVE_S = 4.0  # kept back from the global budget for the summary and the last JSON write
+MIN_CHECK_S = 3.0  # a check with less time than this left is skipped
+
+
+class CheckTimeout(BaseException):
+    """Raised by SIGALRM when a check runs past its budget (a BaseException, so that the
+    ``except Exception`` of a sub-case does not swallow it)."""
+
+
+def _on_alarm(signum, frame):
+    raise CheckTimeout("check ran past its time budget")
+
+
+def error_record(exc: BaseException) -> dict:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    text = "".join(tb[-6:])
+    return {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback": text[-3000:]}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.item()) if obj.numel() == 1 else f"tensor{list(obj.shape)} {obj.dtype}"
+    return str(obj)
+
+
+class Run:
+    """Shared state: arguments, device, the result document and its writer, the clock."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.out = Path(args.out)
+        self.peak_tflops: float | None = None
+        self.check_deadline = math.inf
+        self.data = {
+            "meta": {
+                "script": "bench/gpu_check.py",
+                "argv": sys.argv[1:],
+                "started_unix": time.time() - self.elapsed(),
+                "quick": args.quick,
+                "device_arg": args.device,
+                "budget_s": args.budget,
+                "check_budgets_s": CHECK_BUDGETS,
+            },
+            "checks": {},
+        }
+
+    def elapsed(self) -> float:
+        return time.monotonic() - T0
+
+    def remaining(self) -> float:
+        return self.args.budget - self.elapsed()
+
+    def check_left(self) -> float:
+        """Seconds left to the running check (its own budget or the global one, whichever ends first)."""
+        return min(self.check_deadline - time.monotonic(), self.remaining() - RESERVE_S)
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
+
+    def save(self) -> None:
+        self.data["meta"]["elapsed_s"] = round(self.elapsed(), 2)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.out.with_name(self.out.name + ".tmp")
+            tmp.write_text(json.dumps(_jsonable(self.data), indent=1))
+            os.replace(tmp, self.out)
+        except Exception as exc:  # never let the writer end the run
+            print(f"could not write {self.out}: {exc}", flush=True)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def sub(self, res: dict, key: str, fn, *args, **kwargs) -> dict:
+        """Run one sub-case ``fn(out, *args)`` filling ``out = res[key]``; record its error, keep going."""
+        out = res.setdefault(key, {})
+        t = time.monotonic()
+        try:
+            fn(out, *args, **kwargs)
+            self.sync()
+        except Exception as exc:
+            out["error"] = error_record(exc)
+            self.log(f"  {key}: ERROR {type(exc).__name__}: {str(exc)[:300]}")
+        out["seconds"] = round(time.monotonic() - t, 3)
+        self.save()
+        return out
+
+    def run_check(self, name: str, fn) -> None:
+        rec = {"status": "pending", "budget_s": CHECK_BUDGETS[name], "result": {}}
+        self.data["checks"][name] = rec
+        allowed = min(CHECK_BUDGETS[name] * self.args.budget_scale, self.remaining() - RESERVE_S)
+        if allowed < MIN_CHECK_S:
+            reason = f"global budget exhausted ({self.elapsed():.0f}s of {self.args.budget:.0f}s)"
+            if self.remaining() - RESERVE_S >= MIN_CHECK_S:
+                reason = f"its budget ({allowed:.1f}s) is under {MIN_CHECK_S}s"
+            rec.update(status="skipped", reason=reason)
+            self.log(f"check {name}: skipped ({rec['reason']})")
+            self.save()
+            return
+        rec["status"], rec["allowed_s"] = "running", round(allowed, 1)
+        self.save()
+        self.log(f"check {name}: start (budget {allowed:.0f}s)")
+        start = time.monotonic()
+        self.check_deadline = start + allowed
+        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, allowed)
+        try:
+            fn(self, rec["result"])
+            self.sync()  # surface asynchronous CUDA errors inside this check
+            rec["status"] = "ok"
+        except BaseException as exc:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            if isinstance(exc, CheckTimeout):
+                rec["status"] = "timeout"
+            else:
+                rec["status"] = "error"
+                rec["error"] = error_record(exc)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.check_deadline = math.inf
+            rec["seconds"] = round(time.monotonic() - start, 2)
+            self.cleanup()
+            self.save()
+        msg = f"check {name}: {rec['status']} in {rec['seconds']:.1f}s"
+        if "error" in rec:
+            msg += f" ({rec['error']['type']}: {rec['error']['message'][:300]})"
+        self.log(msg)
+
+    def cleanup(self) -> None:
+        gc.collect()
+        if self.cuda:
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+
+    def autocast(self, enabled: bool = True):
+        if not enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Errors of ``a`` against ``ref``: max abs, max abs / max |ref|, relative L2, non-finite count."""
+    a, ref = a.detach().float(), ref.detach().float()
+    if a.shape != ref.shape:
+        return {"shape_mismatch": [list(a.shape), list(ref.shape)]}
+    diff = a - ref
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    ref_max = ref.abs().max().item() if ref.numel() else 0.0
+    norm = torch.linalg.vector_norm(ref).item()
+    return {
+        "max_abs": max_abs,
+        "max_rel": max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf),
+        "rel_l2": torch.linalg.vector_norm(diff).item() / norm if norm > 0 else 0.0,
+        "ref_max_abs": ref_max,
+        "nonfinite": int((~torch.isfinite(a)).sum().item()),
+    }
+
+
+def time_ms(run: Run, fn, warmup: int, reps: int) -> list[float]:
+    """Per-call wall times in ms (CUDA events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    run.sync()
+    times = []
+    for _ in range(reps):
+        if run.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def random_ids(vocab: int, shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g).to(device)
+
+
+def build_model(run: Run, cfg, seed: int):
+    """A LoopMoEForCausalLM initialised directly on the device (falls back to CPU init + move)."""
+    from loopmoe.model import LoopMoEForCausalLM
+
+    torch.manual_seed(seed)
+    if run.cuda:
+        try:
+            with torch.device(run.device):
+                return LoopMoEForCausalLM(cfg)
+        except Exception as exc:
+            run.log(f"  on-device init failed ({type(exc).__name__}: {exc}); building on CPU")
+    return LoopMoEForCausalLM(cfg).to(run.device)
+
+
+def set_moe_impl(model: torch.nn.Module, impl: str) -> None:
+    from loopmoe.model.moe import Experts
+
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.implementation = impl
+
+
+def moe_impl_in_use(model: torch.nn.Module, device: torch.device) -> str:
+    from loopmoe.model.moe import Experts
+
+    impls = {m.implementation for m in model.modules() if isinstance(m, Experts)}
+    impl = impls.pop() if len(impls) == 1 else ",".join(sorted(impls))
+    if impl == "auto":
+        return "auto (grouped_mm)" if device.type == "cuda" else "auto (loop)"
+    return impl
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# env
+
+
+def check_env(run: Run, res: dict) -> None:
+    res["python"] = sys.version.split()[0]
+    res["platform"] = platform.platform()
+    res["torch"] = torch.__version__
+    res["torch_cuda"] = torch.version.cuda
+    try:
+        import transformers
+
+        res["transformers"] = transformers.__version__
+    except Exception as exc:  # the rest of the record is still worth having
+        res["transformers"] = f"import failed: {type(exc).__name__}: {exc}"
+    versions = {}
+    for dist in ("safetensors", "numpy", "tokenizers", "triton", "datasets", "lm_eval", "accelerate"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except Exception:
+            versions[dist] = None
+    res["packages"] = versions
+    res["has_grouped_mm"] = hasattr(torch, "_grouped_mm")
+    res["cuda_available"] = torch.cuda.is_available()
+    res["device"] = str(run.device)
+    res["cpu_threads"] = torch.get_num_threads()
+    res["cpu_count"] = os.cpu_count()
+    if run.cuda:
+        props = torch.cuda.get_device_properties(run.device)
+        res["device_name"] = props.name
+        res["capability"] = list(torch.cuda.get_device_capability(run.device))
+        res["total_memory_gib"] = round(props.total_memory / 2**30, 2)
+        res["multiprocessors"] = props.multi_processor_count
+        with contextlib.suppress(Exception):
+            res["cudnn"] = torch.backends.cudnn.version()
+        res["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        res["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        sdp = {}
+        for flag in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled"):
+            fn = getattr(torch.backends.cuda, flag, None)
+            sdp[flag] = fn() if fn else None
+        res["sdp_flags"] = sdp
+        try:
+            smi = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            res["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+        except Exception as exc:
+            res["nvidia_smi"] = f"unavailable: {exc}"
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        res["git_commit"] = git.stdout.strip() or None
+    except Exception:
+        res["git_commit"] = None
+    t = time.monotonic()
+    try:
+        import loopmoe
+
+        res["loopmoe"] = {"version": loopmoe.__version__, "path": str(Path(loopmoe.__file__).parent)}
+    except Exception as exc:
+        res["loopmoe"] = {"error": error_record(exc)}
+    res["loopmoe_import_s"] = round(time.monotonic() - t, 2)
+    run.log(
+        f"  torch {res['torch']} (CUDA {res['torch_cuda']}), transformers {res['transformers']}, "
+        f"device {res.get('device_name', run.device)} cap {res.get('capability')}, "
+        f"_grouped_mm {res['has_grouped_mm']}, loopmoe {res['loopmoe'].get('version', 'IMPORT FAILED')}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# peak matmul
+
+
+def check_peak(run: Run, res: dict) -> None:
+    n = run.args.peak_n
+    dtype = torch.bfloat16 if run.cuda else torch.float32
+    a = torch.randn(n, n, device=run.device, dtype=dtype)
+    b = torch.randn(n, n, device=run.device, dtype=dtype)
+    c = torch.empty(n, n, device=run.device, dtype=dtype)
+    times = time_ms(run, lambda: torch.mm(a, b, out=c), warmup=3, reps=20 if run.cuda else 3)
+    flop = 2 * n**3
+    res.update(
+        n=n,
+        dtype=str(dtype),
+        ms_median=statistics.median(times),
+        ms_best=min(times),
+        tflops_best=flop / min(times) / 1e9,
+        tflops_median=flop / statistics.median(times) / 1e9,
+    )
+    run.peak_tflops = res["tflops_best"]
+    run.log(f"  peak {dtype} matmul n={n}: {res['tflops_best']:.1f} TFLOP/s best, {res['tflops_median']:.1f} median")
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE layer: grouped_mm vs loop
+
+
+_MOE_CACHE: dict = {}
+
+
+def make_moe(d: int, E: int, k: int, f: int, fs: int, seed: int):
+    """A SparseMoE on CPU in fp32 with random router / expert weights (no model init runs for it)."""
+    key = (d, E, k, f, fs, seed)
+    if key not in _MOE_CACHE:
+        _MOE_CACHE.clear()  # one layer at a time: the cases run shape by shape
+        _MOE_CACHE[key] = _new_moe(d, E, k, f, fs, seed)
+    return copy.deepcopy(_MOE_CACHE[key])
+
+
+def _new_moe(d: int, E: int, k: int, f: int, fs: int, seed: int):
+    from loopmoe.config import LoopMoEConfig
+    from loopmoe.model.moe import SparseMoE
+
+    cfg = LoopMoEConfig(
+        hidden_size=d,
+        num_experts=E,
+        num_experts_per_tok=k,
+        moe_intermediate_size=f,
+        shared_expert_intermediate_size=fs,
+        moe_implementation="loop",
+    )
+    torch.manual_seed(seed)
+    moe = SparseMoE(cfg)
+    with torch.no_grad():
+        torch.nn.init.normal_(moe.gate.weight, std=d**-0.5)  # router logits ~ N(0, 1) for x ~ N(0, 1)
+        torch.nn.init.normal_(moe.experts.gate_up_proj, std=d**-0.5)
+        torch.nn.init.normal_(moe.experts.down_proj, std=f**-0.5)
+    return moe
+
+
+def moe_pass(moe, x: torch.Tensor, g: torch.Tensor, impl: str, autocast_ctx=None, grad: bool = True) -> dict:
+    """Forward (+ backward of ``sum(y * g)``) with one implementation; returns outputs and gradients."""
+    moe.experts.implementation = impl
+    moe.zero_grad(set_to_none=True)
+    seen = {}
+
+    def hook(mod, inputs, output):
+        seen["expert_in_dtype"] = str(inputs[0].dtype)
+        seen["expert_out_dtype"] = str(output.dtype)
+
+    handle = moe.experts.register_forward_hook(hook)
+    try:
+        xi = x.detach().clone().requires_grad_(grad)
+        with autocast_ctx or contextlib.nullcontext(), torch.set_grad_enabled(grad):
+            y, router = moe(xi)
+        out = {"y": y.detach(), "topk": router.topk_idx, **seen, "y_dtype": str(y.dtype)}
+        if grad:
+            (y.float() * g).sum().backward()
+            out.update(
+                x=xi.grad,
+                gate_up=moe.experts.gate_up_proj.grad,
+                down=moe.experts.down_proj.grad,
+                router=moe.gate.weight.grad,
+            )
+            if moe.shared_experts is not None:
+                out["shared_down"] = moe.shared_experts.down_proj.weight.grad
+    finally:
+        handle.remove()
+    return out
+
+
+def compare_passes(a: dict, ref: dict) -> dict:
+    out = {"routing_equal": bool(torch.equal(a["topk"], ref["topk"]))}
+    for key in ("y", "x", "router", "gate_up", "down", "shared_down"):
+        if key in a and key in ref and a[key] is not None and ref[key] is not None:
+            out[key] = compare(a[key], ref[key])
+        elif key in ref or key in a:
+            out[key] = {"missing": f"grouped: {a.get(key) is not None}, loop: {ref.get(key) is not None}"}
+    return out
+
+
+def moe_case(out: dict, run: Run, spec: tuple, dtype_name: str, time_it: bool) -> None:
+    d, E, k, f, fs, tokens = spec
+    base = make_moe(d, E, k, f, fs, run.args.seed)
+    amp = dtype_name == "autocast-bf16"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "autocast-bf16": torch.float32}[
+        dtype_name
+    ]
+    moe = base.to(run.device, dtype)
+    gen = torch.Generator().manual_seed(run.args.seed + 1)
+    seq = max(1, tokens // 4)
+    x = torch.randn(4, seq, d, generator=gen).to(run.device, dtype)
+    g = torch.randn(4, seq, d, generator=gen).to(run.device)
+    ctx = run.autocast() if amp else None
+    out["shape"] = {"d": d, "E": E, "k": k, "f": f, "shared": fs, "tokens": 4 * seq, "dtype": dtype_name}
+    passes = {}
+    for impl in ("loop", "grouped_mm"):
+        try:
+            passes[impl] = moe_pass(moe, x, g, impl, ctx)
+            out[f"{impl}_dtypes"] = {k2: v for k2, v in passes[impl].items() if k2.endswith("dtype")}
+        except Exception as exc:
+            out[f"{impl}_error"] = error_record(exc)
+            run.log(f"    {impl} fwd+bwd failed: {type(exc).__name__}: {str(exc)[:200]}")
+            with contextlib.suppress(Exception):  # the forward alone, to tell forward from backward failures
+                moe_pass(moe, x, g, impl, ctx, grad=False)
+                out[f"{impl}_forward_only"] = "ok"
+    if "loop" in passes and "grouped_mm" in passes:
+        out["grouped_vs_loop"] = compare_passes(passes["grouped_mm"], passes["loop"])
+    with torch.no_grad():  # the inference branch of _dispatch (no autograd Functions)
+        try:
+            ys = {}
+            for impl in ("loop", "grouped_mm"):
+                moe.experts.implementation = impl
+                with ctx or contextlib.nullcontext():
+                    ys[impl] = moe(x)[0]
+            out["nograd_grouped_vs_loop"] = compare(ys["grouped_mm"], ys["loop"])
+        except Exception as exc:
+            out["nograd_error"] = error_record(exc)
+    del passes
+    if time_it:
+        for impl in ("loop", "grouped_mm"):
+            if f"{impl}_error" in out:
+                continue
+            try:
+                reps = (1, 2) if run.args.quick else (2, 5)
+                times = time_ms(run, lambda impl=impl: moe_pass(moe, x, g, impl, ctx), *reps)
+                out[f"{impl}_fwd_bwd_ms"] = statistics.median(times)
+            except Exception as exc:
+                out[f"{impl}_timing_error"] = error_record(exc)
+    gv = out.get("grouped_vs_loop", {})
+    run.log(
+        f"    grouped vs loop: y {gv.get('y', {}).get('max_rel', 'n/a')}, x.grad {gv.get('x', {}).get('max_rel', 'n/a')}, "
+        f"gate_up.grad {gv.get('gate_up', {}).get('max_rel', 'n/a')}, routing equal {gv.get('routing_equal')}; "
+        f"ms loop {out.get('loop_fwd_bwd_ms', 'n/a')}, grouped {out.get('grouped_mm_fwd_bwd_ms', 'n/a')}"
+    )
+
+
+def moe_cpu_vs_device(out: dict, run: Run, spec: tuple) -> None:
+    d, E, k, f, fs, tokens = spec
+    base = make_moe(d, E, k, f, fs, run.args.seed)
+    gen = torch.Generator().manual_seed(run.args.seed + 2)
+    x = torch.randn(2, tokens // 2, d, generator=gen)
+    g = torch.randn(2, tokens // 2, d, generator=gen)
+    out["shape"] = {"d": d, "E": E, "k": k, "f": f, "shared": fs, "tokens": tokens, "dtype": "fp32"}
+    dev = copy.deepcopy(base).to(run.device)
+    cpu = moe_pass(base, x, g, "loop")
+    for impl in ("loop", "grouped_mm"):
+        try:
+            p = moe_pass(dev, x.to(run.device), g.to(run.device), impl)
+            out[f"{run.device.type}_{impl}_vs_cpu_loop"] = compare_passes(
+                {k2: (v.cpu() if isinstance(v, torch.Tensor) else v) for k2, v in p.items()}, cpu
+            )
+        except Exception as exc:
+            out[f"{run.device.type}_{impl}_error"] = error_record(exc)
+    run.log(f"    cpu vs device: {json.dumps(_jsonable(_brief_cmp(out)))[:400]}")
+
+
+def _brief_cmp(out: dict) -> dict:
+    return {
+        k: {kk: vv.get("max_rel") for kk, vv in v.items() if isinstance(vv, dict)}
+        for k, v in out.items()
+        if k.endswith("_vs_cpu_loop")
+    }
+
+
+def check_moe(run: Run, res: dict) -> None:
+    q = run.args.quick
+    n = run.args.moe_tokens
+    d, E, k, f, fs = (64, 8, 2, 32, 64) if q else (1024, 64, 8, 256, 1024)
+    name = f"d{d}-E{E}-k{k}-f{f}"
+    cases = [(name, (d, E, k, f, 0, n)), (f"{name}+shared{fs}", (d, E, k, f, fs, n))]
+    for name, spec in cases:
+        for dtype_name in ("bf16", "fp32", "autocast-bf16"):
+            shared = spec[4] > 0
+            if shared and (dtype_name == "autocast-bf16" or (q and dtype_name == "fp32")):
+                continue
+            key = f"{name}/{dtype_name}"
+            run.log(f"  moe {key}")
+            run.sub(res, key, moe_case, run, spec, dtype_name, time_it=not shared)
+    if run.cuda:
+        run.log("  moe cuda vs cpu (fp32)")
+        small = (64, 8, 2, 32, 0, 64) if q else (256, 16, 4, 128, 0, 512)
+        run.sub(res, "cuda_vs_cpu/fp32", moe_cpu_vs_device, run, small)
+    else:
+        res["cuda_vs_cpu/fp32"] = {"skipped": "needs CUDA"}
+
+
+# ------------------------------------------------------------------------------------------------
+# whole model, bf16 autocast training vs fp32
+
+
+def train_run(out: dict, run: Run, model, batch: torch.Tensor, steps: int, amp: bool) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=run.args.lr, weight_decay=0.0)
+    model.train()
+    out.update(loss=[], lm_loss=[], aux_loss=[], grad_norm=[], grads_finite=[], step_ms=[])
+    out["moe_impl"] = moe_impl_in_use(model, run.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with run.autocast(amp):
+            o = model(input_ids=batch, labels=batch)
+        o.loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(gr).all() for gr in grads]).all().item())
+        gn = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        opt.step()
+        run.sync()
+        out["step_ms"].append((time.perf_counter() - t) * 1e3)
+        out["loss"].append(o.loss.item())
+        out["lm_loss"].append(o.lm_loss.item())
+        out["aux_loss"].append(o.aux_loss.item() if o.aux_loss is not None else None)
+        out["grad_norm"].append(gn.item())
+        out["grads_finite"].append(finite)
+        out["params_with_grad"] = len(grads)
+        out["params"] = len(params)
+    out["all_grads_finite"] = all(out["grads_finite"])
+    out["loss_dtype_note"] = "bf16 autocast" if amp else "fp32"
+
+
+def check_train(run: Run, res: dict) -> None:
+    from loopmoe.presets import get_preset
+
+    q = run.args.quick
+    preset = "debug" if q else "bench"
+    cfg = get_preset(preset, num_loops=2, iter_conditioning="iteradaln", **QUICK_MODEL if q else {})
+    B, S = (2, 16) if q else (8, 256)
+    steps = run.args.train_steps
+    res["config"] = {"preset": preset, **cfg.architecture_dict()}
+    res["batch"], res["seq"], res["steps"], res["lr"] = B, S, steps, run.args.lr
+    res["data"] = "one fixed random batch, repeated every step (memorisation: the loss falls)"
+    base = build_model(run, cfg, run.args.seed)
+    res["params"] = param_count(base)
+    init_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    batch = random_ids(cfg.vocab_size, (B, S), run.args.seed + 3, run.device)
+
+    def one(out: dict, amp: bool) -> None:
+        model = copy.deepcopy(base)
+        model.load_state_dict(init_state)
+        try:
+            train_run(out, run, model, batch, steps, amp)
+        except Exception as exc:
+            if not run.cuda:
+                raise
+            # grouped_mm may refuse this dtype: record it and fall back to the loop path.
+            out.clear()
+            out["default_path_error"] = error_record(exc)
+            run.log(f"    default MoE path failed ({type(exc).__name__}: {str(exc)[:200]}); retrying with loop")
+            model = copy.deepcopy(base)
+            model.load_state_dict(init_state)
+            set_moe_impl(model, "loop")
+            train_run(out, run, model, batch, steps, amp)
+        run.log(
+            f"    loss {out['loss'][0]:.4f} -> {out['loss'][-1]:.4f}, grads finite {out['all_grads_finite']}, "
+            f"{statistics.median(out['step_ms']):.1f} ms/step ({out['moe_impl']})"
+        )
+
+    run.log(f"  train {preset} T=2 bf16 autocast, {steps} steps of {B}x{S}")
+    run.sub(res, "bf16_autocast", one, amp=True)
+    run.log("  train fp32")
+    run.sub(res, "fp32", one, amp=False)
+    lb, lf = res["bf16_autocast"].get("loss", []), res["fp32"].get("loss", [])
+    if lb and lf:
+        gaps = [abs(a - b) / abs(b) for a, b in zip(lb, lf)]
+        res["rel_gap_per_step"] = gaps
+        res["max_rel_gap"] = max(gaps)
+        res["final_rel_gap"] = gaps[-1]
+        run.log(f"  bf16 vs fp32 loss: max rel gap {res['max_rel_gap']:.2e}, final {res['final_rel_gap']:.2e}")
+    run.save()
+    if run.cuda:
+        run.sub(res, "sdpa", check_sdpa, run, base, batch)
+    else:
+        res["sdpa"] = {"skipped": "needs CUDA"}
+
+
+def check_sdpa(out: dict, run: Run, model, batch: torch.Tensor) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train()
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        with run.autocast():
+            o = model(input_ids=batch, labels=batch)
+        o.loss.backward()
+        return o.loss.item()
+
+    fwd_bwd()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fwd_bwd()
+        run.sync()
+    names = sorted(
+        {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "attention" in e.key.lower()}
+    )
+    out["default_ops_autocast_train"] = names
+    run.log(f"    SDPA ops by default (bf16 autocast, train): {names}")
+    backends = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            backends[name] = {"error": "not in this torch"}
+            continue
+        try:
+            with sdpa_kernel([backend]):
+                backends[name] = {"ok": True, "loss": fwd_bwd()}
+        except Exception as exc:
+            backends[name] = {"ok": False, "error": error_record(exc)}
+        run.log(f"    only {name}: {'ok' if backends[name].get('ok') else 'FAILED'}")
+    out["single_backend_autocast_fwd_bwd"] = backends
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=batch, use_cache=False).logits.float()
+        m16 = copy.deepcopy(model).to(torch.bfloat16)
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                logits = m16(input_ids=batch, use_cache=False).logits
+            out["pure_bf16_flash_forward"] = {"ok": True, "logits_dtype": str(logits.dtype), **compare(logits, ref)}
+        except Exception as exc:
+            out["pure_bf16_flash_forward"] = {"ok": False, "error": error_record(exc)}
+        run.log(f"    pure bf16 model, flash only: {'ok' if out['pure_bf16_flash_forward']['ok'] else 'FAILED'}")
+        mask = torch.ones_like(batch)
+        mask[0, : batch.shape[1] // 4] = 0  # left padding on one row: needs a real mask tensor
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), run.autocast():
+                model(input_ids=batch, attention_mask=mask, use_cache=False)
+            out["padded_mask_flash_forward"] = {"ok": True}
+        except Exception as exc:
+            out["padded_mask_flash_forward"] = {"ok": False, "error": error_record(exc)}
+        run.log(f"    padded mask, flash only: {'ok' if out['padded_mask_flash_forward']['ok'] else 'FAILED'}")
+        del m16
+
+
+# ------------------------------------------------------------------------------------------------
+# training throughput and MFU
+
+
+def throughput_configs(run: Run):
+    from loopmoe.balance import balance
+    from loopmoe.config import LoopMoEConfig
+
+    a = run.args
+    if a.quick:
+        shape = dict(
+            vocab_size=2048,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+        )
+    else:  # paper-3b shapes, fewer layers
+        shape = dict(
+            vocab_size=50304,
+            hidden_size=1536,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=48,
+            num_experts_per_tok=6,
+            moe_intermediate_size=512,
+        )
+    ref = LoopMoEConfig(num_core_layers=a.tp_layers, max_position_embeddings=max(4096, a.tp_seq), **shape)
+    note = "capacity-balanced (loopmoe.balance)"
+    try:
+        looped = balance(ref, 2, seq_len=a.tp_seq).looped
+    except Exception as exc:
+        note = f"balance failed ({type(exc).__name__}: {str(exc)[:200]}); reference shapes, core halved"
+        looped = LoopMoEConfig(**{**ref.architecture_dict(), "num_core_layers": a.tp_layers // 2, "num_loops": 2})
+    return ref, looped, note
+
+
+def throughput_variant(out: dict, run: Run, model, cfg, impl: str, mode: str) -> None:
+    from loopmoe.budget import compute_budget
+
+    a = run.args
+    B, S = a.tp_batch, a.tp_seq
+    set_moe_impl(model, impl)
+    model.train()
+    ids = random_ids(cfg.vocab_size, (B, S), a.seed + 4, run.device)
+    amp = mode != "bf16-params"
+    skip_logits = False if mode == "unfused-ce" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    losses = []
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with run.autocast(amp):
+            o = model(input_ids=ids, labels=ids, skip_logits=skip_logits)
+        o.loss.backward()
+        opt.step()
+        losses.append(o.loss.detach())
+
+    if run.cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    t = time.perf_counter()
+    step()
+    run.sync()
+    out["first_step_ms"] = (time.perf_counter() - t) * 1e3
+    # Fewer steps when the first one says the planned ones would not fit in the check's time (slow path).
+    fit = int((run.check_left() - 5) / max(out["first_step_ms"] / 1e3, 1e-3))
+    warmup = max(0, min(a.tp_warmup - 1, fit // 4))
+    reps = max(1, min(a.tp_steps, fit - warmup))
+    if (warmup, reps) != (max(0, a.tp_warmup - 1), a.tp_steps):
+        out["steps_reduced_to_fit"] = {"warmup": warmup + 1, "timed": reps}
+    times = time_ms(run, step, warmup=warmup, reps=reps)
+    loss = losses[-1].item()
+    budget = compute_budget(cfg, S)
+    ms = statistics.median(times)
+    tok_s = B * S / (ms / 1e3)
+    train_flops_tok = 3 * budget.flops_per_token
+    out.update(
+        impl=impl,
+        mode=mode,
+        batch=B,
+        seq=S,
+        num_loops=cfg.num_loops,
+        total_params=budget.total_params,
+        active_params=budget.active_params,
+        flops_per_token_fwd=budget.flops_per_token,
+        step_ms_median=ms,
+        step_ms_min=min(times),
+        step_ms_max=max(times),
+        steps_timed=len(times),
+        tokens_per_s=tok_s,
+        model_tflops=train_flops_tok * tok_s / 1e12,
+        loss_after=loss,
+        loss_finite=math.isfinite(loss),
+    )
+    if run.peak_tflops:
+        out["mfu"] = out["model_tflops"] / run.peak_tflops
+        out["peak_tflops_used"] = run.peak_tflops
+    if run.cuda:
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.log(
+        f"    {ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {out.get('mfu', float('nan')):.3f}, "
+        f"peak mem {out.get('peak_mem_gib', float('nan')):.1f} GiB, first step {out['first_step_ms']:.0f} ms"
+    )
+
+
+def check_throughput(run: Run, res: dict) -> None:
+    a = run.args
+    if not run.peak_tflops:  # the peak check did not run: a quick measurement here
+        run.sub(res, "peak_measured_here", lambda out: check_peak(run, out))
+    ref, looped, note = throughput_configs(run)
+    res["peak_tflops"] = run.peak_tflops
+    res["vanilla_config"] = ref.architecture_dict()
+    res["looped_config"] = looped.architecture_dict()
+    res["looped_note"] = note
+    res["flops_note"] = "training FLOPs/token = 3 x loopmoe.budget forward FLOPs/token; MFU vs measured bf16 peak"
+    plan = [  # by priority: the model is rebuilt for the last entry so that T2 runs before the extras
+        ("vanilla-T1", ref, [("grouped_mm", "autocast"), ("loop", "autocast")]),
+        ("looped-T2", looped, [("grouped_mm", "autocast"), ("loop", "autocast")]),
+        ("vanilla-T1", ref, [("grouped_mm", "unfused-ce"), ("grouped_mm", "bf16-params"), ("loop", "bf16-params")]),
+    ]
+    for label, cfg, variants in plan:
+        if run.check_left() < (3 if a.quick else 12):
+            res.setdefault("skipped", []).append(f"{label}: out of time")
+            continue
+        run.log(f"  build {label}")
+        try:
+            t = time.perf_counter()
+            model = build_model(run, cfg, a.seed)
+            res[f"{label}_build_s"] = time.perf_counter() - t
+            res[f"{label}_params_real"] = param_count(model)
+        except Exception as exc:
+            res[f"{label}_build_error"] = error_record(exc)
+            run.log(f"    build failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if not run.cuda:  # CPU smoke run: grouped_mm and bf16 are slow reference paths there, not worth timing
+            variants = list(dict.fromkeys(("loop", mode) for _, mode in variants if mode != "bf16-params"))
+        for impl, mode in variants:
+            key = f"{label}/{impl}/{mode}"
+            if run.check_left() < (2 if a.quick else 8):
+                res.setdefault("skipped", []).append(f"{key}: out of time")
+                continue
+            if mode == "bf16-params":
+                model = model.to(torch.bfloat16)
+            run.log(f"  {key}: {a.tp_batch}x{a.tp_seq}")
+            run.sub(res, key, throughput_variant, run, model, cfg, impl, mode)
+            run.cleanup()
+        del model
+        run.cleanup()
+
+
+# ------------------------------------------------------------------------------------------------
+# generation
+
+
+def check_generation(run: Run, res: dict) -> None:
+    from loopmoe.presets import get_preset
+
+    q = run.args.quick
+    preset = "debug" if q else "bench"
+    cfg = get_preset(preset, num_loops=2, pad_token_id=0, **QUICK_MODEL if q else {})
+    model = build_model(run, cfg, run.args.seed).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    res["config"] = {"preset": preset, "num_loops": 2, "moe_impl": moe_impl_in_use(model, run.device)}
+    new = run.args.gen_new_tokens
+    prompt_len = 16
+    prompt = random_ids(cfg.vocab_size, (2, prompt_len), run.args.seed + 5, run.device)
+    mask = torch.ones_like(prompt)
+
+    def gen(m, ids, n, **kw):
+        return m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kw)
+
+    def equality(out: dict, num_loops: int | None) -> None:
+        kw = {} if num_loops is None else {"num_loops": num_loops}
+        with torch.no_grad():
+            cached = model.generate(
+                input_ids=prompt,
+                attention_mask=mask,
+                max_new_tokens=new,
+                do_sample=False,
+                use_cache=True,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **kw,
+            )
+            uncached = gen(model, prompt, new, use_cache=False, **kw)
+            seq = cached.sequences
+            same = seq.shape == uncached.shape and bool(torch.equal(seq, uncached))
+            out["tokens_identical"] = same
+            if not same and seq.shape == uncached.shape:
+                differ = (seq != uncached).any(0).nonzero()
+                out["first_divergence"] = int(differ[0].item()) - prompt_len if differ.numel() else None
+            full = model(input_ids=seq, use_cache=False, **kw).logits[:, prompt_len - 1 : -1].float()
+            step_logits = torch.stack(cached.logits, dim=1).float()
+            out["cached_step_logits_vs_full_forward"] = compare(step_logits, full)
+        run.log(
+            f"    num_loops={num_loops or cfg.num_loops}: cached == uncached tokens: {same}; "
+            f"cached logits vs full forward max abs {out['cached_step_logits_vs_full_forward']['max_abs']:.2e}"
+        )
+
+    run.log(f"  generate {preset} T=2, greedy {new} new tokens, cached vs uncached")
+    run.sub(res, "equality_T2", equality, None)
+    run.sub(res, "equality_T3_test_time", equality, 3)
+
+    def speed(out: dict, dtype: torch.dtype) -> None:
+        m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        with torch.no_grad():
+            gen(m, prompt[:1], 4)  # warm-up
+            for batch in (1, 8):
+                ids = random_ids(cfg.vocab_size, (batch, prompt_len), run.args.seed + 6, run.device)
+                run.sync()
+                t = time.perf_counter()
+                gen(m, ids, 1)  # prefill + one token: subtracted below
+                run.sync()
+                t1 = time.perf_counter() - t
+                t = time.perf_counter()
+                o = gen(m, ids, new)
+                run.sync()
+                dt = time.perf_counter() - t
+                n = o.shape[1] - prompt_len
+                rec = {"new_tokens": n, "seconds": dt, "tokens_per_s": batch * n / dt, "prefill_1tok_s": t1}
+                if n > 1 and dt > t1:
+                    rec["decode_tokens_per_s"] = batch * (n - 1) / (dt - t1)
+                out[f"batch{batch}"] = rec
+                run.log(
+                    f"    {dtype} batch {batch}: {rec['tokens_per_s']:,.1f} tok/s with prefill, "
+                    f"{rec.get('decode_tokens_per_s', float('nan')):,.1f} decode only ({n} new)"
+                )
+
+    run.sub(res, "speed_fp32", speed, torch.float32)
+    if run.cuda or not q:
+        run.sub(res, "speed_bf16", speed, torch.bfloat16)
+    else:
+        res["speed_bf16"] = {"skipped": "CPU --quick: bf16 decoding on CPU is slow and not what this measures"}
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile smoke test
+
+
+def check_compile(run: Run, res: dict) -> None:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from loopmoe.presets import get_preset
+
+    q = run.args.quick
+    preset = "debug" if q else "bench"
+    cfg = get_preset(preset, num_loops=2, **QUICK_MODEL if q else {})
+    model = build_model(run, cfg, run.args.seed).eval()
+    ids = random_ids(cfg.vocab_size, (2, 32) if q else (4, 256), run.args.seed + 7, run.device)
+    backend = run.args.compile_backend or ("inductor" if run.cuda else "eager")
+    res.update(preset=preset, backend=backend, input_shape=list(ids.shape), moe_impl=moe_impl_in_use(model, run.device))
+    res["works"] = "unknown: the first call did not finish (see status)"
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits
+        eager_ms = time_ms(run, lambda: model(input_ids=ids, use_cache=False), warmup=1, reps=3)
+    res["eager_ms"] = statistics.median(eager_ms)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=backend)
+    run.log(f"  torch.compile(backend={backend!r}) first call ...")
+    t = time.perf_counter()
+    try:
+        with torch.no_grad():
+            out = compiled(input_ids=ids, use_cache=False).logits
+        run.sync()
+        res["works"] = True
+        res["first_call_s"] = time.perf_counter() - t
+        res["vs_eager"] = compare(out, eager)
+        with torch.no_grad():
+            res["compiled_ms"] = statistics.median(
+                time_ms(run, lambda: compiled(input_ids=ids, use_cache=False), warmup=1, reps=3)
+            )
+        run.log(
+            f"    works: first call {res['first_call_s']:.1f}s, max abs diff vs eager {res['vs_eager']['max_abs']:.2e}, "
+            f"{res['compiled_ms']:.1f} ms vs eager {res['eager_ms']:.1f} ms"
+        )
+    except Exception as exc:
+        res["works"] = False
+        res["first_call_s"] = time.perf_counter() - t
+        res["error"] = error_record(exc)
+        run.log(f"    FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        breaks = counters.get("graph_break", {})
+        res["graph_breaks"] = {str(k)[:300]: v for k, v in sorted(breaks.items(), key=lambda kv: -kv[1])[:15]}
+        res["graph_break_total"] = sum(breaks.values())
+        with contextlib.suppress(Exception):
+            res["unique_graphs"] = counters["stats"]["unique_graphs"]
+        run.save()
+    if run.check_left() > 15:  # where the first graph break is, from a full-graph trace
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, use_cache=False)
+            res["fullgraph_eager"] = {"ok": True}
+        except Exception as exc:
+            res["fullgraph_eager"] = {"ok": False, "error": error_record(exc)}
+        run.log(f"    fullgraph=True (eager backend): {'ok' if res['fullgraph_eager']['ok'] else 'fails'}")
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------
+# grouped_mm edge cases
+
+
+def check_edge(run: Run, res: dict) -> None:
+    q = run.args.quick
+    cases = {
+        # (d, E, k, f, shared, tokens), dtype
+        "mostly-empty-experts (8 tokens, E64 k2)": ((256, 64, 2, 128, 0, 8), "bf16"),
+        "unaligned f=100 (bf16 rows of 200 B)": ((256, 16, 2, 100, 0, 256), "bf16"),
+        "unaligned d=260": ((260, 16, 2, 128, 0, 256), "bf16"),
+        "fp16": ((256, 16, 2, 128, 0, 256), "fp16"),
+    }
+    if q:
+        cases = {
+            "mostly-empty-experts (4 tokens, E32 k2)": ((64, 32, 2, 32, 0, 4), "bf16"),
+            "unaligned f=50": ((64, 8, 2, 50, 0, 32), "bf16"),
+            "unaligned d=66": ((66, 8, 2, 32, 0, 32), "bf16"),
+            "fp16": ((64, 8, 2, 32, 0, 32), "fp16"),
+        }
+    for name, (spec, dtype_name) in cases.items():
+        run.log(f"  edge {name}")
+        run.sub(res, name, moe_case, run, spec, dtype_name, time_it=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# summary
+
+
+def _fmt(v, spec: str = ".2e") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (int, float)):
+        return format(v, spec)
+    return str(v)
+
+
+def summary_lines(data: dict) -> list[str]:
+    checks = data.get("checks", {})
+    lines = []
+    env = checks.get("env", {}).get("result", {})
+    lines.append(
+        f"GPU check: {env.get('device_name', env.get('device', '?'))} (cap {env.get('capability')}), "
+        f"torch {env.get('torch')} CUDA {env.get('torch_cuda')}, transformers {env.get('transformers')}, "
+        f"_grouped_mm {env.get('has_grouped_mm')}, commit {str(env.get('git_commit'))[:10]}"
+    )
+    lines.append("")
+    lines.append("| check | status | seconds |")
+    lines.append("|-------|--------|---------|")
+    for name, rec in checks.items():
+        status = rec.get("status")
+        if "error" in rec:
+            status += f": {rec['error']['type']}: {rec['error']['message'][:80]}"
+        elif "reason" in rec:
+            status += f" ({rec['reason']})"
+        lines.append(f"| {name} | {status} | {_fmt(rec.get('seconds'), '.1f')} |")
+
+    peak = checks.get("peak", {}).get("result", {})
+    if peak:
+        lines += [
+            "",
+            f"Peak {peak.get('dtype')} matmul n={peak.get('n')}: {_fmt(peak.get('tflops_best'), '.3g')} TFLOP/s",
+        ]
+
+    moe = {**checks.get("moe", {}).get("result", {}), **checks.get("edge", {}).get("result", {})}
+    rows = []
+    for key, v in moe.items():
+        if not isinstance(v, dict) or "shape" not in v or key.startswith("cuda_vs_cpu"):
+            continue
+        gv = v.get("grouped_vs_loop", {})
+        err = v.get("grouped_mm_error") or v.get("error")
+        note = f"grouped_mm: {err['type']}: {err['message'][:60]}" if err else ""
+        if not err and v.get("grouped_mm_dtypes"):
+            dt = v["grouped_mm_dtypes"]
+            note = f"experts in {dt.get('expert_in_dtype')}, out {dt.get('expert_out_dtype')}"
+        rows.append(
+            f"| {key} | {_fmt(gv.get('y', {}).get('max_rel'))} | {_fmt(gv.get('x', {}).get('max_rel'))} | "
+            f"{_fmt(gv.get('gate_up', {}).get('max_rel'))} | {_fmt(gv.get('down', {}).get('max_rel'))} | "
+            f"{_fmt(gv.get('router', {}).get('max_rel'))} | {gv.get('routing_equal', '-')} | "
+            f"{_fmt(v.get('loop_fwd_bwd_ms'), '.2f')} | {_fmt(v.get('grouped_mm_fwd_bwd_ms'), '.2f')} | {note} |"
+        )
+    if rows:
+        lines += [
+            "",
+            "MoE layer, grouped_mm vs loop (max abs error / max abs of loop result):",
+            "| case | y | x.grad | gate_up.grad | down.grad | router.grad | same routing | loop ms | grouped ms | note |",
+            "|------|---|--------|--------------|-----------|-------------|--------------|---------|------------|------|",
+            *rows,
+        ]
+    cvc = checks.get("moe", {}).get("result", {}).get("cuda_vs_cpu/fp32", {})
+    for key, v in cvc.items():
+        if key.endswith("_vs_cpu_loop"):
+            lines.append(
+                f"{key} (fp32): y {_fmt(v.get('y', {}).get('max_rel'))}, x.grad {_fmt(v.get('x', {}).get('max_rel'))}, "
+                f"gate_up.grad {_fmt(v.get('gate_up', {}).get('max_rel'))}, routing equal {v.get('routing_equal')}"
+            )
+
+    tr = checks.get("train", {}).get("result", {})
+    if tr:
+        lines += [
+            "",
+            f"Training {tr.get('config', {}).get('preset')} T=2 iteradaln, {tr.get('steps')} AdamW steps, "
+            f"batch {tr.get('batch')}x{tr.get('seq')}:",
+            "| run | MoE path | loss first | loss last | all grads finite | ms/step |",
+            "|-----|----------|------------|-----------|------------------|---------|",
+        ]
+        for run_name in ("bf16_autocast", "fp32"):
+            r = tr.get(run_name, {})
+            loss = r.get("loss") or [None]
+            med = statistics.median(r["step_ms"]) if r.get("step_ms") else None
+            lines.append(
+                f"| {run_name} | {r.get('moe_impl', '-')} | {_fmt(loss[0], '.4f')} | {_fmt(loss[-1], '.4f')} | "
+                f"{r.get('all_grads_finite', '-')} | {_fmt(med, '.1f')} |"
+            )
+        lines.append(
+            f"bf16 vs fp32 loss: max rel gap {_fmt(tr.get('max_rel_gap'))}, final {_fmt(tr.get('final_rel_gap'))}"
+        )
+        sd = tr.get("sdpa", {})
+        if "default_ops_autocast_train" in sd:
+            ok = {k: v.get("ok") for k, v in sd.get("single_backend_autocast_fwd_bwd", {}).items()}
+            lines.append(
+                f"SDPA default ops: {', '.join(sd['default_ops_autocast_train'])}; single-backend fwd+bwd ok: {ok}; "
+                f"pure bf16 flash fwd: {sd.get('pure_bf16_flash_forward', {}).get('ok')}; padded mask flash: "
+                f"{sd.get('padded_mask_flash_forward', {}).get('ok')}"
+            )
+
+    tp = checks.get("throughput", {}).get("result", {})
+    rows = []
+    for key, v in tp.items():
+        if isinstance(v, dict) and "tokens_per_s" in v:
+            rows.append(
+                f"| {key} | {v['total_params'] / 1e6:.4g}M / {v['active_params'] / 1e6:.4g}M | {v['batch']}x{v['seq']} | "
+                f"{v['step_ms_median']:.1f} | {v['tokens_per_s']:,.0f} | {_fmt(v.get('mfu'), '.3f')} | "
+                f"{_fmt(v.get('peak_mem_gib'), '.1f')} |"
+            )
+        elif isinstance(v, dict) and "error" in v:
+            rows.append(f"| {key} | - | - | - | {v['error']['type']}: {v['error']['message'][:60]} | - | - |")
+    if rows:
+        lines += [
+            "",
+            f"Training step (fwd+bwd+AdamW), peak {_fmt(tp.get('peak_tflops'), '.3g')} TFLOP/s; T2 {tp.get('looped_note')}:",
+            "| model / MoE path / mode | total / active params | batch | ms/step | tokens/s | MFU | peak mem GiB |",
+            "|-------------------------|-----------------------|-------|---------|----------|-----|--------------|",
+            *rows,
+        ]
+
+    ge = checks.get("generation", {}).get("result", {})
+    if ge:
+        lines += ["", "Generation (greedy, prefill included):"]
+        for key in ("equality_T2", "equality_T3_test_time"):
+            e = ge.get(key, {})
+            lines.append(
+                f"{key}: cached == uncached tokens {e.get('tokens_identical')}, cached step logits vs full forward "
+                f"max abs {_fmt(e.get('cached_step_logits_vs_full_forward', {}).get('max_abs'))}"
+                + (f", ERROR {e['error']['type']}" if "error" in e else "")
+            )
+        lines += [
+            "| weights | batch | new tokens | tokens/s (prefill incl.) | decode tokens/s |",
+            "|---------|-------|------------|--------------------------|-----------------|",
+        ]
+        for key in ("speed_fp32", "speed_bf16"):
+            for batch in ("batch1", "batch8"):
+                s = ge.get(key, {}).get(batch)
+                if s:
+                    lines.append(
+                        f"| {key[6:]} | {batch[5:]} | {s['new_tokens']} | {s['tokens_per_s']:,.1f} | "
+                        f"{_fmt(s.get('decode_tokens_per_s'), ',.1f')} |"
+                    )
+
+    co = checks.get("compile", {}).get("result", {})
+    if co:
+        line = f"torch.compile({co.get('backend')}): works {co.get('works')}"
+        if co.get("works"):
+            line += (
+                f", first call {_fmt(co.get('first_call_s'), '.1f')}s, max abs diff vs eager "
+                f"{_fmt(co.get('vs_eager', {}).get('max_abs'))}, {_fmt(co.get('compiled_ms'), '.1f')} ms vs eager "
+                f"{_fmt(co.get('eager_ms'), '.1f')} ms"
+            )
+        elif "error" in co:
+            line += f" ({co['error']['type']}: {co['error']['message'][:150]})"
+        line += f"; graph breaks {co.get('graph_break_total')}; fullgraph ok {co.get('fullgraph_eager', {}).get('ok')}"
+        lines += ["", line]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 270, quick 55)")
+    ap.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every per-check budget")
+    ap.add_argument("--checks", default=",".join(CHECK_ORDER), help=f"comma list from {CHECK_ORDER}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peak-n", type=int, default=None, help="matmul size of the peak check (8192; quick 512)")
+    ap.add_argument("--moe-tokens", type=int, default=None, help="tokens of the MoE layer check (4096; quick 64)")
+    ap.add_argument("--train-steps", type=int, default=None, help="AdamW steps of the train check (20; quick 2)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--tp-batch", type=int, default=None, help="throughput batch (8; quick 1)")
+    ap.add_argument("--tp-seq", type=int, default=None, help="throughput sequence length (2048; quick 32)")
+    ap.add_argument("--tp-layers", type=int, default=None, help="throughput Vanilla layers (4; quick 2)")
+    ap.add_argument("--tp-steps", type=int, default=None, help="timed steps (10; quick 1)")
+    ap.add_argument("--tp-warmup", type=int, default=None, help="warm-up steps (3; quick 1)")
+    ap.add_argument("--gen-new-tokens", type=int, default=None, help="generated tokens (64; quick 4)")
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor on CUDA, eager on CPU)")
+    args = ap.parse_args(argv)
+    defaults = {
+        "budget": (270.0, 55.0),
+        "peak_n": (8192, 512),
+        "moe_tokens": (4096, 64),
+        "train_steps": (20, 2),
+        "tp_batch": (8, 1),
+        "tp_seq": (2048, 32),
+        "tp_layers": (4, 2),
+        "tp_steps": (10, 1),
+        "tp_warmup": (3, 1),
+        "gen_new_tokens": (64, 4),
+    }
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
+
+
+# Each check runs on any device; CUDA-only parts inside record themselves as skipped.
+CHECKS = {
+    "env": check_env,
+    "peak": check_peak,
+    "moe": check_moe,
+    "train": check_train,
+    "throughput": check_throughput,
+    "generation": check_generation,
+    "compile": check_compile,
+    "edge": check_edge,
+}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if not args.device.startswith("cuda") and args.quick:
+        # A smoke run on a shared CPU: one thread avoids OpenMP spin-waits when other processes hold the cores.
+        torch.set_num_threads(1)
+    run = Run(args)
+    run.log(f"gpu_check: device {args.device}, quick {args.quick}, budget {args.budget:.0f}s, out {args.out}")
+    if run.cuda and not torch.cuda.is_available():
+        run.log("CUDA requested but not available: every check will record the failure")
+    wanted = [c.strip() for c in args.checks.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in CHECKS]
+    if unknown:
+        run.data["meta"]["unknown_checks"] = unknown
+        run.log(f"unknown checks ignored: {unknown}")
+    if "env" not in wanted:
+        wanted.insert(0, "env")
+    for name in CHECK_ORDER:
+        if name not in wanted:
+            continue
+        try:
+            run.run_check(name, CHECKS[name])
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a timeout racing the error handling: record and go on
+            run.data["checks"].setdefault(name, {})["status"] = f"aborted: {type(exc).__name__}"
+            run.save()
+    try:
+        lines = summary_lines(run.data)
+    except Exception as exc:
+        lines = [f"summary failed: {type(exc).__name__}: {exc}"]
+        run.data["summary_error"] = error_record(exc)
+    run.data["summary_markdown"] = lines
+    run.data["meta"]["finished"] = True
+    run.save()
+    print("\n" + "=" * 100 + "\nSUMMARY (markdown)\n", flush=True)
+    print("\n".join(lines), flush=True)
+    run.log(f"done; results in {args.out}")
+    return run.data
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
