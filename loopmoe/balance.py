@@ -1,6 +1,6 @@
 """Capacity balancing: derive a LoopMoE from a reference Vanilla MoE at matched budgets.
 
-Rule (DESIGN.md section 3, ours). Given a reference with L layers and a loop count T
+Rule (docs/design.md §7, ours). Given a reference with L layers and a loop count T
 (``P + C*T + Q = L``), pick the looped model's query heads H', key/value heads H_kv', head size
 h_d', top-k', expert size f' and expert count E' (width, vocabulary and executed depth fixed) so
 that against the reference

@@ -1,4 +1,4 @@
-"""Analytic budgets of a LoopMoEConfig (DESIGN.md section 3), asserted against the real model.
+"""Analytic budgets of a LoopMoEConfig (docs/design.md §6), asserted against the real model.
 
 Per layer, with width d, heads H / H_kv, head size h_d, E experts of size f, top-k, shared f_s::
 

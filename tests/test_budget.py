@@ -1,4 +1,4 @@
-"""Analytic budgets: formulas of DESIGN.md, and the FLOP audit's own correctness."""
+"""Analytic budgets: formulas of docs/design.md §6, and the FLOP audit's own correctness."""
 
 import pytest
 import torch

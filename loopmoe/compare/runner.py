@@ -1,4 +1,4 @@
-"""The controlled comparison (DESIGN.md section 4): a reference Vanilla MoE against its balanced LoopMoE.
+"""The controlled comparison (docs/design.md §8): a reference Vanilla MoE against its balanced LoopMoE.
 
 Both models are trained with one code path and identical conditions: the same tokenizer and
 shards (built once), the same data order (the loader is seeded by the run seed), optimizer,
