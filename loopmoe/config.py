@@ -86,7 +86,7 @@ class LoopMoEConfig(PretrainedConfig):
         router_z_loss_coef: weight of the router z-loss.
         router_bias_update_rate: step size of auxiliary-loss-free bias balancing (0 disables it).
         moe_implementation: ``"loop"`` (sorted tokens, one matmul per expert group; CPU),
-            ``"grouped_mm"`` (one grouped GEMM, no host sync; CUDA) or ``"auto"``.
+            ``"grouped_mm"`` (one grouped GEMM per projection; CUDA) or ``"auto"``.
         iter_conditioning: one of ``none``, ``iter_embedding``, ``adaln_iter``, ``adaln_token``,
             ``iteradaln``. Defaults to ``iteradaln`` when ``num_loops > 1`` and ``none`` otherwise.
         iter_cond_rank: width ``r`` of the IterAdaLN signal (``W_h`` rank and ``MLP_iter`` width);

@@ -5,7 +5,7 @@ first) and ``w_down: [E, d, f]``; ``counts: [E]`` says how many consecutive rows
 Three implementations of the same function:
 
 - ``experts_reference``: one autograd-tracked SwiGLU per expert, concatenated; the definition.
-- ``experts_grouped_mm``: one ``torch._grouped_mm`` per projection, no host synchronisation
+- ``experts_grouped_mm``: one ``torch._grouped_mm`` per projection, no per-expert host loop
   (CUDA; on CPU torch 2.13 has no backward for it).
 - ``experts_loop``: one matmul per non-empty expert group (CPU), with ``_LoopExperts``' backward,
   which writes each expert's weight gradient straight into the 3-D gradient tensors: autograd
