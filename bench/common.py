@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: timing on a busy machine, tables, I/O.
 
 Timing follows ``shared/bench/hf_qwen3moe_reference.py``: a run only counts when the rest of the
-machine used < 8% of the cores during it (other agents run tests on the same 2 cores), ours and
+machine used < 8% of the cores during it (other processes may share the cores), ours and
 the reference are timed *interleaved* in one process (A B A B ...), and we report the median with
 the min/max of the accepted runs. The reference models and the parity checks run before timing
 come from ``loopmoe.testing.hf_parity`` (shared with the tests).
@@ -13,6 +13,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,6 +152,42 @@ def table(headers: list[str], rows: list[list]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
 
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def step_memory(model, ids) -> dict:
+    """Peak RSS of one forward+backward on ``ids`` after a first one, and its increase over the RSS
+    before it (activations and gradients). Run it in a fresh process (``child_json``): building a
+    model peaks higher than a step, and the high-water mark is per process."""
+    model(input_ids=ids, labels=ids).loss.backward()  # first step: gradients and allocator pools now exist
+    model.zero_grad(set_to_none=True)
+    built = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # restart the high-water mark
+    model(input_ids=ids, labels=ids).loss.backward()
+    peak = _status_kib("VmHWM")
+    return {
+        "rss_before_step_mib": built / 1024,
+        "peak_rss_mib": peak / 1024,
+        "step_increase_mib": (peak - built) / 1024,
+    }
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
+
+
+def child_json(module: str, *args: str) -> dict:
+    """Run ``python -m module args`` from the repository root and parse the last line it prints as JSON."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,  # where `bench` and `loopmoe` import from, as for the parent's `python -m`
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def token_batch(batch: int, seq: int, vocab: int = 8192) -> torch.Tensor:

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
@@ -61,40 +58,11 @@ def child(which: str, loops: int) -> None:
     cfg = dict(zip(("vanilla", "loopmoe"), configs(loops)))[which]
     model = LoopMoEForCausalLM(cfg).train()
     ids = torch.randint(2, cfg.vocab_size, (BATCH, SEQ))
-    model(input_ids=ids, labels=ids).loss.backward()  # first step: gradients and allocator pools now exist
-    model.zero_grad(set_to_none=True)
-    built = _status_kib("VmRSS")
-    # Building (imports, the balancing search) peaks higher than a step: restart the high-water mark.
-    Path("/proc/self/clear_refs").write_text("5")
-    model(input_ids=ids, labels=ids).loss.backward()
-    peak = _status_kib("VmHWM")
-    print(
-        json.dumps(
-            {
-                "rss_before_step_mib": built / 1024,
-                "peak_rss_mib": peak / 1024,
-                "step_increase_mib": (peak - built) / 1024,
-            }
-        )
-    )
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
+    print(json.dumps(common.step_memory(model, ids)))
 
 
 def memory(which: str, loops: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.loop_vs_vanilla", "--child", which, "--loops", str(loops)],
-        cwd=common.ROOT,  # where `bench` and `loopmoe` import from, as for the parent's `python -m`
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return common.child_json("bench.loop_vs_vanilla", "--child", which, "--loops", str(loops))
 
 
 def run(quick: bool = False, loops: int = 2) -> dict:

@@ -1,7 +1,7 @@
 """Run every benchmark in order and print their tables: ``python -m bench.run_all [--quick]``.
 
 peak FLOPs first (the MFU denominator of the others), then the MoE layer, the training step,
-generation, LoopMoE vs its matched Vanilla MoE, and the data pipeline. JSON results go to
+generation, LoopMoE vs its matched Vanilla MoE, the data pipeline and activation checkpointing. JSON results go to
 bench/results/, plots to docs/. ``--quick`` (fewer sizes and repetitions) takes a few minutes.
 """
 
@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench import data_pipeline, generate, loop_vs_vanilla, moe_layer, peak_flops, train_step
+from bench import (
+    activation_checkpointing,
+    data_pipeline,
+    generate,
+    loop_vs_vanilla,
+    moe_layer,
+    peak_flops,
+    train_step,
+)
 
 BENCHMARKS = [
     ("peak fp32 matmul", peak_flops),
@@ -19,6 +27,7 @@ BENCHMARKS = [
     ("generation", generate),
     ("LoopMoE vs Vanilla MoE", loop_vs_vanilla),
     ("data pipeline", data_pipeline),
+    ("activation checkpointing", activation_checkpointing),
 ]
 
 
