@@ -83,7 +83,7 @@ def _linear_solve(f, lo: int, hi: int, target: float) -> float:
 
 def balance(
     reference: LoopMoEConfig,
-    loops: int,
+    num_loops: int,
     strategy: str = "capacity",
     seq_len: int | None = None,
     num_prelude_layers: int = 0,
@@ -94,7 +94,7 @@ def balance(
     ffn_multiple: int | None = None,
     **looped_overrides,
 ) -> BalanceResult:
-    """Return the looped config matched to ``reference`` at ``loops`` iterations of the core.
+    """Return the looped config matched to ``reference`` at ``num_loops`` iterations of the core.
 
     ``head_dim_multiple`` / ``ffn_multiple`` set the integer grid of h_d' and f' (default: a power of
     two that scales with the reference, so tiny models get a fine grid and large ones
@@ -108,10 +108,10 @@ def balance(
     tol = {"total_params": 0.01, "flops_per_token": 0.01, "attn_ffn_ratio": 0.05, **(tolerances or {})}
     L = reference.executed_depth()
     body = L - num_prelude_layers - num_coda_layers
-    if loops < 1 or body < loops or body % loops:
+    if num_loops < 1 or body < num_loops or body % num_loops:
         raise ValueError(
-            f"cannot loop {L} executed layers as prelude {num_prelude_layers} + core x {loops} + coda "
-            f"{num_coda_layers}: L - P - Q = {body} must be a positive multiple of loops. Choose loops from the "
+            f"cannot loop {L} executed layers as prelude {num_prelude_layers} + core x {num_loops} + coda "
+            f"{num_coda_layers}: L - P - Q = {body} must be a positive multiple of num_loops. Choose num_loops from the "
             f"divisors of {body}, or change num_prelude_layers / num_coda_layers."
         )
     seq_len = seq_len or min(2048, reference.max_position_embeddings)
@@ -123,10 +123,10 @@ def balance(
         **reference.architecture_dict(),
         **looped_overrides,
         "num_prelude_layers": num_prelude_layers,
-        "num_core_layers": body // loops,
+        "num_core_layers": body // num_loops,
         "num_coda_layers": num_coda_layers,
-        "num_loops": loops,
-        "iter_conditioning": iter_conditioning if loops > 1 else "none",
+        "num_loops": num_loops,
+        "iter_conditioning": iter_conditioning if num_loops > 1 else "none",
     }
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         base[key] = getattr(reference, key)
@@ -153,7 +153,7 @@ def balance(
         best = shape
     else:
         best = _capacity_search(
-            reference, ref_budget, base, budget, fit_experts, loops, L, head_dim_multiple, ffn_multiple, tol
+            reference, ref_budget, base, budget, fit_experts, num_loops, L, head_dim_multiple, ffn_multiple, tol
         )
     looped = make(**best)
     looped_budget = compute_budget(looped, seq_len)
@@ -163,7 +163,7 @@ def balance(
     if failed:
         detail = "; ".join(f"{k} off by {dev[k]:+.2%} (tolerance {tol[k]:.0%})" for k in failed)
         raise ValueError(
-            f"{strategy} balancing of {L} layers at loops={loops} cannot meet: {detail}. Best candidate: "
+            f"{strategy} balancing of {L} layers at num_loops={num_loops} cannot meet: {detail}. Best candidate: "
             f"heads {looped.num_attention_heads}/{looped.num_key_value_heads} x {looped.head_dim}, top-"
             f"{looped.num_experts_per_tok} of {looped.num_experts} experts of size {looped.moe_intermediate_size}. "
             f"Try another loop count, a shorter seq_len (attention scores grow with the looped attention; now "

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from loopmoe.convert import convert_qwen3_moe
+from loopmoe.options import add_options, option, options_from
 
 CONVERTERS = {"qwen3-moe": convert_qwen3_moe}
 
 
+@dataclass
+class ConvertOptions:
+    """The options of ``loopmoe convert``."""
+
+    source_format: Literal[*CONVERTERS] = option(help="architecture of the source checkpoint", flag="--from")
+    src: Path = option(help="source checkpoint directory (config.json + safetensors)", positional=True)
+    dst: Path = option(help="output directory", positional=True)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a transformers checkpoint into a LoopMoE checkpoint")
-    p.add_argument("--from", dest="source_format", choices=tuple(CONVERTERS), required=True)
-    p.add_argument("src", type=Path, help="source checkpoint directory (config.json + safetensors)")
-    p.add_argument("dst", type=Path, help="output directory")
+    add_options(p, ConvertOptions)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    out = CONVERTERS[args.source_format](args.src, args.dst)
+    opts: ConvertOptions = options_from(ConvertOptions, args)
+    out = CONVERTERS[opts.source_format](opts.src, opts.dst)
     print(f"wrote LoopMoE checkpoint to {out}")
     return 0

@@ -4,9 +4,56 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from loopmoe.options import add_options, option
 from loopmoe.paths import shared_data_dir
+
+DEPTH = "looped-depth analysis (LoopMoE only)"
+
+
+@dataclass
+class EvalOptions:
+    """The options of ``loopmoe eval``."""
+
+    model_dir: Path = option(help="checkpoint directory (config.json + weights)", positional=True)
+    tasks: tuple[str, ...] = option((), help="comma-separated shipped tasks or 'all' (see --list-tasks)")
+    task_file: list[Path] = option(
+        default_factory=list,
+        help="YAML describing a JSONL multiple-choice task (jsonl, prompt, choices, gold); repeatable",
+    )
+    list_tasks: bool = option(False, help="print the shipped task names and exit")
+    text: list[str] = option(
+        default_factory=list,
+        help="held-out text file or prepared shard folder (val split) for perplexity/bits-per-byte; "
+        "relative paths not found here are looked up in the data dir; repeatable",
+    )
+    window: int | None = option(None, help="perplexity window in tokens", shown="the model's context")
+    stride: int | None = option(None, help="perplexity window stride", shown="window/2")
+    max_tokens: int | None = option(None, help="score at most this many tokens per --text", shown="all")
+    data_dir: Path | None = option(
+        None, help="folder with the benchmark files", shown="$LOOPMOE_DATA_DIR, else the shared data dir"
+    )
+    limit: int | None = option(None, help="evaluate only the first N documents of each task", shown="all")
+    batch_size: int = option(8, help="sequences per forward pass")
+    num_loops: int | None = option(
+        None, help="loops of the core at inference (LoopMoE only)", shown="the trained num_loops"
+    )
+    device: str = option("cpu", help="torch device, e.g. cpu or cuda:0")
+    tokenizer: Path | None = option(
+        None, help="tokenizer.json or tokenizer dir, when MODEL_DIR has no tokenizer saved", shown="MODEL_DIR's"
+    )
+    output: Path | None = option(None, help="write the full results JSON here")
+    depth_analysis: bool = option(
+        False,
+        help="loss, logit lens and routing divergence vs loops run at inference, on the first --text",
+        group=DEPTH,
+    )
+    loops: tuple[int, ...] = option((1, 2, 4, 8), help="comma-separated loop counts to compare", group=DEPTH)
+    output_dir: Path | None = option(None, help="where depth.json and the plots go", group=DEPTH)
+    seq_len: int = option(256, help="sequence length of the held-out rows", group=DEPTH)
+    sequences: int = option(16, help="number of held-out rows", group=DEPTH)
 
 
 def add_parser(sub) -> None:
@@ -17,53 +64,7 @@ def add_parser(sub) -> None:
         "Tasks run through lm-evaluation-harness on local copies of the benchmarks in the data dir. "
         "Prints markdown tables; --output writes the full results as JSON.",
     )
-    p.add_argument("model_dir", type=Path, help="checkpoint directory (config.json + weights)")
-    p.add_argument("--tasks", default="", help="comma-separated shipped tasks or 'all' (see --list-tasks)")
-    p.add_argument(
-        "--task-file",
-        type=Path,
-        action="append",
-        default=[],
-        help="YAML describing a JSONL multiple-choice task (jsonl, prompt, choices, gold); repeatable",
-    )
-    p.add_argument("--list-tasks", action="store_true", help="print the shipped task names and exit")
-    p.add_argument(
-        "--text",
-        action="append",
-        default=[],
-        help="held-out text file or prepared shard folder (val split) for perplexity/bits-per-byte; "
-        "relative paths not found here are looked up in the data dir; repeatable",
-    )
-    p.add_argument("--window", type=int, default=None, help="perplexity window in tokens (default: model context)")
-    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: window/2)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens per --text")
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder with the benchmark files (default: $LOOPMOE_DATA_DIR, else the shared data dir)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-loops", type=int, default=None, help="loops of the core at inference (LoopMoE only)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument(
-        "--tokenizer",
-        type=Path,
-        default=None,
-        help="tokenizer.json or tokenizer dir, when MODEL_DIR has no tokenizer saved",
-    )
-    p.add_argument("--output", type=Path, default=None, help="write the full results JSON here")
-    depth = p.add_argument_group("looped-depth analysis (LoopMoE only)")
-    depth.add_argument(
-        "--depth-analysis",
-        action="store_true",
-        help="loss, logit lens and routing divergence vs loops run at inference, on the first --text",
-    )
-    depth.add_argument("--loops", default="1,2,4,8", help="comma-separated loop counts to compare")
-    depth.add_argument("--output-dir", type=Path, default=None, help="where depth.json and the plots go")
-    depth.add_argument("--seq-len", type=int, default=256, help="sequence length of the held-out rows")
-    depth.add_argument("--sequences", type=int, default=16, help="number of held-out rows")
+    add_options(p, EvalOptions)
     p.set_defaults(run=run)
 
 
@@ -74,7 +75,7 @@ def run(args) -> int:
         print("\n".join(harness.SHIPPED_TASKS))
         return 0
     data_dir = args.data_dir or shared_data_dir()
-    tasks = harness.resolve_tasks([t for t in args.tasks.split(",") if t.strip()])
+    tasks = harness.resolve_tasks(list(args.tasks))
     if not (tasks or args.task_file or args.text or args.depth_analysis):
         raise ValueError("nothing to evaluate: pass --tasks, --task-file, --text, or --depth-analysis with --text")
     if args.depth_analysis and (not args.text or args.output_dir is None):
@@ -153,7 +154,7 @@ def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, arg
     from loopmoe.evaluation.plots import plot_depth
 
     loading.require_looped(model, "depth analysis")
-    loops = [int(t) for t in args.loops.split(",") if t.strip()]
+    loops = list(args.loops)
     ids, _ = read_heldout_tokens(text, tokenizer, args.seq_len * args.sequences)
     analysis = analyse_depth(
         model, token_sequences(ids, args.seq_len, args.sequences), loops, batch_size=args.batch_size

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from loopmoe.budget import compute_budget
-from loopmoe.cli.format import human
 from loopmoe.presets import get_preset, list_presets
+from loopmoe.text import human, markdown_table
 
 
 def add_parser(sub) -> None:
@@ -13,9 +13,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    print(f"{'preset':<10} {'total':>8} {'active':>8}  description")
+    rows = []
     for name, meta in list_presets().items():
         b = compute_budget(get_preset(name), seq_len=2048)
-        flag = "  [paper scale]" if meta["paper_scale"] else ""
-        print(f"{name:<10} {human(b.total_params):>8} {human(b.active_params):>8}  {meta['description']}{flag}")
+        flag = " [paper scale]" if meta["paper_scale"] else ""
+        rows.append((name, human(b.total_params), human(b.active_params), f"{meta['description']}{flag}"))
+    print(markdown_table(("preset", "total", "active", "description"), rows, align="lrrl"))
     return 0

@@ -1,5 +1,7 @@
 """The comparison's report: ``report.md`` with the budget table, results, and plots.
 
+``budget_table`` is also what ``loopmoe budget`` prints.
+
 ``loss.png`` shows training (smoothed) and validation loss against tokens for both models and
 every seed; ``expert_load.png`` shows, per executed (layer, iteration) slot, each expert's share
 of routed tokens relative to uniform (1.0 = perfectly balanced).
@@ -9,12 +11,12 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from loopmoe.text import human, markdown_table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+if TYPE_CHECKING:
+    from loopmoe.balance import BalanceResult
 
 COLORS = {"reference": "tab:blue", "looped": "tab:orange"}
 
@@ -27,7 +29,73 @@ def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def budget_table(result: BalanceResult, title: str = "") -> str:
+    """The reference and its balanced LoopMoE side by side: shapes, budgets and their deviations."""
+    ref, loop = result.reference, result.looped
+    rb, lb = result.reference_budget, result.looped_budget
+    dev = result.deviations
+
+    def layers(c):
+        return f"{c.num_prelude_layers}+{c.num_core_layers}x{c.num_loops}+{c.num_coda_layers}"
+
+    rows = [
+        ("layers P+CxT+Q", layers(ref), layers(loop), ""),
+        ("executed depth", rb.executed_depth, lb.executed_depth, ""),
+        (
+            "heads q/kv x size",
+            f"{ref.num_attention_heads}/{ref.num_key_value_heads}x{ref.head_dim}",
+            f"{loop.num_attention_heads}/{loop.num_key_value_heads}x{loop.head_dim}",
+            "",
+        ),
+        (
+            "experts E, top-k",
+            f"{ref.num_experts}, {ref.num_experts_per_tok}",
+            f"{loop.num_experts}, {loop.num_experts_per_tok}",
+            "",
+        ),
+        (
+            "expert size f (shared)",
+            f"{ref.moe_intermediate_size} ({ref.shared_expert_intermediate_size})",
+            f"{loop.moe_intermediate_size} ({loop.shared_expert_intermediate_size})",
+            "",
+        ),
+        ("iteration conditioning", ref.iter_conditioning, loop.iter_conditioning, ""),
+        ("total params", human(rb.total_params), human(lb.total_params), f"{dev['total_params']:+.2%}"),
+        (
+            "active params",
+            human(rb.active_params),
+            human(lb.active_params),
+            f"{lb.active_params / rb.active_params - 1:+.2%}",
+        ),
+        (
+            f"FLOPs/token (S={result.seq_len})",
+            human(rb.flops_per_token),
+            human(lb.flops_per_token),
+            f"{dev['flops_per_token']:+.2%}",
+        ),
+        (
+            "attn/FFN active ratio",
+            f"{rb.attn_ffn_ratio:.4f}",
+            f"{lb.attn_ffn_ratio:.4f}",
+            f"{dev['attn_ffn_ratio']:+.2%}",
+        ),
+    ]
+    head = ("", "reference (Vanilla MoE)", f"looped ({result.strategy})", "deviation")
+    heading = f"## Budget: {title}, num_loops={loop.num_loops}" if title else "## Budget"
+    return "\n".join([heading, "", markdown_table(head, rows)])
+
+
 def plot_losses(runs: dict[str, dict[int, dict]], path: Path) -> None:
+    plt = _pyplot()
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for name, seeds in runs.items():
         for i, (_seed, run) in enumerate(sorted(seeds.items())):
@@ -50,6 +118,7 @@ def plot_losses(runs: dict[str, dict[int, dict]], path: Path) -> None:
 
 
 def plot_expert_load(loads: dict[str, dict[str, list[float]]], path: Path) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(loads), figsize=(6 * len(loads), 3.5), squeeze=False)
     for ax, (name, slots) in zip(axes[0], loads.items()):
         labels = list(slots)
@@ -70,7 +139,8 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def write_report(out: Path, results: dict[str, Any], budget_table: str) -> Path:
+def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
+    """Write ``report.md`` and its plots into ``out``; ``budget`` is the ``budget_table`` of the comparison."""
     runs = results["runs"]
     plot_losses(runs, out / "loss.png")
     plot_expert_load({name: runs[name][min(runs[name])]["expert_load"] for name in runs}, out / "expert_load.png")
@@ -82,18 +152,19 @@ def write_report(out: Path, results: dict[str, Any], budget_table: str) -> Path:
     lines = [
         "# LoopMoE vs Vanilla MoE: controlled comparison",
         "",
-        f"Reference `{opts['reference']}`, loops T = {opts['loops']}, strategy `{opts['strategy']}`; corpus "
+        f"Reference `{opts['reference']}`, loops T = {opts['num_loops']}, strategy `{opts['strategy']}`; corpus "
         f"`{opts['source']}`; {opts['steps']} steps x {opts['micro_batch_size']} x {opts['seq_len']} tokens "
         f"= {opts['steps'] * opts['micro_batch_size'] * opts['seq_len']:,} tokens per model; seeds {seeds}. "
         "Both models see the same tokens in the same order with the same optimizer and schedule.",
         "",
-        budget_table,
+        budget,
         "",
         "## Results",
         "",
-        "| model | held-out loss | final training loss |",
-        "|---|---|---|",
-        *[f"| {name} | {_mean_spread(val[name])} | {_mean_spread(train[name])} |" for name in runs],
+        markdown_table(
+            ("model", "held-out loss", "final training loss"),
+            [(name, _mean_spread(val[name]), _mean_spread(train[name])) for name in runs],
+        ),
         "",
         f"Held-out loss difference (looped - reference), per seed: {', '.join(f'{d:+.4f}' for d in diffs)}."
         + ("" if len(seeds) > 2 else " Fewer than 3 seeds: do not call a difference a result (run `--seeds 0,1,2`)."),
@@ -106,13 +177,7 @@ def write_report(out: Path, results: dict[str, Any], budget_table: str) -> Path:
     if downstream:
         scores = {name: {(r["task"], r["metric"]): r for r in rows} for name, rows in downstream.items()}
         keys = sorted({key for table in scores.values() for key in table})
-        lines += [
-            "",
-            "## Downstream (zero-shot, lm-evaluation-harness)",
-            "",
-            "| task | metric | " + " | ".join(scores) + " | documents |",
-            "|---|---|" + "---|" * (len(scores) + 1),
-        ]
+        table_rows = []
         for task, metric in keys:
             cells = []
             for table in scores.values():
@@ -120,7 +185,13 @@ def write_report(out: Path, results: dict[str, Any], budget_table: str) -> Path:
                 err = f" ± {row['stderr']:.4f}" if row and row["stderr"] is not None else ""
                 cells.append(f"{row['value']:.4f}{err}" if row else "")
             n = next((t[(task, metric)]["n"] for t in scores.values() if (task, metric) in t), "")
-            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {n} |")
+            table_rows.append((task, metric, *cells, n))
+        lines += [
+            "",
+            "## Downstream (zero-shot, lm-evaluation-harness)",
+            "",
+            markdown_table(("task", "metric", *scores, "documents"), table_rows),
+        ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -10,14 +10,24 @@ interrupted comparison resumes where it stopped when the same command is run aga
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from loopmoe.balance import STRATEGIES, BalanceResult, balance
 from loopmoe.config import LoopMoEConfig
+from loopmoe.options import flag_of, help_of, option
+from loopmoe.training.config import (
+    DataSection,
+    ModelSection,
+    OptimSection,
+    RunConfig,
+    ScheduleKind,
+    ScheduleSection,
+    TrainSection,
+)
 
 MODELS = ("reference", "looped")
 
@@ -26,45 +36,58 @@ MODELS = ("reference", "looped")
 class CompareOptions:
     """Everything that defines a comparison; the defaults finish in about 10 minutes on 2 CPU cores."""
 
-    reference: str = "small"
-    loops: int = 2
-    strategy: str = "capacity"
-    prelude: int = 0
-    coda: int = 0
-    source: str = "embedded"
-    tokenizer: str | None = None
-    bpe_vocab: int = 4096
-    seq_len: int = 256
-    micro_batch_size: int = 16
-    steps: int = 300
-    tokens: int | None = None  # when set, the token budget per model decides the number of steps
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    schedule: str = "cosine"
-    seeds: tuple[int, ...] = (0,)
-    eval_every: int = 50
-    eval_batches: int = 16
-    tasks: tuple[str, ...] = ("auto",)  # "auto": every shipped task whose data is present
-    task_limit: int | None = 100
-    out: Path = field(default_factory=lambda: Path("runs/compare"))
+    reference: str = option("small", help="reference Vanilla MoE: preset name, model config file or checkpoint dir")
+    num_loops: int = option(2, help="loop count T of the LoopMoE")
+    strategy: Literal[*STRATEGIES] = option(
+        "capacity", help="capacity (match params, FLOPs and ratio) or naive (same shapes, more experts)"
+    )
+    prelude: int = option(0, help="prelude layers of the LoopMoE")
+    coda: int = option(0, help="coda layers of the LoopMoE")
+    source: str = option("embedded", help=help_of(DataSection, "source"))
+    tokenizer: str | None = option(None, help=help_of(DataSection, "tokenizer"), shown="a BPE trained on the source")
+    bpe_vocab: int = option(4096, help="vocabulary of the trained BPE")
+    seq_len: int = option(256, help=help_of(DataSection, "seq_len"))
+    micro_batch_size: int = option(16, help="sequences per batch", flag="--batch-size")
+    steps: int = option(300, help="optimizer steps per model")
+    tokens: int | None = option(
+        None, help="training tokens per model (sets --steps from batch size and sequence length)"
+    )
+    lr: float = option(3e-3, help=help_of(OptimSection, "lr"))
+    warmup_steps: int = option(30, help=help_of(ScheduleSection, "warmup_steps"))
+    schedule: ScheduleKind = option("cosine", help=help_of(ScheduleSection, "kind"))
+    seeds: tuple[int, ...] = option((0,), help="comma-separated seeds (mean and spread)")
+    eval_every: int = option(50, help=help_of(TrainSection, "eval_every"))
+    eval_batches: int = option(16, help=help_of(TrainSection, "eval_batches"))
+    tasks: tuple[str, ...] = option(
+        ("auto",),
+        help="comma-separated downstream tasks (see `loopmoe eval --list-tasks`); 'auto': every task whose "
+        "data is present; '' for none",
+    )
+    task_limit: int | None = option(100, help="documents per task (none: all)")
+    out: Path = option(default_factory=lambda: Path("runs/compare"), help="run folder")
 
     def validate(self) -> CompareOptions:
+        def flag(name: str) -> str:
+            return flag_of(CompareOptions, name)
+
         if self.tokens is not None:
             if self.tokens < self.micro_batch_size * self.seq_len:
                 raise ValueError(
-                    f"--tokens ({self.tokens}) is less than one batch "
+                    f"{flag('tokens')} ({self.tokens}) is less than one batch "
                     f"({self.micro_batch_size} x {self.seq_len}); raise it"
                 )
             self.steps = -(-self.tokens // (self.micro_batch_size * self.seq_len))
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        for name in ("loops", "seq_len", "micro_batch_size", "steps", "eval_every", "bpe_vocab"):
+            raise ValueError(f"{flag('strategy')} must be one of {STRATEGIES}, got {self.strategy!r}")
+        for name in ("num_loops", "seq_len", "micro_batch_size", "steps", "eval_every", "bpe_vocab"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps >= self.steps:
-            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must be below --steps ({self.steps})")
+            raise ValueError(
+                f"{flag('warmup_steps')} ({self.warmup_steps}) must be below {flag('steps')} ({self.steps})"
+            )
         if not self.seeds:
-            raise ValueError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+            raise ValueError(f"{flag('seeds')} needs at least one seed, e.g. {flag('seeds')} 0,1,2")
         return self
 
     @property
@@ -72,38 +95,32 @@ class CompareOptions:
         return self.steps * self.micro_batch_size * self.seq_len
 
 
-def _data_section(opts: CompareOptions) -> dict[str, Any]:
-    data = {"source": opts.source, "seq_len": opts.seq_len, "data_dir": str(opts.out / "data"), "val_fraction": 0.05}
-    if opts.tokenizer:
-        data["tokenizer"] = opts.tokenizer
-    else:
-        data["train_bpe_vocab"] = opts.bpe_vocab
-    return data
-
-
-def run_config_for(opts: CompareOptions, model: LoopMoEConfig, seed: int):
-    """The RunConfig of one side of the comparison: identical for both models but for ``[model]``."""
-    from loopmoe.training import config_from_dict
-
-    fields = {k: v for k, v in model.architecture_dict().items() if k not in ("num_loops", "vocab_size")}
-    raw = {
-        "model": {"preset": "debug", "loops": model.num_loops, **fields},
-        "data": _data_section(opts),
-        "optim": {"lr": opts.lr},
-        "schedule": {"kind": opts.schedule, "warmup_steps": opts.warmup_steps},
-        "train": {
-            "max_steps": opts.steps,
-            "micro_batch_size": opts.micro_batch_size,
-            "grad_accum": 1,
-            "seed": seed,
-            "eval_every": opts.eval_every,
-            "eval_batches": opts.eval_batches,
-            "checkpoint_every": max(1, opts.steps // 4),
-            "keep_last": 1,
-            "log_every": 8,
-        },
-    }
-    return config_from_dict(raw).validate(1)
+def run_config_for(opts: CompareOptions, model: LoopMoEConfig, seed: int) -> RunConfig:
+    """The RunConfig of one side of the comparison: identical for both models but for ``model``."""
+    return RunConfig(
+        model=ModelSection.of(model),
+        data=DataSection(
+            source=opts.source,
+            tokenizer=opts.tokenizer or None,
+            train_bpe_vocab=None if opts.tokenizer else opts.bpe_vocab,
+            val_fraction=0.05,
+            seq_len=opts.seq_len,
+            data_dir=str(opts.out / "data"),
+        ),
+        optim=OptimSection(lr=opts.lr),
+        schedule=ScheduleSection(kind=opts.schedule, warmup_steps=opts.warmup_steps),
+        train=TrainSection(
+            max_steps=opts.steps,
+            micro_batch_size=opts.micro_batch_size,
+            grad_accum=1,
+            seed=seed,
+            eval_every=opts.eval_every,
+            eval_batches=opts.eval_batches,
+            checkpoint_every=max(1, opts.steps // 4),
+            keep_last=1,
+            log_every=8,
+        ),
+    ).validate(1)
 
 
 def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
@@ -116,7 +133,7 @@ def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
     reference = load_model_config(opts.reference, vocab_size=bundle.vocab_size)
     result = balance(
         reference,
-        opts.loops,
+        num_loops=opts.num_loops,
         strategy=opts.strategy,
         seq_len=opts.seq_len,
         num_prelude_layers=opts.prelude,
@@ -140,14 +157,13 @@ def expert_load(model_dir: Path, batches) -> dict[str, list[float]]:
 
 def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
     """Train both models for every seed, evaluate them, and write the report. Returns results.json's content."""
-    from loopmoe.cli.budget import format_table
-    from loopmoe.compare.report import write_report
+    from loopmoe.compare.report import budget_table, write_report
     from loopmoe.training import read_metrics, run_training
 
     opts.validate()
     opts.out.mkdir(parents=True, exist_ok=True)
     result, bundle = prepare(opts)
-    table = format_table(result, title=f"{opts.reference}")
+    table = budget_table(result, title=f"{opts.reference}")
     log(table)
     runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in MODELS}
     for seed in opts.seeds:

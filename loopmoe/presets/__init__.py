@@ -7,13 +7,13 @@ file (flat, or with a ``[model]`` table), a JSON config, or a checkpoint directo
 
 from __future__ import annotations
 
-import difflib
 import json
 import tomllib
 from importlib import resources
 from pathlib import Path
 
 from loopmoe.config import ARCHITECTURE_FIELDS, CONFIG_FIELDS, LoopMoEConfig
+from loopmoe.text import suggest
 
 PRESET_META_KEYS = ("description", "paper_scale")
 
@@ -35,24 +35,17 @@ def _preset_table(name: str) -> dict:
     entry = resources.files(__package__) / f"{name}.toml"
     if not entry.is_file():
         names = list(list_presets())
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown preset {name!r}.{hint} Available presets: {', '.join(names)}")
+        hint = suggest(name, names)
+        raise ValueError(f"unknown preset {name!r} (available: {', '.join(names)}){f'; {hint}' if hint else ''}")
     return tomllib.loads(entry.read_text())
 
 
 def config_from_table(table: dict, source: str) -> LoopMoEConfig:
     """Build a config from a dict of fields, rejecting unknown keys with a suggestion."""
     table = {k: v for k, v in table.items() if k not in PRESET_META_KEYS}
-    known = set(CONFIG_FIELDS)
-    unknown = sorted(set(table) - known)
+    unknown = sorted(set(table) - set(CONFIG_FIELDS))
     if unknown:
-        hints = [
-            f"{k!r} (did you mean {difflib.get_close_matches(k, known, n=1)[0]!r}?)"
-            if difflib.get_close_matches(k, known, n=1)
-            else repr(k)
-            for k in unknown
-        ]
+        hints = [f"{k!r} ({hint})" if (hint := suggest(k, CONFIG_FIELDS)) else repr(k) for k in unknown]
         raise ValueError(
             f"{source}: unknown model field(s) {', '.join(hints)}; valid fields are the arguments of LoopMoEConfig"
         )

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from loopmoe.training.config import RunConfig
+from loopmoe.training.config import RunConfig, model_fields
 
 
 class ResumableLoader(Protocol):
@@ -43,17 +43,28 @@ DataFactory = Callable[[RunConfig, int, int], DataBundle]
 
 
 def build_model_config(cfg: RunConfig, vocab_size: int) -> Any:
-    """Preset + explicit `[model]` fields + `loops` + the tokenizer's vocab size -> LoopMoEConfig.
+    """The run's LoopMoEConfig at the tokenizer's ``vocab_size``.
 
-    `get_preset` rejects unknown fields with a suggestion, and derives loop-dependent defaults
-    (e.g. iteration conditioning) from the final `num_loops`.
+    Either ``model.config``, exactly (its vocabulary must be the tokenizer's, so that the stored run
+    config describes the model), or preset + explicit `[model]` fields + ``num_loops`` +
+    ``vocab_size``: `get_preset` rejects unknown fields with a suggestion, and derives
+    loop-dependent defaults (e.g. iteration conditioning) from the final ``num_loops``.
     """
+    from loopmoe.config import LoopMoEConfig
     from loopmoe.presets import get_preset
 
-    overrides = {**cfg.model.fields, "vocab_size": vocab_size}
-    if cfg.model.loops is not None:
-        overrides["num_loops"] = cfg.model.loops
-    return get_preset(cfg.model.preset, **overrides)
+    m = cfg.model
+    if m.config is not None:
+        if m.config.vocab_size != vocab_size:
+            raise ValueError(
+                f"model.config has vocab_size {m.config.vocab_size} but the tokenizer has {vocab_size}: "
+                f"build the config with vocab_size={vocab_size}"
+            )
+        return LoopMoEConfig(**model_fields(m.config))
+    overrides = {**m.fields, "vocab_size": vocab_size}
+    if m.num_loops is not None:
+        overrides["num_loops"] = m.num_loops
+    return get_preset(m.preset, **overrides)
 
 
 def default_model_factory(cfg: RunConfig, vocab_size: int) -> nn.Module:

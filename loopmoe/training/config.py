@@ -3,66 +3,92 @@
 A run is fully described by one `RunConfig`; it is stored, resolved, inside every checkpoint so
 a run can be resumed or audited without the file it came from. Every error names the key and
 the fix, because a typo in a config should cost seconds, not a wasted training run.
+
+Each key's type, default and help are its field below (`option(...)`); `loopmoe train --help`
+is generated from them (`loopmoe.options`), with one flag per key (`--train.max_steps 100`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import tomllib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig
+from loopmoe.options import option
+from loopmoe.presets import config_from_table
+from loopmoe.text import suggest
+
+ScheduleKind = Literal["cosine", "wsd"]
+
 
 @dataclass
 class ModelSection:
-    """Model: a preset name, a loop count, and explicit `LoopMoEConfig` fields in `fields`.
+    """The model: a preset with explicit `LoopMoEConfig` fields over it, or one complete config.
 
-    In TOML every key of `[model]` other than `preset` and `loops` is an explicit config field
-    (e.g. `hidden_size = 128`); they are checked against the preset's config when the model is built.
+    In TOML every key of `[model]` other than `preset`, `num_loops` and `config` is an explicit config field
+    (e.g. `hidden_size = 128`); they are checked against the preset's config when the model is
+    built. From Python, `ModelSection.of(config)` runs exactly `config` (stored in full as
+    `[model.config]`, so the run directory still describes the run).
     """
 
-    preset: str = "debug"
-    loops: int | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = option("debug", help="model preset (see `loopmoe presets`); none with model.config")
+    num_loops: int | None = option(None, help="loop count T of the looped core", shown="the preset's")
+    fields: dict[str, Any] = option(
+        default_factory=dict,
+        help="explicit LoopMoEConfig fields over the preset: every other [model] key, or model.KEY=VALUE",
+        cli=False,
+    )
+    config: LoopMoEConfig | None = option(
+        None, help="a complete LoopMoEConfig instead of preset + fields (at the tokenizer's vocab_size)", cli=False
+    )
+
+    @classmethod
+    def of(cls, config: LoopMoEConfig) -> ModelSection:
+        """The section that runs exactly ``config`` (whose ``vocab_size`` must be the tokenizer's)."""
+        return cls(preset=None, config=config)
 
 
 @dataclass
 class DataSection:
     """Corpus and tokenizer: `source` is a corpus name or path resolved by `loopmoe.data`."""
 
-    source: str = "tinyshakespeare"
-    tokenizer: str | None = None
-    train_bpe_vocab: int | None = None
-    val_fraction: float = 0.05
-    seq_len: int = 128
-    data_dir: str | None = None
+    source: str = option(
+        "tinyshakespeare",
+        help="corpus: a text/JSONL file or folder, 'embedded', 'hf:NAME', or a folder of the shared data dir",
+    )
+    tokenizer: str | None = option(
+        None, help="tokenizer.json / HF dir / name under the shared tokenizers folder (e.g. gpt2)"
+    )
+    train_bpe_vocab: int | None = option(
+        None, help="vocabulary of a BPE trained on the source (without data.tokenizer)"
+    )
+    val_fraction: float = option(0.05, help="share of the corpus held out for validation")
+    seq_len: int = option(128, help="tokens per training sequence")
+    data_dir: str | None = option(None, help="tokenizer and shard cache", shown="OUT_DIR/data")
 
 
 @dataclass
 class OptimSection:
     """AdamW hyper-parameters."""
 
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    eps: float = 1e-8
+    lr: float = option(3e-4, help="peak learning rate")
+    betas: tuple[float, float] = option((0.9, 0.95), help="AdamW betas")
+    weight_decay: float = option(0.1, help="AdamW weight decay")
+    eps: float = option(1e-8, help="AdamW epsilon")
 
 
 @dataclass
 class ScheduleSection:
-    """Learning-rate schedule: linear warmup, then cosine decay or WSD (warmup-stable-decay).
+    """Learning-rate schedule: linear warmup, then cosine decay or WSD (warmup-stable-decay)."""
 
-    `decay_fraction` is the share of `max_steps` spent in the WSD decay phase (ignored by cosine);
-    `min_lr_ratio` is the final learning rate as a fraction of `optim.lr`.
-    """
-
-    kind: Literal["cosine", "wsd"] = "cosine"
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2
-    min_lr_ratio: float = 0.1
+    kind: ScheduleKind = option("cosine", help="after the warmup: cosine decay or WSD (warmup-stable-decay)")
+    warmup_steps: int = option(100, help="linear warmup steps")
+    decay_fraction: float = option(0.2, help="share of max_steps spent in the WSD decay phase (ignored by cosine)")
+    min_lr_ratio: float = option(0.1, help="final learning rate as a fraction of optim.lr")
 
 
 @dataclass
@@ -73,25 +99,31 @@ class TrainSection:
     global = micro_batch_size x grad_accum x world size.
     """
 
-    max_steps: int = 1000
-    micro_batch_size: int = 8
-    grad_accum: int | None = None
-    global_batch_size: int | None = None
-    grad_clip: float = 1.0
-    seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    eval_every: int = 100
-    eval_batches: int = 10
-    checkpoint_every: int = 200
-    keep_last: int = 3
-    log_every: int = 10
+    max_steps: int = option(1000, help="optimizer steps", aliases=("--max-steps",))
+    micro_batch_size: int = option(8, help="sequences per micro-batch on each process")
+    grad_accum: int | None = option(
+        None, help="micro-batches per optimizer step", shown="from global_batch_size, else 1"
+    )
+    global_batch_size: int | None = option(
+        None, help="sequences per optimizer step over all processes (sets grad_accum)"
+    )
+    grad_clip: float = option(1.0, help="gradient-norm clip (0 disables clipping)")
+    seed: int = option(0, help="seed of the initialisation and the data order")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", help="auto: fp32 on CPU, bf16 autocast on CUDA; fp32; or bf16 autocast"
+    )
+    eval_every: int = option(100, help="steps between held-out evaluations")
+    eval_batches: int = option(10, help="held-out batches per evaluation (0 disables evaluation)")
+    checkpoint_every: int = option(200, help="steps between checkpoints", aliases=("--checkpoint-every",))
+    keep_last: int = option(3, help="checkpoints kept")
+    log_every: int = option(10, help="steps between router statistics in the logs")
 
 
 @dataclass
 class DistSection:
     """Data-parallel strategy used when torchrun starts more than one process."""
 
-    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    strategy: Literal["ddp", "fsdp2"] = option("ddp", help="DDP (replicated) or FSDP2 (sharded) under torchrun")
 
 
 @dataclass
@@ -104,8 +136,12 @@ class RunConfig:
     dist: DistSection = field(default_factory=DistSection)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (tuples become lists) — JSON/TOML friendly."""
-        return _plain(dataclasses.asdict(self))
+        """Plain nested dict (tuples become lists, `model.config` a table of every field) — JSON/TOML friendly."""
+        return {
+            f.name: {g.name: _plain(getattr(section, g.name)) for g in dataclasses.fields(section)}
+            for f in dataclasses.fields(self)
+            for section in [getattr(self, f.name)]
+        }
 
     def grad_accum_for(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank for this world size."""
@@ -119,7 +155,14 @@ class RunConfig:
 
     def validate(self, world_size: int = 1) -> RunConfig:
         """Check cross-field contradictions; raises ValueError naming the keys and the fix."""
-        t, s, o = self.train, self.schedule, self.optim
+        m, t, s, o = self.model, self.train, self.schedule, self.optim
+        if m.config is not None and (m.preset is not None or m.num_loops is not None or m.fields):
+            raise ValueError(
+                "model.config is a complete model config: leave model.preset (none), model.num_loops and the "
+                "model fields unset, or drop model.config"
+            )
+        if m.config is None and m.preset is None:
+            raise ValueError("model.preset is not set: name a preset (see `loopmoe presets`) or give model.config")
         for key, value in [
             ("train.max_steps", t.max_steps),
             ("train.micro_batch_size", t.micro_batch_size),
@@ -173,7 +216,14 @@ class RunConfig:
         return self
 
 
+def model_fields(config: LoopMoEConfig) -> dict[str, Any]:
+    """Every field of ``config`` (``CONFIG_FIELDS``): ``LoopMoEConfig(**model_fields(c))`` rebuilds ``c``."""
+    return {k: getattr(config, k) for k in CONFIG_FIELDS}
+
+
 def _plain(obj: Any) -> Any:
+    if isinstance(obj, LoopMoEConfig):
+        return model_fields(obj)
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -184,11 +234,9 @@ def _plain(obj: Any) -> Any:
 _SECTION_TYPES = get_type_hints(RunConfig)
 
 
-def _suggest(key: str, options: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    if close:
-        return f"; did you mean '{prefix}{close[0]}'?"
-    return f"; valid keys: {', '.join(prefix + o for o in sorted(options))}"
+def _hint(name: str, options: list[str], prefix: str = "") -> str:
+    """`; did you mean ...?`, or the valid names when none is close."""
+    return "; " + (suggest(name, options, prefix) or f"valid keys: {', '.join(prefix + o for o in sorted(options))}")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -210,7 +258,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value not in args:
             raise ValueError(
                 f"{key} = {value!r}: must be one of {', '.join(repr(a) for a in args)}"
-                + (_suggest(str(value), [str(a) for a in args]) if isinstance(value, str) else "")
+                + (f"; {close}" if isinstance(value, str) and (close := suggest(value, [str(a) for a in args])) else "")
             )
         return value
     if origin is tuple:
@@ -236,9 +284,11 @@ def _build_section(name: str, raw: dict[str, Any]) -> Any:
         extra = {k: v for k, v in raw.items() if k not in hints}
         raw = {k: v for k, v in raw.items() if k in hints}
         kwargs["fields"] = {**raw.pop("fields", {}), **extra}
+        if isinstance(raw.get("config"), dict):
+            raw["config"] = config_from_table(raw["config"], "model.config")
     for key, value in raw.items():
         if key not in hints:
-            raise ValueError(f"unknown key '{name}.{key}'" + _suggest(key, list(hints), prefix=f"{name}."))
+            raise ValueError(f"unknown key '{name}.{key}'" + _hint(key, list(hints), prefix=f"{name}."))
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -247,7 +297,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from nested dicts (a parsed TOML file); missing keys take defaults."""
     for name in raw:
         if name not in _SECTION_TYPES:
-            raise ValueError(f"unknown section '[{name}]'" + _suggest(name, list(_SECTION_TYPES)))
+            raise ValueError(f"unknown section '[{name}]'" + _hint(name, list(_SECTION_TYPES)))
         if not isinstance(raw[name], dict):
             raise ValueError(f"'{name}' must be a table ([{name}]), got {type(raw[name]).__name__}")
     return RunConfig(**{name: _build_section(name, raw.get(name, {})) for name in _SECTION_TYPES})
@@ -275,9 +325,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ValueError(f"override key '{path}' must be section.key, e.g. optim.lr=3e-4")
         section, key = parts
         if section not in _SECTION_TYPES:
-            raise ValueError(
-                f"unknown section '{section}' in override '{item}'" + _suggest(section, list(_SECTION_TYPES))
-            )
+            raise ValueError(f"unknown section '{section}' in override '{item}'" + _hint(section, list(_SECTION_TYPES)))
         hint = get_type_hints(_SECTION_TYPES[section]).get(key)
         value = text.strip() if hint is str else _parse_value(text.strip())
         out.setdefault(section, {})[key] = value

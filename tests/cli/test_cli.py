@@ -9,14 +9,14 @@ from loopmoe.cli.main import main
 
 
 def test_budget_table(capsys):
-    assert main(["budget", "debug", "--loops", "2", "--seq-len", "128"]) == 0
+    assert main(["budget", "debug", "--num-loops", "2", "--seq-len", "128"]) == 0
     out = capsys.readouterr().out
     for row in ("total params", "active params", "FLOPs/token (S=128)", "attn/FFN active ratio", "deviation"):
         assert row in out
 
 
 def test_paper_scale_presets_are_marked(capsys):
-    assert main(["budget", "paper-9b", "--loops", "2"]) == 0
+    assert main(["budget", "paper-9b", "--num-loops", "2"]) == 0
     assert "paper scale" in capsys.readouterr().out
     assert main(["presets"]) == 0
     listing = capsys.readouterr().out
@@ -24,7 +24,7 @@ def test_paper_scale_presets_are_marked(capsys):
 
 
 def test_budget_json_and_save_dir(capsys, tmp_path):
-    assert main(["budget", "debug", "--loops", "2", "--seq-len", "128", "--json", "--save-dir", str(tmp_path)]) == 0
+    assert main(["budget", "debug", "--num-loops", "2", "--seq-len", "128", "--json", "--save-dir", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     data = json.loads(text[: text.rindex("}") + 1])
     assert data["seq_len"] == 128
@@ -39,16 +39,16 @@ def test_budget_json_and_save_dir(capsys, tmp_path):
 def test_budget_from_config_file(tmp_path, capsys):
     path = tmp_path / "ref.toml"
     path.write_text('[model]\npreset = "debug"\nnum_experts = 16\n')
-    assert main(["budget", str(path), "--loops", "2", "--seq-len", "128", "--json"]) == 0
+    assert main(["budget", str(path), "--num-loops", "2", "--seq-len", "128", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["reference"]["config"]["num_experts"] == 16
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["budget", "debgu", "--loops", "2"], "Did you mean 'debug'"),
-        (["budget", "debug", "--loops", "3"], "divisors of 4"),
-        (["budget", "missing.toml", "--loops", "2"], "not found"),
+        (["budget", "debgu", "--num-loops", "2"], "did you mean 'debug'"),
+        (["budget", "debug", "--num-loops", "3"], "divisors of 4"),
+        (["budget", "missing.toml", "--num-loops", "2"], "not found"),
         (["train", "configs/debug.toml", "train.max_step=5", "--dry-run"], "did you mean 'train.max_steps'"),
     ],
 )
@@ -78,3 +78,55 @@ def test_python_dash_m_entry_point():
 
     result = subprocess.run([sys.executable, "-m", "loopmoe", "presets"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "paper-3b" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("compare", "loopmoe.compare.CompareOptions"),
+        ("budget", "loopmoe.cli.budget.BudgetOptions"),
+        ("eval", "loopmoe.cli.eval.EvalOptions"),
+        ("convert", "loopmoe.cli.convert.ConvertOptions"),
+        ("train", "loopmoe.cli.train.TrainOptions"),
+    ],
+)
+def test_help_lists_every_option_with_its_help_and_default(command, options):
+    import dataclasses
+    import importlib
+
+    from loopmoe.cli.main import build_parser
+    from loopmoe.options import flag_of
+
+    module, name = options.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    text = "".join(sub.format_help().split())  # argparse wraps lines, also at hyphens
+    for f in dataclasses.fields(cls):
+        assert "".join(f.metadata["help"].split()) in text
+        if not f.metadata["positional"]:
+            assert flag_of(cls, f.name) in text
+    assert text.count("(default:") >= sum(
+        f.default is not dataclasses.MISSING and f.default is not False and not f.metadata["positional"]
+        for f in dataclasses.fields(cls)
+    )
+
+
+def test_train_help_and_flags_cover_every_run_config_key(capsys):
+    import dataclasses
+    from typing import get_type_hints
+
+    from loopmoe.cli.main import build_parser
+    from loopmoe.training.config import RunConfig
+
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
+    text = sub.format_help()
+    for section, cls in get_type_hints(RunConfig).items():
+        for f in dataclasses.fields(cls):
+            if f.metadata["cli"]:
+                assert f"--{section}.{f.name}" in text
+    argv = ["train", "configs/debug.toml", "--dry-run", "--max-steps", "70", "--train.seed", "3"]
+    assert main([*argv, "--optim.betas", "[0.8, 0.9]", "--model.num_loops", "2"]) == 0
+    out = capsys.readouterr().out
+    assert '"max_steps": 70' in out and '"seed": 3' in out and "0.8" in out and "0+4x2+0" in out
+    assert main(["train", "configs/debug.toml", "--dry-run", "--schedule.kind", "cosin"]) == 2
+    assert "did you mean 'cosine'" in capsys.readouterr().err

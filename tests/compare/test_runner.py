@@ -10,13 +10,13 @@ from loopmoe.presets import get_preset
 
 def test_both_models_train_under_identical_conditions(tmp_path):
     opts = CompareOptions(out=tmp_path).validate()
-    result = balance(get_preset("small"), opts.loops, seq_len=opts.seq_len)
+    result = balance(get_preset("small"), opts.num_loops, seq_len=opts.seq_len)
     ref = run_config_for(opts, result.reference, seed=3).to_dict()
     looped = run_config_for(opts, result.looped, seed=3).to_dict()
     assert {k: v for k, v in ref.items() if k != "model"} == {k: v for k, v in looped.items() if k != "model"}
     assert ref["train"]["seed"] == 3 and ref["data"]["data_dir"] == str(tmp_path / "data")
-    assert (ref["model"]["loops"], looped["model"]["loops"]) == (1, 2)
-    assert looped["model"]["fields"]["num_experts"] == result.looped.num_experts
+    assert (ref["model"]["config"]["num_loops"], looped["model"]["config"]["num_loops"]) == (1, 2)
+    assert looped["model"]["config"]["num_experts"] == result.looped.num_experts
 
 
 def test_options_validate_and_tokens_set_steps():

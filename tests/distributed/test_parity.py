@@ -25,7 +25,7 @@ ARGS = [
 # The real model: a looped LoopMoE with IterAdaLN, prelude and expert routing, sized for 2 CPU processes.
 LOOPMOE_ARGS = [
     "model.preset=debug",
-    "model.loops=2",
+    "model.num_loops=2",
     "model.num_core_layers=1",
     "model.num_prelude_layers=1",
     "model.hidden_size=32",

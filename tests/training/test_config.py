@@ -28,10 +28,10 @@ def test_overrides_are_typed_by_field():
 def test_toml_file_and_int_for_float(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(
-        '[model]\npreset = "debug"\nloops = 3\nnum_experts = 8\n[optim]\nlr = 1\n[train]\nmax_steps = 500\n'
+        '[model]\npreset = "debug"\nnum_loops = 3\nnum_experts = 8\n[optim]\nlr = 1\n[train]\nmax_steps = 500\n'
     )
     cfg = load_run_config(path)
-    assert cfg.model.loops == 3 and cfg.model.fields == {"num_experts": 8}
+    assert cfg.model.num_loops == 3 and cfg.model.fields == {"num_experts": 8}
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
 
 
@@ -81,7 +81,7 @@ def test_shipped_configs_build_a_model_config(path):
     cfg = load_run_config(path)
     model_cfg = build_model_config(cfg, vocab_size=1000)
     assert model_cfg.vocab_size == 1000
-    assert model_cfg.num_loops == (cfg.model.loops or model_cfg.num_loops)
+    assert model_cfg.num_loops == (cfg.model.num_loops or model_cfg.num_loops)
 
 
 def test_unknown_model_field_is_rejected():
@@ -90,3 +90,23 @@ def test_unknown_model_field_is_rejected():
     cfg = load_run_config(None, ["model.hiden_size=32"])
     with pytest.raises(ValueError, match="hidden_size"):
         build_model_config(cfg, vocab_size=100)
+
+
+def test_an_explicit_model_config_is_stored_in_full_and_round_trips():
+    import json
+
+    from loopmoe.presets import get_preset
+    from loopmoe.training.builders import build_model_config
+    from loopmoe.training.config import ModelSection, RunConfig, config_from_dict
+
+    model = get_preset("debug", num_loops=2, vocab_size=300)
+    cfg = RunConfig(model=ModelSection.of(model)).validate()
+    stored = json.loads(json.dumps(cfg.to_dict()))
+    assert stored["model"]["config"]["num_loops"] == 2 and stored["model"]["preset"] is None
+    again = config_from_dict(stored).validate()
+    assert again == cfg and again.to_dict() == stored
+    assert build_model_config(again, vocab_size=300).to_dict() == model.to_dict()
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        build_model_config(again, vocab_size=100)
+    with pytest.raises(ValueError, match="model.config is a complete model config"):
+        RunConfig(model=ModelSection(preset="debug", config=model)).validate()

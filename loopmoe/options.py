@@ -1,0 +1,278 @@
+"""Options as dataclass fields, and the command line generated from them.
+
+Every setting a user can give (the `RunConfig` sections, `CompareOptions`, the options of each
+subcommand) is a dataclass field whose type, default and help live in that one place: the help is
+``field(metadata={"help": ...})``, written with ``option(default, help=...)``. ``add_options``
+turns such a dataclass into argparse arguments:
+
+- the flag is the field name with dashes (``seq_len`` -> ``--seq-len``) unless the field names
+  its own ``flag``; ``aliases`` are further flags for the same field;
+- the annotation gives the parsing: ``int``, ``float``, ``str``, ``Path``; ``bool`` is a switch;
+  ``Literal[...]`` gives the choices; ``X | None`` also takes ``none``; ``tuple[X, ...]`` and
+  ``tuple[X, Y]`` take comma-separated values; ``list[X]`` is a repeatable flag (or, positional,
+  any number of values);
+- a field without a default is required; every help line ends with the default.
+
+``add_overrides`` does the same for a run-config section, as flags that are overrides:
+``--train.max_steps 100`` is ``train.max_steps=100`` (typed and checked by the run config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+MISSING: Any = dataclasses.MISSING
+OVERRIDES_DEST = "option_overrides"  # where add_overrides' flags collect their `section.key=value` strings
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    default_factory: Any = MISSING,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    positional: bool = False,
+    metavar: str | None = None,
+    group: str | None = None,
+    shown: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field with its help and command-line spelling (``flag``, ``aliases``, ``positional``,
+    ``metavar``, the help ``group``, ``shown``: what the default means when its value does not say,
+    e.g. ``None``; ``cli=False`` keeps it off the command line)."""
+    metadata = {
+        "help": help,
+        "shown": shown,
+        "flag": flag,
+        "aliases": aliases,
+        "positional": positional,
+        "metavar": metavar,
+        "group": group,
+        "cli": cli,
+    }
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help of field ``name`` of ``cls``: options that mean the same setting share it."""
+    return _field(cls, name).metadata["help"]
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The command-line flag of field ``name`` of ``cls`` (for error messages)."""
+    return _field(cls, name).metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def _show(f: dataclasses.Field, toml: bool = False) -> str:
+    """`` (default: X)`` for the help of ``f``: X as it would be typed (``toml``: as an override value),
+    or ``shown``."""
+    if f.metadata.get("shown"):
+        return f" (default: {f.metadata['shown']})"
+    value = _default(f)
+    if value is False and not toml:
+        return ""  # a switch that is off unless given
+    return f" (default: {_text(value, toml)})"
+
+
+def _text(value: Any, toml: bool = False) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if toml and isinstance(value, (tuple, list)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    if isinstance(value, list):  # a repeatable flag
+        return ", ".join(str(v) for v in value) or "none"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "''"
+    return str(value) if value != "" else "''"
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(get_args(hint)) == 2:
+            return args[0], True
+    return hint, False
+
+
+def _scalar(hint: Any) -> Any:
+    """A parser of one value of type ``hint`` (int, float, str, Path or a Literal of one type)."""
+    if get_origin(hint) is Literal:
+        return type(get_args(hint)[0])
+    if hint in (int, float, str, Path):
+        return hint
+    raise TypeError(f"no command-line parser for {hint!r}; give the field cli=False or a supported type")
+
+
+_EXAMPLES = {int: "0,1,2", float: "0.9,0.95", str: "a,b", Path: "a,b"}
+
+
+def _comma_separated(hint: Any) -> Any:
+    """``tuple[X, ...]`` / ``tuple[X, Y]`` from ``"a,b"`` (empty items dropped, so ``''`` is empty)."""
+    args = get_args(hint)
+    variadic = len(args) == 2 and args[1] is Ellipsis
+    kinds = [_scalar(a) for a in (args[:1] if variadic else args)]
+
+    def parse(text: str) -> tuple:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not variadic and len(items) != len(kinds):
+            raise argparse.ArgumentTypeError(f"expected {len(kinds)} comma-separated values, got {text!r}")
+        try:
+            return tuple(k(t) for t, k in zip(items, kinds * len(items) if variadic else kinds))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kinds[0].__name__} values, e.g. {_EXAMPLES[kinds[0]]}; got {text!r}"
+            ) from None
+
+    parse.__name__ = "comma-separated"
+    return parse
+
+
+def _or_none(parse: Any) -> Any:
+    def parse_optional(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else parse(text)
+
+    parse_optional.__name__ = getattr(parse, "__name__", "value")
+    return parse_optional
+
+
+def _metavar(hint: Any, comma: bool = False) -> str:
+    """``INT``, ``{a,b}``, ``INT,...`` (``comma``: tuples typed as a,b) or ``[FLOAT, FLOAT]`` (TOML lists)."""
+    inner, _ = _unwrap_optional(hint)
+    if get_origin(inner) is Literal:
+        return "{" + ",".join(str(c) for c in get_args(inner)) + "}"
+    if get_origin(inner) is tuple:
+        names = [a.__name__.upper() for a in get_args(inner) if a is not Ellipsis]
+        if comma:
+            return ",".join(names) + (",..." if Ellipsis in get_args(inner) else "")
+        return f"[{', '.join(names)}]"
+    if get_origin(inner) is list:
+        return _metavar(get_args(inner)[0])
+    return getattr(inner, "__name__", "VALUE").upper()
+
+
+def _kwargs(hint: Any, default: Any) -> dict[str, Any]:
+    """argparse keyword arguments that parse a value of type ``hint``."""
+    inner, optional = _unwrap_optional(hint)
+    origin = get_origin(inner)
+    if inner is bool:
+        return {"action": "store_true"} if default is False else {"action": argparse.BooleanOptionalAction}
+    if origin is list:
+        return {"type": _scalar(get_args(inner)[0]), "action": "append"}
+    if origin is tuple:
+        parse = _comma_separated(inner)
+        return {"type": _or_none(parse) if optional else parse}
+    kwargs: dict[str, Any] = {"type": _or_none(_scalar(inner)) if optional else _scalar(inner)}
+    if get_origin(inner) is Literal:
+        kwargs["choices"] = get_args(inner) + ((None,) if optional else ())
+    return kwargs
+
+
+def _group(parser: Any, groups: dict[str, Any], title: str | None) -> Any:
+    if title is None:
+        return parser
+    if title not in groups:
+        groups[title] = parser.add_argument_group(title)
+    return groups[title]
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argparse argument per field of the dataclass ``cls`` (see the module docstring)."""
+    hints = get_type_hints(cls)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        if "help" not in meta:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with option(..., help=...)")
+        default = _default(f)
+        kwargs = _kwargs(hints[f.name], default)
+        help_text = meta["help"]
+        if meta["positional"]:
+            if kwargs.get("action") == "append":
+                kwargs = {"type": kwargs["type"], "nargs": "*", "default": default}
+            elif default is not MISSING:
+                kwargs.update(nargs="?", default=default)
+            if meta["metavar"]:
+                kwargs["metavar"] = meta["metavar"]
+            _group(parser, groups, meta["group"]).add_argument(f.name, help=help_text.replace("%", "%%"), **kwargs)
+            continue
+        if default is MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+            if kwargs.get("action") == "append":
+                kwargs["default"] = list(default)
+            help_text += _show(f)
+        if kwargs.get("action") not in ("store_true", argparse.BooleanOptionalAction):
+            kwargs["metavar"] = meta["metavar"] or _metavar(hints[f.name], comma=True)
+        flags = [meta["flag"] or "--" + f.name.replace("_", "-"), *meta["aliases"]]
+        _group(parser, groups, meta["group"]).add_argument(
+            *flags, dest=f.name, help=help_text.replace("%", "%%"), **kwargs
+        )
+
+
+def options_from(cls: type, namespace: argparse.Namespace) -> Any:
+    """The dataclass ``cls`` from parsed arguments (fields off the command line keep their defaults)."""
+    names = [f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name)]
+    return cls(**{name: getattr(namespace, name) for name in names})
+
+
+class _Override(argparse.Action):
+    """Appends ``key=VALUE`` to the namespace's override list, in command-line order."""
+
+    def __init__(self, *args: Any, key: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, [*items, f"{self.key}={values}"])
+
+
+def add_overrides(parser: argparse.ArgumentParser, section: str, cls: type, title: str, description: str) -> None:
+    """One flag ``--SECTION.KEY VALUE`` per field of the run-config section ``cls``: the override
+    ``SECTION.KEY=VALUE``, collected in ``namespace.option_overrides`` (VALUE is read like an override's)."""
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(title, description)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        if "help" not in meta:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with option(..., help=...)")
+        key = f"{section}.{f.name}"
+        group.add_argument(
+            f"--{key}",
+            *meta["aliases"],
+            action=_Override,
+            key=key,
+            dest=OVERRIDES_DEST,
+            default=argparse.SUPPRESS,
+            metavar=_metavar(hints[f.name]),
+            help=(meta["help"] + _show(f, toml=True)).replace("%", "%%"),
+        )
+
+
+def given_overrides(namespace: argparse.Namespace) -> list[str]:
+    """The ``section.key=value`` strings of the ``add_overrides`` flags given, in order."""
+    return list(getattr(namespace, OVERRIDES_DEST, []))
