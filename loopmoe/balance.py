@@ -28,11 +28,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Literal, get_args
 
 from loopmoe.budget import Budget, compute_budget, modulation_matmul_weights
 from loopmoe.config import LoopMoEConfig
 
-STRATEGIES = ("capacity", "naive")
+Strategy = Literal["capacity", "naive"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 TARGETS = ("total_params", "flops_per_token", "attn_ffn_ratio")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from enum import StrEnum
+from typing import Literal, get_args
 
 from transformers import PretrainedConfig
 
@@ -54,6 +55,9 @@ class IterConditioning(StrEnum):
 
 
 ITER_CONDITIONINGS = tuple(c.value for c in IterConditioning)
+# The same names as a type, for option dataclasses whose choices come from the type (loopmoe.options).
+IterConditioningName = Literal["none", "iter_embedding", "adaln_iter", "adaln_token", "iteradaln"]
+assert get_args(IterConditioningName) == ITER_CONDITIONINGS
 INPUT_INJECTIONS = ("none", "add", "concat")
 NORM_SCHEMES = ("pre", "sandwich", "depth_scaled_sandwich")
 ROUTER_SCORES = ("softmax", "sigmoid")

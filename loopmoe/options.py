@@ -76,7 +76,7 @@ def _default(f: dataclasses.Field) -> Any:
     if f.default is not MISSING:
         return f.default
     if f.default_factory is not MISSING:
-        return f.default_factory()
+        return f.default_factory()  # type: ignore[operator]  # typeshed types the unset sentinel as a callable field
     return MISSING
 
 

@@ -10,13 +10,13 @@ from typing import Literal
 
 import torch
 
-from loopmoe.balance import STRATEGIES, BalanceResult, balance
+from loopmoe.balance import BalanceResult, Strategy, balance
 from loopmoe.compare.report import budget_table
-from loopmoe.config import ITER_CONDITIONINGS
+from loopmoe.config import IterConditioningName
 from loopmoe.options import add_options, option, options_from
 from loopmoe.presets import is_paper_scale, list_presets, load_model_config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the choices of BudgetOptions.dtype
 
 
 @dataclass
@@ -28,13 +28,13 @@ class BudgetOptions:
         positional=True,
     )
     num_loops: int = option(help="loop count T of the looped core")
-    strategy: Literal[*STRATEGIES] = option(
+    strategy: Strategy = option(
         "capacity", help="capacity (match params, FLOPs and ratio) or naive (same shapes, more experts)"
     )
     seq_len: int | None = option(None, help="sequence length for FLOPs", shown="min(2048, max positions)")
     prelude: int = option(0, help="prelude layers P run once before the core")
     coda: int = option(0, help="coda layers Q run once after the core")
-    iter_conditioning: Literal[*ITER_CONDITIONINGS] = option(
+    iter_conditioning: IterConditioningName = option(
         "iteradaln", help="how the looped core is told its iteration (IterAdaLN or an ablation)"
     )
     json: bool = option(False, help="print JSON instead of a table")
@@ -43,7 +43,7 @@ class BudgetOptions:
         help="write both randomly initialised models as HF checkpoints in DIR/reference and DIR/looped",
         metavar="DIR",
     )
-    dtype: Literal[*DTYPES] = option("float32", help="dtype of the saved checkpoints")
+    dtype: Literal["float32", "bfloat16"] = option("float32", help="dtype of the saved checkpoints")
 
 
 def add_parser(sub) -> None:

@@ -9,14 +9,14 @@ from typing import Literal
 from loopmoe.convert import convert_qwen3_moe
 from loopmoe.options import add_options, option, options_from
 
-CONVERTERS = {"qwen3-moe": convert_qwen3_moe}
+CONVERTERS = {"qwen3-moe": convert_qwen3_moe}  # the choices of ConvertOptions.source_format
 
 
 @dataclass
 class ConvertOptions:
     """The options of ``loopmoe convert``."""
 
-    source_format: Literal[*CONVERTERS] = option(help="architecture of the source checkpoint", flag="--from")
+    source_format: Literal["qwen3-moe"] = option(help="architecture of the source checkpoint", flag="--from")
     src: Path = option(help="source checkpoint directory (config.json + safetensors)", positional=True)
     dst: Path = option(help="output directory", positional=True)
 

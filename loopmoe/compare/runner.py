@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from loopmoe.balance import STRATEGIES, BalanceResult, balance
+from loopmoe.balance import STRATEGIES, BalanceResult, Strategy, balance
 from loopmoe.config import LoopMoEConfig
 from loopmoe.options import flag_of, help_of, option
 from loopmoe.training.config import (
@@ -38,7 +38,7 @@ class CompareOptions:
 
     reference: str = option("small", help="reference Vanilla MoE: preset name, model config file or checkpoint dir")
     num_loops: int = option(2, help="loop count T of the LoopMoE")
-    strategy: Literal[*STRATEGIES] = option(
+    strategy: Strategy = option(
         "capacity", help="capacity (match params, FLOPs and ratio) or naive (same shapes, more experts)"
     )
     prelude: int = option(0, help="prelude layers of the LoopMoE")

@@ -64,6 +64,8 @@ def build_model_config(cfg: RunConfig, vocab_size: int) -> Any:
     overrides = {**m.fields, "vocab_size": vocab_size}
     if m.num_loops is not None:
         overrides["num_loops"] = m.num_loops
+    if m.preset is None:
+        raise ValueError("model.preset is none and no model.config is given: set model.preset (see `loopmoe presets`)")
     return get_preset(m.preset, **overrides)
 
 
