@@ -117,6 +117,12 @@ class TrainSection:
     checkpoint_every: int = option(200, help="steps between checkpoints", aliases=("--checkpoint-every",))
     keep_last: int = option(3, help="checkpoints kept")
     log_every: int = option(10, help="steps between router statistics in the logs")
+    activation_checkpointing: Literal["none", "full", "selective"] = option(
+        "none",
+        help="recompute activations in backward: none, full (every executed layer) or selective "
+        "(every ac_every-th executed layer)",
+    )
+    ac_every: int = option(2, help="with selective activation checkpointing: every n-th executed layer")
 
 
 @dataclass
@@ -170,6 +176,7 @@ class RunConfig:
             ("train.checkpoint_every", t.checkpoint_every),
             ("train.keep_last", t.keep_last),
             ("train.log_every", t.log_every),
+            ("train.ac_every", t.ac_every),
             ("data.seq_len", self.data.seq_len),
         ]:
             if value < 1:

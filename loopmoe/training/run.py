@@ -22,7 +22,13 @@ from torch.distributed.fsdp import FSDPModule
 
 from loopmoe.atomic import atomic_write_text
 from loopmoe.distributed.env import DistInfo, barrier, init_distributed, is_distributed, teardown_distributed
-from loopmoe.distributed.parallelize import apply_ddp, apply_fsdp2, build_mesh, unwrap
+from loopmoe.distributed.parallelize import (
+    apply_activation_checkpointing,
+    apply_ddp,
+    apply_fsdp2,
+    build_mesh,
+    unwrap,
+)
 from loopmoe.training.builders import (
     DataBundle,
     DataFactory,
@@ -66,6 +72,8 @@ def _resolve_config(
 
 def _parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     model.to(info.device)
+    if cfg.train.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
     if not info.distributed:
         return model
     if cfg.dist.strategy == "fsdp2":

@@ -105,3 +105,22 @@ def test_real_loopmoe_matches_single_process(tmp_path, single_loopmoe_losses, st
     proc = _launch(tmp_path, 2, f"dist.strategy={strategy}", real_model=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_close([r["loss"] for r in read_metrics(tmp_path)], single_loopmoe_losses)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_loopmoe_losses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2_loopmoe")
+    proc = _launch(out, 2, "dist.strategy=fsdp2", real_model=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [r["loss"] for r in read_metrics(out)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_under_fsdp2_keeps_the_losses(tmp_path, fsdp2_loopmoe_losses, mode):
+    proc = _launch(tmp_path, 2, "dist.strategy=fsdp2", f"train.activation_checkpointing={mode}", real_model=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == len(fsdp2_loopmoe_losses) == 20
+    for step, (a, b) in enumerate(zip(losses, fsdp2_loopmoe_losses), start=1):
+        assert abs(a - b) <= 1e-6 * abs(b), f"step {step}: {a} vs {b}"
