@@ -813,6 +813,9 @@ def throughput_variant(out: dict, run: Run, model, cfg, impl: str, mode: str) ->
     ids = random_ids(cfg.vocab_size, (B, S), a.seed + 4, run.device)
     amp = mode != "bf16-params"
     skip_logits = False if mode == "unfused-ce" else None
+    from loopmoe.distributed.parallelize import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, {"ac-full": "full", "ac-selective": "selective"}.get(mode, "none"), 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     losses = []
@@ -884,7 +887,8 @@ def check_throughput(run: Run, res: dict) -> None:
     res["flops_note"] = "training FLOPs/token = 3 x loopmoe.budget forward FLOPs/token; MFU vs measured bf16 peak"
     plan = [  # by priority: the model is rebuilt for the last entry so that T2 runs before the extras
         ("vanilla-T1", ref, [("grouped_mm", "autocast"), ("loop", "autocast")]),
-        ("looped-T2", looped, [("grouped_mm", "autocast"), ("loop", "autocast")]),
+        ("looped-T2", looped, [("grouped_mm", "autocast"), ("grouped_mm", "ac-full"), ("grouped_mm", "ac-selective")]),
+        ("looped-T2", looped, [("loop", "autocast")]),
         ("vanilla-T1", ref, [("grouped_mm", "unfused-ce"), ("grouped_mm", "bf16-params"), ("loop", "bf16-params")]),
     ]
     for label, cfg, variants in plan:
@@ -1001,6 +1005,48 @@ def check_generation(run: Run, res: dict) -> None:
         run.sub(res, "speed_bf16", speed, torch.bfloat16)
     else:
         res["speed_bf16"] = {"skipped": "CPU --quick: bf16 decoding on CPU is slow and not what this measures"}
+    run.sub(res, "vs_transformers", generation_vs_transformers, run)
+
+
+def generation_vs_transformers(out: dict, run: Run) -> None:
+    """Greedy decoding of transformers' Qwen3-MoE and of the same weights converted to LoopMoE (T = 1):
+    identical tokens, and new tokens/s of each at batch 1 and 8 (decode only: prefill subtracted)."""
+    from loopmoe.testing import hf_parity
+
+    new = run.args.gen_new_tokens
+    qwen = hf_parity.qwen_model("grouped_mm" if run.cuda else "eager", seed=run.args.seed)
+    ours = hf_parity.ours_from_qwen(qwen)
+    models = {"transformers": qwen.to(run.device).eval(), "loopmoe": ours.to(run.device).eval()}
+    for m in models.values():
+        m.generation_config.pad_token_id = 0
+        m.generation_config.eos_token_id = None
+    vocab = qwen.config.vocab_size
+    for batch in (1, 8):
+        ids = random_ids(vocab, (batch, 16), run.args.seed + 7, run.device)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False)
+        rec: dict = {}
+        tokens = {}
+        with torch.no_grad():
+            for name, m in models.items():
+                m.generate(ids, max_new_tokens=4, **kw)  # warm-up
+                run.sync()
+                t = time.perf_counter()
+                m.generate(ids, max_new_tokens=1, **kw)
+                run.sync()
+                prefill = time.perf_counter() - t
+                t = time.perf_counter()
+                tokens[name] = m.generate(ids, max_new_tokens=new, **kw)
+                run.sync()
+                dt = time.perf_counter() - t
+                rec[f"{name}_decode_tokens_per_s"] = batch * (new - 1) / max(dt - prefill, 1e-9)
+        rec["tokens_identical"] = bool(torch.equal(tokens["transformers"], tokens["loopmoe"]))
+        rec["speedup"] = rec["loopmoe_decode_tokens_per_s"] / rec["transformers_decode_tokens_per_s"]
+        out[f"batch{batch}"] = rec
+        run.log(
+            f"    vs transformers Qwen3-MoE, batch {batch}: identical tokens {rec['tokens_identical']}; "
+            f"decode {rec['loopmoe_decode_tokens_per_s']:,.0f} vs {rec['transformers_decode_tokens_per_s']:,.0f} "
+            f"tok/s ({rec['speedup']:.2f}x)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ def test_checkpointed_training_equals_plain_training(tiny_config, name, mode):
         assert calls == T + sum((P + k * C + 1) % 2 == 0 for k in range(T))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers renames gradient_ to activation_checkpointing
 def test_gradient_checkpointing_enable_is_full_checkpointing(tiny_config):
     cfg = tiny_config(num_loops=2)
     torch.manual_seed(0)
@@ -76,3 +77,29 @@ def test_unknown_mode_names_the_choices(tiny_config):
     model = LoopMoEForCausalLM(tiny_config())
     with pytest.raises(ValueError, match="none.*full.*selective"):
         apply_activation_checkpointing(model, "partial")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers renames gradient_ to activation_checkpointing
+def test_transformers_trainer_with_gradient_checkpointing(tmp_path, tiny_config):
+    from transformers import Trainer, TrainingArguments
+
+    cfg = tiny_config(num_loops=2)
+    torch.manual_seed(0)
+    model = LoopMoEForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, cfg.vocab_size, (8, 16), generator=g)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_checkpointing=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert model.model.checkpoint_policy is not None  # the Trainer turned it on through our model
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
