@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -194,16 +195,22 @@ def _group(parser: Any, groups: dict[str, Any], title: str | None) -> Any:
     return groups[title]
 
 
+def _cli_fields(cls: type) -> Iterator[dataclasses.Field]:
+    """The fields of ``cls`` that appear on the command line; each must carry its help."""
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with option(..., help=...)")
+        yield f
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argparse argument per field of the dataclass ``cls`` (see the module docstring)."""
     hints = get_type_hints(cls)
     groups: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in _cli_fields(cls):
         meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        if "help" not in meta:
-            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with option(..., help=...)")
         default = _default(f)
         kwargs = _kwargs(hints[f.name], default)
         help_text = meta["help"]
@@ -254,12 +261,8 @@ def add_overrides(parser: argparse.ArgumentParser, section: str, cls: type, titl
     ``SECTION.KEY=VALUE``, collected in ``namespace.option_overrides`` (VALUE is read like an override's)."""
     hints = get_type_hints(cls)
     group = parser.add_argument_group(title, description)
-    for f in dataclasses.fields(cls):
+    for f in _cli_fields(cls):
         meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        if "help" not in meta:
-            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with option(..., help=...)")
         key = f"{section}.{f.name}"
         group.add_argument(
             f"--{key}",
