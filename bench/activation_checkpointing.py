@@ -21,6 +21,7 @@ import json
 import torch
 
 from bench import common
+from loopmoe.text import markdown_table
 
 BATCH, SEQ, LOOPS = 8, 256, 4
 MODES = {"none": ("none", 1), "selective (every 2nd)": ("selective", 2), "full": ("full", 1)}
@@ -95,7 +96,7 @@ def main(argv=None) -> dict:
         return {}
     res = run(args.quick)
     print(
-        common.table(
+        markdown_table(
             ["mode", "saved activations MiB", "step peak RSS MiB", "step increase MiB", "fwd+bwd ms", "speed vs none"],
             [
                 [

@@ -143,17 +143,6 @@ def fmt_t(stats: dict, scale: float = 1e3) -> str:
     return f"{stats['median'] * scale:.1f} [{stats['min'] * scale:.1f}-{stats['max'] * scale:.1f}]"
 
 
-def table(headers: list[str], rows: list[list]) -> str:
-    """A markdown table (printed and pasted into PERFORMANCE.md)."""
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-
-    def line(r):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
-
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
-
-
 def step_memory(model, ids) -> dict:
     """Peak RSS of one forward+backward on ``ids`` after a first one, and its increase over the RSS
     before it (activations and gradients). Run it in a fresh process (``child_json``): building a

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from loopmoe.text import markdown_table
 
 
 def run(quick: bool = False) -> dict:
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
         ]
         for l in r["loader"]
     ]
-    print(common.table(["stage", "time", "throughput"], rows))
+    print(markdown_table(["stage", "time", "throughput"], rows))
     print(f"tinyshakespeare: {r['bytes'] / 1e6:.2f} MB, {r['tokens']} tokens ({r['chars_per_token']:.2f} chars/token)")
     if "loader_share_of_step" in r:
         print(f"loader share of one LoopMoE training step (8x256): {100 * r['loader_share_of_step']:.3f}%")

@@ -16,6 +16,7 @@ import torch
 
 from bench import common
 from loopmoe.testing import hf_parity
+from loopmoe.text import markdown_table
 
 PROMPT, NEW = 32, 128
 
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     res = run(args.quick)
     print(
-        common.table(
+        markdown_table(
             [
                 "model",
                 "batch",

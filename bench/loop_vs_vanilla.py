@@ -22,6 +22,7 @@ import torch
 from bench import common
 from bench.peak_flops import peak_gflops
 from loopmoe.testing import hf_parity
+from loopmoe.text import markdown_table
 
 BATCH, SEQ = 8, 256
 
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
         return child(args.child, args.loops)
     res = run(args.quick, args.loops)
     print(
-        common.table(
+        markdown_table(
             [
                 "model",
                 "T",

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bench import common
+from loopmoe.text import markdown_table
 
 # (name, hidden d, experts E, top-k, expert size f)
 CONFIGS = [
@@ -158,7 +159,7 @@ def main(argv=None) -> dict:
         for r in res["rows"]
     ]
     print(
-        common.table(
+        markdown_table(
             ["config", "tokens", "ours tok/s", "HF grouped_mm", "HF eager", "vs grouped_mm", "vs eager", "max |diff|"],
             rows,
         )

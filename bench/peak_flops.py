@@ -15,6 +15,7 @@ from functools import partial
 import torch
 
 from bench import common
+from loopmoe.text import markdown_table
 
 
 def _matmuls(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, reps: int) -> list[torch.Tensor]:
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     res = measure(args.quick)
     print(
-        common.table(
+        markdown_table(
             ["n", "GFLOP/s median", "GFLOP/s best", "quiet runs"],
             [[r["n"], f"{r['gflops_median']:.1f}", f"{r['gflops_best']:.1f}", r["quiet_runs"]] for r in res["sizes"]],
         )

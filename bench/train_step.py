@@ -21,6 +21,7 @@ import torch
 from bench import common
 from bench.peak_flops import peak_gflops
 from loopmoe.testing import hf_parity
+from loopmoe.text import markdown_table
 
 BATCH, SEQ = 8, 256
 
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     res = run(args.quick)
     print(
-        common.table(
+        markdown_table(
             ["model", "step", "tok/s median [min-max]", "ms/step", "MFU", "vs HF grouped_mm (paired) [min-max]"],
             [
                 [

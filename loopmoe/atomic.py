@@ -10,6 +10,7 @@ temporary (``.NAME.tmp-*`` / ``.NAME.staging-*``) is all an interrupted write ca
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -32,13 +33,25 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically and durably."""
+    """Replace ``path`` with ``text`` (UTF-8) atomically and durably."""
+    atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as a PNG, atomically and durably."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

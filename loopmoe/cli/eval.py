@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopmoe.atomic import atomic_write_text
 from loopmoe.options import add_options, option
 from loopmoe.paths import shared_data_dir
 
@@ -111,7 +112,7 @@ def run(args) -> int:
         print(report.task_table(results["tasks"]))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2, default=str))
+        atomic_write_text(args.output, json.dumps(results, indent=2, default=str))
     return 0
 
 
@@ -168,5 +169,5 @@ def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, arg
                 raw = harness.evaluate_tasks(lm, tasks, data_dir, limit=args.limit)
             analysis["tasks"][str(t)] = harness.summarize(raw)
     analysis["plots"] = [str(p) for p in plot_depth(analysis, args.output_dir)]
-    (args.output_dir / "depth.json").write_text(json.dumps(analysis, indent=2))
+    atomic_write_text(args.output_dir / "depth.json", json.dumps(analysis, indent=2))
     return analysis

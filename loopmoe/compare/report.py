@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loopmoe.atomic import atomic_write_text, save_figure
 from loopmoe.text import human, markdown_table
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def plot_losses(runs: dict[str, dict[int, dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -129,7 +130,7 @@ def plot_expert_load(loads: dict[str, dict[str, list[float]]], path: Path) -> No
         ax.set_title(f"{name}: load / uniform per layer@iteration", fontsize=9)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -193,5 +194,5 @@ def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
             markdown_table(("task", "metric", *scores, "documents"), table_rows),
         ]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from loopmoe.atomic import atomic_write_text
 from loopmoe.balance import STRATEGIES, BalanceResult, Strategy, balance
 from loopmoe.config import LoopMoEConfig
 from loopmoe.options import flag_of, help_of, option
@@ -189,7 +190,7 @@ def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
         "downstream": downstream,
     }
     write_report(opts.out, results, table)
-    (opts.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_text(opts.out / "results.json", json.dumps(results, indent=2, default=str))
     log(f"\nreport: {opts.out / 'report.md'}")
     return results
 

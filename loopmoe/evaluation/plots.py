@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loopmoe.atomic import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -68,6 +70,6 @@ def plot_depth(analysis: dict, output_dir: str | Path) -> list[Path]:
 
 def _save(fig, path: Path, plt) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
