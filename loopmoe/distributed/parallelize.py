@@ -7,7 +7,7 @@ under FSDP2 without any change to its code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, cast
 
@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers.cache_utils import Cache
 
 
 def build_mesh(world_size: int, device_type: str) -> DeviceMesh:
@@ -81,6 +82,55 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     for m in targets:
         cast(Any, m).checkpoint_policy = policy  # a plain attribute the model declares, not a submodule
     return model
+
+
+def apply_compile(model: nn.Module, fullgraph: bool = True, **compile_kwargs: Any) -> nn.Module:
+    """Regional compilation (torchtitan style): ``torch.compile`` every decoder layer, in place.
+
+    Each entry of every ``nn.ModuleList`` (prelude, core and coda layers) gets ``Module.compile``;
+    the model's own forward, the loop over iterations and the choice of checkpointed slots among
+    them, stays eager. Parameters and state-dict keys are unchanged (no ``_orig_mod.`` prefix).
+
+    - Layers of the same kind share compiled graphs (dynamo inlines modules and guards on their
+      structure, not their identity), so a model compiles a few graphs, not one per layer.
+    - The T runs of a core layer pass the same kinds of arguments; the ``Slot`` stays outside (the
+      layer gets only its KV-cache index, unused without a cache), so no run recompiles: one graph
+      serves every iteration.
+    - A call with a KV cache (``generate``, or an eval forward without ``use_cache=False``) runs
+      the layer eagerly: the cache update indexes a Python list by the slot's cache index and
+      checks the entry's state, so every executed slot, prefill and decoding step would specialise
+      its own graph and soon exhaust dynamo's recompile limit. To compile decoding, compile the
+      whole model instead (``torch.compile(model)`` or ``model.compile()``), one graph per step.
+    - The MoE's experts are custom ops (``loopmoe::experts_loop`` on CPU, ``experts_grouped_mm``
+      on CUDA; ``experts_one_token`` for batch-1 decoding) and so is the router's count update
+      (``loopmoe::add_expert_counts_``): no graph breaks, hence ``fullgraph=True`` by default.
+    - Composes with ``apply_activation_checkpointing`` (either order): a checkpointed slot wraps
+      the compiled layer in ``torch.utils.checkpoint``, whose recomputation reruns the compiled
+      graph; the router's counts are still taken once. Apply before DDP / FSDP2 wrapping
+      (dynamo skips FSDP2's hooks).
+
+    ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
+    """
+    layers = _shard_units(unwrap(model))
+    if not layers:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no layers to compile (no nn.ModuleList)")
+    for layer in layers:
+        layer.compile(fullgraph=fullgraph, **compile_kwargs)  # sets layer._compiled_call_impl
+        compiled = layer._compiled_call_impl
+        assert compiled is not None
+        layer._compiled_call_impl = _CachelessCompiled(compiled, layer._call_impl)
+    return model
+
+
+class _CachelessCompiled:
+    """A compiled layer's call: the compiled graph, or eager when a KV cache comes along."""
+
+    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any]):
+        self.compiled, self.eager = compiled, eager
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with_cache = any(isinstance(a, Cache) for a in (*args, *kwargs.values()))
+        return (self.eager if with_cache else self.compiled)(*args, **kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

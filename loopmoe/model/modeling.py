@@ -72,19 +72,21 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         cache: Cache | None,
-        slot: Slot,
+        cache_slot: int,
         v_k: torch.Tensor | None,
         token_mask: torch.Tensor | None,
         router_stats: bool = True,
     ) -> tuple[torch.Tensor, RouterStats | None]:
-        # h: [B, S, d] -> [B, S, d]; v_k: [r] iteration signal (modulated core layers only).
-        # Returns the slot's RouterStats, or None when router_stats is False.
+        # h: [B, S, d] -> [B, S, d]; v_k: [r] iteration signal (modulated core layers only);
+        # cache_slot: the executed slot's KV-cache entry. Returns the MoE's RouterStats (its slot is
+        # set by the caller), or None when router_stats is False. The layer never sees its Slot: under
+        # torch.compile (``apply_compile``) the T runs of a core layer then share one compiled graph.
         if self.modulation is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(h, v_k)  # scales/gates include the 1
         x = self.input_layernorm(h)
         if self.modulation is not None:
             x = torch.addcmul(shift1, x, scale1)  # x * (1 + γ1) + β1
-        a = self.self_attn(x, rope, mask, cache, slot.cache_index)
+        a = self.self_attn(x, rope, mask, cache, cache_slot)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
         h = h + (a * gate1 if self.modulation is not None else a)
@@ -96,8 +98,6 @@ class DecoderLayer(nn.Module):
         if self.mlp_out_norm is not None:
             m = self.mlp_out_norm(m)
         h = h + (m * gate2 if self.modulation is not None else m)
-        if router is not None:
-            router.slot = slot
         return h, router
 
 
@@ -267,12 +267,13 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         recompute = self.checkpoint_policy if checkpointing else None
 
         def run(layer: nn.Module, h: torch.Tensor, slot: Slot, v_k: torch.Tensor | None = None) -> torch.Tensor:
-            args = (h, rope, mask, past_key_values, slot, v_k, token_mask, output_router_stats)
+            args = (h, rope, mask, past_key_values, slot.cache_index, v_k, token_mask, output_router_stats)
             if recompute is not None and recompute(slot):
                 h, router = checkpoint(layer, *args, use_reentrant=False)
             else:
                 h, router = layer(*args)
             if router is not None:
+                router.slot = slot
                 routers.append(router)
             if hidden_states is not None:
                 hidden_states.append(h)

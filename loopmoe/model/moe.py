@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopmoe.config import LoopMoEConfig
-from loopmoe.model.kernels.experts import experts_grouped_mm, experts_loop
+from loopmoe.model.kernels.experts import experts_grouped_mm, experts_loop, experts_one_token
 from loopmoe.model.kernels.linear import linear
 from loopmoe.model.kernels.permute import gather_tokens, permute_rows
 from loopmoe.model.layers import Linear
@@ -46,6 +46,28 @@ def _recomputing() -> bool:
     """True while autograd runs a backward pass: a forward now is activation checkpointing's
     recomputation, whose routing was already counted by the original forward."""
     return torch._C._current_graph_task_id() != -1
+
+
+# The count update as an op with a side effect: ``_recomputing`` must be asked when the forward runs,
+# not when ``torch.compile`` traces it (which would fold it into a constant, and a compiled layer's
+# recomputation under activation checkpointing would count its tokens twice).
+@torch.library.custom_op("loopmoe::add_expert_counts_", mutates_args=("pending",))
+def _add_expert_counts_(pending: torch.Tensor, assigned: torch.Tensor) -> None:
+    """``pending += assigned``, except in activation checkpointing's recomputation."""
+    if not _recomputing():
+        pending += assigned
+
+
+@_add_expert_counts_.register_fake
+def _add_expert_counts_fake(pending, assigned):
+    return None
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``bincount(expert_ids, minlength=num_experts)`` (``[E]``, int64) for ids known to lie below
+    ``num_experts``: a scatter-add of fixed output size, which ``torch.compile`` traces (``bincount``'s
+    output size depends on the largest id)."""
+    return expert_ids.new_zeros(num_experts).scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
 
 
 class TopKRouter(nn.Module):
@@ -163,7 +185,7 @@ class SparseMoE(nn.Module):
         order = torch.argsort(flat_expert, stable=True)  # rows grouped by expert
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        counts = expert_counts(flat_expert, self.num_experts)
         if torch.is_grad_enabled():
             x_sorted = gather_tokens(x, order // k, inverse, k)
             y = permute_rows(self.experts(x_sorted, counts), inverse, order)
@@ -175,16 +197,9 @@ class SparseMoE(nn.Module):
 
     def _dispatch_one(self, x, topk_w, topk_idx):
         """Inference on a single token (batch-1 decoding): one expert call per selected expert,
-        without the sort / bincount / permutations whose fixed cost dominates at one row. The same
-        SwiGLU as the sorted path, equal to it up to fp rounding (one gate_up matvec here, two
-        halves there)."""
-        experts, f = self.experts, self.experts.down_proj.shape[-1]
-        y = None
-        for j, e in enumerate(topk_idx[0].tolist()):
-            gate, up = linear(x, experts.gate_up_proj[e]).split(f, dim=-1)
-            term = linear(F.silu(gate) * up, experts.down_proj[e]) * topk_w[:, j : j + 1]
-            y = term if y is None else y + term
-        return y
+        without the sort / bincount / permutations whose fixed cost dominates at one row
+        (``kernels.experts.experts_one_token``)."""
+        return experts_one_token(x, self.experts.gate_up_proj, self.experts.down_proj, topk_w, topk_idx)
 
     def _balance(self, logits, probs, topk_idx, token_mask) -> RouterStats:
         E = self.num_experts
@@ -203,6 +218,6 @@ class SparseMoE(nn.Module):
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
             entropy = (entropy * weight).sum() / n
-            if self.training and self.gate.track_counts and not _recomputing():
-                self.gate.pending_counts += assigned
+            if self.training and self.gate.track_counts:  # not in a recomputation (the op asks)
+                torch.ops.loopmoe.add_expert_counts_(self.gate.pending_counts, assigned)
         return RouterStats(aux_loss=aux_loss, z_loss=z_loss, load=frac.detach(), entropy=entropy, experts=topk_idx)
