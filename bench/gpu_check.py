@@ -88,8 +88,8 @@ CHECK_BUDGETS = {
     "peak": 15,
     "moe": 35,
     "train": 45,
-    "throughput": 100,
-    "generation": 30,
+    "throughput": 200,
+    "generation": 45,
     "compile": 60,
     "edge": 15,
 }
@@ -484,7 +484,7 @@ def moe_pass(moe, x: torch.Tensor, g: torch.Tensor, impl: str, autocast_ctx=None
         xi = x.detach().clone().requires_grad_(grad)
         with autocast_ctx or contextlib.nullcontext(), torch.set_grad_enabled(grad):
             y, router = moe(xi)
-        out = {"y": y.detach(), "topk": router.topk_idx, **seen, "y_dtype": str(y.dtype)}
+        out = {"y": y.detach(), "topk": router.experts, **seen, "y_dtype": str(y.dtype)}
         if grad:
             (y.float() * g).sum().backward()
             out.update(
@@ -813,9 +813,13 @@ def throughput_variant(out: dict, run: Run, model, cfg, impl: str, mode: str) ->
     ids = random_ids(cfg.vocab_size, (B, S), a.seed + 4, run.device)
     amp = mode != "bf16-params"
     skip_logits = False if mode == "unfused-ce" else None
-    from loopmoe.distributed.parallelize import apply_activation_checkpointing
+    from loopmoe.distributed.parallelize import apply_activation_checkpointing, apply_compile
 
-    apply_activation_checkpointing(model, {"ac-full": "full", "ac-selective": "selective"}.get(mode, "none"), 2)
+    ac = "full" if "ac-full" in mode else "selective" if "ac-selective" in mode else "none"
+    apply_activation_checkpointing(model, ac, 2)
+    if "compile" in mode and not getattr(model, "_compiled_layers", False):  # regional, in place
+        apply_compile(model)
+        model._compiled_layers = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     losses = []
@@ -888,6 +892,8 @@ def check_throughput(run: Run, res: dict) -> None:
     plan = [  # by priority: the model is rebuilt for the last entry so that T2 runs before the extras
         ("vanilla-T1", ref, [("grouped_mm", "autocast"), ("loop", "autocast")]),
         ("looped-T2", looped, [("grouped_mm", "autocast"), ("grouped_mm", "ac-full"), ("grouped_mm", "ac-selective")]),
+        ("looped-T2", looped, [("grouped_mm", "compile"), ("grouped_mm", "compile+ac-full")]),
+        ("vanilla-T1", ref, [("grouped_mm", "compile")]),
         ("looped-T2", looped, [("loop", "autocast")]),
         ("vanilla-T1", ref, [("grouped_mm", "unfused-ce"), ("grouped_mm", "bf16-params"), ("loop", "bf16-params")]),
     ]
@@ -1308,7 +1314,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     ap.add_argument("--out", default="gpu_check.json")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 270, quick 55)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 420, quick 90)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every per-check budget")
     ap.add_argument("--checks", default=",".join(CHECK_ORDER), help=f"comma list from {CHECK_ORDER}")
     ap.add_argument("--seed", type=int, default=0)
@@ -1325,7 +1331,7 @@ def parse_args(argv=None):
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor on CUDA, eager on CPU)")
     args = ap.parse_args(argv)
     defaults = {
-        "budget": (270.0, 55.0),
+        "budget": (420.0, 90.0),
         "peak_n": (8192, 512),
         "moe_tokens": (4096, 64),
         "train_steps": (20, 2),

@@ -5,7 +5,8 @@
 transformers' Qwen3MoeForCausalLM (tiny config of shared/bench/hf_qwen3moe_reference.py, random
 weights, ``experts_implementation`` grouped_mm and eager) and LoopMoE with T = 1 converted from the
 same weights by ``loopmoe.convert.qwen3_moe``; logits are checked equal (< 1e-4) first. Batch 8 x
-256, timed interleaved: forward+backward, and forward+backward+AdamW step. In training mode with labels
+256, timed interleaved: forward+backward, and forward+backward+AdamW step; LoopMoE also with its
+decoder layers compiled (``apply_compile``, inductor; compile time reported apart). In training mode with labels
 LoopMoE computes the loss fused with the LM head (no logits), so the training loss and the LM-head and
 embedding gradients are also checked against transformers' first. MFU = 3 x analytic
 forward FLOPs/token (``loopmoe.budget``) x tokens/s / measured peak (``bench.peak_flops``).
@@ -15,11 +16,14 @@ Writes bench/results/train_step.json.
 from __future__ import annotations
 
 import argparse
+import copy
+import time
 
 import torch
 
 from bench import common
 from bench.peak_flops import peak_gflops
+from loopmoe.distributed.parallelize import apply_compile
 from loopmoe.testing import hf_parity
 from loopmoe.text import markdown_table
 
@@ -37,7 +41,14 @@ def run(quick: bool = False) -> dict:
     flops_tok = 3 * compute_budget(ours.config, SEQ).flops_per_token  # training = fwd + 2x for bwd
     ids = common.token_batch(BATCH, SEQ)
     train_diff = hf_parity.check_training(ours.train(), refs["grouped_mm"].train(), ids)
-    models = {"ours": ours, **{f"hf_{k}": v for k, v in refs.items()}}
+    compiled = apply_compile(copy.deepcopy(ours).train())  # regional: every decoder layer, inductor
+    compile_s = time.perf_counter()
+    common.fwd_bwd(compiled, ids)()  # compiles the forward and backward graphs
+    compile_s = time.perf_counter() - compile_s
+    compiled.zero_grad(set_to_none=True)
+    compiled_loss = compiled(input_ids=ids, labels=ids).loss.item()
+    eager_loss = ours(input_ids=ids, labels=ids).loss.item()
+    models = {"ours": ours, "ours_compiled": compiled, **{f"hf_{k}": v for k, v in refs.items()}}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     for m in models.values():
         m.train()
@@ -75,6 +86,8 @@ def run(quick: bool = False) -> dict:
             )
     return {
         "rows": rows,
+        "compile_seconds": compile_s,
+        "compiled_vs_eager_loss": {"compiled": compiled_loss, "eager": eager_loss},
         "peak_gflops": peak,
         "train_flops_per_token": flops_tok,
         "max_abs_diff": diff,

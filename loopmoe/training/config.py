@@ -123,6 +123,7 @@ class TrainSection:
         "(every ac_every-th executed layer)",
     )
     ac_every: int = option(2, help="with selective activation checkpointing: every n-th executed layer")
+    compile: bool = option(False, help="torch.compile every decoder layer (regional compilation)")
 
 
 @dataclass

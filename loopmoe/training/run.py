@@ -24,6 +24,7 @@ from loopmoe.atomic import atomic_write_text
 from loopmoe.distributed.env import DistInfo, barrier, init_distributed, is_distributed, teardown_distributed
 from loopmoe.distributed.parallelize import (
     apply_activation_checkpointing,
+    apply_compile,
     apply_ddp,
     apply_fsdp2,
     build_mesh,
@@ -74,6 +75,8 @@ def _parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     model.to(info.device)
     if cfg.train.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.ac_every)
+    if cfg.train.compile:  # before DDP / FSDP2 wrapping, as torchtitan does
+        apply_compile(model)
     if not info.distributed:
         return model
     if cfg.dist.strategy == "fsdp2":
