@@ -1028,31 +1028,34 @@ def generation_vs_transformers(out: dict, run: Run) -> None:
         m.generation_config.eos_token_id = None
     vocab = qwen.config.vocab_size
     for batch in (1, 8):
-        ids = random_ids(vocab, (batch, 16), run.args.seed + 7, run.device)
-        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False)
-        rec: dict = {}
-        tokens = {}
-        with torch.no_grad():
-            for name, m in models.items():
-                m.generate(ids, max_new_tokens=4, **kw)  # warm-up
-                run.sync()
-                t = time.perf_counter()
-                m.generate(ids, max_new_tokens=1, **kw)
-                run.sync()
-                prefill = time.perf_counter() - t
-                t = time.perf_counter()
-                tokens[name] = m.generate(ids, max_new_tokens=new, **kw)
-                run.sync()
-                dt = time.perf_counter() - t
-                rec[f"{name}_decode_tokens_per_s"] = batch * (new - 1) / max(dt - prefill, 1e-9)
-        rec["tokens_identical"] = bool(torch.equal(tokens["transformers"], tokens["loopmoe"]))
-        rec["speedup"] = rec["loopmoe_decode_tokens_per_s"] / rec["transformers_decode_tokens_per_s"]
-        out[f"batch{batch}"] = rec
-        run.log(
-            f"    vs transformers Qwen3-MoE, batch {batch}: identical tokens {rec['tokens_identical']}; "
-            f"decode {rec['loopmoe_decode_tokens_per_s']:,.0f} vs {rec['transformers_decode_tokens_per_s']:,.0f} "
-            f"tok/s ({rec['speedup']:.2f}x)"
-        )
+        run.sub(out, f"batch{batch}", _decode_vs_transformers, run, models, vocab, batch, new)
+
+
+def _decode_vs_transformers(rec: dict, run: Run, models: dict, vocab: int, batch: int, new: int) -> None:
+    """One batch size of ``generation_vs_transformers``."""
+    ids = random_ids(vocab, (batch, 16), run.args.seed + 7, run.device)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False)
+    tokens = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            m.generate(ids, max_new_tokens=4, **kw)  # warm-up
+            run.sync()
+            t = time.perf_counter()
+            m.generate(ids, max_new_tokens=1, **kw)
+            run.sync()
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            tokens[name] = m.generate(ids, max_new_tokens=new, **kw)
+            run.sync()
+            dt = time.perf_counter() - t
+            rec[f"{name}_decode_tokens_per_s"] = batch * (new - 1) / max(dt - prefill, 1e-9)
+    rec["tokens_identical"] = bool(torch.equal(tokens["transformers"], tokens["loopmoe"]))
+    rec["speedup"] = rec["loopmoe_decode_tokens_per_s"] / rec["transformers_decode_tokens_per_s"]
+    run.log(
+        f"    vs transformers Qwen3-MoE, batch {batch}: identical tokens {rec['tokens_identical']}; "
+        f"decode {rec['loopmoe_decode_tokens_per_s']:,.0f} vs {rec['transformers_decode_tokens_per_s']:,.0f} "
+        f"tok/s ({rec['speedup']:.2f}x)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -146,7 +146,15 @@ class Experts(nn.Module):
         if impl == "auto":
             impl = "grouped_mm" if x_sorted.is_cuda else "loop"
         run = experts_grouped_mm if impl == "grouped_mm" else experts_loop
-        return run(x_sorted, self.gate_up_proj, self.down_proj, counts)
+        w_gate_up: torch.Tensor = self.gate_up_proj
+        w_down: torch.Tensor = self.down_proj
+        device = x_sorted.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast casts matmuls, but the experts are custom ops it does not see: cast as it would,
+            # or mixed precision runs every expert in fp32 (measured on an H100: 1.8x slower step).
+            dtype = torch.get_autocast_dtype(device)
+            x_sorted, w_gate_up, w_down = x_sorted.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        return run(x_sorted, w_gate_up, w_down, counts)
 
 
 class SparseMoE(nn.Module):
