@@ -89,6 +89,11 @@ def linear_cross_entropy(
     """
     d, vocab = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, d)
+    if torch.is_autocast_enabled(h.device.type):
+        # Autocast does not reach inside the autograd.Function (its in-place addmm_ would run in fp32):
+        # cast as autocast casts a linear layer; the weight gradient still accumulates in fp32.
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
     if shift_labels is not None:
         targets = shift_labels.reshape(-1)
     elif labels is not None:
