@@ -4,13 +4,16 @@
 
 Same models as ``bench.train_step`` (LoopMoE converted from the transformers weights; logits
 checked first, and the greedy continuations checked identical). Prompt 32 random tokens,
-128 new tokens (``min_new_tokens`` forces the full length), timed interleaved.
+128 new tokens (``min_new_tokens`` forces the full length), timed interleaved. LoopMoE also runs
+compiled whole (``model.compile()``); its first, untimed generation compiles the prefill and
+decoding graphs.
 Writes bench/results/generate.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -44,7 +47,9 @@ def run(quick: bool = False) -> dict:
     refs = {impl: hf_parity.qwen_model(impl) for impl in ("grouped_mm", "eager")}
     ours = hf_parity.ours_from_qwen(refs["grouped_mm"])
     diff = {impl: hf_parity.check_logits(ours, ref) for impl, ref in refs.items()}
-    models = {"ours": ours, **{f"hf_{k}": v for k, v in refs.items()}}
+    compiled = copy.deepcopy(ours).eval()
+    compiled.compile()  # the whole model: one graph per prefill / decoding step shape
+    models = {"ours": ours, "ours_compiled": compiled, **{f"hf_{k}": v for k, v in refs.items()}}
     for m in models.values():
         m.eval()
     new = 64 if quick else NEW
@@ -52,7 +57,7 @@ def run(quick: bool = False) -> dict:
     for batch in (1, 8):
         prompt = torch.randint(2, 8192, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
 
-        outs = {k: greedy(m, prompt, new)() for k, m in models.items()}
+        outs = {k: greedy(m, prompt, new)() for k, m in models.items()}  # also compiles ours_compiled
         same = {k: bool(torch.equal(outs["ours"], o)) for k, o in outs.items() if k != "ours"}
         t = common.interleaved(
             {k: greedy(m, prompt, new) for k, m in models.items()},
