@@ -148,7 +148,7 @@ def expert_load(model_dir: Path, batches) -> dict[str, list[float]]:
     """Mean expert load per executed (layer, iteration) slot of a trained model on held-out batches."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
     totals: dict[str, torch.Tensor] = {}
     for x in batches:
         for stat in model(input_ids=x, use_cache=False).router_stats:

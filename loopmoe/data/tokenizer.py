@@ -148,8 +148,11 @@ def train_bpe_tokenizer(
 def _load_folder(path: Path) -> tuple[Tokenizer, str | None]:
     from transformers import AutoTokenizer
 
+    from loopmoe.evaluation.loading import no_remote_code
+
     try:
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with no_remote_code(path / "tokenizer_config.json"):
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises OSError/ValueError/KeyError depending on what is missing
         raise ValueError(
             f"{str(path)!r} is not a loadable HF tokenizer folder ({error}); pass its tokenizer.json instead"

@@ -8,7 +8,7 @@ Lets a user add a benchmark without writing Python or an lm-eval YAML::
     choices: options                  # a field holding the list of choices, or a list of templates
     gold: answer                      # a field holding the gold index, or the gold choice's text
     target_delimiter: " "             # optional, lm-eval's default
-    metrics: [acc, acc_norm]          # optional
+    metrics: [acc, acc_norm]          # optional; only these two (never a path or a script)
 
 Choices are scored as ``prompt + target_delimiter + choice`` by log-likelihood, as lm-eval does.
 """
@@ -25,6 +25,9 @@ from loopmoe.evaluation.tasks.loaders import MissingDataError, read_jsonl
 
 REQUIRED = ("jsonl", "prompt", "choices", "gold")
 OPTIONAL = ("task", "target_delimiter", "metrics")
+# Scores lm-eval computes itself for a multiple-choice task. Anything else would reach lm-eval's
+# get_metric, which falls back to ``evaluate.load(name)`` and imports a script from a path: refused.
+METRICS = ("acc", "acc_norm")
 
 
 def load_task_file(path: str | Path, data_dir: str | Path | None = None) -> dict[str, Any]:
@@ -53,10 +56,24 @@ def load_task_file(path: str | Path, data_dir: str | Path | None = None) -> dict
         "target_delimiter": spec.get("target_delimiter", " "),
         "metric_list": [
             {"metric": m, "aggregation": "mean", "higher_is_better": True}
-            for m in spec.get("metrics", ["acc", "acc_norm"])
+            for m in _metrics(spec.get("metrics", ["acc", "acc_norm"]), path)
         ],
         "metadata": {"version": 0, "task_file": str(path)},
     }
+
+
+def _metrics(metrics: Any, path: Path) -> list[str]:
+    if not isinstance(metrics, list) or not metrics:
+        raise ValueError(
+            f"task file {path}: metrics must be a list of names from {', '.join(METRICS)}, got {metrics!r}"
+        )
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ValueError(
+                f"task file {path}: metric {metric!r} is not supported (allowed: {', '.join(METRICS)}); "
+                "metrics are names, never paths or scripts to load"
+            )
+    return list(metrics)
 
 
 def _find_jsonl(name: str, task_dir: Path, data_dir: str | Path | None) -> Path:

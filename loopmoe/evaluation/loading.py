@@ -20,9 +20,10 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory: expected {model_dir / 'config.json'}")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), local_files_only=True, dtype=dtype if dtype is not None else "auto"
-    )
+    with no_remote_code(model_dir / "config.json"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), local_files_only=True, trust_remote_code=False, dtype=dtype if dtype is not None else "auto"
+        )
     return model.to(device).eval()  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
 
 
@@ -40,7 +41,24 @@ def load_hf_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None
             f"no tokenizer in {source} (looked for {', '.join(TOKENIZER_FILES)}): pass --tokenizer PATH, a "
             "tokenizer.json file or a tokenizer directory"
         )
-    return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    with no_remote_code(source / "tokenizer_config.json"):
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+
+
+@contextmanager
+def no_remote_code(config: Path) -> Iterator[None]:
+    """Turn transformers' refusal of a folder's own code (``auto_map``, trust_remote_code=False) into a clear error."""
+    try:
+        yield
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        where = " or ".join(dict.fromkeys([config.name, "config.json"]))
+        raise ValueError(
+            f"{config.parent} asks to run its own Python (an auto_map in {where} names custom code for a model or "
+            "tokenizer type transformers does not know); loopmoe never runs code from a model or tokenizer "
+            "folder: use a LoopMoE or a transformers-native checkpoint"
+        ) from None
 
 
 def is_looped(model) -> bool:

@@ -8,6 +8,7 @@ file (flat, or with a ``[model]`` table), a JSON config, or a checkpoint directo
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -31,7 +32,15 @@ def list_presets() -> dict[str, dict]:
     return out
 
 
+PRESET_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _preset_table(name: str) -> dict:
+    if not PRESET_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid preset name {name!r}: a preset name is a name ([A-Za-z0-9_-]+), not a path "
+            f"(available: {', '.join(list_presets())}); pass a model config file as a path ending in .toml or .json"
+        )
     entry = resources.files(__package__) / f"{name}.toml"
     if not entry.is_file():
         names = list(list_presets())

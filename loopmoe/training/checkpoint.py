@@ -10,7 +10,8 @@ Layout of `<run>/checkpoints/step_0000100/`:
 
 A checkpoint is written into `step_XXXXXXX.tmp/` and renamed only once `COMPLETE` exists, so a
 crash at any moment leaves either a whole checkpoint or a `.tmp` directory that is ignored.
-Everything is loaded with `torch.load(weights_only=True)`: reading a checkpoint never runs code.
+Everything is loaded with `torch.load(weights_only=True)`, and DCP's pickled `.metadata` with an
+allow-list unpickler (`loopmoe.training.safe_dcp`): reading a checkpoint never runs code.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 from loopmoe.atomic import publish_directory
 from loopmoe.distributed.env import barrier, broadcast_object, is_distributed
 from loopmoe.distributed.parallelize import unwrap
+from loopmoe.training.safe_dcp import safe_dcp_load
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -251,7 +253,7 @@ class CheckpointManager:
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
         }
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        safe_dcp_load(state, path / "dcp")
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         scheduler.load_state_dict(_read(path, "scheduler.pt"))

@@ -53,3 +53,31 @@ def test_bad_task_files_say_what_is_wrong(tmp_path, task_file):
     cfg = load_task_file(task_file)
     with pytest.raises(ValueError, match="neither an index nor one of the choices"):
         cfg["doc_to_target"]({"country": "Spain", "options": ["Paris"], "answer": "Madrid"})
+
+
+@pytest.fixture
+def evil_metric(tmp_path):
+    """A local "metric" script that touches a marker when imported (what evaluate.load would do)."""
+    marker = tmp_path / "pwned"
+    script = tmp_path / "mymetric" / "mymetric.py"
+    script.parent.mkdir()
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return script.parent, marker
+
+
+@pytest.mark.parametrize("metric", ["path", "unregistered"])
+def test_metric_that_is_a_path_or_unknown_is_refused(run_eval, loopmoe_dir, task_file, tmp_path, evil_metric, metric):
+    folder, marker = evil_metric
+    name = str(folder) if metric == "path" else "mymetric"
+    task_file.write_text(task_file.read_text() + f"metrics: [acc, {json.dumps(name)}]\n")
+    with pytest.raises(ValueError, match=r"metric .*mymetric.* is not supported \(allowed: acc, acc_norm\)"):
+        load_task_file(task_file)
+    with pytest.raises(ValueError, match="is not supported"):
+        run_eval([str(loopmoe_dir), "--task-file", str(task_file), "--output", str(tmp_path / "r.json")])
+    assert not marker.exists()
+
+
+def test_metrics_must_be_a_list_of_names(task_file):
+    task_file.write_text(task_file.read_text() + "metrics: acc\n")
+    with pytest.raises(ValueError, match="metrics must be a list"):
+        load_task_file(task_file)
