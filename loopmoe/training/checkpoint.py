@@ -384,14 +384,14 @@ def _disk_full_error(e: BaseException, root: Path, step: int, expected: int) -> 
 
     ENOSPC is disk full; torch's writer reports it as a RuntimeError (`basic_ios::clear: iostream
     error`), so a RuntimeError counts as disk full when the disk has less room left than the last
-    checkpoint took (at least 1 MiB)."""
+    checkpoint took (at least 64 MiB)."""
     try:
         free = shutil.disk_usage(root if root.exists() else root.parent).free
     except OSError:
         free = 0
     is_full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
     if not is_full and isinstance(e, RuntimeError):
-        is_full = free < max(expected, 1 << 20)
+        is_full = free < max(expected, 64 << 20)
     if not is_full:
         return None
     return CheckpointDiskFullError(
