@@ -232,9 +232,15 @@ class CheckpointManager:
 
     def _seal(self, tmp: Path, final: Path) -> None:
         # The marker lists every file's checksum and is written last; publishing fsyncs all files
-        # and renames the folder into place (replacing a rejected, corrupt checkpoint of that step).
+        # and renames the folder into place (a corrupt checkpoint of that step is moved aside first).
         manifest = {"files": {str(f.relative_to(tmp)): _sha256(f) for f in _files(tmp)}}
         (tmp / MARKER).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if final.exists() and final not in self._verified:  # a rejected, corrupt one of that step: keep it
+            try:
+                verify(final)
+            except CorruptCheckpointError as e:
+                aside = self._reject([final])
+                warnings.warn(f"moved checkpoint {final.name}, which does not verify ({e}), into {aside}", stacklevel=3)
         publish_directory(tmp, final)
 
     def _is_verified(self, path: Path) -> bool:
@@ -268,18 +274,19 @@ class CheckpointManager:
 
     def set_aside(self) -> Path | None:
         """Move every checkpoint into `rejected-<time>/` (for an explicit restart); nothing is deleted."""
-        found = list_checkpoints(self.root)
-        if not found:
-            return None
+        found = [path for _, path in list_checkpoints(self.root)]
+        self._verified.clear()
+        return self._reject(found) if found else None
+
+    def _reject(self, paths: list[Path]) -> Path:
         dest = self.root / f"rejected-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-        n = 0
+        base, n = dest.name, 0
         while dest.exists():
             n += 1
-            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+            dest = dest.with_name(f"{base}.{n}")
         dest.mkdir(parents=True)
-        for _, path in found:
+        for path in paths:
             os.replace(path, dest / path.name)
-        self._verified.clear()
         return dest
 
     # ------------------------------------------------------------ load

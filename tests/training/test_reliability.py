@@ -213,3 +213,24 @@ def test_shared_data_cache_keeps_live_writers_temporaries(tmp_path):
     dead.mkdir()
     assert clean_stale_temporaries(tmp_path, held=False) == [dead]
     assert live.exists()
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_not_overwritten(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    _save(mgr, 10)
+    _save(mgr, 20)
+    _corrupt(tmp_path / "step_0000020")
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        assert mgr.load_latest(*ckpt_module_state()).meta["step"] == 10
+    with pytest.warns(UserWarning, match="moved checkpoint step_0000020, which does not verify"):
+        _save(mgr, 20)  # the resumed run reaches step 20 again
+    verify(tmp_path / "step_0000020")
+    (rejected,) = tmp_path.glob("rejected-*")
+    assert [p.name for p in rejected.iterdir()] == ["step_0000020"]
+
+
+def ckpt_module_state():
+    from tests.training.test_checkpoint import _state
+
+    return _state(seed=5)
