@@ -22,9 +22,9 @@ ARGS = [
     "data.seq_len=16",
     "train.micro_batch_size=4",
     "train.grad_accum=1",
-    "train.max_steps=24",
+    "train.max_steps=16",
     "schedule.warmup_steps=3",
-    "train.eval_every=6",
+    "train.eval_every=4",
     "train.eval_batches=1",
     "train.checkpoint_every=2",
     f"train.keep_last={KEEP_LAST}",
@@ -102,7 +102,7 @@ def _fault_injection(tmp_path: Path, kills: list[str | tuple[int, float]]) -> No
     final = _popen(out)
     assert final.wait() == 0, final.stderr.read()
     expected, got = read_metrics(tmp_path / "reference"), read_metrics(out)
-    assert [r["step"] for r in got] == list(range(1, 25))
+    assert [r["step"] for r in got] == list(range(1, 17))
     for key in KEYS:
         assert [r.get(key) for r in got] == [r.get(key) for r in expected], key
     assert not [p for p in (out / "checkpoints").iterdir() if ".tmp" in p.name]
@@ -116,7 +116,7 @@ def test_kill_9_inside_checkpoint_writes_and_at_random_moments(tmp_path):
         [
             "publish:3",  # third checkpoint sealed, not yet renamed into place
             "rmtree:1",  # the start-up cleanup of that debris (or pruning) about to delete a folder
-            (rng.randint(8, 20), rng.uniform(0, 0.05)),
+            (rng.randint(6, 14), rng.uniform(0, 0.05)),
         ],
     )
 
@@ -128,6 +128,6 @@ def test_kill_9_many_times(tmp_path, seed):
     kills: list[str | tuple[int, float]] = [
         f"{rng.choice(['torch_save', 'sha', 'publish', 'rmtree'])}:{rng.randint(1, 12)}" for _ in range(4)
     ]
-    kills += [(rng.randint(1, 23), rng.uniform(0, 0.1)) for _ in range(6)]
+    kills += [(rng.randint(1, 15), rng.uniform(0, 0.1)) for _ in range(6)]
     rng.shuffle(kills)
     _fault_injection(tmp_path, kills)
