@@ -115,8 +115,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temporaries(folder: Path, *, held: bool) -> list[Path]:
-    """Remove temporaries of interrupted writes under ``folder``; returns what was removed.
+def _candidates(folder: Path, depth: int) -> Iterator[Path]:
+    for path in sorted(folder.iterdir()):
+        yield path
+        if depth > 0 and path.is_dir() and not path.is_symlink() and not _TEMPORARY.match(path.name):
+            yield from _candidates(path, depth - 1)
+
+
+def clean_stale_temporaries(folder: Path, *, held: bool, depth: int = 2) -> list[Path]:
+    """Remove temporaries of interrupted writes in ``folder`` and its subfolders down to ``depth``
+    levels (not the whole tree: ``--out .`` must not sweep a repository); returns what was removed.
 
     ``held``: the caller holds ``folder`` exclusively (the run lock), so every temporary in it is
     stale. Otherwise only those whose writer's PID is no longer alive are removed.
@@ -124,7 +132,7 @@ def clean_stale_temporaries(folder: Path, *, held: bool) -> list[Path]:
     removed: list[Path] = []
     if not Path(folder).is_dir():
         return removed
-    for path in sorted(Path(folder).rglob("*")):
+    for path in list(_candidates(Path(folder), depth)):
         m = _TEMPORARY.match(path.name)
         if m is None or not (path.exists() or path.is_symlink()):
             continue

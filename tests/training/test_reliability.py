@@ -234,3 +234,15 @@ def ckpt_module_state():
     from tests.training.test_checkpoint import _state
 
     return _state(seed=5)
+
+
+def test_cleanup_does_not_sweep_a_whole_tree(tmp_path):
+    from loopmoe.atomic import clean_stale_temporaries
+
+    deep = tmp_path / "a" / "b" / "c" / ".notes.txt.tmp-4194999-x"
+    near = tmp_path / "a" / "b" / ".notes.txt.tmp-4194999-x"
+    for f in (deep, near):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    assert clean_stale_temporaries(tmp_path, held=True) == [near]
+    assert deep.exists()
