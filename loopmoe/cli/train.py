@@ -22,6 +22,11 @@ class TrainOptions:
     )
     out: Path | None = option(None, help="run directory", shown="runs/<config name>")
     dry_run: bool = option(False, help="print the resolved config and model budget, then exit")
+    restart: bool = option(
+        False,
+        help="start again from step 0: existing checkpoints (e.g. ones that no longer verify) are moved aside "
+        "into OUT/checkpoints/rejected-<time>/, never deleted",
+    )
 
 
 def add_parser(sub) -> None:
@@ -57,7 +62,7 @@ def run(args) -> int:
     if opts.dry_run:
         print_dry_run(cfg)
         return 0
-    final = run_training(cfg, out)
+    final = run_training(cfg, out, restart=opts.restart)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
         summary = {
             k: final[k] for k in ("step", "loss", "val_loss", "tokens", "skipped_steps", "final_dir") if k in final

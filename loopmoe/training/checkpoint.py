@@ -8,19 +8,26 @@ Layout of `<run>/checkpoints/step_0000100/`:
   meta.json               step, tokens seen, skipped steps, world size, resolved run config
   COMPLETE                JSON manifest {file: sha256}; written last, after fsync
 
-A checkpoint is written into `step_XXXXXXX.tmp/` and renamed only once `COMPLETE` exists, so a
-crash at any moment leaves either a whole checkpoint or a `.tmp` directory that is ignored.
+A checkpoint is written into `step_XXXXXXX.tmp-<pid>/` and renamed only once `COMPLETE` exists, so a
+crash at any moment leaves either a whole checkpoint or a `.tmp-<pid>` directory that is ignored (and
+removed by the next run, which holds the run folder's lock). Nothing unverifiable is ever deleted:
+resume refuses to restart over checkpoints it cannot verify (`restart=True` moves them aside into
+`rejected-<time>/`), pruning keeps the last `keep_last` verified ones and leaves, with a warning, any
+it cannot verify, and a checkpoint written by another number of processes is refused, not skipped.
 Everything is loaded with `torch.load(weights_only=True)`, and DCP's pickled `.metadata` with an
 allow-list unpickler (`loopmoe.training.safe_dcp`): reading a checkpoint never runs code.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +56,18 @@ _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint directory is incomplete, fails its checksums, or cannot be read."""
+
+
+class UnverifiableCheckpointsError(RuntimeError):
+    """Checkpoints exist but none verifies: resuming would silently throw the run away."""
+
+
+class WorldSizeMismatchError(ValueError):
+    """The newest checkpoint was written by a different number of processes than this run has."""
+
+
+class CheckpointDiskFullError(OSError):
+    """The disk filled up while a checkpoint was written; the previous checkpoints are intact."""
 
 
 @dataclass
@@ -148,6 +167,9 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = rank
+        self._verified: set[Path] = set()  # sealed or verified by this process (which holds the run lock)
+        self._warned: set[Path] = set()
+        self._last_size = 0
 
     # ------------------------------------------------------------ save
     def save(
@@ -161,7 +183,32 @@ class CheckpointManager:
     ) -> Path:
         """Write checkpoint `step` atomically, then prune to the last `keep_last`. All ranks call it."""
         final = self.root / f"step_{step:07d}"
-        tmp = self.root / f"step_{step:07d}.tmp"
+        tmp = Path(cast(str, broadcast_object(str(self.root / f"step_{step:07d}.tmp-{os.getpid()}"))))
+        try:
+            self._write(step, tmp, final, model, optimizer, scheduler, loader_state, meta)
+        except (OSError, RuntimeError) as e:
+            full = _disk_full_error(e, self.root, step, self._last_size)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if full is not None:
+                raise full from e
+            raise
+        if self.rank == 0:
+            self._prune()
+        barrier()
+        return final
+
+    def _write(
+        self,
+        step: int,
+        tmp: Path,
+        final: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        loader_state: Any,
+        meta: dict[str, Any],
+    ) -> None:
         if self.rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -180,38 +227,91 @@ class CheckpointManager:
         barrier()
         if self.rank == 0:
             self._seal(tmp, final)
-            self._prune()
-        barrier()
-        return final
+            self._verified.add(final)
+            self._last_size = sum(f.stat().st_size for f in _files(final))
 
     def _seal(self, tmp: Path, final: Path) -> None:
         # The marker lists every file's checksum and is written last; publishing fsyncs all files
-        # and renames the folder into place (replacing a rejected, corrupt checkpoint of that step).
+        # and renames the folder into place (a corrupt checkpoint of that step is moved aside first).
         manifest = {"files": {str(f.relative_to(tmp)): _sha256(f) for f in _files(tmp)}}
         (tmp / MARKER).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if final.exists() and final not in self._verified:  # a rejected, corrupt one of that step: keep it
+            try:
+                verify(final)
+            except CorruptCheckpointError as e:
+                aside = self._reject([final])
+                warnings.warn(f"moved checkpoint {final.name}, which does not verify ({e}), into {aside}", stacklevel=3)
         publish_directory(tmp, final)
 
+    def _is_verified(self, path: Path) -> bool:
+        if path in self._verified:
+            return True
+        try:
+            verify(path)
+        except CorruptCheckpointError as e:
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(
+                    f"keeping checkpoint {path}, which does not verify ({e}); it is not counted in "
+                    "train.keep_last and never deleted automatically: inspect it, then remove it by hand",
+                    stacklevel=3,
+                )
+            return False
+        self._verified.add(path)
+        return True
+
     def _prune(self) -> None:
-        for _, path in list_checkpoints(self.root)[: -self.keep_last]:
+        """Keep the newest `keep_last` verified checkpoints; delete older verified ones only."""
+        kept = 0
+        for _, path in reversed(list_checkpoints(self.root)):
+            if not self._is_verified(path):
+                continue
+            if kept < self.keep_last:
+                kept += 1
+                continue
             shutil.rmtree(path, ignore_errors=True)
-        for stale in self.root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+            self._verified.discard(path)
+
+    def set_aside(self) -> Path | None:
+        """Move every checkpoint into `rejected-<time>/` (for an explicit restart); nothing is deleted."""
+        found = [path for _, path in list_checkpoints(self.root)]
+        self._verified.clear()
+        return self._reject(found) if found else None
+
+    def _reject(self, paths: list[Path]) -> Path:
+        dest = self.root / f"rejected-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        base, n = dest.name, 0
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{base}.{n}")
+        dest.mkdir(parents=True)
+        for path in paths:
+            os.replace(path, dest / path.name)
+        return dest
 
     # ------------------------------------------------------------ load
     def latest_valid(self) -> Path | None:
         """Newest checkpoint passing `verify`; skipped ones raise a warning. Decided on rank 0."""
         choice: str | None = None
+        error: str | None = None
         if self.rank == 0:
+            failures: list[tuple[Path, str]] = []
             for _, path in reversed(list_checkpoints(self.root)):
                 try:
                     verify(path)
                     _read(path, "meta.json")
                 except CorruptCheckpointError as e:
                     warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+                    failures.append((path, str(e)))
                     continue
                 choice = str(path)
+                self._verified.add(path)
                 break
-        choice = broadcast_object(choice)  # type: ignore[assignment]
+            if choice is None and failures:
+                error = _none_verifies(self.root, failures)
+        choice, error = broadcast_object((choice, error))  # type: ignore[misc]
+        if error is not None:
+            raise UnverifiableCheckpointsError(error)
         return Path(choice) if choice else None
 
     def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> ResumeState | None:
@@ -224,31 +324,33 @@ class CheckpointManager:
         if is_distributed():
             path = self.latest_valid()
             return None if path is None else self._load_dcp(path, model, optimizer, scheduler)
+        failures: list[tuple[Path, str]] = []
         for _, path in reversed(list_checkpoints(self.root)):
             try:
                 verify(path)
+                meta = _read(path, "meta.json")
+                _check_world_size(path, meta, 1)
                 files = {
                     name: _read(path, name)
                     for name in ("model.pt", "optim.pt", "scheduler.pt", "rank_00000.pt", "meta.json")
                 }
             except CorruptCheckpointError as e:
                 warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+                failures.append((path, str(e)))
                 continue
+            self._verified.add(path)
             unwrap(model).load_state_dict(files["model.pt"])
             optimizer.load_state_dict(files["optim.pt"])
             scheduler.load_state_dict(files["scheduler.pt"])
             restore_rng(files["rank_00000.pt"]["rng"])
             return ResumeState(path, files["meta.json"], files["rank_00000.pt"]["loader"])
+        if failures:
+            raise UnverifiableCheckpointsError(_none_verifies(self.root, failures))
         return None
 
     def _load_dcp(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> ResumeState:
         meta = _read(path, "meta.json")
-        world = torch.distributed.get_world_size()
-        if meta.get("world_size") != world:
-            raise ValueError(
-                f"{path} was written by {meta.get('world_size')} processes, this run has {world}; "
-                f"resume with --nproc_per_node={meta.get('world_size')} or start a new run directory"
-            )
+        _check_world_size(path, meta, torch.distributed.get_world_size())
         state: dict[str, Any] = {
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
@@ -260,6 +362,50 @@ class CheckpointManager:
         rank_state = _read(path, f"rank_{self.rank:05d}.pt")
         restore_rng(rank_state["rng"])
         return ResumeState(path, meta, rank_state["loader"])
+
+
+def _check_world_size(path: Path, meta: Mapping[str, Any], world: int) -> None:
+    """Refuse (never skip) a checkpoint written by another number of processes: resharding the
+    per-rank data-loader positions and RNG streams would not continue the same run."""
+    written = int(meta.get("world_size", 1))
+    if written == world:
+        return
+    how = "without torchrun (or --nproc_per_node=1)" if written == 1 else f"with --nproc_per_node={written}"
+    raise WorldSizeMismatchError(
+        f"{path} was written by {written} process{'es' if written != 1 else ''}, this run has {world}; "
+        f"resume {how}, or start a new --out (nothing was deleted)"
+    )
+
+
+def _none_verifies(root: Path, failures: list[tuple[Path, str]]) -> str:
+    listing = "\n".join(f"  {path.name}: {why}" for path, why in failures)
+    return (
+        f"{root} holds {len(failures)} checkpoint(s) and none verifies, so this run cannot resume:\n{listing}\n"
+        "Nothing was deleted. To start again from step 0 anyway, re-run with --restart (run_training(restart=True)): "
+        f"the checkpoints are moved aside into {root}/rejected-<time>/, not deleted; or choose a new --out."
+    )
+
+
+def _disk_full_error(e: BaseException, root: Path, step: int, expected: int) -> CheckpointDiskFullError | None:
+    """The disk-full error to report for a failed checkpoint write, or None if it was something else.
+
+    ENOSPC is disk full; torch's writer reports it as a RuntimeError (`basic_ios::clear: iostream
+    error`), so a RuntimeError counts as disk full when the disk has less room left than the last
+    checkpoint took (at least 64 MiB)."""
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+    except OSError:
+        free = 0
+    is_full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not is_full and isinstance(e, RuntimeError):
+        is_full = free < max(expected, 64 << 20)
+    if not is_full:
+        return None
+    return CheckpointDiskFullError(
+        errno.ENOSPC,
+        f"disk full while writing checkpoint step {step}: {free / 2**20:.0f} MB free in {root}; "
+        "free space or lower train.keep_last (the previous checkpoints are intact)",
+    )
 
 
 def _scheduler_state(scheduler: Any) -> dict[str, Any]:

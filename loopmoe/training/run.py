@@ -20,8 +20,15 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
-from loopmoe.atomic import atomic_write_text
-from loopmoe.distributed.env import DistInfo, barrier, init_distributed, is_distributed, teardown_distributed
+from loopmoe.atomic import atomic_write_text, clean_stale_temporaries
+from loopmoe.distributed.env import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    is_distributed,
+    teardown_distributed,
+)
 from loopmoe.distributed.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
@@ -41,6 +48,7 @@ from loopmoe.training.checkpoint import CheckpointManager, list_checkpoints
 from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
 from loopmoe.training.metrics import MetricsLogger, read_metrics, summarize_router_stats
 from loopmoe.training.optim import build_optimizer, build_scheduler
+from loopmoe.training.runlock import RunDirBusyError, RunLock
 from loopmoe.training.trainer import Trainer, resolve_precision
 
 _RESUME_MUST_MATCH = ("model", "data", "optim", "schedule", "dist")
@@ -132,6 +140,7 @@ def run_training(
     *,
     model_factory: ModelFactory | None = None,
     data_factory: DataFactory | None = None,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Train a run into `out_dir` and return its final metrics.
 
@@ -140,10 +149,27 @@ def run_training(
     checkpoint; with `resume=False` an `out_dir` that already holds checkpoints is refused.
     Works alone or under torchrun (DDP or FSDP2 per `dist.strategy`). The factories default
     to the LoopMoE model and the `loopmoe.data` pipeline.
+
+    Rank 0 holds an exclusive lock on `out_dir` for the whole run (a second process on the same
+    folder stops at once). Checkpoints that exist but do not verify stop the run with an error;
+    `restart=True` moves them aside into `checkpoints/rejected-<time>/` and starts from step 0.
     """
     owns_group = not is_distributed()
     info = init_distributed()
+    lock = RunLock(out_dir)
     try:
+        busy = None
+        if info.is_main:
+            try:
+                lock.acquire()
+            except RunDirBusyError as e:
+                busy = str(e)
+            else:
+                # We hold the folder: every temporary in it is debris of a killed write.
+                clean_stale_temporaries(Path(out_dir), held=True)
+        busy = broadcast_object(busy)  # type: ignore[assignment]
+        if busy is not None:
+            raise RunDirBusyError(busy)
         return _run(
             run_config,
             Path(out_dir),
@@ -153,8 +179,10 @@ def run_training(
             info,
             model_factory or default_model_factory,
             data_factory or default_data_factory,
+            restart,
         )
     finally:
+        lock.release()
         if owns_group:
             teardown_distributed()
 
@@ -168,10 +196,18 @@ def _run(
     info: DistInfo,
     model_factory: ModelFactory,
     data_factory: DataFactory,
+    restart: bool = False,
 ) -> dict[str, Any]:
     cfg = _resolve_config(run_config, out_dir, max_steps, checkpoint_every, info.world_size)
     t = cfg.train
     ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=t.keep_last, rank=info.rank)
+    if info.is_main and cfg.data.data_dir is not None and not Path(cfg.data.data_dir).is_relative_to(out_dir):
+        clean_stale_temporaries(Path(cfg.data.data_dir), held=False)  # shared cache: dead writers only
+    if restart:
+        aside = ckpt.set_aside() if info.is_main else None
+        if aside is not None:
+            warnings.warn(f"--restart: moved the existing checkpoints aside into {aside}", stacklevel=2)
+        barrier()
     if not resume and list_checkpoints(ckpt.root):
         raise ValueError(
             f"{out_dir} already holds checkpoints; pass resume=True to continue it or choose a new out_dir"

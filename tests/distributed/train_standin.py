@@ -3,17 +3,47 @@
 usage: python -m tests.distributed.train_standin OUT_DIR [section.key=value ...]
 (from the repository root, or with it on PYTHONPATH; under torchrun: ``torchrun ... -m tests.distributed.train_standin``)
 With PARITY_MODEL=loopmoe the real LoopMoE (built from the [model] overrides) replaces the stand-in.
+With STANDIN_KILL_IN=WHAT:N the process SIGKILLs itself at the N-th call of WHAT, one of torch_save
+(a checkpoint file about to be written), sha (checksumming while sealing or verifying), publish
+(a sealed checkpoint about to be renamed into place) or rmtree (a folder about to be deleted).
 """
 
 import os
+import signal
 import sys
 
+import torch
+
+import loopmoe.training.checkpoint as checkpoint
 from loopmoe.distributed.env import env_world_size
 from loopmoe.training import load_run_config, run_training
 from tests.training.standins import data_factory, model_factory
 
+
+def _kill_at(owner, attr: str, n: int) -> None:
+    real, calls = getattr(owner, attr), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(owner, attr, wrapper)
+
+
+_TARGETS = {
+    "torch_save": (torch, "save"),
+    "sha": (checkpoint, "_sha256"),
+    "publish": (checkpoint, "publish_directory"),
+    "rmtree": (checkpoint.shutil, "rmtree"),
+}
+
 if __name__ == "__main__":
     out_dir, overrides = sys.argv[1], sys.argv[2:]
+    if kill_in := os.environ.get("STANDIN_KILL_IN"):
+        what, n = kill_in.split(":")
+        _kill_at(*_TARGETS[what], int(n))
     cfg = load_run_config(None, overrides, world_size=env_world_size())
     if os.environ.get("PARITY_MODEL") == "loopmoe":
         from loopmoe.training.builders import default_model_factory as model_factory
