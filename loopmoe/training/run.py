@@ -101,6 +101,24 @@ class _Exportable(Protocol):
     def save_pretrained(self, save_directory: str) -> Any: ...
 
 
+class DivergedError(ValueError):
+    """Too many consecutive steps were skipped as non-finite (a ValueError: the CLI reports it in one line)."""
+
+
+class NonFiniteModelError(ValueError):
+    """The weights hold NaN or infinity: there is no model worth exporting (the CLI reports it in one line)."""
+
+
+def _refuse_nonfinite(state: dict[str, Any], out_dir: Path) -> None:
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise NonFiniteModelError(
+            f"not exporting {out_dir / 'final'}: {len(bad)} tensor(s) of the final model are not finite "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the run diverged. Lower optim.lr "
+            f"or enable train.grad_clip and start a new --out"
+        )
+
+
 def _export_final(
     model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir: Path, info: DistInfo, model_factory: ModelFactory
 ) -> Path:
@@ -109,10 +127,12 @@ def _export_final(
     if isinstance(model, FSDPModule):
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
+            _refuse_nonfinite(full, out_dir)
             plain = model_factory(cfg, bundle.vocab_size)
             plain.load_state_dict(full)
             cast(_Exportable, plain).save_pretrained(str(final))
     elif info.is_main:
+        _refuse_nonfinite(unwrap(model).state_dict(), out_dir)
         cast(_Exportable, unwrap(model)).save_pretrained(str(final))
     if info.is_main:
         tok = bundle.tokenizer
@@ -208,6 +228,7 @@ def _run(
     logger = MetricsLogger(out_dir, enabled=info.is_main, max_steps=t.max_steps, start_step=start_step)
     batches = iter(bundle.train)
     record: dict[str, Any] = {}
+    consecutive_skipped = 0
     val_loss: float | None = None
     try:
         for step in range(start_step + 1, t.max_steps + 1):
@@ -231,6 +252,14 @@ def _run(
                 val_loss = record["val_loss"] = trainer.evaluate(bundle.val_batches(), t.eval_batches)
             router = summarize_router_stats(out.router_stats) if info.is_main and step % t.log_every == 0 else None
             logger.log_step(record, router)
+            consecutive_skipped = consecutive_skipped + 1 if out.skipped else 0
+            if consecutive_skipped >= t.max_skipped_steps:
+                raise DivergedError(
+                    f"{consecutive_skipped} consecutive steps (up to step {step}) were skipped: the loss, gradients or "
+                    f"update were not finite (train.max_skipped_steps = {t.max_skipped_steps}). The run has "
+                    f"diverged; lower optim.lr, check the data, or raise train.max_skipped_steps. "
+                    f"Nothing was exported; the last checkpoint is in {ckpt.root}"
+                )
             if step % t.checkpoint_every == 0 or step == t.max_steps:
                 ckpt.save(
                     step,
