@@ -40,10 +40,10 @@ from loopmoe.training.builders import (
 from loopmoe.training.checkpoint import CheckpointManager, list_checkpoints
 from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
 from loopmoe.training.metrics import MetricsLogger, read_metrics, summarize_router_stats
-from loopmoe.training.optim import build_optimizer, build_scheduler
+from loopmoe.training.optim import apply_optim_settings, build_optimizer, build_scheduler
 from loopmoe.training.trainer import Trainer, resolve_precision
 
-_RESUME_MUST_MATCH = ("model", "data", "optim", "schedule", "dist")
+_RESUME_MUST_MATCH = ("data", "dist")  # [model] must match (checked before loading); optim/schedule may change
 
 
 def _seed_everything(seed: int) -> None:
@@ -84,7 +84,46 @@ def _parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     return apply_ddp(model, info.device)
 
 
-def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig) -> None:
+def _diff(saved: Any, current: Any, key: str) -> list[str]:
+    """``key: old -> new`` for every setting that differs (tables compared key by key)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            d for k in sorted({*saved, *current}, key=str) for d in _diff(saved.get(k), current.get(k), f"{key}.{k}")
+        ]
+    return [] if saved == current else [f"{key}: {saved!r} -> {current!r}"]
+
+
+def _peek_checkpoint_meta(ckpt: CheckpointManager) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint whose meta.json reads, without loading (or verifying) anything else."""
+    for _, path in reversed(list_checkpoints(ckpt.root)):
+        try:
+            return path, json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _check_resume_allowed(path: Path, meta: dict[str, Any], cfg: RunConfig) -> None:
+    """Before any state is loaded: refuse a different model, or a max_steps the run is already past."""
+    saved = meta.get("config") or {}
+    if "model" in saved:
+        changed = _diff(saved["model"], cfg.to_dict()["model"], "model")
+        if changed:
+            raise ValueError(
+                f"cannot resume {path}: it was trained with a different model ({'; '.join(changed)}), whose "
+                f"weights do not fit this one. Resume with the original [model] settings, or train the new model "
+                f"into a new --out directory"
+            )
+    step = meta.get("step", 0)
+    if cfg.train.max_steps < step:
+        raise ValueError(
+            f"train.max_steps = {cfg.train.max_steps} is below the step of the checkpoint to resume, {step} ({path}); "
+            f"raise train.max_steps to at least {step}, or start a new --out directory"
+        )
+
+
+def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig, step: int) -> None:
+    """After loading: data or strategy changes warn; optimizer/schedule changes apply from ``step`` on (one line)."""
     current = cfg.to_dict()
     for section in _RESUME_MUST_MATCH:
         if saved.get(section) != current[section]:
@@ -93,6 +132,15 @@ def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig) -> None:
                 f"{saved.get(section)} -> {current[section]}; the run will not match an uninterrupted one",
                 stacklevel=3,
             )
+    changed = [d for section in ("optim", "schedule") for d in _diff(saved.get(section), current[section], section)]
+    if "train" in saved:
+        changed += _diff(saved["train"].get("max_steps"), cfg.train.max_steps, "train.max_steps")
+    if changed:
+        warnings.warn(
+            f"resuming at step {step} with a changed schedule ({'; '.join(changed)}): the new settings apply "
+            f"from step {step + 1}",
+            stacklevel=3,
+        )
 
 
 class _Exportable(Protocol):
@@ -205,9 +253,14 @@ def _run(
     _seed_everything(t.seed + info.rank)  # per-rank streams (dropout, sampling) after identical init
 
     start_step, tokens_seen, skipped_total = 0, 0, 0
+    peeked = _peek_checkpoint_meta(ckpt) if resume else None
+    if peeked is not None:
+        _check_resume_allowed(*peeked, cfg)
     restored = ckpt.load_latest(model, optimizer, scheduler) if resume else None
     if restored is not None:
-        _check_resumed_config(restored.meta.get("config", {}), cfg)
+        _check_resume_allowed(restored.path, restored.meta, cfg)  # the one loaded may be an older one
+        _check_resumed_config(restored.meta.get("config", {}), cfg, restored.meta["step"])
+        apply_optim_settings(optimizer, scheduler, cfg)
         bundle.train.load_state_dict(restored.loader_state)
         start_step, tokens_seen = restored.meta["step"], restored.meta["tokens"]
         skipped_total = restored.meta["skipped_steps"]
