@@ -314,7 +314,10 @@ def _build_section(name: str, raw: dict[str, Any]) -> Any:
     if name == "model":
         extra = {k: v for k, v in raw.items() if k not in hints}
         raw = {k: v for k, v in raw.items() if k in hints}
-        kwargs["fields"] = {**raw.pop("fields", {}), **extra}
+        fields = raw.pop("fields", {})
+        if not isinstance(fields, dict):
+            raise ValueError(f"model.fields = {fields!r}: expected a table of LoopMoEConfig fields")
+        kwargs["fields"] = {**fields, **extra}
         if isinstance(raw.get("config"), dict):
             raw["config"] = config_from_table(raw["config"], "model.config")
     for key, value in raw.items():
