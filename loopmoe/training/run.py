@@ -19,9 +19,17 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from loopmoe.atomic import atomic_write_text
-from loopmoe.distributed.env import DistInfo, barrier, init_distributed, is_distributed, teardown_distributed
+from loopmoe.distributed.env import (
+    DistInfo,
+    all_reduce_sum_,
+    barrier,
+    init_distributed,
+    is_distributed,
+    teardown_distributed,
+)
 from loopmoe.distributed.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
@@ -157,13 +165,22 @@ class NonFiniteModelError(ValueError):
     """The weights hold NaN or infinity: there is no model worth exporting (the CLI reports it in one line)."""
 
 
-def _refuse_nonfinite(state: dict[str, Any], out_dir: Path) -> None:
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
-    if bad:
+def _refuse_nonfinite(model: nn.Module, out_dir: Path, device: torch.device) -> None:
+    """Raise NonFiniteModelError on every rank if any rank's weights (its shards under FSDP2) are not finite."""
+    bad = [
+        name
+        for name, v in unwrap(model).state_dict().items()
+        if torch.is_tensor(v)
+        and v.is_floating_point()
+        and not (v.to_local() if isinstance(v, DTensor) else v).isfinite().all()
+    ]
+    count = torch.tensor(float(len(bad)), device=device)
+    all_reduce_sum_(count)  # every rank takes the same decision, so none waits in a barrier
+    if count.item():
         raise NonFiniteModelError(
-            f"not exporting {out_dir / 'final'}: {len(bad)} tensor(s) of the final model are not finite "
-            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the run diverged. Lower optim.lr "
-            f"or enable train.grad_clip and start a new --out"
+            f"not exporting {out_dir / 'final'}: tensors of the final model are not finite "
+            f"({', '.join(bad[:3]) or 'on another rank'}{', ...' if len(bad) > 3 else ''}); the run diverged. "
+            f"Lower optim.lr or enable train.grad_clip and start a new --out"
         )
 
 
@@ -172,15 +189,14 @@ def _export_final(
 ) -> Path:
     """HF checkpoint of the final weights (gathered from shards under FSDP2) + tokenizer + config."""
     final = out_dir / "final"
+    _refuse_nonfinite(model, out_dir, info.device)
     if isinstance(model, FSDPModule):
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
-            _refuse_nonfinite(full, out_dir)
             plain = model_factory(cfg, bundle.vocab_size)
             plain.load_state_dict(full)
             cast(_Exportable, plain).save_pretrained(str(final))
     elif info.is_main:
-        _refuse_nonfinite(unwrap(model).state_dict(), out_dir)
         cast(_Exportable, unwrap(model)).save_pretrained(str(final))
     if info.is_main:
         tok = bundle.tokenizer

@@ -90,8 +90,24 @@ def test_diverged_run_aborts_after_max_skipped_steps(tmp_path):
 
 
 def test_nonfinite_model_is_not_exported(tmp_path):
-    state = TinyMoELM().state_dict()
-    _refuse_nonfinite(state, tmp_path)
-    state["head.bias"][0] = float("nan")
+    model = TinyMoELM()
+    _refuse_nonfinite(model, tmp_path, torch.device("cpu"))
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
     with pytest.raises(NonFiniteModelError, match="head.bias"):
-        _refuse_nonfinite(state, tmp_path)
+        _refuse_nonfinite(model, tmp_path, torch.device("cpu"))
+
+
+def test_run_that_ends_non_finite_exports_nothing(tmp_path):
+    def poisoned(cfg, vocab):
+        m = model_factory(cfg, vocab)
+        with torch.no_grad():
+            m.norm.weight[0] = float("inf")  # every step is skipped (NaN loss); the weights stay non-finite
+        return m
+
+    cfg = load_run_config(
+        None, standin_overrides(**{"train.max_steps": 2, "train.eval_batches": 0, "schedule.warmup_steps": 1})
+    )
+    with pytest.raises(NonFiniteModelError, match="norm.weight"):
+        run_training(cfg, tmp_path, model_factory=poisoned, data_factory=data_factory)
+    assert not (tmp_path / "final").exists()
