@@ -14,6 +14,7 @@ combination fails before any weight is allocated.
 from __future__ import annotations
 
 import inspect
+import math
 from enum import StrEnum
 from typing import Literal, get_args
 
@@ -283,7 +284,22 @@ class LoopMoEConfig(PretrainedConfig):
             f"input_injection={self.input_injection!r} needs num_loops > 1 (it re-injects at later iterations); "
             f"set input_injection='none' for a non-looped model",
         )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+        for name in (
+            "rope_theta",
+            "rms_norm_eps",
+            "initializer_range",
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "router_bias_update_rate",
+        ):
+            value = getattr(self, name)
+            need(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                f"{name} must be a finite number, got {value!r}",
+            )
+        for name in ("rope_theta", "rms_norm_eps"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("initializer_range", "router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
 
     def check_num_loops(self, num_loops: int) -> None:

@@ -87,7 +87,7 @@ class TopKRouter(nn.Module):
         # since the last bias update are transient.
         self.register_buffer("expert_bias", torch.zeros(config.num_experts), persistent=True)
         self.register_buffer("pending_counts", torch.zeros(config.num_experts), persistent=False)
-        self.track_counts = config.router_bias_update_rate > 0
+        self.track_counts = config.router_bias_update_rate > 0  # counts feed the bias updates only
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [N, d] -> logits [N, E], normalised scores [N, E], top-k weights [N, k], top-k ids [N, k]
@@ -96,11 +96,10 @@ class TopKRouter(nn.Module):
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
         else:
             scores = torch.sigmoid(logits.float())
-        if self.track_counts:
-            _, topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
-            topk_w = scores.gather(-1, topk_idx)
-        else:
-            topk_w, topk_idx = torch.topk(scores, self.top_k, dim=-1)
+        # The learned bias always takes part in selection (a zero bias selects as plain top-k); the update
+        # rate only says whether it keeps moving, so a bias frozen with rate 0 still routes as trained.
+        _, topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
+        topk_w = scores.gather(-1, topk_idx)
         if self.norm_topk_prob:
             topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
         # Probabilities over experts for the balancing loss and entropy (sigmoid scores do not sum to 1).

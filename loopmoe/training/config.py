@@ -11,6 +11,7 @@ is generated from them (`loopmoe.options`), with one flag per key (`--train.max_
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class TrainSection:
         None, help="sequences per optimizer step over all processes (sets grad_accum)"
     )
     grad_clip: float = option(1.0, help="gradient-norm clip (0 disables clipping)")
+    max_skipped_steps: int = option(
+        20, help="abort after this many consecutive skipped (non-finite) steps: the run has diverged"
+    )
     seed: int = option(0, help="seed of the initialisation and the data order")
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", help="auto: fp32 on CPU, bf16 autocast on CUDA; fp32; or bf16 autocast"
@@ -163,6 +167,9 @@ class RunConfig:
     def validate(self, world_size: int = 1) -> RunConfig:
         """Check cross-field contradictions; raises ValueError naming the keys and the fix."""
         m, t, s, o = self.model, self.train, self.schedule, self.optim
+        for name, value in _float_settings(self):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} = {value}: must be a finite number")
         if m.config is not None and (m.preset is not None or m.num_loops is not None or m.fields):
             raise ValueError(
                 "model.config is a complete model config: leave model.preset (none), model.num_loops and the "
@@ -184,6 +191,8 @@ class RunConfig:
                 raise ValueError(f"{key} = {value}: must be >= 1")
         if t.eval_batches < 0:
             raise ValueError(f"train.eval_batches = {t.eval_batches}: must be >= 0 (0 disables evaluation)")
+        if t.max_skipped_steps < 1:
+            raise ValueError(f"train.max_skipped_steps = {t.max_skipped_steps}: must be >= 1")
         if t.grad_accum is not None and t.grad_accum < 1:
             raise ValueError(f"train.grad_accum = {t.grad_accum}: must be >= 1")
         if t.grad_clip < 0:
@@ -222,6 +231,20 @@ class RunConfig:
                     f"(which implies {implied} at world size {world_size}); set only one of them"
                 )
         return self
+
+
+def _float_settings(cfg: RunConfig) -> list[tuple[str, float]]:
+    """Every float setting of ``cfg`` (tuples element by element), named as in the TOML file."""
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        for g in dataclasses.fields(section):
+            value = getattr(section, g.name)
+            values = list(enumerate(value)) if isinstance(value, tuple) else [(None, value)]
+            for i, v in values:
+                if isinstance(v, float):
+                    out.append((f"{f.name}.{g.name}" + (f"[{i}]" if i is not None else ""), v))
+    return out
 
 
 def model_fields(config: LoopMoEConfig) -> dict[str, Any]:
@@ -291,7 +314,10 @@ def _build_section(name: str, raw: dict[str, Any]) -> Any:
     if name == "model":
         extra = {k: v for k, v in raw.items() if k not in hints}
         raw = {k: v for k, v in raw.items() if k in hints}
-        kwargs["fields"] = {**raw.pop("fields", {}), **extra}
+        fields = raw.pop("fields", {})
+        if not isinstance(fields, dict):
+            raise ValueError(f"model.fields = {fields!r}: expected a table of LoopMoEConfig fields")
+        kwargs["fields"] = {**fields, **extra}
         if isinstance(raw.get("config"), dict):
             raw["config"] = config_from_table(raw["config"], "model.config")
     for key, value in raw.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,17 +25,48 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 
 
+def _parse_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every record of a metrics.jsonl.
+
+    A torn last line (the process was killed mid-append) is dropped with a warning; any other
+    line that is not a JSON object with a ``step`` raises ValueError naming the file and line.
+    """
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a step record (a JSON object with an integer 'step')")
+        except ValueError as e:
+            if i == last:
+                warnings.warn(
+                    f"{path}:{i + 1}: dropping a torn last line (the run was interrupted mid-write): {e}",
+                    stacklevel=3,
+                )
+                break
+            raise ValueError(
+                f"{path}:{i + 1}: not a metrics record ({e}); fix or remove that line (records are one JSON "
+                f"object per line)"
+            ) from e
+        out.append((line, record))
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl, in order."""
+    """All records of a run's metrics.jsonl, in order (a torn last line is dropped with a warning)."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [record for _, record in _parse_records(path)] if path.exists() else []
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Drop records past `step`: a resumed run re-does those steps and logs them again."""
+    """Drop records past `step` (and a torn last line): a resumed run re-does those steps and logs them again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line, record in _parse_records(path) if record["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

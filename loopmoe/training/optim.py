@@ -84,3 +84,24 @@ def lr_multiplier(cfg: RunConfig) -> WarmupCosine | WarmupStableDecay:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> LambdaLR:
     return LambdaLR(optimizer, lr_multiplier(cfg))
+
+
+def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg: RunConfig) -> None:
+    """Make a restored optimizer and scheduler follow ``cfg`` from the scheduler's current step.
+
+    A checkpoint restores the param groups' hyper-parameters and the scheduler's ``base_lrs``
+    as they were saved; after this call the peak lr, betas, eps, weight decay and the schedule
+    (``cfg.schedule`` over ``cfg.train.max_steps``) are ``cfg``'s, and the next step's lr is exactly
+    what a run started with ``cfg`` would use at that step. With an unchanged config it changes
+    nothing. The groups are ``param_groups``' (decay first).
+    """
+    o, mult = cfg.optim, lr_multiplier(cfg)
+    groups = optimizer.param_groups
+    scheduler.lr_lambdas = [mult] * len(groups)
+    scheduler.base_lrs = [o.lr] * len(groups)
+    for i, group in enumerate(groups):
+        group["initial_lr"] = o.lr
+        group["lr"] = o.lr * mult(scheduler.last_epoch)
+        group["betas"], group["eps"] = o.betas, o.eps
+        group["weight_decay"] = o.weight_decay if i == 0 else 0.0
+    scheduler._last_lr = [group["lr"] for group in groups]

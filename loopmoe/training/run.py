@@ -19,10 +19,12 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from loopmoe.atomic import atomic_write_text, clean_stale_temporaries
 from loopmoe.distributed.env import (
     DistInfo,
+    all_reduce_sum_,
     barrier,
     broadcast_object,
     init_distributed,
@@ -47,11 +49,11 @@ from loopmoe.training.builders import (
 from loopmoe.training.checkpoint import CheckpointManager, list_checkpoints
 from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
 from loopmoe.training.metrics import MetricsLogger, read_metrics, summarize_router_stats
-from loopmoe.training.optim import build_optimizer, build_scheduler
+from loopmoe.training.optim import apply_optim_settings, build_optimizer, build_scheduler
 from loopmoe.training.runlock import RunDirBusyError, RunLock
 from loopmoe.training.trainer import Trainer, resolve_precision
 
-_RESUME_MUST_MATCH = ("model", "data", "optim", "schedule", "dist")
+_RESUME_MUST_MATCH = ("data", "dist")  # [model] must match (checked before loading); optim/schedule may change
 
 
 def _seed_everything(seed: int) -> None:
@@ -92,7 +94,46 @@ def _parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     return apply_ddp(model, info.device)
 
 
-def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig) -> None:
+def _diff(saved: Any, current: Any, key: str) -> list[str]:
+    """``key: old -> new`` for every setting that differs (tables compared key by key)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            d for k in sorted({*saved, *current}, key=str) for d in _diff(saved.get(k), current.get(k), f"{key}.{k}")
+        ]
+    return [] if saved == current else [f"{key}: {saved!r} -> {current!r}"]
+
+
+def _peek_checkpoint_meta(ckpt: CheckpointManager) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint whose meta.json reads, without loading (or verifying) anything else."""
+    for _, path in reversed(list_checkpoints(ckpt.root)):
+        try:
+            return path, json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _check_resume_allowed(path: Path, meta: dict[str, Any], cfg: RunConfig) -> None:
+    """Before any state is loaded: refuse a different model, or a max_steps the run is already past."""
+    saved = meta.get("config") or {}
+    if "model" in saved:
+        changed = _diff(saved["model"], cfg.to_dict()["model"], "model")
+        if changed:
+            raise ValueError(
+                f"cannot resume {path}: it was trained with a different model ({'; '.join(changed)}), whose "
+                f"weights do not fit this one. Resume with the original [model] settings, or train the new model "
+                f"into a new --out directory"
+            )
+    step = meta.get("step", 0)
+    if cfg.train.max_steps < step:
+        raise ValueError(
+            f"train.max_steps = {cfg.train.max_steps} is below the step of the checkpoint to resume, {step} ({path}); "
+            f"raise train.max_steps to at least {step}, or start a new --out directory"
+        )
+
+
+def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig, step: int) -> None:
+    """After loading: data or strategy changes warn; optimizer/schedule changes apply from ``step`` on (one line)."""
     current = cfg.to_dict()
     for section in _RESUME_MUST_MATCH:
         if saved.get(section) != current[section]:
@@ -101,6 +142,15 @@ def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig) -> None:
                 f"{saved.get(section)} -> {current[section]}; the run will not match an uninterrupted one",
                 stacklevel=3,
             )
+    changed = [d for section in ("optim", "schedule") for d in _diff(saved.get(section), current[section], section)]
+    if "train" in saved:
+        changed += _diff(saved["train"].get("max_steps"), cfg.train.max_steps, "train.max_steps")
+    if changed:
+        warnings.warn(
+            f"resuming at step {step} with a changed schedule ({'; '.join(changed)}): the new settings apply "
+            f"from step {step + 1}",
+            stacklevel=3,
+        )
 
 
 class _Exportable(Protocol):
@@ -109,11 +159,39 @@ class _Exportable(Protocol):
     def save_pretrained(self, save_directory: str) -> Any: ...
 
 
+class DivergedError(ValueError):
+    """Too many consecutive steps were skipped as non-finite (a ValueError: the CLI reports it in one line)."""
+
+
+class NonFiniteModelError(ValueError):
+    """The weights hold NaN or infinity: there is no model worth exporting (the CLI reports it in one line)."""
+
+
+def _refuse_nonfinite(model: nn.Module, out_dir: Path, device: torch.device) -> None:
+    """Raise NonFiniteModelError on every rank if any rank's weights (its shards under FSDP2) are not finite."""
+    bad = [
+        name
+        for name, v in unwrap(model).state_dict().items()
+        if torch.is_tensor(v)
+        and v.is_floating_point()
+        and not (v.to_local() if isinstance(v, DTensor) else v).isfinite().all()
+    ]
+    count = torch.tensor(float(len(bad)), device=device)
+    all_reduce_sum_(count)  # every rank takes the same decision, so none waits in a barrier
+    if count.item():
+        raise NonFiniteModelError(
+            f"not exporting {out_dir / 'final'}: tensors of the final model are not finite "
+            f"({', '.join(bad[:3]) or 'on another rank'}{', ...' if len(bad) > 3 else ''}); the run diverged. "
+            f"Lower optim.lr or enable train.grad_clip and start a new --out"
+        )
+
+
 def _export_final(
     model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir: Path, info: DistInfo, model_factory: ModelFactory
 ) -> Path:
     """HF checkpoint of the final weights (gathered from shards under FSDP2) + tokenizer + config."""
     final = out_dir / "final"
+    _refuse_nonfinite(model, out_dir, info.device)
     if isinstance(model, FSDPModule):
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
@@ -221,9 +299,14 @@ def _run(
     _seed_everything(t.seed + info.rank)  # per-rank streams (dropout, sampling) after identical init
 
     start_step, tokens_seen, skipped_total = 0, 0, 0
+    peeked = _peek_checkpoint_meta(ckpt) if resume else None
+    if peeked is not None:
+        _check_resume_allowed(*peeked, cfg)
     restored = ckpt.load_latest(model, optimizer, scheduler) if resume else None
     if restored is not None:
-        _check_resumed_config(restored.meta.get("config", {}), cfg)
+        _check_resume_allowed(restored.path, restored.meta, cfg)  # the one loaded may be an older one
+        _check_resumed_config(restored.meta.get("config", {}), cfg, restored.meta["step"])
+        apply_optim_settings(optimizer, scheduler, cfg)
         bundle.train.load_state_dict(restored.loader_state)
         start_step, tokens_seen = restored.meta["step"], restored.meta["tokens"]
         skipped_total = restored.meta["skipped_steps"]
@@ -244,6 +327,7 @@ def _run(
     logger = MetricsLogger(out_dir, enabled=info.is_main, max_steps=t.max_steps, start_step=start_step)
     batches = iter(bundle.train)
     record: dict[str, Any] = {}
+    consecutive_skipped = 0
     val_loss: float | None = None
     try:
         for step in range(start_step + 1, t.max_steps + 1):
@@ -267,6 +351,14 @@ def _run(
                 val_loss = record["val_loss"] = trainer.evaluate(bundle.val_batches(), t.eval_batches)
             router = summarize_router_stats(out.router_stats) if info.is_main and step % t.log_every == 0 else None
             logger.log_step(record, router)
+            consecutive_skipped = consecutive_skipped + 1 if out.skipped else 0
+            if consecutive_skipped >= t.max_skipped_steps:
+                raise DivergedError(
+                    f"{consecutive_skipped} consecutive steps (up to step {step}) were skipped: the loss, gradients or "
+                    f"update were not finite (train.max_skipped_steps = {t.max_skipped_steps}). The run has "
+                    f"diverged; lower optim.lr, check the data, or raise train.max_skipped_steps. "
+                    f"Nothing was exported; the last checkpoint is in {ckpt.root}"
+                )
             if step % t.checkpoint_every == 0 or step == t.max_steps:
                 ckpt.save(
                     step,

@@ -1,6 +1,7 @@
 """One optimizer step and one evaluation, independent of how the model is parallelised.
 
-The step guards the weights: if the loss or the gradient norm is not finite on any rank, the
+The step guards the weights: if the loss or the gradient norm is not finite on any rank, or the
+optimizer step itself leaves a parameter non-finite (that step is then rolled back), the
 update (and the model's own per-step update, see ``StepHooks``) is skipped and the gradients
 dropped, so one bad batch costs a step, not the run.
 
@@ -103,6 +104,37 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
+    def _guarded_step(self) -> bool:
+        """``optimizer.step()``, undone if it left any parameter non-finite (on any rank).
+
+        Costs one copy of the parameters and the optimizer state per step (device memory of the
+        same size, and a copy that is cheap next to the step itself) and one reduction over the
+        parameters; a non-finite result restores both, so the step is skipped like a non-finite
+        gradient.
+        """
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {
+            p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.optimizer.state[p].items()}
+            for p in params
+            if p in self.optimizer.state
+        }
+        self.optimizer.step()
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        bad = torch.zeros((), device=self.device)
+        for p in local:
+            bad += (~torch.isfinite(p.detach())).any().to(bad.dtype)
+        all_reduce_sum_(bad)
+        if bad.item() == 0:
+            return True
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params):
+                p.copy_(saved)
+        self.optimizer.state.clear()
+        for p, state in saved_state.items():
+            self.optimizer.state[p] = state
+        return False
+
     def train_step(self, batches: Iterator[torch.Tensor]) -> StepOutput:
         """Consume `grad_accum` micro-batches, then update unless anything is non-finite."""
         self.model.train()
@@ -125,7 +157,8 @@ class Trainer:
         finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
         hooks = unwrap(self.model)
         if finite:
-            self.optimizer.step()
+            finite = self._guarded_step()
+        if finite:
             if isinstance(hooks, StepHooks):
                 hooks.on_optimizer_step(self.step_reduce)
         elif isinstance(hooks, StepHooks):

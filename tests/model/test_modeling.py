@@ -294,3 +294,29 @@ def test_model_training_with_labels_skips_logits_and_keeps_the_loss():
     assert model.eval()(input_ids=ids, labels=ids).logits is not None  # evaluation keeps its logits
     with pytest.raises(ValueError, match="needs labels"):
         model(input_ids=ids, skip_logits=True)
+
+
+def test_learned_router_bias_still_routes_when_its_updates_are_frozen(tiny_config, tmp_path):
+    """router_bias_update_rate = 0 freezes a learned bias; it must not drop it from selection."""
+    model = build(tiny_config(num_loops=2, router_bias_update_rate=0.05)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # an odd count: with 4 experts, +-rate steps can cancel after an even one
+        x = torch.randint(0, 97, (2, 12), generator=gen)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.on_optimizer_step()
+    bias = model.model.core[0].mlp.gate.expert_bias
+    assert bias.abs().sum() > 0, "the biases must have moved for this test to mean anything"
+    model.save_pretrained(tmp_path)
+    frozen = AutoModelForCausalLM.from_pretrained(tmp_path, router_bias_update_rate=0.0).eval()
+    assert frozen.config.router_bias_update_rate == 0.0
+    model.eval()
+    x = torch.randint(0, 97, (2, 12), generator=gen)
+    with torch.no_grad():
+        a, b = model(input_ids=x), frozen(input_ids=x)
+    assert a.router_stats is not None and b.router_stats is not None
+    for s, t in zip(a.router_stats, b.router_stats):
+        assert torch.equal(s.experts, t.experts), "routing changed after reloading with the bias frozen"
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-6)
