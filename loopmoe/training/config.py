@@ -112,6 +112,11 @@ class TrainSection:
     max_skipped_steps: int = option(
         20, help="abort after this many consecutive skipped (non-finite) steps: the run has diverged"
     )
+    update_guard: bool = option(
+        True,
+        help="roll back an optimizer step that leaves a parameter non-finite; keeps a copy of the parameters "
+        "and optimizer state each step (3x the parameters' memory with AdamW): turn off at scale",
+    )
     seed: int = option(0, help="seed of the initialisation and the data order")
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", help="auto: fp32 on CPU, bf16 autocast on CUDA; fp32; or bf16 autocast"

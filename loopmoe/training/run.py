@@ -323,6 +323,7 @@ def _run(
         device=info.device,
         autocast_dtype=resolve_precision(t.precision, info.device),
         world_size=info.world_size,
+        update_guard=t.update_guard,
     )
     logger = MetricsLogger(out_dir, enabled=info.is_main, max_steps=t.max_steps, start_step=start_step)
     batches = iter(bundle.train)

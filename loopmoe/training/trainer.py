@@ -87,8 +87,10 @@ class Trainer:
         autocast_dtype: torch.dtype | None,
         world_size: int = 1,
         step_reduce: Callable[[torch.Tensor], None] | None = None,
+        update_guard: bool = True,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.update_guard = update_guard
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.device, self.autocast_dtype, self.world_size = device, autocast_dtype, world_size
         self.step_reduce = step_reduce if step_reduce is not None else (all_reduce_sum_ if world_size > 1 else None)
@@ -157,7 +159,10 @@ class Trainer:
         finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
         hooks = unwrap(self.model)
         if finite:
-            finite = self._guarded_step()
+            if self.update_guard:
+                finite = self._guarded_step()
+            else:  # lr and eps are validated finite: only an overflowing update can go non-finite
+                self.optimizer.step()
         if finite:
             if isinstance(hooks, StepHooks):
                 hooks.on_optimizer_step(self.step_reduce)
