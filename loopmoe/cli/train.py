@@ -22,6 +22,11 @@ class TrainOptions:
     )
     out: Path | None = option(None, help="run directory", shown="runs/<config name>")
     dry_run: bool = option(False, help="print the resolved config and model budget, then exit")
+    rebuild_data: bool = option(
+        False,
+        help="on resume, if the corpus or tokenizer changed since the checkpoint: move the old data aside "
+        "(OUT/data/<name>.stepN) and continue on rebuilt data, instead of refusing",
+    )
 
 
 def add_parser(sub) -> None:
@@ -57,7 +62,7 @@ def run(args) -> int:
     if opts.dry_run:
         print_dry_run(cfg)
         return 0
-    final = run_training(cfg, out)
+    final = run_training(cfg, out, rebuild_data=opts.rebuild_data)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
         summary = {
             k: final[k] for k in ("step", "loss", "val_loss", "tokens", "skipped_steps", "final_dir") if k in final

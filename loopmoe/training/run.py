@@ -34,8 +34,10 @@ from loopmoe.training.builders import (
     DataBundle,
     DataFactory,
     ModelFactory,
+    check_resume_data,
     default_data_factory,
     default_model_factory,
+    move_data_aside,
 )
 from loopmoe.training.checkpoint import CheckpointManager, list_checkpoints
 from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
@@ -95,6 +97,16 @@ def _check_resumed_config(saved: dict[str, Any], cfg: RunConfig) -> None:
             )
 
 
+def _latest_meta(root: Path) -> dict[str, Any] | None:
+    """meta.json of the newest checkpoint that has a readable one (nothing is loaded or changed)."""
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            return cast(dict[str, Any], json.loads((path / "meta.json").read_text()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class _Exportable(Protocol):
     """The model contract's export (``loopmoe.training.builders``): what LoopMoEForCausalLM and stand-ins provide."""
 
@@ -130,6 +142,7 @@ def run_training(
     checkpoint_every: int | None = None,
     resume: bool = True,
     *,
+    rebuild_data: bool = False,
     model_factory: ModelFactory | None = None,
     data_factory: DataFactory | None = None,
 ) -> dict[str, Any]:
@@ -140,6 +153,11 @@ def run_training(
     checkpoint; with `resume=False` an `out_dir` that already holds checkpoints is refused.
     Works alone or under torchrun (DDP or FSDP2 per `dist.strategy`). The factories default
     to the LoopMoE model and the `loopmoe.data` pipeline.
+
+    On resume, the data (tokenizer and shard fingerprints stored in the checkpoint) is checked
+    before anything is rebuilt: if the corpus or tokenizer changed the run is refused, unless
+    `rebuild_data`, which moves the old data aside (DATA_DIR/<name>.step<N>) and continues the
+    run on freshly built data (the data order restarts).
     """
     owns_group = not is_distributed()
     info = init_distributed()
@@ -150,6 +168,7 @@ def run_training(
             max_steps,
             checkpoint_every,
             resume,
+            rebuild_data,
             info,
             model_factory or default_model_factory,
             data_factory or default_data_factory,
@@ -165,6 +184,7 @@ def _run(
     max_steps: int | None,
     checkpoint_every: int | None,
     resume: bool,
+    rebuild_data: bool,
     info: DistInfo,
     model_factory: ModelFactory,
     data_factory: DataFactory,
@@ -177,6 +197,14 @@ def _run(
             f"{out_dir} already holds checkpoints; pass resume=True to continue it or choose a new out_dir"
         )
 
+    rebuilt = False
+    saved = _latest_meta(ckpt.root) if resume else None
+    if saved and saved.get("data") and data_factory is default_data_factory:
+        rebuilt = check_resume_data(cfg, saved["data"], rebuild=rebuild_data, step=saved["step"])
+        barrier()
+        if rebuilt and info.is_main:
+            move_data_aside(cfg, saved["step"])
+
     _seed_everything(t.seed)
     bundle = data_factory(cfg, info.rank, info.world_size)
     model = _parallelize(model_factory(cfg, bundle.vocab_size), cfg, info)
@@ -188,7 +216,10 @@ def _run(
     restored = ckpt.load_latest(model, optimizer, scheduler) if resume else None
     if restored is not None:
         _check_resumed_config(restored.meta.get("config", {}), cfg)
-        bundle.train.load_state_dict(restored.loader_state)
+        if rebuilt:
+            warnings.warn("the data was rebuilt: the resumed run reads the new data from its start", stacklevel=2)
+        else:
+            bundle.train.load_state_dict(restored.loader_state)
         start_step, tokens_seen = restored.meta["step"], restored.meta["tokens"]
         skipped_total = restored.meta["skipped_steps"]
     if info.is_main:
@@ -243,6 +274,7 @@ def _run(
                         "skipped_steps": skipped_total,
                         "world_size": info.world_size,
                         "config": cfg.to_dict(),
+                        **({"data": bundle.fingerprints} if bundle.fingerprints else {}),
                     },
                 )
     finally:
