@@ -215,6 +215,16 @@ def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBund
         world_size=world_size,
     )
 
+    val_tokens = len(shards.tokens("val"))
+    if t.eval_batches and val_tokens // d.seq_len < t.micro_batch_size * world_size:
+        need = t.micro_batch_size * world_size * d.seq_len
+        raise ValueError(
+            f"the validation split has {val_tokens} tokens, fewer than one evaluation batch of "
+            f"{t.micro_batch_size * world_size} x {d.seq_len} = {need} (train.micro_batch_size x processes x "
+            "data.seq_len): raise data.val_fraction, lower train.micro_batch_size or data.seq_len, use more data, "
+            "or set train.eval_batches=0 to train without evaluation"
+        )
+
     def val_batches() -> Iterable[torch.Tensor]:
         return validation_batches(
             shards.tokens("val"),

@@ -74,3 +74,13 @@ def test_rebuild_data_moves_the_old_data_aside(trained):
     assert (data / "shards.step2" / "train.bin").read_bytes() == old_train
     assert (data / "tokenizer.step2").is_dir()
     assert (data / "shards" / "train.bin").read_bytes() != old_train
+
+
+def test_validation_split_smaller_than_a_batch_is_refused_before_training(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(seed=1, paragraphs=600))
+    cfg = load_run_config(None, [*ARGS, f"data.source={corpus}", "data.seq_len=2048", "train.micro_batch_size=16"])
+    with pytest.raises(ValueError, match=r"validation split has \d+ tokens, fewer than one evaluation batch"):
+        run_training(cfg, tmp_path / "run", model_factory=_model_factory)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
