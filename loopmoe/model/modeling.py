@@ -243,7 +243,9 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
             # generate() sizes the cache from the config's loop count; test-time depth may need more slots.
             while len(past_key_values.layers) < cfg.executed_depth(num_loops):
                 past_key_values.layers.append(DynamicLayer())
-        slots = len(getattr(past_key_values, "layers", ())) if past_key_values is not None else None
+        # A fixed-size cache (e.g. StaticCache) cannot grow: refuse a deeper run than it was sized for.
+        fixed = past_key_values is not None and not isinstance(past_key_values, DynamicCache)
+        slots = len(getattr(past_key_values, "layers", ())) if fixed else None
         if slots is not None and slots < cfg.executed_depth(num_loops):
             raise ValueError(
                 f"the KV cache ({type(past_key_values).__name__}) has {slots} layer slots, sized for "
