@@ -122,7 +122,12 @@ def _dataset(jsonl: Path, gold: str, choices: str | list[str], **_):
         if not isinstance(doc, dict):
             raise ValueError(f"task data {jsonl}: document {number} is a {type(doc).__name__}, not a JSON object")
     docs = [{**doc, gold: _gold(gold, choices, doc)} for doc in raw]
-    return DatasetDict({"test": Dataset.from_list(docs)})
+    try:
+        return DatasetDict({"test": Dataset.from_list(docs)})
+    except (TypeError, ValueError) as error:  # pyarrow: a field holding different types in different documents
+        raise ValueError(
+            f"task data {jsonl}: each field must hold one type in every document ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _render(template: str, doc: dict) -> str:
