@@ -138,6 +138,7 @@ def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
     from loopmoe.training.builders import default_data_factory
 
     probe = run_config_for(opts, load_model_config(opts.reference), opts.seeds[0])
+    _check_trained_data(opts, probe)
     bundle = default_data_factory(probe, 0, 1)
     reference = load_model_config(opts.reference, vocab_size=bundle.vocab_size)
     result = balance(
@@ -149,6 +150,26 @@ def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
         num_coda_layers=opts.coda,
     )
     return result, bundle
+
+
+def _check_trained_data(opts: CompareOptions, probe: RunConfig) -> None:
+    """Before the shared data is (re)built: refuse if runs in OUT were trained on other data (corpus changed)."""
+    from loopmoe.training.builders import DataChangedError, check_resume_data
+    from loopmoe.training.run import _latest_meta
+
+    for run_dir in sorted(opts.out.glob("seed*/*")):
+        meta = _latest_meta(run_dir / "checkpoints")
+        if not meta or not meta.get("data"):
+            continue
+        try:
+            check_resume_data(probe, meta["data"], rebuild=False, step=meta["step"])
+        except DataChangedError as error:
+            raise ValueError(
+                f"{run_dir} was trained on other data than --source {opts.source!r} gives now ({error.why}); "
+                "nothing was changed: restore the corpus, choose another --out, or pass --fresh to move the old "
+                "comparison aside"
+            ) from None
+        return  # all runs share one data folder: checking one is enough
 
 
 @torch.no_grad()

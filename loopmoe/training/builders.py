@@ -112,6 +112,14 @@ def _tokenizer(cfg: RunConfig, source: Any, data_dir: Path) -> Any:
     )
 
 
+class DataChangedError(ValueError):
+    """The data a checkpoint was trained on differs from what the run config gives now; ``why`` says how."""
+
+    def __init__(self, why: str, message: str):
+        super().__init__(message)
+        self.why = why
+
+
 def _current_data_fingerprints(cfg: RunConfig, source: Any, data_dir: Path) -> tuple[dict[str, str] | None, str]:
     """The fingerprints the data factory would produce now, computed without writing anything.
 
@@ -154,11 +162,12 @@ def check_resume_data(cfg: RunConfig, saved: dict[str, str], *, rebuild: bool, s
     elif current is not None:
         return False
     if not rebuild:
-        raise ValueError(
+        raise DataChangedError(
+            why,
             f"cannot resume: checkpoint step {step} was trained on other data than data.source = "
             f"{cfg.data.source!r} gives now ({why}); nothing was changed. Restore the corpus and tokenizer the "
             "run was trained on, or rebuild the data and continue the run on the new data with --rebuild-data "
-            f"(the old data is kept in {data_dir}/*.step{step}), or train into a new --out"
+            f"(the old data is kept in {data_dir}/*.step{step}), or train into a new --out",
         )
     return True
 

@@ -82,3 +82,25 @@ def test_unrecorded_runs_in_out_are_refused(tmp_path, monkeypatch):
     (tmp_path / "seed0").mkdir()
     with pytest.raises(ValueError, match="options are not recorded.*--fresh"):
         runner.run_comparison(CompareOptions(out=tmp_path), log=lambda *a: None)
+
+
+def test_changed_corpus_is_refused_before_the_shared_data_is_rebuilt(tmp_path):
+    import json
+
+    from loopmoe.compare import runner
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n\nmore text\n")
+    out = tmp_path / "cmp"
+    ckpt = out / "seed0" / "reference" / "checkpoints" / "step_0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(
+        json.dumps({"step": 1, "data": {"tokenizer_sha256": "old", "shards_fingerprint": "old"}})
+    )
+    (out / "data" / "shards").mkdir(parents=True)
+    (out / "data" / "shards" / "marker").write_text("trained on this")
+    opts = CompareOptions(out=out, source=str(corpus), bpe_vocab=300).validate()
+    with pytest.raises(ValueError, match=r"seed0/reference was trained on other data.*--fresh"):
+        runner.prepare(opts)
+    assert (out / "data" / "shards" / "marker").read_text() == "trained on this"
+    assert not (out / "data" / "tokenizer").exists()
