@@ -134,7 +134,9 @@ def _current_data_fingerprints(cfg: RunConfig, source: Any, data_dir: Path) -> t
         and d.train_bpe_vocab is not None
         and not tokenizer_is_current(source, d.train_bpe_vocab, data_dir / "tokenizer")
     ):
-        return None, "the corpus changed, so the BPE tokenizer would be retrained"
+        if not (data_dir / "tokenizer").exists():
+            return None, f"the BPE tokenizer in {data_dir / 'tokenizer'} is missing and would be retrained"
+        return None, "the corpus or data.train_bpe_vocab changed, so the BPE tokenizer would be retrained"
     tokenizer = _tokenizer(cfg, source, data_dir)
     return {
         "tokenizer_sha256": tokenizer.content_hash(),
