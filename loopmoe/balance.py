@@ -107,14 +107,23 @@ def balance(
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if reference.num_loops != 1:
         raise ValueError(f"the reference must be a Vanilla MoE (num_loops=1), got num_loops={reference.num_loops}")
+    for name, value in (("num_prelude_layers", num_prelude_layers), ("num_coda_layers", num_coda_layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+    if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
+        raise ValueError(f"num_loops must be a whole number >= 1, got {num_loops!r}")
     tol = {"total_params": 0.01, "flops_per_token": 0.01, "attn_ffn_ratio": 0.05, **(tolerances or {})}
     L = reference.executed_depth()
     body = L - num_prelude_layers - num_coda_layers
     if num_loops < 1 or body < num_loops or body % num_loops:
+        fix = (
+            f"Choose num_loops from the divisors of {body}, or change num_prelude_layers / num_coda_layers."
+            if body >= 1
+            else f"Use fewer prelude + coda layers (at most {L - 1} together)."
+        )
         raise ValueError(
             f"cannot loop {L} executed layers as prelude {num_prelude_layers} + core x {num_loops} + coda "
-            f"{num_coda_layers}: L - P - Q = {body} must be a positive multiple of num_loops. Choose num_loops from the "
-            f"divisors of {body}, or change num_prelude_layers / num_coda_layers."
+            f"{num_coda_layers}: L - P - Q = {body} must be a positive multiple of num_loops. {fix}"
         )
     seq_len = seq_len or min(2048, reference.max_position_embeddings)
     head_dim_multiple = head_dim_multiple or _grid(reference.head_dim, 16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from loopmoe.cli import budget, compare, convert, presets, train
@@ -36,9 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        sys.stdout.flush()  # inside the try: a closed pipe (`loopmoe budget --json | head -1`) surfaces here
+        return code
+    except BrokenPipeError:
+        # The reader went away: stop quietly, as `cat` does. Point stdout at devnull so the interpreter's
+        # final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a process killed by SIGPIPE
     except (ValueError, FileNotFoundError) as err:
-        print(f"loopmoe {args.command}: error: {err}", file=sys.stderr)
+        # Under torchrun every rank hits the same config error: say it once (rank 0), with no traceback.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"loopmoe {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -27,6 +27,11 @@ class TrainOptions:
         help="start again from step 0: existing checkpoints (e.g. ones that no longer verify) are moved aside "
         "into OUT/checkpoints/rejected-<time>/, never deleted",
     )
+    rebuild_data: bool = option(
+        False,
+        help="on resume, if the corpus or tokenizer changed since the checkpoint: move the old data aside "
+        "(OUT/data/<name>.stepN) and continue on rebuilt data, instead of refusing",
+    )
 
 
 def add_parser(sub) -> None:
@@ -62,7 +67,7 @@ def run(args) -> int:
     if opts.dry_run:
         print_dry_run(cfg)
         return 0
-    final = run_training(cfg, out, restart=opts.restart)
+    final = run_training(cfg, out, restart=opts.restart, rebuild_data=opts.rebuild_data)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
         summary = {
             k: final[k] for k in ("step", "loss", "val_loss", "tokens", "skipped_steps", "final_dir") if k in final

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -31,6 +31,9 @@ from loopmoe.training.config import (
 )
 
 MODELS = ("reference", "looped")
+OPTIONS_FILE = "options.json"
+# Options that only choose what is evaluated or where: changing them never makes the trained runs stale.
+_NOT_IDENTITY = ("out", "fresh", "tasks", "task_limit")
 
 
 @dataclass
@@ -66,6 +69,11 @@ class CompareOptions:
     )
     task_limit: int | None = option(100, help="documents per task (none: all)")
     out: Path = option(default_factory=lambda: Path("runs/compare"), help="run folder")
+    fresh: bool = option(
+        False,
+        help="start anew in --out even if it holds a comparison with other options: the old folder is "
+        "moved aside to OUT.prev-N (never deleted)",
+    )
 
     def validate(self) -> CompareOptions:
         def flag(name: str) -> str:
@@ -130,6 +138,7 @@ def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
     from loopmoe.training.builders import default_data_factory
 
     probe = run_config_for(opts, load_model_config(opts.reference), opts.seeds[0])
+    _check_trained_data(opts, probe)
     bundle = default_data_factory(probe, 0, 1)
     reference = load_model_config(opts.reference, vocab_size=bundle.vocab_size)
     result = balance(
@@ -141,6 +150,27 @@ def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
         num_coda_layers=opts.coda,
     )
     return result, bundle
+
+
+def _check_trained_data(opts: CompareOptions, probe: RunConfig) -> None:
+    """Before the shared data is (re)built: refuse if runs in OUT were trained on other data (corpus changed)."""
+    from loopmoe.training.builders import DataChangedError, check_resume_data
+    from loopmoe.training.checkpoint import peek_latest_meta
+
+    for run_dir in sorted(opts.out.glob("seed*/*")):
+        peeked = peek_latest_meta(run_dir / "checkpoints")
+        meta = peeked[1] if peeked is not None else None
+        if not meta or not meta.get("data"):
+            continue
+        try:
+            check_resume_data(probe, meta["data"], rebuild=False, step=meta["step"])
+        except DataChangedError as error:
+            raise ValueError(
+                f"{run_dir} was trained on other data than --source {opts.source!r} gives now ({error.why}); "
+                "nothing was changed: restore the corpus, choose another --out, or pass --fresh to move the old "
+                "comparison aside"
+            ) from None
+        return  # all runs share one data folder: checking one is enough
 
 
 @torch.no_grad()
@@ -156,13 +186,69 @@ def expert_load(model_dir: Path, batches) -> dict[str, list[float]]:
     return {k: (v / v.sum()).tolist() for k, v in totals.items()}
 
 
+def identity_options(opts: CompareOptions) -> dict[str, Any]:
+    """The options that determine the trained runs, as JSON values (``--tokens`` is resolved into steps)."""
+    raw = {k: v for k, v in asdict(opts).items() if k not in _NOT_IDENTITY}
+    return cast(dict[str, Any], json.loads(json.dumps(raw, default=str)))
+
+
+def claim_out_dir(opts: CompareOptions, log=print) -> None:
+    """Make ``opts.out`` this comparison's folder, or refuse if it holds one run with other options.
+
+    OUT/options.json (written atomically before anything trains) records the options of the runs in
+    it. Re-running with the same options resumes; with others it is refused, naming the differences,
+    unless ``opts.fresh``, which moves the old folder aside to OUT.prev-N.
+    """
+    out = opts.out
+    wanted = identity_options(opts)
+    saved = _saved_options(out)
+    holds_runs = out.is_dir() and any(out.glob("seed*"))
+    if (saved is not None and saved != wanted) or (saved is None and holds_runs):
+        if not opts.fresh:
+            if saved is None:
+                what = "runs whose options are not recorded (no options.json)"
+            else:
+                keys = sorted(set(saved) | set(wanted))
+                what = "other options: " + ", ".join(
+                    f"{flag_of(CompareOptions, k)} {saved.get(k)!r} -> {wanted.get(k)!r}"
+                    for k in keys
+                    if saved.get(k) != wanted.get(k)
+                )
+            raise ValueError(
+                f"{out} holds a comparison trained with {what}; re-running would mix old and new runs. Re-run "
+                "with the old options to resume it, choose another --out, or pass --fresh to move the old "
+                "folder aside and start anew"
+            )
+        n = 1
+        while (aside := out.with_name(f"{out.name}.prev-{n}")).exists():
+            n += 1
+        out.rename(aside)
+        log(f"moved the previous comparison in {out} aside to {aside}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / OPTIONS_FILE, json.dumps(wanted, indent=2, sort_keys=True))
+
+
+def _saved_options(out: Path) -> dict[str, Any] | None:
+    try:
+        return cast(dict[str, Any], json.loads((out / OPTIONS_FILE).read_text()))
+    except FileNotFoundError:
+        pass
+    except ValueError as error:
+        raise ValueError(f"{out / OPTIONS_FILE} is unreadable ({error}): pass --fresh to start anew") from error
+    try:  # a comparison finished before options.json existed: its results record the options
+        options = json.loads((out / "results.json").read_text())["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {k: v for k, v in options.items() if k not in _NOT_IDENTITY}
+
+
 def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
     """Train both models for every seed, evaluate them, and write the report. Returns results.json's content."""
     from loopmoe.compare.report import budget_table, write_report
     from loopmoe.training import read_metrics, run_training
 
     opts.validate()
-    opts.out.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(opts, log)
     result, bundle = prepare(opts)
     table = budget_table(result, title=f"{opts.reference}")
     log(table)

@@ -12,6 +12,7 @@ Typical use::
 from loopmoe.data.embedded import embedded_documents
 from loopmoe.data.loader import TokenBatchLoader, validation_batches
 from loopmoe.data.shards import (
+    CorruptShardsError,
     ShardMeta,
     TokenShards,
     is_validation_document,
@@ -25,6 +26,7 @@ from loopmoe.data.tokenizer import DEFAULT_EOS_TOKEN, LMTokenizer, load_tokenize
 __all__ = [
     "ACCEPTED_FORMATS",
     "DEFAULT_EOS_TOKEN",
+    "CorruptShardsError",
     "DataSource",
     "LMTokenizer",
     "ShardMeta",

@@ -2,7 +2,7 @@
 
 Layout of a shard folder::
 
-    meta.json   format version, fingerprint, dtype, vocab size, eos id, counts
+    meta.json   format version, fingerprint, dtype, vocab size, eos id, counts, sha256 of each .bin
     train.bin   flat array of token ids (dtype from meta), each document + EOS
     val.bin     the same for the held-out documents
 
@@ -17,6 +17,10 @@ The fingerprint hashes the source identity (spec, file sizes/mtimes or dataset
 fingerprint, reader options), the tokenizer's serialised content, the split
 parameters and ``FORMAT_VERSION``. Same fingerprint: the folder is reused. Any
 change: it is rebuilt in a staging folder and swapped in atomically.
+
+Each ``.bin`` file's sha256 is stored in meta.json and checked once per process
+(per file size and mtime) when its tokens are opened: corrupted token bytes raise
+``CorruptShardsError`` naming the file instead of training on garbage.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from loopmoe.data.tokenizer import LMTokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-split sha256 in meta.json
 SPLITS = ("train", "val")
 Split = Literal["train", "val"]
 # Documents are tokenised in batches of about this many characters (encode_batch runs them in parallel).
@@ -71,6 +75,32 @@ class ShardMeta:
     val_fraction: float
     tokens: dict[str, int]
     documents: dict[str, int]
+    sha256: dict[str, str]
+
+
+class CorruptShardsError(ValueError):
+    """A shard file's bytes do not match the checksum recorded when it was built."""
+
+
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _verify_bin(path: Path, expected: str) -> None:
+    """Check ``path``'s sha256 against ``expected`` (once per process per file state)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
+    if key in _VERIFIED:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise CorruptShardsError(
+            f"token shard {str(path)!r} is corrupted (its sha256 does not match the one recorded in meta.json "
+            "when it was built): delete the shard folder to rebuild it from the corpus"
+        )
+    _VERIFIED.add(key)
 
 
 @dataclass(frozen=True)
@@ -88,7 +118,9 @@ class TokenShards:
         dtype = np.dtype(self.meta.dtype)
         if self.meta.tokens[split] == 0:
             return np.zeros(0, dtype=dtype)
-        return np.memmap(self.directory / f"{split}.bin", dtype=dtype, mode="r")
+        path = self.directory / f"{split}.bin"
+        _verify_bin(path, self.meta.sha256[split])
+        return np.memmap(path, dtype=dtype, mode="r")
 
 
 def shards_fingerprint(source: DataSource, tokenizer: LMTokenizer, val_fraction: float) -> str:
@@ -130,16 +162,22 @@ def prepare_shards(
 
     dtype = token_dtype(tokenizer.vocab_size)
     with atomic_directory(directory) as staging:
-        tokens, documents = _tokenise(source, tokenizer, staging, dtype, val_fraction, progress)
+        tokens, documents, sha256 = _tokenise(source, tokenizer, staging, dtype, val_fraction, progress)
         if documents["train"] == 0:
             raise ValueError(
                 f"data source {source.spec!r} has no training documents: it is empty or val_fraction is too high"
             )
         if val_fraction > 0 and documents["val"] == 0:
+            n = documents["train"]
+            hint = (
+                f"raise data.val_fraction to at least {1 / n:.3g}, or use more data"
+                if n >= 2
+                else "use more data (or a corpus of several documents: text files are cut into documents of "
+                "about 32k characters at line ends)"
+            )
             raise ValueError(
-                f"data source {source.spec!r} has only {documents['train']} documents, too few for "
-                f"val_fraction={val_fraction}: raise val_fraction to at least {1 / documents['train']:.3g}, "
-                "use more data, or use smaller chunk_chars for large text files"
+                f"data source {source.spec!r} has only {n} document{'s' if n != 1 else ''}, too few to hold "
+                f"out val_fraction={val_fraction} of them for validation: {hint}"
             )
         meta = ShardMeta(
             format_version=FORMAT_VERSION,
@@ -151,6 +189,7 @@ def prepare_shards(
             val_fraction=val_fraction,
             tokens=tokens,
             documents=documents,
+            sha256=sha256,
         )
         (staging / "meta.json").write_text(json.dumps(asdict(meta), indent=2))  # written last
     return TokenShards(directory, meta, reused=False)
@@ -187,8 +226,9 @@ def _tokenise(
     dtype: np.dtype,
     val_fraction: float,
     progress: bool,
-) -> tuple[dict[str, int], dict[str, int]]:
+) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
     tokens = dict.fromkeys(SPLITS, 0)
+    digests = {split: hashlib.sha256() for split in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
     outputs = {split: open(staging / f"{split}.bin", "wb") for split in SPLITS}  # noqa: SIM115
     bar = tqdm(desc=f"tokenising {source.spec}", unit="doc", disable=not progress)
@@ -199,6 +239,7 @@ def _tokenise(
                 split = "val" if is_validation_document(index, val_fraction) else "train"
                 array = np.array([*ids, tokenizer.eos_id], dtype=dtype)
                 array.tofile(outputs[split])
+                digests[split].update(array.tobytes())
                 tokens[split] += array.size
                 documents[split] += 1
                 index += 1
@@ -208,7 +249,7 @@ def _tokenise(
         bar.close()
         for handle in outputs.values():
             handle.close()
-    return tokens, documents
+    return tokens, documents, {split: digest.hexdigest() for split, digest in digests.items()}
 
 
 def _char_batches(documents: Iterator[str]) -> Iterator[list[str]]:

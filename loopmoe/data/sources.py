@@ -12,7 +12,8 @@ Accepted specs (see ``open_source``):
   cache, or a local dataset folder), split ``split``.
 
 Text files are streamed line by line and cut into documents at the first blank
-line after every ``chunk_chars`` characters. A short file is therefore one
+line after every ``chunk_chars`` characters (or, in text without blank lines, at
+the line end after ``2 * chunk_chars``). A short file is therefore one
 document, while a single large file (tinyshakespeare, a wiki dump) becomes many
 documents of roughly ``chunk_chars`` characters, never cut inside a paragraph. This
 keeps memory flat for huge files and gives the document-level validation split
@@ -52,9 +53,10 @@ ACCEPTED_FORMATS = (
 class DataSource:
     """A named, re-iterable stream of documents with a cheap change fingerprint.
 
-    ``identity()`` changes whenever the documents may change (file sizes and
-    mtimes, options, dataset fingerprint) without reading the data, so cached
-    shards and tokenizers can be reused safely.
+    ``identity()`` changes whenever the documents may change (file contents by
+    sha256, options, dataset fingerprint), so cached shards and tokenizers can be
+    reused safely; a mere ``touch`` does not change it. File hashes are cached per
+    process by (path, size, mtime).
     """
 
     spec: str
@@ -100,7 +102,7 @@ def open_source(
         return DataSource(
             spec,
             lambda: (doc for f in files for doc in _text_documents(f, chunk_chars)),
-            lambda: _files_identity(files, options),
+            lambda: _files_identity(files, options, root=path),
         )
 
     name = path.name.lower()
@@ -144,6 +146,9 @@ def _text_documents(path: Path, chunk_chars: int) -> Iterator[str]:
                 continue
             buffer.append(line)
             size += len(line)
+            if size >= 2 * chunk_chars:  # no blank line for a while (e.g. none at all): cut at this line end
+                yield "".join(buffer).strip()
+                buffer, size = [], 0
     if buffer:
         yield "".join(buffer).strip()
 
@@ -159,7 +164,10 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{number}: no field {text_field!r} (found {keys}); pass text_field=")
+                raise ValueError(
+                    f"{path}:{number}: no field {text_field!r} (found {keys}); the run config reads the field 'text', so rename the field (or "
+                    "call open_source(..., text_field=NAME) from Python)"
+                )
             text = record[text_field]
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
@@ -197,15 +205,34 @@ def _load_dataset(spec: str, *args, **kwargs):
 def _dataset_documents(dataset, text_field: str, spec: str) -> Iterator[str]:
     if text_field not in dataset.column_names:
         raise ValueError(
-            f"data source {spec!r} has no column {text_field!r} (columns: {dataset.column_names}); pass text_field="
+            f"data source {spec!r} has no column {text_field!r} (columns: {dataset.column_names}); the run "
+            "config reads the column 'text', so rename the column (or call open_source(..., text_field=NAME) "
+            "from Python)"
         )
     for batch in dataset.iter(batch_size=1000):
         yield from (text for text in batch[text_field] if text is not None)  # empty CSV cells
 
 
-def _files_identity(files: list[Path], options: str) -> str:
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, cached per process by (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def _files_identity(files: list[Path], options: str, root: Path | None = None) -> str:
+    """Content fingerprint: file names (relative to ``root``) and sha256 of their bytes."""
     digest = hashlib.sha256(options.encode())
     for f in files:
-        stat = f.stat()
-        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        name = f.relative_to(root).as_posix() if root is not None else f.name
+        digest.update(f"{name}|{file_sha256(f)}\n".encode())
     return digest.hexdigest()

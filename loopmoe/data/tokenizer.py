@@ -112,14 +112,7 @@ def train_bpe_tokenizer(
     if vocab_size < 257:
         raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 257 (256 bytes + EOS)")
     directory = Path(directory)
-    stamp = {
-        "source": source.spec,
-        "source_identity": source.identity(),
-        "vocab_size": vocab_size,
-        "eos_token": eos_token,
-        "min_frequency": min_frequency,
-        "max_chars": max_chars,
-    }
+    stamp = _training_stamp(source, vocab_size, eos_token, min_frequency, max_chars)
     stamp_path = directory / _TRAINING_STAMP
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         log.info("reusing the BPE tokenizer in %s (trained on the same source and options)", directory)
@@ -143,6 +136,37 @@ def train_bpe_tokenizer(
         tokenizer.save(staging)
         (staging / _TRAINING_STAMP).write_text(json.dumps(stamp, indent=2))
     return tokenizer
+
+
+def _training_stamp(
+    source: DataSource, vocab_size: int, eos_token: str, min_frequency: int, max_chars: int | None
+) -> dict[str, object]:
+    return {
+        "source": source.spec,
+        "source_identity": source.identity(),
+        "vocab_size": vocab_size,
+        "eos_token": eos_token,
+        "min_frequency": min_frequency,
+        "max_chars": max_chars,
+    }
+
+
+def tokenizer_is_current(
+    source: DataSource,
+    vocab_size: int,
+    directory: str | Path,
+    *,
+    eos_token: str = DEFAULT_EOS_TOKEN,
+    min_frequency: int = 2,
+    max_chars: int | None = None,
+) -> bool:
+    """Whether ``train_bpe_tokenizer`` with these arguments would reuse ``directory`` (reads only)."""
+    stamp_path = Path(directory) / _TRAINING_STAMP
+    try:
+        saved = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(saved == _training_stamp(source, vocab_size, eos_token, min_frequency, max_chars))
 
 
 def _load_folder(path: Path) -> tuple[Tokenizer, str | None]:

@@ -35,7 +35,28 @@ def load_task_file(path: str | Path, data_dir: str | Path | None = None) -> dict
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} not found")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"task file {path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"task file {path} is not UTF-8 text: {error}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"task file {path} must be a YAML mapping with fields {', '.join(REQUIRED)}, got a {type(spec).__name__}"
+        )
+    for key in ("jsonl", "prompt"):
+        if key in spec and not isinstance(spec[key], str):
+            raise ValueError(f"task file {path}: {key} must be a string, got {spec[key]!r}")
+    if "gold" in spec and not isinstance(spec["gold"], str):
+        raise ValueError(f"task file {path}: gold must be a field name, got {spec['gold']!r}")
+    if "choices" in spec and not (
+        isinstance(spec["choices"], str)
+        or (isinstance(spec["choices"], list) and spec["choices"] and all(isinstance(c, str) for c in spec["choices"]))
+    ):
+        raise ValueError(
+            f"task file {path}: choices must be a field name or a non-empty list of templates, got {spec['choices']!r}"
+        )
     missing = [k for k in REQUIRED if k not in spec]
     unknown = [k for k in spec if k not in REQUIRED + OPTIONAL]
     if missing or unknown:
@@ -91,8 +112,22 @@ def _dataset(jsonl: Path, gold: str, choices: str | list[str], **_):
     mixing indices and choice texts cannot be stored, and a bad gold value surfaces before scoring)."""
     from datasets import Dataset, DatasetDict
 
-    docs = [{**doc, gold: _gold(gold, choices, doc)} for doc in read_jsonl(jsonl)]
-    return DatasetDict({"test": Dataset.from_list(docs)})
+    try:
+        raw = read_jsonl(jsonl)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"task data {jsonl} is not valid JSON lines: {error}") from None
+    if not raw:
+        raise ValueError(f"task data {jsonl} holds no documents")
+    for number, doc in enumerate(raw, start=1):
+        if not isinstance(doc, dict):
+            raise ValueError(f"task data {jsonl}: document {number} is a {type(doc).__name__}, not a JSON object")
+    docs = [{**doc, gold: _gold(gold, choices, doc)} for doc in raw]
+    try:
+        return DatasetDict({"test": Dataset.from_list(docs)})
+    except (TypeError, ValueError) as error:  # pyarrow: a field holding different types in different documents
+        raise ValueError(
+            f"task data {jsonl}: each field must hold one type in every document ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _render(template: str, doc: dict) -> str:
@@ -104,19 +139,30 @@ def _render(template: str, doc: dict) -> str:
 
 def _choices(choices: str | list[str], doc: dict) -> list[str]:
     if isinstance(choices, str):
+        if choices not in doc:
+            raise ValueError(f"choices field {choices!r} is missing from a document ({sorted(doc)})")
+        if not isinstance(doc[choices], list) or not doc[choices]:
+            raise ValueError(f"choices field {choices!r} must hold a non-empty list, got {doc[choices]!r}")
         return [str(c) for c in doc[choices]]
     return [_render(t, doc) for t in choices]
 
 
 def _gold(field: str, choices: str | list[str], doc: dict) -> int:
+    if field not in doc:
+        raise ValueError(f"gold field {field!r} is missing from a document ({sorted(doc)})")
     value = doc[field]
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"gold field {field!r} must be an index or a choice's text, got {value!r}")
-    if isinstance(value, int):
-        return value
     options = _choices(choices, doc)
-    if value in options:
-        return options.index(value)
-    if value.strip().isdigit():
-        return int(value)
-    raise ValueError(f"gold value {value!r} is neither an index nor one of the choices {options}")
+    if isinstance(value, str):
+        if value in options:
+            return options.index(value)
+        if not value.strip().isdigit():
+            raise ValueError(f"gold value {value!r} is neither an index nor one of the choices {options}")
+        value = int(value)
+    if not 0 <= value < len(options):
+        raise ValueError(
+            f"gold index {value} is out of range for {len(options)} choices {options} (indices are 0-based: "
+            f"0 to {len(options) - 1})"
+        )
+    return value

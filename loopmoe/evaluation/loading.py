@@ -20,11 +20,44 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory: expected {model_dir / 'config.json'}")
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        check_safetensors(weights)
     with no_remote_code(model_dir / "config.json"):
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), local_files_only=True, trust_remote_code=False, dtype=dtype if dtype is not None else "auto"
         )
     return model.to(device).eval()  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ValueError naming ``path`` if it is not a complete safetensors file (header + every tensor's bytes).
+
+    Reads only the header: a file cut short (interrupted copy or export) is caught before transformers
+    or safetensors fail on it with an internal error.
+    """
+    import json
+    import struct
+
+    size = path.stat().st_size
+    problem = None
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) < 8:
+                problem = f"it has {size} bytes, fewer than a header"
+            else:
+                (length,) = struct.unpack("<Q", raw)
+                if 8 + length > size:
+                    problem = f"its header needs {8 + length} bytes but the file has {size}"
+                else:
+                    header = json.loads(handle.read(length))
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                    if 8 + length + end > size:
+                        problem = f"its tensors need {8 + length + end} bytes but the file has {size}"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        problem = f"its header is unreadable ({type(error).__name__}: {error})"
+    if problem:
+        raise ValueError(f"weights file {path} is truncated or corrupt: {problem}; copy or export the model again")
 
 
 def load_hf_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):

@@ -55,8 +55,10 @@ def read_heldout_tokens(source: str | Path, tokenizer, max_tokens: int | None = 
         if ids.size == 0:
             raise ValueError(f"shard folder {source} has an empty val split: prepare it with val_fraction > 0")
     elif source.is_file():
-        text = source.read_text(encoding="utf-8")  # universal newlines: CRLF files read as LF
+        text = source.read_text(encoding="utf-8", errors="replace")  # universal newlines: CRLF files read as LF
         ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        if ids.size == 0:
+            raise ValueError(f"held-out text {source} is empty (no tokens): pass a file with text in it")
         if not max_tokens or ids.size <= max_tokens:
             return ids, len(text.encode("utf-8"))
     else:

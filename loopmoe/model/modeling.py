@@ -243,6 +243,16 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
             # generate() sizes the cache from the config's loop count; test-time depth may need more slots.
             while len(past_key_values.layers) < cfg.executed_depth(num_loops):
                 past_key_values.layers.append(DynamicLayer())
+        # A fixed-size cache (e.g. StaticCache) cannot grow: refuse a deeper run than it was sized for.
+        fixed = past_key_values is not None and not isinstance(past_key_values, DynamicCache)
+        slots = len(getattr(past_key_values, "layers", ())) if fixed else None
+        if slots is not None and slots < cfg.executed_depth(num_loops):
+            raise ValueError(
+                f"the KV cache ({type(past_key_values).__name__}) has {slots} layer slots, sized for "
+                f"num_loops={cfg.num_loops}, but num_loops={num_loops} runs {cfg.executed_depth(num_loops)} layers: "
+                "generate with the default dynamic cache (drop cache_implementation='static') for test-time depth, "
+                f"or use num_loops <= {cfg.num_loops}"
+            )
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]

@@ -9,6 +9,8 @@ Data contract (`DataBundle`):
   val_batches  callable returning a fresh, deterministic iterable of validation batches
   vocab_size   tokenizer vocabulary size (sets the model's vocab_size)
   tokenizer    optional object with save(dir) or save_pretrained(dir), exported with the final model
+  fingerprints optional {"tokenizer_sha256", "shards_fingerprint"}: stored in each checkpoint, and
+               checked by `check_resume_data` before a resumed run touches its data
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class DataBundle:
     val_batches: Callable[[], Iterable[torch.Tensor]]
     vocab_size: int
     tokenizer: Any = None
+    fingerprints: dict[str, str] | None = None
 
 
 ModelFactory = Callable[[RunConfig, int], nn.Module]
@@ -109,6 +112,83 @@ def _tokenizer(cfg: RunConfig, source: Any, data_dir: Path) -> Any:
     )
 
 
+class DataChangedError(ValueError):
+    """The data a checkpoint was trained on differs from what the run config gives now; ``why`` says how."""
+
+    def __init__(self, why: str, message: str):
+        super().__init__(message)
+        self.why = why
+
+
+def _current_data_fingerprints(cfg: RunConfig, source: Any, data_dir: Path) -> tuple[dict[str, str] | None, str]:
+    """The fingerprints the data factory would produce now, computed without writing anything.
+
+    Returns (fingerprints, why): fingerprints is None when the tokenizer would be (re)trained.
+    """
+    from loopmoe.data.shards import shards_fingerprint
+    from loopmoe.data.tokenizer import tokenizer_is_current
+
+    d = cfg.data
+    if (
+        d.tokenizer is None
+        and d.train_bpe_vocab is not None
+        and not tokenizer_is_current(source, d.train_bpe_vocab, data_dir / "tokenizer")
+    ):
+        if not (data_dir / "tokenizer").exists():
+            return None, f"the BPE tokenizer in {data_dir / 'tokenizer'} is missing and would be retrained"
+        return None, "the corpus or data.train_bpe_vocab changed, so the BPE tokenizer would be retrained"
+    tokenizer = _tokenizer(cfg, source, data_dir)
+    return {
+        "tokenizer_sha256": tokenizer.content_hash(),
+        "shards_fingerprint": shards_fingerprint(source, tokenizer, d.val_fraction),
+    }, ""
+
+
+def check_resume_data(cfg: RunConfig, saved: dict[str, str], *, rebuild: bool, step: int) -> bool:
+    """Before a resumed run touches its data: is it the data checkpoint ``step`` was trained on? Reads only.
+
+    Unchanged: returns False. Changed and not ``rebuild``: ValueError saying what changed and how to
+    proceed. Changed and ``rebuild``: returns True; then call `move_data_aside` (on one rank).
+    """
+    from loopmoe.data import open_source
+
+    if cfg.data.data_dir is None:
+        return False
+    data_dir = Path(cfg.data.data_dir)
+    source = open_source(resolve_source(cfg.data.source))
+    current, why = _current_data_fingerprints(cfg, source, data_dir)
+    if current is not None and current.get("tokenizer_sha256") != saved.get("tokenizer_sha256"):
+        why = "the tokenizer changed"
+    elif current is not None and current.get("shards_fingerprint") != saved.get("shards_fingerprint"):
+        why = "the corpus (its contents) or data.val_fraction changed"
+    elif current is not None:
+        return False
+    if not rebuild:
+        raise DataChangedError(
+            why,
+            f"cannot resume: checkpoint step {step} was trained on other data than data.source = "
+            f"{cfg.data.source!r} gives now ({why}); nothing was changed. Restore the corpus and tokenizer the "
+            "run was trained on, or rebuild the data and continue the run on the new data with --rebuild-data "
+            f"(the old data is kept in {data_dir}/*.step{step}), or train into a new --out",
+        )
+    return True
+
+
+def move_data_aside(cfg: RunConfig, step: int) -> None:
+    """Rename DATA_DIR/tokenizer and DATA_DIR/shards to ``<name>.step<N>`` (never deleted) before a rebuild."""
+    if cfg.data.data_dir is None:
+        return
+    data_dir = Path(cfg.data.data_dir)
+    for name in ("tokenizer", "shards"):
+        old = data_dir / name
+        if old.exists():
+            aside = data_dir / f"{name}.step{step}"
+            n = 1
+            while aside.exists():
+                aside, n = data_dir / f"{name}.step{step}.{n}", n + 1
+            old.rename(aside)
+
+
 def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBundle:
     """Corpus -> tokenizer -> shards -> this rank's resumable loader, through `loopmoe.data`.
 
@@ -146,6 +226,16 @@ def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBund
         world_size=world_size,
     )
 
+    val_tokens = len(shards.tokens("val"))
+    if t.eval_batches and val_tokens // d.seq_len < t.micro_batch_size * world_size:
+        need = t.micro_batch_size * world_size * d.seq_len
+        raise ValueError(
+            f"the validation split has {val_tokens} tokens, fewer than one evaluation batch of "
+            f"{t.micro_batch_size * world_size} x {d.seq_len} = {need} (train.micro_batch_size x processes x "
+            "data.seq_len): raise data.val_fraction, lower train.micro_batch_size or data.seq_len, use more data, "
+            "or set train.eval_batches=0 to train without evaluation"
+        )
+
     def val_batches() -> Iterable[torch.Tensor]:
         return validation_batches(
             shards.tokens("val"),
@@ -156,4 +246,10 @@ def default_data_factory(cfg: RunConfig, rank: int, world_size: int) -> DataBund
             world_size=world_size,
         )
 
-    return DataBundle(train=loader, val_batches=val_batches, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer)
+    return DataBundle(
+        train=loader,
+        val_batches=val_batches,
+        vocab_size=tokenizer.vocab_size,
+        tokenizer=tokenizer,
+        fingerprints={"tokenizer_sha256": tokenizer.content_hash(), "shards_fingerprint": shards.meta.fingerprint},
+    )

@@ -159,6 +159,17 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def peek_latest_meta(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``root`` whose meta.json reads, and that meta, without loading,
+    verifying or changing anything else: what resume checks look at before they touch data or state."""
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            return path, cast(dict[str, Any], json.loads((path / "meta.json").read_text()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 # ---------------------------------------------------------------- manager
 class CheckpointManager:
     """Saves and restores training state under `root`; collective when a process group exists."""

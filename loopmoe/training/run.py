@@ -43,10 +43,12 @@ from loopmoe.training.builders import (
     DataBundle,
     DataFactory,
     ModelFactory,
+    check_resume_data,
     default_data_factory,
     default_model_factory,
+    move_data_aside,
 )
-from loopmoe.training.checkpoint import CheckpointManager, list_checkpoints
+from loopmoe.training.checkpoint import CheckpointManager, list_checkpoints, peek_latest_meta
 from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
 from loopmoe.training.metrics import MetricsLogger, read_metrics, summarize_router_stats
 from loopmoe.training.optim import apply_optim_settings, build_optimizer, build_scheduler
@@ -101,16 +103,6 @@ def _diff(saved: Any, current: Any, key: str) -> list[str]:
             d for k in sorted({*saved, *current}, key=str) for d in _diff(saved.get(k), current.get(k), f"{key}.{k}")
         ]
     return [] if saved == current else [f"{key}: {saved!r} -> {current!r}"]
-
-
-def _peek_checkpoint_meta(ckpt: CheckpointManager) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint whose meta.json reads, without loading (or verifying) anything else."""
-    for _, path in reversed(list_checkpoints(ckpt.root)):
-        try:
-            return path, json.loads((path / "meta.json").read_text())
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def _check_resume_allowed(path: Path, meta: dict[str, Any], cfg: RunConfig) -> None:
@@ -216,6 +208,7 @@ def run_training(
     checkpoint_every: int | None = None,
     resume: bool = True,
     *,
+    rebuild_data: bool = False,
     model_factory: ModelFactory | None = None,
     data_factory: DataFactory | None = None,
     restart: bool = False,
@@ -231,6 +224,11 @@ def run_training(
     Rank 0 holds an exclusive lock on `out_dir` for the whole run (a second process on the same
     folder stops at once). Checkpoints that exist but do not verify stop the run with an error;
     `restart=True` moves them aside into `checkpoints/rejected-<time>/` and starts from step 0.
+
+    On resume, the data (tokenizer and shard fingerprints stored in the checkpoint) is checked
+    before anything is rebuilt: if the corpus or tokenizer changed the run is refused, unless
+    `rebuild_data`, which moves the old data aside (DATA_DIR/<name>.step<N>) and continues the
+    run on freshly built data (the data order restarts).
     """
     owns_group = not is_distributed()
     info = init_distributed()
@@ -254,6 +252,7 @@ def run_training(
             max_steps,
             checkpoint_every,
             resume,
+            rebuild_data,
             info,
             model_factory or default_model_factory,
             data_factory or default_data_factory,
@@ -271,6 +270,7 @@ def _run(
     max_steps: int | None,
     checkpoint_every: int | None,
     resume: bool,
+    rebuild_data: bool,
     info: DistInfo,
     model_factory: ModelFactory,
     data_factory: DataFactory,
@@ -291,6 +291,15 @@ def _run(
             f"{out_dir} already holds checkpoints; pass resume=True to continue it or choose a new out_dir"
         )
 
+    rebuilt = False
+    peeked = peek_latest_meta(ckpt.root) if resume else None
+    saved = peeked[1] if peeked is not None else None
+    if saved and saved.get("data") and data_factory is default_data_factory:
+        rebuilt = check_resume_data(cfg, saved["data"], rebuild=rebuild_data, step=saved["step"])
+        barrier()
+        if rebuilt and info.is_main:
+            move_data_aside(cfg, saved["step"])
+
     _seed_everything(t.seed)
     bundle = data_factory(cfg, info.rank, info.world_size)
     model = _parallelize(model_factory(cfg, bundle.vocab_size), cfg, info)
@@ -299,7 +308,6 @@ def _run(
     _seed_everything(t.seed + info.rank)  # per-rank streams (dropout, sampling) after identical init
 
     start_step, tokens_seen, skipped_total = 0, 0, 0
-    peeked = _peek_checkpoint_meta(ckpt) if resume else None
     if peeked is not None:
         _check_resume_allowed(*peeked, cfg)
     restored = ckpt.load_latest(model, optimizer, scheduler) if resume else None
@@ -307,7 +315,10 @@ def _run(
         _check_resume_allowed(restored.path, restored.meta, cfg)  # the one loaded may be an older one
         _check_resumed_config(restored.meta.get("config", {}), cfg, restored.meta["step"])
         apply_optim_settings(optimizer, scheduler, cfg)
-        bundle.train.load_state_dict(restored.loader_state)
+        if rebuilt:
+            warnings.warn("the data was rebuilt: the resumed run reads the new data from its start", stacklevel=2)
+        else:
+            bundle.train.load_state_dict(restored.loader_state)
         start_step, tokens_seen = restored.meta["step"], restored.meta["tokens"]
         skipped_total = restored.meta["skipped_steps"]
     if info.is_main:
@@ -372,6 +383,7 @@ def _run(
                         "skipped_steps": skipped_total,
                         "world_size": info.world_size,
                         "config": cfg.to_dict(),
+                        **({"data": bundle.fingerprints} if bundle.fingerprints else {}),
                     },
                 )
     finally:

@@ -48,6 +48,8 @@ def test_budget_from_config_file(tmp_path, capsys):
     [
         (["budget", "debgu", "--num-loops", "2"], "did you mean 'debug'"),
         (["budget", "debug", "--num-loops", "3"], "divisors of 4"),
+        (["budget", "debug", "--num-loops", "2", "--prelude", "-1"], "num_prelude_layers must be a whole number >= 0"),
+        (["budget", "debug", "--num-loops", "1", "--prelude", "2", "--coda", "2"], "fewer prelude + coda layers"),
         (["budget", "missing.toml", "--num-loops", "2"], "not found"),
         (["train", "configs/debug.toml", "train.max_step=5", "--dry-run"], "did you mean 'train.max_steps'"),
     ],
@@ -56,6 +58,26 @@ def test_errors_are_one_line_with_the_fix(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_budget_json_into_a_closed_pipe_exits_quietly():
+    import subprocess
+    import sys
+
+    # `true` exits without reading (as `head -1` does after its line, once the output outgrows the pipe)
+    script = f"{sys.executable} -m loopmoe budget debug --num-loops 2 --json | true"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert "BrokenPipeError" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_config_errors_are_printed_once_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "configs/debug.toml", "optim.lr=abc", "--dry-run"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "configs/debug.toml", "optim.lr=abc", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "optim.lr" in err and "Traceback" not in err
 
 
 def test_train_dry_run_prints_config_and_budget(capsys):

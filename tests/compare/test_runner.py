@@ -38,3 +38,69 @@ def test_downstream_tasks_follow_the_data_that_is_present(tmp_path, monkeypatch)
     (tmp_path / "copa").mkdir()
     (tmp_path / "copa" / "val.jsonl").write_text("{}\n")
     assert available_tasks() == ("copa",)
+
+
+class _Prepared(Exception):
+    """Raised instead of building data and training: the test only checks what happens before."""
+
+
+def _stop_before_training(*args, **kwargs):
+    raise _Prepared
+
+
+def test_rerun_with_other_options_is_refused_naming_them(tmp_path, monkeypatch):
+    import json
+
+    from loopmoe.compare import runner
+
+    monkeypatch.setattr(runner, "prepare", _stop_before_training)
+    out = tmp_path / "cmp"
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=out), log=lambda *a: None)
+    (out / "seed0" / "reference").mkdir(parents=True)
+    (out / "seed0" / "reference" / "marker").write_text("old run")
+    saved = json.loads((out / "options.json").read_text())
+    assert saved["lr"] == 3e-3 and "out" not in saved
+    # same options (and evaluation-only ones changed): resumes
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=out, task_limit=5), log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"other options: --lr 0\.003 -> 0\.001, --steps 300 -> 400.*--fresh"):
+        runner.run_comparison(CompareOptions(out=out, lr=1e-3, steps=400), log=lambda *a: None)
+    assert json.loads((out / "options.json").read_text()) == saved
+    # --fresh moves the old comparison aside, never deletes it
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=out, lr=1e-3, fresh=True), log=lambda *a: None)
+    assert (tmp_path / "cmp.prev-1" / "seed0" / "reference" / "marker").read_text() == "old run"
+    assert json.loads((out / "options.json").read_text())["lr"] == 1e-3
+    assert not (out / "seed0").exists()
+
+
+def test_unrecorded_runs_in_out_are_refused(tmp_path, monkeypatch):
+    from loopmoe.compare import runner
+
+    monkeypatch.setattr(runner, "prepare", _stop_before_training)
+    (tmp_path / "seed0").mkdir()
+    with pytest.raises(ValueError, match="options are not recorded.*--fresh"):
+        runner.run_comparison(CompareOptions(out=tmp_path), log=lambda *a: None)
+
+
+def test_changed_corpus_is_refused_before_the_shared_data_is_rebuilt(tmp_path):
+    import json
+
+    from loopmoe.compare import runner
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n\nmore text\n")
+    out = tmp_path / "cmp"
+    ckpt = out / "seed0" / "reference" / "checkpoints" / "step_0000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(
+        json.dumps({"step": 1, "data": {"tokenizer_sha256": "old", "shards_fingerprint": "old"}})
+    )
+    (out / "data" / "shards").mkdir(parents=True)
+    (out / "data" / "shards" / "marker").write_text("trained on this")
+    opts = CompareOptions(out=out, source=str(corpus), bpe_vocab=300).validate()
+    with pytest.raises(ValueError, match=r"seed0/reference was trained on other data.*--fresh"):
+        runner.prepare(opts)
+    assert (out / "data" / "shards" / "marker").read_text() == "trained on this"
+    assert not (out / "data" / "tokenizer").exists()

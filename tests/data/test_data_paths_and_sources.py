@@ -6,6 +6,7 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def test_jsonl_custom_field(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"body": r["text"]}) for r in RECORDS))
     assert len(list(open_source(path, text_field="body").documents())) == 5
-    with pytest.raises(ValueError, match=r"docs.jsonl:1: no field 'text'.*text_field="):
+    with pytest.raises(ValueError, match=r"docs.jsonl:1: no field 'text'.*rename the field"):
         list(open_source(path).documents())
 
 
@@ -106,6 +107,13 @@ def test_identity_changes_with_file_and_options(corpus_file, make_text):
     assert open_source(corpus_file, chunk_chars=100).identity() != before
     corpus_file.write_text(make_text(seed=5, paragraphs=3))
     assert open_source(corpus_file).identity() != before
+
+
+def test_identity_is_content_based_a_touch_does_not_change_it(corpus_file):
+    before = open_source(corpus_file).identity()
+    stat = corpus_file.stat()
+    os.utime(corpus_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert open_source(corpus_file).identity() == before
 
 
 def test_embedded_corpus_is_substantial_and_deterministic():

@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from loopmoe.data import (
+    CorruptShardsError,
     DataSource,
     LMTokenizer,
     is_validation_document,
@@ -138,8 +139,10 @@ def test_truncated_bin_is_not_reused(corpus_file, tiny_tokenizer, tmp_path):
 def test_bad_split_parameters_fail_clearly(tmp_path, tiny_tokenizer):
     one_doc = tmp_path / "one.txt"
     one_doc.write_text("a single short document")
-    with pytest.raises(ValueError, match="too few for val_fraction=0.05.*raise val_fraction"):
+    with pytest.raises(ValueError, match="only 1 document, too few.*use more data") as error:
         prepare_shards(open_source(one_doc), tiny_tokenizer, tmp_path / "s", progress=False)
+    # no impossible advice ("raise val_fraction to at least 1") nor keys the run config lacks
+    assert "at least 1" not in str(error.value) and "chunk_chars" not in str(error.value)
     assert not (tmp_path / "s").exists()
     with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
         prepare_shards(open_source(one_doc), tiny_tokenizer, tmp_path / "s", val_fraction=1.0)
@@ -165,3 +168,23 @@ def _wordlevel_tokenizer(size: int) -> LMTokenizer:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return LMTokenizer(backend, "<|endoftext|>", size)
+
+
+def test_corrupted_token_bytes_fail_with_a_clear_error(corpus_file, tiny_tokenizer, tmp_path):
+    source = open_source(corpus_file, chunk_chars=2000)
+    shards = prepare_shards(source, tiny_tokenizer, tmp_path / "s", val_fraction=0.2, progress=False)
+    assert set(shards.meta.sha256) == {"train", "val"}
+    train = tmp_path / "s" / "train.bin"
+    data = bytearray(train.read_bytes())
+    data[10:12] = b"\xff\xff"  # same size: an id far beyond the vocabulary
+    train.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardsError, match="train.bin.*corrupted.*delete the shard folder"):
+        load_shards(tmp_path / "s").tokens("train")
+
+
+def test_text_without_blank_lines_is_split_into_documents(tmp_path, tiny_tokenizer):
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("".join(f"line {i} of a corpus that never has an empty line\n" for i in range(8000)))
+    assert len(list(open_source(corpus).documents())) > 1
+    shards = prepare_shards(open_source(corpus), tiny_tokenizer, tmp_path / "s", val_fraction=0.2, progress=False)
+    assert shards.meta.documents["val"] >= 1
