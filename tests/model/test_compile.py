@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from loopmoe import LoopMoEForCausalLM
 from loopmoe.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from loopmoe.model.kernels.experts import experts_grouped_mm, experts_loop, experts_reference
-from loopmoe.model.moe import SparseMoE
+from tests.model.test_moe import make_moe
 
 FAST = "aot_eager"
 
@@ -90,14 +90,6 @@ def test_experts_forward_and_backward_equal_the_reference(fn, compiled):
 
 
 # --- (b) the MoE layer in one graph --------------------------------------------------------------
-
-
-def make_moe(cfg):
-    torch.manual_seed(0)
-    moe = SparseMoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return moe
 
 
 MOE_CONFIGS = {
