@@ -112,11 +112,12 @@ def train_bpe_tokenizer(
     if vocab_size < 257:
         raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 257 (256 bytes + EOS)")
     directory = Path(directory)
-    stamp = _training_stamp(source, vocab_size, eos_token, min_frequency, max_chars)
-    stamp_path = directory / _TRAINING_STAMP
-    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+    if tokenizer_is_current(
+        source, vocab_size, directory, eos_token=eos_token, min_frequency=min_frequency, max_chars=max_chars
+    ):
         log.info("reusing the BPE tokenizer in %s (trained on the same source and options)", directory)
         return load_tokenizer(directory)
+    stamp = _training_stamp(source, vocab_size, eos_token, min_frequency, max_chars)
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
