@@ -18,6 +18,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers.cache_utils import Cache
 
+from loopmoe.model.slots import every_nth_slot, every_slot
+
 
 def build_mesh(world_size: int, device_type: str) -> DeviceMesh:
     """A 1-D data-parallel mesh over all ranks."""
@@ -76,8 +78,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
         raise ValueError(f"{type(unwrap(model)).__name__} has no executed slots to checkpoint (no checkpoint_policy)")
     policy = {
         "none": None,
-        "full": lambda slot: True,
-        "selective": lambda slot: (slot.cache_index + 1) % every == 0,
+        "full": every_slot,
+        "selective": every_nth_slot(every),
     }[mode]
     for m in targets:
         cast(Any, m).checkpoint_policy = policy  # a plain attribute the model declares, not a submodule

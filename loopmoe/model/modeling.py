@@ -42,7 +42,7 @@ from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLin
 from loopmoe.model.kernels.cross_entropy import linear_cross_entropy
 from loopmoe.model.layers import Attention, Linear, RMSNorm, RotaryEmbedding
 from loopmoe.model.moe import Experts, RouterStats, SparseMoE, TopKRouter
-from loopmoe.model.slots import Block, Slot, cache_index
+from loopmoe.model.slots import Block, Slot, cache_index, every_slot
 
 
 class DecoderLayer(nn.Module):
@@ -121,11 +121,6 @@ class LoopMoECausalLMOutput(MoeCausalLMOutputWithPast):
     router_stats: list[RouterStats] | None = None
 
 
-def checkpoint_every_slot(slot: Slot) -> bool:
-    """The ``checkpoint_policy`` of full activation checkpointing."""
-    return True
-
-
 class LoopMoEPreTrainedModel(PreTrainedModel):
     config_class = LoopMoEConfig
     config: LoopMoEConfig
@@ -200,7 +195,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         # transformers also hands over its checkpoint function (reentrant by default); the slots
         # always use the non-reentrant one, which keeps gradients flowing into the aux losses that
         # come out of a region inside RouterStats.
-        self.checkpoint_policy = checkpoint_every_slot if enable else None
+        self.checkpoint_policy = every_slot if enable else None
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -8,6 +8,7 @@ checkpointed region) is keyed by a ``Slot``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,3 +40,14 @@ def cache_index(block: Block, layer: int, iteration: int, *, prelude: int, core:
     if block == "core":
         return prelude + iteration * core + layer
     return prelude + loops * core + layer
+
+
+def every_slot(slot: Slot) -> bool:
+    """Activation-checkpointing policy ``full``: every executed slot recomputes in backward."""
+    return True
+
+
+def every_nth_slot(n: int) -> Callable[[Slot], bool]:
+    """Activation-checkpointing policy ``selective``: every ``n``-th executed slot (1-based, in
+    execution order: ``n=2`` checkpoints the 2nd, 4th, ...)."""
+    return lambda slot: (slot.cache_index + 1) % n == 0
