@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopmoe.config import LoopMoEConfig
+from loopmoe.model.kernels.autocast import autocast_operands
 from loopmoe.model.kernels.experts import experts_grouped_mm, experts_loop, experts_one_token
 from loopmoe.model.kernels.linear import linear
 from loopmoe.model.kernels.permute import gather_tokens, permute_rows
@@ -145,14 +146,8 @@ class Experts(nn.Module):
         if impl == "auto":
             impl = "grouped_mm" if x_sorted.is_cuda else "loop"
         run = experts_grouped_mm if impl == "grouped_mm" else experts_loop
-        w_gate_up: torch.Tensor = self.gate_up_proj
-        w_down: torch.Tensor = self.down_proj
-        device = x_sorted.device.type
-        if torch.is_autocast_enabled(device):
-            # Autocast casts matmuls, but the experts are custom ops it does not see: cast as it would,
-            # or mixed precision runs every expert in fp32 (measured on an H100: 1.8x slower step).
-            dtype = torch.get_autocast_dtype(device)
-            x_sorted, w_gate_up, w_down = x_sorted.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        # The experts are custom ops, which autocast does not see.
+        x_sorted, w_gate_up, w_down = autocast_operands(x_sorted, self.gate_up_proj, self.down_proj)
         return run(x_sorted, w_gate_up, w_down, counts)
 
 

@@ -13,4 +13,7 @@ path has a ``*_reference`` beside it written with plain PyTorch ops, and a test 
   ``torch._grouped_mm`` path for CUDA;
 - ``permute``: gathers whose backward is the inverse gather instead of a scatter-add;
 - ``cross_entropy``: the LM head fused with the causal-LM loss, in cache-sized row chunks.
+
+``autocast`` casts the operands of the code above that autocast cannot see (custom ops and
+``autograd.Function`` bodies).
 """

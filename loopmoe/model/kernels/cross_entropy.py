@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from loopmoe.model.kernels.autocast import autocast_operands
+
 # fp32 logits per chunk. CPU: fits the L3 of the smallest CPUs we run on. GPU: the point is the
 # memory the [N, V] logits would take, not a cache; small chunks there cost one launch-bound
 # round of kernels each (an H100 step at V = 50k, 16k tokens ran 2.2x slower at 8 MiB chunks).
@@ -89,11 +91,8 @@ def linear_cross_entropy(
     """
     d, vocab = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, d)
-    if torch.is_autocast_enabled(h.device.type):
-        # Autocast does not reach inside the autograd.Function (its in-place addmm_ would run in fp32):
-        # cast as autocast casts a linear layer; the weight gradient still accumulates in fp32.
-        dtype = torch.get_autocast_dtype(h.device.type)
-        h, weight = h.to(dtype), weight.to(dtype)
+    # Autocast does not reach inside the autograd.Function; the weight gradient still accumulates in fp32.
+    h, weight = autocast_operands(h, weight)
     if shift_labels is not None:
         targets = shift_labels.reshape(-1)
     elif labels is not None:
