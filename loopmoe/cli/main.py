@@ -8,6 +8,7 @@ import sys
 
 from loopmoe.cli import budget, compare, convert, presets, train
 from loopmoe.cli import eval as eval_cli
+from loopmoe.errors import UserFacingError
 
 SUBCOMMANDS = {
     "compare": compare,
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a process killed by SIGPIPE
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, UserFacingError) as err:
         # Under torchrun every rank hits the same config error: say it once (rank 0), with no traceback.
         if os.environ.get("RANK", "0") == "0":
             print(f"loopmoe {args.command}: error: {err}", file=sys.stderr)

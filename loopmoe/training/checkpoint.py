@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 from loopmoe.atomic import publish_directory
 from loopmoe.distributed.env import barrier, broadcast_object, is_distributed
 from loopmoe.distributed.parallelize import unwrap
+from loopmoe.errors import UserFacingError
 from loopmoe.training.safe_dcp import safe_dcp_load
 
 MARKER = "COMPLETE"
@@ -58,7 +59,7 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint directory is incomplete, fails its checksums, or cannot be read."""
 
 
-class UnverifiableCheckpointsError(RuntimeError):
+class UnverifiableCheckpointsError(UserFacingError, RuntimeError):
     """Checkpoints exist but none verifies: resuming would silently throw the run away."""
 
 
@@ -66,7 +67,7 @@ class WorldSizeMismatchError(ValueError):
     """The newest checkpoint was written by a different number of processes than this run has."""
 
 
-class CheckpointDiskFullError(OSError):
+class CheckpointDiskFullError(UserFacingError, OSError):
     """The disk filled up while a checkpoint was written; the previous checkpoints are intact."""
 
 

@@ -11,10 +11,12 @@ import fcntl
 import os
 from pathlib import Path
 
+from loopmoe.errors import UserFacingError
+
 LOCK_NAME = ".lock"
 
 
-class RunDirBusyError(RuntimeError):
+class RunDirBusyError(UserFacingError, RuntimeError):
     """Another live process holds the run folder's lock."""
 
 

@@ -26,8 +26,10 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+from loopmoe.errors import UserFacingError
 
-class UnsafeCheckpointError(RuntimeError):
+
+class UnsafeCheckpointError(UserFacingError, RuntimeError):
     """A checkpoint file asks to build something other than plain checkpoint data: refused, not run."""
 
 

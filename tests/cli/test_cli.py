@@ -152,3 +152,14 @@ def test_train_help_and_flags_cover_every_run_config_key(capsys):
     assert '"max_steps": 70' in out and '"seed": 3' in out and "0.8" in out and "0+4x2+0" in out
     assert main(["train", "configs/debug.toml", "--dry-run", "--schedule.kind", "cosin"]) == 2
     assert "did you mean 'cosine'" in capsys.readouterr().err
+
+
+def test_a_busy_run_folder_is_one_line_not_a_traceback(tmp_path, capsys):
+    from loopmoe.training.runlock import RunLock
+
+    with RunLock(tmp_path):  # another run holds the folder
+        code = main(["train", "configs/debug.toml", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("loopmoe train: error: another loopmoe process (pid ")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
