@@ -260,19 +260,27 @@ def add_overrides(parser: argparse.ArgumentParser, section: str, cls: type, titl
     """One flag ``--SECTION.KEY VALUE`` per field of the run-config section ``cls``: the override
     ``SECTION.KEY=VALUE``, collected in ``namespace.option_overrides`` (VALUE is read like an override's)."""
     hints = get_type_hints(cls)
-    group = parser.add_argument_group(title, description)
-    for f in _cli_fields(cls):
-        meta = f.metadata
-        key = f"{section}.{f.name}"
+    add_override_flags(
+        parser.add_argument_group(title, description),
+        section,
+        [(f.name, f.metadata["aliases"], _metavar(hints[f.name]), f.metadata["help"] + _show(f, toml=True)) for f in _cli_fields(cls)],
+    )
+
+
+def add_override_flags(group: Any, section: str, keys: list[tuple[str, tuple[str, ...], str, str]]) -> None:
+    """``--SECTION.KEY VALUE`` (and ``--SECTION.KEY=VALUE``) flags that append the override
+    ``SECTION.KEY=VALUE`` to ``namespace.option_overrides``, for keys given as (name, aliases, metavar, help)."""
+    for name, aliases, metavar, help_text in keys:
+        key = f"{section}.{name}"
         group.add_argument(
             f"--{key}",
-            *meta["aliases"],
+            *aliases,
             action=_Override,
             key=key,
             dest=OVERRIDES_DEST,
             default=argparse.SUPPRESS,
-            metavar=_metavar(hints[f.name]),
-            help=(meta["help"] + _show(f, toml=True)).replace("%", "%%"),
+            metavar=metavar,
+            help=help_text.replace("%", "%%"),
         )
 
 

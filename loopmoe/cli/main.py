@@ -22,10 +22,21 @@ SUBCOMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopmoe", description="Looped Mixture-of-Experts language models.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for _name, module in SUBCOMMANDS.items():
         module.add_parser(sub)
     return parser
+
+
+def version_line() -> str:
+    """``loopmoe X (torch Y, transformers Z)``: what a bug report needs to say."""
+    import torch
+    import transformers
+
+    from loopmoe import __version__
+
+    return f"loopmoe {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
 
 
 def main(argv: list[str] | None = None) -> int:
