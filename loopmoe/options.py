@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -263,11 +263,14 @@ def add_overrides(parser: argparse.ArgumentParser, section: str, cls: type, titl
     add_override_flags(
         parser.add_argument_group(title, description),
         section,
-        [(f.name, f.metadata["aliases"], _metavar(hints[f.name]), f.metadata["help"] + _show(f, toml=True)) for f in _cli_fields(cls)],
+        [
+            (f.name, f.metadata["aliases"], _metavar(hints[f.name]), f.metadata["help"] + _show(f, toml=True))
+            for f in _cli_fields(cls)
+        ],
     )
 
 
-def add_override_flags(group: Any, section: str, keys: list[tuple[str, tuple[str, ...], str, str]]) -> None:
+def add_override_flags(group: Any, section: str, keys: Sequence[tuple[str, tuple[str, ...], str, str]]) -> None:
     """``--SECTION.KEY VALUE`` (and ``--SECTION.KEY=VALUE``) flags that append the override
     ``SECTION.KEY=VALUE`` to ``namespace.option_overrides``, for keys given as (name, aliases, metavar, help)."""
     for name, aliases, metavar, help_text in keys:

@@ -6,8 +6,9 @@ import argparse
 import os
 import sys
 
-from loopmoe.cli import budget, compare, convert, presets, train
+from loopmoe.cli import budget, compare, convert, generate, presets, train
 from loopmoe.cli import eval as eval_cli
+from loopmoe.console import quiet_library_progress
 from loopmoe.errors import UserFacingError
 
 SUBCOMMANDS = {
@@ -15,6 +16,7 @@ SUBCOMMANDS = {
     "budget": budget,
     "train": train,
     "eval": eval_cli,
+    "generate": generate,
     "convert": convert,
     "presets": presets,
 }
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    quiet_library_progress()  # not on a terminal: no per-item bars of transformers / datasets in the log
     try:
         code = args.run(args) or 0
         sys.stdout.flush()  # inside the try: a closed pipe (`loopmoe budget --json | head -1`) surfaces here

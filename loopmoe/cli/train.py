@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import get_type_hints
 
 from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig, config_field_help
-from loopmoe.options import add_override_flags, add_options, add_overrides, given_overrides, option, options_from
+from loopmoe.options import add_options, add_override_flags, add_overrides, given_overrides, option, options_from
 from loopmoe.training.config import ModelSection, RunConfig
 
 # LoopMoEConfig fields a run does not take from [model]: the tokenizer gives the vocabulary and token ids.

@@ -150,7 +150,7 @@ class LoopMoEPreTrainedModel(PreTrainedModel):
         under another name and ``output_attentions=True`` would have nothing to return."""
         if requested_attention is not None and requested_attention.removeprefix("paged|") == "eager":
             raise ValueError(
-                'LoopMoE has no eager attention (it never materialises the attention weights): use '
+                "LoopMoE has no eager attention (it never materialises the attention weights): use "
                 'attn_implementation="sdpa" (the default), "flash_attention_2" or "flex_attention"'
             )
         return super().get_correct_attn_implementation(requested_attention, is_init_check)

@@ -12,6 +12,7 @@ one line every ``train.log_every`` steps (step, loss, lr, grad norm, tokens/s, M
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
 import warnings
@@ -127,7 +128,7 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     strings become their JSON text (hyper-parameter tables take scalars only)."""
     out: dict[str, Any] = {}
     for section, table in config.items():
-        for key, value in (table.items() if isinstance(table, dict) else [("", table)]):
+        for key, value in table.items() if isinstance(table, dict) else [("", table)]:
             name = f"{section}.{key}" if key else section
             out[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value, default=str)
     return out
@@ -141,7 +142,9 @@ class TensorBoardSink:
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if config is not None:
-            self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", start_step)
+            self.writer.add_text(
+                "config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", start_step
+            )
             self._add_hparams(flat_config(config))
 
     def _add_hparams(self, hparams: dict[str, Any]) -> None:
@@ -182,7 +185,7 @@ class WandbSink:
             ) from None
         self.wandb = wandb
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # W&B ids: [a-z0-9]
         atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
             project=project,
@@ -195,7 +198,7 @@ class WandbSink:
 
     def log(self, step: int, scalars: dict[str, float], histograms: dict[str, torch.Tensor]) -> None:
         data: dict[str, Any] = dict(scalars)
-        data.update({tag: self.wandb.Histogram(values.numpy()) for tag, values in histograms.items()})
+        data.update({tag: self.wandb.Histogram(values.tolist()) for tag, values in histograms.items()})
         self.run.log(data, step=step)
 
     def close(self) -> None:

@@ -99,7 +99,11 @@ class Throughput:
         tokens_per_s = (tokens - self.tokens_last) / window
         self.t_last, self.tokens_last = now, tokens
         per_step = (now - self.t_start) / max(step - self.start_step, 1)
-        return {"tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s), "eta_s": per_step * (self.max_steps - step)}
+        return {
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.mfu(tokens_per_s),
+            "eta_s": per_step * (self.max_steps - step),
+        }
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation at ``tokens_per_s`` (all processes), or None when a factor is unknown."""

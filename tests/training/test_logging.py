@@ -85,7 +85,9 @@ def test_records_console_and_tensorboard(tmp_path, capfd):
 
 
 def test_elapsed_time_goes_on_across_a_resume(tmp_path):
-    cfg = _config(**{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_batches": 0, "schedule.warmup_steps": 1})
+    cfg = _config(
+        **{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_batches": 0, "schedule.warmup_steps": 1}
+    )
     run_training(cfg, tmp_path, max_steps=3, model_factory=default_model_factory, data_factory=data_factory)
     first = read_metrics(tmp_path)[-1]["elapsed_s"]
     run_training(cfg, tmp_path, model_factory=default_model_factory, data_factory=data_factory)
@@ -119,3 +121,39 @@ def test_flat_config_keeps_scalars_and_writes_the_rest_as_json():
         "optim.betas": "[0.9, 0.95]",
         "data.tokenizer": "null",
     }
+
+
+def test_wandb_offline_gets_the_same_metrics(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account: the run is written under OUT/wandb
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged: list[tuple[int, dict]] = []
+    real_log = wandb.Run.log
+
+    def spy(run, data, step=None, **kwargs):  # what loopmoe hands to W&B, then W&B's own logging
+        logged.append((step, dict(data)))
+        return real_log(run, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log", spy)
+    cfg = _config(**{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_batches": 0})
+    cfg.schedule.warmup_steps = 1
+    cfg.train.wandb = True
+    run_training(cfg, tmp_path, max_steps=3, model_factory=default_model_factory, data_factory=data_factory)
+    run_training(cfg, tmp_path, model_factory=default_model_factory, data_factory=data_factory)  # resumed
+
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the resume continues the same run
+    assert all((r / f"run-{run_id}.wandb").stat().st_size > 0 for r in runs)
+
+    records = read_metrics(tmp_path)
+    assert [step for step, _ in logged] == [r["step"] for r in records] == list(range(1, 7))
+    tensorboard = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0})
+    tensorboard.Reload()
+    for step, data in logged:
+        record = records[step - 1]
+        assert data["train/loss"] == record["loss"] and data["train/lr"] == record["lr"]
+        scalars = {k for k, v in data.items() if isinstance(v, float)}
+        histograms = {k for k, v in data.items() if isinstance(v, wandb.Histogram)}
+        assert scalars <= set(tensorboard.Tags()["scalars"]) and histograms <= set(tensorboard.Tags()["histograms"])
+        assert ("router/core.0/iter1/load" in histograms) == (step % 5 == 0)  # log_every = 5
