@@ -106,7 +106,8 @@ def quiet_lm_eval() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
     levels = [lg.level for lg in loggers]
     git_hash = lm_eval.evaluator.get_git_commit_hash
-    tqdm_init = tqdm.std.tqdm.__init__
+    tqdm_init = tqdm.std.tqdm.__init__  # as a function (its class attribute is a partialmethod: kept as is)
+    tqdm_init_attribute = vars(tqdm.std.tqdm)["__init__"]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     lm_eval.evaluator.get_git_commit_hash = _quiet_git_commit_hash
@@ -120,7 +121,7 @@ def quiet_lm_eval() -> Iterator[None]:
     try:
         yield
     finally:
-        tqdm.std.tqdm.__init__ = tqdm_init
+        setattr(tqdm.std.tqdm, "__init__", tqdm_init_attribute)  # noqa: B010  (the descriptor, not a function)
         lm_eval.evaluator.get_git_commit_hash = git_hash
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
