@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+from functools import partial
 
 from loopmoe.cli import budget, compare, convert, generate, presets, train
 from loopmoe.cli import eval as eval_cli
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     quiet_library_progress()  # not on a terminal: no per-item bars of transformers / datasets in the log
+    shown = warnings.showwarning
+    warnings.showwarning = partial(_one_line_warning, args.command)
     try:
         code = args.run(args) or 0
         sys.stdout.flush()  # inside the try: a closed pipe (`loopmoe budget --json | head -1`) surfaces here
@@ -66,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"loopmoe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
+
+
+def _one_line_warning(command: str, message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as ``loopmoe COMMAND: warning: ...``, like errors: the message says it all, not the source line."""
+    print(f"loopmoe {command}: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":
