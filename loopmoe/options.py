@@ -155,7 +155,7 @@ def _or_none(parse: Any) -> Any:
     return parse_optional
 
 
-def _metavar(hint: Any, comma: bool = False) -> str:
+def metavar_of(hint: Any, comma: bool = False) -> str:
     """``INT``, ``{a,b}``, ``INT,...`` (``comma``: tuples typed as a,b) or ``[FLOAT, FLOAT]`` (TOML lists)."""
     inner, _ = _unwrap_optional(hint)
     if get_origin(inner) is Literal:
@@ -166,7 +166,7 @@ def _metavar(hint: Any, comma: bool = False) -> str:
             return ",".join(names) + (",..." if Ellipsis in get_args(inner) else "")
         return f"[{', '.join(names)}]"
     if get_origin(inner) is list:
-        return _metavar(get_args(inner)[0])
+        return metavar_of(get_args(inner)[0])
     return getattr(inner, "__name__", "VALUE").upper()
 
 
@@ -231,7 +231,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["default"] = list(default)
             help_text += _show(f)
         if kwargs.get("action") not in ("store_true", argparse.BooleanOptionalAction):
-            kwargs["metavar"] = meta["metavar"] or _metavar(hints[f.name], comma=True)
+            kwargs["metavar"] = meta["metavar"] or metavar_of(hints[f.name], comma=True)
         flags = [meta["flag"] or "--" + f.name.replace("_", "-"), *meta["aliases"]]
         _group(parser, groups, meta["group"]).add_argument(
             *flags, dest=f.name, help=help_text.replace("%", "%%"), **kwargs
@@ -264,7 +264,7 @@ def add_overrides(parser: argparse.ArgumentParser, section: str, cls: type, titl
         parser.add_argument_group(title, description),
         section,
         [
-            (f.name, f.metadata["aliases"], _metavar(hints[f.name]), f.metadata["help"] + _show(f, toml=True))
+            (f.name, f.metadata["aliases"], metavar_of(hints[f.name]), f.metadata["help"] + _show(f, toml=True))
             for f in _cli_fields(cls)
         ],
     )

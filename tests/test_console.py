@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import tqdm.std
 
 from loopmoe.console import Progress, quiet_lm_eval
-from loopmoe.paths import shared_data_dir
+from tests.evaluation.conftest import data_dir, gpt2_tokenizer, loopmoe_dir  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,25 +42,15 @@ def test_quiet_lm_eval_restores_what_it_changes():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from loopmoe import LoopMoEForCausalLM
-    from loopmoe.data import load_tokenizer
+def model_dir(request):
+    """tests/evaluation's tiny LoopMoE with the GPT-2 tokenizer, when the task files are there too."""
     from loopmoe.evaluation.harness import check_task_files
-    from loopmoe.presets import get_preset
 
-    data = shared_data_dir()
-    if data is None or not (data / "tokenizers/gpt2/tokenizer.json").is_file():
-        pytest.skip("shared data dir with the GPT-2 tokenizer not available")
     try:
-        check_task_files(["piqa", "arc_easy"], data)
+        check_task_files(["piqa", "arc_easy"], request.getfixturevalue("data_dir"))
     except (FileNotFoundError, ValueError):
         pytest.skip("the piqa / arc_easy files are not in the shared data dir")
-    tokenizer = load_tokenizer(data / "tokenizers/gpt2/tokenizer.json").to_transformers()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("console_model")
-    LoopMoEForCausalLM(get_preset("debug", vocab_size=len(tokenizer))).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return request.getfixturevalue("loopmoe_dir")
 
 
 def test_eval_in_a_log_is_a_few_plain_lines(model_dir, tmp_path):

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     quiet_library_progress()  # not on a terminal: no per-item bars of transformers / datasets in the log
-    shown = warnings.showwarning
-    warnings.showwarning = partial(_one_line_warning, args.command)
+    formatted = warnings.formatwarning
+    warnings.formatwarning = partial(_one_line_warning, args.command)
     try:
         code = args.run(args) or 0
         sys.stdout.flush()  # inside the try: a closed pipe (`loopmoe budget --json | head -1`) surfaces here
@@ -71,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loopmoe {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        warnings.showwarning = shown
+        warnings.formatwarning = formatted
 
 
-def _one_line_warning(command: str, message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as ``loopmoe COMMAND: warning: ...``, like errors: the message says it all, not the source line."""
-    print(f"loopmoe {command}: warning: {message}", file=file or sys.stderr)
+def _one_line_warning(command: str, message, category, filename, lineno, line=None) -> str:
+    """A warning shown as ``loopmoe COMMAND: warning: ...``, like errors: the message says it all, not the
+    source line (only the text changes: filters and recording work as ever)."""
+    return f"loopmoe {command}: warning: {message}\n"
 
 
 if __name__ == "__main__":

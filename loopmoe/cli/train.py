@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import get_type_hints
 
 from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig, config_field_help
-from loopmoe.options import add_options, add_override_flags, add_overrides, given_overrides, option, options_from
+from loopmoe.options import (
+    add_options,
+    add_override_flags,
+    add_overrides,
+    given_overrides,
+    metavar_of,
+    option,
+    options_from,
+)
 from loopmoe.training.config import ModelSection, RunConfig
 
 # LoopMoEConfig fields a run does not take from [model]: the tokenizer gives the vocabulary and token ids.
@@ -68,7 +76,7 @@ def _add_model_fields(parser) -> None:
     hints = get_type_hints(LoopMoEConfig.__init__)
     meaning = config_field_help()
     keys = [
-        (f, (), _metavar(hints[f]), f"{meaning[f].replace('``', '').rstrip('.')} (default: the preset's)")
+        (f, (), metavar_of(hints[f]), f"{meaning[f].replace('``', '').rstrip('.')} (default: the preset's)")
         for f in CONFIG_FIELDS
         if f not in section and f not in _FROM_TOKENIZER
     ]
@@ -77,11 +85,6 @@ def _add_model_fields(parser) -> None:
         "Architecture fields over the preset (in TOML: plain [model] keys, e.g. hidden_size = 128).",
     )
     add_override_flags(group, "model", keys)
-
-
-def _metavar(hint) -> str:
-    inner = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]
-    return inner[0].__name__.upper() if len(inner) == 1 else "VALUE"
 
 
 def run(args) -> int:

@@ -8,26 +8,13 @@ import pytest
 import torch
 
 from loopmoe.cli.main import main
-from loopmoe.paths import shared_data_dir
+from tests.evaluation.conftest import data_dir, gpt2_tokenizer, loopmoe_dir  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A randomly initialised looped LoopMoE (T=2) saved with the shared GPT-2 tokenizer."""
-    from loopmoe import LoopMoEForCausalLM
-    from loopmoe.data import load_tokenizer
-    from loopmoe.presets import get_preset
-
-    data = shared_data_dir()
-    if data is None or not (data / "tokenizers/gpt2/tokenizer.json").is_file():
-        pytest.skip("shared data dir with tokenizers/gpt2/tokenizer.json not available")
-    tokenizer = load_tokenizer(data / "tokenizers/gpt2/tokenizer.json").to_transformers()
-    torch.manual_seed(0)
-    model = LoopMoEForCausalLM(get_preset("debug", vocab_size=len(tokenizer), num_loops=2, num_core_layers=2))
-    path = tmp_path_factory.mktemp("generate_model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def model_dir(request):
+    """tests/evaluation's randomly initialised looped LoopMoE (T=2), saved with the shared GPT-2 tokenizer."""
+    return request.getfixturevalue("loopmoe_dir")
 
 
 @pytest.fixture(scope="module")
