@@ -1,6 +1,6 @@
 """(9) Sizing the controlled study: CPU seconds per training step of every arm of a study config.
 
-    python -m bench.study_sizing [configs/study.toml] [--steps-timed 4]
+    python -m bench.study_sizing [configs/study/eltec.toml] [--steps-timed 4]
 
 Builds every arm of the study (``resolve_arms``, at the config's BPE vocabulary) and times one
 optimizer step (forward + backward + AdamW) at the study's batch x sequence length on ONE thread, the
@@ -44,7 +44,7 @@ def main() -> None:
     from loopmoe.presets import load_model_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="configs/study.toml", type=Path)
+    parser.add_argument("config", nargs="?", default="configs/study/eltec.toml", type=Path)
     parser.add_argument("--steps-timed", type=int, default=4, help="timed steps per arm (after one warm-up)")
     args = parser.parse_args()
     common.setup(threads=1)

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         help="the main job: LoopMoE vs its matched Vanilla MoE, trained identically, with a report",
         description="With no arguments: the small reference and its capacity-balanced LoopMoE (T=2) on the "
         "embedded corpus, 1.2M tokens each, about 10 minutes on 2 CPU cores. Re-running resumes an interrupted "
-        "comparison. --config runs a study described by a file (configs/study.toml); flags typed after it "
+        "comparison. --config runs a study described by a file (configs/study/eltec.toml); flags typed after it "
         "override the file.",
     )
     p.add_argument(

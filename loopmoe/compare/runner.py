@@ -98,7 +98,7 @@ class CompareOptions:
         from loopmoe.training.config import coerce_value, unknown_key_hint
 
         if not path.is_file():
-            raise ValueError(f"study config {path} not found; pass an existing .toml (see configs/study.toml)")
+            raise ValueError(f"study config {path} not found; pass an existing .toml (see configs/study/eltec.toml)")
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:

@@ -112,7 +112,7 @@ def test_study_config_parses_and_flags_typed_after_it_override(tmp_path):
     from loopmoe.cli.main import build_parser
     from loopmoe.options import options_from
 
-    study = CompareOptions.from_toml(Path("configs/study.toml")).validate()
+    study = CompareOptions.from_toml(Path(__file__).resolve().parents[2] / "configs/study/eltec.toml").validate()
     assert {"reference", "looped", "granularity"} <= set(study.arms) and len(study.seeds) >= 3
     assert all(study.arm_spec(a).seeds is None for a in ("reference", "looped", "granularity"))
     config = tmp_path / "s.toml"
