@@ -22,6 +22,7 @@ import torch
 from loopmoe.atomic import atomic_write_text
 from loopmoe.balance import STRATEGIES, Strategy
 from loopmoe.compare.arms import BUILTIN_ARMS, Arm, ArmSpec, arm_spec_from_table, check_arm_name, resolve_arms
+from loopmoe.compare.cost import read_cost, recorded_session
 from loopmoe.config import LoopMoEConfig
 from loopmoe.options import flag_of, help_of, option
 from loopmoe.training.config import (
@@ -334,8 +335,11 @@ def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
         else:
             log(f"\n[{i}/{len(plan)}] == training {name} (seed {seed}, {opts.tokens_per_model:,} tokens) -> {run_dir}")
             from loopmoe.training import run_training
+            from loopmoe.training.checkpoint import peek_latest_meta
 
-            run_training(run_config_for(opts, arms[name].config, seed), run_dir)
+            peeked = peek_latest_meta(run_dir / "checkpoints")
+            with recorded_session(run_dir, peeked[1].get("step", 0) if peeked else 0, opts.steps):
+                run_training(run_config_for(opts, arms[name].config, seed), run_dir)
         runs[name][seed] = run_record(run_dir)
         log(
             f"   {name}: final train loss {runs[name][seed]['train_loss']:.4f}, "
@@ -382,6 +386,7 @@ def run_record(run_dir: Path) -> dict[str, Any]:
         "train_loss": metrics[-1]["loss"],
         "final_dir": str(run_dir / "final"),
         "metrics": metrics,
+        "cost": read_cost(run_dir),
     }
 
 
