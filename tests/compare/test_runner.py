@@ -173,13 +173,14 @@ def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
         threads=1,
     )
     logs: list[str] = []
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads 1: keep this process's setting
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    threads: list[int] = []  # --threads 1 is applied (recorded here, so this test process keeps its setting)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     first = runner.run_comparison(CompareOptions(**opts), log=logs.append)
+    assert threads == [1]
     assert set(first["runs"]) == {"reference", "looped", "granularity"}
     assert all(set(r) == {0, 1} for r in first["runs"].values())
     (session,) = first["runs"]["looped"][1]["cost"]  # what the run cost: one training session, measured
-    assert (session["start_step"], session["end_step"], session["threads"]) == (0, 4, 1)
+    assert (session["start_step"], session["end_step"], session["threads"]) == (0, 4, torch.get_num_threads())
     assert session["wall_s"] > 0 and session["peak_rss_mib"] > 50
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "looped - reference" in report and "looped - granularity" in report and "granularity - reference" in report
