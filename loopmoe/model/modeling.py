@@ -42,6 +42,7 @@ from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLin
 from loopmoe.model.kernels.cross_entropy import linear_cross_entropy
 from loopmoe.model.layers import Attention, Linear, RMSNorm, RotaryEmbedding
 from loopmoe.model.moe import Experts, RouterStats, SparseMoE, TopKRouter
+from loopmoe.model.remote_code import auto_map, write_remote_code
 from loopmoe.model.slots import Block, Slot, cache_index, every_slot
 
 
@@ -132,6 +133,28 @@ class LoopMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' checkpoint, made self-contained: ``config.json`` gets an ``auto_map`` and the
+        folder the model's modules (``remote_code.py``), so that plain transformers loads it with
+        ``trust_remote_code=True``. loopmoe itself loads it with the installed classes (the folder's
+        ``model_type`` is registered) and never runs the folder's code."""
+        classes = {
+            "AutoConfig": type(self.config),
+            "AutoModel": LoopMoEModel,
+            "AutoModelForCausalLM": LoopMoEForCausalLM,
+        }
+        had, previous = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
+        self.config.auto_map = auto_map(classes)  # written into config.json by the save, not kept on the config
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had:
+                self.config.auto_map = previous
+            else:
+                del self.config.auto_map
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory, classes)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
