@@ -151,6 +151,6 @@ def convert_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
         model.to(dtype)  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
     model.save_pretrained(dst)
     for name in TOKENIZER_FILES:
-        if (src / name).is_file() and name != "generation_config.json":
+        if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     return dst

@@ -191,7 +191,9 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
     def __init__(self, config: LoopMoEConfig):
         super().__init__(config)
         d = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
+        # No padding_idx: the pad token is usually EOS (loopmoe's exports, GPT-2, Qwen), whose embedding must
+        # keep learning when the model is fine-tuned; padded positions are masked, not zeroed.
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
         cond = config.conditioning
         self.prelude = nn.ModuleList(DecoderLayer(config, False) for _ in range(config.num_prelude_layers))
         self.core = nn.ModuleList(DecoderLayer(config, cond.modulates) for _ in range(config.num_core_layers))

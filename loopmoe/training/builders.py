@@ -8,7 +8,7 @@ Data contract (`DataBundle`):
                state_dict()/load_state_dict(); iterating continues from its current position
   val_batches  callable returning a fresh, deterministic iterable of validation batches
   vocab_size   tokenizer vocabulary size (sets the model's vocab_size)
-  tokenizer    optional object with save(dir) or save_pretrained(dir), exported with the final model
+  tokenizer    optional LMTokenizer or transformers tokenizer, exported with the final model
   fingerprints optional {"tokenizer_sha256", "shards_fingerprint"}: stored in each checkpoint, and
                checked by `check_resume_data` before a resumed run touches its data
 """

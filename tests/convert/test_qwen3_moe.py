@@ -63,6 +63,8 @@ def test_cli_convert_and_unsupported_features(tmp_path, capsys):
     _, src = qwen_checkpoint(tmp_path)
     assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "loopmoe"
+    generation = (src / "generation_config.json").read_text()  # sampling defaults and special tokens are kept
+    assert (tmp_path / "out" / "generation_config.json").read_text() == generation
 
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "mlp_only_layers": [1]}))

@@ -82,7 +82,7 @@ def test_loopmoe_and_exported_copies_share_one_process(tiny_config, tmp_path):
         model.train(), remote.train()  # the training path runs the expert ops with autograd
         losses = [m(IDS, labels=IDS).loss for m in (model, remote)]
         assert torch.equal(*losses)
-        for m, loss in zip((model, remote), losses):
+        for loss in losses:
             loss.backward()
         assert torch.equal(
             model.model.core[0].mlp.experts.down_proj.grad, remote.model.core[0].mlp.experts.down_proj.grad
