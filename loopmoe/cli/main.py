@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from loopmoe.cli import budget, compare, convert, export, presets, train
+from loopmoe.cli import budget, compare, convert, export, presets, tasks, train
 from loopmoe.cli import eval as eval_cli
 from loopmoe.errors import UserFacingError
 
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "convert": convert,
     "export": export,
     "presets": presets,
+    "tasks": tasks,
 }
 
 
