@@ -20,7 +20,8 @@ class EvalOptions:
 
     model_dir: Path = option(help="checkpoint directory (config.json + weights)", positional=True)
     tasks: tuple[str, ...] = option(
-        (), help="comma-separated shipped tasks, 'all' (see --list-tasks), or lm-eval tasks whose data is cached locally"
+        (),
+        help="comma-separated shipped tasks, 'all' (see --list-tasks), or lm-eval tasks whose data is cached locally",
     )
     task_file: list[Path] = option(
         default_factory=list,

@@ -46,7 +46,9 @@ def test_lm_eval_cli_scores_the_export_as_loopmoe_eval_does(trained_run, data_di
 def test_eval_few_shot_auto_batch_and_logged_samples(trained_run, data_dir, tmp_path, run_eval):
     output = tmp_path / "results.json"
     argv = [str(trained_run / "final"), "--tasks", "arc_easy", "--limit", "3", "--data-dir", str(data_dir)]
-    assert run_eval([*argv, "--num-fewshot", "2", "--batch-size", "auto", "--log-samples", "--output", str(output)]) == 0
+    assert (
+        run_eval([*argv, "--num-fewshot", "2", "--batch-size", "auto", "--log-samples", "--output", str(output)]) == 0
+    )
     samples = [json.loads(line) for line in (tmp_path / "results.samples.arc_easy.jsonl").read_text().splitlines()]
     assert len(samples) == 3
     for sample in samples:
