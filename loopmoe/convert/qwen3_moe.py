@@ -23,6 +23,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -101,7 +102,9 @@ def loopmoe_config_from_qwen3_moe(qwen: dict) -> LoopMoEConfig:
     if num_experts is None:
         raise ValueError("this Qwen3-MoE config has no num_experts (nor num_local_experts): not an MoE checkpoint")
     defaults = {"max_position_embeddings": 4096, "norm_topk_prob": False, "router_aux_loss_coef": 0.001}
-    same = {name: qwen.get(name, defaults.get(name)) for name in _SAME_FIELDS if name in qwen or name in defaults}
+    same: dict[str, Any] = {
+        name: qwen.get(name, defaults.get(name)) for name in _SAME_FIELDS if name in qwen or name in defaults
+    }
     return LoopMoEConfig(
         **same,
         num_core_layers=qwen["num_hidden_layers"],
@@ -137,11 +140,11 @@ def qwen3_moe_state_dict_to_loopmoe(qwen_sd: dict[str, torch.Tensor], config: Lo
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[tuple[int, int, str], torch.Tensor] = {}
     for key, value in qwen_sd.items():
-        expert, layer = _EXPERT_KEY.match(key), _LAYER_KEY.match(key)
+        expert, in_layer = _EXPERT_KEY.match(key), _LAYER_KEY.match(key)
         if expert:
             per_expert[(int(expert.group(1)), int(expert.group(2)), expert.group(3))] = value
-        elif layer and int(layer.group(1)) < len(prefixes):
-            out[prefixes[int(layer.group(1))] + layer.group(2)] = value
+        elif in_layer and int(in_layer.group(1)) < len(prefixes):
+            out[prefixes[int(in_layer.group(1))] + in_layer.group(2)] = value
         else:
             out[key] = value  # embedding, final norm, LM head (a layer out of range is reported as unexpected)
     for layer in sorted({k[0] for k in per_expert}):
