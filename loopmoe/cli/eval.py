@@ -114,7 +114,7 @@ def run(args) -> int:
         results["perplexity"] = _perplexity(model, tokenizer, texts, args)
         print(report.perplexity_table(results["perplexity"]))
     if args.depth_analysis:
-        results["depth"] = _depth(model, tokenizer, texts[0], requested, data_dir, args)
+        results["depth"] = _depth(model, tokenizer, texts[0], requested, data_dir, args, manager)
         print(report.depth_table(results["depth"]))
     elif tasks or task_configs:
         lm = harness.wrap_model(model, tokenizer, batch_size=batch_size, device=args.device)
@@ -184,7 +184,7 @@ def _perplexity(model, tokenizer, texts: list[Path], args) -> list[dict]:
     ]
 
 
-def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, args) -> dict:
+def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, args, manager) -> dict:
     from loopmoe.evaluation import harness, loading
     from loopmoe.evaluation.depth import analyse_depth, token_sequences
     from loopmoe.evaluation.perplexity import read_heldout_tokens
@@ -202,7 +202,9 @@ def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, arg
         analysis["tasks"] = {}
         for t in loops:
             with loading.test_time_depth(model, t):
-                raw = harness.evaluate_tasks(lm, tasks, data_dir, limit=args.limit, num_fewshot=args.num_fewshot)
+                raw = harness.evaluate_tasks(
+                    lm, tasks, data_dir, limit=args.limit, num_fewshot=args.num_fewshot, manager=manager
+                )
             analysis["tasks"][str(t)] = harness.summarize(raw)
     analysis["plots"] = [str(p) for p in plot_depth(analysis, args.output_dir)]
     atomic_write_text(args.output_dir / "depth.json", json.dumps(analysis, indent=2))

@@ -25,6 +25,7 @@ Architecture (docs/design.md §1-§5), top to bottom, as ``LoopMoEModel.forward`
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,6 +145,9 @@ class LoopMoEPreTrainedModel(PreTrainedModel):
             "AutoModel": LoopMoEModel,
             "AutoModelForCausalLM": LoopMoEForCausalLM,
         }
+        if kwargs.get("is_main_process", True):  # the code first: push_to_hub uploads inside the save
+            os.makedirs(save_directory, exist_ok=True)
+            write_remote_code(save_directory, classes)
         had, previous = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
         self.config.auto_map = auto_map(classes)  # written into config.json by the save, not kept on the config
         try:
@@ -153,8 +157,6 @@ class LoopMoEPreTrainedModel(PreTrainedModel):
                 self.config.auto_map = previous
             else:
                 del self.config.auto_map
-        if kwargs.get("is_main_process", True):
-            write_remote_code(save_directory, classes)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
