@@ -41,7 +41,9 @@ class EvalOptions:
     )
     limit: int | None = option(None, help="evaluate only the first N documents of each task", shown="all")
     batch_size: str = option(
-        "8", help="sequences per forward pass; 'auto' or 'auto:N': the largest that fits, found by lm-eval (tasks)"
+        "8",
+        help="sequences per forward pass; 'auto' or 'auto:N': the largest that fits, found by lm-eval (tasks)",
+        metavar="N|auto",
     )
     num_fewshot: int = option(0, help="examples from the task's own data placed before each question (tasks)")
     log_samples: bool = option(
