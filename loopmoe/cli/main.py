@@ -8,7 +8,7 @@ import sys
 import warnings
 from functools import partial
 
-from loopmoe.cli import budget, compare, convert, generate, presets, train
+from loopmoe.cli import budget, compare, convert, export, generate, presets, tasks, train
 from loopmoe.cli import eval as eval_cli
 from loopmoe.console import quiet_library_progress
 from loopmoe.errors import UserFacingError
@@ -20,7 +20,9 @@ SUBCOMMANDS = {
     "eval": eval_cli,
     "generate": generate,
     "convert": convert,
+    "export": export,
     "presets": presets,
+    "tasks": tasks,
 }
 
 
