@@ -17,6 +17,7 @@ PARSE_ONLY = (
     "loopmoe eval",
     "loopmoe convert",
     "loopmoe export",
+    "loopmoe generate",
     "loopmoe train configs/debug.toml --out",
     "loopmoe compare --config",
 )
