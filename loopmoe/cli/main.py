@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from loopmoe.cli import budget, compare, convert, presets, train
+from loopmoe.cli import budget, compare, convert, plan, presets, train
 from loopmoe.cli import eval as eval_cli
 from loopmoe.errors import UserFacingError
 
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "eval": eval_cli,
     "convert": convert,
     "presets": presets,
+    "plan": plan,
 }
 
 
