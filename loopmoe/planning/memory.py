@@ -18,7 +18,8 @@ The peak is the larger of two moments (the trainer frees gradients after each st
 - the start of backward: parameters + optimizer state (+ DDP buckets, FSDP2's gathered weights)
   + every saved activation + the gradients of the layers whose backward comes first (the whole
   core when it loops: its weights get gradients at the last iteration's backward, while the
-  earlier iterations' activations are still alive) + one slot's backward workspace;
+  earlier iterations' activations are still alive) + one slot's backward workspace (its gradient
+  buffers, and its recomputed activations when checkpointed);
 - the optimizer step: parameters + gradients + optimizer state + the update guard's copy of
   parameters and optimizer state.
 """
@@ -111,7 +112,7 @@ def plan_memory(cfg: ConfigLike, layout: Layout, hw: Hardware) -> MemoryPlan:
     N = layout.tokens_per_micro_batch
     act = DTYPE_BYTES[layout.dtype]
     split = param_split(cfg, layout.seq_len)
-    P_, C, T = cfg.num_prelude_layers + cfg.num_coda_layers, cfg.num_core_layers, cfg.num_loops
+    C, T = cfg.num_core_layers, cfg.num_loops
     # Parameters per device: experts over `ep`, everything over the FSDP2 group.
     dense = split.total - split.experts
     shard = layout.devices if layout.sharded else 1
@@ -149,7 +150,9 @@ def plan_memory(cfg: ConfigLike, layout: Layout, hw: Hardware) -> MemoryPlan:
         saved = sum(executed)
     fixed = 4 * cfg.vocab_size * cfg.hidden_size + 2 * N * cfg.hidden_size * act + 2 * layout.seq_len * cfg.head_dim * act
     activations = saved + fixed
-    workspace = max(executed) if ckpt else 0.0
+    # Backward of one slot allocates gradient buffers about as large as what the slot saved; a
+    # checkpointed slot first recomputes its activations as well.
+    workspace = max(executed) * (2 if ckpt else 1)
     # Gradients alive at the start of backward: the head's (the fused loss makes it in forward,
     # counted in `fixed`) and the first layers to get theirs: the whole core when it loops.
     first = split.layer_core * (C if T > 1 else 1) if C else split.layer_plain
