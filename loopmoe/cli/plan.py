@@ -15,9 +15,14 @@ from loopmoe.planning.hardware import HARDWARE_NAMES
 class PlanOptions:
     """The options of ``loopmoe plan``."""
 
-    config: Path | None = option(None, help="run config (as for `loopmoe train`), e.g. configs/debug.toml", positional=True)
+    config: Path | None = option(
+        None, help="run config (as for `loopmoe train`), e.g. configs/debug.toml", positional=True
+    )
     overrides: list[str] = option(
-        default_factory=list, help="config overrides, e.g. dist.strategy=fsdp2", positional=True, metavar="section.key=value"
+        default_factory=list,
+        help="config overrides, e.g. dist.strategy=fsdp2",
+        positional=True,
+        metavar="section.key=value",
     )
     hardware: str = option("cpu", help=f"device profile: {', '.join(HARDWARE_NAMES)} (cpu: calibrated here, cached)")
     devices: int = option(1, help="processes / accelerators the run uses (torchrun's world size)")
@@ -72,18 +77,33 @@ def format_plan(plan) -> str:
     rows = [
         ["tokens/s (all devices)", f"{plan.tokens_per_s:,.0f}"],
         ["step time", f"{plan.step_time * 1e3:.1f} ms"],
-        ["  compute", f"{c.total * 1e3:.1f} ms (GEMM {c.gemm * 1e3:.1f}, attention {c.attention * 1e3:.1f}, "
-         f"element-wise {c.elementwise * 1e3:.1f}, op overhead {c.overhead * 1e3:.1f}, optimizer {c.optimizer * 1e3:.1f}; "
-         f"recomputation {c.recompute * 1e3:.1f} of it)"],
-        ["  communication", f"{comm.total * 1e3:.1f} ms ({', '.join(f'{k} x{v}' for k, v in comm.collectives.items()) or 'none'})"],
+        [
+            "  compute",
+            f"{c.total * 1e3:.1f} ms (GEMM {c.gemm * 1e3:.1f}, attention {c.attention * 1e3:.1f}, "
+            f"element-wise {c.elementwise * 1e3:.1f}, op overhead {c.overhead * 1e3:.1f}, optimizer {c.optimizer * 1e3:.1f}; "
+            f"recomputation {c.recompute * 1e3:.1f} of it)",
+        ],
+        [
+            "  communication",
+            f"{comm.total * 1e3:.1f} ms ({', '.join(f'{k} x{v}' for k, v in comm.collectives.items()) or 'none'})",
+        ],
         ["  exposed communication", f"{plan.exposed_comm * 1e3:.1f} ms"],
-        ["peak memory / device", f"{m.peak / 2**20:,.1f} MiB at the {m.peak_moment} ({'fits' if plan.fits else 'does NOT fit'})"],
-        ["  params / grads / AdamW", f"{m.params / 2**20:,.1f} / {m.grads / 2**20:,.1f} / {m.optimizer / 2**20:,.1f} MiB"],
+        [
+            "peak memory / device",
+            f"{m.peak / 2**20:,.1f} MiB at the {m.peak_moment} ({'fits' if plan.fits else 'does NOT fit'})",
+        ],
+        [
+            "  params / grads / AdamW",
+            f"{m.params / 2**20:,.1f} / {m.grads / 2**20:,.1f} / {m.optimizer / 2**20:,.1f} MiB",
+        ],
         ["  activations / workspace", f"{m.activations / 2**20:,.1f} / {m.workspace / 2**20:,.1f} MiB"],
         ["  update guard / comm buffers", f"{m.update_guard / 2**20:,.1f} / {m.comm_buffers / 2**20:,.1f} MiB"],
         ["MFU", f"{100 * plan.mfu:.1f}%"],
-        ["model", f"{human(plan.total_params)} total, {human(plan.active_params)} active, "
-         f"{human(plan.flops_per_token)} FLOPs/token"],
+        [
+            "model",
+            f"{human(plan.total_params)} total, {human(plan.active_params)} active, "
+            f"{human(plan.flops_per_token)} FLOPs/token",
+        ],
     ]
     head = (
         f"{lay.devices} x {plan.hardware}, {lay.strategy if lay.devices > 1 else 'single device'}"

@@ -28,12 +28,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from loopmoe.budget import ConfigLike, compute_budget, modulation_matmul_weights
+from loopmoe.budget import ConfigLike, compute_budget
 from loopmoe.config import IterConditioning
 from loopmoe.planning.comm import CommPlan, plan_comm
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
-from loopmoe.planning.memory import DTYPE_BYTES, MemoryPlan, checkpointed_slots, param_split, plan_memory, slot_activation_elements
+from loopmoe.planning.memory import (
+    DTYPE_BYTES,
+    MemoryPlan,
+    checkpointed_slots,
+    param_split,
+    plan_memory,
+    slot_activation_elements,
+)
 from loopmoe.planning.trace import op_counts
 
 Gemm = tuple[int, int, int, int]  # (m, n, k, count): count GEMMs of [m, k] @ [k, n]
@@ -45,7 +52,12 @@ OPTIMIZER_BYTES_PER_PARAM = 64  # AdamW (7 x 4 B), guard copy (6 x 4 B), finiten
 def slot_gemms(cfg: ConfigLike, tokens: int, core: bool, ep: int = 1) -> list[Gemm]:
     """The forward GEMMs of one executed slot on ``tokens`` tokens (per device)."""
     d, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    k, E, f, fs = cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    k, E, f, fs = (
+        cfg.num_experts_per_tok,
+        cfg.num_experts,
+        cfg.moe_intermediate_size,
+        cfg.shared_expert_intermediate_size,
+    )
     N = tokens
     local_experts = max(1, E // ep)
     rows = max(1, round(N * k * ep / E))  # rows per expert group, balanced routing
@@ -143,7 +155,7 @@ def plan_compute(cfg: ConfigLike, layout: Layout, hw: Hardware) -> ComputePlan:
     dense, experts = split.total - split.experts, split.experts
     shard = layout.devices if layout.sharded else 1
     on_device = dense / shard + experts / (layout.ep * (layout.devices // layout.ep if layout.sharded else 1))
-    unique_other = (C * ops.core_slot.other + (P + Q) * ops.plain_slot.other + ops.base.other)
+    unique_other = C * ops.core_slot.other + (P + Q) * ops.plain_slot.other + ops.base.other
     t_opt = OPTIMIZER_BYTES_PER_PARAM * on_device / hw.memory_bandwidth + unique_other * hw.op_overhead_s
     return ComputePlan(
         gemm=accum * t_gemm,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 SIZES = (2**10, 2**14, 2**18, 2**20, 2**22, 2**24)
@@ -28,10 +30,10 @@ def _worker(rank: int, world: int, init_file: str, out: str, quick: bool) -> Non
         x = torch.ones(n)
         gathered = torch.empty(n * world)
         shard = torch.empty(n // world)
-        ops = {
-            "all_reduce": lambda x=x: dist.all_reduce(x),
-            "all_gather": lambda x=x, g=gathered: dist.all_gather_into_tensor(g, x),
-            "reduce_scatter": lambda x=x, s=shard: dist.reduce_scatter_tensor(s, x),
+        ops: dict[str, Callable[[], object]] = {
+            "all_reduce": partial(dist.all_reduce, x),
+            "all_gather": partial(dist.all_gather_into_tensor, gathered, x),
+            "reduce_scatter": partial(dist.reduce_scatter_tensor, shard, x),
         }
         for name, op in ops.items():
             times = []
@@ -67,7 +69,9 @@ def measure_gloo(quick: bool = False, world: int = 2) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "gloo.json")
-        mp.start_processes(_worker, args=(world, str(Path(tmp) / "init"), out, quick), nprocs=world, start_method="spawn")
+        mp.start_processes(
+            _worker, args=(world, str(Path(tmp) / "init"), out, quick), nprocs=world, start_method="spawn"
+        )
         raw = json.loads(Path(out).read_text())
     fits = {}
     for name, pts in raw.items():

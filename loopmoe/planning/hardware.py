@@ -21,6 +21,7 @@ profile is measured (``calibrate_cpu``) and cached, and is what the validation b
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -48,6 +49,7 @@ class Hardware:
     latency_s: float  # α: seconds per collective step
     devices_per_node: int
     allocator_overhead: float = 0.05  # fragmentation / caching allocator slack over live bytes
+    device_type: str = "cuda"  # which kernels the model picks (loss chunking, expert kernel)
     comm_overlap: float = 0.9  # share of gradient-reduce / weight-gather time that can hide behind compute
     sources: str = ""
     extra: dict = field(default_factory=dict)  # calibration details (cpu)
@@ -58,7 +60,7 @@ class Hardware:
         pts = self.gemm_curve
         if size <= pts[0][0]:
             return pts[0][1] * size / pts[0][0]  # below the smallest point: proportional (latency-bound)
-        for (s0, e0), (s1, e1) in zip(pts, pts[1:]):
+        for (s0, e0), (s1, e1) in itertools.pairwise(pts):
             if size <= s1:
                 w = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
                 return e0 + w * (e1 - e0)
@@ -66,7 +68,9 @@ class Hardware:
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.matmul_flops:
-            raise ValueError(f"hardware {self.name!r} has no {dtype} matmul rate; use one of {sorted(self.matmul_flops)}")
+            raise ValueError(
+                f"hardware {self.name!r} has no {dtype} matmul rate; use one of {sorted(self.matmul_flops)}"
+            )
         return self.matmul_flops[dtype]
 
     def as_dict(self) -> dict:
@@ -216,6 +220,7 @@ def cpu_from_calibration(data: dict, threads: int) -> Hardware:
     comm = data.get("gloo") or {}
     return Hardware(
         name="cpu",
+        device_type="cpu",
         description=f"{data['cpu']} ({threads} threads per process, calibrated {data['when']})",
         matmul_flops={"fp32": peak, "bf16": peak / 4},  # CPU bf16 matmuls without AMX are far slower
         memory_bandwidth=per["memory_bandwidth"],

@@ -73,7 +73,7 @@ class Layout:
             grad_accum=cfg.grad_accum_for(devices),
             activation_checkpointing=t.activation_checkpointing,
             ac_every=t.ac_every,
-            dtype=precision,  # type: ignore[arg-type]
+            dtype=precision,
             reshard_after_forward=getattr(dist, "reshard_after_forward", True),
             update_guard=t.update_guard,
             threads=max(1, (os.cpu_count() or 1) // devices) if device_type == "cpu" else 1,

@@ -12,8 +12,12 @@ with ``q = H h_d``, ``kv = H_kv h_d``. The step's fixed part: the fused LM-head 
 gradient (``V d``, fp32) and two ``[N, d]`` tensors; RoPE tables ``2 S h_d``. A checkpointed slot
 keeps only its input (``N d``) and recomputes the rest during its backward.
 
-The peak is the larger of two moments (the trainer frees gradients after each step,
+The peak is the largest of three moments (the trainer frees gradients after each step,
 ``zero_grad(set_to_none=True)``):
+
+- the end of forward: parameters + optimizer state (+ buffers) + every saved activation + the
+  fused LM-head loss's chunk of fp32 logits and their softmax (``2 x min(chunk, N V) x 4`` bytes;
+  the chunk is ``kernels.cross_entropy.DEFAULT_CHUNK_BYTES``, 8 MiB on a CPU);
 
 - the start of backward: parameters + optimizer state (+ DDP buckets, FSDP2's gathered weights)
   + every saved activation + the gradients of the layers whose backward comes first (the whole
@@ -30,6 +34,7 @@ from dataclasses import asdict, dataclass
 
 from loopmoe.budget import ConfigLike, compute_budget, global_params, layer_shapes
 from loopmoe.config import IterConditioning
+from loopmoe.model.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
 
@@ -54,8 +59,14 @@ def param_split(cfg: ConfigLike, seq_len: int) -> ParamSplit:
 
     def layer(s) -> int:
         return (
-            s.attention + s.attention_norms + s.layer_norms + cfg.num_experts * s.expert + s.shared + s.router
-            + s.modulation_token + s.modulation_out
+            s.attention
+            + s.attention_norms
+            + s.layer_norms
+            + cfg.num_experts * s.expert
+            + s.shared
+            + s.router
+            + s.modulation_token
+            + s.modulation_out
         )
 
     experts = cfg.num_experts * plain.expert * cfg.unique_layers
@@ -90,9 +101,9 @@ class MemoryPlan:
     update_guard: float  # transient copy at the optimizer step
     comm_buffers: float  # DDP gradient buckets, FSDP2 gathered weights and unsharded gradients
     activations: float  # saved for backward, at the start of backward (checkpointing applied)
-    workspace: float  # one slot's backward (recomputed activations under checkpointing)
-    peak: float  # the larger of the two moments, with the allocator's slack
-    peak_moment: str  # "backward" or "optimizer step"
+    workspace: float  # the larger transient: one slot's backward (with the gradients alive then) or the loss chunk
+    peak: float  # the largest of the three moments, with the allocator's slack
+    peak_moment: str  # "end of forward", "backward" or "optimizer step"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -143,12 +154,12 @@ def plan_memory(cfg: ConfigLike, layout: Layout, hw: Hardware) -> MemoryPlan:
     if layout.activation_checkpointing == "full":
         saved = sum(N * cfg.hidden_size * act for _ in executed)
     elif layout.activation_checkpointing == "selective":
-        saved = sum(
-            N * cfg.hidden_size * act if (i + 1) % layout.ac_every == 0 else a for i, a in enumerate(executed)
-        )
+        saved = sum(N * cfg.hidden_size * act if (i + 1) % layout.ac_every == 0 else a for i, a in enumerate(executed))
     else:
         saved = sum(executed)
-    fixed = 4 * cfg.vocab_size * cfg.hidden_size + 2 * N * cfg.hidden_size * act + 2 * layout.seq_len * cfg.head_dim * act
+    fixed = (
+        4 * cfg.vocab_size * cfg.hidden_size + 2 * N * cfg.hidden_size * act + 2 * layout.seq_len * cfg.head_dim * act
+    )
     activations = saved + fixed
     # Backward of one slot allocates gradient buffers about as large as what the slot saved; a
     # checkpointed slot first recomputes its activations as well.
@@ -158,7 +169,12 @@ def plan_memory(cfg: ConfigLike, layout: Layout, hw: Hardware) -> MemoryPlan:
     first = split.layer_core * (C if T > 1 else 1) if C else split.layer_plain
     grads_at_backward = 4 * first / (shard if layout.sharded else 1)
     backward = params + optimizer + comm + activations + workspace + grads_at_backward
+    # The end of forward: the fused LM-head loss holds one chunk of fp32 logits and their softmax.
+    rows = max(1, DEFAULT_CHUNK_BYTES[hw.device_type] // (4 * cfg.vocab_size))
+    loss_workspace = 2 * 4 * min(rows, N) * cfg.vocab_size
+    forward_end = params + optimizer + comm + activations + loss_workspace
+    workspace = max(workspace + grads_at_backward, loss_workspace)
     step = params + grads + optimizer + guard + (comm if layout.strategy == "ddp" else 0.0)
-    moment = "backward" if backward >= step else "optimizer step"
-    peak = max(backward, step) * (1 + hw.allocator_overhead)
+    moment = max((backward, "backward"), (forward_end, "end of forward"), (step, "optimizer step"))[1]
+    peak = max(backward, forward_end, step) * (1 + hw.allocator_overhead)
     return MemoryPlan(params, grads, optimizer, guard, comm, activations, workspace, peak, moment)

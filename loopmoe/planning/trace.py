@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from loopmoe.budget import ConfigLike
 from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig
 
 
@@ -58,11 +59,13 @@ _STRUCTURE = (
 )
 
 
-def structure_key(cfg: LoopMoEConfig) -> tuple:
-    return tuple((k, bool(getattr(cfg, k)) if k == "shared_expert_intermediate_size" else getattr(cfg, k)) for k in _STRUCTURE)
+def structure_key(cfg: ConfigLike) -> tuple:
+    return tuple(
+        (k, bool(getattr(cfg, k)) if k == "shared_expert_intermediate_size" else getattr(cfg, k)) for k in _STRUCTURE
+    )
 
 
-def op_counts(cfg: LoopMoEConfig) -> OpCounts:
+def op_counts(cfg: ConfigLike) -> OpCounts:
     """Per-slot and fixed op counts of ``cfg``'s structure (cached by structure)."""
     return _op_counts(structure_key(cfg))
 
@@ -84,7 +87,11 @@ def _op_counts(key: tuple) -> OpCounts:
         max_position_embeddings=64,
         iter_cond_rank=8,
         iter_pe_dim=8,
-        **{n: s[n] for n in _STRUCTURE if n not in ("shared_expert_intermediate_size", "num_experts", "num_experts_per_tok")},
+        **{
+            n: s[n]
+            for n in _STRUCTURE
+            if n not in ("shared_expert_intermediate_size", "num_experts", "num_experts_per_tok")
+        },
     )
     a = _trace(tiny, C=1, T=1, P=0)
     b = _trace(tiny, C=2, T=1, P=0)

@@ -10,7 +10,7 @@ from loopmoe.planning.comm import collective_time, plan_comm, wire_bytes
 from loopmoe.planning.cost import forward_flops_check, gemm_time, plan_compute, plan_step, slot_gemms
 from loopmoe.planning.hardware import PROFILES, Hardware, cpu_from_calibration
 from loopmoe.planning.layout import Layout
-from loopmoe.planning.memory import param_split, plan_memory, slot_activation_elements
+from loopmoe.planning.memory import param_split, plan_memory
 from loopmoe.presets import get_preset
 
 FLAT = Hardware(
@@ -28,6 +28,7 @@ FLAT = Hardware(
     devices_per_node=4,
     allocator_overhead=0.0,
     comm_overlap=0.0,
+    device_type="cpu",
 )
 
 

@@ -10,8 +10,22 @@ from loopmoe.presets import get_preset
 
 
 def test_plan_json_is_pure_json(capsys):
-    assert main(["plan", "configs/debug.toml", "model.num_loops=2", "--hardware", "h100", "--devices", "8",
-                 "dist.strategy=fsdp2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "configs/debug.toml",
+                "model.num_loops=2",
+                "--hardware",
+                "h100",
+                "--devices",
+                "8",
+                "dist.strategy=fsdp2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)  # the whole output parses
     assert data["layout"]["devices"] == 8 and data["layout"]["strategy"] == "fsdp2"
     assert data["tokens_per_s"] > 0 and 0 < data["mfu"] < 1 and data["fits"]
