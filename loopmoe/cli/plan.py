@@ -28,6 +28,20 @@ class PlanOptions:
     devices: int = option(1, help="processes / accelerators the run uses (torchrun's world size)")
     json: bool = option(False, help="print the plan as JSON only")
     calibrate: bool = option(False, help="measure the cpu profile again (about a minute) before planning")
+    search: bool = option(False, help="search model shapes x layouts instead of planning one run", group="search")
+    total_params: float | None = option(
+        None, help="--search: total parameters of every shape, e.g. 3e9", group="search"
+    )
+    loops: tuple[int, ...] = option(
+        (1, 2, 4), help="--search: loop counts T (T > 1 balanced against T = 1)", group="search"
+    )
+    seq_len: int = option(2048, help="--search: sequence length", group="search")
+    global_batch_tokens: int = option(2**22, help="--search: tokens per optimizer step", group="search")
+    flops_per_token: float | None = option(
+        None, help="--search: keep shapes within 10%% of these forward FLOPs per token", group="search"
+    )
+    top: int = option(10, help="--search: rows of the table", group="search")
+    plot: Path = option(Path("plan_search.png"), help="--search: Pareto plot PNG", group="search")
 
 
 def add_parser(sub) -> None:
@@ -49,6 +63,8 @@ def run(args) -> int:
     from loopmoe.training.builders import planned_vocab_size
 
     opts: PlanOptions = options_from(PlanOptions, args)
+    if opts.search:
+        return run_search(opts)
     if opts.config is None:
         raise ValueError("loopmoe plan needs a run config (e.g. configs/debug.toml)")
     if opts.devices < 1:
@@ -111,3 +127,71 @@ def format_plan(plan) -> str:
         f"grad_accum {lay.grad_accum}, AC {lay.activation_checkpointing}, {lay.dtype}"
     )
     return head + "\n" + markdown_table(["", "predicted"], rows)
+
+
+def run_search(opts: PlanOptions) -> int:
+    from loopmoe.planning import get_hardware
+    from loopmoe.planning.search import pareto_plot, search
+    from loopmoe.text import human, markdown_table
+
+    if opts.total_params is None or opts.total_params <= 0:
+        raise ValueError("--search needs --total-params, e.g. --total-params 3e9")
+    if opts.config is not None:
+        raise ValueError("--search builds its own shapes: drop the run config (or drop --search to plan that run)")
+    if not opts.loops or min(opts.loops) < 1:
+        raise ValueError(f"--loops must be positive loop counts, e.g. 1,2,4; got {opts.loops}")
+    hw = get_hardware(opts.hardware, threads=1)
+    found = search(
+        hw,
+        opts.devices,
+        opts.total_params,
+        tuple(opts.loops),
+        opts.seq_len,
+        opts.global_batch_tokens,
+        opts.flops_per_token,
+    )
+    if not found:
+        raise ValueError(
+            f"no shape of {human(opts.total_params)} parameters fits {opts.devices} x {hw.name} in any layout: "
+            "use more --devices, a larger --hardware, a shorter --seq-len or fewer --total-params"
+        )
+    title = f"{human(opts.total_params)} params on {opts.devices} x {hw.name}"
+    plot = pareto_plot(found, opts.plot, title)
+    rows = [c.row() for c in found]
+    if opts.json:
+        print(
+            json.dumps({"hardware": hw.name, "devices": opts.devices, "plot": str(plot), "candidates": rows}, indent=2)
+        )
+        return 0
+    table = [
+        [
+            i + 1,
+            r["num_loops"],
+            r["hidden_size"],
+            r["layers"],
+            r["heads"],
+            r["experts"],
+            human(r["active_params"]),
+            human(r["flops_per_token"]),
+            f"{r['tokens_per_s']:,.0f}",
+            f"{100 * r['mfu']:.0f}%",
+            f"{r['peak_memory_bytes'] / 2**30:.1f}",
+            _layout_text(r["layout"]),
+        ]
+        for i, r in enumerate(rows[: opts.top])
+    ]
+    print(f"{title}: {len(rows)} shapes fit; the {min(opts.top, len(rows))} fastest")
+    print(
+        markdown_table(
+            ["#", "T", "d", "layers", "heads", "k/E x f", "active", "FLOPs/tok", "tok/s", "MFU", "GiB", "layout"], table
+        )
+    )
+    print(f"Pareto plot: {plot}")
+    return 0
+
+
+def _layout_text(lay: dict) -> str:
+    strategy = lay["strategy"] + (
+        "" if lay["strategy"] == "ddp" else ("/reshard" if lay["reshard_after_forward"] else "/keep")
+    )
+    return f"{strategy} ep{lay['ep']} mb{lay['micro_batch']}x{lay['grad_accum']} AC {lay['activation_checkpointing']}"
