@@ -181,7 +181,7 @@ def _child_run(procs: int, overrides: list[str], steps: int, extra_env: dict[str
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={procs}",
-            "--master_port=0",
+            "--standalone",
             "-m",
             "bench.plan_vs_measured",
             *args,

@@ -11,9 +11,10 @@ What a step communicates, per device:
 - FSDP2, per unit (each layer, and the root: embeddings, head, norm, conditioning): all-gathers
   of the weights (in the compute dtype) and one reduce-scatter of the fp32 gradients per step.
   **Loop-aware:** a core layer runs T times per forward. With ``reshard_after_forward`` it is
-  gathered at every use, T times in forward and T times in backward; without, once per
-  micro-batch (it stays gathered from its first forward use to the end of backward, memory in
-  ``loopmoe.planning.memory``). The root is never resharded after forward;
+  gathered at every use, T times in forward and T times in backward; without, once for all T
+  forward uses, kept into backward (memory in ``loopmoe.planning.memory``), and again for each
+  backward use after the first, since FSDP2 reshards after each use's backward: T in all (counted
+  on torch's FSDP2, docs/planning.md). The root is never resharded after forward;
 - expert parallelism: an all_to_all of the routed tokens (``N k d`` activations) to their experts'
   devices and one back, per executed MoE slot, both again in backward (and once more in a
   checkpointed slot's recomputation): these sit on the critical path;
@@ -86,9 +87,11 @@ class CommPlan:
 
 
 def core_gathers_per_micro_batch(cfg: ConfigLike, layout: Layout) -> int:
-    """All-gathers of one core layer per micro-batch under FSDP2: 2T resharding after every forward
-    use, else 1 (gathered at the first use, kept to the end of backward)."""
-    return 2 * cfg.num_loops if layout.reshard_after_forward else 1
+    """All-gathers of one core layer per micro-batch under FSDP2 (counted on torch's FSDP2): 2T when
+    it reshards after every forward use; else T, gathered once for the T forward uses and kept
+    into backward, where FSDP2 reshards after the backward of each use, so the T - 1 earlier
+    iterations' backward gather it again."""
+    return 2 * cfg.num_loops if layout.reshard_after_forward else cfg.num_loops
 
 
 def plan_comm(cfg: ConfigLike, layout: Layout, hw: Hardware) -> CommPlan:

@@ -74,7 +74,7 @@ class Layout:
             activation_checkpointing=t.activation_checkpointing,
             ac_every=t.ac_every,
             dtype=precision,
-            reshard_after_forward=getattr(dist, "reshard_after_forward", True),
+            reshard_after_forward=dist.reshard_after_forward,
             update_guard=t.update_guard,
             threads=max(1, (os.cpu_count() or 1) // devices) if device_type == "cpu" else 1,
         )
