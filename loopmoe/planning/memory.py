@@ -163,7 +163,7 @@ def plan_memory(cfg: ConfigLike, layout: Layout, hw: Hardware) -> MemoryPlan:
     activations = saved + fixed
     # Backward of one slot allocates gradient buffers about as large as what the slot saved; a
     # checkpointed slot first recomputes its activations as well.
-    workspace = max(executed) * (2 if ckpt else 1)
+    workspace: float = max(executed) * (2 if ckpt else 1)
     # Gradients alive at the start of backward: the head's (the fused loss makes it in forward,
     # counted in `fixed`) and the first layers to get theirs: the whole core when it loops.
     first = split.layer_core * (C if T > 1 else 1) if C else split.layer_plain

@@ -24,6 +24,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loopmoe.balance import balance
 from loopmoe.budget import compute_budget
@@ -74,7 +75,7 @@ def reference_shapes(total_params: float, seq_len: int, vocab_size: int = 32000)
         if k >= E:
             continue
         heads = d // HEAD_DIM
-        base = dict(
+        base: dict[str, Any] = dict(
             vocab_size=vocab_size,
             hidden_size=d,
             num_core_layers=L,
@@ -153,9 +154,11 @@ def search(
     dtype = "bf16" if hw.device_type != "cpu" else "fp32"
     found = []
     for cfg, ref in shapes(total_params, loops, seq_len):
-        if flops_per_token is not None:
-            if abs(compute_budget(cfg, seq_len).flops_per_token / flops_per_token - 1) > 0.10:
-                continue
+        if (
+            flops_per_token is not None
+            and abs(compute_budget(cfg, seq_len).flops_per_token / flops_per_token - 1) > 0.1
+        ):
+            continue
         best = rank([plan_step(cfg, lay, hw) for lay in layouts(cfg, devices, seq_len, global_batch_tokens, dtype)])
         if best:
             found.append(Candidate(cfg, ref, best[0]))
