@@ -20,6 +20,8 @@ PARSE_ONLY = (
     "loopmoe generate",
     "loopmoe train configs/debug.toml --out",
     "loopmoe compare --config",
+    "loopmoe plan configs/debug.toml --hardware cpu",  # calibrates this machine (~1 min): tests/planning
+    "loopmoe plan --search",  # a minute of search: tests/planning
 )
 TINY_COMPARE = [
     "--steps",

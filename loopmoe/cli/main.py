@@ -8,7 +8,7 @@ import sys
 import warnings
 from functools import partial
 
-from loopmoe.cli import budget, compare, convert, export, generate, presets, tasks, train
+from loopmoe.cli import budget, compare, convert, export, generate, plan, presets, tasks, train
 from loopmoe.cli import eval as eval_cli
 from loopmoe.console import quiet_library_progress
 from loopmoe.errors import UserFacingError
@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "export": export,
     "presets": presets,
     "tasks": tasks,
+    "plan": plan,
 }
 
 

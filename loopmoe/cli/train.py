@@ -110,17 +110,12 @@ def run(args) -> int:
 def print_dry_run(cfg) -> None:
     """The resolved run config, and the budget of the model it builds (vocabulary from the tokenizer setting)."""
     from loopmoe.budget import compute_budget
-    from loopmoe.presets import get_preset
     from loopmoe.text import human
     from loopmoe.training import build_model_config
+    from loopmoe.training.builders import planned_vocab_size
 
     print(json.dumps(cfg.to_dict(), indent=2, default=str))
-    if cfg.model.config is not None:
-        vocab, note = cfg.model.config.vocab_size, " of model.config"
-    elif cfg.data.train_bpe_vocab:
-        vocab, note = cfg.data.train_bpe_vocab, ""
-    else:
-        vocab, note = get_preset(cfg.model.preset).vocab_size, " from the preset; the tokenizer sets it"
+    vocab, note = planned_vocab_size(cfg)
     model_cfg = build_model_config(cfg, vocab)
     b = compute_budget(model_cfg, cfg.data.seq_len)
     print(

@@ -44,19 +44,25 @@ def _shard_units(model: nn.Module) -> list[nn.Module]:
     return [m for mod in model.modules() if isinstance(mod, nn.ModuleList) for m in mod]
 
 
-def apply_fsdp2(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> nn.Module:
+def apply_fsdp2(
+    model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None = None, reshard_core_after_forward: bool = True
+) -> nn.Module:
     """Shard parameters with FSDP2 (`fully_shard`): one unit per layer, then the root.
 
     Per-layer units bound peak memory to about one layer's full parameters. `param_dtype`
-    (bf16 on GPU) casts parameters for compute while gradients reduce in fp32.
+    (bf16 on GPU) casts parameters for compute while gradients reduce in fp32. A looped core layer
+    runs T times per forward: `reshard_core_after_forward` gathers its weights at every use (2T
+    all-gathers per micro-batch); False gathers them once and keeps them to the end of backward.
     """
     mp = (
         MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         if param_dtype
         else MixedPrecisionPolicy()
     )
+    core = {id(m) for m in getattr(getattr(model, "model", None), "core", ())}
     for unit in _shard_units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
+        keep = id(unit) in core and not reshard_core_after_forward
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 

@@ -139,6 +139,18 @@ def load_initial_weights(model: nn.Module, folder: str | Path) -> None:
         )
 
 
+def planned_vocab_size(cfg: RunConfig) -> tuple[int, str]:
+    """The vocabulary the run will have before its tokenizer exists, and where it comes from (a note)."""
+    from loopmoe.presets import get_preset
+
+    if cfg.model.config is not None:
+        return cfg.model.config.vocab_size, " of model.config"
+    if cfg.data.train_bpe_vocab:
+        return cfg.data.train_bpe_vocab, ""
+    assert cfg.model.preset is not None  # RunConfig.validate
+    return get_preset(cfg.model.preset).vocab_size, " from the preset; the tokenizer sets it"
+
+
 def default_model_factory(cfg: RunConfig, vocab_size: int) -> nn.Module:
     from loopmoe.model import LoopMoEForCausalLM
 

@@ -156,6 +156,12 @@ class DistSection:
     """Data-parallel strategy used when torchrun starts more than one process."""
 
     strategy: Literal["ddp", "fsdp2"] = option("ddp", help="DDP (replicated) or FSDP2 (sharded) under torchrun")
+    reshard_after_forward: bool = option(
+        True,
+        help="FSDP2: free a looped core layer's gathered weights after each of its T forward uses (gathered 2T "
+        "times per micro-batch); false keeps them from the first use to the end of backward (gathered once, "
+        "the core's full weights in memory). `loopmoe plan` predicts both",
+    )
 
 
 @dataclass

@@ -94,7 +94,11 @@ def _parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     if not info.distributed:
         return model
     if cfg.dist.strategy == "fsdp2":
-        return apply_fsdp2(model, build_mesh(info.world_size, info.device.type))
+        return apply_fsdp2(
+            model,
+            build_mesh(info.world_size, info.device.type),
+            reshard_core_after_forward=cfg.dist.reshard_after_forward,
+        )
     return apply_ddp(model, info.device)
 
 

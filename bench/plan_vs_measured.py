@@ -1,0 +1,315 @@
+"""How often is ``loopmoe plan`` right? Predicted vs measured tokens/s and peak memory on this CPU.
+
+    python -m bench.plan_vs_measured [--quick] [--steps N] [--only NAME,...]
+
+1. Calibrates the ``cpu`` profile first, in this run (``calibrate_cpu``): a prediction is only as
+   good as the calibration, and both must see the same machine conditions.
+2. Trains each configuration below for a few dozen steps with the real trainer (the model, the
+   parallelism, the optimizer and ``Trainer.train_step`` of ``loopmoe train``; random tokens
+   instead of a corpus), in a fresh process, or two under ``torchrun`` (gloo, one thread each).
+   Measured: tokens/s over the timed steps (median step; the slowest rank's); and in a second run,
+   peak memory = the anonymous memory held between steps over that just before the model was built,
+   plus the largest growth of resident memory within a step (the largest rank's), with glibc's mmap
+   threshold pinned so that resident memory follows the live tensors (``MEMORY_ENV``).
+3. Predicts the same runs with ``loopmoe.planning.plan_step`` and prints both, with the error.
+
+Writes bench/results/plan_vs_measured.json (targets: median |error| <= 15%, each <= 30%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import common
+from loopmoe.text import markdown_table
+
+BASE = "configs/debug.toml"
+# name -> (processes, overrides over configs/debug.toml); looped and Vanilla, T = 1..4, expert
+# counts and sizes, DDP and FSDP2, activation checkpointing.
+CONFIGS: dict[str, tuple[int, list[str]]] = {
+    "vanilla": (1, []),
+    "T2": (1, ["model.num_loops=2", "model.num_core_layers=2"]),
+    "T3_prelude": (1, ["model.num_loops=3", "model.num_core_layers=1", "model.num_prelude_layers=1"]),
+    "T4": (1, ["model.num_loops=4", "model.num_core_layers=1"]),
+    "T2_E16_f32": (
+        1,
+        ["model.num_loops=2", "model.num_core_layers=2", "model.num_experts=16", "model.moe_intermediate_size=32"],
+    ),
+    "vanilla_E4_f128_k1": (
+        1,
+        ["model.num_experts=4", "model.num_experts_per_tok=1", "model.moe_intermediate_size=128"],
+    ),
+    "T2_wide_ac_full": (
+        1,
+        [
+            "model.num_loops=2",
+            "model.num_core_layers=2",
+            "model.hidden_size=128",
+            "train.activation_checkpointing=full",
+        ],
+    ),
+    "T4_ac_selective": (
+        1,
+        ["model.num_loops=4", "model.num_core_layers=1", "train.activation_checkpointing=selective"],
+    ),
+    "vanilla_ddp2": (2, ["dist.strategy=ddp"]),
+    "T2_ddp2": (2, ["dist.strategy=ddp", "model.num_loops=2", "model.num_core_layers=2"]),
+    "vanilla_fsdp2": (2, ["dist.strategy=fsdp2"]),
+    "T2_fsdp2": (2, ["dist.strategy=fsdp2", "model.num_loops=2", "model.num_core_layers=2"]),
+    "T4_fsdp2_ac_full": (
+        2,
+        ["dist.strategy=fsdp2", "model.num_loops=4", "model.num_core_layers=1", "train.activation_checkpointing=full"],
+    ),
+}
+WARMUP = 3
+MEMORY_STEPS = 3
+# glibc's malloc raises its mmap threshold to the size of each large block freed, and from then on
+# keeps such blocks in a heap it rarely returns, so resident memory overstates the live tensors by
+# whatever was once freed there. The memory runs pin the threshold at glibc's initial 128 KiB, so
+# that every large block returns as it is freed and resident memory follows the live tensors (what
+# an accelerator's caching allocator reports as allocated); the timed runs keep glibc's defaults.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def _has_ep() -> bool:
+    from loopmoe.training.config import DistSection
+
+    return "ep" in DistSection.__dataclass_fields__
+
+
+def configs() -> dict[str, tuple[int, list[str]]]:
+    out = dict(CONFIGS)
+    if _has_ep():  # expert parallelism, where the trainer has it
+        out["T2_ep2"] = (2, ["dist.ep=2", "model.num_loops=2", "model.num_core_layers=2"])
+    return out
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
+
+
+def child(overrides: list[str], steps: int) -> None:
+    """One measured run (this process, or one rank of a torchrun); rank 0 prints a JSON line."""
+    import torch
+
+    from loopmoe.distributed.env import all_reduce_sum_, init_distributed, teardown_distributed
+    from loopmoe.training import build_model_config, load_run_config
+    from loopmoe.training.builders import planned_vocab_size
+    from loopmoe.training.optim import build_optimizer, build_scheduler
+    from loopmoe.training.run import _parallelize
+    from loopmoe.training.trainer import Trainer, resolve_precision
+
+    info = init_distributed()
+    cfg = load_run_config(BASE, [*overrides, f"train.max_steps={steps + WARMUP + 100}"], world_size=info.world_size)
+    vocab, _ = planned_vocab_size(cfg)
+    torch.manual_seed(cfg.train.seed)
+    baseline = _rss_kib("RssAnon")
+    from loopmoe.model import LoopMoEForCausalLM
+
+    model = _parallelize(LoopMoEForCausalLM(build_model_config(cfg, vocab)), cfg, info)
+    optimizer = build_optimizer(model, cfg)
+    trainer = Trainer(
+        model,
+        optimizer,
+        build_scheduler(optimizer, cfg),
+        grad_accum=cfg.grad_accum_for(info.world_size),
+        grad_clip=cfg.train.grad_clip,
+        device=info.device,
+        autocast_dtype=resolve_precision(cfg.train.precision, info.device),
+        world_size=info.world_size,
+        update_guard=cfg.train.update_guard,
+    )
+    g = torch.Generator().manual_seed(1000 + info.rank)
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
+    batches = iter(lambda: torch.randint(0, vocab, shape, generator=g), None)
+    for _ in range(WARMUP):
+        trainer.train_step(batches)
+    # Peak = anonymous memory held between steps over the pre-model baseline (parameters, optimizer
+    # state) + the largest growth of resident memory within a timed step (activations, gradients, the
+    # guard's copy). Code pages the first steps paged in are file-backed, not counted.
+    steady = _rss_kib("RssAnon") - baseline
+    Path("/proc/self/clear_refs").write_text("5")  # restart the high-water mark
+    resident = _rss_kib("VmRSS")
+    times, tokens = [], 0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = trainer.train_step(batches)
+        times.append(time.perf_counter() - t0)
+        tokens = out.tokens
+    peak = torch.tensor(float(steady + _rss_kib("VmHWM") - resident) * 1024)
+    step = torch.tensor(statistics.median(times))
+    if info.distributed:  # the largest rank's peak and the slowest rank's step
+        import torch.distributed as dist
+
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX)
+    all_reduce_sum_(torch.zeros(()))
+    if info.is_main:
+        print(
+            json.dumps(
+                {
+                    "tokens_per_s": tokens / step.item(),
+                    "step_s": step.item(),
+                    "peak_bytes": peak.item(),
+                    "step_times": times,
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        )
+    teardown_distributed()
+
+
+def _child_run(procs: int, overrides: list[str], steps: int, extra_env: dict[str, str]) -> dict:
+    args = ["--child", json.dumps(overrides), "--steps", str(steps)]
+    env = {**os.environ, "PYTHONPATH": str(common.ROOT), **extra_env}
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs))
+    if procs == 1:
+        cmd = [sys.executable, "-m", "bench.plan_vs_measured", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={procs}",
+            "--standalone",
+            "-m",
+            "bench.plan_vs_measured",
+            *args,
+        ]
+    out = subprocess.run(cmd, cwd=common.ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(procs: int, overrides: list[str], steps: int) -> dict:
+    """tokens/s from a run with glibc's defaults, peak memory from a run with ``MEMORY_ENV``."""
+    timed = _child_run(procs, overrides, steps, {})
+    memory = _child_run(procs, overrides, MEMORY_STEPS, MEMORY_ENV)
+    return {**timed, "peak_bytes": memory["peak_bytes"], "peak_bytes_default_malloc": timed["peak_bytes"]}
+
+
+def predict(procs: int, overrides: list[str], hw_by_threads) -> dict:
+    from loopmoe.planning import Layout, plan_step
+    from loopmoe.training import build_model_config, load_run_config
+    from loopmoe.training.builders import planned_vocab_size
+
+    cfg = load_run_config(BASE, overrides, world_size=procs)
+    layout = Layout.from_run_config(cfg, procs, "cpu")
+    plan = plan_step(build_model_config(cfg, planned_vocab_size(cfg)[0]), layout, hw_by_threads(layout.threads))
+    return plan.as_dict()
+
+
+def run(quick: bool, steps: int, only: list[str] | None) -> dict:
+    from loopmoe.planning.hardware import calibrate_cpu, cpu_from_calibration
+
+    cores = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    calibration = calibrate_cpu(sorted({1, cores}), quick=quick)
+    calibration_s = time.perf_counter() - t0
+    chosen = {k: v for k, v in configs().items() if not only or k in only}
+    rows = []
+    for name, (procs, overrides) in chosen.items():
+        measured = measure(procs, overrides, steps)
+        predicted = predict(procs, overrides, lambda t: cpu_from_calibration(calibration, t))
+        row = {
+            "name": name,
+            "processes": procs,
+            "overrides": overrides,
+            "measured": measured,
+            "predicted": predicted,
+            "time_error": predicted["tokens_per_s"] / measured["tokens_per_s"] - 1,
+            "memory_error": predicted["peak_memory_bytes"] / measured["peak_bytes"] - 1,
+        }
+        rows.append(row)
+        print(
+            f"{name}: measured {measured['tokens_per_s']:.0f} tok/s {measured['peak_bytes'] / 2**20:.1f} MiB, predicted "
+            f"{predicted['tokens_per_s']:.0f} tok/s {predicted['peak_memory_bytes'] / 2**20:.1f} MiB",
+            flush=True,
+        )
+    summary = {}
+    for kind in ("time_error", "memory_error"):
+        errs = [abs(r[kind]) for r in rows]
+        summary[kind] = {
+            "median_abs": statistics.median(errs),
+            "max_abs": max(errs),
+            "within_30": sum(e <= 0.30 for e in errs),
+            "n": len(errs),
+        }
+    return {
+        "rows": rows,
+        "summary": summary,
+        "calibration": calibration,
+        "calibration_s": calibration_s,
+        "steps": steps,
+        "warmup": WARMUP,
+        "quick": quick,
+        "expert_parallel": _has_ep(),
+    }
+
+
+def table(res: dict) -> str:
+    return markdown_table(
+        [
+            "config",
+            "procs",
+            "tok/s measured",
+            "tok/s predicted",
+            "error",
+            "peak MiB measured",
+            "peak MiB predicted",
+            "error",
+        ],
+        [
+            [
+                r["name"],
+                r["processes"],
+                f"{r['measured']['tokens_per_s']:,.0f}",
+                f"{r['predicted']['tokens_per_s']:,.0f}",
+                f"{100 * r['time_error']:+.0f}%",
+                f"{r['measured']['peak_bytes'] / 2**20:.1f}",
+                f"{r['predicted']['peak_memory_bytes'] / 2**20:.1f}",
+                f"{100 * r['memory_error']:+.0f}%",
+            ]
+            for r in res["rows"]
+        ],
+    )
+
+
+def main(argv=None) -> dict | None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="quick calibration, 8 timed steps, a subset of configs")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30, quick 8)")
+    ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    steps = args.steps or (8 if args.quick else 30)
+    if args.child is not None:
+        child(json.loads(args.child), steps)
+        return None
+    only = (
+        args.only.split(",")
+        if args.only
+        else (["vanilla", "T2", "T2_wide_ac_full", "T2_ddp2", "T2_fsdp2"] if args.quick else None)
+    )
+    res = run(args.quick, steps, only)
+    print(table(res))
+    for kind, s in res["summary"].items():
+        print(
+            f"{kind}: median |error| {100 * s['median_abs']:.1f}%, max {100 * s['max_abs']:.1f}%, "
+            f"{s['within_30']}/{s['n']} within 30%"
+        )
+    common.write_json("plan_vs_measured", res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

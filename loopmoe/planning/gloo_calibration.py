@@ -1,0 +1,85 @@
+"""The α–β of gloo collectives between two local processes (the CPU profile's links).
+
+Two processes are spawned with a file-store gloo group; each collective is timed at sizes from
+1 KiB to 16 MiB and ``t = α + bytes_on_the_wire / β`` is fitted by least squares, where the bytes
+on the wire are the ring algorithm's (``comm.wire_bytes``), so the same β serves every collective.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+SIZES = (2**10, 2**14, 2**18, 2**20, 2**22, 2**24)
+
+
+def _worker(rank: int, world: int, init_file: str, out: str, quick: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results: dict[str, list[tuple[int, float]]] = {"all_reduce": [], "all_gather": [], "reduce_scatter": []}
+    reps = 3 if quick else 7
+    for nbytes in SIZES:
+        n = nbytes // 4
+        x = torch.ones(n)
+        gathered = torch.empty(n * world)
+        shard = torch.empty(n // world)
+        ops: dict[str, Callable[[], object]] = {
+            "all_reduce": partial(dist.all_reduce, x),
+            "all_gather": partial(dist.all_gather_into_tensor, gathered, x),
+            "reduce_scatter": partial(dist.reduce_scatter_tensor, shard, x),
+        }
+        for name, op in ops.items():
+            times = []
+            for _ in range(reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                op()
+                times.append(time.perf_counter() - t0)
+            results[name].append((nbytes, statistics.median(times)))
+    if rank == 0:
+        import json
+
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``t = α + x / β`` over (wire bytes x, seconds t); α >= 0."""
+    xs, ts = [p[0] for p in points], [p[1] for p in points]
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
+    alpha = max(mt - slope * mx, 0.0)
+    return alpha, 1.0 / max(slope, 1e-15)
+
+
+def measure_gloo(quick: bool = False, world: int = 2) -> dict:
+    """α (s) and β (bytes/s) of gloo all_reduce / all_gather / reduce_scatter between ``world`` local processes."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from loopmoe.planning.comm import wire_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "gloo.json")
+        mp.start_processes(
+            _worker, args=(world, str(Path(tmp) / "init"), out, quick), nprocs=world, start_method="spawn"
+        )
+        raw = json.loads(Path(out).read_text())
+    fits = {}
+    for name, pts in raw.items():
+        alpha, beta = fit_alpha_beta([(wire_bytes(name, nbytes, world), t) for nbytes, t in pts])
+        fits[name] = {"latency_s": alpha, "bandwidth": beta, "points": pts}
+    return {
+        "world": world,
+        "latency_s": statistics.median(f["latency_s"] for f in fits.values()),
+        "bandwidth": statistics.median(f["bandwidth"] for f in fits.values()),
+        "collectives": fits,
+    }

@@ -1,0 +1,209 @@
+"""``loopmoe plan --search``: model shapes x parallel layouts, simulated, ranked by predicted throughput.
+
+Shapes. Vanilla MoE references whose total parameters match the target: width ``d`` (heads of
+128, GQA groups of 4), layer count ``L``, expert count ``E`` and top-``k`` from small grids, the
+expert size ``f`` solved so that ``loopmoe.budget``'s total hits the target (rounded to 64). For every
+loop count ``T > 1`` that divides ``L``, the reference's LoopMoE is derived with
+``loopmoe.balance.balance`` (capacity balancing: the same total parameters, FLOPs per token and
+attention-to-FFN ratio); references it cannot balance are dropped for that ``T``. So every shape
+has the target's total parameters, and each looped one the FLOPs per token of its reference.
+
+Layouts. For each shape: DDP or FSDP2 (with and without ``reshard_after_forward`` for the core),
+expert-parallel degrees that divide both the devices and ``E``, micro-batches, and activation
+checkpointing none / selective / full; the global batch is held at ``global_batch_tokens`` by
+gradient accumulation. Only layouts whose predicted peak fits the device's memory are kept, and
+each shape keeps its fastest.
+
+Ranking: predicted tokens/s, among shapes of matched total parameters (all of them) and, when
+``flops_per_token`` is given, FLOPs per token within 10% of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loopmoe.balance import balance
+from loopmoe.budget import compute_budget
+from loopmoe.config import LoopMoEConfig
+from loopmoe.planning.cost import StepPlan, plan_step
+from loopmoe.planning.hardware import Hardware
+from loopmoe.planning.layout import Layout
+
+WIDTHS = (1024, 2048, 3072)
+DEPTHS = (12, 24)
+EXPERTS = (16, 64)
+TOP_K = (2, 8)
+HEAD_DIM, GQA_GROUP = 128, 4
+MICRO_BATCHES = (1, 2, 4, 8)
+AC_MODES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A shape with its best fitting layout."""
+
+    config: LoopMoEConfig
+    reference: LoopMoEConfig  # the Vanilla MoE it was balanced against (itself when T = 1)
+    plan: StepPlan
+
+    def row(self) -> dict:
+        c, p = self.config, self.plan
+        return {
+            "num_loops": c.num_loops,
+            "hidden_size": c.hidden_size,
+            "layers": f"{c.num_prelude_layers}+{c.num_core_layers}x{c.num_loops}+{c.num_coda_layers}",
+            "heads": f"{c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim}",
+            "experts": f"{c.num_experts_per_tok}/{c.num_experts}x{c.moe_intermediate_size}",
+            "total_params": p.total_params,
+            "active_params": p.active_params,
+            "flops_per_token": p.flops_per_token,
+            "tokens_per_s": p.tokens_per_s,
+            "mfu": p.mfu,
+            "peak_memory_bytes": p.memory.peak,
+            "layout": p.layout.as_dict(),
+        }
+
+
+def reference_shapes(total_params: float, seq_len: int, vocab_size: int = 32000) -> list[LoopMoEConfig]:
+    """Vanilla MoE configs of ``total_params`` (within 2%) over the width / depth / expert grids."""
+    out = []
+    for d, L, E, k in itertools.product(WIDTHS, DEPTHS, EXPERTS, TOP_K):
+        if k >= E:
+            continue
+        heads = d // HEAD_DIM
+        base: dict[str, Any] = dict(
+            vocab_size=vocab_size,
+            hidden_size=d,
+            num_core_layers=L,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // GQA_GROUP),
+            head_dim=HEAD_DIM,
+            num_experts=E,
+            num_experts_per_tok=k,
+            max_position_embeddings=max(4096, seq_len),
+        )
+        at = {
+            f: compute_budget(LoopMoEConfig(**base, moe_intermediate_size=f), seq_len).total_params for f in (64, 128)
+        }
+        f = 64 * round((64 + (total_params - at[64]) * 64 / (at[128] - at[64])) / 64)
+        if not 128 <= f <= 4 * d:
+            continue
+        cfg = LoopMoEConfig(**base, moe_intermediate_size=f)
+        if abs(compute_budget(cfg, seq_len).total_params / total_params - 1) <= 0.02:
+            out.append(cfg)
+    return out
+
+
+def shapes(total_params: float, loops: tuple[int, ...], seq_len: int) -> list[tuple[LoopMoEConfig, LoopMoEConfig]]:
+    """(config, its Vanilla reference) for every reference and loop count that balances."""
+    out = []
+    for ref in reference_shapes(total_params, seq_len):
+        for T in loops:
+            if T == 1:
+                out.append((ref, ref))
+                continue
+            if ref.num_core_layers % T:
+                continue
+            try:
+                out.append((balance(ref, T, seq_len=seq_len).looped, ref))
+            except ValueError:
+                continue  # no balanced LoopMoE at this T: the reference stays Vanilla-only
+    return out
+
+
+def layouts(cfg: LoopMoEConfig, devices: int, seq_len: int, global_batch_tokens: int, dtype: str) -> list[Layout]:
+    out = []
+    eps = [e for e in (1, 2, 4, 8, 16) if devices % e == 0 and cfg.num_experts % e == 0]
+    for mb, ac, ep in itertools.product(MICRO_BATCHES, AC_MODES, eps):
+        accum = max(1, math.ceil(global_batch_tokens / (mb * seq_len * devices)))
+        common = dict(
+            devices=devices,
+            ep=ep,
+            micro_batch=mb,
+            seq_len=seq_len,
+            grad_accum=accum,
+            activation_checkpointing=ac,
+            dtype=dtype,
+        )
+        out.append(Layout(strategy="ddp", **common))  # type: ignore[arg-type]
+        if devices > 1:
+            for reshard in (True, False):
+                out.append(Layout(strategy="fsdp2", reshard_after_forward=reshard, **common))  # type: ignore[arg-type]
+    return out
+
+
+def rank(plans: list[StepPlan]) -> list[StepPlan]:
+    """Fitting plans, fastest first (ties: less memory)."""
+    return sorted((p for p in plans if p.fits), key=lambda p: (-p.tokens_per_s, p.memory.peak))
+
+
+def search(
+    hw: Hardware,
+    devices: int,
+    total_params: float,
+    loops: tuple[int, ...] = (1, 2, 4),
+    seq_len: int = 2048,
+    global_batch_tokens: int = 2**22,
+    flops_per_token: float | None = None,
+) -> list[Candidate]:
+    """Every balanced shape with its fastest fitting layout, fastest first."""
+    dtype = "bf16" if hw.device_type != "cpu" else "fp32"
+    found = []
+    for cfg, ref in shapes(total_params, loops, seq_len):
+        if (
+            flops_per_token is not None
+            and abs(compute_budget(cfg, seq_len).flops_per_token / flops_per_token - 1) > 0.1
+        ):
+            continue
+        best = rank([plan_step(cfg, lay, hw) for lay in layouts(cfg, devices, seq_len, global_batch_tokens, dtype)])
+        if best:
+            found.append(Candidate(cfg, ref, best[0]))
+    return sorted(found, key=lambda c: -c.plan.tokens_per_s)
+
+
+def pareto_plot(candidates: list[Candidate], path: str | Path, title: str) -> Path:
+    """Predicted tokens/s vs active parameters per token, coloured by loop count; the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loopmoe.atomic import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    loops = sorted({c.config.num_loops for c in candidates})
+    cmap = plt.get_cmap("viridis", max(2, len(loops)))
+    for i, T in enumerate(loops):
+        pts = [c for c in candidates if c.config.num_loops == T]
+        ax.scatter(
+            [c.plan.active_params for c in pts],
+            [c.plan.tokens_per_s for c in pts],
+            s=18,
+            color=cmap(i),
+            label=f"T = {T}",
+            alpha=0.8,
+        )
+    front, best = [], -1.0
+    for c in sorted(candidates, key=lambda c: -c.plan.active_params):  # more active params is better for quality
+        if c.plan.tokens_per_s > best:
+            front.append(c)
+            best = c.plan.tokens_per_s
+    ax.plot(
+        [c.plan.active_params for c in front],
+        [c.plan.tokens_per_s for c in front],
+        color="grey",
+        lw=1,
+        label="Pareto front",
+    )
+    ax.set(xlabel="active parameters per token", ylabel="predicted tokens/s (all devices)", title=title)
+    ax.set_xscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path

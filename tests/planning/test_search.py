@@ -1,0 +1,83 @@
+"""`loopmoe plan --search`: only fitting layouts, balanced shapes, and a cheaper twin ranked first."""
+
+import json
+
+import pytest
+
+from loopmoe.budget import compute_budget
+from loopmoe.cli.main import main
+from loopmoe.planning import search as search_mod
+from loopmoe.planning.cost import plan_step
+from loopmoe.planning.hardware import PROFILES, with_overrides
+from loopmoe.planning.layout import Layout
+from loopmoe.presets import get_preset
+
+
+@pytest.fixture
+def small_grid(monkeypatch):
+    monkeypatch.setattr(search_mod, "WIDTHS", (256,))
+    monkeypatch.setattr(search_mod, "DEPTHS", (4,))
+    monkeypatch.setattr(search_mod, "EXPERTS", (8,))
+    monkeypatch.setattr(search_mod, "TOP_K", (2,))
+    monkeypatch.setattr(search_mod, "MICRO_BATCHES", (1, 8))
+
+
+def test_search_returns_only_fitting_layouts_of_balanced_shapes(small_grid):
+    target = 4e7
+    unlimited = search_mod.search(PROFILES["h100"], 4, target, loops=(1, 2), seq_len=512, global_batch_tokens=2**16)
+    assert {c.config.num_loops for c in unlimited} == {1, 2}
+    # A device that cannot hold the roomiest layouts: what comes back fits, and the choice changes.
+    peaks = [c.plan.memory.peak for c in unlimited]
+    small = with_overrides(PROFILES["h100"], memory_bytes=min(peaks) * 1.2)
+    found = search_mod.search(small, 4, target, loops=(1, 2), seq_len=512, global_batch_tokens=2**16)
+    assert found
+    for c in found:
+        assert c.plan.fits and c.plan.memory.peak <= small.memory_bytes
+        ref = compute_budget(c.reference, 512)
+        assert abs(c.plan.total_params / ref.total_params - 1) <= 0.01  # balanced: matched parameters
+        assert abs(c.plan.flops_per_token / ref.flops_per_token - 1) <= 0.01  # ... and FLOPs per token
+    assert [c.plan.tokens_per_s for c in found] == sorted((c.plan.tokens_per_s for c in found), reverse=True)
+
+
+def test_a_strictly_cheaper_twin_ranks_first():
+    cfg = get_preset("debug", num_loops=4, num_core_layers=1)
+    hw = PROFILES["a100"]
+    # Same model, same work; the twin reshards the core after every use: 2T gathers instead of T.
+    costly = plan_step(cfg, Layout(devices=16, strategy="fsdp2", reshard_after_forward=True), hw)
+    cheap = plan_step(cfg, Layout(devices=16, strategy="fsdp2", reshard_after_forward=False), hw)
+    assert cheap.compute.total == costly.compute.total
+    assert cheap.comm.collectives["all_gather"] < costly.comm.collectives["all_gather"]
+    assert search_mod.rank([costly, cheap])[0] is cheap
+    # Unless it does not fit: ranking never returns a layout over the device's memory.
+    tight = with_overrides(hw, memory_bytes=(cheap.memory.peak + costly.memory.peak) / 2)
+    assert cheap.memory.peak > costly.memory.peak
+    ranked = search_mod.rank([plan_step(cfg, p.layout, tight) for p in (costly, cheap)])
+    assert [p.layout.reshard_after_forward for p in ranked] == [True]
+
+
+def test_search_cli_json_and_plot(small_grid, tmp_path, capsys):
+    plot = tmp_path / "pareto.png"
+    argv = [
+        "plan",
+        "--search",
+        "--hardware",
+        "h100",
+        "--devices",
+        "4",
+        "--total-params",
+        "4e7",
+        "--loops",
+        "1,2",
+        "--seq-len",
+        "512",
+        "--global-batch-tokens",
+        "65536",
+        "--plot",
+        str(plot),
+        "--json",
+    ]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["candidates"] and plot.stat().st_size > 1000
+    assert main(["plan", "--search", "--hardware", "h100"]) == 2
+    assert "--total-params" in capsys.readouterr().err
