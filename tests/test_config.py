@@ -20,7 +20,10 @@ from loopmoe import LoopMoEConfig
         ({"num_loops": 8, "iter_conditioning": "iter_embedding", "max_loops": 4}, "raise max_loops"),
         ({"router_aux_loss_coef": -1.0}, ">= 0"),
         ({"expert_type": "bigmac"}, "expert_type must be one of"),
-        ({"expert_type": "dcca", "dcca_dim": 0}, r"0 < r < hidden_size \(32\), got 0; BigMac uses r = hidden_size // 4 = 8"),
+        (
+            {"expert_type": "dcca", "dcca_dim": 0},
+            r"0 < r < hidden_size \(32\), got 0; BigMac uses r = hidden_size // 4 = 8",
+        ),
         ({"expert_type": "dcca", "dcca_dim": -4}, r"0 < r < hidden_size \(32\)"),
         ({"expert_type": "dcca", "dcca_dim": 32}, r"0 < r < hidden_size \(32\), got 32"),
         ({"expert_type": "dcca", "dcca_dim": 8.0}, "must be a whole number"),
