@@ -78,7 +78,7 @@ def layer_shapes(cfg: ConfigLike, core: bool) -> LayerShapes:
         expert=3 * expert_width(cfg) * cfg.moe_intermediate_size,
         shared=3 * d * cfg.shared_expert_intermediate_size,
         router=router_width(cfg) * cfg.num_experts,
-        projections=2 * d * cfg.dcca_dim if ExpertType(cfg.expert_type).projects else 0,
+        projections=2 * d * expert_width(cfg) if ExpertType(cfg.expert_type).projects else 0,
         modulation_token=(d + d * r) if token_mod else 0,
         modulation_out=(r * 6 * d + 6 * d) if any_mod else 0,
     )

@@ -85,13 +85,14 @@ def run(args) -> int:
         expert_type=opts.expert_type,
         dcca_dim=opts.dcca_dim,
     )
-    a2a = None
+    a2a, a2a_row = None, None
     if opts.ep is not None:
         width = torch.finfo(DTYPES[opts.a2a_dtype]).bits // 8
         a2a = {
             side: all_to_all_bytes_per_token(cfg, opts.ep, width)
             for side, cfg in (("reference", result.reference), ("looped", result.looped))
         }
+        a2a_row = (opts.ep, opts.a2a_dtype, a2a["reference"], a2a["looped"])
     if opts.json:
         data = result.as_dict()
         if a2a is not None:
@@ -104,8 +105,7 @@ def run(args) -> int:
             Path(opts.reference).suffix == "" and opts.reference in list_presets() and is_paper_scale(opts.reference)
         )
         title = f"{opts.reference}{' (paper scale)' if paper else ''}"
-        ep = None if a2a is None else (opts.ep, opts.a2a_dtype, a2a["reference"], a2a["looped"])
-        print(budget_table(result, title=title, all_to_all=ep))
+        print(budget_table(result, title=title, all_to_all=a2a_row))
     if opts.save_dir is not None:
         save_models(result, opts.save_dir, DTYPES[opts.dtype])
     return 0
