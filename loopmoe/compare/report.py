@@ -106,7 +106,7 @@ def budget_table(
         ep, dtype, ref_bytes, loop_bytes = all_to_all
         rows.append(
             (
-                f"all_to_all bytes/token (ep={ep}, {dtype})",
+                f"all_to_all bytes/token, forward (ep={ep}, {dtype})",
                 human(ref_bytes),
                 human(loop_bytes),
                 f"{loop_bytes / ref_bytes - 1:+.2%}" if ref_bytes else "",

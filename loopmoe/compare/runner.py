@@ -18,7 +18,7 @@ import torch
 
 from loopmoe.atomic import atomic_write_text
 from loopmoe.balance import STRATEGIES, BalanceResult, Strategy, balance
-from loopmoe.config import LoopMoEConfig
+from loopmoe.config import ExpertTypeName, LoopMoEConfig
 from loopmoe.options import flag_of, help_of, option
 from loopmoe.training.config import (
     DataSection,
@@ -47,6 +47,15 @@ class CompareOptions:
     )
     prelude: int = option(0, help="prelude layers of the LoopMoE")
     coda: int = option(0, help="coda layers of the LoopMoE")
+    expert_type: ExpertTypeName | None = option(
+        None,
+        help="expert type of the balanced model: swiglu, or dcca (BigMac's low-dimension experts); with "
+        "--num-loops 1 this compares two expert types in Vanilla MoEs",
+        shown="the reference's",
+    )
+    dcca_dim: int | None = option(
+        None, help="width r of the balanced model's DCCA experts", shown="the reference's r, else hidden_size // 4"
+    )
     source: str = option("embedded", help=help_of(DataSection, "source"))
     tokenizer: str | None = option(None, help=help_of(DataSection, "tokenizer"), shown="a BPE trained on the source")
     bpe_vocab: int = option(4096, help="vocabulary of the trained BPE")
@@ -148,6 +157,8 @@ def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
         seq_len=opts.seq_len,
         num_prelude_layers=opts.prelude,
         num_coda_layers=opts.coda,
+        expert_type=opts.expert_type,
+        dcca_dim=opts.dcca_dim,
     )
     return result, bundle
 
@@ -203,7 +214,9 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
     wanted = identity_options(opts)
     saved = _saved_options(out)
     holds_runs = out.is_dir() and any(out.glob("seed*"))
-    if (saved is not None and saved != wanted) or (saved is None and holds_runs):
+    # An option missing from an older options.json reads as None: the options added since default to None.
+    changed = saved is not None and any(saved.get(k) != wanted.get(k) for k in set(saved) | set(wanted))
+    if changed or (saved is None and holds_runs):
         if not opts.fresh:
             if saved is None:
                 what = "runs whose options are not recorded (no options.json)"

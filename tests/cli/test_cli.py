@@ -50,7 +50,7 @@ def test_budget_with_dcca_experts_shows_the_all_to_all_volume(capsys):
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| expert type" in table and "dcca r=16" in table
-    assert "all_to_all bytes/token (ep=4, bfloat16)" in table
+    assert "all_to_all bytes/token, forward (ep=4, bfloat16)" in table
 
 
 def test_budget_from_config_file(tmp_path, capsys):

@@ -104,3 +104,40 @@ def test_changed_corpus_is_refused_before_the_shared_data_is_rebuilt(tmp_path):
         runner.prepare(opts)
     assert (out / "data" / "shards" / "marker").read_text() == "trained on this"
     assert not (out / "data" / "tokenizer").exists()
+
+
+def test_options_json_without_later_options_still_resumes(tmp_path, monkeypatch):
+    """A comparison recorded before --expert-type existed resumes with the default, and a changed expert type is refused."""
+    import json
+
+    from loopmoe.compare import runner
+
+    monkeypatch.setattr(runner, "prepare", _stop_before_training)
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=tmp_path), log=lambda *a: None)
+    (tmp_path / "seed0").mkdir()
+    saved = json.loads((tmp_path / "options.json").read_text())
+    old = {k: v for k, v in saved.items() if k not in ("expert_type", "dcca_dim")}
+    (tmp_path / "options.json").write_text(json.dumps(old))
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=tmp_path), log=lambda *a: None)
+    with pytest.raises(ValueError, match="--expert-type None -> 'dcca'"):
+        runner.run_comparison(CompareOptions(out=tmp_path, expert_type="dcca"), log=lambda *a: None)
+
+
+def test_two_expert_types_compare_at_matched_budgets(tmp_path):
+    """--num-loops 1 --expert-type dcca: a SwiGLU Vanilla MoE against a DCCA Vanilla MoE (BigMac's experts)."""
+    from loopmoe.compare import runner
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(25):  # documents enough to hold 5% out
+        (corpus / f"{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog\n" * 400)
+    opts = CompareOptions(
+        out=tmp_path / "cmp", source=str(corpus), bpe_vocab=300, num_loops=1, expert_type="dcca", seq_len=64
+    ).validate()
+    result, _ = runner.prepare(opts)
+    ref, other = result.reference, result.looped
+    assert (ref.expert_type, other.expert_type) == ("swiglu", "dcca")
+    assert other.num_loops == 1 and other.dcca_dim == ref.hidden_size // 4
+    assert all(abs(result.deviations[k]) <= result.tolerances[k] for k in result.deviations)
