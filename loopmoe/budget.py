@@ -3,12 +3,12 @@
 Per layer, with width d, heads H / H_kv, head size h_d, E experts of size f, top-k, shared f_s::
 
     A = d*H*h_d + 2*d*H_kv*h_d + H*h_d*d   (+ QK-norm and the layer's norms in parameter counts)
-    F = 3*w*f        G = 3*d*f_s        R = d_R*E        D = 2*d*r (DCCA) or 0
+    F = 3*w*f        G = 3*d*f_s        R = d_R*E        D = 2*d*d_e (DCCA) or 0
     M = IterAdaLN parameters of a core layer
     total(layer) = A + E*F + G + R + D + M     active(layer) = A + k*F + G + R + D + M
 
-where w is the width the experts work at (d, or r = dcca_dim for DCCA experts), D the DCCA layer's
-descending and ascending projections, and d_R the router's input width (d, or r when a DCCA router
+where w is the width the experts work at (d, or d_e = dcca_dim for DCCA experts), D the DCCA layer's
+descending and ascending projections, and d_R the router's input width (d, or d_e when a DCCA router
 scores the descended vector).
 
 Forward FLOPs per token count the multiply-adds of every matmul a token's computation executes
@@ -117,7 +117,7 @@ def all_to_all_bytes_per_token(
 ) -> float:
     """Bytes one token sends through the expert-parallel all_to_all in a forward pass, expected
     under uniform routing over ``ep`` ranks: in each of the ``P + C*T + Q`` executed MoE layers its
-    k rows of width w (d, or r for DCCA) are dispatched and their outputs returned, and a row
+    k rows of width w (d, or d_e for DCCA) are dispatched and their outputs returned, and a row
     leaves its rank with probability ``(ep - 1) / ep``::
 
         2 * k * w * bytes_per_element * (ep - 1) / ep * (P + C*T + Q)

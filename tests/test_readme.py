@@ -13,7 +13,12 @@ README = (ROOT / "README.md").read_text()
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 # Commands that need artefacts of earlier runs (a trained model, a Qwen checkpoint) or are the
 # multi-minute jobs themselves: parsed here, exercised by their own tests.
-PARSE_ONLY = ("loopmoe eval", "loopmoe convert", "loopmoe train configs/debug.toml --out")
+PARSE_ONLY = (
+    "loopmoe eval",
+    "loopmoe convert",
+    "loopmoe train configs/debug.toml --out",
+    "loopmoe compare --num-loops 1 --expert-type dcca",  # tests/compare/test_runner.py runs it on a tiny corpus
+)
 TINY_COMPARE = [
     "--steps",
     "6",

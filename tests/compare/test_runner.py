@@ -126,7 +126,10 @@ def test_options_json_without_later_options_still_resumes(tmp_path, monkeypatch)
 
 
 def test_two_expert_types_compare_at_matched_budgets(tmp_path):
-    """--num-loops 1 --expert-type dcca: a SwiGLU Vanilla MoE against a DCCA Vanilla MoE (BigMac's experts)."""
+    """--num-loops 1 --expert-type dcca: a SwiGLU Vanilla MoE against a DCCA Vanilla MoE (BigMac's
+    experts), balanced, trained, evaluated and reported end to end (a few steps on a tiny corpus)."""
+    from transformers import AutoModelForCausalLM
+
     from loopmoe.compare import runner
 
     corpus = tmp_path / "corpus"
@@ -134,10 +137,25 @@ def test_two_expert_types_compare_at_matched_budgets(tmp_path):
     for i in range(25):  # documents enough to hold 5% out
         (corpus / f"{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog\n" * 400)
     opts = CompareOptions(
-        out=tmp_path / "cmp", source=str(corpus), bpe_vocab=300, num_loops=1, expert_type="dcca", seq_len=64
-    ).validate()
-    result, _ = runner.prepare(opts)
-    ref, other = result.reference, result.looped
-    assert (ref.expert_type, other.expert_type) == ("swiglu", "dcca")
-    assert other.num_loops == 1 and other.dcca_dim == ref.hidden_size // 4
-    assert all(abs(result.deviations[k]) <= result.tolerances[k] for k in result.deviations)
+        out=tmp_path / "cmp",
+        source=str(corpus),
+        bpe_vocab=300,
+        num_loops=1,
+        expert_type="dcca",
+        seq_len=64,
+        micro_batch_size=4,
+        steps=4,
+        warmup_steps=1,
+        eval_every=2,
+        eval_batches=1,
+        tasks=(),
+    )
+    results = runner.run_comparison(opts, log=lambda *a: None)
+    budget = results["budget"]
+    ref, other = budget["reference"]["config"], budget["looped"]["config"]
+    assert (ref["expert_type"], other["expert_type"]) == ("swiglu", "dcca")
+    assert other["num_loops"] == 1 and other["dcca_dim"] == ref["hidden_size"] // 4
+    assert all(abs(budget["deviations"][k]) <= budget["tolerances"][k] for k in budget["deviations"])
+    model = AutoModelForCausalLM.from_pretrained(results["runs"]["looped"][0]["final_dir"])
+    assert model.config.expert_type == "dcca" and model.model.core[0].mlp.descend is not None
+    assert "| expert type" in (opts.out / "report.md").read_text()
