@@ -64,14 +64,12 @@ def run(quick: bool = False) -> dict:
     )
     rows = []
     for name, cfg in cfgs.items():
-        loops, expert_type = MODELS[name]
+        loops = MODELS[name][0]
         b = compute_budget(cfg, SEQ)
         rows.append(
             {
                 "model": name,
                 "loops": loops,
-                "expert_type": expert_type,
-                "dcca_dim": cfg.dcca_dim,
                 "total_params": b.total_params,
                 "active_params": b.active_params,
                 "flops_per_token": b.flops_per_token,
@@ -83,29 +81,16 @@ def run(quick: bool = False) -> dict:
                 "all_to_all_bytes_per_token": {
                     ep: all_to_all_bytes_per_token(cfg, ep, bytes_per_element=2) for ep in EP_DEGREES
                 },
-                "shape": {
-                    k: getattr(cfg, k)
-                    for k in (
-                        "num_core_layers",
-                        "num_attention_heads",
-                        "num_key_value_heads",
-                        "head_dim",
-                        "num_experts",
-                        "num_experts_per_tok",
-                        "moe_intermediate_size",
-                    )
-                },
+                "config": cfg.architecture_dict(),
             }
         )
     return {"rows": rows, "batch": BATCH, "seq_len": SEQ, "quick": quick}
 
 
 def _experts(row: dict) -> str:
-    width = f" r={row['dcca_dim']}" if row["dcca_dim"] else ""
-    shape = row["shape"]
-    return f"{row['expert_type']}{width}: {shape['num_experts']}, {shape['num_experts_per_tok']}, " + str(
-        shape["moe_intermediate_size"]
-    )
+    c = row["config"]
+    width = f" r={c['dcca_dim']}" if c["dcca_dim"] else ""
+    return f"{c['expert_type']}{width}: {c['num_experts']}, {c['num_experts_per_tok']}, {c['moe_intermediate_size']}"
 
 
 def main(argv=None) -> dict:
