@@ -89,7 +89,7 @@ def run(quick: bool = False) -> dict:
 
 def _experts(row: dict) -> str:
     c = row["config"]
-    width = f" r={c['dcca_dim']}" if c["dcca_dim"] else ""
+    width = f" width {c['dcca_dim']}" if c["dcca_dim"] else ""
     return f"{c['expert_type']}{width}: {c['num_experts']}, {c['num_experts_per_tok']}, {c['moe_intermediate_size']}"
 
 

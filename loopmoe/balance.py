@@ -154,7 +154,7 @@ def balance(
     base["expert_type"] = reference.expert_type if expert_type is None else expert_type
     base["dcca_dim"] = reference.dcca_dim if dcca_dim is None and same_experts else dcca_dim
     base["dcca_router_input"] = reference.dcca_router_input if same_experts else "hidden"
-    # Validates the target's fields with errors that name the fix, and resolves the default r.
+    # Validates the target's fields with errors that name the fix, and resolves the default DCCA width.
     base["dcca_dim"] = LoopMoEConfig(**base).dcca_dim
 
     def make(**shape) -> LoopMoEConfig:
@@ -217,12 +217,12 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
     m = modulation_matmul_weights(LoopMoEConfig(**{**base, "num_loops": loops})) * base["num_core_layers"] * loops / L
     attn_target = t * a * (a + sigma + phi - m) / (t * (a + sigma) + phi)
     # Shared experts keep the reference's ratio of shared to routed-expert weights, G'/F' = G/F: with
-    # the same expert type that is f_s'/f' = f_s/f; DCCA experts (width r) against SwiGLU ones
-    # (width d) get r/d of the shared size that ratio alone would give.
+    # the same expert type that is f_s'/f' = f_s/f; DCCA experts (width d_e) against SwiGLU ones
+    # (width d) get d_e/d of the shared size that ratio alone would give.
     shared_per_expert_weight = ref_shapes.shared / ref_shapes.expert
     target_width = expert_width(SimpleNamespace(**base))
-    # Top-k' from 1 to the reference's k, or to d/r times it for DCCA experts against a SwiGLU
-    # reference: at width r the same expert FLOPs buy that many more experts per token (BigMac's
+    # Top-k' from 1 to the reference's k, or to d/d_e times it for DCCA experts against a SwiGLU
+    # reference: at width d_e the same expert FLOPs buy that many more experts per token (BigMac's
     # larger top-k), and the finer step lets a Vanilla DCCA model meet the budgets at all.
     ref_k = reference.num_experts_per_tok
     max_k = ref_k * max(1, expert_width(reference) // target_width)

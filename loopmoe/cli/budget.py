@@ -44,7 +44,7 @@ class BudgetOptions:
         shown="the reference's",
     )
     dcca_dim: int | None = option(
-        None, help="width r of the balanced model's DCCA experts", shown="the reference's r, else hidden_size // 4"
+        None, help="width of the balanced model's DCCA experts", shown="the reference's, else hidden_size // 4"
     )
     ep: int | None = option(
         None, help="expert-parallel degree: also show each model's all_to_all bytes per token at it", metavar="N"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopmoe.atomic import atomic_write_text, save_figure
+from loopmoe.config import ExpertType
 from loopmoe.text import human, markdown_table
 
 if TYPE_CHECKING:
@@ -54,10 +55,10 @@ def budget_table(
     def layers(c):
         return f"{c.num_prelude_layers}+{c.num_core_layers}x{c.num_loops}+{c.num_coda_layers}"
 
-    def experts(c):  # DCCA: BigMac's low-dimension experts at width r
-        if c.expert_type != "dcca":
+    def experts(c):  # DCCA: BigMac's low-dimension experts, at width dcca_dim
+        if not ExpertType(c.expert_type).projects:
             return c.expert_type
-        return f"dcca r={c.dcca_dim}" + (", router on r" if c.dcca_router_input == "descended" else "")
+        return f"{c.expert_type}, width {c.dcca_dim}" + (", routed there" if c.dcca_router_input == "descended" else "")
 
     rows = [
         ("layers P+CxT+Q", layers(ref), layers(loop), ""),

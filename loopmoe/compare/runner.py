@@ -54,7 +54,7 @@ class CompareOptions:
         shown="the reference's",
     )
     dcca_dim: int | None = option(
-        None, help="width r of the balanced model's DCCA experts", shown="the reference's r, else hidden_size // 4"
+        None, help="width of the balanced model's DCCA experts", shown="the reference's, else hidden_size // 4"
     )
     source: str = option("embedded", help=help_of(DataSection, "source"))
     tokenizer: str | None = option(None, help=help_of(DataSection, "tokenizer"), shown="a BPE trained on the source")

@@ -49,7 +49,7 @@ def test_budget_with_dcca_experts_shows_the_all_to_all_volume(capsys):
     assert data["looped"]["all_to_all_bytes_per_token"] == 2 * looped_k * 16 * 2 * 3 / 4 * 4
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "| expert type" in table and "dcca r=16" in table
+    assert "| expert type" in table and "dcca, width 16" in table
     assert "all_to_all bytes/token, forward (ep=4, bfloat16)" in table
 
 
