@@ -166,12 +166,8 @@ def balance(
         return compute_budget(SimpleNamespace(**{**base, **shape}), seq_len)
 
     def fit_experts(shape: dict) -> int:
-        """E' (>= top-k') whose total parameters are closest to the reference's."""
         k = shape.get("num_experts_per_tok", reference.num_experts_per_tok)
-        e = _linear_solve(
-            lambda n: budget(**{**shape, "num_experts": n}).total_params, k, k + 1, ref_budget.total_params
-        )
-        return max(k, round(e))
+        return _experts_for_params(lambda n: budget(**{**shape, "num_experts": n}), k, ref_budget.total_params)
 
     if strategy == "naive":
         shape: dict[str, int] = {}
@@ -197,6 +193,52 @@ def balance(
             f"{ffn_multiple}), a wider reference (more experts or heads give the solver room), or looser tolerances."
         )
     return BalanceResult(reference, looped, strategy, seq_len, ref_budget, looped_budget, dev, tol)
+
+
+def _experts_for_params(budget_with, top_k: int, total_params: int) -> int:
+    """E (>= top-k) whose total parameters are closest to ``total_params``; ``budget_with(E)`` is the
+    budget with E experts (linear in E, so two evaluations solve it)."""
+    e = _linear_solve(lambda n: budget_with(n).total_params, top_k, top_k + 1, total_params)
+    return max(top_k, round(e))
+
+
+def granularity_control(result: BalanceResult) -> LoopMoEConfig:
+    """The granularity control of a balanced pair: a Vanilla MoE with the looped model's experts.
+
+    Capacity balancing changes two things at once: the model loops, and its experts get finer and
+    more numerous (``small``, T = 2: 8 x 128 -> 28 x 76). Finer experts help on their own, so the
+    control keeps everything of the reference (T = 1, layers, heads, width) but takes the looped
+    model's expert type (and DCCA width), expert size f', top-k' and shared-expert size f_s', with the
+    expert count E chosen so that
+    total parameters are closest to the reference's. Its FLOPs per token are reported, not matched:
+    with the reference's attention and k' experts of size f' they are what they are (matching them
+    would need another top-k, which is the looped model's by definition of the control). Total
+    parameters move in steps of one expert per layer, so they match to within half that step.
+    """
+    reference, looped = result.reference, result.looped
+    base = {
+        **reference.architecture_dict(),
+        **{
+            k: getattr(looped, k)
+            for k in (
+                "expert_type",
+                "dcca_dim",
+                "dcca_router_input",
+                "moe_intermediate_size",
+                "num_experts_per_tok",
+                "shared_expert_intermediate_size",
+            )
+        },
+    }
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        base[key] = getattr(reference, key)
+    target = compute_budget(reference, result.seq_len).total_params
+    experts = _experts_for_params(
+        lambda n: compute_budget(SimpleNamespace(**{**base, "num_experts": n}), result.seq_len),
+        looped.num_experts_per_tok,
+        target,
+    )
+    return LoopMoEConfig(**{**base, "num_experts": experts})
 
 
 def _grid(size: int, parts: int) -> int:

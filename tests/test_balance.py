@@ -3,7 +3,7 @@
 import pytest
 
 from loopmoe import LoopMoEForCausalLM
-from loopmoe.balance import balance
+from loopmoe.balance import balance, granularity_control
 from loopmoe.presets import get_preset
 
 
@@ -101,3 +101,17 @@ def test_dcca_target_errors_name_the_fix():
         balance(get_preset("debug"), 2, dcca_dim=16)
     with pytest.raises(ValueError, match="expert_type must be one of"):
         balance(get_preset("debug"), 2, expert_type="bigmac")
+
+
+def test_granularity_control_of_a_dcca_model_takes_its_experts():
+    result = balance(get_preset("small"), 2, seq_len=256, expert_type="dcca")
+    control = granularity_control(result)
+    looped = result.looped
+    assert (control.num_loops, control.expert_type, control.dcca_dim) == (1, "dcca", looped.dcca_dim)
+    assert (control.moe_intermediate_size, control.num_experts_per_tok) == (
+        looped.moe_intermediate_size,
+        looped.num_experts_per_tok,
+    )
+    assert sum(p.numel() for p in LoopMoEForCausalLM(control).parameters()) == pytest.approx(
+        result.reference_budget.total_params, rel=0.02
+    )
