@@ -16,6 +16,7 @@ BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 PARSE_ONLY = (
     "loopmoe eval",
     "loopmoe convert",
+    "loopmoe export",
     "loopmoe train configs/debug.toml --out",
     "loopmoe compare --config",
     "loopmoe compare --num-loops 1 --expert-type dcca",  # tests/compare/test_runner.py runs it on a tiny corpus
@@ -76,5 +77,5 @@ def test_readme_command(command, tmp_path, monkeypatch, capsys):
 
 
 def test_readme_python_example():
-    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
+    code = re.findall(r"## Python\n.*?```python\n(.*?)```", README, flags=re.S)[0]
     exec(compile(code, "README.md", "exec"), {})

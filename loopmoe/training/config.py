@@ -30,7 +30,7 @@ ScheduleKind = Literal["cosine", "wsd"]
 class ModelSection:
     """The model: a preset with explicit `LoopMoEConfig` fields over it, or one complete config.
 
-    In TOML every key of `[model]` other than `preset`, `num_loops` and `config` is an explicit config field
+    In TOML every key of `[model]` other than `preset`, `num_loops`, `config` and `init_from` is an explicit config field
     (e.g. `hidden_size = 128`); they are checked against the preset's config when the model is
     built. From Python, `ModelSection.of(config)` runs exactly `config` (stored in full as
     `[model.config]`, so the run directory still describes the run).
@@ -45,6 +45,11 @@ class ModelSection:
     )
     config: LoopMoEConfig | None = option(
         None, help="a complete LoopMoEConfig instead of preset + fields (at the tokenizer's vocab_size)", cli=False
+    )
+    init_from: str | None = option(
+        None,
+        help="start from the weights of this LoopMoE or Qwen3-MoE checkpoint folder (continued pre-training, "
+        "fine-tuning): the architecture is the checkpoint's and model.preset is not used",
     )
 
     @classmethod
@@ -180,7 +185,12 @@ class RunConfig:
                 "model.config is a complete model config: leave model.preset (none), model.num_loops and the "
                 "model fields unset, or drop model.config"
             )
-        if m.config is None and m.preset is None:
+        if m.config is not None and m.init_from is not None:
+            raise ValueError(
+                "model.config and model.init_from both define the model: the checkpoint's architecture is used "
+                "with init_from, so drop model.config"
+            )
+        if m.config is None and m.preset is None and m.init_from is None:
             raise ValueError("model.preset is not set: name a preset (see `loopmoe presets`) or give model.config")
         for key, value in [
             ("train.max_steps", t.max_steps),
