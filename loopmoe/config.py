@@ -119,13 +119,22 @@ class LoopMoEConfig(PretrainedConfig):
     (``num_coda_layers``, run once) -> final RMSNorm -> LM head.
     Executed depth ``L = P + C * T + Q``; one KV-cache slot per executed layer.
 
-    Args:
-        vocab_size, hidden_size: vocabulary and model width ``d``.
-        num_prelude_layers, num_core_layers, num_coda_layers, num_loops: ``P``, ``C``, ``Q``, ``T``.
-        num_attention_heads, num_key_value_heads, head_dim: GQA shapes ``H``, ``H_kv``, ``h_d``.
+    Args:  (one entry per field: ``loopmoe train --help`` lists them as ``--model.KEY``)
+        vocab_size: vocabulary size (a training run takes its tokenizer's).
+        hidden_size: model width ``d``.
+        num_prelude_layers: ``P``, layers run once before the looped core.
+        num_core_layers: ``C``, layers of the looped core (shared weights).
+        num_coda_layers: ``Q``, layers run once after the looped core.
+        num_loops: ``T``, times the core runs (1: a Vanilla MoE).
+        num_attention_heads: query heads ``H``.
+        num_key_value_heads: key/value heads ``H_kv`` (GQA; divides ``H``).
+        head_dim: width of one attention head ``h_d``.
         qk_norm: RMSNorm over the head dimension of queries and keys (Qwen3 style).
-        rope_theta, max_position_embeddings: rotary embedding base and the longest position.
-        num_experts, num_experts_per_tok, moe_intermediate_size: ``E``, top-``k``, expert size ``f``.
+        rope_theta: rotary embedding base.
+        max_position_embeddings: the longest position (context length) the model is built for.
+        num_experts: routed experts per MoE layer ``E``.
+        num_experts_per_tok: experts each token is routed to (top-``k``).
+        moe_intermediate_size: hidden size ``f`` of one routed expert.
         shared_expert_intermediate_size: total hidden size ``f_s`` of always-on shared experts (0: none).
         router_score: ``"softmax"`` or ``"sigmoid"`` scores over experts.
         norm_topk_prob: renormalise the selected top-k scores to sum to one.
@@ -149,8 +158,13 @@ class LoopMoEConfig(PretrainedConfig):
         input_injection: re-inject the prelude output at each later core iteration:
             ``none``, ``add`` or ``concat`` (Huginn-style concat + linear).
         norm_scheme: ``pre``, ``sandwich`` or ``depth_scaled_sandwich`` (with TinyInit).
-        rms_norm_eps, initializer_range, tie_word_embeddings, use_cache: as in transformers
-            (a training-mode forward builds no cache unless asked to).
+        rms_norm_eps: epsilon of every RMSNorm.
+        initializer_range: standard deviation of the normal initialisation of the weights.
+        tie_word_embeddings: share the input embedding and the LM head.
+        use_cache: return a KV cache at inference (a training-mode forward builds none unless asked to).
+        pad_token_id: padding token id (a training run takes its tokenizer's).
+        bos_token_id: beginning-of-sequence token id (a training run takes its tokenizer's).
+        eos_token_id: end-of-sequence token id (a training run takes its tokenizer's).
     """
 
     model_type = "loopmoe"
@@ -411,3 +425,23 @@ CONFIG_FIELDS: tuple[str, ...] = tuple(
 _RUNTIME_FIELDS = ("moe_implementation", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id")
 # The fields that define the architecture: two configs equal on these build the same model.
 ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(f for f in CONFIG_FIELDS if f not in _RUNTIME_FIELDS)
+
+
+def config_field_help() -> dict[str, str]:
+    """The meaning of each ``CONFIG_FIELDS`` entry, read from the ``Args:`` section of ``LoopMoEConfig``'s
+    docstring (its one written home): an entry ``a, b: text`` (continued on deeper-indented lines)
+    documents both ``a`` and ``b``. ``loopmoe train --help`` lists the ``model.KEY`` flags with it."""
+    doc = inspect.cleandoc(LoopMoEConfig.__doc__ or "")
+    args = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    entries: list[tuple[list[str], list[str]]] = []
+    for line in args.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        head, sep, text = line.strip().partition(": ")
+        names = [n.strip() for n in head.split(",")]
+        if indent == 4 and sep and all(n in CONFIG_FIELDS for n in names):
+            entries.append((names, [text]))
+        elif entries:
+            entries[-1][1].append(line.strip())
+    return {name: " ".join(text) for names, text in entries for name in names}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -155,7 +155,7 @@ def _or_none(parse: Any) -> Any:
     return parse_optional
 
 
-def _metavar(hint: Any, comma: bool = False) -> str:
+def metavar_of(hint: Any, comma: bool = False) -> str:
     """``INT``, ``{a,b}``, ``INT,...`` (``comma``: tuples typed as a,b) or ``[FLOAT, FLOAT]`` (TOML lists)."""
     inner, _ = _unwrap_optional(hint)
     if get_origin(inner) is Literal:
@@ -166,7 +166,7 @@ def _metavar(hint: Any, comma: bool = False) -> str:
             return ",".join(names) + (",..." if Ellipsis in get_args(inner) else "")
         return f"[{', '.join(names)}]"
     if get_origin(inner) is list:
-        return _metavar(get_args(inner)[0])
+        return metavar_of(get_args(inner)[0])
     return getattr(inner, "__name__", "VALUE").upper()
 
 
@@ -237,7 +237,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, given_only: bool 
                 kwargs["default"] = argparse.SUPPRESS
             help_text += _show(f)
         if kwargs.get("action") not in ("store_true", argparse.BooleanOptionalAction):
-            kwargs["metavar"] = meta["metavar"] or _metavar(hints[f.name], comma=True)
+            kwargs["metavar"] = meta["metavar"] or metavar_of(hints[f.name], comma=True)
         flags = [meta["flag"] or "--" + f.name.replace("_", "-"), *meta["aliases"]]
         _group(parser, groups, meta["group"]).add_argument(
             *flags, dest=f.name, help=help_text.replace("%", "%%"), **kwargs
@@ -267,19 +267,30 @@ def add_overrides(parser: argparse.ArgumentParser, section: str, cls: type, titl
     """One flag ``--SECTION.KEY VALUE`` per field of the run-config section ``cls``: the override
     ``SECTION.KEY=VALUE``, collected in ``namespace.option_overrides`` (VALUE is read like an override's)."""
     hints = get_type_hints(cls)
-    group = parser.add_argument_group(title, description)
-    for f in _cli_fields(cls):
-        meta = f.metadata
-        key = f"{section}.{f.name}"
+    add_override_flags(
+        parser.add_argument_group(title, description),
+        section,
+        [
+            (f.name, f.metadata["aliases"], metavar_of(hints[f.name]), f.metadata["help"] + _show(f, toml=True))
+            for f in _cli_fields(cls)
+        ],
+    )
+
+
+def add_override_flags(group: Any, section: str, keys: Sequence[tuple[str, tuple[str, ...], str, str]]) -> None:
+    """``--SECTION.KEY VALUE`` (and ``--SECTION.KEY=VALUE``) flags that append the override
+    ``SECTION.KEY=VALUE`` to ``namespace.option_overrides``, for keys given as (name, aliases, metavar, help)."""
+    for name, aliases, metavar, help_text in keys:
+        key = f"{section}.{name}"
         group.add_argument(
             f"--{key}",
-            *meta["aliases"],
+            *aliases,
             action=_Override,
             key=key,
             dest=OVERRIDES_DEST,
             default=argparse.SUPPRESS,
-            metavar=_metavar(hints[f.name]),
-            help=(meta["help"] + _show(f, toml=True)).replace("%", "%%"),
+            metavar=metavar,
+            help=help_text.replace("%", "%%"),
         )
 
 

@@ -17,6 +17,7 @@ PARSE_ONLY = (
     "loopmoe eval",
     "loopmoe convert",
     "loopmoe export",
+    "loopmoe generate",
     "loopmoe train configs/debug.toml --out",
     "loopmoe compare --config",
     "loopmoe compare --num-loops 1 --expert-type dcca",  # tests/compare/test_runner.py runs it on a tiny corpus

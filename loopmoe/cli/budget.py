@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -127,4 +128,4 @@ def save_models(result: BalanceResult, directory: Path, dtype: torch.dtype) -> N
         model = LoopMoEForCausalLM(cfg).to(dtype)  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
         model.save_pretrained(directory / name)
         del model
-        print(f"wrote {directory / name}")
+        print(f"wrote {directory / name}", file=sys.stderr)  # a status line: stdout stays the table or JSON

@@ -22,7 +22,13 @@ class ConvertOptions:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a transformers checkpoint into a LoopMoE checkpoint")
+    p = sub.add_parser(
+        "convert",
+        help="convert a transformers checkpoint into a LoopMoE checkpoint",
+        description="Convert SRC, a transformers checkpoint of another architecture (--from qwen3-moe: config.json + "
+        "safetensors), into a LoopMoE checkpoint in DST with the same weights: a T = 1 LoopMoE whose logits equal "
+        "the source model's. Tokenizer files in SRC are copied along.",
+    )
     add_options(p, ConvertOptions)
     p.set_defaults(run=run)
 

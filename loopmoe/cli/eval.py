@@ -189,15 +189,16 @@ def _perplexity(model, tokenizer, texts: list[Path], args) -> list[dict]:
 def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, args, manager) -> dict:
     from loopmoe.evaluation import harness, loading
     from loopmoe.evaluation.depth import analyse_depth, token_sequences
+    from loopmoe.evaluation.overlap import training_overlap
     from loopmoe.evaluation.perplexity import read_heldout_tokens
     from loopmoe.evaluation.plots import plot_depth
 
     loading.require_looped(model, "depth analysis")
     loops = list(args.loops)
     ids, _ = read_heldout_tokens(text, tokenizer, args.seq_len * args.sequences)
-    analysis = analyse_depth(
-        model, token_sequences(ids, args.seq_len, args.sequences), loops, batch_size=int(args.batch_size)
-    )
+    sequences = token_sequences(ids, args.seq_len, args.sequences)
+    overlap = training_overlap(args.model_dir, sequences.numpy(), len(tokenizer))
+    analysis = analyse_depth(model, sequences, loops, batch_size=int(args.batch_size), training_overlap=overlap)
     analysis["text"] = str(text)
     if tasks:
         lm = harness.wrap_model(model, tokenizer, batch_size=int(args.batch_size), device=args.device)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+from functools import partial
 
-from loopmoe.cli import budget, compare, convert, export, presets, tasks, train
+from loopmoe.cli import budget, compare, convert, export, generate, presets, tasks, train
 from loopmoe.cli import eval as eval_cli
+from loopmoe.console import quiet_library_progress
 from loopmoe.errors import UserFacingError
 
 SUBCOMMANDS = {
@@ -15,6 +18,7 @@ SUBCOMMANDS = {
     "budget": budget,
     "train": train,
     "eval": eval_cli,
+    "generate": generate,
     "convert": convert,
     "export": export,
     "presets": presets,
@@ -24,10 +28,21 @@ SUBCOMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopmoe", description="Looped Mixture-of-Experts language models.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for _name, module in SUBCOMMANDS.items():
         module.add_parser(sub)
     return parser
+
+
+def version_line() -> str:
+    """``loopmoe X (torch Y, transformers Z)``: what a bug report needs to say."""
+    import torch
+    import transformers
+
+    from loopmoe import __version__
+
+    return f"loopmoe {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    quiet_library_progress()  # not on a terminal: no per-item bars of transformers / datasets in the log
+    formatted = warnings.formatwarning
+    warnings.formatwarning = partial(_one_line_warning, args.command)
     try:
         code = args.run(args) or 0
         sys.stdout.flush()  # inside the try: a closed pipe (`loopmoe budget --json | head -1`) surfaces here
@@ -54,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"loopmoe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatted
+
+
+def _one_line_warning(command: str, message, category, filename, lineno, line=None) -> str:
+    """A warning shown as ``loopmoe COMMAND: warning: ...``, like errors: the message says it all, not the
+    source line (only the text changes: filters and recording work as ever)."""
+    return f"loopmoe {command}: warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ from loopmoe.text import human, markdown_table
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("presets", help="list the model presets")
+    p = sub.add_parser(
+        "presets",
+        help="list the model presets",
+        description="List the shipped model presets (Vanilla MoE reference configs, T = 1) with their total and "
+        "active parameters at sequence length 2048. Use a name as `loopmoe budget NAME`, or as model.preset in a "
+        "run config; paper-scale presets are marked.",
+    )
     p.set_defaults(run=run)
 
 

@@ -8,8 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_type_hints
 
-from loopmoe.options import add_options, add_overrides, given_overrides, option, options_from
-from loopmoe.training.config import RunConfig
+from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig, config_field_help
+from loopmoe.options import (
+    add_options,
+    add_override_flags,
+    add_overrides,
+    given_overrides,
+    metavar_of,
+    option,
+    options_from,
+)
+from loopmoe.training.config import ModelSection, RunConfig
+
+# LoopMoEConfig fields a run does not take from [model]: the tokenizer gives the vocabulary and token ids.
+_FROM_TOKENIZER = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 @dataclass
@@ -45,15 +57,34 @@ def add_parser(sub) -> None:
     add_options(p, TrainOptions)
     for name, cls in get_type_hints(RunConfig).items():
         doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
-        extra = " Any other LoopMoEConfig field as model.KEY=VALUE." if name == "model" else ""
         add_overrides(
             p,
             name,
             cls,
             f"[{name}] keys",
-            f"{doc}{extra} A flag overrides the config file; the default is that of a key the file omits.",
+            f"{doc} A flag overrides the config file; the default is that of a key the file omits.",
         )
+        if name == "model":
+            _add_model_fields(p)
     p.set_defaults(run=run)
+
+
+def _add_model_fields(parser) -> None:
+    """``--model.KEY`` for every LoopMoEConfig field a run config may set over the preset, with the
+    meaning documented on ``LoopMoEConfig`` (``config_field_help``)."""
+    section = get_type_hints(ModelSection)
+    hints = get_type_hints(LoopMoEConfig.__init__)
+    meaning = config_field_help()
+    keys = [
+        (f, (), metavar_of(hints[f]), f"{meaning[f].replace('``', '').rstrip('.')} (default: the preset's)")
+        for f in CONFIG_FIELDS
+        if f not in section and f not in _FROM_TOKENIZER
+    ]
+    group = parser.add_argument_group(
+        "[model] LoopMoEConfig fields",
+        "Architecture fields over the preset (in TOML: plain [model] keys, e.g. hidden_size = 128).",
+    )
+    add_override_flags(group, "model", keys)
 
 
 def run(args) -> int:

@@ -196,15 +196,21 @@ def plot_losses(runs: dict[str, dict[int, dict]], path: Path) -> None:
 
 
 def plot_expert_load(loads: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Heat maps of expert load / uniform share per layer@iteration, one per model, on one colour scale:
+    white at 1 (balanced), blue below, red above, up to the largest load of either model (never clipped)."""
+    from matplotlib.colors import TwoSlopeNorm
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(loads), figsize=(6 * len(loads), 3.5), squeeze=False)
+    matrices = {name: [[share * len(row) for share in row] for row in slots.values()] for name, slots in loads.items()}
+    peak = max((v for m in matrices.values() for row in m for v in row), default=1.0)
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(peak, 1.0 + 1e-6))
     for ax, (name, slots) in zip(axes[0], loads.items()):
         labels = list(slots)
-        matrix = [[share * len(row) for share in row] for row in slots.values()]
-        image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=2.0)
+        image = ax.imshow(matrices[name], aspect="auto", cmap="RdBu_r", norm=norm)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel("expert")
-        ax.set_title(f"{name}: load / uniform per layer@iteration", fontsize=9)
+        ax.set_title(f"{name}: load / uniform per layer@iteration (max {peak:.2f})", fontsize=9)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     save_figure(fig, path)

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from loopmoe.atomic import atomic_directory
+from loopmoe.console import Progress
 from loopmoe.data.sources import DataSource
 from loopmoe.data.tokenizer import LMTokenizer
 
@@ -231,7 +231,7 @@ def _tokenise(
     digests = {split: hashlib.sha256() for split in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
     outputs = {split: open(staging / f"{split}.bin", "wb") for split in SPLITS}  # noqa: SIM115
-    bar = tqdm(desc=f"tokenising {source.spec}", unit="doc", disable=not progress)
+    bar = Progress(f"tokenising {source.spec}", unit="doc", enabled=progress)
     try:
         index = 0
         for batch in _char_batches(source.documents()):
@@ -243,8 +243,7 @@ def _tokenise(
                 tokens[split] += array.size
                 documents[split] += 1
                 index += 1
-            bar.update(len(batch))
-            bar.set_postfix(tokens=tokens["train"] + tokens["val"])
+            bar.update(len(batch), tokens=tokens["train"] + tokens["val"])
     finally:
         bar.close()
         for handle in outputs.values():

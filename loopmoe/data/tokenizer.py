@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from loopmoe.atomic import atomic_directory
+from loopmoe.console import interactive, status
 from loopmoe.data.sources import DataSource
 
 log = logging.getLogger(__name__)
@@ -151,10 +153,13 @@ def train_bpe_tokenizer(
         min_frequency=min_frequency,
         special_tokens=[eos_token],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
+        show_progress=progress and interactive(),  # the Rust bar redraws per chunk: a terminal's, not a log's
     )
     log.info("training a %d-token byte-level BPE on %s", vocab_size, source.spec)
+    t0 = time.perf_counter()
     backend.train_from_iterator(_capped(source.documents(), max_chars), trainer=trainer)
+    if progress and not interactive():
+        status(f"trained a {vocab_size}-token BPE on {source.spec} in {time.perf_counter() - t0:.1f} s")
     tokenizer = _with_eos(backend, eos_token, where=source.spec)
     with atomic_directory(directory) as staging:
         tokenizer.save(staging)

@@ -29,11 +29,14 @@ def build_mesh(world_size: int, device_type: str) -> DeviceMesh:
 def apply_ddp(model: nn.Module, device: torch.device | None = None) -> DDP:
     """Wrap in DistributedDataParallel (replicated weights, all-reduced gradients).
 
-    `find_unused_parameters` stays on: with top-k routing an expert may receive no token in a
-    micro-batch, and its parameters then get no gradient.
+    `find_unused_parameters` is off: every parameter takes part in every step. An expert that
+    receives no token in a micro-batch is a slice of the stacked ``Experts.gate_up_proj`` /
+    ``down_proj`` tensors, which the other experts' tokens reach, so no whole parameter goes
+    without a gradient (with the flag on, DDP traverses the autograd graph each step to find none,
+    and warns so). A model that did leave a parameter unused fails loudly in DDP's reducer, not silently.
     """
     device_ids = [device.index] if device is not None and device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids, find_unused_parameters=True)
+    return DDP(model, device_ids=device_ids, find_unused_parameters=False)
 
 
 def _shard_units(model: nn.Module) -> list[nn.Module]:

@@ -6,10 +6,16 @@ For each loop count T, on the same held-out sequences:
   (k = 1..T) is read out through the final norm and LM head, skipping any coda layers;
 - ``routing``: per core layer, how the selected expert set of each token changes from iteration
   k-1 to k: the fraction of tokens whose set differs, and the mean Jaccard overlap of the sets.
+
+The result also records ``trained_loops`` (the model's own T) and ``warnings``: the analysis of a
+model trained with T = 1 (its core never learned to be iterated: every loop count but 1 is
+untrained territory), and of text that overlaps the training data (``training_overlap``, see
+``loopmoe.evaluation.overlap``; its loss is not a held-out loss), is reported but flagged.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from functools import partial
 from typing import Any
@@ -49,15 +55,49 @@ def _boundary_index(config, iteration: int) -> int:
     )
 
 
+def depth_warnings(trained_loops: int, training_overlap: dict | None) -> list[str]:
+    """What makes a depth analysis misleading: a T = 1 model, or text the model was trained on."""
+    from loopmoe.evaluation.overlap import WARN_ABOVE
+
+    out = []
+    if trained_loops == 1:
+        out.append(
+            "the model was trained with num_loops = 1: its core was never iterated in training, so every other "
+            "loop count is untrained; analyse a looped model (num_loops > 1) to study test-time depth"
+        )
+    fraction = (training_overlap or {}).get("fraction")
+    if fraction is not None and fraction > WARN_ABOVE:
+        assert training_overlap is not None
+        out.append(
+            f"{100 * fraction:.1f}% of the text's {training_overlap['ngram']}-token windows occur in the training "
+            f"data ({training_overlap['shards']}): its loss is not a held-out loss; pass held-out text, e.g. the "
+            "run's shard folder (its val split)"
+        )
+    return out
+
+
 @torch.no_grad()
-def analyse_depth(model, sequences: torch.Tensor, loops: list[int], *, batch_size: int = 4) -> dict:
-    """Loss, logit-lens loss and routing divergence for each loop count in ``loops`` (JSON-ready)."""
+def analyse_depth(
+    model, sequences: torch.Tensor, loops: list[int], *, batch_size: int = 4, training_overlap: dict | None = None
+) -> dict:
+    """Loss, logit-lens loss and routing divergence for each loop count in ``loops`` (JSON-ready), with
+    ``trained_loops``, ``training_overlap`` (as given, from ``loopmoe.evaluation.overlap``) and ``warnings``
+    (also issued as ``UserWarning``)."""
     require_looped(model, "depth analysis")
     for t in loops:
         model.config.check_num_loops(t)
     device = next(model.parameters()).device
     norm, head, cfg = model.model.norm, model.lm_head, model.config
-    results: dict[str, Any] = {"loops": list(loops), "tokens": int(sequences[:, 1:].numel()), "by_loops": {}}
+    results: dict[str, Any] = {
+        "loops": list(loops),
+        "trained_loops": cfg.num_loops,
+        "tokens": int(sequences[:, 1:].numel()),
+        "training_overlap": training_overlap,
+        "warnings": depth_warnings(cfg.num_loops, training_overlap),
+        "by_loops": {},
+    }
+    for message in results["warnings"]:
+        warnings.warn(f"depth analysis: {message}", stacklevel=2)
     for t in loops:
         nll, lens_nll = 0.0, torch.zeros(t, dtype=torch.float64)
         # per MoE layer: summed over tokens, one entry per pair of consecutive iterations

@@ -9,10 +9,12 @@ or ever resolving its own hub-backed task of the same name.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loopmoe.console import quiet_lm_eval, status
 from loopmoe.evaluation.tasks.loaders import data_file
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -85,7 +87,8 @@ def wrap_model(model, tokenizer, *, batch_size: int | str = 8, device: str | Non
 
     device = device or str(next(model.parameters()).device)
     # backend="causal": LoopMoE is not in transformers' own causal-LM name list, which HFLM consults.
-    return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=device)
+    with quiet_lm_eval():  # HFLM warns that an already loaded model is not a name: that is what we mean
+        return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=device)
 
 
 def evaluate_tasks(
@@ -107,17 +110,23 @@ def evaluate_tasks(
     from lm_eval import simple_evaluate
 
     check_task_files([t for t in tasks if isinstance(t, str)], data_dir)
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager if manager is not None else task_manager(data_dir, tasks),
-        bootstrap_iters=BOOTSTRAP_ITERS,
-        log_samples=log_samples,
-    )
+    t0 = time.perf_counter()
+    with quiet_lm_eval():
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager if manager is not None else task_manager(data_dir, tasks),
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=log_samples,
+        )
     if results is None:  # only on non-zero ranks under multi-process lm-eval
         raise RuntimeError("lm-eval returned no results on this process")
+    scored = ", ".join(
+        f"{task} ({counts.get('effective', '?')} docs)" for task, counts in results.get("n-samples", {}).items()
+    )
+    status(f"lm-eval: {scored} in {time.perf_counter() - t0:.1f} s")
     return results
 
 

@@ -16,19 +16,46 @@ def _pyplot():
     return plt
 
 
+BEYOND = dict(color="0.85", alpha=0.5, zorder=0)  # the shading of loop counts past the trained depth
+
+
+def _mark_trained(ax, trained: float | None, last: float, label: str) -> None:
+    """A dashed line at the trained depth and the region beyond it shaded (when the plot reaches past it)."""
+    if trained is None or trained > last:  # this plot stops short of the trained depth
+        return
+    ax.axvline(trained, color="0.3", linestyle=":", linewidth=1, label=label)
+    if last > trained:
+        ax.axvspan(trained, last, **BEYOND)
+
+
 def plot_depth(analysis: dict, output_dir: str | Path) -> list[Path]:
-    """Write loss_vs_loops.png, logit_lens.png and routing_divergence.png; return their paths."""
+    """Write loss_vs_loops.png, logit_lens.png and routing_divergence.png; return their paths.
+
+    Every plot marks the trained depth (``trained_loops``): a dotted line, and the loop counts past
+    it shaded. The logit lens gets one panel per loop count T: the readout after iteration k is the
+    same computation for every T >= k (the core at iteration k does not know T), so the curves of
+    different T coincide where they overlap and one set of axes would show a single line.
+    """
     plt = _pyplot()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     loops = analysis["loops"]
     by = analysis["by_loops"]
+    trained = analysis.get("trained_loops")
+    warned = " (see warnings)" if analysis.get("warnings") else ""
     paths = []
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(loops, [by[str(t)]["loss"] for t in loops], marker="o", label="held-out loss")
-    ax.set(xlabel="loops at inference T", ylabel="loss (nats/token)", xscale="log", title="Loss vs test-time depth")
+    ax.set(
+        xlabel="loops at inference T",
+        ylabel="loss (nats/token)",
+        xscale="log",
+        title=f"Loss vs test-time depth{warned}",
+    )
     ax.set_xticks(loops, [str(t) for t in loops])
+    ax.minorticks_off()  # the log axis would label 3 as 3x10^0
+    _mark_trained(ax, trained, max(loops), f"trained T={trained}")
     tasks = analysis.get("tasks")
     if tasks:
         twin = ax.twinx()
@@ -43,13 +70,18 @@ def plot_depth(analysis: dict, output_dir: str | Path) -> list[Path]:
     ax.legend(loc="upper left", fontsize=7)
     paths.append(_save(fig, out / "loss_vs_loops.png", plt))
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for t in loops:
+    fig, axes = plt.subplots(1, len(loops), figsize=(2.6 * len(loops) + 1, 3.2), sharey=True, squeeze=False)
+    for ax, t in zip(axes[0], loops):
         lens = by[str(t)]["lens_loss"]
-        ax.plot(range(1, len(lens) + 1), lens, marker="o", label=f"T={t}")
-    ax.set_xticks(range(1, max(loops) + 1))
-    ax.set(xlabel="iteration k (readout after it)", ylabel="loss (nats/token)", title="Logit lens at loop boundaries")
-    ax.legend(fontsize=7)
+        ks = range(1, len(lens) + 1)
+        ax.plot(ks, lens, marker="o", color=f"C{loops.index(t)}", label="lens after k")
+        ax.axhline(by[str(t)]["loss"], color="0.4", linestyle="--", linewidth=1, label="model output")
+        _mark_trained(ax, trained, max(ks), f"trained T={trained}")
+        ax.set_xticks(list(ks))
+        ax.set(xlabel="iteration k", title=f"T={t}")
+    axes[0][0].set_ylabel("loss (nats/token)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Logit lens at loop boundaries{warned}", fontsize=10)
     paths.append(_save(fig, out / "logit_lens.png", plt))
 
     t_max = max(loops)
@@ -61,6 +93,9 @@ def plot_depth(analysis: dict, output_dir: str | Path) -> list[Path]:
         right.plot(ks, curves["jaccard"], marker="o", label=layer)
         left.set_xticks(list(ks))
         right.set_xticks(list(ks))
+    for ax in (left, right):  # transition k compares iterations k-1 and k (0-based): trained up to T-1
+        if trained is not None and t_max > trained:
+            _mark_trained(ax, trained - 0.5, t_max - 0.5, f"trained T={trained}")
     left.set(xlabel="iteration k vs k-1", ylabel="fraction of tokens", title=f"Expert set changed (T={t_max})")
     right.set(xlabel="iteration k vs k-1", ylabel="mean Jaccard", title=f"Expert set overlap (T={t_max})")
     left.legend(fontsize=7)

@@ -109,8 +109,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)  # [B, H(_kv), S, hd]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, cache_slot)
-        impl = self.config._attn_implementation
-        # "eager" is served by SDPA too: same math, without materialising the S x S scores in Python.
-        attend = sdpa_attention_forward if impl in (None, "eager", "sdpa") else ALL_ATTENTION_FUNCTIONS[impl]
+        impl = self.config._attn_implementation  # never "eager": the model refuses it at construction
+        attend = sdpa_attention_forward if impl in (None, "sdpa") else ALL_ATTENTION_FUNCTIONS[impl]
         out, _ = attend(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling)
         return self.o_proj(out.reshape(B, S, -1))

@@ -123,6 +123,17 @@ class LoopMoECausalLMOutput(MoeCausalLMOutputWithPast):
     router_stats: list[RouterStats] | None = None
 
 
+def refuse_attention_weights(output_attentions: bool | None, config: LoopMoEConfig) -> None:
+    """``output_attentions=True`` (or the config's switch) is an error, not silently ignored: the fused
+    attention kernels never form the weights (see ``LoopMoEPreTrainedModel.get_correct_attn_implementation``)."""
+    if output_attentions or (output_attentions is None and getattr(config, "output_attentions", False)):
+        raise ValueError(
+            "LoopMoE cannot return attention weights (output_attentions=True): its attention is a fused kernel "
+            "(SDPA, flash or flex) that never materialises them; use output_hidden_states=True or router_stats "
+            "for per-layer analysis"
+        )
+
+
 class LoopMoEPreTrainedModel(PreTrainedModel):
     config_class = LoopMoEConfig
     config: LoopMoEConfig
@@ -134,6 +145,17 @@ class LoopMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """transformers' choice of attention kernel, refusing ``"eager"``: every implementation here is a fused
+        kernel (SDPA, flash, flex) that never forms the attention weights, so ``eager`` could only be SDPA
+        under another name and ``output_attentions=True`` would have nothing to return."""
+        if requested_attention is not None and requested_attention.removeprefix("paged|") == "eager":
+            raise ValueError(
+                "LoopMoE has no eager attention (it never materialises the attention weights): use "
+                'attn_implementation="sdpa" (the default), "flash_attention_2" or "flex_attention"'
+            )
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """transformers' checkpoint, made self-contained: ``config.json`` gets an ``auto_map`` and the
@@ -252,6 +274,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         **kwargs,
     ) -> LoopMoEModelOutput:
         cfg = self.config
+        refuse_attention_weights(kwargs.get("output_attentions"), cfg)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         num_loops = cfg.num_loops if num_loops is None else num_loops
@@ -369,6 +392,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         # skip_logits (default: training with labels) computes the loss fused with the LM head
         # (kernels/cross_entropy.py) and returns logits=None: the [B, S, V] logits are never materialised.
         cfg = self.config
+        refuse_attention_weights(kwargs.get("output_attentions"), cfg)
         if skip_logits is None:
             skip_logits = self.training and labels is not None
         if skip_logits and labels is None:

@@ -130,7 +130,18 @@ class TrainSection:
     eval_batches: int = option(10, help="held-out batches per evaluation (0 disables evaluation)")
     checkpoint_every: int = option(200, help="steps between checkpoints", aliases=("--checkpoint-every",))
     keep_last: int = option(3, help="checkpoints kept")
-    log_every: int = option(10, help="steps between router statistics in the logs")
+    log_every: int = option(
+        10, help="steps between console lines (loss, lr, grad norm, tokens/s, MFU, ETA) and router statistics"
+    )
+    peak_tflops: float | None = option(
+        None,
+        help="peak dense TFLOP/s of one accelerator, for MFU",
+        shown="the datasheet BF16 peak of a known GPU; no MFU on CPU",
+    )
+    wandb: bool = option(
+        False, help="also log to Weights & Biases (pip install 'loopmoe[wandb]'; WANDB_MODE=offline works offline)"
+    )
+    wandb_project: str = option("loopmoe", help="W&B project of the run (with train.wandb)")
     activation_checkpointing: Literal["none", "full", "selective"] = option(
         "none",
         help="recompute activations in backward: none, full (every executed layer) or selective "
@@ -210,6 +221,8 @@ class RunConfig:
             raise ValueError(f"train.max_skipped_steps = {t.max_skipped_steps}: must be >= 1")
         if t.grad_accum is not None and t.grad_accum < 1:
             raise ValueError(f"train.grad_accum = {t.grad_accum}: must be >= 1")
+        if t.peak_tflops is not None and t.peak_tflops <= 0:
+            raise ValueError(f"train.peak_tflops = {t.peak_tflops}: must be > 0 (or none to look it up)")
         if t.grad_clip < 0:
             raise ValueError(f"train.grad_clip = {t.grad_clip}: must be >= 0 (0 disables clipping)")
         if o.lr <= 0 or o.eps <= 0 or o.weight_decay < 0:

@@ -1,23 +1,32 @@
-"""Where training numbers go: `metrics.jsonl` (every step), TensorBoard and a progress bar.
+"""Where training numbers go: one ``MetricsLogger`` writing to sinks.
 
-Only rank 0 writes. The JSONL file is the record runs are compared by (resume exactness,
-parity tests, plots); TensorBoard is for looking at a run while it trains.
+Only rank 0 writes. Every step is appended to ``metrics.jsonl`` (with its wall-clock ``time`` and
+the run's ``elapsed_s``), the record runs are compared by (resume exactness, parity tests,
+plots). The same step scalars, and every ``train.log_every`` steps the router statistics (per
+executed (layer, iteration): a histogram of the expert loads and three summary scalars), go to
+each ``Sink``: TensorBoard always, Weights & Biases with ``train.wandb = true``. The console gets
+one line every ``train.log_every`` steps (step, loss, lr, grad norm, tokens/s, MFU, ETA; see
+``loopmoe.training.throughput``), and a progress bar when stderr is a terminal.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import sys
+import time
 import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from loopmoe.atomic import atomic_write_text
+from loopmoe.text import human
+from loopmoe.training.throughput import Throughput, format_duration
 
 if TYPE_CHECKING:
     from loopmoe.model.moe import RouterStats
@@ -85,59 +94,214 @@ def summarize_router_stats(stats_per_micro: Sequence[Sequence[RouterStats]]) -> 
     return {k: {n: torch.stack(v).mean(0) for n, v in d.items()} for k, d in acc.items()}
 
 
-class MetricsLogger:
-    """Writes step records; a no-op on ranks other than 0."""
+def router_summaries(
+    router: dict[str, dict[str, torch.Tensor]],
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Scalars and histograms of ``summarize_router_stats``' output, per slot (an executed (layer, iteration)):
 
-    def __init__(self, run_dir: str | Path, enabled: bool, max_steps: int, start_step: int = 0):
+    - ``router/SLOT/load``: histogram of the E expert loads (fractions of the routed assignments);
+    - ``router/SLOT/max_load``: the largest load as a multiple of the balanced share 1/E (1 = balanced);
+    - ``router/SLOT/entropy``: mean entropy of the routing scores;
+    - ``router/SLOT/dead_experts``: experts that received no token in the step.
+    """
+    scalars: dict[str, float] = {}
+    histograms: dict[str, torch.Tensor] = {}
+    for slot, stats in router.items():
+        load = stats["load"]
+        histograms[f"router/{slot}/load"] = load
+        scalars[f"router/{slot}/max_load"] = (load.max() * load.numel()).item()
+        scalars[f"router/{slot}/entropy"] = stats["entropy"].item()
+        scalars[f"router/{slot}/dead_experts"] = float((load == 0).sum().item())
+    return scalars, histograms
+
+
+class Sink(Protocol):
+    """A destination of the step scalars and histograms (TensorBoard, Weights & Biases)."""
+
+    def log(self, step: int, scalars: dict[str, float], histograms: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim": {"lr": 3e-4}} -> {"optim.lr": 3e-4}``; values that are not numbers, booleans or
+    strings become their JSON text (hyper-parameter tables take scalars only)."""
+    out: dict[str, Any] = {}
+    for section, table in config.items():
+        for key, value in table.items() if isinstance(table, dict) else [("", table)]:
+            name = f"{section}.{key}" if key else section
+            out[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value, default=str)
+    return out
+
+
+class TensorBoardSink:
+    """``OUT/tensorboard``: scalars, histograms, and the run config as text and as hparams."""
+
+    def __init__(self, run_dir: Path, start_step: int, config: dict[str, Any] | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        if config is not None:
+            self.writer.add_text(
+                "config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", start_step
+            )
+            self._add_hparams(flat_config(config))
+
+    def _add_hparams(self, hparams: dict[str, Any]) -> None:
+        # In this run's own event file (SummaryWriter.add_hparams would open a sub-run): the HParams
+        # tab then lists the config beside the run's train/loss and val/loss curves.
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        file_writer = self.writer._get_file_writer()
+        for summary in hparams_summary(hparams, {"train/loss": None, "val/loss": None}):
+            file_writer.add_summary(summary)
+
+    def log(self, step: int, scalars: dict[str, float], histograms: dict[str, torch.Tensor]) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        for tag, values in histograms.items():
+            self.writer.add_histogram(tag, values, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run continues the same W&B run
+
+
+class WandbSink:
+    """Weights & Biases (``train.wandb = true``; ``pip install 'loopmoe[wandb]'``).
+
+    The W&B run lives in ``OUT/wandb`` and keeps its id in ``OUT/wandb_run_id``, so re-running the
+    command resumes it. ``WANDB_MODE=offline`` logs without a network (``wandb sync`` uploads later).
+    """
+
+    def __init__(self, run_dir: Path, project: str, config: dict[str, Any] | None):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(
+                "train.wandb = true needs the wandb package: pip install 'loopmoe[wandb]' (or set train.wandb = false)"
+            ) from None
+        self.wandb = wandb
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # W&B ids: [a-z0-9]
+        atomic_write_text(id_file, run_id + "\n")
+        self.run = wandb.init(
+            project=project,
+            name=run_dir.resolve().name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
+
+    def log(self, step: int, scalars: dict[str, float], histograms: dict[str, torch.Tensor]) -> None:
+        data: dict[str, Any] = dict(scalars)
+        data.update({tag: self.wandb.Histogram(values.tolist()) for tag, values in histograms.items()})
+        self.run.log(data, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+# Step-record keys logged as scalars (under train/), and where the held-out loss goes.
+_STEP_SCALARS = ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+
+
+class MetricsLogger:
+    """Writes step records to metrics.jsonl and the sinks, and reports progress; a no-op on ranks other than 0.
+
+    ``config`` (the run config as a dict) goes to the sinks once; ``flops_per_token`` (model FLOPs of a
+    trained token) and ``peak_flops`` (of one process's accelerator) give MFU; ``wandb_project`` turns
+    the W&B sink on.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        max_steps: int,
+        start_step: int = 0,
+        *,
+        log_every: int = 10,
+        config: dict[str, Any] | None = None,
+        tokens: int = 0,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        world_size: int = 1,
+        wandb_project: str | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
-        self.writer: SummaryWriter | None = None
+        self.sinks: list[Sink] = []
         self.bar: tqdm | None = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_after(self.path, start_step)
-        self.writer = SummaryWriter(
-            str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None
+        history = read_metrics(run_dir)
+        # Seconds of training before this process (a resumed run goes on counting; the downtime is not counted).
+        self.elapsed_before = float(history[-1].get("elapsed_s", 0.0)) if history else 0.0
+        self.t_start = time.perf_counter()
+        self.sinks.append(TensorBoardSink(Path(run_dir), start_step, config))
+        if wandb_project is not None:
+            self.sinks.append(WandbSink(Path(run_dir), wandb_project, config))
+        self.max_steps, self.log_every = max_steps, log_every
+        self.throughput = Throughput(start_step, max_steps, tokens, flops_per_token, peak_flops, world_size)
+        self.bar = tqdm(
+            total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not sys.stderr.isatty()
         )
-        interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not interactive)
-        # Logs and CI have no live bar: a plain line every 5% of the run shows it is alive instead.
-        self.max_steps = max_steps
-        self.plain_every = None if interactive else max(1, max_steps // 20)
 
     def log_step(self, record: dict[str, Any], router: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-        """Append one record to metrics.jsonl; TensorBoard scalars; advance the bar."""
+        """Append one record (with ``time``, ``elapsed_s`` and, when known, ``mfu``) to metrics.jsonl, send its
+        scalars and the router statistics to the sinks, and report progress."""
         if not self.enabled:
             return
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        assert self.bar is not None
         step = record["step"]
-        assert self.writer is not None and self.bar is not None
-        for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"):
-            value = record.get(key)
-            if value is not None:
-                self.writer.add_scalar(f"train/{key}", value, step)
-        if record.get("val_loss") is not None:
-            self.writer.add_scalar("val/loss", record["val_loss"], step)
-        for key, stats in (router or {}).items():
-            self.writer.add_scalar(f"router/{key}/entropy", stats["entropy"].item(), step)
-            load = stats["load"]
-            self.writer.add_scalar(f"router/{key}/max_load_x_experts", (load.max() * load.numel()).item(), step)
-            for e, value in enumerate(load.tolist()):
-                self.writer.add_scalar(f"router/{key}/load/expert_{e:03d}", value, step)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        line = dict(record)
+        line["time"] = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        line["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.t_start, 3)
+        if (mfu := self.throughput.mfu(record.get("tokens_per_s") or 0.0)) is not None:
+            line["mfu"] = mfu
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        scalars = {f"train/{k}": line[k] for k in _STEP_SCALARS if line.get(k) is not None}
+        if line.get("val_loss") is not None:
+            scalars["val/loss"] = line["val_loss"]
+        histograms: dict[str, torch.Tensor] = {}
+        if router:
+            router_scalars, histograms = router_summaries(router)
+            scalars.update(router_scalars)
+        for sink in self.sinks:
+            sink.log(step, scalars, histograms)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         self.bar.update(1)
-        if self.plain_every and (step % self.plain_every == 0 or step == self.max_steps):
-            val = f" val_loss {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
-            print(
-                f"step {step}/{self.max_steps} loss {record['loss']:.4f}{val} {record['tokens_per_s']:.0f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
+        if step % self.log_every == 0 or step == self.max_steps or line.get("val_loss") is not None:
+            self.bar.write(self.console_line(line, self.throughput.report(step, record["tokens"])), file=sys.stderr)
+
+    def console_line(self, line: dict[str, Any], rates: dict[str, float | None]) -> str:
+        """``step 20/100 | loss 4.1234 | lr 3.00e-04 | grad_norm 0.812 | 51.2K tok/s | MFU 38.1% | ETA 1:05``
+        (tokens/s and MFU over the steps since the previous line; `| val_loss X` on evaluation steps)."""
+        parts = [
+            f"step {line['step']}/{self.max_steps}",
+            f"loss {line['loss']:.4f}",
+            f"lr {line['lr']:.2e}",
+            f"grad_norm {line['grad_norm']:.3f}",
+            f"{human(rates['tokens_per_s'] or 0.0)} tok/s",
+        ]
+        if rates["mfu"] is not None:
+            parts.append(f"MFU {100 * rates['mfu']:.1f}%")
+        parts.append(f"ETA {format_duration(rates['eta_s'] or 0.0)}")
+        if line.get("val_loss") is not None:
+            parts.append(f"val_loss {line['val_loss']:.4f}")
+        if line.get("skipped"):
+            parts.append("SKIPPED (non-finite)")
+        return " | ".join(parts)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
         if self.bar is not None:
             self.bar.close()

@@ -54,6 +54,7 @@ from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
 from loopmoe.training.metrics import MetricsLogger, read_metrics, summarize_router_stats
 from loopmoe.training.optim import apply_optim_settings, build_optimizer, build_scheduler
 from loopmoe.training.runlock import RunDirBusyError, RunLock
+from loopmoe.training.throughput import peak_flops_per_s, training_flops_per_token
 from loopmoe.training.trainer import Trainer, resolve_precision
 
 _RESUME_MUST_MATCH = ("data", "dist")  # [model] must match (checked before loading); optim/schedule may change
@@ -347,7 +348,19 @@ def _run(
         world_size=info.world_size,
         update_guard=t.update_guard,
     )
-    logger = MetricsLogger(out_dir, enabled=info.is_main, max_steps=t.max_steps, start_step=start_step)
+    logger = MetricsLogger(
+        out_dir,
+        enabled=info.is_main,
+        max_steps=t.max_steps,
+        start_step=start_step,
+        log_every=t.log_every,
+        config=cfg.to_dict(),
+        tokens=tokens_seen,
+        flops_per_token=training_flops_per_token(unwrap(model), cfg.data.seq_len),
+        peak_flops=peak_flops_per_s(info.device, t.peak_tflops),
+        world_size=info.world_size,
+        wandb_project=t.wandb_project if t.wandb else None,
+    )
     batches = iter(bundle.train)
     record: dict[str, Any] = {}
     consecutive_skipped = 0

@@ -25,8 +25,9 @@ def test_paper_scale_presets_are_marked(capsys):
 
 def test_budget_json_and_save_dir(capsys, tmp_path):
     assert main(["budget", "debug", "--num-loops", "2", "--seq-len", "128", "--json", "--save-dir", str(tmp_path)]) == 0
-    text = capsys.readouterr().out
-    data = json.loads(text[: text.rindex("}") + 1])
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)  # stdout is the JSON alone; "wrote DIR" status lines go to stderr
+    assert captured.err.count("wrote ") == 2
     assert data["seq_len"] == 128
     for side in ("reference", "looped"):
         assert set(data[side]) >= {"config", "total_params", "active_params", "flops_per_token", "attn_ffn_ratio"}

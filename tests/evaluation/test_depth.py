@@ -46,6 +46,8 @@ def test_depth_analysis_cli(run_eval, loopmoe_dir, data_dir, tmp_path):
         assert (out_dir / name).stat().st_size > 1000
     analysis = json.loads((out_dir / "depth.json").read_text())
     assert analysis["tokens"] == 4 * 31
+    assert analysis["trained_loops"] == 2 and analysis["warnings"] == []
+    assert analysis["training_overlap"]["fraction"] is None  # a folder without run_config.json: not known
     for t in (1, 2, 3):
         entry = analysis["by_loops"][str(t)]
         assert math.isfinite(entry["loss"]) and len(entry["lens_loss"]) == t

@@ -343,3 +343,23 @@ def test_learned_router_bias_still_routes_when_its_updates_are_frozen(tiny_confi
     for s, t in zip(a.router_stats, b.router_stats):
         assert torch.equal(s.experts, t.experts), "routing changed after reloading with the bias frozen"
     torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-6)
+
+
+def test_eager_attention_and_attention_weights_are_refused_not_faked(tiny_config, tmp_path):
+    # Every kernel is fused (SDPA, flash, flex): "eager" would be SDPA under another name, and
+    # output_attentions=True would have nothing to return, so both are errors naming the alternative.
+    config = tiny_config(num_loops=2)
+    model = build(config)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match='use attn_implementation="sdpa"'):
+        LoopMoEForCausalLM(tiny_config(num_loops=2, attn_implementation="eager"))
+    with pytest.raises(ValueError, match="no eager attention"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    with pytest.raises(ValueError, match="no eager attention"):
+        model.set_attn_implementation("eager")
+    x = torch.randint(0, config.vocab_size, (1, 5))
+    for module in (model, model.model):
+        with pytest.raises(ValueError, match="cannot return attention weights"):
+            module(input_ids=x, output_attentions=True)
+    assert model(input_ids=x, output_attentions=False).logits.shape == (1, 5, config.vocab_size)
+    assert model.config._attn_implementation == "sdpa"

@@ -1,0 +1,114 @@
+"""``loopmoe generate``: greedy output equals transformers' generate, streaming prints the same text as
+it comes, prompts from --prompt or stdin, test-time depth, bad options name the fix."""
+
+import io
+import sys
+
+import pytest
+import torch
+
+from loopmoe.cli.main import main
+from tests.evaluation.conftest import data_dir, gpt2_tokenizer, loopmoe_dir  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def model_dir(request):
+    """tests/evaluation's randomly initialised looped LoopMoE (T=2), saved with the shared GPT-2 tokenizer."""
+    return request.getfixturevalue("loopmoe_dir")
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from loopmoe.evaluation.loading import load_hf_tokenizer, load_model
+
+    return load_model(model_dir), load_hf_tokenizer(model_dir)
+
+
+def _greedy_by_hand(model, ids: torch.Tensor, steps: int, num_loops: int) -> torch.Tensor:
+    """Full-sequence forwards, argmax of the last position: no cache, no generate()."""
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, num_loops=num_loops, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_greedy_output_equals_transformers_generate(model_dir, loaded, capsys):
+    model, tokenizer = loaded
+    prompt = "The looped core"
+    assert main(["generate", str(model_dir), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = model.generate(ids, do_sample=False, max_new_tokens=12, attention_mask=torch.ones_like(ids))
+    assert torch.equal(expected, _greedy_by_hand(model, ids, 12, num_loops=2))
+    assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+
+
+def test_num_loops_runs_the_core_at_test_time_depth(model_dir, loaded, capsys):
+    model, tokenizer = loaded
+    prompt = "Depth at inference"
+    assert main(["generate", str(model_dir), "--prompt", prompt, "--max-new-tokens", "8", "--num-loops", "4"]) == 0
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    deeper = _greedy_by_hand(model, ids, 8, num_loops=4)
+    assert capsys.readouterr().out == tokenizer.decode(deeper[0], skip_special_tokens=True) + "\n"
+    assert model.config.num_loops == 2  # restored after the command
+
+
+class _Writes(io.StringIO):
+    """stdout that counts its write calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def write(self, s):
+        self.calls += bool(s)
+        return super().write(s)
+
+
+def test_stream_prints_the_same_text_as_it_is_generated(model_dir, monkeypatch, capsys):
+    argv = ["generate", str(model_dir), "--prompt", "Streaming", "--max-new-tokens", "24"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    out = _Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main([*argv, "--stream"]) == 0
+    assert out.getvalue() == plain
+    assert out.calls > 2  # pieces as they come, not one print at the end
+
+
+def test_prompts_from_stdin_one_per_line_or_whole(model_dir, loaded, monkeypatch, capsys):
+    model, tokenizer = loaded
+    base = ["generate", str(model_dir), "--max-new-tokens", "4"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("First prompt\n\n  \nSecond prompt\n"))
+    assert main(base) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" prompt")[0] for line in lines if " prompt" in line] == ["First", "Second"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("line one\nline two"))
+    assert main([*base, "--prompt", "-"]) == 0
+    ids = tokenizer("line one\nline two", return_tensors="pt").input_ids
+    expected = _greedy_by_hand(model, ids, 4, num_loops=2)
+    assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+
+
+def test_sampling_is_seeded(model_dir, capsys):
+    argv = ["generate", str(model_dir), "--prompt", "Sample", "--max-new-tokens", "8", "--temperature", "1.5"]
+    outputs = []
+    for seed in ("1", "1", "2"):
+        assert main([*argv, "--top-p", "0.95", "--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+        (["--num-loops", "0"], "num_loops must be a positive integer"),
+    ],
+)
+def test_bad_options_are_one_line_errors(model_dir, flags, message, capsys):
+    assert main(["generate", str(model_dir), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,159 @@
+"""What a run logs: metrics.jsonl fields, the console line every train.log_every steps, TensorBoard
+(config as text and hparams, one router histogram + summary scalars per (layer, iteration))."""
+
+import json
+from datetime import datetime
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from loopmoe.budget import compute_budget
+from loopmoe.training import load_run_config, read_metrics, run_training
+from loopmoe.training.builders import build_model_config, default_model_factory
+from loopmoe.training.metrics import flat_config
+from loopmoe.training.throughput import Throughput, format_duration, peak_flops_per_s
+from tests.training.standins import VOCAB, data_factory, standin_overrides
+
+# The real LoopMoE (router statistics per executed slot) on the synthetic loader: P=1, C=1, T=2.
+TINY_LOOPMOE = {
+    "model.preset": "debug",
+    "model.num_loops": 2,
+    "model.num_core_layers": 1,
+    "model.num_prelude_layers": 1,
+    "model.hidden_size": 32,
+    "model.head_dim": 8,
+    "model.moe_intermediate_size": 32,
+    "optim.lr": 3e-3,
+}
+SLOTS = ("prelude.0", "core.0/iter0", "core.0/iter1")
+
+
+def _config(**extra):
+    return load_run_config(None, standin_overrides(**{**TINY_LOOPMOE, **extra}))
+
+
+def test_records_console_and_tensorboard(tmp_path, capfd):
+    # 12 steps, a console line every 5, evaluation every 10, a configured peak of 1 GFLOP/s (so MFU shows)
+    cfg, out = _config(**{"train.max_steps": 12, "train.peak_tflops": 0.001}), tmp_path
+    run_training(cfg, out, model_factory=default_model_factory, data_factory=data_factory)
+    err = capfd.readouterr().err
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 13))
+
+    # wall-clock time (ISO 8601, UTC) and elapsed seconds on every record, increasing
+    times = [datetime.fromisoformat(r["time"].replace("Z", "+00:00")) for r in records]
+    assert times == sorted(times) and all(t.utcoffset().total_seconds() == 0 for t in times)
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    # MFU of each step = tokens/s x 3 x forward FLOPs per token / configured peak
+    flops = 3 * compute_budget(build_model_config(cfg, VOCAB), cfg.data.seq_len).flops_per_token
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e9, rel=1e-12)
+
+    # one console line at steps 5 and 10 (log_every; 10 also evaluates) and at the last step
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 5/12", "step 10/12", "step 12/12"]
+    for line in lines:
+        for part in ("loss ", "lr ", "grad_norm ", "tok/s", "MFU ", "ETA "):
+            assert f"| {part}" in line or f" {part}" in line, (part, line)
+    assert "val_loss" in lines[1] and "val_loss" in lines[2] and "val_loss" not in lines[0]
+    step10 = records[9]
+    assert f"loss {step10['loss']:.4f}" in lines[1] and f"lr {step10['lr']:.2e}" in lines[1]
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"histograms": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        assert f"train/{key}" in tags["scalars"]
+    assert "val/loss" in tags["scalars"]
+    # router statistics: per executed slot one histogram and three summary scalars, nothing per expert
+    router_scalars = sorted(t for t in tags["scalars"] if t.startswith("router/"))
+    assert router_scalars == sorted(
+        f"router/{slot}/{name}" for slot in SLOTS for name in ("max_load", "entropy", "dead_experts")
+    )
+    assert sorted(tags["histograms"]) == sorted(f"router/{slot}/load" for slot in SLOTS)
+    assert [e.step for e in events.Scalars("router/core.0/iter1/max_load")] == [5, 10]
+    assert all(e.value >= 1.0 for e in events.Scalars("router/core.0/iter1/max_load"))  # >= the balanced share
+    # the run config, as text and as hparams
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert json.loads(config_text.strip("`").removeprefix("json\n")) == cfg.to_dict() | {
+        "data": {**cfg.to_dict()["data"], "data_dir": str(out / "data")}
+    }
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert b"optim.lr" in hparams["_hparams_/session_start_info"]
+
+
+def test_elapsed_time_goes_on_across_a_resume(tmp_path):
+    cfg = _config(
+        **{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_batches": 0, "schedule.warmup_steps": 1}
+    )
+    run_training(cfg, tmp_path, max_steps=3, model_factory=default_model_factory, data_factory=data_factory)
+    first = read_metrics(tmp_path)[-1]["elapsed_s"]
+    run_training(cfg, tmp_path, model_factory=default_model_factory, data_factory=data_factory)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[2]["elapsed_s"] == first and records[3]["elapsed_s"] > first
+
+
+def test_throughput_window_mfu_and_eta(monkeypatch):
+    clock = iter([100.0, 110.0, 130.0, 0.0])
+    monkeypatch.setattr("loopmoe.training.throughput.perf_counter", lambda: next(clock))
+    t = Throughput(start_step=0, max_steps=30, tokens=0, flops_per_token=6.0, peak_flops=100.0, world_size=2)
+    first = t.report(step=10, tokens=1000)  # 10 s for 10 steps
+    assert first == {"tokens_per_s": 100.0, "mfu": 100.0 * 6.0 / 200.0, "eta_s": 20.0}
+    second = t.report(step=20, tokens=1400)  # window: 400 tokens in 20 s; mean 1.5 s/step over 20 steps
+    assert second == {"tokens_per_s": 20.0, "mfu": 20.0 * 6.0 / 200.0, "eta_s": 15.0}
+    assert Throughput(0, 10, flops_per_token=None, peak_flops=1.0).mfu(5.0) is None
+    assert format_duration(65) == "1:05" and format_duration(3725) == "1:02:05"
+
+
+def test_peak_flops_is_configured_or_looked_up():
+    import torch
+
+    assert peak_flops_per_s(torch.device("cpu"), None) is None  # no MFU on CPU unless configured
+    assert peak_flops_per_s(torch.device("cpu"), 2.5) == 2.5e12
+
+
+def test_flat_config_keeps_scalars_and_writes_the_rest_as_json():
+    assert flat_config({"optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "data": {"tokenizer": None}}) == {
+        "optim.lr": 1e-3,
+        "optim.betas": "[0.9, 0.95]",
+        "data.tokenizer": "null",
+    }
+
+
+def test_wandb_offline_gets_the_same_metrics(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no account: the run is written under OUT/wandb
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged: list[tuple[int, dict]] = []
+    real_log = wandb.Run.log
+
+    def spy(run, data, step=None, **kwargs):  # what loopmoe hands to W&B, then W&B's own logging
+        logged.append((step, dict(data)))
+        return real_log(run, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "log", spy)
+    cfg = _config(**{"train.max_steps": 6, "train.checkpoint_every": 3, "train.eval_batches": 0})
+    cfg.schedule.warmup_steps = 1
+    cfg.train.wandb = True
+    run_training(cfg, tmp_path, max_steps=3, model_factory=default_model_factory, data_factory=data_factory)
+    run_training(cfg, tmp_path, model_factory=default_model_factory, data_factory=data_factory)  # resumed
+
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the resume continues the same run
+    assert all((r / f"run-{run_id}.wandb").stat().st_size > 0 for r in runs)
+
+    records = read_metrics(tmp_path)
+    assert [step for step, _ in logged] == [r["step"] for r in records] == list(range(1, 7))
+    tensorboard = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0})
+    tensorboard.Reload()
+    for step, data in logged:
+        record = records[step - 1]
+        assert data["train/loss"] == record["loss"] and data["train/lr"] == record["lr"]
+        scalars = {k for k, v in data.items() if isinstance(v, float)}
+        histograms = {k for k, v in data.items() if isinstance(v, wandb.Histogram)}
+        assert scalars <= set(tensorboard.Tags()["scalars"]) and histograms <= set(tensorboard.Tags()["histograms"])
+        assert ("router/core.0/iter1/load" in histograms) == (step % 5 == 0)  # log_every = 5
