@@ -18,7 +18,11 @@ fixed GQA group) are a large share of the FLOPs, and so is IterAdaLN's per-token
 at ``A' = t*a*(a+sigma+phi-m)/(t*(a+sigma)+phi)``, with ``phi' = phi*A'/(t*a)``. The
 search walks the integer grid around that point and scores each candidate on the exact budgets
 of ``loopmoe.budget`` (IterAdaLN, attention scores and routers included), so what it reports is
-what the model has. Strategy ``naive`` keeps the reference shapes and grows E' to the closest
+what the model has. The FFN weights ``phi`` are those a token multiplies (``budget.ffn_matmul_weights``),
+so a DCCA reference or target (``expert_type``, BigMac's low-dimension experts) balances by the
+same rule: the balanced model may take another expert type than the reference (e.g. DCCA experts
+against a SwiGLU reference), and its shared experts keep the reference's share of the FFN weights.
+Strategy ``naive`` keeps the reference shapes and grows E' to the closest
 parameter match only: the ablation that shows why balancing matters (its deviations are
 reported, not enforced).
 """
@@ -30,8 +34,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Literal, get_args
 
-from loopmoe.budget import Budget, compute_budget, modulation_matmul_weights
-from loopmoe.config import LoopMoEConfig
+from loopmoe.budget import Budget, compute_budget, ffn_matmul_weights, layer_shapes, modulation_matmul_weights
+from loopmoe.config import LoopMoEConfig, expert_width
 
 Strategy = Literal["capacity", "naive"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -94,10 +98,15 @@ def balance(
     tolerances: dict[str, float] | None = None,
     head_dim_multiple: int | None = None,
     ffn_multiple: int | None = None,
+    expert_type: str | None = None,
+    dcca_dim: int | None = None,
     **looped_overrides,
 ) -> BalanceResult:
     """Return the looped config matched to ``reference`` at ``num_loops`` iterations of the core.
 
+    ``expert_type`` / ``dcca_dim``: the balanced model's experts (default: the reference's type; a
+    DCCA width defaults to the reference's, else to the config default ``hidden_size // 4``). A
+    DCCA router keeps the reference's ``dcca_router_input`` when both are DCCA.
     ``head_dim_multiple`` / ``ffn_multiple`` set the integer grid of h_d' and f' (default: a power of
     two that scales with the reference, so tiny models get a fine grid and large ones
     hardware-friendly sizes). Raises ``ValueError`` naming the target that cannot be met and what
@@ -141,6 +150,12 @@ def balance(
     }
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         base[key] = getattr(reference, key)
+    same_experts = expert_type in (None, reference.expert_type)
+    base["expert_type"] = reference.expert_type if expert_type is None else expert_type
+    base["dcca_dim"] = reference.dcca_dim if dcca_dim is None and same_experts else dcca_dim
+    base["dcca_router_input"] = reference.dcca_router_input if same_experts else "hidden"
+    # Validates the target's fields with errors that name the fix, and resolves the default DCCA width.
+    base["dcca_dim"] = LoopMoEConfig(**base).dcca_dim
 
     def make(**shape) -> LoopMoEConfig:
         return LoopMoEConfig(**{**base, **shape})
@@ -193,7 +208,8 @@ def granularity_control(result: BalanceResult) -> LoopMoEConfig:
     Capacity balancing changes two things at once: the model loops, and its experts get finer and
     more numerous (``small``, T = 2: 8 x 128 -> 28 x 76). Finer experts help on their own, so the
     control keeps everything of the reference (T = 1, layers, heads, width) but takes the looped
-    model's expert size f', top-k' and shared-expert size f_s', with the expert count E chosen so that
+    model's expert type (and DCCA width), expert size f', top-k' and shared-expert size f_s', with the
+    expert count E chosen so that
     total parameters are closest to the reference's. Its FLOPs per token are reported, not matched:
     with the reference's attention and k' experts of size f' they are what they are (matching them
     would need another top-k, which is the looped model's by definition of the control). Total
@@ -202,9 +218,17 @@ def granularity_control(result: BalanceResult) -> LoopMoEConfig:
     reference, looped = result.reference, result.looped
     base = {
         **reference.architecture_dict(),
-        "moe_intermediate_size": looped.moe_intermediate_size,
-        "num_experts_per_tok": looped.num_experts_per_tok,
-        "shared_expert_intermediate_size": looped.shared_expert_intermediate_size,
+        **{
+            k: getattr(looped, k)
+            for k in (
+                "expert_type",
+                "dcca_dim",
+                "dcca_router_input",
+                "moe_intermediate_size",
+                "num_experts_per_tok",
+                "shared_expert_intermediate_size",
+            )
+        },
     }
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         base[key] = getattr(reference, key)
@@ -226,18 +250,24 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
     d = reference.hidden_size
     group = reference.num_attention_heads // reference.num_key_value_heads
     a = d * reference.head_dim * (2 * reference.num_attention_heads + 2 * reference.num_key_value_heads)
-    phi = (
-        3
-        * d
-        * (reference.num_experts_per_tok * reference.moe_intermediate_size + reference.shared_expert_intermediate_size)
-    )
+    ref_shapes = layer_shapes(reference, core=False)
+    phi = ffn_matmul_weights(reference, ref_shapes)
     sigma = 2 * reference.head_dim * reference.num_attention_heads * ref_budget.seq_len
     t = L / (base["num_prelude_layers"] + base["num_core_layers"] + base["num_coda_layers"])
     # Per-token IterAdaLN matmuls (W_h, W_mod) of the core, averaged over executed layers: FLOPs
     # the looped model spends that the reference does not, taken out of the shared budget.
     m = modulation_matmul_weights(LoopMoEConfig(**{**base, "num_loops": loops})) * base["num_core_layers"] * loops / L
     attn_target = t * a * (a + sigma + phi - m) / (t * (a + sigma) + phi)
-    shared_ratio = reference.shared_expert_intermediate_size / reference.moe_intermediate_size
+    # Shared experts keep the reference's ratio of shared to routed-expert weights, G'/F' = G/F: with
+    # the same expert type that is f_s'/f' = f_s/f; DCCA experts (width d_e) against SwiGLU ones
+    # (width d) get d_e/d of the shared size that ratio alone would give.
+    shared_per_expert_weight = ref_shapes.shared / ref_shapes.expert
+    target_width = expert_width(SimpleNamespace(**base))
+    # Top-k' from 1 to the reference's k, or to d/d_e times it for DCCA experts against a SwiGLU
+    # reference: at width d_e the same expert FLOPs buy that many more experts per token (BigMac's
+    # larger top-k), and the finer step lets a Vanilla DCCA model meet the budgets at all.
+    ref_k = reference.num_experts_per_tok
+    max_k = ref_k * max(1, expert_width(reference) // target_width)
 
     best, best_key = None, None
     smallest = hd_mult * math.ceil(8 / hd_mult)  # narrower heads are not attention heads worth having
@@ -248,19 +278,22 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
         centre = attn_target / per_kv_group
         for n_kv in range(max(1, math.floor(centre) - 1), math.ceil(centre) + 2):
             heads = {"head_dim": hd, "num_attention_heads": n_kv * group, "num_key_value_heads": n_kv}
-            for k in range(1, reference.num_experts_per_tok + 1):
+            for k in range(1, max_k + 1):
                 shape = {**heads, "num_experts_per_tok": k, "num_experts": reference.num_experts}
 
-                def with_ffn(f: int) -> dict:
+                def with_ffn(f: float, on_grid: bool = True) -> dict:
+                    shared = shared_per_expert_weight * target_width * f / d
                     return {
                         **shape,  # noqa: B023
                         "moe_intermediate_size": f,
-                        "shared_expert_intermediate_size": ffn_mult * round(shared_ratio * f / ffn_mult),
+                        "shared_expert_intermediate_size": ffn_mult * round(shared / ffn_mult) if on_grid else shared,
                     }
 
                 for _ in range(2):  # FLOPs depend on E' through the router; two passes settle it
+                    # Solved with the shared size off the grid: rounded at the two small sizes the
+                    # solve evaluates, it would not grow with f there (FLOPs would look flatter than they are).
                     f = _linear_solve(
-                        lambda x: budget(**with_ffn(x)).flops_per_token,
+                        lambda x: budget(**with_ffn(x, on_grid=False)).flops_per_token,
                         ffn_mult,
                         2 * ffn_mult,
                         ref_budget.flops_per_token,
@@ -281,7 +314,7 @@ def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L,
                     key = (
                         score > 1,
                         score if score > 1 else 0.0,
-                        k != reference.num_experts_per_tok,
+                        abs(k - ref_k),
                         abs(hd - reference.head_dim),
                         score,
                     )

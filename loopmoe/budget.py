@@ -3,8 +3,13 @@
 Per layer, with width d, heads H / H_kv, head size h_d, E experts of size f, top-k, shared f_s::
 
     A = d*H*h_d + 2*d*H_kv*h_d + H*h_d*d   (+ QK-norm and the layer's norms in parameter counts)
-    F = 3*d*f        G = 3*d*f_s        R = d*E        M = IterAdaLN parameters of a core layer
-    total(layer) = A + E*F + G + R + M     active(layer) = A + k*F + G + R + M
+    F = 3*w*f        G = 3*d*f_s        R = d_R*E        D = 2*d*d_e (DCCA) or 0
+    M = IterAdaLN parameters of a core layer
+    total(layer) = A + E*F + G + R + D + M     active(layer) = A + k*F + G + R + D + M
+
+where w is the width the experts work at (d, or d_e = dcca_dim for DCCA experts), D the DCCA layer's
+descending and ascending projections, and d_R the router's input width (d, or d_e when a DCCA router
+scores the descended vector).
 
 Forward FLOPs per token count the multiply-adds of every matmul a token's computation executes
 (2 per weight of each executed linear map, the LM head included), plus attention scores
@@ -13,8 +18,11 @@ convention). Element-wise work (norms, activations, routing softmax) is not coun
 neither is work done once per sequence rather than per token (``MLP_iter(PE(k))``).
 
 The attention-to-FFN active ratio is ``unique attention parameters / FFN parameters executed
-per token`` (ours): a looped model touches the attention of P + C + Q layers but runs its FFNs
-on all P + C*T + Q executed layers.
+per token`` (ours; the FFN includes DCCA's projections): a looped model touches the attention of
+P + C + Q layers but runs its FFNs on all P + C*T + Q executed layers.
+
+``all_to_all_bytes_per_token`` is the expert-parallel communication a token causes (BigMac's eq. 1
+per token): its k rows of width w leave for other ranks and come back, in every executed MoE layer.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-from loopmoe.config import IterConditioning, LoopMoEConfig
+from loopmoe.config import ExpertType, IterConditioning, LoopMoEConfig, expert_width, router_width
 
 # A LoopMoEConfig, or any object with its fields: the balancing search scores thousands of
 # candidates as plain namespaces, far cheaper to build than a transformers config.
@@ -39,6 +47,7 @@ class LayerShapes:
     expert: int  # F
     shared: int  # G
     router: int  # R
+    projections: int  # D: DCCA's descending and ascending projections
     modulation_token: int  # W_h + its RMSNorm: run per token
     modulation_out: int  # W_mod weight + bias
 
@@ -66,9 +75,10 @@ def layer_shapes(cfg: ConfigLike, core: bool) -> LayerShapes:
         attention=d * H * hd + 2 * d * Hkv * hd + H * hd * d,
         attention_norms=2 * hd if cfg.qk_norm else 0,
         layer_norms=(2 if cfg.norm_scheme == "pre" else 4) * d,
-        expert=3 * d * cfg.moe_intermediate_size,
+        expert=3 * expert_width(cfg) * cfg.moe_intermediate_size,
         shared=3 * d * cfg.shared_expert_intermediate_size,
-        router=d * cfg.num_experts,
+        router=router_width(cfg) * cfg.num_experts,
+        projections=2 * d * expert_width(cfg) if ExpertType(cfg.expert_type).projects else 0,
         modulation_token=(d + d * r) if token_mod else 0,
         modulation_out=(r * 6 * d + 6 * d) if any_mod else 0,
     )
@@ -96,6 +106,34 @@ def modulation_matmul_weights(cfg: ConfigLike) -> int:
     return d * r + r * 6 * d if IterConditioning(cfg.iter_conditioning).uses_token else 0
 
 
+def ffn_matmul_weights(cfg: ConfigLike, s: LayerShapes) -> int:
+    """FFN weights one token's forward multiplies in a layer: k routed experts, the shared
+    experts and DCCA's two projections (the router is not counted as FFN)."""
+    return cfg.num_experts_per_tok * s.expert + s.shared + s.projections
+
+
+def all_to_all_bytes_per_token(
+    cfg: ConfigLike, ep: int, bytes_per_element: int = 2, num_loops: int | None = None
+) -> float:
+    """Bytes one token sends through the expert-parallel all_to_all in a forward pass, expected
+    under uniform routing over ``ep`` ranks: in each of the ``P + C*T + Q`` executed MoE layers its
+    k rows of width w (d, or d_e for DCCA) are dispatched and their outputs returned, and a row
+    leaves its rank with probability ``(ep - 1) / ep``::
+
+        2 * k * w * bytes_per_element * (ep - 1) / ep * (P + C*T + Q)
+
+    (BigMac's ``C = 2 top_k (ep-1)/ep b s h``, per token and over the executed depth.) The backward
+    pass sends the same volume again; the per-expert counts exchanged beside the rows are per
+    layer, not per token, and are not included. ``bytes_per_element``: 2 for bf16, 4 for fp32.
+    """
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"the expert-parallel degree ep must be a whole number >= 1, got {ep!r}")
+    T = cfg.num_loops if num_loops is None else num_loops
+    executed = cfg.num_prelude_layers + cfg.num_core_layers * T + cfg.num_coda_layers
+    rows = 2 * cfg.num_experts_per_tok * executed
+    return rows * expert_width(cfg) * bytes_per_element * (ep - 1) / ep
+
+
 def _layer_params(s: LayerShapes, experts: int) -> int:
     return (
         s.attention
@@ -104,6 +142,7 @@ def _layer_params(s: LayerShapes, experts: int) -> int:
         + experts * s.expert
         + s.shared
         + s.router
+        + s.projections
         + s.modulation_token
         + s.modulation_out
     )
@@ -123,7 +162,7 @@ def compute_budget(cfg: ConfigLike, seq_len: int, num_loops: int | None = None) 
     active = global_params(cfg) + n_plain * _layer_params(plain, k) + C * _layer_params(core, k)
 
     def layer_matmul_weights(s: LayerShapes) -> int:
-        return s.attention + k * s.expert + s.shared + s.router
+        return s.attention + ffn_matmul_weights(cfg, s) + s.router
 
     scores = 2 * 2 * hd * H * seq_len
     executed = n_plain + C * T
@@ -135,7 +174,7 @@ def compute_budget(cfg: ConfigLike, seq_len: int, num_loops: int | None = None) 
         flops += 2 * (T - 1) * 2 * d * d
 
     unique_attention = (n_plain + C) * (plain.attention + plain.attention_norms)
-    executed_ffn = executed * (k * plain.expert + plain.shared)
+    executed_ffn = executed * ffn_matmul_weights(cfg, plain)
     return Budget(
         total_params=total,
         active_params=active,

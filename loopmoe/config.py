@@ -55,10 +55,52 @@ class IterConditioning(StrEnum):
         return self is IterConditioning.ITER_EMBEDDING
 
 
+class ExpertType(StrEnum):
+    """What a routed expert is, and at which width tokens reach it (docs/design.md §4).
+
+    ``swiglu``: each expert is a SwiGLU ``d -> f -> d`` on the hidden state.
+    ``dcca``: BigMac's descend-communicate-communicate-ascend layer (Jin et al., AAAI 2025): one
+    descending projection ``d -> r`` per MoE layer before dispatch, experts that are SwiGLUs
+    ``r -> f -> r`` at width ``r = dcca_dim``, the k expert outputs combined at width r, and one
+    ascending projection ``r -> d`` after the combine. Token rows travel to and from the experts
+    (the expert-parallel all_to_all) at width r instead of d.
+    """
+
+    SWIGLU = "swiglu"
+    DCCA = "dcca"
+
+    @property
+    def projects(self) -> bool:
+        """Each MoE layer carries the descending and ascending projections around its experts."""
+        return self is ExpertType.DCCA
+
+
+EXPERT_TYPES = tuple(t.value for t in ExpertType)
+# Which vector the router of a DCCA layer scores: the full-width hidden state x (BigMac's choice: a
+# wider input routes more accurately, and the router is cheap) or the descended x' = x W_desc^T.
+DCCA_ROUTER_INPUTS = ("hidden", "descended")
+
+
+def expert_width(cfg) -> int:
+    """Width of the rows the routed experts take and return (and that an all_to_all carries):
+    ``dcca_dim`` (r) for DCCA experts, ``hidden_size`` (d) otherwise. ``cfg``: a LoopMoEConfig or
+    any object with its fields (the balancing search scores plain namespaces)."""
+    return cfg.dcca_dim if ExpertType(cfg.expert_type).projects else cfg.hidden_size
+
+
+def router_width(cfg) -> int:
+    """Width of the vector the router scores: r for a DCCA layer routing on the descended vector, else d."""
+    descended = ExpertType(cfg.expert_type).projects and cfg.dcca_router_input == "descended"
+    return cfg.dcca_dim if descended else cfg.hidden_size
+
+
 ITER_CONDITIONINGS = tuple(c.value for c in IterConditioning)
 # The same names as a type, for option dataclasses whose choices come from the type (loopmoe.options).
 IterConditioningName = Literal["none", "iter_embedding", "adaln_iter", "adaln_token", "iteradaln"]
 assert get_args(IterConditioningName) == ITER_CONDITIONINGS
+# The same names as a type, for option dataclasses (loopmoe.options).
+ExpertTypeName = Literal["swiglu", "dcca"]
+assert get_args(ExpertTypeName) == EXPERT_TYPES
 INPUT_INJECTIONS = ("none", "add", "concat")
 NORM_SCHEMES = ("pre", "sandwich", "depth_scaled_sandwich")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -99,6 +141,12 @@ class LoopMoEConfig(PretrainedConfig):
         router_aux_loss_coef: weight of the switch-style load-balancing loss (per layer and iteration).
         router_z_loss_coef: weight of the router z-loss.
         router_bias_update_rate: step size of auxiliary-loss-free bias balancing (0 disables it).
+        expert_type: ``"swiglu"`` (experts at the model width) or ``"dcca"`` (BigMac's low-dimension
+            experts: see ``ExpertType``).
+        dcca_dim: width ``r`` of DCCA experts, ``0 < r < hidden_size``; defaults to ``hidden_size // 4``
+            (BigMac's downscaling factor 0.25) for ``dcca``; must stay unset for ``swiglu``.
+        dcca_router_input: ``"hidden"`` (route on the full-width x, BigMac's choice) or ``"descended"``
+            (route on the r-wide x' the experts see); ``dcca`` only.
         moe_implementation: ``"loop"`` (sorted tokens, one matmul per expert group; CPU),
             ``"grouped_mm"`` (one grouped GEMM per projection; CUDA) or ``"auto"``.
         iter_conditioning: one of ``none``, ``iter_embedding``, ``adaln_iter``, ``adaln_token``,
@@ -145,6 +193,9 @@ class LoopMoEConfig(PretrainedConfig):
         router_aux_loss_coef: float = 0.001,
         router_z_loss_coef: float = 0.0,
         router_bias_update_rate: float = 0.0,
+        expert_type: str = "swiglu",
+        dcca_dim: int | None = None,
+        dcca_router_input: str = "hidden",
         moe_implementation: str = "auto",
         iter_conditioning: str | None = None,
         iter_cond_rank: int | None = None,
@@ -182,6 +233,11 @@ class LoopMoEConfig(PretrainedConfig):
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
         self.router_bias_update_rate = router_bias_update_rate
+        self.expert_type = expert_type
+        if dcca_dim is None and expert_type == ExpertType.DCCA:
+            dcca_dim = hidden_size // 4  # BigMac's r = 0.25 (its GPT3-XL setting: 2048 -> 512)
+        self.dcca_dim = dcca_dim
+        self.dcca_router_input = dcca_router_input
         self.moe_implementation = moe_implementation
         if iter_conditioning is None:
             iter_conditioning = "iteradaln" if num_loops > 1 else "none"
@@ -274,6 +330,33 @@ class LoopMoEConfig(PretrainedConfig):
             self.router_score in ROUTER_SCORES,
             f"router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}",
         )
+        need(
+            self.expert_type in EXPERT_TYPES,
+            f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}",
+        )
+        need(
+            self.dcca_router_input in DCCA_ROUTER_INPUTS,
+            f"dcca_router_input must be one of {DCCA_ROUTER_INPUTS}, got {self.dcca_router_input!r}",
+        )
+        if ExpertType(self.expert_type).projects:
+            r = self.dcca_dim
+            need(
+                isinstance(r, int) and not isinstance(r, bool) and 0 < r < self.hidden_size,
+                f"dcca_dim (the width r of DCCA experts) must be a whole number with 0 < r < hidden_size "
+                f"({self.hidden_size}), got {r!r}; BigMac uses r = hidden_size // 4 = {self.hidden_size // 4}, "
+                f"the default when dcca_dim is unset",
+            )
+        else:
+            need(
+                self.dcca_dim is None,
+                f"dcca_dim={self.dcca_dim!r} sets the width of DCCA experts, but expert_type={self.expert_type!r}: "
+                f"set expert_type='dcca', or drop dcca_dim",
+            )
+            need(
+                self.dcca_router_input == "hidden",
+                f"dcca_router_input={self.dcca_router_input!r} only applies to expert_type='dcca': set "
+                f"expert_type='dcca', or drop dcca_router_input",
+            )
         need(
             self.moe_implementation in MOE_IMPLEMENTATIONS,
             f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}",

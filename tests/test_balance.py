@@ -3,7 +3,7 @@
 import pytest
 
 from loopmoe import LoopMoEForCausalLM
-from loopmoe.balance import balance
+from loopmoe.balance import balance, granularity_control
 from loopmoe.presets import get_preset
 
 
@@ -63,3 +63,55 @@ def test_bad_loop_counts_and_references():
         balance(get_preset("debug", num_loops=2, num_core_layers=2), 2)
     with pytest.raises(ValueError, match="strategy must be one of"):
         balance(get_preset("debug"), 2, strategy="magic")
+
+
+@pytest.mark.parametrize(
+    "reference, loops, target",
+    [
+        (get_preset("small"), 1, "dcca"),  # a Vanilla MoE with DCCA experts against a SwiGLU one
+        (get_preset("small", shared_expert_intermediate_size=128), 2, "dcca"),
+        (get_preset("small", expert_type="dcca"), 2, None),  # a DCCA reference, DCCA by default
+        (get_preset("small", expert_type="dcca", dcca_dim=48), 2, "swiglu"),
+    ],
+)
+def test_balancing_to_and_from_dcca_experts(reference, loops, target):
+    """BigMac's low-dimension experts as a reference or a target: the budgets still match, and
+    they are the real models' (projections and r-wide experts counted)."""
+    result = balance(reference, loops, seq_len=256, expert_type=target)
+    looped = result.looped
+    assert looped.expert_type == (target or reference.expert_type)
+    if looped.expert_type == "dcca":  # the reference's r, or BigMac's d / 4 against a SwiGLU reference
+        assert looped.dcca_dim == (reference.dcca_dim or reference.hidden_size // 4)
+        assert looped.dcca_router_input == "hidden"
+    else:
+        assert looped.dcca_dim is None
+    assert abs(result.deviations["total_params"]) <= 0.01
+    assert abs(result.deviations["flops_per_token"]) <= 0.01
+    assert abs(result.deviations["attn_ffn_ratio"]) <= 0.05
+    if reference.shared_expert_intermediate_size:  # shared experts keep their share of the FFN weights
+        assert looped.shared_expert_intermediate_size > 0
+    for cfg, budget in ((result.reference, result.reference_budget), (looped, result.looped_budget)):
+        assert sum(p.numel() for p in LoopMoEForCausalLM(cfg).parameters()) == budget.total_params
+
+
+def test_dcca_target_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"0 < r < hidden_size \(64\)"):
+        balance(get_preset("debug"), 2, expert_type="dcca", dcca_dim=64)
+    with pytest.raises(ValueError, match="set expert_type='dcca', or drop dcca_dim"):
+        balance(get_preset("debug"), 2, dcca_dim=16)
+    with pytest.raises(ValueError, match="expert_type must be one of"):
+        balance(get_preset("debug"), 2, expert_type="bigmac")
+
+
+def test_granularity_control_of_a_dcca_model_takes_its_experts():
+    result = balance(get_preset("small"), 2, seq_len=256, expert_type="dcca")
+    control = granularity_control(result)
+    looped = result.looped
+    assert (control.num_loops, control.expert_type, control.dcca_dim) == (1, "dcca", looped.dcca_dim)
+    assert (control.moe_intermediate_size, control.num_experts_per_tok) == (
+        looped.moe_intermediate_size,
+        looped.num_experts_per_tok,
+    )
+    assert sum(p.numel() for p in LoopMoEForCausalLM(control).parameters()) == pytest.approx(
+        result.reference_budget.total_params, rel=0.02
+    )

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from loopmoe import LoopMoEForCausalLM
-from loopmoe.budget import compute_budget
+from loopmoe.budget import all_to_all_bytes_per_token, compute_budget
 from loopmoe.flops import count_forward_flops
 
 
@@ -20,6 +20,40 @@ def test_vanilla_budget_matches_design_formulas(tiny_config):
     assert b.active_params == L * (A + norms + k * F + G + R) + 2 * V * d + d
     assert b.flops_per_token == 2 * L * (A + k * F + G + R) + L * 4 * hd * H * S + 2 * V * d
     assert b.attn_ffn_ratio == pytest.approx((A + 2 * hd) / (k * F + G))
+
+
+@pytest.mark.parametrize("router_input", ["hidden", "descended"])
+def test_dcca_budget_matches_design_formulas_and_the_model(tiny_config, router_input):
+    """BigMac's DCCA layer: experts at width r, plus the descending and ascending projections."""
+    cfg = tiny_config(
+        expert_type="dcca", dcca_dim=12, dcca_router_input=router_input, shared_expert_intermediate_size=8
+    )
+    d, r, H, Hkv, hd, E, k, f, fs, V, L, S = 32, 12, 4, 2, 8, 4, 2, 16, 8, 97, 2, 64
+    A = d * H * hd + 2 * d * Hkv * hd + H * hd * d
+    F, G, D = 3 * r * f, 3 * d * fs, 2 * d * r
+    R = (d if router_input == "hidden" else r) * E
+    norms = 2 * hd + 2 * d
+    b = compute_budget(cfg, S)
+    assert b.total_params == L * (A + norms + E * F + G + R + D) + 2 * V * d + d
+    assert b.active_params == L * (A + norms + k * F + G + R + D) + 2 * V * d + d
+    assert b.flops_per_token == 2 * L * (A + k * F + G + R + D) + L * 4 * hd * H * S + 2 * V * d
+    assert b.attn_ffn_ratio == pytest.approx((A + 2 * hd) / (k * F + G + D))
+    model = LoopMoEForCausalLM(cfg).eval()
+    assert sum(p.numel() for p in model.parameters()) == b.total_params
+    x = torch.randint(0, 97, (2, 64))
+    assert count_forward_flops(model, x) == pytest.approx(b.flops_per_token * x.numel(), rel=1e-6)
+
+
+def test_all_to_all_bytes_per_token(tiny_config):
+    """BigMac's eq. 1 per token: 2 * k * w * bytes * (ep - 1) / ep per executed MoE layer; DCCA sends r/d of it."""
+    swiglu = tiny_config(num_loops=3, num_prelude_layers=1)  # 1 + 2 * 3 = 7 executed MoE layers
+    dcca = tiny_config(num_loops=3, num_prelude_layers=1, expert_type="dcca", dcca_dim=12)
+    assert all_to_all_bytes_per_token(swiglu, ep=4) == 2 * 2 * 32 * 2 * 3 / 4 * 7
+    assert all_to_all_bytes_per_token(swiglu, ep=2, bytes_per_element=4, num_loops=1) == 2 * 2 * 32 * 4 / 2 * 3
+    assert all_to_all_bytes_per_token(dcca, ep=8) / all_to_all_bytes_per_token(swiglu, ep=8) == pytest.approx(12 / 32)
+    assert all_to_all_bytes_per_token(dcca, ep=1) == 0  # one rank: no rows leave it
+    with pytest.raises(ValueError, match="ep must be a whole number >= 1"):
+        all_to_all_bytes_per_token(dcca, ep=0)
 
 
 def test_flops_grow_linearly_with_sequence_length(tiny_config):

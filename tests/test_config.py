@@ -19,6 +19,17 @@ from loopmoe import LoopMoEConfig
         ({"num_loops": 0}, "num_loops must be a positive integer"),
         ({"num_loops": 8, "iter_conditioning": "iter_embedding", "max_loops": 4}, "raise max_loops"),
         ({"router_aux_loss_coef": -1.0}, ">= 0"),
+        ({"expert_type": "bigmac"}, "expert_type must be one of"),
+        (
+            {"expert_type": "dcca", "dcca_dim": 0},
+            r"0 < r < hidden_size \(32\), got 0; BigMac uses r = hidden_size // 4 = 8",
+        ),
+        ({"expert_type": "dcca", "dcca_dim": -4}, r"0 < r < hidden_size \(32\)"),
+        ({"expert_type": "dcca", "dcca_dim": 32}, r"0 < r < hidden_size \(32\), got 32"),
+        ({"expert_type": "dcca", "dcca_dim": 8.0}, "must be a whole number"),
+        ({"dcca_dim": 8}, "set expert_type='dcca', or drop dcca_dim"),
+        ({"dcca_router_input": "descended"}, "set expert_type='dcca', or drop dcca_router_input"),
+        ({"expert_type": "dcca", "dcca_router_input": "low"}, "dcca_router_input must be one of"),
     ],
 )
 def test_invalid_configs_name_the_fix(tiny_config, overrides, message):
@@ -34,10 +45,15 @@ def test_derived_defaults(tiny_config):
     assert cfg.executed_depth() == 1 + 2 * 3 + 2 == cfg.num_hidden_layers
     assert cfg.executed_depth(num_loops=5) == 13
     assert cfg.unique_layers == 5
+    assert tiny_config().dcca_dim is None
+    assert tiny_config(expert_type="dcca").dcca_dim == 8  # BigMac's r = d / 4
+    assert tiny_config(expert_type="dcca", dcca_dim=12).dcca_dim == 12
 
 
 def test_config_round_trips_through_auto_config(tiny_config, tmp_path):
-    cfg = tiny_config(num_loops=2, norm_scheme="sandwich", input_injection="concat")
+    cfg = tiny_config(
+        num_loops=2, norm_scheme="sandwich", input_injection="concat", expert_type="dcca", dcca_router_input="descended"
+    )
     cfg.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, LoopMoEConfig)

@@ -22,6 +22,7 @@ PARSE_ONLY = (
     "loopmoe compare --config",
     "loopmoe plan configs/debug.toml --hardware cpu",  # calibrates this machine (~1 min): tests/planning
     "loopmoe plan --search",  # a minute of search: tests/planning
+    "loopmoe compare --num-loops 1 --expert-type dcca",  # tests/compare/test_runner.py runs it on a tiny corpus
 )
 TINY_COMPARE = [
     "--steps",

@@ -12,12 +12,13 @@ from typing import Literal
 import torch
 
 from loopmoe.balance import BalanceResult, Strategy, balance
+from loopmoe.budget import all_to_all_bytes_per_token
 from loopmoe.compare.report import budget_table
-from loopmoe.config import IterConditioningName
+from loopmoe.config import ExpertTypeName, IterConditioningName
 from loopmoe.options import add_options, option, options_from
 from loopmoe.presets import is_paper_scale, list_presets, load_model_config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the choices of BudgetOptions.dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the choices of BudgetOptions.dtype / a2a_dtype
 
 
 @dataclass
@@ -38,6 +39,18 @@ class BudgetOptions:
     iter_conditioning: IterConditioningName = option(
         "iteradaln", help="how the looped core is told its iteration (IterAdaLN or an ablation)"
     )
+    expert_type: ExpertTypeName | None = option(
+        None,
+        help="expert type of the balanced model: swiglu, or dcca (BigMac's low-dimension experts)",
+        shown="the reference's",
+    )
+    dcca_dim: int | None = option(
+        None, help="width of the balanced model's DCCA experts", shown="the reference's, else hidden_size // 4"
+    )
+    ep: int | None = option(
+        None, help="expert-parallel degree: also show each model's all_to_all bytes per token at it", metavar="N"
+    )
+    a2a_dtype: Literal["float32", "bfloat16"] = option("bfloat16", help="dtype of the rows the all_to_all sends")
     json: bool = option(False, help="print JSON instead of a table")
     save_dir: Path | None = option(
         None,
@@ -70,14 +83,30 @@ def run(args) -> int:
         num_prelude_layers=opts.prelude,
         num_coda_layers=opts.coda,
         iter_conditioning=opts.iter_conditioning,
+        expert_type=opts.expert_type,
+        dcca_dim=opts.dcca_dim,
     )
+    a2a, a2a_row = None, None
+    if opts.ep is not None:
+        width = torch.finfo(DTYPES[opts.a2a_dtype]).bits // 8
+        a2a = {
+            side: all_to_all_bytes_per_token(cfg, opts.ep, width)
+            for side, cfg in (("reference", result.reference), ("looped", result.looped))
+        }
+        a2a_row = (opts.ep, opts.a2a_dtype, a2a["reference"], a2a["looped"])
     if opts.json:
-        print(json.dumps(result.as_dict(), indent=2))
+        data = result.as_dict()
+        if a2a is not None:
+            data["ep"], data["a2a_dtype"] = opts.ep, opts.a2a_dtype
+            for side, value in a2a.items():
+                data[side]["all_to_all_bytes_per_token"] = value
+        print(json.dumps(data, indent=2))
     else:
         paper = (
             Path(opts.reference).suffix == "" and opts.reference in list_presets() and is_paper_scale(opts.reference)
         )
-        print(budget_table(result, title=f"{opts.reference}{' (paper scale)' if paper else ''}"))
+        title = f"{opts.reference}{' (paper scale)' if paper else ''}"
+        print(budget_table(result, title=title, all_to_all=a2a_row))
     if opts.save_dir is not None:
         save_models(result, opts.save_dir, DTYPES[opts.dtype])
     return 0

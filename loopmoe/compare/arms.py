@@ -155,6 +155,8 @@ def resolve_arms(opts: CompareOptions, reference: LoopMoEConfig) -> dict[str, Ar
                 seq_len=opts.seq_len,
                 num_prelude_layers=opts.prelude,
                 num_coda_layers=opts.coda,
+                expert_type=opts.expert_type,
+                dcca_dim=opts.dcca_dim,
             )
         return cache[key]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopmoe.atomic import atomic_write_text, save_figure
+from loopmoe.config import ExpertType
 from loopmoe.text import human, markdown_table
 
 if TYPE_CHECKING:
@@ -49,14 +50,25 @@ def _pyplot():
     return plt
 
 
-def budget_table(result: BalanceResult, title: str = "") -> str:
-    """The reference and its balanced LoopMoE side by side: shapes, budgets and their deviations."""
+def budget_table(
+    result: BalanceResult, title: str = "", all_to_all: tuple[int, str, float, float] | None = None
+) -> str:
+    """The reference and its balanced LoopMoE side by side: shapes, budgets and their deviations.
+
+    ``all_to_all``: (ep, dtype, reference bytes, looped bytes) adds the expert-parallel all_to_all
+    bytes per token (``loopmoe.budget.all_to_all_bytes_per_token``) of both models.
+    """
     ref, loop = result.reference, result.looped
     rb, lb = result.reference_budget, result.looped_budget
     dev = result.deviations
 
     def layers(c):
         return f"{c.num_prelude_layers}+{c.num_core_layers}x{c.num_loops}+{c.num_coda_layers}"
+
+    def experts(c):  # DCCA: BigMac's low-dimension experts, at width dcca_dim
+        if not ExpertType(c.expert_type).projects:
+            return c.expert_type
+        return f"{c.expert_type}, width {c.dcca_dim}" + (", routed there" if c.dcca_router_input == "descended" else "")
 
     rows = [
         ("layers P+CxT+Q", layers(ref), layers(loop), ""),
@@ -67,6 +79,7 @@ def budget_table(result: BalanceResult, title: str = "") -> str:
             f"{loop.num_attention_heads}/{loop.num_key_value_heads}x{loop.head_dim}",
             "",
         ),
+        ("expert type", experts(ref), experts(loop), ""),
         (
             "experts E, top-k",
             f"{ref.num_experts}, {ref.num_experts_per_tok}",
@@ -100,6 +113,16 @@ def budget_table(result: BalanceResult, title: str = "") -> str:
             f"{dev['attn_ffn_ratio']:+.2%}",
         ),
     ]
+    if all_to_all is not None:
+        ep, dtype, ref_bytes, loop_bytes = all_to_all
+        rows.append(
+            (
+                f"all_to_all bytes/token, forward (ep={ep}, {dtype})",
+                human(ref_bytes),
+                human(loop_bytes),
+                f"{loop_bytes / ref_bytes - 1:+.2%}" if ref_bytes else "",
+            )
+        )
     head = ("", "reference (Vanilla MoE)", f"looped ({result.strategy})", "deviation")
     heading = f"## Budget: {title}, num_loops={loop.num_loops}" if title else "## Budget"
     return "\n".join([heading, "", markdown_table(head, rows)])

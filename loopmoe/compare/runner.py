@@ -23,7 +23,7 @@ from loopmoe.atomic import atomic_write_text
 from loopmoe.balance import STRATEGIES, Strategy
 from loopmoe.compare.arms import BUILTIN_ARMS, Arm, ArmSpec, arm_spec_from_table, check_arm_name, resolve_arms
 from loopmoe.compare.cost import read_cost, recorded_session
-from loopmoe.config import LoopMoEConfig
+from loopmoe.config import ExpertTypeName, LoopMoEConfig
 from loopmoe.options import flag_of, help_of, option
 from loopmoe.training.config import (
     DataSection,
@@ -51,6 +51,15 @@ class CompareOptions:
     )
     prelude: int = option(0, help="prelude layers of the LoopMoE")
     coda: int = option(0, help="coda layers of the LoopMoE")
+    expert_type: ExpertTypeName | None = option(
+        None,
+        help="expert type of the balanced model: swiglu, or dcca (BigMac's low-dimension experts); with "
+        "--num-loops 1 this compares two expert types in Vanilla MoEs",
+        shown="the reference's",
+    )
+    dcca_dim: int | None = option(
+        None, help="width of the balanced model's DCCA experts", shown="the reference's, else hidden_size // 4"
+    )
     source: str = option("embedded", help=help_of(DataSection, "source"))
     tokenizer: str | None = option(None, help=help_of(DataSection, "tokenizer"), shown="a BPE trained on the source")
     bpe_vocab: int = option(4096, help="vocabulary of the trained BPE")

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 
 from loopmoe.atomic import atomic_directory
-from loopmoe.config import LoopMoEConfig
+from loopmoe.config import ExpertType, LoopMoEConfig
 
 # Copied from the source folder beside the converted weights.
 TOKENIZER_FILES = (
@@ -218,6 +218,11 @@ def qwen3_moe_blockers(config: LoopMoEConfig, state: dict[str, torch.Tensor] | N
         )
     if not config.qk_norm:
         reasons.append("no QK-norm (qk_norm=False): Qwen3-MoE always normalises queries and keys")
+    if ExpertType(config.expert_type).projects:
+        reasons.append(
+            f"DCCA experts (expert_type={config.expert_type!r}, width {config.dcca_dim}, with the MoE layer's "
+            "descending and ascending projections): Qwen3-MoE experts work at the model width"
+        )
     biased = sorted(k for k, v in (state or {}).items() if k.endswith("mlp.gate.expert_bias") and v.any())
     if biased:
         reasons.append(

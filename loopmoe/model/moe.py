@@ -1,5 +1,13 @@
 """Dropless sparse MoE feed-forward: router, SwiGLU experts, shared experts, balancing losses.
 
+With ``expert_type = "dcca"`` (BigMac's descend-communicate-communicate-ascend layer) the experts
+work at a width r below the model width d: a descending projection ``d -> r`` runs once per token
+before dispatch, the experts are SwiGLUs ``r -> f -> r``, the k expert outputs are combined at width
+r, and an ascending projection ``r -> d`` runs once per token after the combine. The router (on the
+full-width x by default) and the shared experts (always on x) are unchanged. Everything between the
+two projections (sorting, the expert kernels, the permutations, the combine) is the same code at
+width r.
+
 Dispatch sorts the (token, expert) assignments by expert so that each expert sees one
 contiguous block of rows, runs the experts on those blocks (``kernels.experts``: one grouped GEMM
 on CUDA, one matmul per expert group on CPU), permutes the rows back (``kernels.permute``) and
@@ -22,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loopmoe.config import LoopMoEConfig
+from loopmoe.config import ExpertType, LoopMoEConfig, expert_width, router_width
 from loopmoe.model.kernels.autocast import autocast_operands
 from loopmoe.model.kernels.experts import NAMESPACE, experts_grouped_mm, experts_loop, experts_one_token, ops
 from loopmoe.model.kernels.linear import linear
@@ -83,7 +91,7 @@ class TopKRouter(nn.Module):
         self.num_experts = config.num_experts
         self.score = config.router_score
         self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, router_width(config)))
         # Selection-only bias of aux-loss-free balancing, saved with the model; the assignment counts
         # since the last bias update are transient.
         self.register_buffer("expert_bias", torch.zeros(config.num_experts), persistent=True)
@@ -91,7 +99,8 @@ class TopKRouter(nn.Module):
         self.track_counts = config.router_bias_update_rate > 0  # counts feed the bias updates only
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: [N, d] -> logits [N, E], normalised scores [N, E], top-k weights [N, k], top-k ids [N, k]
+        # x: [N, d] (or [N, r]: a DCCA router on the descended vector) -> logits [N, E], normalised
+        # scores [N, E], top-k weights [N, k], top-k ids [N, k]
         logits = linear(x, self.weight)
         if self.score == "softmax":
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -130,18 +139,21 @@ class SwiGLU(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored as 3-D weights, applied to rows already sorted by expert."""
+    """E SwiGLU experts stored as 3-D weights, applied to rows already sorted by expert.
+
+    The rows are ``w`` wide: the model width d, or the DCCA width r (``loopmoe.config.expert_width``).
+    """
 
     def __init__(self, config: LoopMoEConfig):
         super().__init__()
-        E, d, f = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        E, w, f = config.num_experts, expert_width(config), config.moe_intermediate_size
         self.num_experts = E
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, d))
-        self.down_proj = nn.Parameter(torch.empty(E, d, f))
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, w))
+        self.down_proj = nn.Parameter(torch.empty(E, w, f))
         self.implementation = config.moe_implementation
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # x_sorted: [N*k, d] rows grouped by expert; counts: [E] rows per expert -> [N*k, d]
+        # x_sorted: [N*k, w] rows grouped by expert; counts: [E] rows per expert -> [N*k, w]
         impl = self.implementation
         if impl == "auto":
             impl = "grouped_mm" if x_sorted.is_cuda else "loop"
@@ -152,7 +164,11 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Router + dropless experts (+ shared experts). Returns the output and its ``RouterStats``."""
+    """Router + dropless experts (+ shared experts). Returns the output and its ``RouterStats``.
+
+    A DCCA layer (``expert_type = "dcca"``) also holds ``descend: [r, d]`` and ``ascend: [d, r]``
+    around its experts; elsewhere both are None.
+    """
 
     def __init__(self, config: LoopMoEConfig):
         super().__init__()
@@ -162,6 +178,11 @@ class SparseMoE(nn.Module):
         self.experts = Experts(config)
         f_s = config.shared_expert_intermediate_size
         self.shared_experts = SwiGLU(config.hidden_size, f_s) if f_s > 0 else None
+        d, w = config.hidden_size, expert_width(config)
+        projects = ExpertType(config.expert_type).projects
+        self.descend = Linear(d, w) if projects else None
+        self.ascend = Linear(w, d) if projects else None
+        self.route_descended = router_width(config) != d
 
     def forward(
         self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None, router_stats: bool = True
@@ -170,16 +191,19 @@ class SparseMoE(nn.Module):
         # router_stats=False (generation) skips the balancing losses and statistics and returns None.
         B, S, d = hidden.shape
         x = hidden.reshape(-1, d)  # [N, d]
-        logits, probs, topk_w, topk_idx = self.gate(x)
-        y = self._dispatch(x, topk_w, topk_idx)
+        x_low = self.descend(x) if self.descend is not None else x  # [N, w]: DCCA descends once per token
+        logits, probs, topk_w, topk_idx = self.gate(x_low if self.route_descended else x)
+        y = self._dispatch(x_low, topk_w, topk_idx)  # [N, w]: the k outputs combined at width w
+        if self.ascend is not None:
+            y = self.ascend(y)  # [N, d]: DCCA ascends once per token, after the combine
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         router = self._balance(logits, probs, topk_idx, token_mask) if router_stats else None
         return y.view(B, S, d), router
 
     def _dispatch(self, x: torch.Tensor, topk_w: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-        # x: [N, d], topk_w / topk_idx: [N, k] -> sum_j topk_w[:, j] * expert_{topk_idx[:, j]}(x): [N, d]
-        N, d = x.shape
+        # x: [N, w], topk_w / topk_idx: [N, k] -> sum_j topk_w[:, j] * expert_{topk_idx[:, j]}(x): [N, w]
+        N, w = x.shape
         k = self.top_k
         if N == 1 and not torch.is_grad_enabled():
             return self._dispatch_one(x, topk_w, topk_idx)
@@ -195,7 +219,7 @@ class SparseMoE(nn.Module):
             y = self.experts(x.index_select(0, order // k), counts).index_select(0, inverse)
         # Weighted sum over the k slots of each token (for k = 2 this equals transformers' index_add_
         # into zeros bit for bit: fp addition of two terms commutes).
-        return (y.view(N, k, d) * topk_w.unsqueeze(-1)).sum(1)
+        return (y.view(N, k, w) * topk_w.unsqueeze(-1)).sum(1)
 
     def _dispatch_one(self, x, topk_w, topk_idx):
         """Inference on a single token (batch-1 decoding): one expert call per selected expert,

@@ -37,6 +37,23 @@ def test_budget_json_and_save_dir(capsys, tmp_path):
     assert data["looped"]["config"]["num_loops"] == 2
 
 
+def test_budget_with_dcca_experts_shows_the_all_to_all_volume(capsys):
+    argv = ["budget", "debug", "--num-loops", "2", "--seq-len", "128", "--expert-type", "dcca", "--ep", "4"]
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["reference"]["config"]["expert_type"] == "swiglu"
+    assert (data["looped"]["config"]["expert_type"], data["looped"]["config"]["dcca_dim"]) == ("dcca", 16)
+    assert data["ep"] == 4 and data["a2a_dtype"] == "bfloat16"
+    # 2 * k * width * 2 bytes * 3/4 per executed layer; DCCA sends r/d = 16/64 of the reference's
+    assert data["reference"]["all_to_all_bytes_per_token"] == 2 * 2 * 64 * 2 * 3 / 4 * 4
+    looped_k = data["looped"]["config"]["num_experts_per_tok"]
+    assert data["looped"]["all_to_all_bytes_per_token"] == 2 * looped_k * 16 * 2 * 3 / 4 * 4
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| expert type" in table and "dcca, width 16" in table
+    assert "all_to_all bytes/token, forward (ep=4, bfloat16)" in table
+
+
 def test_budget_from_config_file(tmp_path, capsys):
     path = tmp_path / "ref.toml"
     path.write_text('[model]\npreset = "debug"\nnum_experts = 16\n')
@@ -52,6 +69,8 @@ def test_budget_from_config_file(tmp_path, capsys):
         (["budget", "debug", "--num-loops", "2", "--prelude", "-1"], "num_prelude_layers must be a whole number >= 0"),
         (["budget", "debug", "--num-loops", "1", "--prelude", "2", "--coda", "2"], "fewer prelude + coda layers"),
         (["budget", "missing.toml", "--num-loops", "2"], "not found"),
+        (["budget", "debug", "--num-loops", "2", "--dcca-dim", "16"], "set expert_type='dcca', or drop dcca_dim"),
+        (["budget", "debug", "--num-loops", "2", "--expert-type", "dcca", "--dcca-dim", "64"], "0 < r < hidden_size"),
         (["train", "configs/debug.toml", "train.max_step=5", "--dry-run"], "did you mean 'train.max_steps'"),
     ],
 )

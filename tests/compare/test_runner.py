@@ -202,3 +202,58 @@ def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
     for name in ("reference", "looped"):
         assert second["runs"][name][1]["val_loss"] == first["runs"][name][1]["val_loss"]
     assert second["runs"]["granularity"][1]["val_loss"] == pytest.approx(first["runs"]["granularity"][1]["val_loss"])
+
+
+def test_options_json_without_later_options_still_resumes(tmp_path, monkeypatch):
+    """A comparison recorded before --expert-type existed resumes with the default, and a changed expert type is refused."""
+    import json
+
+    from loopmoe.compare import runner
+
+    monkeypatch.setattr(runner, "prepare", _stop_before_training)
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=tmp_path), log=lambda *a: None)
+    (tmp_path / "seed0").mkdir()
+    saved = json.loads((tmp_path / "options.json").read_text())
+    old = {k: v for k, v in saved.items() if k not in ("expert_type", "dcca_dim")}
+    (tmp_path / "options.json").write_text(json.dumps(old))
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=tmp_path), log=lambda *a: None)
+    with pytest.raises(ValueError, match="--expert-type None -> 'dcca'"):
+        runner.run_comparison(CompareOptions(out=tmp_path, expert_type="dcca"), log=lambda *a: None)
+
+
+def test_two_expert_types_compare_at_matched_budgets(tmp_path):
+    """--num-loops 1 --expert-type dcca: a SwiGLU Vanilla MoE against a DCCA Vanilla MoE (BigMac's
+    experts), balanced, trained, evaluated and reported end to end (a few steps on a tiny corpus)."""
+    from transformers import AutoModelForCausalLM
+
+    from loopmoe.compare import runner
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(25):  # documents enough to hold 5% out
+        (corpus / f"{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog\n" * 400)
+    opts = CompareOptions(
+        out=tmp_path / "cmp",
+        source=str(corpus),
+        bpe_vocab=300,
+        num_loops=1,
+        expert_type="dcca",
+        seq_len=64,
+        micro_batch_size=4,
+        steps=4,
+        warmup_steps=1,
+        eval_every=2,
+        eval_batches=1,
+        tasks=(),
+    )
+    results = runner.run_comparison(opts, log=lambda *a: None)
+    budget = results["budget"]
+    ref, other = budget["reference"]["config"], budget["looped"]["config"]
+    assert (ref["expert_type"], other["expert_type"]) == ("swiglu", "dcca")
+    assert other["num_loops"] == 1 and other["dcca_dim"] == ref["hidden_size"] // 4
+    assert all(abs(budget["deviations"][k]) <= budget["tolerances"][k] for k in budget["deviations"])
+    model = AutoModelForCausalLM.from_pretrained(results["runs"]["looped"][0]["final_dir"])
+    assert model.config.expert_type == "dcca" and model.model.core[0].mlp.descend is not None
+    assert "| expert type" in (opts.out / "report.md").read_text()

@@ -100,6 +100,12 @@ MOE_CONFIGS = {
         "router_score": "sigmoid",
         "router_bias_update_rate": 0.01,
     },
+    "dcca_grouped_mm_shared_descended_router": {  # BigMac's low-dimension experts
+        "moe_implementation": "grouped_mm",
+        "expert_type": "dcca",
+        "dcca_router_input": "descended",
+        "shared_expert_intermediate_size": 24,
+    },
 }
 
 
@@ -181,6 +187,10 @@ def test_regional_compile_trains_like_eager(tiny_config, ac):
     check_regional_training(tiny_config(**LOOPED), FAST, ac)
 
 
+def test_regional_compile_trains_dcca_like_eager(tiny_config):
+    check_regional_training(tiny_config(**LOOPED, expert_type="dcca"), FAST, "full")
+
+
 def test_regional_compile_keeps_state_dict_keys(tiny_config):
     model = LoopMoEForCausalLM(tiny_config(**LOOPED))
     keys = list(model.state_dict())
@@ -234,8 +244,9 @@ def check_greedy_decoding(cfg, backend: str, batch: int):
     assert counters["graph_break"] == {}
 
 
-def test_whole_model_greedy_decoding(tiny_config):
-    check_greedy_decoding(tiny_config(**LOOPED), FAST, batch=1)
+@pytest.mark.parametrize("expert_type", ["swiglu", "dcca"])
+def test_whole_model_greedy_decoding(tiny_config, expert_type):
+    check_greedy_decoding(tiny_config(**LOOPED, expert_type=expert_type), FAST, batch=1)
 
 
 @pytest.mark.slow

@@ -26,6 +26,19 @@ VARIANTS = {
         "norm_scheme": "depth_scaled_sandwich",
     },
     "looped_no_conditioning": {"num_loops": 2, "iter_conditioning": "none"},
+    "dcca_iteradaln_prelude_shared_sandwich": {
+        "num_loops": 2,
+        "num_prelude_layers": 1,
+        "expert_type": "dcca",
+        "shared_expert_intermediate_size": 24,
+        "norm_scheme": "sandwich",
+    },
+    "dcca_vanilla_descended_router_depth_scaled": {
+        "expert_type": "dcca",
+        "dcca_dim": 12,
+        "dcca_router_input": "descended",
+        "norm_scheme": "depth_scaled_sandwich",
+    },
 }
 
 
@@ -150,8 +163,9 @@ def test_kv_cache_has_one_slot_per_executed_layer(tiny_config):
     assert len(deeper.layers) == 1 + 2 * 5 + 1
 
 
-def test_incremental_decoding_matches_full_forward(tiny_config):
-    cfg = tiny_config(num_loops=3, num_prelude_layers=1)
+@pytest.mark.parametrize("expert_type", ["swiglu", "dcca"])
+def test_incremental_decoding_matches_full_forward(tiny_config, expert_type):
+    cfg = tiny_config(num_loops=3, num_prelude_layers=1, expert_type=expert_type)
     model = build(cfg).eval()
     x = torch.randint(0, 97, (2, 9))
     full = model(input_ids=x).logits
@@ -167,10 +181,17 @@ GENERATE = {
 }
 
 
-@pytest.mark.parametrize("mode", GENERATE)
-@pytest.mark.parametrize("num_loops", [None, 5])
-def test_cached_and_uncached_generation_agree(tiny_config, mode, num_loops):
-    cfg = tiny_config(num_loops=3, num_prelude_layers=1, num_coda_layers=1, pad_token_id=0)
+# Every mode at the trained and at a test-time depth; DCCA experts (BigMac) in each mode once.
+GENERATION_CASES = [(mode, loops, "swiglu") for loops in (None, 5) for mode in GENERATE] + [
+    ("greedy", 5, "dcca"),
+    ("sampling", None, "dcca"),
+    ("beam", None, "dcca"),
+]
+
+
+@pytest.mark.parametrize("mode, num_loops, expert_type", GENERATION_CASES)
+def test_cached_and_uncached_generation_agree(tiny_config, mode, num_loops, expert_type):
+    cfg = tiny_config(num_loops=3, num_prelude_layers=1, num_coda_layers=1, pad_token_id=0, expert_type=expert_type)
     model = build(cfg).eval()
     prompts = torch.randint(1, 97, (3, 7))
     mask = torch.ones_like(prompts)
@@ -222,9 +243,11 @@ def test_iter_embedding_depth_limit_is_a_clear_error(tiny_config):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long), num_loops=5)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_save_and_load_roundtrip_through_auto_classes(tiny_config, tmp_path, tied):
-    cfg = tiny_config(num_loops=2, num_coda_layers=1, router_bias_update_rate=0.01, tie_word_embeddings=tied)
+@pytest.mark.parametrize("tied, expert_type", [(False, "swiglu"), (True, "swiglu"), (False, "dcca")])
+def test_save_and_load_roundtrip_through_auto_classes(tiny_config, tmp_path, tied, expert_type):
+    cfg = tiny_config(
+        num_loops=2, num_coda_layers=1, router_bias_update_rate=0.01, tie_word_embeddings=tied, expert_type=expert_type
+    )
     model = build(cfg).eval()
     with torch.no_grad():
         model.model.core[0].mlp.gate.expert_bias.copy_(torch.tensor([0.1, -0.1, 0.2, 0.0]))

@@ -47,6 +47,7 @@ def _save(tiny_config, path, seed=0, **overrides):
     [
         dict(num_loops=2, num_prelude_layers=1, num_coda_layers=1),
         dict(num_loops=2, input_injection="concat", norm_scheme="sandwich", shared_expert_intermediate_size=16),
+        dict(num_loops=2, expert_type="dcca", dcca_router_input="descended"),  # BigMac's low-dimension experts
     ],
 )
 def test_plain_transformers_loads_the_folder_with_identical_logits(tiny_config, tmp_path, overrides):
