@@ -1,5 +1,7 @@
 """Parallelism applied as functions over a finished model (torchtitan style).
 
+``apply_expert_parallel`` (re-exported from ``expert_parallel``) splits the experts over "ep".
+
 Modules never know how they are parallelised: the trainer builds the plain model, then calls
 one of these. Keeping it outside the modules lets the same model run alone, under DDP or
 under FSDP2 without any change to its code.
@@ -15,24 +17,51 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers.cache_utils import Cache
 
+from loopmoe.distributed.expert_parallel import (
+    apply_expert_parallel as apply_expert_parallel,
+)
+from loopmoe.distributed.expert_parallel import (
+    expert_parallel_of,
+    expert_parameters,
+    moe_layers,
+    reduce_expert_grads,
+)
 from loopmoe.model.slots import every_nth_slot, every_slot
 
 
-def build_mesh(world_size: int, device_type: str) -> DeviceMesh:
-    """A 1-D data-parallel mesh over all ranks."""
-    return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+def build_mesh(world_size: int, device_type: str, ep: int = 1) -> DeviceMesh:
+    """The 2-D ``("dp", "ep")`` mesh of ``world_size = dp x ep`` ranks (the ep ranks of a group are
+    adjacent: ``rank = dp_index * ep + ep_index``). With ``ep = 1``, ``mesh["dp"]`` spans every rank."""
+    if ep < 1 or world_size % ep:
+        raise ValueError(
+            f"dist.ep = {ep} does not divide the {world_size} processes; launch a multiple of {ep} "
+            f"processes (torchrun --nproc_per_node) or set dist.ep to a divisor of {world_size}"
+        )
+    return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
+
+
+def _data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh over every rank, over which all but the experts are data-parallel."""
+    if mesh.ndim == 1:
+        return mesh
+    return mesh["dp"] if mesh["ep"].size() == 1 else mesh._flatten("dp_ep")
 
 
 def apply_ddp(model: nn.Module, device: torch.device | None = None) -> DDP:
     """Wrap in DistributedDataParallel (replicated weights, all-reduced gradients).
 
     `find_unused_parameters` stays on: with top-k routing an expert may receive no token in a
-    micro-batch, and its parameters then get no gradient.
+    micro-batch, and its parameters then get no gradient. Under expert parallelism DDP leaves the
+    ep-local expert blocks alone: ``gradient_sync`` reduces them over their dp replicas only.
     """
     device_ids = [device.index] if device is not None and device.type == "cuda" else None
+    experts = [name for name, _ in expert_parameters(model)]
+    if experts:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
     return DDP(model, device_ids=device_ids, find_unused_parameters=True)
 
 
@@ -46,15 +75,25 @@ def apply_fsdp2(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
 
     Per-layer units bound peak memory to about one layer's full parameters. `param_dtype`
     (bf16 on GPU) casts parameters for compute while gradients reduce in fp32.
+
+    Under expert parallelism (``apply_expert_parallel`` first) each layer's ep-local expert block
+    is its own unit over ``mesh["dp"]``, sharded along dim 1 (dim 0, the expert, is already split
+    over "ep", so a checkpoint sees the global tensor as Shard(0) over ep x Shard(1) over dp); its
+    gradient is divided by the world size, like every other gradient. The rest is sharded over all ranks.
     """
     mp = (
         MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         if param_dtype
         else MixedPrecisionPolicy()
     )
+    world = _data_parallel_mesh(mesh)
+    if expert_parallel_of(model) is not None:
+        for moe in moe_layers(model):
+            fully_shard(moe.experts, mesh=mesh["dp"], mp_policy=mp, shard_placement_fn=lambda _: Shard(1))
+            cast(FSDPModule, moe.experts).set_gradient_divide_factor(float(world.size()))
     for unit in _shard_units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(unit, mesh=world, mp_policy=mp)
+    fully_shard(model, mesh=world, mp_policy=mp)
     return model
 
 
@@ -145,11 +184,14 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce/reduce-scatter on all but the last micro-batch.
 
     Gradient accumulation is then one communication per optimizer step instead of one per
-    micro-batch, with the same result.
+    micro-batch, with the same result. Under DDP the ep-local expert blocks are reduced after the
+    last micro-batch's backward (``reduce_expert_grads``); FSDP2 reduces them itself.
     """
     if isinstance(model, DDP):
         with nullcontext() if enabled else model.no_sync():
             yield
+        if enabled:
+            reduce_expert_grads(model.module)
     elif isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
         try:

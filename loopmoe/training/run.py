@@ -35,6 +35,7 @@ from loopmoe.distributed.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
     apply_ddp,
+    apply_expert_parallel,
     apply_fsdp2,
     build_mesh,
     unwrap,
@@ -91,8 +92,11 @@ def _parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
         apply_compile(model)
     if not info.distributed:
         return model
+    mesh = build_mesh(info.world_size, info.device.type, cfg.dist.ep)
+    if cfg.dist.ep > 1:
+        apply_expert_parallel(model, mesh)
     if cfg.dist.strategy == "fsdp2":
-        return apply_fsdp2(model, build_mesh(info.world_size, info.device.type))
+        return apply_fsdp2(model, mesh)
     return apply_ddp(model, info.device)
 
 
