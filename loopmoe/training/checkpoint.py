@@ -13,7 +13,10 @@ crash at any moment leaves either a whole checkpoint or a `.tmp-<pid>` directory
 removed by the next run, which holds the run folder's lock). Nothing unverifiable is ever deleted:
 resume refuses to restart over checkpoints it cannot verify (`restart=True` moves them aside into
 `rejected-<time>/`), pruning keeps the last `keep_last` verified ones and leaves, with a warning, any
-it cannot verify, and a checkpoint written by another number of processes is refused, not skipped.
+it cannot verify. A DCP checkpoint resumes at any layout (world size, dp x ep, DDP or FSDP2, or one process):
+DCP reshards the weights and optimizer state, expert-parallel blocks included (``global_expert_views``), and
+the data-loader position is converted by the loader; a single-process checkpoint resumes in one process only
+(several are refused with the way out, not skipped).
 Everything is loaded with `torch.load(weights_only=True)`, and DCP's pickled `.metadata` with an
 allow-list unpickler (`loopmoe.training.safe_dcp`): reading a checkpoint never runs code.
 """
@@ -47,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from loopmoe.atomic import publish_directory
 from loopmoe.distributed.env import barrier, broadcast_object, is_distributed
+from loopmoe.distributed.expert_parallel import global_expert_views
 from loopmoe.distributed.parallelize import unwrap
 from loopmoe.errors import UserFacingError
 from loopmoe.training.safe_dcp import safe_dcp_load
@@ -227,8 +231,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         if is_distributed():
-            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-            dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+            dcp.save(_dcp_state(model, optimizer)[0], checkpoint_id=str(tmp / "dcp"))
         else:
             torch.save(unwrap(model).state_dict(), tmp / "model.pt")
             torch.save(optimizer.state_dict(), tmp / "optim.pt")
@@ -341,7 +344,9 @@ class CheckpointManager:
             try:
                 verify(path)
                 meta = _read(path, "meta.json")
-                _check_world_size(path, meta, 1)
+                if (path / "dcp").is_dir():  # written by several processes: resharded into this one
+                    self._verified.add(path)
+                    return self._load_dcp(path, model, optimizer, scheduler)
                 files = {
                     name: _read(path, name)
                     for name in ("model.pt", "optim.pt", "scheduler.pt", "rank_00000.pt", "meta.json")
@@ -361,24 +366,48 @@ class CheckpointManager:
         return None
 
     def _load_dcp(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> ResumeState:
+        """Load a DCP checkpoint at this run's layout, whatever the layout that wrote it.
+
+        At the writer's world size each rank restores its own RNG streams and loader position. At
+        another one, every rank takes rank 0's loader state (the global position: loaders convert it
+        to their new share, see ``TokenBatchLoader.load_state_dict``) and keeps the RNG streams it was
+        seeded with (``seed + rank``, as a fresh run at this layout; training draws no random numbers).
+        """
         meta = _read(path, "meta.json")
-        _check_world_size(path, meta, torch.distributed.get_world_size())
-        state: dict[str, Any] = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
-        }
-        safe_dcp_load(state, path / "dcp")
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        if not (path / "dcp").is_dir():
+            _check_world_size(path, meta, torch.distributed.get_world_size())
+        state, model_state, optim_state = _dcp_state(model, optimizer)
+        safe_dcp_load(state, path / "dcp")  # in place, into the tensors of model_state / optim_state
+        set_model_state_dict(model, model_state)
+        set_optimizer_state_dict(model, optimizer, optim_state)
         scheduler.load_state_dict(_read(path, "scheduler.pt"))
-        rank_state = _read(path, f"rank_{self.rank:05d}.pt")
-        restore_rng(rank_state["rng"])
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        if int(meta.get("world_size", 1)) == world:
+            rank_state = _read(path, f"rank_{self.rank:05d}.pt")
+            restore_rng(rank_state["rng"])
+        else:
+            rank_state = _read(path, "rank_00000.pt")
         return ResumeState(path, meta, rank_state["loader"])
 
 
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any, Any]:
+    """What DCP saves and loads: ``({"model": ..., "optim": ...}, model state, optimizer state)``.
+
+    Expert-parallel blocks appear in the first as DTensor views of the global ``[E, ...]`` tensors
+    (sharing storage with the last two), so the checkpoint is layout-independent."""
+    inner = unwrap(model)
+    model_state = get_model_state_dict(model)
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    state = {
+        "model": global_expert_views(model_state, inner),
+        "optim": {**optim_state, "state": global_expert_views(optim_state["state"], inner)},
+    }
+    return state, model_state, optim_state
+
+
 def _check_world_size(path: Path, meta: Mapping[str, Any], world: int) -> None:
-    """Refuse (never skip) a checkpoint written by another number of processes: resharding the
-    per-rank data-loader positions and RNG streams would not continue the same run."""
+    """Refuse (never skip) a single-process checkpoint (plain state dicts, not DCP) in a run of
+    several processes: re-run it in one process, where it resumes."""
     written = int(meta.get("world_size", 1))
     if written == world:
         return

@@ -31,6 +31,7 @@ from loopmoe.distributed.env import (
     is_distributed,
     teardown_distributed,
 )
+from loopmoe.distributed.expert_parallel import expert_parallel_of, gather_full_experts
 from loopmoe.distributed.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
@@ -56,7 +57,8 @@ from loopmoe.training.optim import apply_optim_settings, build_optimizer, build_
 from loopmoe.training.runlock import RunDirBusyError, RunLock
 from loopmoe.training.trainer import Trainer, resolve_precision
 
-_RESUME_MUST_MATCH = ("data", "dist")  # [model] must match (checked before loading); optim/schedule may change
+# [model] must match (checked before loading); optim/schedule may change; [dist] may change (checkpoints reshard)
+_RESUME_MUST_MATCH = ("data",)
 
 
 def _seed_everything(seed: int) -> None:
@@ -185,11 +187,15 @@ def _refuse_nonfinite(model: nn.Module, out_dir: Path, device: torch.device) -> 
 def _export_final(
     model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir: Path, info: DistInfo, model_factory: ModelFactory
 ) -> Path:
-    """HF checkpoint of the final weights (gathered from shards under FSDP2) + tokenizer + config."""
+    """HF checkpoint of the final weights (gathered from FSDP2 shards and expert-parallel blocks: one
+    ordinary checkpoint whatever the layout) + tokenizer + config."""
     final = out_dir / "final"
     _refuse_nonfinite(model, out_dir, info.device)
-    if isinstance(model, FSDPModule):
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    expert_parallel = expert_parallel_of(unwrap(model)) is not None
+    if isinstance(model, FSDPModule) or expert_parallel:
+        # Under EP every rank takes part in gathering the expert blocks, so every rank needs the full dict.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not expert_parallel)
+        full = gather_full_experts(get_model_state_dict(model, options=options), unwrap(model))
         if info.is_main:
             plain = model_factory(cfg, bundle.vocab_size)
             plain.load_state_dict(full)
