@@ -175,15 +175,22 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
 
 @torch.no_grad()
-def reduce_expert_grads(model: nn.Module) -> None:
-    """Finish the expert gradients outside FSDP2: sum over the dp replicas of the block, divide by ``W``.
+def reduce_expert_grads(model: nn.Module, averaged_over_dp: bool = False) -> None:
+    """Finish the expert gradients: sum over the dp replicas of the block, divide by ``W``.
 
-    One all-reduce of the flattened gradients (experts that got no row contribute zeros), in
-    parameter order, which every rank shares.
+    Under DDP (the default) one all-reduce of the flattened gradients (experts that got no row
+    contribute zeros), in parameter order, which every rank shares. Under FSDP2
+    (``averaged_over_dp``) its reduce-scatter already averaged over dp; what is left is ``1 / ep``
+    (a divide factor of ``W`` inside FSDP2 would need PREMUL_SUM, which gloo lacks).
     """
     ep = expert_parallel_of(model)
     params = [p for _, p in expert_parameters(model)]
     if ep is None or not params:
+        return
+    if averaged_over_dp:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(ep.ep)
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])

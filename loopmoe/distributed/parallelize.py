@@ -78,8 +78,9 @@ def apply_fsdp2(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
 
     Under expert parallelism (``apply_expert_parallel`` first) each layer's ep-local expert block
     is its own unit over ``mesh["dp"]``, sharded along dim 1 (dim 0, the expert, is already split
-    over "ep", so a checkpoint sees the global tensor as Shard(0) over ep x Shard(1) over dp); its
-    gradient is divided by the world size, like every other gradient. The rest is sharded over all ranks.
+    over "ep", so a checkpoint sees the global tensor as Shard(0) over ep x Shard(1) over dp); FSDP2
+    averages its gradient over dp and ``gradient_sync`` divides it by ep, so that, like every other
+    gradient, it is divided by the world size. The rest is sharded over all ranks.
     """
     mp = (
         MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -90,7 +91,6 @@ def apply_fsdp2(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
     if expert_parallel_of(model) is not None:
         for moe in moe_layers(model):
             fully_shard(moe.experts, mesh=mesh["dp"], mp_policy=mp, shard_placement_fn=lambda _: Shard(1))
-            cast(FSDPModule, moe.experts).set_gradient_divide_factor(float(world.size()))
     for unit in _shard_units(model):
         fully_shard(unit, mesh=world, mp_policy=mp)
     fully_shard(model, mesh=world, mp_policy=mp)
@@ -185,7 +185,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
     Gradient accumulation is then one communication per optimizer step instead of one per
     micro-batch, with the same result. Under DDP the ep-local expert blocks are reduced after the
-    last micro-batch's backward (``reduce_expert_grads``); FSDP2 reduces them itself.
+    last micro-batch's backward (``reduce_expert_grads``); FSDP2 averages them over dp itself.
     """
     if isinstance(model, DDP):
         with nullcontext() if enabled else model.no_sync():
@@ -198,5 +198,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+        if enabled:
+            reduce_expert_grads(model, averaged_over_dp=True)
     else:
         yield
