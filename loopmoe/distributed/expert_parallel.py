@@ -37,15 +37,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
 
 from loopmoe.model.kernels.permute import permute_rows
+from loopmoe.model.moe import SparseMoE
 
 
 class _AllToAll(torch.autograd.Function):
@@ -117,16 +119,19 @@ class ExpertParallel:
         return all_to_all_rows(permute_rows(y, inverse, order), send_splits, recv_splits, self.group)
 
 
-def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """Modules that route tokens to experts (``SparseMoE``: a ``gate`` router and 3-D ``experts``)."""
+def moe_layers(model: nn.Module) -> Iterator[SparseMoE]:
+    """The modules that route tokens to experts."""
     for m in model.modules():
-        if hasattr(m, "experts") and hasattr(m, "gate") and hasattr(m.experts, "gate_up_proj"):
+        if isinstance(m, SparseMoE):
             yield m
 
 
 def expert_parallel_of(model: nn.Module) -> ExpertParallel | None:
     """The model's ``ExpertParallel`` (one shared by all its MoE layers), or None without EP."""
-    return next((ep for m in moe_layers(model) if (ep := getattr(m, "expert_parallel", None)) is not None), None)
+    return next(
+        (ep for m in moe_layers(model) if isinstance(ep := m.expert_parallel, ExpertParallel)),
+        None,
+    )
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -218,14 +223,15 @@ def clip_expert_parallel_grad_norm_(model: nn.Module, max_norm: float) -> torch.
     assert ep is not None
     expert_ids = {id(p) for _, p in expert_parameters(model)}
     params = [p for p in model.parameters() if p.grad is not None]
-    experts = _squared_norm([p.grad for p in params if id(p) in expert_ids])
+    grads = [(id(p) in expert_ids, cast(torch.Tensor, p.grad)) for p in params]
+    experts = _squared_norm([g for is_expert, g in grads if is_expert])
     dist.all_reduce(experts, group=ep.group)
-    rest = _squared_norm([p.grad for p in params if id(p) not in expert_ids])
+    rest = _squared_norm([g for is_expert, g in grads if not is_expert])
     norm = (experts + rest).sqrt()
     coef = max_norm / (norm.item() + 1e-6)  # as clip_grad_norm_; a float, since the grads live on several meshes
     if coef < 1.0:
-        for p in params:
-            p.grad.mul_(coef)
+        for _, g in grads:
+            g.mul_(coef)
     return norm
 
 
@@ -235,7 +241,7 @@ def clip_expert_parallel_grad_norm_(model: nn.Module, max_norm: float) -> torch.
 # over "dp". Replicas are written once; a load at any other layout reads the chunks it needs.
 
 
-def global_expert_views(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+def global_expert_views(state: Any, model: nn.Module) -> Any:
     """``state`` (a model state dict, or an optimizer state dict's per-parameter entries) with every
     ep-local expert tensor replaced by a DTensor view of the global tensor sharing its storage."""
     names = {n for n, _ in expert_parameters(model)}
@@ -246,6 +252,7 @@ def global_expert_views(state: dict[str, Any], model: nn.Module) -> dict[str, An
     def view(t: Any) -> Any:
         if not torch.is_tensor(t) or t.dim() == 0:
             return t
+        placements: list[Placement]
         if isinstance(t, DTensor):  # FSDP2's shard over dp, Shard(1) (see apply_fsdp2)
             local, placements = t.to_local(), [Shard(1), Shard(0)]
             block_shape = t.shape
@@ -266,7 +273,7 @@ def global_expert_views(state: dict[str, Any], model: nn.Module) -> dict[str, An
     return out
 
 
-def gather_full_experts(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def gather_full_experts(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """A full (unsharded over dp) model state dict with each ep-local expert block all-gathered over
     the ep group into the global ``[E, ...]`` tensor (a collective: every rank calls it)."""
     ep = expert_parallel_of(model)

@@ -343,7 +343,6 @@ class CheckpointManager:
         for _, path in reversed(list_checkpoints(self.root)):
             try:
                 verify(path)
-                meta = _read(path, "meta.json")
                 if (path / "dcp").is_dir():  # written by several processes: resharded into this one
                     self._verified.add(path)
                     return self._load_dcp(path, model, optimizer, scheduler)

@@ -18,6 +18,7 @@ from tests.distributed.test_parity import ROOT, _assert_close, _launch
 # micro-batch 2 so that 4 processes share the global batch of 8; router biases move (aux-loss-free balancing)
 EP_ARGS = ["train.micro_batch_size=2", "model.router_bias_update_rate=0.01"]
 DUMP = {"STANDIN_DUMP_ROUTERS": "1"}
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 @pytest.mark.distributed
@@ -25,8 +26,7 @@ DUMP = {"STANDIN_DUMP_ROUTERS": "1"}
 def test_moe_layer_matches_single_process(nproc, ep, routing):
     # one_expert: every token picks experts 0 and 1, so the ranks holding the others receive zero rows
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
-        + ["tests.distributed.ep_layer_check", str(ep), routing],
+        [*LAUNCH, f"--nproc_per_node={nproc}", "-m", "tests.distributed.ep_layer_check", str(ep), routing],
         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""},
         capture_output=True,
         text=True,

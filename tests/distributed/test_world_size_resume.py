@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from loopmoe.training import load_run_config, read_metrics, run_training
-from loopmoe.training.checkpoint import WorldSizeMismatchError, list_checkpoints
 from tests.distributed.test_parity import ARGS, _launch
 from tests.training.standins import data_factory, model_factory
 

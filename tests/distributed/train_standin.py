@@ -17,9 +17,9 @@ import torch
 
 import loopmoe.training.checkpoint as checkpoint
 import loopmoe.training.run as run
+from loopmoe.distributed.env import env_world_size
 from loopmoe.distributed.parallelize import unwrap
 from loopmoe.model.moe import TopKRouter
-from loopmoe.distributed.env import env_world_size
 from loopmoe.training import load_run_config, run_training
 from tests.training.standins import data_factory, model_factory
 
@@ -42,6 +42,7 @@ _TARGETS = {
     "publish": (checkpoint, "publish_directory"),
     "rmtree": (checkpoint.shutil, "rmtree"),
 }
+
 
 def _dump_routers_before_export() -> None:
     real = run._export_final
