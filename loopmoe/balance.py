@@ -94,14 +94,17 @@ def balance(
     tolerances: dict[str, float] | None = None,
     head_dim_multiple: int | None = None,
     ffn_multiple: int | None = None,
+    expert_multiple: int = 1,
     **looped_overrides,
 ) -> BalanceResult:
     """Return the looped config matched to ``reference`` at ``num_loops`` iterations of the core.
 
     ``head_dim_multiple`` / ``ffn_multiple`` set the integer grid of h_d' and f' (default: a power of
     two that scales with the reference, so tiny models get a fine grid and large ones
-    hardware-friendly sizes). Raises ``ValueError`` naming the target that cannot be met and what
-    to change.
+    hardware-friendly sizes). ``expert_multiple`` makes E' a multiple (so that an expert-parallel
+    degree dividing it splits the experts evenly; ``loopmoe budget`` defaults to 8 for the paper-scale
+    presets, with head sizes a multiple of 16). Raises ``ValueError`` naming the target that cannot be
+    met and what to change, the constraint to relax included.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -112,6 +115,15 @@ def balance(
             raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
     if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
         raise ValueError(f"num_loops must be a whole number >= 1, got {num_loops!r}")
+    for name, multiple in (
+        ("expert_multiple", expert_multiple),
+        ("head_dim_multiple", head_dim_multiple),
+        ("ffn_multiple", ffn_multiple),
+    ):
+        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+            raise ValueError(f"{name} must be a whole number >= 1, got {multiple!r}")
+    if head_dim_multiple is not None and head_dim_multiple % 2:
+        raise ValueError(f"head_dim_multiple must be even (rotary embeddings pair dimensions), got {head_dim_multiple}")
     tol = {"total_params": 0.01, "flops_per_token": 0.01, "attn_ffn_ratio": 0.05, **(tolerances or {})}
     L = reference.executed_depth()
     body = L - num_prelude_layers - num_coda_layers
@@ -151,12 +163,13 @@ def balance(
         return compute_budget(SimpleNamespace(**{**base, **shape}), seq_len)
 
     def fit_experts(shape: dict) -> int:
-        """E' (>= top-k') whose total parameters are closest to the reference's."""
+        """E' (>= top-k', a multiple of ``expert_multiple``) whose total parameters are closest to the reference's."""
         k = shape.get("num_experts_per_tok", reference.num_experts_per_tok)
         e = _linear_solve(
             lambda n: budget(**{**shape, "num_experts": n}).total_params, k, k + 1, ref_budget.total_params
         )
-        return max(k, round(e))
+        m = expert_multiple
+        return max(m * math.ceil(k / m), m * round(e / m))
 
     if strategy == "naive":
         shape: dict[str, int] = {}
@@ -180,6 +193,12 @@ def balance(
             f"Try another loop count, a shorter seq_len (attention scores grow with the looped attention; now "
             f"{seq_len}), finer grids (head_dim_multiple / ffn_multiple, now {head_dim_multiple} / "
             f"{ffn_multiple}), a wider reference (more experts or heads give the solver room), or looser tolerances."
+            + (
+                f" The hardware constraints narrow the search: relax expert_multiple (--expert-multiple, now "
+                f"{expert_multiple}) or head_dim_multiple (--head-dim-multiple, now {head_dim_multiple})."
+                if expert_multiple > 1
+                else ""
+            )
         )
     return BalanceResult(reference, looped, strategy, seq_len, ref_budget, looped_budget, dev, tol)
 

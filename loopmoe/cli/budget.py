@@ -17,6 +17,7 @@ from loopmoe.options import add_options, option, options_from
 from loopmoe.presets import is_paper_scale, list_presets, load_model_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the choices of BudgetOptions.dtype
+PAPER_EXPERT_MULTIPLE, PAPER_HEAD_DIM_MULTIPLE = 8, 16  # paper-* defaults: EP degrees up to 8, GEMM-friendly heads
 
 
 @dataclass
@@ -36,6 +37,12 @@ class BudgetOptions:
     coda: int = option(0, help="coda layers Q run once after the core")
     iter_conditioning: IterConditioningName = option(
         "iteradaln", help="how the looped core is told its iteration (IterAdaLN or an ablation)"
+    )
+    expert_multiple: int | None = option(
+        None, help="make the expert count a multiple of N (expert parallelism)", shown="8 for paper-* presets, else 1"
+    )
+    head_dim_multiple: int | None = option(
+        None, help="make the head size a multiple of N", shown="16 for paper-* presets, else scaled to the reference"
     )
     json: bool = option(False, help="print JSON instead of a table")
     save_dir: Path | None = option(
@@ -61,6 +68,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     opts: BudgetOptions = options_from(BudgetOptions, args)
     reference = load_model_config(opts.reference)
+    paper = Path(opts.reference).suffix == "" and opts.reference in list_presets() and is_paper_scale(opts.reference)
+    expert_multiple, head_dim_multiple = opts.expert_multiple, opts.head_dim_multiple
+    if paper:  # hardware-friendly shapes at the scales that run on GPUs, expert-parallel
+        expert_multiple = expert_multiple or PAPER_EXPERT_MULTIPLE
+        head_dim_multiple = head_dim_multiple or PAPER_HEAD_DIM_MULTIPLE
     result = balance(
         reference,
         opts.num_loops,
@@ -69,13 +81,12 @@ def run(args) -> int:
         num_prelude_layers=opts.prelude,
         num_coda_layers=opts.coda,
         iter_conditioning=opts.iter_conditioning,
+        expert_multiple=expert_multiple or 1,
+        head_dim_multiple=head_dim_multiple,
     )
     if opts.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
-        paper = (
-            Path(opts.reference).suffix == "" and opts.reference in list_presets() and is_paper_scale(opts.reference)
-        )
         print(budget_table(result, title=f"{opts.reference}{' (paper scale)' if paper else ''}"))
     if opts.save_dir is not None:
         save_models(result, opts.save_dir, DTYPES[opts.dtype])
