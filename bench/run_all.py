@@ -1,7 +1,7 @@
 """Run every benchmark in order and print their tables: ``python -m bench.run_all [--quick]``.
 
 peak FLOPs first (the MFU denominator of the others), then the MoE layer, the training step,
-generation, LoopMoE vs its matched Vanilla MoE, the data pipeline and activation checkpointing. JSON results go to
+generation, LoopMoE vs its matched Vanilla MoE, the data pipeline, activation checkpointing and expert parallelism. JSON results go to
 bench/results/, plots to docs/. ``--quick`` (fewer sizes and repetitions) takes a few minutes.
 """
 
@@ -13,6 +13,7 @@ import time
 from bench import (
     activation_checkpointing,
     data_pipeline,
+    expert_parallel,
     generate,
     loop_vs_vanilla,
     moe_layer,
@@ -28,6 +29,7 @@ BENCHMARKS = [
     ("LoopMoE vs Vanilla MoE", loop_vs_vanilla),
     ("data pipeline", data_pipeline),
     ("activation checkpointing", activation_checkpointing),
+    ("expert parallelism (2 gloo processes)", expert_parallel),
 ]
 
 

@@ -54,26 +54,14 @@ class _AllToAll(torch.autograd.Function):
     """Rows ``[sum(in_splits), *] -> [sum(out_splits), *]``; backward: the same exchange reversed."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _exchange(x, out_splits, in_splits, group)
+    def forward(ctx, x, out_splits, in_splits, exchange):
+        ctx.splits, ctx.exchange = (out_splits, in_splits), exchange
+        return exchange.rows(x, out_splits, in_splits)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
-
-
-def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
-
-
-def all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Send ``x``'s row block ``j`` (``in_splits[j]`` rows) to rank ``j`` of ``group``, receive
-    ``out_splits[j]`` rows from each; differentiable. Rows may have any shape after the first dim."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+        return ctx.exchange.rows(grad, in_splits, out_splits), None, None, None
 
 
 def _source_to_expert_order(recv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,19 +92,31 @@ class ExpertParallel:
         self.world_size = dp * self.ep  # the divisor of expert gradients
         self.rank = self.mesh["ep"].get_local_rank()
         self.num_local = self.num_experts // self.ep
-        self.sent_rows = 0  # rows sent off-rank by all exchanges since the last reset (the benchmark reads it)
+        self.bytes_sent = 0  # bytes this rank sent to other ranks (rows and counts, forward and backward)
 
     def __call__(self, x_sorted: torch.Tensor, counts: torch.Tensor, experts: nn.Module) -> torch.Tensor:
         # x_sorted: [M, *] rows grouped by global expert; counts: [E] rows per expert -> [M, *]
         send = counts.view(self.ep, self.num_local)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send.contiguous(), group=self.group)  # recv[src, e]: rows src -> local e
+        self.bytes_sent += (send.numel() - self.num_local) * send.element_size()
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        self.sent_rows += sum(send_splits) - send_splits[self.rank]
-        x_recv = all_to_all_rows(x_sorted, recv_splits, send_splits, self.group)  # [R, *] (source, expert)
+        x_recv = self.all_to_all(x_sorted, recv_splits, send_splits)  # [R, *] in (source, expert) order
         order, inverse = _source_to_expert_order(recv)
         y = experts(permute_rows(x_recv, order, inverse), recv.sum(0))  # local experts on (expert, source)
-        return all_to_all_rows(permute_rows(y, inverse, order), send_splits, recv_splits, self.group)
+        return self.all_to_all(permute_rows(y, inverse, order), send_splits, recv_splits)
+
+    def all_to_all(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        """Send ``x``'s row block ``j`` (``in_splits[j]`` rows) to ep rank ``j``, receive ``out_splits[j]``
+        rows from each; differentiable. Rows may have any shape after the first dimension."""
+        return _AllToAll.apply(x, out_splits, in_splits, self)
+
+    def rows(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        """The exchange itself (no autograd), counted in ``bytes_sent``."""
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
+        self.bytes_sent += (sum(in_splits) - in_splits[self.rank]) * x[:1].numel() * x.element_size()
+        return out
 
 
 def moe_layers(model: nn.Module) -> Iterator[SparseMoE]:
