@@ -165,11 +165,9 @@ def balance(
     def fit_experts(shape: dict) -> int:
         """E' (>= top-k', a multiple of ``expert_multiple``) whose total parameters are closest to the reference's."""
         k = shape.get("num_experts_per_tok", reference.num_experts_per_tok)
-        e = _linear_solve(
-            lambda n: budget(**{**shape, "num_experts": n}).total_params, k, k + 1, ref_budget.total_params
+        return _experts_for_params(
+            lambda n: budget(**{**shape, "num_experts": n}), k, ref_budget.total_params, expert_multiple
         )
-        m = expert_multiple
-        return max(m * math.ceil(k / m), m * round(e / m))
 
     if strategy == "naive":
         shape: dict[str, int] = {}
@@ -201,6 +199,43 @@ def balance(
             )
         )
     return BalanceResult(reference, looped, strategy, seq_len, ref_budget, looped_budget, dev, tol)
+
+
+def _experts_for_params(budget_with, top_k: int, total_params: int, multiple: int = 1) -> int:
+    """E (>= top-k, a multiple of ``multiple``) whose total parameters are closest to ``total_params``;
+    ``budget_with(E)`` is the budget with E experts (linear in E, so two evaluations solve it)."""
+    e = _linear_solve(lambda n: budget_with(n).total_params, top_k, top_k + 1, total_params)
+    return max(multiple * math.ceil(top_k / multiple), multiple * round(e / multiple))
+
+
+def granularity_control(result: BalanceResult) -> LoopMoEConfig:
+    """The granularity control of a balanced pair: a Vanilla MoE with the looped model's experts.
+
+    Capacity balancing changes two things at once: the model loops, and its experts get finer and
+    more numerous (``small``, T = 2: 8 x 128 -> 28 x 76). Finer experts help on their own, so the
+    control keeps everything of the reference (T = 1, layers, heads, width) but takes the looped
+    model's expert size f', top-k' and shared-expert size f_s', with the expert count E chosen so that
+    total parameters are closest to the reference's. Its FLOPs per token are reported, not matched:
+    with the reference's attention and k' experts of size f' they are what they are (matching them
+    would need another top-k, which is the looped model's by definition of the control). Total
+    parameters move in steps of one expert per layer, so they match to within half that step.
+    """
+    reference, looped = result.reference, result.looped
+    base = {
+        **reference.architecture_dict(),
+        "moe_intermediate_size": looped.moe_intermediate_size,
+        "num_experts_per_tok": looped.num_experts_per_tok,
+        "shared_expert_intermediate_size": looped.shared_expert_intermediate_size,
+    }
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        base[key] = getattr(reference, key)
+    target = compute_budget(reference, result.seq_len).total_params
+    experts = _experts_for_params(
+        lambda n: compute_budget(SimpleNamespace(**{**base, "num_experts": n}), result.seq_len),
+        looped.num_experts_per_tok,
+        target,
+    )
+    return LoopMoEConfig(**{**base, "num_experts": experts})
 
 
 def _grid(size: int, parts: int) -> int:

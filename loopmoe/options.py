@@ -205,8 +205,12 @@ def _cli_fields(cls: type) -> Iterator[dataclasses.Field]:
         yield f
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One argparse argument per field of the dataclass ``cls`` (see the module docstring)."""
+def add_options(parser: argparse.ArgumentParser, cls: type, *, given_only: bool = False) -> None:
+    """One argparse argument per field of the dataclass ``cls`` (see the module docstring).
+
+    ``given_only``: a flag that is not typed leaves no attribute in the namespace (its default still
+    shows in the help), so that ``options_from(cls, namespace, base)`` can tell typed flags, which
+    override ``base`` (e.g. options read from a config file), from defaults, which do not."""
     hints = get_type_hints(cls)
     groups: dict[str, Any] = {}
     for f in _cli_fields(cls):
@@ -229,6 +233,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["default"] = default
             if kwargs.get("action") == "append":
                 kwargs["default"] = list(default)
+            if given_only:
+                kwargs["default"] = argparse.SUPPRESS
             help_text += _show(f)
         if kwargs.get("action") not in ("store_true", argparse.BooleanOptionalAction):
             kwargs["metavar"] = meta["metavar"] or _metavar(hints[f.name], comma=True)
@@ -238,10 +244,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         )
 
 
-def options_from(cls: type, namespace: argparse.Namespace) -> Any:
-    """The dataclass ``cls`` from parsed arguments (fields off the command line keep their defaults)."""
-    names = [f.name for f in dataclasses.fields(cls) if hasattr(namespace, f.name)]
-    return cls(**{name: getattr(namespace, name) for name in names})
+def options_from(cls: type, namespace: argparse.Namespace, base: Any = None) -> Any:
+    """The dataclass ``cls`` from parsed arguments: fields off the command line (or, with
+    ``add_options(given_only=True)``, not typed) keep their defaults, or their values in ``base``."""
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
 
 
 class _Override(argparse.Action):

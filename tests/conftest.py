@@ -36,3 +36,35 @@ def tiny_config():
         return LoopMoEConfig(**{**TINY, **overrides})
 
     return make
+
+
+# A real two-step run of a tiny LoopMoE (BPE trained on the embedded corpus), through the trainer's export.
+TINY_RUN = [
+    "data.source=embedded",
+    "data.train_bpe_vocab=300",
+    "data.seq_len=32",
+    "train.max_steps=2",
+    "schedule.warmup_steps=0",
+    "train.eval_batches=0",
+    "train.micro_batch_size=2",
+    "model.hidden_size=32",
+    "model.num_core_layers=1",
+    "model.num_attention_heads=2",
+    "model.num_key_value_heads=1",
+    "model.head_dim=16",
+    "model.num_experts=4",
+    "model.moe_intermediate_size=16",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The output folder of a finished tiny training run (``final/`` holds the exported model)."""
+    from pathlib import Path
+
+    from loopmoe.training import load_run_config, run_training
+
+    out = tmp_path_factory.mktemp("run")
+    config = Path(__file__).resolve().parents[1] / "configs" / "debug.toml"
+    run_training(load_run_config(config, TINY_RUN), out)
+    return out

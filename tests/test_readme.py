@@ -13,7 +13,13 @@ README = (ROOT / "README.md").read_text()
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 # Commands that need artefacts of earlier runs (a trained model, a Qwen checkpoint) or are the
 # multi-minute jobs themselves: parsed here, exercised by their own tests.
-PARSE_ONLY = ("loopmoe eval", "loopmoe convert", "loopmoe train configs/debug.toml --out")
+PARSE_ONLY = (
+    "loopmoe eval",
+    "loopmoe convert",
+    "loopmoe export",
+    "loopmoe train configs/debug.toml --out",
+    "loopmoe compare --config",
+)
 TINY_COMPARE = [
     "--steps",
     "6",
@@ -70,5 +76,5 @@ def test_readme_command(command, tmp_path, monkeypatch, capsys):
 
 
 def test_readme_python_example():
-    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[0]
+    code = re.findall(r"## Python\n.*?```python\n(.*?)```", README, flags=re.S)[0]
     exec(compile(code, "README.md", "exec"), {})

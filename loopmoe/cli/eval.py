@@ -19,7 +19,10 @@ class EvalOptions:
     """The options of ``loopmoe eval``."""
 
     model_dir: Path = option(help="checkpoint directory (config.json + weights)", positional=True)
-    tasks: tuple[str, ...] = option((), help="comma-separated shipped tasks or 'all' (see --list-tasks)")
+    tasks: tuple[str, ...] = option(
+        (),
+        help="comma-separated shipped tasks, 'all' (see --list-tasks), or lm-eval tasks whose data is cached locally",
+    )
     task_file: list[Path] = option(
         default_factory=list,
         help="YAML describing a JSONL multiple-choice task (jsonl, prompt, choices, gold); repeatable",
@@ -37,7 +40,15 @@ class EvalOptions:
         None, help="folder with the benchmark files", shown="$LOOPMOE_DATA_DIR, else the shared data dir"
     )
     limit: int | None = option(None, help="evaluate only the first N documents of each task", shown="all")
-    batch_size: int = option(8, help="sequences per forward pass")
+    batch_size: str = option(
+        "8",
+        help="sequences per forward pass; 'auto' or 'auto:N': the largest that fits, found by lm-eval (tasks)",
+        metavar="N|auto",
+    )
+    num_fewshot: int = option(0, help="examples from the task's own data placed before each question (tasks)")
+    log_samples: bool = option(
+        False, help="write every scored document and the model's answers to OUTPUT.samples.TASK.jsonl (needs --output)"
+    )
     num_loops: int | None = option(
         None, help="loops of the core at inference (LoopMoE only)", shown="the trained num_loops"
     )
@@ -81,12 +92,16 @@ def run(args) -> int:
         raise ValueError("nothing to evaluate: pass --tasks, --task-file, --text, or --depth-analysis with --text")
     if args.depth_analysis and (not args.text or args.output_dir is None):
         raise ValueError("--depth-analysis needs held-out text (--text) and --output-dir")
+    if args.log_samples and args.output is None:
+        raise ValueError("--log-samples writes beside the results: pass --output FILE.json")
+    batch_size = _batch_size(args.batch_size, tasks_only=not (args.text or args.depth_analysis))
     texts = [_find_text(t, data_dir) for t in args.text]
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     harness.check_task_files(tasks, data_dir)  # fail fast, before loading the model
     task_configs = _task_files(args.task_file, data_dir)
-    requested: list[str | dict] = [*tasks, *task_configs]  # shipped task names, then task-file configs
+    requested: list[str | dict] = [*tasks, *task_configs]  # task names, then task-file configs
+    manager = harness.task_manager(data_dir, requested) if requested else None  # unknown names fail here
 
     from loopmoe.evaluation import loading, report
 
@@ -101,19 +116,42 @@ def run(args) -> int:
         results["perplexity"] = _perplexity(model, tokenizer, texts, args)
         print(report.perplexity_table(results["perplexity"]))
     if args.depth_analysis:
-        results["depth"] = _depth(model, tokenizer, texts[0], requested, data_dir, args)
+        results["depth"] = _depth(model, tokenizer, texts[0], requested, data_dir, args, manager)
         print(report.depth_table(results["depth"]))
     elif tasks or task_configs:
-        lm = harness.wrap_model(model, tokenizer, batch_size=args.batch_size, device=args.device)
+        lm = harness.wrap_model(model, tokenizer, batch_size=batch_size, device=args.device)
         with loading.test_time_depth(model, args.num_loops):
-            raw = harness.evaluate_tasks(lm, requested, data_dir, limit=args.limit)
+            raw = harness.evaluate_tasks(
+                lm,
+                requested,
+                data_dir,
+                limit=args.limit,
+                num_fewshot=args.num_fewshot,
+                log_samples=args.log_samples,
+                manager=manager,
+            )
         results["tasks"] = harness.summarize(raw)
         results["lm_eval"] = {k: raw[k] for k in ("results", "n-samples", "versions") if k in raw}
         print(report.task_table(results["tasks"]))
+        if args.log_samples:
+            for task, samples in raw.get("samples", {}).items():
+                lines = "".join(json.dumps(s, default=str) + "\n" for s in samples)
+                atomic_write_text(args.output.with_name(f"{args.output.stem}.samples.{task}.jsonl"), lines)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.output, json.dumps(results, indent=2, default=str))
     return 0
+
+
+def _batch_size(text: str, *, tasks_only: bool) -> int | str:
+    """``--batch-size``: a positive integer, or lm-eval's ``auto`` / ``auto:N`` (tasks only)."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()):
+        if not tasks_only:
+            raise ValueError(f"--batch-size {text} applies to lm-eval tasks only; give a number with --text")
+        return text
+    raise ValueError(f"--batch-size must be a positive integer, 'auto' or 'auto:N', got {text!r}")
 
 
 def _find_text(name: str, data_dir: Path | None) -> Path:
@@ -140,7 +178,7 @@ def _perplexity(model, tokenizer, texts: list[Path], args) -> list[dict]:
             text,
             window=args.window,
             stride=args.stride,
-            batch_size=args.batch_size,
+            batch_size=int(args.batch_size),
             max_tokens=args.max_tokens,
             num_loops=args.num_loops,
         ).as_dict()
@@ -148,7 +186,7 @@ def _perplexity(model, tokenizer, texts: list[Path], args) -> list[dict]:
     ]
 
 
-def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, args) -> dict:
+def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, args, manager) -> dict:
     from loopmoe.evaluation import harness, loading
     from loopmoe.evaluation.depth import analyse_depth, token_sequences
     from loopmoe.evaluation.perplexity import read_heldout_tokens
@@ -158,15 +196,17 @@ def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, arg
     loops = list(args.loops)
     ids, _ = read_heldout_tokens(text, tokenizer, args.seq_len * args.sequences)
     analysis = analyse_depth(
-        model, token_sequences(ids, args.seq_len, args.sequences), loops, batch_size=args.batch_size
+        model, token_sequences(ids, args.seq_len, args.sequences), loops, batch_size=int(args.batch_size)
     )
     analysis["text"] = str(text)
     if tasks:
-        lm = harness.wrap_model(model, tokenizer, batch_size=args.batch_size, device=args.device)
+        lm = harness.wrap_model(model, tokenizer, batch_size=int(args.batch_size), device=args.device)
         analysis["tasks"] = {}
         for t in loops:
             with loading.test_time_depth(model, t):
-                raw = harness.evaluate_tasks(lm, tasks, data_dir, limit=args.limit)
+                raw = harness.evaluate_tasks(
+                    lm, tasks, data_dir, limit=args.limit, num_fewshot=args.num_fewshot, manager=manager
+                )
             analysis["tasks"][str(t)] = harness.summarize(raw)
     analysis["plots"] = [str(p) for p in plot_depth(analysis, args.output_dir)]
     atomic_write_text(args.output_dir / "depth.json", json.dumps(analysis, indent=2))

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from loopmoe.cli import budget, compare, convert, presets, train
+from loopmoe.cli import budget, compare, convert, export, presets, tasks, train
 from loopmoe.cli import eval as eval_cli
 from loopmoe.errors import UserFacingError
 
@@ -16,7 +16,9 @@ SUBCOMMANDS = {
     "train": train,
     "eval": eval_cli,
     "convert": convert,
+    "export": export,
     "presets": presets,
+    "tasks": tasks,
 }
 
 

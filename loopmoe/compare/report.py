@@ -18,8 +18,18 @@ from loopmoe.text import human, markdown_table
 
 if TYPE_CHECKING:
     from loopmoe.balance import BalanceResult
+    from loopmoe.compare.arms import Arm
 
-COLORS = {"reference": "tab:blue", "looped": "tab:orange"}
+COLORS = {"reference": "tab:blue", "looped": "tab:orange", "granularity": "tab:green"}
+_MORE_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+
+
+def color_of(name: str, names: list[str]) -> str:
+    """The built-in arms keep their colours; the others take the next free ones, in order."""
+    if name in COLORS:
+        return COLORS[name]
+    others = [n for n in names if n not in COLORS]
+    return _MORE_COLORS[others.index(name) % len(_MORE_COLORS)]
 
 
 def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
@@ -95,6 +105,49 @@ def budget_table(result: BalanceResult, title: str = "") -> str:
     return "\n".join([heading, "", markdown_table(head, rows)])
 
 
+def arms_table(arms: dict[str, Arm], seq_len: int) -> str:
+    """Every arm's shape and budget, with its deviation from the reference (the first arm without one)."""
+    reference = arms["reference"].budget if "reference" in arms else next(iter(arms.values())).budget
+
+    def dev(arm: Arm, key: str) -> str:
+        return f"{human(getattr(arm.budget, key))} ({getattr(arm.budget, key) / getattr(reference, key) - 1:+.1%})"
+
+    rows = []
+    for name, arm in arms.items():
+        c = arm.config
+        rows.append(
+            (
+                name,
+                arm.spec.kind,
+                f"{c.num_prelude_layers}+{c.num_core_layers}x{c.num_loops}+{c.num_coda_layers}",
+                f"{c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim}",
+                f"{c.num_experts} x {c.moe_intermediate_size}, {c.num_experts_per_tok}",
+                c.iter_conditioning,
+                c.norm_scheme,
+                dev(arm, "total_params"),
+                dev(arm, "active_params"),
+                dev(arm, "flops_per_token"),
+                f"{arm.budget.attn_ffn_ratio:.3f}",
+                ",".join(str(s) for s in arm.seeds),
+            )
+        )
+    head = (
+        "arm",
+        "kind",
+        "layers P+CxT+Q",
+        "heads q/kv x size",
+        "experts E x f, top-k",
+        "iteration conditioning",
+        "norm",
+        "total params",
+        "active params",
+        f"FLOPs/token (S={seq_len})",
+        "attn/FFN",
+        "seeds",
+    )
+    return "\n".join(["## Arms (deviations from the reference)", "", markdown_table(head, rows)])
+
+
 def plot_losses(runs: dict[str, dict[int, dict]], path: Path) -> None:
     plt = _pyplot()
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
@@ -103,10 +156,11 @@ def plot_losses(runs: dict[str, dict[int, dict]], path: Path) -> None:
             steps = [m for m in run["metrics"] if not m.get("skipped")]
             tokens = [m["tokens"] / 1e6 for m in steps]
             label = name if i == 0 else None
-            ax_train.plot(tokens, _ema([m["lm_loss"] for m in steps]), color=COLORS[name], alpha=0.9, label=label)
+            color = color_of(name, list(runs))
+            ax_train.plot(tokens, _ema([m["lm_loss"] for m in steps]), color=color, alpha=0.9, label=label)
             val = [(m["tokens"] / 1e6, m["val_loss"]) for m in run["metrics"] if m.get("val_loss") is not None]
             if val:
-                ax_val.plot(*zip(*val), marker="o", color=COLORS[name], label=label)
+                ax_val.plot(*zip(*val), marker="o", color=color, label=label)
     for ax, title in ((ax_train, "training loss (EMA)"), (ax_val, "validation loss")):
         ax.set_xlabel("tokens (M)")
         ax.set_ylabel("cross-entropy (nats/token)")
@@ -134,6 +188,42 @@ def plot_expert_load(loads: dict[str, dict[str, list[float]]], path: Path) -> No
     plt.close(fig)
 
 
+def comparisons(arms: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The paired differences the report shows, as (a, b) for ``a - b``: looped - reference and
+    looped - granularity first, then every other arm against the reference and every ablation of the
+    looped model against it (arms given as results.json's ``arms``: name -> its ``spec``)."""
+    names = list(arms)
+    pairs = [(a, b) for a, b in (("looped", "reference"), ("looped", "granularity")) if a in names and b in names]
+    for name in names:
+        if name in ("reference", "looped"):
+            continue
+        if "reference" in names and (name, "reference") not in pairs:
+            pairs.append((name, "reference"))
+        if name != "granularity" and arms[name]["spec"]["kind"] == "looped" and "looped" in names:
+            pairs.append((name, "looped"))
+    return pairs
+
+
+def paired_table(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], key: str = "val_loss") -> str:
+    """Per pair: the seeds, the per-seed differences, their mean, sd and 95% t-interval."""
+    from loopmoe.compare.stats import paired_difference
+
+    rows = []
+    for a, b in pairs:
+        d = paired_difference({s: r[key] for s, r in runs[a].items()}, {s: r[key] for s, r in runs[b].items()})
+        rows.append(
+            (
+                f"{a} - {b}",
+                d.n,
+                ", ".join(f"{v:+.4f}" for v in d.per_seed.values()),
+                f"{d.mean:+.4f}",
+                "" if d.sd is None else f"{d.sd:.4f}",
+                "" if d.ci95 is None else f"[{d.ci95[0]:+.4f}, {d.ci95[1]:+.4f}]",
+            )
+        )
+    return markdown_table(("difference", "seeds", "per seed", "mean", "sd", "95% t-interval"), rows)
+
+
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -146,30 +236,48 @@ def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
     plot_losses(runs, out / "loss.png")
     plot_expert_load({name: runs[name][min(runs[name])]["expert_load"] for name in runs}, out / "expert_load.png")
     opts = results["options"]
-    seeds = sorted(runs["reference"])
-    val = {name: [runs[name][s]["val_loss"] for s in seeds] for name in runs}
-    train = {name: [runs[name][s]["train_loss"] for s in seeds] for name in runs}
-    diffs = [b - a for a, b in zip(val["reference"], val["looped"])]
+    seeds = sorted({s for seeds in runs.values() for s in seeds})
+    val = {name: [runs[name][s]["val_loss"] for s in sorted(runs[name])] for name in runs}
+    train = {name: [runs[name][s]["train_loss"] for s in sorted(runs[name])] for name in runs}
+    pairs = comparisons(results["arms"])
+    per_seed = [(s, *(f"{runs[name][s]['val_loss']:.4f}" if s in runs[name] else "" for name in runs)) for s in seeds]
     lines = [
         "# LoopMoE vs Vanilla MoE: controlled comparison",
         "",
         f"Reference `{opts['reference']}`, loops T = {opts['num_loops']}, strategy `{opts['strategy']}`; corpus "
         f"`{opts['source']}`; {opts['steps']} steps x {opts['micro_batch_size']} x {opts['seq_len']} tokens "
         f"= {opts['steps'] * opts['micro_batch_size'] * opts['seq_len']:,} tokens per model; seeds {seeds}. "
-        "Both models see the same tokens in the same order with the same optimizer and schedule.",
+        "Every arm sees the same tokens in the same order with the same optimizer and schedule.",
         "",
         budget,
         "",
         "## Results",
         "",
         markdown_table(
-            ("model", "held-out loss", "final training loss"),
-            [(name, _mean_spread(val[name]), _mean_spread(train[name])) for name in runs],
+            ("model", "seeds", "held-out loss", "final training loss"),
+            [(name, len(val[name]), _mean_spread(val[name]), _mean_spread(train[name])) for name in runs],
         ),
         "",
-        f"Held-out loss difference (looped - reference), per seed: {', '.join(f'{d:+.4f}' for d in diffs)}."
-        + ("" if len(seeds) > 2 else " Fewer than 3 seeds: do not call a difference a result (run `--seeds 0,1,2`)."),
+        "Held-out loss per seed:",
         "",
+        markdown_table(("seed", *runs), per_seed),
+        "",
+        *(
+            [
+                "Paired held-out loss differences (same seed = same data order and initialisation stream; "
+                "negative: the first arm is better):",
+                "",
+                paired_table(runs, pairs),
+                "",
+            ]
+            if pairs
+            else []
+        ),
+        *(
+            []
+            if min(len(v) for v in val.values()) > 2
+            else ["Fewer than 3 seeds: do not call a difference a result (run `--seeds 0,1,2`).", ""]
+        ),
         "![loss curves](loss.png)",
         "",
         "![expert load](expert_load.png)",

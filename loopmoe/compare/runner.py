@@ -1,23 +1,28 @@
 """The controlled comparison (docs/design.md §8): a reference Vanilla MoE against its balanced LoopMoE.
 
-Both models are trained with one code path and identical conditions: the same tokenizer and
+Every arm (``loopmoe.compare.arms``: the reference, its balanced LoopMoE, the granularity control,
+and ablations) is trained with one code path and identical conditions: the same tokenizer and
 shards (built once), the same data order (the loader is seeded by the run seed), optimizer,
-schedule, batch, sequence length and number of tokens. Only the looping differs. Several seeds
-give a mean and a spread; every run is an ordinary ``run_training`` run directory, so an
-interrupted comparison resumes where it stopped when the same command is run again.
+schedule, batch, sequence length and number of tokens. Only the model differs. Several seeds
+give paired differences; every run is an ordinary ``run_training`` run directory
+(``OUT/seed{s}/{arm}``), so an interrupted comparison resumes where it stopped when the same
+command is run again, and finished runs are skipped.
 """
 
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, get_type_hints
 
 import torch
 
 from loopmoe.atomic import atomic_write_text
-from loopmoe.balance import STRATEGIES, BalanceResult, Strategy, balance
+from loopmoe.balance import STRATEGIES, Strategy
+from loopmoe.compare.arms import BUILTIN_ARMS, Arm, ArmSpec, arm_spec_from_table, check_arm_name, resolve_arms
+from loopmoe.compare.cost import read_cost, recorded_session
 from loopmoe.config import LoopMoEConfig
 from loopmoe.options import flag_of, help_of, option
 from loopmoe.training.config import (
@@ -30,10 +35,9 @@ from loopmoe.training.config import (
     TrainSection,
 )
 
-MODELS = ("reference", "looped")
 OPTIONS_FILE = "options.json"
-# Options that only choose what is evaluated or where: changing them never makes the trained runs stale.
-_NOT_IDENTITY = ("out", "fresh", "tasks", "task_limit")
+# Options that only choose what is evaluated, where, or how fast: changing them never makes the trained runs stale.
+_NOT_IDENTITY = ("out", "fresh", "tasks", "task_limit", "threads")
 
 
 @dataclass
@@ -60,6 +64,14 @@ class CompareOptions:
     warmup_steps: int = option(30, help=help_of(ScheduleSection, "warmup_steps"))
     schedule: ScheduleKind = option("cosine", help=help_of(ScheduleSection, "kind"))
     seeds: tuple[int, ...] = option((0,), help="comma-separated seeds (mean and spread)")
+    arms: tuple[str, ...] = option(
+        ("reference", "looped"),
+        help="comma-separated arms to train: reference, looped, granularity (a Vanilla MoE with the looped "
+        "model's expert size and top-k at the reference's total parameters), or arms defined in the --config file",
+    )
+    arm: dict[str, ArmSpec] = option(
+        default_factory=dict, help="arms defined by [arm.NAME] tables of a study config", cli=False
+    )
     eval_every: int = option(50, help=help_of(TrainSection, "eval_every"))
     eval_batches: int = option(16, help=help_of(TrainSection, "eval_batches"))
     tasks: tuple[str, ...] = option(
@@ -74,6 +86,48 @@ class CompareOptions:
         help="start anew in --out even if it holds a comparison with other options: the old folder is "
         "moved aside to OUT.prev-N (never deleted)",
     )
+    threads: int | None = option(
+        None,
+        help="CPU threads torch uses (torch.set_num_threads), to share the machine; a run's numbers do not "
+        "depend on it beyond floating-point reduction order",
+        shown="torch's default (OMP_NUM_THREADS, else all cores)",
+    )
+
+    @classmethod
+    def from_toml(cls, path: Path) -> CompareOptions:
+        """The options of a study config: top-level keys are these fields, ``[arm.NAME]`` tables define arms."""
+        from loopmoe.training.config import coerce_value, unknown_key_hint
+
+        if not path.is_file():
+            raise ValueError(f"study config {path} not found; pass an existing .toml (see configs/study/eltec.toml)")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path} is not valid TOML: {error}") from None
+        hints = get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key == "arm":
+                if not isinstance(value, dict):
+                    raise ValueError(f"{path}: 'arm' must hold [arm.NAME] tables, got {value!r}")
+                kwargs["arm"] = {name: arm_spec_from_table(name, table) for name, table in value.items()}
+            elif key in hints:
+                kwargs[key] = coerce_value(key, value, hints[key])
+            else:
+                raise ValueError(f"{path}: unknown key '{key}'" + unknown_key_hint(key, list(hints)))
+        return cls(**kwargs)
+
+    def arm_spec(self, name: str) -> ArmSpec:
+        """The spec of arm ``name``: a built-in kind, or an ``[arm.NAME]`` of the study config."""
+        if name in self.arm:
+            return self.arm[name]
+        if name in BUILTIN_ARMS:
+            return BUILTIN_ARMS[name]
+        defined = sorted({*BUILTIN_ARMS, *self.arm})
+        raise ValueError(
+            f"{flag_of(CompareOptions, 'arms')}: unknown arm {name!r}; choose from {', '.join(defined)}, "
+            "or define it in an [arm.NAME] table of a --config file"
+        )
 
     def validate(self) -> CompareOptions:
         def flag(name: str) -> str:
@@ -97,7 +151,25 @@ class CompareOptions:
             )
         if not self.seeds:
             raise ValueError(f"{flag('seeds')} needs at least one seed, e.g. {flag('seeds')} 0,1,2")
+        if not self.arms:
+            raise ValueError(f"{flag('arms')} needs at least one arm, e.g. {flag('arms')} reference,looped")
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"{flag('arms')} names an arm twice: {','.join(self.arms)}")
+        for name, spec in self.arm.items():
+            check_arm_name(name)
+            spec.validate(name)
+        for name in self.arms:
+            self.arm_spec(name)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"{flag('threads')} must be >= 1, got {self.threads}")
         return self
+
+    def run_plan(self) -> list[tuple[int, str]]:
+        """(seed, arm) of every run, in training order: seed by seed through the arms that use
+        ``--seeds`` (so the paired comparison fills in first), then the arms with seeds of their own."""
+        shared = [(s, a) for s in self.seeds for a in self.arms if self.arm_spec(a).seeds is None]
+        own = [(s, a) for a in self.arms for s in (self.arm_spec(a).seeds or ())]
+        return shared + own
 
     @property
     def tokens_per_model(self) -> int:
@@ -132,8 +204,8 @@ def run_config_for(opts: CompareOptions, model: LoopMoEConfig, seed: int) -> Run
     ).validate(1)
 
 
-def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
-    """Build the tokenizer and shards once, then balance the looped model at that vocabulary."""
+def prepare(opts: CompareOptions) -> tuple[dict[str, Arm], Any]:
+    """Build the tokenizer and shards once, then build every arm at that vocabulary."""
     from loopmoe.presets import load_model_config
     from loopmoe.training.builders import default_data_factory
 
@@ -141,15 +213,7 @@ def prepare(opts: CompareOptions) -> tuple[BalanceResult, Any]:
     _check_trained_data(opts, probe)
     bundle = default_data_factory(probe, 0, 1)
     reference = load_model_config(opts.reference, vocab_size=bundle.vocab_size)
-    result = balance(
-        reference,
-        num_loops=opts.num_loops,
-        strategy=opts.strategy,
-        seq_len=opts.seq_len,
-        num_prelude_layers=opts.prelude,
-        num_coda_layers=opts.coda,
-    )
-    return result, bundle
+    return resolve_arms(opts, reference), bundle
 
 
 def _check_trained_data(opts: CompareOptions, probe: RunConfig) -> None:
@@ -202,6 +266,8 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
     out = opts.out
     wanted = identity_options(opts)
     saved = _saved_options(out)
+    if saved is not None:  # options added since the folder was claimed: the runs in it used their defaults
+        saved = {**identity_options(CompareOptions()), **saved}
     holds_runs = out.is_dir() and any(out.glob("seed*"))
     if (saved is not None and saved != wanted) or (saved is None and holds_runs):
         if not opts.fresh:
@@ -243,35 +309,51 @@ def _saved_options(out: Path) -> dict[str, Any] | None:
 
 
 def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
-    """Train both models for every seed, evaluate them, and write the report. Returns results.json's content."""
-    from loopmoe.compare.report import budget_table, write_report
-    from loopmoe.training import read_metrics, run_training
+    """Train every arm for every seed, evaluate them, and write the report. Returns results.json's content.
+
+    Runs go in ``opts.run_plan()`` order; a finished run (its last checkpoint at ``--steps`` and its
+    final export present) is not touched again, an interrupted one resumes from its last checkpoint.
+    """
+    from loopmoe.compare.report import arms_table, budget_table, write_report
 
     opts.validate()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     claim_out_dir(opts, log)
-    result, bundle = prepare(opts)
-    table = budget_table(result, title=f"{opts.reference}")
+    arms, bundle = prepare(opts)
+    main = next((arm.balanced for arm in arms.values() if arm.balanced is not None), None)
+    table = budget_table(main, title=f"{opts.reference}") if main is not None else ""
+    if set(arms) != {"reference", "looped"}:
+        table = "\n\n".join(t for t in (table, arms_table(arms, opts.seq_len)) if t)
     log(table)
-    runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in MODELS}
-    for seed in opts.seeds:
-        for name, model_cfg in zip(MODELS, (result.reference, result.looped)):
-            run_dir = opts.out / f"seed{seed}" / name
-            log(f"\n== training {name} (seed {seed}, {opts.tokens_per_model:,} tokens) -> {run_dir}")
-            final = run_training(run_config_for(opts, model_cfg, seed), run_dir)
-            runs[name][seed] = {
-                "val_loss": final["val_loss"],
-                "train_loss": final["loss"],
-                "final_dir": final["final_dir"],
-                "metrics": read_metrics(run_dir),
-            }
-            log(f"   {name}: final train loss {final['loss']:.4f}, held-out loss {final['val_loss']:.4f}")
-    for name in MODELS:
-        seed0 = runs[name][opts.seeds[0]]
-        seed0["expert_load"] = expert_load(Path(seed0["final_dir"]), bundle.val_batches())
+    runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in arms}
+    plan = opts.run_plan()
+    for i, (seed, name) in enumerate(plan, 1):
+        run_dir = opts.out / f"seed{seed}" / name
+        if is_finished(run_dir, opts.steps):
+            log(f"[{i}/{len(plan)}] {name} (seed {seed}): finished earlier, skipped ({run_dir})")
+        else:
+            log(f"\n[{i}/{len(plan)}] == training {name} (seed {seed}, {opts.tokens_per_model:,} tokens) -> {run_dir}")
+            from loopmoe.training import run_training
+            from loopmoe.training.checkpoint import peek_latest_meta
+
+            peeked = peek_latest_meta(run_dir / "checkpoints")
+            with recorded_session(run_dir, peeked[1].get("step", 0) if peeked else 0, opts.steps):
+                run_training(run_config_for(opts, arms[name].config, seed), run_dir)
+        runs[name][seed] = run_record(run_dir)
+        log(
+            f"   {name}: final train loss {runs[name][seed]['train_loss']:.4f}, "
+            f"held-out loss {runs[name][seed]['val_loss']:.4f}"
+        )
+    for name in arms:
+        first = runs[name][min(runs[name])]
+        first["expert_load"] = expert_load(Path(first["final_dir"]), bundle.val_batches())
     downstream = _downstream(opts, runs, log)
+    reference_budget = arms[opts.arms[0]].budget if "reference" not in arms else arms["reference"].budget
     results = {
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-        "budget": result.as_dict(),
+        "budget": main.as_dict() if main is not None else None,
+        "arms": {name: arm.as_dict(reference_budget) for name, arm in arms.items()},
         "runs": runs,
         "downstream": downstream,
     }
@@ -279,6 +361,33 @@ def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
     atomic_write_text(opts.out / "results.json", json.dumps(results, indent=2, default=str))
     log(f"\nreport: {opts.out / 'report.md'}")
     return results
+
+
+def is_finished(run_dir: Path, steps: int) -> bool:
+    """Whether the run in ``run_dir`` trained all ``steps`` and exported its final model."""
+    from loopmoe.training.checkpoint import peek_latest_meta
+
+    peeked = peek_latest_meta(run_dir / "checkpoints")
+    return (
+        peeked is not None
+        and peeked[1].get("step") == steps
+        and (run_dir / "final" / "config.json").is_file()
+        and (run_dir / "metrics.jsonl").is_file()
+    )
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """What the report needs of a finished run, read from its folder (so a skipped run reads like a trained one)."""
+    from loopmoe.training import read_metrics
+
+    metrics = read_metrics(run_dir)
+    return {
+        "val_loss": next((m["val_loss"] for m in reversed(metrics) if m.get("val_loss") is not None), None),
+        "train_loss": metrics[-1]["loss"],
+        "final_dir": str(run_dir / "final"),
+        "metrics": metrics,
+        "cost": read_cost(run_dir),
+    }
 
 
 def available_tasks() -> tuple[str, ...]:
@@ -294,7 +403,7 @@ def available_tasks() -> tuple[str, ...]:
 
 
 def _downstream(opts: CompareOptions, runs, log) -> dict[str, list[dict[str, Any]]]:
-    """Zero-shot task scores of both models (first seed) through lm-evaluation-harness."""
+    """Zero-shot task scores of every arm (its first seed) through lm-evaluation-harness."""
     tasks = available_tasks() if opts.tasks == ("auto",) else opts.tasks
     if not tasks:
         if opts.tasks == ("auto",):
@@ -304,8 +413,8 @@ def _downstream(opts: CompareOptions, runs, log) -> dict[str, list[dict[str, Any
     from loopmoe.paths import shared_data_dir
 
     out = {}
-    for name in MODELS:
-        model_dir = runs[name][opts.seeds[0]]["final_dir"]
+    for name in runs:
+        model_dir = runs[name][min(runs[name])]["final_dir"]
         log(f"\n== downstream tasks for {name}: {', '.join(tasks)} (limit {opts.task_limit} documents each)")
         lm = wrap_model(load_model(model_dir), load_hf_tokenizer(model_dir), batch_size=32)
         out[name] = summarize(evaluate_tasks(lm, list(tasks), shared_data_dir(), limit=opts.task_limit))

@@ -1,5 +1,5 @@
-"""Checkpoint converters from other architectures into LoopMoE."""
+"""Checkpoint converters between LoopMoE and other architectures."""
 
-from loopmoe.convert.qwen3_moe import convert_qwen3_moe, loopmoe_config_from_qwen3_moe
+from loopmoe.convert.qwen3_moe import convert_qwen3_moe, export_qwen3_moe, loopmoe_config_from_qwen3_moe
 
-__all__ = ["convert_qwen3_moe", "loopmoe_config_from_qwen3_moe"]
+__all__ = ["convert_qwen3_moe", "export_qwen3_moe", "loopmoe_config_from_qwen3_moe"]

@@ -1,9 +1,20 @@
-"""Qwen3-MoE (transformers) checkpoint -> LoopMoE checkpoint with T = 1.
+"""Qwen3-MoE (transformers) <-> LoopMoE checkpoints: the one home of the mapping between the two.
 
 A Vanilla MoE in LoopMoE with pre-norm, softmax top-k routing, QK-norm, GQA and RoPE is the
-Qwen3-MoE architecture, so conversion is a renaming (``model.layers.i`` -> ``model.core.i``) plus
-fusing per-expert weights into the 3-D expert tensors. Weights are read with safetensors (or
-``torch.load(weights_only=True)`` for ``.bin`` files): nothing in the source folder is executed.
+Qwen3-MoE architecture. A looped LoopMoE whose core layers cannot tell iterations apart (no
+iteration conditioning, no re-injection of the prelude output) is one too, unrolled: its
+executed layers ``P + C * T + Q`` become Qwen3-MoE's ``num_hidden_layers``, each core layer's
+weights copied to its T positions. Everything else maps one to one:
+
+- the config fields in ``_SAME_FIELDS`` (and RoPE's theta, nested in ``rope_parameters``);
+- weights: ``model.layers.n.`` <-> the n-th executed layer (``layer_prefixes``), the same names
+  below that, except the experts: Qwen3-MoE checkpoints store each expert's
+  ``gate_proj / up_proj / down_proj`` (what vLLM, SGLang and llama.cpp read), LoopMoE one
+  ``[E, 2f, d]`` gate-up and one ``[E, d, f]`` down tensor per layer.
+
+``convert_qwen3_moe`` imports (T = 1), ``export_qwen3_moe`` exports, refusing a model it cannot
+express exactly with every reason named (``qwen3_moe_blockers``). Weights are read with safetensors
+(or ``torch.load(weights_only=True)`` for ``.bin`` files): nothing in a source folder is executed.
 """
 
 from __future__ import annotations
@@ -12,12 +23,15 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from loopmoe.atomic import atomic_directory
 from loopmoe.config import LoopMoEConfig
 
+# Copied from the source folder beside the converted weights.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -29,7 +43,39 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+# Config fields with the same name and meaning in both architectures.
+_SAME_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "router_aux_loss_coef",
+    "rms_norm_eps",
+    "initializer_range",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_prefixes(config: LoopMoEConfig) -> list[str]:
+    """LoopMoE's weight prefix of each executed layer, in order: index n is Qwen3-MoE's ``model.layers.n.``."""
+    return [
+        *(f"model.prelude.{i}." for i in range(config.num_prelude_layers)),
+        *(f"model.core.{i}." for _ in range(config.num_loops) for i in range(config.num_core_layers)),
+        *(f"model.coda.{i}." for i in range(config.num_coda_layers)),
+    ]
+
+
+# --- Qwen3-MoE -> LoopMoE ------------------------------------------------------------------------
 
 
 def loopmoe_config_from_qwen3_moe(qwen: dict) -> LoopMoEConfig:
@@ -55,30 +101,20 @@ def loopmoe_config_from_qwen3_moe(qwen: dict) -> LoopMoEConfig:
     num_experts = qwen.get("num_experts", qwen.get("num_local_experts"))
     if num_experts is None:
         raise ValueError("this Qwen3-MoE config has no num_experts (nor num_local_experts): not an MoE checkpoint")
+    defaults = {"max_position_embeddings": 4096, "norm_topk_prob": False, "router_aux_loss_coef": 0.001}
+    same: dict[str, Any] = {
+        name: qwen.get(name, defaults.get(name)) for name in _SAME_FIELDS if name in qwen or name in defaults
+    }
     return LoopMoEConfig(
-        vocab_size=qwen["vocab_size"],
-        hidden_size=qwen["hidden_size"],
+        **same,
         num_core_layers=qwen["num_hidden_layers"],
         num_loops=1,
         iter_conditioning="none",
-        num_attention_heads=qwen["num_attention_heads"],
-        num_key_value_heads=qwen["num_key_value_heads"],
         head_dim=qwen.get("head_dim") or qwen["hidden_size"] // qwen["num_attention_heads"],
         qk_norm=True,
         rope_theta=rope.get("rope_theta", qwen.get("rope_theta", 10000.0)),
-        max_position_embeddings=qwen.get("max_position_embeddings", 4096),
         num_experts=num_experts,
-        num_experts_per_tok=qwen["num_experts_per_tok"],
-        moe_intermediate_size=qwen["moe_intermediate_size"],
         router_score="softmax",
-        norm_topk_prob=qwen.get("norm_topk_prob", False),
-        router_aux_loss_coef=qwen.get("router_aux_loss_coef", 0.001),
-        rms_norm_eps=qwen.get("rms_norm_eps", 1e-6),
-        initializer_range=qwen.get("initializer_range", 0.02),
-        tie_word_embeddings=qwen.get("tie_word_embeddings", False),
-        pad_token_id=qwen.get("pad_token_id"),
-        bos_token_id=qwen.get("bos_token_id"),
-        eos_token_id=qwen.get("eos_token_id"),
     )
 
 
@@ -100,27 +136,27 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def qwen3_moe_state_dict_to_loopmoe(qwen_sd: dict[str, torch.Tensor], config: LoopMoEConfig) -> dict[str, torch.Tensor]:
     """Rename layers to the core and fuse per-expert weights into ``[E, 2f, d]`` / ``[E, d, f]`` tensors."""
+    prefixes = layer_prefixes(config)
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[tuple[int, int, str], torch.Tensor] = {}
     for key, value in qwen_sd.items():
-        m = _EXPERT_KEY.match(key)
-        if m:
-            per_expert[(int(m.group(1)), int(m.group(2)), m.group(3))] = value
-        elif key.startswith("model.layers."):
-            out["model.core." + key[len("model.layers.") :]] = value
+        expert, in_layer = _EXPERT_KEY.match(key), _LAYER_KEY.match(key)
+        if expert:
+            per_expert[(int(expert.group(1)), int(expert.group(2)), expert.group(3))] = value
+        elif in_layer and int(in_layer.group(1)) < len(prefixes):
+            out[prefixes[int(in_layer.group(1))] + in_layer.group(2)] = value
         else:
-            out[key] = value
-    E = config.num_experts
+            out[key] = value  # embedding, final norm, LM head (a layer out of range is reported as unexpected)
     for layer in sorted({k[0] for k in per_expert}):
         try:
-            gate = [per_expert[(layer, e, "gate_proj")] for e in range(E)]
-            up = [per_expert[(layer, e, "up_proj")] for e in range(E)]
-            down = [per_expert[(layer, e, "down_proj")] for e in range(E)]
+            weights = {p: [per_expert[(layer, e, p)] for e in range(config.num_experts)] for p in _PROJECTIONS}
         except KeyError as missing:
             raise ValueError(f"layer {layer}: expert weight {missing} is missing from the checkpoint") from None
-        prefix = f"model.core.{layer}.mlp.experts."
-        out[prefix + "gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
-        out[prefix + "down_proj"] = torch.stack(down)
+        prefix = prefixes[layer] + "mlp.experts."
+        out[prefix + "gate_up_proj"] = torch.stack(
+            [torch.cat(gu) for gu in zip(weights["gate_proj"], weights["up_proj"])]
+        )
+        out[prefix + "down_proj"] = torch.stack(weights["down_proj"])
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
@@ -149,8 +185,130 @@ def convert_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     model.load_state_dict(state, strict=False)
     if dtype is not None:
         model.to(dtype)  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
-    model.save_pretrained(dst)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and name != "generation_config.json":
-            shutil.copy2(src / name, dst / name)
+    with atomic_directory(dst) as staging:
+        model.save_pretrained(staging)
+        _copy_tokenizer(src, staging)  # after the save: the source's generation_config.json wins
     return dst
+
+
+# --- LoopMoE -> Qwen3-MoE ------------------------------------------------------------------------
+
+
+def qwen3_moe_blockers(config: LoopMoEConfig, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Why Qwen3-MoE cannot compute exactly what this LoopMoE computes (empty: it can).
+
+    ``state``: the model's weights, for what the config alone does not say (a learned router bias).
+    """
+    reasons = []
+    if config.iter_conditioning != "none":
+        reasons.append(
+            f"iteration conditioning (iter_conditioning={config.iter_conditioning!r}): the unrolled copies of a "
+            "core layer would have to compute different functions"
+        )
+    if config.input_injection != "none":
+        reasons.append(f"re-injection of the prelude output (input_injection={config.input_injection!r})")
+    if config.norm_scheme != "pre":
+        reasons.append(f"sandwich norms (norm_scheme={config.norm_scheme!r}): Qwen3-MoE is pre-norm only")
+    if config.router_score != "softmax":
+        reasons.append(f"{config.router_score} routing scores: Qwen3-MoE routes by softmax")
+    if config.shared_expert_intermediate_size:
+        reasons.append(
+            f"shared experts (shared_expert_intermediate_size={config.shared_expert_intermediate_size}): "
+            "Qwen3-MoE has none"
+        )
+    if not config.qk_norm:
+        reasons.append("no QK-norm (qk_norm=False): Qwen3-MoE always normalises queries and keys")
+    biased = sorted(k for k, v in (state or {}).items() if k.endswith("mlp.gate.expert_bias") and v.any())
+    if biased:
+        reasons.append(
+            f"a learned router selection bias (aux-loss-free balancing, {biased[0]} and {len(biased) - 1} more "
+            "non-zero): Qwen3-MoE selects experts by score alone"
+        )
+    return reasons
+
+
+def qwen3_moe_config_from_loopmoe(config: LoopMoEConfig) -> dict:
+    """``Qwen3MoeConfig`` arguments of ``config`` unrolled (``num_hidden_layers`` = executed depth)."""
+    depth = config.executed_depth()
+    return {
+        **{name: getattr(config, name) for name in _SAME_FIELDS},
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_hidden_layers": depth,
+        "head_dim": config.head_dim,
+        "num_experts": config.num_experts,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "hidden_act": "silu",
+        "intermediate_size": config.moe_intermediate_size,  # dense MLP size: unused, every layer is MoE
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "max_window_layers": depth,
+    }
+
+
+def loopmoe_state_dict_to_qwen3_moe(state: dict[str, torch.Tensor], config: LoopMoEConfig) -> dict[str, torch.Tensor]:
+    """Unroll: copy each executed layer's weights to its ``model.layers.n.`` and split the experts per expert.
+
+    Every tensor is its own copy (a core layer's weights appear T times; safetensors stores no aliases).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for n, prefix in enumerate(layer_prefixes(config)):
+        for key, value in state.items():
+            if not key.startswith(prefix) or key.endswith("mlp.gate.expert_bias"):
+                continue
+            name = key[len(prefix) :]
+            if name == "mlp.experts.gate_up_proj":  # [E, 2f, d], gate rows first
+                f = value.shape[1] // 2
+                for e in range(value.shape[0]):
+                    out[f"model.layers.{n}.mlp.experts.{e}.gate_proj.weight"] = value[e, :f].clone()
+                    out[f"model.layers.{n}.mlp.experts.{e}.up_proj.weight"] = value[e, f:].clone()
+            elif name == "mlp.experts.down_proj":
+                for e, down in enumerate(value.unbind(0)):
+                    out[f"model.layers.{n}.mlp.experts.{e}.down_proj.weight"] = down.clone()
+            else:
+                out[f"model.layers.{n}.{name}"] = value.clone()
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        if key in state and not (key == "lm_head.weight" and config.tie_word_embeddings):
+            out[key] = state[key].clone()
+    return out
+
+
+def export_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the LoopMoE checkpoint folder ``src`` as a Qwen3-MoE checkpoint folder ``dst`` (unrolled).
+
+    Raises ValueError naming every reason when Qwen3-MoE cannot express the model exactly.
+    """
+    from huggingface_hub import save_torch_state_dict
+    from transformers import Qwen3MoeConfig
+
+    src, dst = Path(src), Path(dst)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: pass a LoopMoE checkpoint directory")
+    raw = json.loads(config_path.read_text())
+    if raw.get("model_type") != "loopmoe":
+        raise ValueError(f"{src} is not a LoopMoE checkpoint (model_type {raw.get('model_type')!r})")
+    config = LoopMoEConfig.from_dict({k: v for k, v in raw.items() if k != "auto_map"})
+    state = read_weights(src)
+    blockers = qwen3_moe_blockers(config, state)
+    if blockers:
+        raise ValueError(
+            f"{src} cannot be written as Qwen3-MoE exactly: {'; '.join(blockers)}. Qwen3-MoE expresses a T = 1 "
+            "LoopMoE and a looped one without iteration conditioning or re-injection (unrolled)"
+        )
+    qwen_state = loopmoe_state_dict_to_qwen3_moe(state, config)
+    if dtype is not None:
+        qwen_state = {k: v.to(dtype) for k, v in qwen_state.items()}
+    qwen_config = Qwen3MoeConfig(**qwen3_moe_config_from_loopmoe(config), dtype=next(iter(qwen_state.values())).dtype)
+    with atomic_directory(dst) as staging:
+        qwen_config.save_pretrained(staging)
+        save_torch_state_dict(qwen_state, staging)
+        _copy_tokenizer(src, staging)
+    return dst
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

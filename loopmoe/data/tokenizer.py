@@ -52,7 +52,12 @@ class LMTokenizer:
         return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
 
     def to_transformers(self):
-        """A ``PreTrainedTokenizerFast`` over a copy of the backend, EOS set."""
+        """A ``PreTrainedTokenizerFast`` over a copy of the backend; EOS is also its BOS, UNK and pad token.
+
+        Padding with EOS is the causal-LM convention (GPT-2, Llama): padded positions are masked out
+        of attention and labels, so which id fills them never matters, and batched ``generate`` /
+        ``pipeline`` and HF ``Trainer`` need a pad token to exist.
+        """
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast(
@@ -60,6 +65,7 @@ class LMTokenizer:
             eos_token=self.eos_token,
             bos_token=self.eos_token,
             unk_token=self.eos_token,
+            pad_token=self.eos_token,
         )
 
     def save(self, directory: str | Path) -> Path:
@@ -68,6 +74,23 @@ class LMTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.to_transformers().save_pretrained(str(directory))
         return directory
+
+
+def export_tokenizer(tokenizer, model_max_length: int):
+    """The tokenizer a model folder ships with: transformers' (from an ``LMTokenizer``, or a transformers
+    tokenizer as it is), with a pad token (its EOS when it has none, as ``to_transformers`` does) and
+    ``model_max_length`` the context the model was trained on (instead of transformers' 1e30 placeholder)."""
+    hf = tokenizer.to_transformers() if isinstance(tokenizer, LMTokenizer) else tokenizer
+    if hf.pad_token is None:
+        hf.pad_token = hf.eos_token
+    hf.model_max_length = model_max_length
+    return hf
+
+
+def special_token_ids(hf_tokenizer) -> dict[str, int | None]:
+    """``bos/eos/pad_token_id`` of a transformers tokenizer: what a model's config and generation config
+    must carry so that ``generate`` stops at EOS and pads batches."""
+    return {name: getattr(hf_tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
 def load_tokenizer(path: str | Path, *, eos_token: str | None = None) -> LMTokenizer:

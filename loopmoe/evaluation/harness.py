@@ -24,19 +24,15 @@ REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
 
 
 def resolve_tasks(names: Sequence[str]) -> list[str]:
-    """Expand ``all`` and check every name is a shipped task (the error lists them)."""
+    """Expand ``all`` into the shipped tasks; other names are kept, once each, in order.
+
+    A name that is not shipped is looked up among lm-eval's own tasks by ``task_manager``.
+    """
     out: list[str] = []
     for name in names:
-        if name == "all":
-            out.extend(t for t in SHIPPED_TASKS if t not in out)
-        elif name in SHIPPED_TASKS:
-            if name not in out:
-                out.append(name)
-        else:
-            raise ValueError(
-                f"unknown task {name!r}: choose from {', '.join(SHIPPED_TASKS)}, 'all', "
-                "or add your own with --task-file"
-            )
+        for task in SHIPPED_TASKS if name == "all" else (name,):
+            if task not in out:
+                out.append(task)
     return out
 
 
@@ -49,25 +45,42 @@ def required_files(task: str) -> list[str]:
 
 
 def check_task_files(tasks: Sequence[str], data_dir: str | Path | None) -> None:
-    """Fail before any model work if a task's file is missing, naming the expected path."""
+    """Fail before any model work if a shipped task's file is missing, naming the expected path."""
     for task in tasks:
-        for relative in required_files(task):
-            data_file(data_dir, relative, task)
+        if task in SHIPPED_TASKS:
+            for relative in required_files(task):
+                data_file(data_dir, relative, task)
 
 
-def task_manager(data_dir: str | Path | None):
-    """A TaskManager over the shipped task folder only, with ``data_dir`` as every task's metadata."""
+def task_manager(data_dir: str | Path | None, tasks: Sequence[str | dict[str, Any]] = ()):
+    """A TaskManager for ``tasks``, with ``data_dir`` as every task's metadata; raises for an unknown name.
+
+    Shipped tasks only: the shipped folder alone (``include_defaults=False``), so lm-eval never indexes or
+    resolves its own hub-backed task of the same name. Any other name is one of lm-eval's own tasks (its
+    data read from the local datasets cache, the hub being offline): lm-eval's index is added, the
+    shipped folder still taking precedence. lm-eval's tasks run lm-eval's own installed code only.
+    """
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(
+    names = [t for t in tasks if isinstance(t, str)]
+    manager = TaskManager(
         include_path=str(TASKS_DIR),
-        include_defaults=False,
+        include_defaults=any(t not in SHIPPED_TASKS for t in names),
         metadata={"data_dir": None if data_dir is None else str(data_dir)},
     )
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(
+            f"unknown task {', '.join(map(repr, unknown))}: choose from the shipped tasks ({', '.join(SHIPPED_TASKS)}), "
+            "'all', any lm-eval task (`lm_eval ls tasks`) whose dataset is in the local datasets cache, or add your "
+            "own with --task-file"
+        )
+    return manager
 
 
-def wrap_model(model, tokenizer, *, batch_size: int = 8, device: str | None = None):
-    """lm-eval's HFLM around an already loaded model and tokenizer (no hub access)."""
+def wrap_model(model, tokenizer, *, batch_size: int | str = 8, device: str | None = None):
+    """lm-eval's HFLM around an already loaded model and tokenizer (no hub access); ``batch_size`` may be
+    ``"auto"`` / ``"auto:N"`` (lm-eval finds the largest that fits)."""
     from lm_eval.models.huggingface import HFLM
 
     device = device or str(next(model.parameters()).device)
@@ -81,10 +94,15 @@ def evaluate_tasks(
     data_dir: str | Path | None,
     *,
     limit: int | None = None,
+    num_fewshot: int = 0,
+    log_samples: bool = False,
+    manager=None,
 ) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on shipped task names and/or inline task configs (dicts).
+    """``lm_eval.simple_evaluate`` on task names and/or inline task configs (dicts).
 
-    Returns lm-eval's own results dict (``results``, ``n-samples``, ``configs``, ...).
+    ``manager``: a ``task_manager(data_dir, tasks)`` built earlier (to reject unknown names before
+    loading a model), else built here. Returns lm-eval's own results dict (``results``, ``n-samples``,
+    ``configs``, and ``samples`` with ``log_samples``).
     """
     from lm_eval import simple_evaluate
 
@@ -92,11 +110,11 @@ def evaluate_tasks(
     results = simple_evaluate(
         model=lm,
         tasks=list(tasks),
-        num_fewshot=0,
+        num_fewshot=num_fewshot,
         limit=limit,
-        task_manager=task_manager(data_dir),
+        task_manager=manager if manager is not None else task_manager(data_dir, tasks),
         bootstrap_iters=BOOTSTRAP_ITERS,
-        log_samples=False,
+        log_samples=log_samples,
     )
     if results is None:  # only on non-zero ranks under multi-process lm-eval
         raise RuntimeError("lm-eval returned no results on this process")

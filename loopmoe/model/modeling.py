@@ -25,6 +25,7 @@ Architecture (docs/design.md §1-§5), top to bottom, as ``LoopMoEModel.forward`
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLin
 from loopmoe.model.kernels.cross_entropy import linear_cross_entropy
 from loopmoe.model.layers import Attention, Linear, RMSNorm, RotaryEmbedding
 from loopmoe.model.moe import Experts, RouterStats, SparseMoE, TopKRouter
+from loopmoe.model.remote_code import auto_map, write_remote_code
 from loopmoe.model.slots import Block, Slot, cache_index, every_slot
 
 
@@ -133,6 +135,29 @@ class LoopMoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' checkpoint, made self-contained: ``config.json`` gets an ``auto_map`` and the
+        folder the model's modules (``remote_code.py``), so that plain transformers loads it with
+        ``trust_remote_code=True``. loopmoe itself loads it with the installed classes (the folder's
+        ``model_type`` is registered) and never runs the folder's code."""
+        classes = {
+            "AutoConfig": type(self.config),
+            "AutoModel": LoopMoEModel,
+            "AutoModelForCausalLM": LoopMoEForCausalLM,
+        }
+        if kwargs.get("is_main_process", True):  # the code first: push_to_hub uploads inside the save
+            os.makedirs(save_directory, exist_ok=True)
+            write_remote_code(save_directory, classes)
+        had, previous = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
+        self.config.auto_map = auto_map(classes)  # written into config.json by the save, not kept on the config
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had:
+                self.config.auto_map = previous
+            else:
+                del self.config.auto_map
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         cfg = self.config
@@ -168,7 +193,9 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
     def __init__(self, config: LoopMoEConfig):
         super().__init__(config)
         d = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
+        # No padding_idx: the pad token is usually EOS (loopmoe's exports, GPT-2, Qwen), whose embedding must
+        # keep learning when the model is fine-tuned; padded positions are masked, not zeroed.
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
         cond = config.conditioning
         self.prelude = nn.ModuleList(DecoderLayer(config, False) for _ in range(config.num_prelude_layers))
         self.core = nn.ModuleList(DecoderLayer(config, cond.modulates) for _ in range(config.num_core_layers))

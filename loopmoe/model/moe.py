@@ -25,7 +25,7 @@ from torch import nn
 
 from loopmoe.config import LoopMoEConfig
 from loopmoe.model.kernels.autocast import autocast_operands
-from loopmoe.model.kernels.experts import experts_grouped_mm, experts_loop, experts_one_token
+from loopmoe.model.kernels.experts import NAMESPACE, experts_grouped_mm, experts_loop, experts_one_token, ops
 from loopmoe.model.kernels.linear import linear
 from loopmoe.model.kernels.permute import gather_tokens, permute_rows
 from loopmoe.model.layers import Linear
@@ -53,7 +53,7 @@ def _recomputing() -> bool:
 # The count update as an op with a side effect: ``_recomputing`` must be asked when the forward runs,
 # not when ``torch.compile`` traces it (which would fold it into a constant, and a compiled layer's
 # recomputation under activation checkpointing would count its tokens twice).
-@torch.library.custom_op("loopmoe::add_expert_counts_", mutates_args=("pending",))
+@torch.library.custom_op(f"{NAMESPACE}::add_expert_counts_", mutates_args=("pending",))
 def _add_expert_counts_(pending: torch.Tensor, assigned: torch.Tensor) -> None:
     """``pending += assigned``, except in activation checkpointing's recomputation."""
     if not _recomputing():
@@ -228,5 +228,5 @@ class SparseMoE(nn.Module):
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
             entropy = (entropy * weight).sum() / n
             if self.training and self.gate.track_counts:  # not in a recomputation (the op asks)
-                torch.ops.loopmoe.add_expert_counts_(self.gate.pending_counts, assigned)
+                ops.add_expert_counts_(self.gate.pending_counts, assigned)
         return RouterStats(aux_loss=aux_loss, z_loss=z_loss, load=frac.detach(), entropy=entropy, experts=topk_idx)

@@ -8,13 +8,14 @@ Data contract (`DataBundle`):
                state_dict()/load_state_dict(); iterating continues from its current position
   val_batches  callable returning a fresh, deterministic iterable of validation batches
   vocab_size   tokenizer vocabulary size (sets the model's vocab_size)
-  tokenizer    optional object with save(dir) or save_pretrained(dir), exported with the final model
+  tokenizer    optional LMTokenizer or transformers tokenizer, exported with the final model
   fingerprints optional {"tokenizer_sha256", "shards_fingerprint"}: stored in each checkpoint, and
                checked by `check_resume_data` before a resumed run touches its data
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ def build_model_config(cfg: RunConfig, vocab_size: int) -> Any:
     from loopmoe.presets import get_preset
 
     m = cfg.model
+    if m.init_from is not None:
+        return _checkpoint_config(m.init_from, m.fields, m.num_loops, vocab_size)
     if m.config is not None:
         if m.config.vocab_size != vocab_size:
             raise ValueError(
@@ -72,10 +75,77 @@ def build_model_config(cfg: RunConfig, vocab_size: int) -> Any:
     return get_preset(m.preset, **overrides)
 
 
+# Fields a run may set over an init_from checkpoint: they change the training, not the weights' meaning
+# (a looped core's weights run at any loop count).
+_ADJUSTABLE_OVER_CHECKPOINT = (
+    "num_loops",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_bias_update_rate",
+    "moe_implementation",
+)
+
+
+def _checkpoint_config(folder: str, fields: dict[str, Any], num_loops: int | None, vocab_size: int) -> Any:
+    """The architecture of the checkpoint ``folder`` (LoopMoE or Qwen3-MoE), with the explicit ``[model]``
+    fields that may differ from it applied; any other explicit field must agree with the checkpoint."""
+    from loopmoe.presets import config_from_table, load_model_config
+
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"model.init_from = {folder!r}: no config.json there; give a checkpoint folder")
+    saved = load_model_config(folder)
+    asked = {**fields, **({} if num_loops is None else {"num_loops": num_loops})}
+    wanted = config_from_table({**model_fields(saved), **asked}, "model.init_from")  # unknown keys fail here
+    contradictions = [
+        f"model.{key} = {getattr(wanted, key)!r} (the checkpoint has {getattr(saved, key)!r})"
+        for key in asked
+        if key not in _ADJUSTABLE_OVER_CHECKPOINT and getattr(wanted, key) != getattr(saved, key)
+    ]
+    if contradictions:
+        raise ValueError(
+            f"model.init_from = {folder!r} fixes the architecture, but the run config asks for "
+            f"{'; '.join(contradictions)}: drop these keys (only {', '.join(_ADJUSTABLE_OVER_CHECKPOINT)} "
+            "may differ from the checkpoint)"
+        )
+    if saved.vocab_size != vocab_size:
+        raise ValueError(
+            f"model.init_from = {folder!r} has a {saved.vocab_size}-token vocabulary but the run's tokenizer has "
+            f"{vocab_size}: train with the checkpoint's tokenizer (data.tokenizer = {folder!r})"
+        )
+    return wanted
+
+
+def load_initial_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load the weights of the LoopMoE or Qwen3-MoE checkpoint ``folder`` into ``model`` (built from its config).
+
+    Read with safetensors (nothing in the folder is executed); every parameter must be covered.
+    """
+    from loopmoe.convert.qwen3_moe import qwen3_moe_state_dict_to_loopmoe, read_weights
+    from loopmoe.evaluation.loading import check_safetensors
+
+    folder = Path(folder)
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors(weights)
+    state = read_weights(folder)
+    if json.loads((folder / "config.json").read_text()).get("model_type") == "qwen3_moe":
+        state = qwen3_moe_state_dict_to_loopmoe(state, model.config)  # type: ignore[arg-type]  # a LoopMoEForCausalLM
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not k.endswith("expert_bias") and not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"model.init_from = {str(folder)!r}: its weights do not fit the model built from its config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the checkpoint is damaged or not LoopMoE / Qwen3-MoE"
+        )
+
+
 def default_model_factory(cfg: RunConfig, vocab_size: int) -> nn.Module:
     from loopmoe.model import LoopMoEForCausalLM
 
-    return LoopMoEForCausalLM(build_model_config(cfg, vocab_size))
+    model = LoopMoEForCausalLM(build_model_config(cfg, vocab_size))
+    if cfg.model.init_from is not None:
+        load_initial_weights(model, cfg.model.init_from)
+    return model
 
 
 def resolve_source(spec: str) -> str:

@@ -30,7 +30,7 @@ ScheduleKind = Literal["cosine", "wsd"]
 class ModelSection:
     """The model: a preset with explicit `LoopMoEConfig` fields over it, or one complete config.
 
-    In TOML every key of `[model]` other than `preset`, `num_loops` and `config` is an explicit config field
+    In TOML every key of `[model]` other than `preset`, `num_loops`, `config` and `init_from` is an explicit config field
     (e.g. `hidden_size = 128`); they are checked against the preset's config when the model is
     built. From Python, `ModelSection.of(config)` runs exactly `config` (stored in full as
     `[model.config]`, so the run directory still describes the run).
@@ -45,6 +45,11 @@ class ModelSection:
     )
     config: LoopMoEConfig | None = option(
         None, help="a complete LoopMoEConfig instead of preset + fields (at the tokenizer's vocab_size)", cli=False
+    )
+    init_from: str | None = option(
+        None,
+        help="start from the weights of this LoopMoE or Qwen3-MoE checkpoint folder (continued pre-training, "
+        "fine-tuning): the architecture is the checkpoint's and model.preset is not used",
     )
 
     @classmethod
@@ -182,7 +187,12 @@ class RunConfig:
                 "model.config is a complete model config: leave model.preset (none), model.num_loops and the "
                 "model fields unset, or drop model.config"
             )
-        if m.config is None and m.preset is None:
+        if m.config is not None and m.init_from is not None:
+            raise ValueError(
+                "model.config and model.init_from both define the model: the checkpoint's architecture is used "
+                "with init_from, so drop model.config"
+            )
+        if m.config is None and m.preset is None and m.init_from is None:
             raise ValueError("model.preset is not set: name a preset (see `loopmoe presets`) or give model.config")
         for key, value in [
             ("train.max_steps", t.max_steps),
@@ -282,12 +292,12 @@ def _plain(obj: Any) -> Any:
 _SECTION_TYPES = get_type_hints(RunConfig)
 
 
-def _hint(name: str, options: list[str], prefix: str = "") -> str:
+def unknown_key_hint(name: str, options: list[str], prefix: str = "") -> str:
     """`; did you mean ...?`, or the valid names when none is close."""
     return "; " + (suggest(name, options, prefix) or f"valid keys: {', '.join(prefix + o for o in sorted(options))}")
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce_value(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against a type hint, allowing int->float and list->tuple; ValueError otherwise."""
     origin, args = get_origin(hint), get_args(hint)
     if hint is Any:
@@ -298,7 +308,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(key, value, arg)
+                return coerce_value(key, value, arg)
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[0] if errors else f"{key}: cannot be None")
@@ -309,14 +319,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 + (f"; {close}" if isinstance(value, str) and (close := suggest(value, [str(a) for a in args])) else "")
             )
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} = {value!r}: expected a list, e.g. [0, 1, 2]")
+        return tuple(coerce_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{key} = {value!r}: expected a list of {len(args)} values, e.g. [0.9, 0.95]")
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(coerce_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{key} = {value!r}: expected a table")
         return dict(value)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
@@ -339,8 +355,8 @@ def _build_section(name: str, raw: dict[str, Any]) -> Any:
             raw["config"] = config_from_table(raw["config"], "model.config")
     for key, value in raw.items():
         if key not in hints:
-            raise ValueError(f"unknown key '{name}.{key}'" + _hint(key, list(hints), prefix=f"{name}."))
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+            raise ValueError(f"unknown key '{name}.{key}'" + unknown_key_hint(key, list(hints), prefix=f"{name}."))
+        kwargs[key] = coerce_value(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
 
@@ -348,7 +364,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from nested dicts (a parsed TOML file); missing keys take defaults."""
     for name in raw:
         if name not in _SECTION_TYPES:
-            raise ValueError(f"unknown section '[{name}]'" + _hint(name, list(_SECTION_TYPES)))
+            raise ValueError(f"unknown section '[{name}]'" + unknown_key_hint(name, list(_SECTION_TYPES)))
         if not isinstance(raw[name], dict):
             raise ValueError(f"'{name}' must be a table ([{name}]), got {type(raw[name]).__name__}")
     return RunConfig(**{name: _build_section(name, raw.get(name, {})) for name in _SECTION_TYPES})
@@ -376,7 +392,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ValueError(f"override key '{path}' must be section.key, e.g. optim.lr=3e-4")
         section, key = parts
         if section not in _SECTION_TYPES:
-            raise ValueError(f"unknown section '{section}' in override '{item}'" + _hint(section, list(_SECTION_TYPES)))
+            raise ValueError(
+                f"unknown section '{section}' in override '{item}'" + unknown_key_hint(section, list(_SECTION_TYPES))
+            )
         hint = get_type_hints(_SECTION_TYPES[section]).get(key)
         value = text.strip() if hint is str else _parse_value(text.strip())
         out.setdefault(section, {})[key] = value

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from loopmoe.atomic import atomic_write_text, clean_stale_temporaries
+from loopmoe.data.tokenizer import export_tokenizer, special_token_ids
 from loopmoe.distributed.env import (
     DistInfo,
     all_reduce_sum_,
@@ -188,24 +189,34 @@ def _export_final(
     model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir: Path, info: DistInfo, model_factory: ModelFactory
 ) -> Path:
     """HF checkpoint of the final weights (gathered from FSDP2 shards and expert-parallel blocks: one
-    ordinary checkpoint whatever the layout) + tokenizer + config."""
+    ordinary checkpoint whatever the layout) + tokenizer + config.
+
+    The tokenizer's special tokens go into the model's config and generation config (``generate``
+    stops at EOS, batches pad) and the training context into the tokenizer's ``model_max_length``.
+    """
     final = out_dir / "final"
     _refuse_nonfinite(model, out_dir, info.device)
+    exported: nn.Module | None = None
     expert_parallel = expert_parallel_of(unwrap(model)) is not None
     if isinstance(model, FSDPModule) or expert_parallel:
         # Under EP every rank takes part in gathering the expert blocks, so every rank needs the full dict.
         options = StateDictOptions(full_state_dict=True, cpu_offload=not expert_parallel)
         full = gather_full_experts(get_model_state_dict(model, options=options), unwrap(model))
         if info.is_main:
-            plain = model_factory(cfg, bundle.vocab_size)
-            plain.load_state_dict(full)
-            cast(_Exportable, plain).save_pretrained(str(final))
+            exported = model_factory(cfg, bundle.vocab_size)
+            exported.load_state_dict(full)
     elif info.is_main:
-        cast(_Exportable, unwrap(model)).save_pretrained(str(final))
-    if info.is_main:
-        tok = bundle.tokenizer
-        if tok is not None:
-            (tok.save if hasattr(tok, "save") else tok.save_pretrained)(str(final))
+        exported = unwrap(model)
+    if exported is not None:
+        tokenizer = export_tokenizer(bundle.tokenizer, cfg.data.seq_len) if bundle.tokenizer is not None else None
+        if tokenizer is not None:
+            for holder in (getattr(exported, "config", None), getattr(exported, "generation_config", None)):
+                if holder is not None:
+                    for name, value in special_token_ids(tokenizer).items():
+                        setattr(holder, name, value)
+        cast(_Exportable, exported).save_pretrained(str(final))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(final))
         atomic_write_text(final / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
     barrier()
     return final

@@ -104,3 +104,101 @@ def test_changed_corpus_is_refused_before_the_shared_data_is_rebuilt(tmp_path):
         runner.prepare(opts)
     assert (out / "data" / "shards" / "marker").read_text() == "trained on this"
     assert not (out / "data" / "tokenizer").exists()
+
+
+def test_study_config_parses_and_flags_typed_after_it_override(tmp_path):
+    from pathlib import Path
+
+    from loopmoe.cli.main import build_parser
+    from loopmoe.options import options_from
+
+    study = CompareOptions.from_toml(Path(__file__).resolve().parents[2] / "configs/study/eltec.toml").validate()
+    assert {"reference", "looped", "granularity"} <= set(study.arms) and len(study.seeds) >= 3
+    assert all(study.arm_spec(a).seeds is None for a in ("reference", "looped", "granularity"))
+    config = tmp_path / "s.toml"
+    config.write_text(
+        'steps = 50\nwarmup_steps = 5\nseeds = [0, 1]\narms = ["reference", "t4"]\n[arm.t4]\nkind = "looped"\nnum_loops = 4\n'
+    )
+    args = build_parser().parse_args(["compare", "--config", str(config), "--seeds", "3", "--out", str(tmp_path / "o")])
+    opts = options_from(CompareOptions, args, CompareOptions.from_toml(config)).validate()
+    assert (opts.steps, opts.seeds, opts.arms, opts.out) == (50, (3,), ("reference", "t4"), tmp_path / "o")
+    assert opts.arm["t4"].num_loops == 4 and opts.lr == CompareOptions().lr  # untyped flags keep file / defaults
+    # without --config, untyped flags are the defaults, as before
+    assert options_from(CompareOptions, build_parser().parse_args(["compare"])) == CompareOptions()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("step = 5\n", r"unknown key 'step'; did you mean 'steps'"),
+        ("seeds = 0\n", r"seeds = 0: expected a list"),
+        ("lr = 'fast'\n", r"lr = 'fast': expected float"),
+        ("arm = 3\n", r"'arm' must hold \[arm.NAME\] tables"),
+        ("arms = ['reference', 'abl']\n", r"unknown arm 'abl'.*define it in an \[arm.NAME\] table"),
+        ("steps = [\n", r"not valid TOML"),
+    ],
+)
+def test_study_config_errors_name_the_fix(tmp_path, text, message):
+    config = tmp_path / "s.toml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        CompareOptions.from_toml(config).validate()
+    with pytest.raises(ValueError, match=r"study config .*missing.toml not found"):
+        CompareOptions.from_toml(tmp_path / "missing.toml")
+
+
+def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
+    """A study killed mid-way: re-running trains only what is not finished, and reports every arm."""
+    import shutil
+
+    import torch
+
+    import loopmoe.training
+    from loopmoe.compare import runner
+
+    opts = dict(
+        reference="debug",
+        source="embedded",
+        bpe_vocab=300,
+        seq_len=32,
+        micro_batch_size=2,
+        steps=4,
+        warmup_steps=1,
+        eval_every=2,
+        eval_batches=1,
+        seeds=(0, 1),
+        arms=("reference", "looped", "granularity"),
+        tasks=(),
+        out=tmp_path / "cmp",
+        threads=1,
+    )
+    logs: list[str] = []
+    threads: list[int] = []  # --threads 1 is applied (recorded here, so this test process keeps its setting)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    first = runner.run_comparison(CompareOptions(**opts), log=logs.append)
+    assert threads == [1]
+    assert set(first["runs"]) == {"reference", "looped", "granularity"}
+    assert all(set(r) == {0, 1} for r in first["runs"].values())
+    (session,) = first["runs"]["looped"][1]["cost"]  # what the run cost: one training session, measured
+    assert (session["start_step"], session["end_step"], session["threads"]) == (0, 4, torch.get_num_threads())
+    assert session["wall_s"] > 0 and session["peak_rss_mib"] > 50
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "looped - reference" in report and "looped - granularity" in report and "granularity - reference" in report
+    # as if killed during seed 1's granularity run: its folder is gone, everything else finished
+    shutil.rmtree(tmp_path / "cmp" / "seed1" / "granularity")
+    trained: list[str] = []
+    real = loopmoe.training.run_training
+
+    def spy(cfg, run_dir, *args, **kwargs):
+        trained.append(str(run_dir))
+        return real(cfg, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(loopmoe.training, "run_training", spy)
+    logs.clear()
+    second = runner.run_comparison(CompareOptions(**opts), log=logs.append)
+    assert trained == [str(tmp_path / "cmp" / "seed1" / "granularity")]
+    assert sum("finished earlier, skipped" in line for line in logs) == 5
+    assert any(line.startswith("\n[6/6] == training granularity (seed 1") for line in logs)
+    for name in ("reference", "looped"):
+        assert second["runs"][name][1]["val_loss"] == first["runs"][name][1]["val_loss"]
+    assert second["runs"]["granularity"][1]["val_loss"] == pytest.approx(first["runs"]["granularity"][1]["val_loss"])

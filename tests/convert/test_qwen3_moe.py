@@ -63,6 +63,8 @@ def test_cli_convert_and_unsupported_features(tmp_path, capsys):
     _, src = qwen_checkpoint(tmp_path)
     assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "loopmoe"
+    generation = (src / "generation_config.json").read_text()  # sampling defaults and special tokens are kept
+    assert (tmp_path / "out" / "generation_config.json").read_text() == generation
 
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "mlp_only_layers": [1]}))
@@ -86,3 +88,74 @@ def test_conversion_reads_no_pickles(tmp_path):
     with pytest.raises(Exception) as err:
         convert_qwen3_moe(src, tmp_path / "out")
     assert not isinstance(err.value, SystemExit)
+
+
+# --- LoopMoE -> Qwen3-MoE -------------------------------------------------------------------------
+
+
+def _loopmoe_checkpoint(tiny_config, path, **overrides):
+    torch.manual_seed(0)
+    model = LoopMoEForCausalLM(tiny_config(**overrides)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize(
+    "overrides, layers",
+    [
+        (dict(num_loops=1), 2),  # a Vanilla MoE: the same layers
+        (dict(num_loops=3, iter_conditioning="none", num_prelude_layers=1, num_coda_layers=1), 8),  # 1 + 2*3 + 1
+        (dict(num_loops=2, iter_conditioning="none", tie_word_embeddings=True, norm_topk_prob=False), 4),
+    ],
+)
+def test_export_matches_transformers_qwen3_moe(tiny_config, tmp_path, overrides, layers):
+    from transformers import Qwen3MoeForCausalLM
+
+    ours = _loopmoe_checkpoint(tiny_config, tmp_path / "loopmoe", **overrides)
+    assert main(["export", "--to", "qwen3-moe", str(tmp_path / "loopmoe"), str(tmp_path / "qwen")]) == 0
+    qwen = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "qwen").eval()
+    assert qwen.config.num_hidden_layers == layers
+    x = torch.randint(0, 97, (3, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0  # left padding
+    keep = mask.bool()
+    with torch.no_grad():
+        diff = (qwen(x, attention_mask=mask).logits - ours(x, attention_mask=mask).logits)[keep].abs().max().item()
+        assert diff < 1e-5
+        greedy = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(qwen.generate(x, **greedy), ours.generate(x, **greedy))
+    # And back: the unrolled model imports as a T = 1 LoopMoE computing the same logits.
+    convert_qwen3_moe(tmp_path / "qwen", tmp_path / "back")
+    back = LoopMoEForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert back.config.num_core_layers == layers and back.config.num_loops == 1
+    with torch.no_grad():
+        assert (back(x).logits - ours(x).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (dict(num_loops=2), "iteration conditioning"),  # IterAdaLN by default when T > 1
+        (dict(num_loops=2, iter_conditioning="iter_embedding"), "iteration conditioning"),
+        (dict(num_loops=2, iter_conditioning="none", input_injection="add"), "re-injection"),
+        (dict(norm_scheme="sandwich"), "sandwich norms"),
+        (dict(router_score="sigmoid"), "sigmoid routing"),
+        (dict(shared_expert_intermediate_size=16), "shared experts"),
+        (dict(qk_norm=False), "QK-norm"),
+    ],
+)
+def test_export_refuses_what_qwen3_moe_cannot_express(tiny_config, tmp_path, capsys, overrides, reason):
+    _loopmoe_checkpoint(tiny_config, tmp_path / "loopmoe", **overrides)
+    assert main(["export", "--to", "qwen3-moe", str(tmp_path / "loopmoe"), str(tmp_path / "qwen")]) == 2
+    assert reason in capsys.readouterr().err
+    assert not (tmp_path / "qwen").exists()
+
+
+def test_export_refuses_a_learned_router_bias(tiny_config, tmp_path):
+    from loopmoe.convert import export_qwen3_moe
+
+    model = LoopMoEForCausalLM(tiny_config())
+    model.model.core[1].mlp.gate.expert_bias[2] = 0.5
+    model.save_pretrained(tmp_path / "loopmoe")
+    with pytest.raises(ValueError, match=r"router selection bias .*model\.core\.1\.mlp\.gate\.expert_bias"):
+        export_qwen3_moe(tmp_path / "loopmoe", tmp_path / "qwen")

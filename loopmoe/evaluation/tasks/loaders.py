@@ -27,7 +27,8 @@ def data_file(data_dir: str | Path | None, relative: str, task: str) -> Path:
     """The absolute path of ``relative`` under ``data_dir``, or a MissingDataError naming it."""
     if data_dir is None:
         raise MissingDataError(
-            f"task {task!r} needs {relative} but no data dir is known: pass --data-dir DIR or set LOOPMOE_DATA_DIR"
+            f"task {task!r} needs {relative} but no data dir is known: pass --data-dir DIR or set LOOPMOE_DATA_DIR "
+            "(loopmoe eval), or --metadata data_dir=DIR (lm_eval)"
         )
     path = Path(data_dir) / relative
     if not path.is_file():

@@ -29,6 +29,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from loopmoe.model.kernels.linear import linear, matmul_into
+from loopmoe.model.kernels.namespace import op_namespace
+
+NAMESPACE = op_namespace(__name__)  # "loopmoe" here; a copy's own in remote code
+ops = getattr(torch.ops, NAMESPACE)
 
 
 def experts_reference(
@@ -46,7 +50,7 @@ def experts_grouped_mm(
     x_sorted: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
     """``experts_reference`` as two grouped GEMMs over all experts at once (op ``loopmoe::experts_grouped_mm``)."""
-    return torch.ops.loopmoe.experts_grouped_mm(x_sorted, w_gate_up, w_down, counts)[0]
+    return ops.experts_grouped_mm(x_sorted, w_gate_up, w_down, counts)[0]
 
 
 def experts_loop(
@@ -55,7 +59,7 @@ def experts_loop(
     """``experts_reference`` with one matmul per non-empty expert group and a fused backward (op
     ``loopmoe::experts_loop``). ``decoding`` (the thread-split matvecs of ``linear``) is decided
     here, where the caller's grad mode is visible: inside an op that records autograd it is off."""
-    return torch.ops.loopmoe.experts_loop(x_sorted, w_gate_up, w_down, counts, not torch.is_grad_enabled())[0]
+    return ops.experts_loop(x_sorted, w_gate_up, w_down, counts, not torch.is_grad_enabled())[0]
 
 
 def _register_autograd(forward_op, backward_op) -> None:
@@ -88,7 +92,7 @@ def _grads_fake(x, w_gate_up, w_down, need_x, need_gate_up, need_down):
 # --- grouped GEMMs -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("loopmoe::experts_grouped_mm", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::experts_grouped_mm", mutates_args=())
 def _experts_grouped_mm_op(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,7 +110,7 @@ def _experts_grouped_mm_fake(x, w_gate_up, w_down, counts):
     return x.new_empty(rows, w_down.shape[1]), x.new_empty(rows, 2 * f), x.new_empty(rows, f)
 
 
-@torch.library.custom_op("loopmoe::experts_grouped_mm_backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::experts_grouped_mm_backward", mutates_args=())
 def _experts_grouped_mm_backward_op(
     gy: torch.Tensor,
     x: torch.Tensor,
@@ -179,7 +183,7 @@ def _loop_forward(x, w_gate_up, w_down, groups, decoding: bool = False):
     return y, gu, act
 
 
-@torch.library.custom_op("loopmoe::experts_loop", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::experts_loop", mutates_args=())
 def _experts_loop_op(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor, decoding: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,7 +197,7 @@ def _experts_loop_fake(x, w_gate_up, w_down, counts, decoding):
     return x.new_empty(rows, w_down.shape[1]), x.new_empty(2, rows, f), x.new_empty(rows, f)
 
 
-@torch.library.custom_op("loopmoe::experts_loop_backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::experts_loop_backward", mutates_args=())
 def _experts_loop_backward_op(
     gy: torch.Tensor,
     x: torch.Tensor,
@@ -270,7 +274,7 @@ def experts_one_token(
     (the expert ids are read on the host); eager mode calls it directly, saving the op dispatch.
     """
     if torch.compiler.is_compiling():
-        return torch.ops.loopmoe.experts_one_token(x, w_gate_up, w_down, topk_w, topk_idx)
+        return ops.experts_one_token(x, w_gate_up, w_down, topk_w, topk_idx)
     return _one_token(x, w_gate_up, w_down, topk_w, topk_idx)
 
 
@@ -284,7 +288,7 @@ def _one_token(x, w_gate_up, w_down, topk_w, topk_idx):
     return y
 
 
-@torch.library.custom_op("loopmoe::experts_one_token", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::experts_one_token", mutates_args=())
 def _experts_one_token_op(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_w: torch.Tensor, topk_idx: torch.Tensor
 ) -> torch.Tensor:
@@ -302,13 +306,13 @@ def _experts_one_token_fake(x, w_gate_up, w_down, topk_w, topk_idx):
 # computes). Gradients that are not needed are neither computed nor counted.
 
 
-@register_flop_formula([torch.ops.loopmoe.experts_loop, torch.ops.loopmoe.experts_grouped_mm])
+@register_flop_formula([ops.experts_loop, ops.experts_grouped_mm])
 def _experts_flop(x_shape, w_gate_up_shape, w_down_shape, *args, out_shape=None, **kwargs) -> int:
     rows, d = x_shape
     return 6 * rows * d * w_down_shape[-1]
 
 
-@register_flop_formula([torch.ops.loopmoe.experts_loop_backward, torch.ops.loopmoe.experts_grouped_mm_backward])
+@register_flop_formula([ops.experts_loop_backward, ops.experts_grouped_mm_backward])
 def _experts_backward_flop(
     gy_shape,
     x_shape,
@@ -328,7 +332,7 @@ def _experts_backward_flop(
     return per_projection * (1 + need_down + 2 * need_x + 2 * need_gate_up)
 
 
-@register_flop_formula(torch.ops.loopmoe.experts_one_token)
+@register_flop_formula(ops.experts_one_token)
 def _experts_one_token_flop(
     x_shape, w_gate_up_shape, w_down_shape, topk_w_shape, topk_idx_shape, out_shape=None
 ) -> int:

@@ -1,0 +1,60 @@
+"""Paired statistics over seeds: what a difference between two arms is, and how sure it is.
+
+Both arms of a seed see the same data in the same order from the same initialisation stream, so
+the seed is the unit of pairing: the per-seed difference ``d_s = x_s(a) - x_s(b)`` removes the
+variance the seed contributes to both, and the interval is Student's t over those differences
+(``mean ± t_{0.975, n-1} · sd / sqrt(n)``). With one seed there is no interval.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``a - b`` over the seeds both arms have: per seed, mean, sample sd, 95% t-interval."""
+
+    per_seed: dict[int, float]
+    mean: float
+    sd: float | None  # None with one seed
+    ci95: tuple[float, float] | None  # None with one seed
+
+    @property
+    def n(self) -> int:
+        return len(self.per_seed)
+
+    def excludes_zero(self) -> bool:
+        """The 95% interval lies on one side of zero (the only case a difference may be claimed)."""
+        return self.ci95 is not None and (self.ci95[0] > 0 or self.ci95[1] < 0)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDifference:
+    """``a - b`` over the seeds present in both (seed -> value); ValueError if they share none."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError(f"no seed in common (a: {sorted(a)}, b: {sorted(b)}): a paired difference needs shared seeds")
+    diffs = {s: a[s] - b[s] for s in seeds}
+    mean = statistics.fmean(diffs.values())
+    if len(seeds) == 1:
+        return PairedDifference(diffs, mean, None, None)
+    sd = statistics.stdev(diffs.values())
+    half = t_quantile(0.975, len(seeds) - 1) * sd / math.sqrt(len(seeds))
+    return PairedDifference(diffs, mean, sd, (mean - half, mean + half))
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (sample sd / sqrt(n)); no stderr for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, statistics.stdev(values) / math.sqrt(len(values))
