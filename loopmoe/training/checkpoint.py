@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -49,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from loopmoe.atomic import publish_directory
-from loopmoe.distributed.env import barrier, broadcast_object, is_distributed
+from loopmoe.distributed.env import all_gather_object, barrier, broadcast_object, is_distributed
 from loopmoe.distributed.expert_parallel import global_expert_views
 from loopmoe.distributed.parallelize import unwrap
 from loopmoe.errors import UserFacingError
@@ -230,16 +231,31 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        if is_distributed():
-            dcp.save(_dcp_state(model, optimizer)[0], checkpoint_id=str(tmp / "dcp"))
-        else:
-            torch.save(unwrap(model).state_dict(), tmp / "model.pt")
-            torch.save(optimizer.state_dict(), tmp / "optim.pt")
-        torch.save({"rng": capture_rng(), "loader": _weights_only_safe(loader_state)}, tmp / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            torch.save(_scheduler_state(scheduler), tmp / "scheduler.pt")
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
-        barrier()
+        error: OSError | RuntimeError | None = None
+        try:
+            if is_distributed():
+                dcp.save(_dcp_state(model, optimizer)[0], checkpoint_id=str(tmp / "dcp"))
+            else:
+                torch.save(unwrap(model).state_dict(), tmp / "model.pt")
+                torch.save(optimizer.state_dict(), tmp / "optim.pt")
+            rank_file = tmp / f"rank_{self.rank:05d}.pt"
+            torch.save({"rng": capture_rng(), "loader": _weights_only_safe(loader_state)}, rank_file)
+            if self.rank == 0:
+                torch.save(_scheduler_state(scheduler), tmp / "scheduler.pt")
+                (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        except CheckpointException as e:  # DCP's error, raised on every rank: the failing rank's own cause
+            error = _dcp_cause(e)
+        except (OSError, RuntimeError) as e:
+            error = e
+        # Every rank learns whether any rank failed (else the others would wait for it in a barrier).
+        kind = 0 if error is None else 1 if _disk_full_error(error, self.root, step, self._last_size) else 2
+        worst = max(cast(list[int], all_gather_object(kind)))
+        if error is not None:
+            raise error
+        if worst == 1:
+            raise CheckpointDiskFullError(errno.ENOSPC, "disk full on another rank")  # save() reports it
+        if worst == 2:
+            raise RuntimeError(f"writing checkpoint step {step} failed on another rank (see its error)")
         if self.rank == 0:
             self._seal(tmp, final)
             self._verified.add(final)
@@ -402,6 +418,15 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
         "optim": {**optim_state, "state": global_expert_views(optim_state["state"], inner)},
     }
     return state, model_state, optim_state
+
+
+def _dcp_cause(e: CheckpointException) -> OSError | RuntimeError:
+    """The first rank's exception inside DCP's collective CheckpointException (it is a BaseException)."""
+    for failure in e.failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, (OSError, RuntimeError)):
+            return cause
+    return RuntimeError(str(e))
 
 
 def _check_world_size(path: Path, meta: Mapping[str, Any], world: int) -> None:

@@ -42,3 +42,15 @@ def test_one_process_checkpoint_refused_by_two_processes(tmp_path):
     assert proc.returncode != 0
     assert "written by 1 process, this run has 2; resume without torchrun" in proc.stderr
     assert _snapshot(tmp_path) == before and read_metrics(tmp_path) == metrics
+
+
+@pytest.mark.distributed
+def test_disk_full_on_one_rank_stops_every_rank_with_the_message(tmp_path):
+    # Rank 1 cannot write its file of the step-2 checkpoint: both ranks stop (none waits in a barrier) and
+    # both say why; the half-written checkpoint is removed.
+    proc = _launch(tmp_path, 2, "dist.strategy=ddp", *SHORT, env_extra={"STANDIN_DISK_FULL_RANK": "1"})
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    said = {line.split("]")[0] for line in lines if "disk full while writing checkpoint step 2" in line}
+    assert said == {"[rank0", "[rank1"}, proc.stderr[-3000:]
+    assert not any((tmp_path / "checkpoints").glob("step_*"))

@@ -7,8 +7,10 @@ With STANDIN_KILL_IN=WHAT:N the process SIGKILLs itself at the N-th call of WHAT
 (a checkpoint file about to be written), sha (checksumming while sealing or verifying), publish
 (a sealed checkpoint about to be renamed into place) or rmtree (a folder about to be deleted).
 With STANDIN_DUMP_ROUTERS=1 each rank saves its final router biases into OUT_DIR/routers_rank<r>.pt.
+With STANDIN_DISK_FULL_RANK=R, rank R's own checkpoint file (rank_<R>.pt) fails with ENOSPC.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -55,11 +57,24 @@ def _dump_routers_before_export() -> None:
     run._export_final = export
 
 
+def _disk_full_on(rank: int) -> None:
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(f"rank_{rank:05d}.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 if __name__ == "__main__":
     out_dir, overrides = sys.argv[1], sys.argv[2:]
     if kill_in := os.environ.get("STANDIN_KILL_IN"):
         what, n = kill_in.split(":")
         _kill_at(*_TARGETS[what], int(n))
+    if (full := os.environ.get("STANDIN_DISK_FULL_RANK")) is not None:
+        _disk_full_on(int(full))
     if os.environ.get("STANDIN_DUMP_ROUTERS"):
         _dump_routers_before_export()
     cfg = load_run_config(None, overrides, world_size=env_world_size())
