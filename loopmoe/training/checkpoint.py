@@ -300,7 +300,11 @@ class CheckpointManager:
             if kept < self.keep_last:
                 kept += 1
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            # Out of place first: a kill during the delete leaves `.tmp` debris (cleaned at the next start),
+            # never a half-deleted checkpoint that still looks like one.
+            doomed = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
             self._verified.discard(path)
 
     def set_aside(self) -> Path | None:
