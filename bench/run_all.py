@@ -1,8 +1,8 @@
 """Run every benchmark in order and print their tables: ``python -m bench.run_all [--quick]``.
 
 peak FLOPs first (the MFU denominator of the others), then the MoE layer, the training step,
-generation, LoopMoE vs its matched Vanilla MoE, the data pipeline, activation checkpointing and DCCA
-against SwiGLU experts. JSON results go to
+generation, LoopMoE vs its matched Vanilla MoE, the data pipeline, activation checkpointing, DCCA
+against SwiGLU experts and expert parallelism. JSON results go to
 bench/results/, plots to docs/. ``--quick`` (fewer sizes and repetitions) takes a few minutes.
 """
 
@@ -15,6 +15,7 @@ from bench import (
     activation_checkpointing,
     data_pipeline,
     dcca,
+    expert_parallel,
     generate,
     loop_vs_vanilla,
     moe_layer,
@@ -31,6 +32,7 @@ BENCHMARKS = [
     ("data pipeline", data_pipeline),
     ("activation checkpointing", activation_checkpointing),
     ("DCCA vs SwiGLU experts", dcca),
+    ("expert parallelism (2 gloo processes)", expert_parallel),
 ]
 
 

@@ -100,6 +100,7 @@ def balance(
     ffn_multiple: int | None = None,
     expert_type: str | None = None,
     dcca_dim: int | None = None,
+    expert_multiple: int = 1,
     **looped_overrides,
 ) -> BalanceResult:
     """Return the looped config matched to ``reference`` at ``num_loops`` iterations of the core.
@@ -109,8 +110,10 @@ def balance(
     DCCA router keeps the reference's ``dcca_router_input`` when both are DCCA.
     ``head_dim_multiple`` / ``ffn_multiple`` set the integer grid of h_d' and f' (default: a power of
     two that scales with the reference, so tiny models get a fine grid and large ones
-    hardware-friendly sizes). Raises ``ValueError`` naming the target that cannot be met and what
-    to change.
+    hardware-friendly sizes). ``expert_multiple`` makes E' a multiple (so that an expert-parallel
+    degree dividing it splits the experts evenly; ``loopmoe budget`` defaults to 8 for the paper-scale
+    presets, with head sizes a multiple of 16). Raises ``ValueError`` naming the target that cannot be
+    met and what to change, the constraint to relax included.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -121,6 +124,15 @@ def balance(
             raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
     if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
         raise ValueError(f"num_loops must be a whole number >= 1, got {num_loops!r}")
+    for name, multiple in (
+        ("expert_multiple", expert_multiple),
+        ("head_dim_multiple", head_dim_multiple),
+        ("ffn_multiple", ffn_multiple),
+    ):
+        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+            raise ValueError(f"{name} must be a whole number >= 1, got {multiple!r}")
+    if head_dim_multiple is not None and head_dim_multiple % 2:
+        raise ValueError(f"head_dim_multiple must be even (rotary embeddings pair dimensions), got {head_dim_multiple}")
     tol = {"total_params": 0.01, "flops_per_token": 0.01, "attn_ffn_ratio": 0.05, **(tolerances or {})}
     L = reference.executed_depth()
     body = L - num_prelude_layers - num_coda_layers
@@ -166,8 +178,11 @@ def balance(
         return compute_budget(SimpleNamespace(**{**base, **shape}), seq_len)
 
     def fit_experts(shape: dict) -> int:
+        """E' (>= top-k', a multiple of ``expert_multiple``) whose total parameters are closest to the reference's."""
         k = shape.get("num_experts_per_tok", reference.num_experts_per_tok)
-        return _experts_for_params(lambda n: budget(**{**shape, "num_experts": n}), k, ref_budget.total_params)
+        return _experts_for_params(
+            lambda n: budget(**{**shape, "num_experts": n}), k, ref_budget.total_params, expert_multiple
+        )
 
     if strategy == "naive":
         shape: dict[str, int] = {}
@@ -191,15 +206,21 @@ def balance(
             f"Try another loop count, a shorter seq_len (attention scores grow with the looped attention; now "
             f"{seq_len}), finer grids (head_dim_multiple / ffn_multiple, now {head_dim_multiple} / "
             f"{ffn_multiple}), a wider reference (more experts or heads give the solver room), or looser tolerances."
+            + (
+                f" The hardware constraints narrow the search: relax expert_multiple (--expert-multiple, now "
+                f"{expert_multiple}) or head_dim_multiple (--head-dim-multiple, now {head_dim_multiple})."
+                if expert_multiple > 1
+                else ""
+            )
         )
     return BalanceResult(reference, looped, strategy, seq_len, ref_budget, looped_budget, dev, tol)
 
 
-def _experts_for_params(budget_with, top_k: int, total_params: int) -> int:
-    """E (>= top-k) whose total parameters are closest to ``total_params``; ``budget_with(E)`` is the
-    budget with E experts (linear in E, so two evaluations solve it)."""
+def _experts_for_params(budget_with, top_k: int, total_params: int, multiple: int = 1) -> int:
+    """E (>= top-k, a multiple of ``multiple``) whose total parameters are closest to ``total_params``;
+    ``budget_with(E)`` is the budget with E experts (linear in E, so two evaluations solve it)."""
     e = _linear_solve(lambda n: budget_with(n).total_params, top_k, top_k + 1, total_params)
-    return max(top_k, round(e))
+    return max(multiple * math.ceil(top_k / multiple), multiple * round(e / multiple))
 
 
 def granularity_control(result: BalanceResult) -> LoopMoEConfig:

@@ -115,3 +115,38 @@ def test_granularity_control_of_a_dcca_model_takes_its_experts():
     assert sum(p.numel() for p in LoopMoEForCausalLM(control).parameters()) == pytest.approx(
         result.reference_budget.total_params, rel=0.02
     )
+
+
+def _loop_counts(preset: str) -> list[int]:
+    depth = get_preset(preset).executed_depth()
+    return [t for t in (2, 3, 4) if depth % t == 0]
+
+
+@pytest.mark.parametrize("preset, loops", [(p, t) for p in ("paper-3b", "paper-9b") for t in _loop_counts(p)])
+def test_hardware_multiples_hold_on_paper_presets_and_budgets_still_match(preset, loops):
+    result = balance(get_preset(preset), loops, expert_multiple=8, head_dim_multiple=16)
+    looped = result.looped
+    assert looped.num_experts % 8 == 0 and looped.head_dim % 16 == 0
+    for target, tolerance in result.tolerances.items():
+        assert abs(result.deviations[target]) <= tolerance, target
+    assert looped.executed_depth() == result.reference.executed_depth()
+
+
+@pytest.mark.parametrize("preset, loops", [(p, t) for p in ("debug", "small", "bench") for t in _loop_counts(p)])
+def test_hardware_multiples_on_small_presets_hold_or_name_the_constraint(preset, loops):
+    # E' of a few dozen cannot move in steps of 8 and keep 1% parameters: the error says what to relax.
+    try:
+        result = balance(get_preset(preset), loops, expert_multiple=8)
+    except ValueError as e:
+        assert "relax expert_multiple (--expert-multiple, now 8)" in str(e)
+    else:
+        assert result.looped.num_experts % 8 == 0
+        assert all(abs(result.deviations[k]) <= tol for k, tol in result.tolerances.items())
+
+
+def test_expert_multiple_one_is_the_unconstrained_solver():
+    assert balance(get_preset("bench"), 4, expert_multiple=1).looped == balance(get_preset("bench"), 4).looped
+    with pytest.raises(ValueError, match="expert_multiple must be a whole number >= 1"):
+        balance(get_preset("bench"), 4, expert_multiple=0)
+    with pytest.raises(ValueError, match="head_dim_multiple must be even"):
+        balance(get_preset("bench"), 4, head_dim_multiple=9)

@@ -19,6 +19,7 @@ from loopmoe.options import add_options, option, options_from
 from loopmoe.presets import is_paper_scale, list_presets, load_model_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the choices of BudgetOptions.dtype / a2a_dtype
+PAPER_EXPERT_MULTIPLE, PAPER_HEAD_DIM_MULTIPLE = 8, 16  # paper-* defaults: EP degrees up to 8, GEMM-friendly heads
 
 
 @dataclass
@@ -51,6 +52,12 @@ class BudgetOptions:
         None, help="expert-parallel degree: also show each model's all_to_all bytes per token at it", metavar="N"
     )
     a2a_dtype: Literal["float32", "bfloat16"] = option("bfloat16", help="dtype of the rows the all_to_all sends")
+    expert_multiple: int | None = option(
+        None, help="make the expert count a multiple of N (expert parallelism)", shown="8 for paper-* presets, else 1"
+    )
+    head_dim_multiple: int | None = option(
+        None, help="make the head size a multiple of N", shown="16 for paper-* presets, else scaled to the reference"
+    )
     json: bool = option(False, help="print JSON instead of a table")
     save_dir: Path | None = option(
         None,
@@ -75,6 +82,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     opts: BudgetOptions = options_from(BudgetOptions, args)
     reference = load_model_config(opts.reference)
+    paper = Path(opts.reference).suffix == "" and opts.reference in list_presets() and is_paper_scale(opts.reference)
+    expert_multiple, head_dim_multiple = opts.expert_multiple, opts.head_dim_multiple
+    if paper:  # hardware-friendly shapes at the scales that run on GPUs, expert-parallel
+        expert_multiple = expert_multiple or PAPER_EXPERT_MULTIPLE
+        head_dim_multiple = head_dim_multiple or PAPER_HEAD_DIM_MULTIPLE
     result = balance(
         reference,
         opts.num_loops,
@@ -85,6 +97,8 @@ def run(args) -> int:
         iter_conditioning=opts.iter_conditioning,
         expert_type=opts.expert_type,
         dcca_dim=opts.dcca_dim,
+        expert_multiple=expert_multiple or 1,
+        head_dim_multiple=head_dim_multiple,
     )
     a2a, a2a_row = None, None
     if opts.ep is not None:
@@ -102,9 +116,6 @@ def run(args) -> int:
                 data[side]["all_to_all_bytes_per_token"] = value
         print(json.dumps(data, indent=2))
     else:
-        paper = (
-            Path(opts.reference).suffix == "" and opts.reference in list_presets() and is_paper_scale(opts.reference)
-        )
         title = f"{opts.reference}{' (paper scale)' if paper else ''}"
         print(budget_table(result, title=title, all_to_all=a2a_row))
     if opts.save_dir is not None:

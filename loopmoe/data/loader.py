@@ -90,22 +90,30 @@ class TokenBatchLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; the world size may differ if the global batch is the same."""
+        """Continue from ``state``, also at another layout: a state saved with global batch ``G'``
+        (another world size or micro-batch) continues at window ``step * G'`` of the epoch, the very
+        windows an uninterrupted run would read next, provided that is a whole number of batches."""
         expected = {
             "version": _STATE_VERSION,
             "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
             "num_tokens": len(self.tokens),
         }
         mismatched = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if mismatched:
             raise ValueError(
                 f"loader state does not match this loader (saved, current): {mismatched}; resume with the "
-                "same shards, seq_len and global batch size (batch_size * world_size)"
+                "same shards and seq_len"
+            )
+        consumed = int(state["step"]) * int(state["global_batch_size"])  # windows read in this epoch
+        if consumed % self.global_batch_size:
+            raise ValueError(
+                f"the saved loader had read {consumed} windows of its epoch, not a whole number of this loader's "
+                f"batches of {self.global_batch_size} (batch_size * world_size); resume with a micro-batch and "
+                "world size whose product divides the global batch the run was checkpointed at"
             )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
+        self.step = consumed // self.global_batch_size
         self._cached_epoch = None
 
     def _epoch_offset(self, epoch: int) -> int:

@@ -10,13 +10,21 @@ from loopmoe.distributed.env import (
     is_distributed,
     teardown_distributed,
 )
-from loopmoe.distributed.parallelize import apply_ddp, apply_fsdp2, build_mesh, gradient_sync, unwrap
+from loopmoe.distributed.parallelize import (
+    apply_ddp,
+    apply_expert_parallel,
+    apply_fsdp2,
+    build_mesh,
+    gradient_sync,
+    unwrap,
+)
 
 __all__ = [
     "DistInfo",
     "all_reduce_mean",
     "all_reduce_sum_",
     "apply_ddp",
+    "apply_expert_parallel",
     "apply_fsdp2",
     "barrier",
     "broadcast_object",

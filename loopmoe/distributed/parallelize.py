@@ -1,5 +1,7 @@
 """Parallelism applied as functions over a finished model (torchtitan style).
 
+``apply_expert_parallel`` (re-exported from ``expert_parallel``) splits the experts over "ep".
+
 Modules never know how they are parallelised: the trainer builds the plain model, then calls
 one of these. Keeping it outside the modules lets the same model run alone, under DDP or
 under FSDP2 without any change to its code.
@@ -15,15 +17,38 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers.cache_utils import Cache
 
+from loopmoe.distributed.expert_parallel import (
+    apply_expert_parallel as apply_expert_parallel,
+)
+from loopmoe.distributed.expert_parallel import (
+    expert_parallel_of,
+    expert_parameters,
+    moe_layers,
+    reduce_expert_grads,
+)
 from loopmoe.model.slots import every_nth_slot, every_slot
 
 
-def build_mesh(world_size: int, device_type: str) -> DeviceMesh:
-    """A 1-D data-parallel mesh over all ranks."""
-    return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+def build_mesh(world_size: int, device_type: str, ep: int = 1) -> DeviceMesh:
+    """The 2-D ``("dp", "ep")`` mesh of ``world_size = dp x ep`` ranks (the ep ranks of a group are
+    adjacent: ``rank = dp_index * ep + ep_index``). With ``ep = 1``, ``mesh["dp"]`` spans every rank."""
+    if ep < 1 or world_size % ep:
+        raise ValueError(
+            f"dist.ep = {ep} does not divide the {world_size} processes; launch a multiple of {ep} "
+            f"processes (torchrun --nproc_per_node) or set dist.ep to a divisor of {world_size}"
+        )
+    return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
+
+
+def _data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh over every rank, over which all but the experts are data-parallel."""
+    if mesh.ndim == 1:
+        return mesh
+    return mesh["dp"] if mesh["ep"].size() == 1 else mesh._flatten("dp_ep")
 
 
 def apply_ddp(model: nn.Module, device: torch.device | None = None) -> DDP:
@@ -34,8 +59,13 @@ def apply_ddp(model: nn.Module, device: torch.device | None = None) -> DDP:
     ``down_proj`` tensors, which the other experts' tokens reach, so no whole parameter goes
     without a gradient (with the flag on, DDP traverses the autograd graph each step to find none,
     and warns so). A model that did leave a parameter unused fails loudly in DDP's reducer, not silently.
+    Under expert parallelism DDP leaves the ep-local expert blocks alone: ``gradient_sync`` reduces
+    them over their dp replicas only.
     """
     device_ids = [device.index] if device is not None and device.type == "cuda" else None
+    experts = [name for name, _ in expert_parameters(model)]
+    if experts:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
     return DDP(model, device_ids=device_ids, find_unused_parameters=False)
 
 
@@ -53,17 +83,27 @@ def apply_fsdp2(
     (bf16 on GPU) casts parameters for compute while gradients reduce in fp32. A looped core layer
     runs T times per forward: `reshard_core_after_forward` gathers its weights at every use (2T
     all-gathers per micro-batch); False gathers them once and keeps them to the end of backward.
+
+    Under expert parallelism (``apply_expert_parallel`` first) each layer's ep-local expert block
+    is its own unit over ``mesh["dp"]``, sharded along dim 1 (dim 0, the expert, is already split
+    over "ep", so a checkpoint sees the global tensor as Shard(0) over ep x Shard(1) over dp); FSDP2
+    averages its gradient over dp and ``gradient_sync`` divides it by ep, so that, like every other
+    gradient, it is divided by the world size. The rest is sharded over all ranks.
     """
     mp = (
         MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         if param_dtype
         else MixedPrecisionPolicy()
     )
+    world = _data_parallel_mesh(mesh)
+    if expert_parallel_of(model) is not None:
+        for moe in moe_layers(model):
+            fully_shard(moe.experts, mesh=mesh["dp"], mp_policy=mp, shard_placement_fn=lambda _: Shard(1))
     core = {id(m) for m in getattr(getattr(model, "model", None), "core", ())}
     for unit in _shard_units(model):
         keep = id(unit) in core and not reshard_core_after_forward
-        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(unit, mesh=world, mp_policy=mp, reshard_after_forward=not keep)
+    fully_shard(model, mesh=world, mp_policy=mp)
     return model
 
 
@@ -154,16 +194,21 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce/reduce-scatter on all but the last micro-batch.
 
     Gradient accumulation is then one communication per optimizer step instead of one per
-    micro-batch, with the same result.
+    micro-batch, with the same result. Under DDP the ep-local expert blocks are reduced after the
+    last micro-batch's backward (``reduce_expert_grads``); FSDP2 averages them over dp itself.
     """
     if isinstance(model, DDP):
         with nullcontext() if enabled else model.no_sync():
             yield
+        if enabled:
+            reduce_expert_grads(model.module)
     elif isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+        if enabled:
+            reduce_expert_grads(model, averaged_over_dp=True)
     else:
         yield

@@ -24,6 +24,7 @@ Balancing, all per executed (layer, iteration) slot:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,9 @@ class SparseMoE(nn.Module):
         self.descend = Linear(d, w) if projects else None
         self.ascend = Linear(w, d) if projects else None
         self.route_descended = router_width(config) != d
+        # Expert parallelism (``loopmoe.distributed.expert_parallel``) sets this to the all_to_all
+        # exchange that runs the experts, which then hold only this rank's block; None: all local.
+        self.expert_parallel: Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor] | None = None
 
     def forward(
         self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None, router_stats: bool = True
@@ -205,14 +209,17 @@ class SparseMoE(nn.Module):
         # x: [N, w], topk_w / topk_idx: [N, k] -> sum_j topk_w[:, j] * expert_{topk_idx[:, j]}(x): [N, w]
         N, w = x.shape
         k = self.top_k
-        if N == 1 and not torch.is_grad_enabled():
+        if N == 1 and not torch.is_grad_enabled() and self.expert_parallel is None:
             return self._dispatch_one(x, topk_w, topk_idx)
         flat_expert = topk_idx.reshape(-1)  # [N*k], row n*k + j: token n, slot j
         order = torch.argsort(flat_expert, stable=True)  # rows grouped by expert
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = expert_counts(flat_expert, self.num_experts)
-        if torch.is_grad_enabled():
+        if self.expert_parallel is not None:  # rows travel to the ranks holding their experts and back
+            x_sorted = gather_tokens(x, order // k, inverse, k)
+            y = permute_rows(self.expert_parallel(x_sorted, counts, self.experts), inverse, order)
+        elif torch.is_grad_enabled():
             x_sorted = gather_tokens(x, order // k, inverse, k)
             y = permute_rows(self.experts(x_sorted, counts), inverse, order)
         else:

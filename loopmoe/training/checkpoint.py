@@ -13,7 +13,10 @@ crash at any moment leaves either a whole checkpoint or a `.tmp-<pid>` directory
 removed by the next run, which holds the run folder's lock). Nothing unverifiable is ever deleted:
 resume refuses to restart over checkpoints it cannot verify (`restart=True` moves them aside into
 `rejected-<time>/`), pruning keeps the last `keep_last` verified ones and leaves, with a warning, any
-it cannot verify, and a checkpoint written by another number of processes is refused, not skipped.
+it cannot verify. A DCP checkpoint resumes at any layout (world size, dp x ep, DDP or FSDP2, or one process):
+DCP reshards the weights and optimizer state, expert-parallel blocks included (``global_expert_views``), and
+the data-loader position is converted by the loader; a single-process checkpoint resumes in one process only
+(several are refused with the way out, not skipped).
 Everything is loaded with `torch.load(weights_only=True)`, and DCP's pickled `.metadata` with an
 allow-list unpickler (`loopmoe.training.safe_dcp`): reading a checkpoint never runs code.
 """
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -46,7 +50,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from loopmoe.atomic import publish_directory
-from loopmoe.distributed.env import barrier, broadcast_object, is_distributed
+from loopmoe.distributed.env import all_gather_object, barrier, broadcast_object, is_distributed
+from loopmoe.distributed.expert_parallel import global_expert_views
 from loopmoe.distributed.parallelize import unwrap
 from loopmoe.errors import UserFacingError
 from loopmoe.training.safe_dcp import safe_dcp_load
@@ -226,17 +231,31 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        if is_distributed():
-            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-            dcp.save(state, checkpoint_id=str(tmp / "dcp"))
-        else:
-            torch.save(unwrap(model).state_dict(), tmp / "model.pt")
-            torch.save(optimizer.state_dict(), tmp / "optim.pt")
-        torch.save({"rng": capture_rng(), "loader": _weights_only_safe(loader_state)}, tmp / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            torch.save(_scheduler_state(scheduler), tmp / "scheduler.pt")
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
-        barrier()
+        error: OSError | RuntimeError | None = None
+        try:
+            if is_distributed():
+                dcp.save(_dcp_state(model, optimizer)[0], checkpoint_id=str(tmp / "dcp"))
+            else:
+                torch.save(unwrap(model).state_dict(), tmp / "model.pt")
+                torch.save(optimizer.state_dict(), tmp / "optim.pt")
+            rank_file = tmp / f"rank_{self.rank:05d}.pt"
+            torch.save({"rng": capture_rng(), "loader": _weights_only_safe(loader_state)}, rank_file)
+            if self.rank == 0:
+                torch.save(_scheduler_state(scheduler), tmp / "scheduler.pt")
+                (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        except CheckpointException as e:  # DCP's error, raised on every rank: the failing rank's own cause
+            error = _dcp_cause(e)
+        except (OSError, RuntimeError) as e:
+            error = e
+        # Every rank learns whether any rank failed (else the others would wait for it in a barrier).
+        kind = 0 if error is None else 1 if _disk_full_error(error, self.root, step, self._last_size) else 2
+        worst = max(cast(list[int], all_gather_object(kind)))
+        if error is not None:
+            raise error
+        if worst == 1:
+            raise CheckpointDiskFullError(errno.ENOSPC, "disk full on another rank")  # save() reports it
+        if worst == 2:
+            raise RuntimeError(f"writing checkpoint step {step} failed on another rank (see its error)")
         if self.rank == 0:
             self._seal(tmp, final)
             self._verified.add(final)
@@ -281,7 +300,11 @@ class CheckpointManager:
             if kept < self.keep_last:
                 kept += 1
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            # Out of place first: a kill during the delete leaves `.tmp` debris (cleaned at the next start),
+            # never a half-deleted checkpoint that still looks like one.
+            doomed = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
             self._verified.discard(path)
 
     def set_aside(self) -> Path | None:
@@ -340,8 +363,9 @@ class CheckpointManager:
         for _, path in reversed(list_checkpoints(self.root)):
             try:
                 verify(path)
-                meta = _read(path, "meta.json")
-                _check_world_size(path, meta, 1)
+                if (path / "dcp").is_dir():  # written by several processes: resharded into this one
+                    self._verified.add(path)
+                    return self._load_dcp(path, model, optimizer, scheduler)
                 files = {
                     name: _read(path, name)
                     for name in ("model.pt", "optim.pt", "scheduler.pt", "rank_00000.pt", "meta.json")
@@ -361,24 +385,57 @@ class CheckpointManager:
         return None
 
     def _load_dcp(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> ResumeState:
+        """Load a DCP checkpoint at this run's layout, whatever the layout that wrote it.
+
+        At the writer's world size each rank restores its own RNG streams and loader position. At
+        another one, every rank takes rank 0's loader state (the global position: loaders convert it
+        to their new share, see ``TokenBatchLoader.load_state_dict``) and keeps the RNG streams it was
+        seeded with (``seed + rank``, as a fresh run at this layout; training draws no random numbers).
+        """
         meta = _read(path, "meta.json")
-        _check_world_size(path, meta, torch.distributed.get_world_size())
-        state: dict[str, Any] = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
-        }
-        safe_dcp_load(state, path / "dcp")
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        if not (path / "dcp").is_dir():
+            _check_world_size(path, meta, torch.distributed.get_world_size())
+        state, model_state, optim_state = _dcp_state(model, optimizer)
+        safe_dcp_load(state, path / "dcp")  # in place, into the tensors of model_state / optim_state
+        set_model_state_dict(model, model_state)
+        set_optimizer_state_dict(model, optimizer, optim_state)
         scheduler.load_state_dict(_read(path, "scheduler.pt"))
-        rank_state = _read(path, f"rank_{self.rank:05d}.pt")
-        restore_rng(rank_state["rng"])
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        if int(meta.get("world_size", 1)) == world:
+            rank_state = _read(path, f"rank_{self.rank:05d}.pt")
+            restore_rng(rank_state["rng"])
+        else:
+            rank_state = _read(path, "rank_00000.pt")
         return ResumeState(path, meta, rank_state["loader"])
 
 
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any, Any]:
+    """What DCP saves and loads: ``({"model": ..., "optim": ...}, model state, optimizer state)``.
+
+    Expert-parallel blocks appear in the first as DTensor views of the global ``[E, ...]`` tensors
+    (sharing storage with the last two), so the checkpoint is layout-independent."""
+    inner = unwrap(model)
+    model_state = get_model_state_dict(model)
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    state = {
+        "model": global_expert_views(model_state, inner),
+        "optim": {**optim_state, "state": global_expert_views(optim_state["state"], inner)},
+    }
+    return state, model_state, optim_state
+
+
+def _dcp_cause(e: CheckpointException) -> OSError | RuntimeError:
+    """The first rank's exception inside DCP's collective CheckpointException (it is a BaseException)."""
+    for failure in e.failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, (OSError, RuntimeError)):
+            return cause
+    return RuntimeError(str(e))
+
+
 def _check_world_size(path: Path, meta: Mapping[str, Any], world: int) -> None:
-    """Refuse (never skip) a checkpoint written by another number of processes: resharding the
-    per-rank data-loader positions and RNG streams would not continue the same run."""
+    """Refuse (never skip) a single-process checkpoint (plain state dicts, not DCP) in a run of
+    several processes: re-run it in one process, where it resumes."""
     written = int(meta.get("world_size", 1))
     if written == world:
         return

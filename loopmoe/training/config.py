@@ -153,7 +153,8 @@ class TrainSection:
 
 @dataclass
 class DistSection:
-    """Data-parallel strategy used when torchrun starts more than one process."""
+    """How the processes torchrun starts share the work: ``W = dp x ep`` ranks, every rank reading its
+    own data; experts split over ``ep`` ranks (all_to_all dispatch), everything else data-parallel."""
 
     strategy: Literal["ddp", "fsdp2"] = option("ddp", help="DDP (replicated) or FSDP2 (sharded) under torchrun")
     reshard_after_forward: bool = option(
@@ -162,6 +163,7 @@ class DistSection:
         "times per micro-batch); false keeps them from the first use to the end of backward (gathered once, "
         "the core's full weights in memory). `loopmoe plan` predicts both",
     )
+    ep: int = option(1, help="expert-parallel degree: each group of ep processes splits the experts (divides them)")
 
 
 @dataclass
@@ -221,6 +223,16 @@ class RunConfig:
         ]:
             if value < 1:
                 raise ValueError(f"{key} = {value}: must be >= 1")
+        if self.dist.ep < 1 or world_size % self.dist.ep:
+            raise ValueError(
+                f"dist.ep = {self.dist.ep} does not divide the {world_size} process(es): launch a multiple of "
+                f"{max(self.dist.ep, 1)} processes (torchrun --nproc_per_node) or set dist.ep to a divisor of {world_size}"
+            )
+        if self.dist.ep > 1 and t.compile:
+            raise ValueError(
+                "train.compile does not support dist.ep > 1 yet (the all_to_all dispatch is not traced); "
+                "set train.compile=false or dist.ep=1"
+            )
         if t.eval_batches < 0:
             raise ValueError(f"train.eval_batches = {t.eval_batches}: must be >= 0 (0 disables evaluation)")
         if t.max_skipped_steps < 1:

@@ -32,10 +32,12 @@ from loopmoe.distributed.env import (
     is_distributed,
     teardown_distributed,
 )
+from loopmoe.distributed.expert_parallel import expert_parallel_of, gather_full_experts
 from loopmoe.distributed.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
     apply_ddp,
+    apply_expert_parallel,
     apply_fsdp2,
     build_mesh,
     unwrap,
@@ -57,7 +59,8 @@ from loopmoe.training.runlock import RunDirBusyError, RunLock
 from loopmoe.training.throughput import peak_flops_per_s, training_flops_per_token
 from loopmoe.training.trainer import Trainer, resolve_precision
 
-_RESUME_MUST_MATCH = ("data", "dist")  # [model] must match (checked before loading); optim/schedule may change
+# [model] must match (checked before loading); optim/schedule may change; [dist] may change (checkpoints reshard)
+_RESUME_MUST_MATCH = ("data",)
 
 
 def _seed_everything(seed: int) -> None:
@@ -93,12 +96,11 @@ def _parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
         apply_compile(model)
     if not info.distributed:
         return model
+    mesh = build_mesh(info.world_size, info.device.type, cfg.dist.ep)
+    if cfg.dist.ep > 1:
+        apply_expert_parallel(model, mesh)
     if cfg.dist.strategy == "fsdp2":
-        return apply_fsdp2(
-            model,
-            build_mesh(info.world_size, info.device.type),
-            reshard_core_after_forward=cfg.dist.reshard_after_forward,
-        )
+        return apply_fsdp2(model, mesh, reshard_core_after_forward=cfg.dist.reshard_after_forward)
     return apply_ddp(model, info.device)
 
 
@@ -187,7 +189,8 @@ def _refuse_nonfinite(model: nn.Module, out_dir: Path, device: torch.device) -> 
 def _export_final(
     model: nn.Module, bundle: DataBundle, cfg: RunConfig, out_dir: Path, info: DistInfo, model_factory: ModelFactory
 ) -> Path:
-    """HF checkpoint of the final weights (gathered from shards under FSDP2) + tokenizer + config.
+    """HF checkpoint of the final weights (gathered from FSDP2 shards and expert-parallel blocks: one
+    ordinary checkpoint whatever the layout) + tokenizer + config.
 
     The tokenizer's special tokens go into the model's config and generation config (``generate``
     stops at EOS, batches pad) and the training context into the tokenizer's ``model_max_length``.
@@ -195,8 +198,11 @@ def _export_final(
     final = out_dir / "final"
     _refuse_nonfinite(model, out_dir, info.device)
     exported: nn.Module | None = None
-    if isinstance(model, FSDPModule):
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    expert_parallel = expert_parallel_of(unwrap(model)) is not None
+    if isinstance(model, FSDPModule) or expert_parallel:
+        # Under EP every rank takes part in gathering the expert blocks, so every rank needs the full dict.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not expert_parallel)
+        full = gather_full_experts(get_model_state_dict(model, options=options), unwrap(model))
         if info.is_main:
             exported = model_factory(cfg, bundle.vocab_size)
             exported.load_state_dict(full)

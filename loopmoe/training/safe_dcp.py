@@ -13,6 +13,7 @@ import collections
 import io
 import pathlib
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,9 @@ def safe_dcp_load(state: dict[str, Any], directory: str | Path) -> None:
     planner = SafeLoadPlanner()
     planner.storage_reader_path = str(directory)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=planner)
+        with warnings.catch_warnings():  # one process resuming a multi-process checkpoint is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=planner)
     except CheckpointException as e:
         for failure, _ in e.failures.values():
             if isinstance(failure, UnsafeCheckpointError):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from loopmoe.distributed.env import all_reduce_mean, all_reduce_sum_
+from loopmoe.distributed.expert_parallel import clip_expert_parallel_grad_norm_, expert_parallel_of
 from loopmoe.distributed.parallelize import gradient_sync, unwrap
 
 if TYPE_CHECKING:
@@ -101,8 +102,10 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _clip(self) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        if expert_parallel_of(unwrap(self.model)) is not None:
+            return clip_expert_parallel_grad_norm_(unwrap(self.model), max_norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 

@@ -183,3 +183,15 @@ def test_a_busy_run_folder_is_one_line_not_a_traceback(tmp_path, capsys):
     assert code == 2
     assert err.startswith("loopmoe train: error: another loopmoe process (pid ")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_budget_hardware_multiples(capsys, tmp_path, monkeypatch):
+    # paper-* presets default to --expert-multiple 8 --head-dim-multiple 16; flags override
+    monkeypatch.chdir(tmp_path)  # the repository's bench/ folder would shadow the preset "bench"
+    assert main(["budget", "paper-3b", "--num-loops", "2", "--json"]) == 0
+    looped = json.loads(capsys.readouterr().out)["looped"]["config"]
+    assert looped["num_experts"] % 8 == 0 and looped["head_dim"] % 16 == 0
+    args = ["budget", "bench", "--num-loops", "4", "--json", "--expert-multiple", "4", "--head-dim-multiple", "16"]
+    assert main(args) == 0
+    looped = json.loads(capsys.readouterr().out)["looped"]["config"]
+    assert looped["num_experts"] % 4 == 0 and looped["head_dim"] % 16 == 0

@@ -76,10 +76,23 @@ def test_resume_with_a_different_world_size_and_same_global_batch():
     assert torch.equal(next(single), torch.cat([next(loader) for loader in ranks]))
 
 
+def test_resume_with_another_global_batch_continues_at_the_same_window():
+    # A checkpoint of micro-batch x world = 4 resumed at 8 (e.g. (dp, ep) = (2, 2) with micro-batch 1 resumed
+    # at one process with micro-batch 8): the next batch of 8 is the next two batches of 4.
+    small = TokenBatchLoader(TOKENS, batch_size=4, seq_len=20, seed=3)
+    take(small, 4)
+    large = TokenBatchLoader(TOKENS, batch_size=8, seq_len=20, seed=3)
+    large.load_state_dict(small.state_dict())
+    assert torch.equal(next(large), torch.cat([next(small), next(small)]))
+
+
 def test_mismatched_state_and_bad_layouts_fail_clearly():
     loader = TokenBatchLoader(TOKENS, batch_size=4, seq_len=20)
-    with pytest.raises(ValueError, match="global_batch_size.*same shards, seq_len and global batch size"):
+    next(loader)  # 4 windows read: not a whole batch of 8
+    with pytest.raises(ValueError, match="read 4 windows.*not a whole number of this loader's batches of 8"):
         TokenBatchLoader(TOKENS, batch_size=8, seq_len=20).load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="seq_len.*same shards and seq_len"):
+        TokenBatchLoader(TOKENS, batch_size=4, seq_len=10).load_state_dict(loader.state_dict())
     with pytest.raises(ValueError, match="fewer than one global batch"):
         TokenBatchLoader(TOKENS[:98], batch_size=4, seq_len=20)  # needs 4*20 + 19 (worst offset)
     with pytest.raises(ValueError, match="rank"):

@@ -36,9 +36,14 @@ LOOPMOE_ARGS = [
 
 
 def _launch(
-    out_dir: Path, nproc: int, *extra: str, crash_at_batch: int | None = None, real_model: bool = False
+    out_dir: Path,
+    nproc: int,
+    *extra: str,
+    crash_at_batch: int | None = None,
+    real_model: bool = False,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("PARITY_MODEL", None)
     if real_model:
         env["PARITY_MODEL"] = "loopmoe"

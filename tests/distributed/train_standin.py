@@ -6,8 +6,11 @@ With PARITY_MODEL=loopmoe the real LoopMoE (built from the [model] overrides) re
 With STANDIN_KILL_IN=WHAT:N the process SIGKILLs itself at the N-th call of WHAT, one of torch_save
 (a checkpoint file about to be written), sha (checksumming while sealing or verifying), publish
 (a sealed checkpoint about to be renamed into place) or rmtree (a folder about to be deleted).
+With STANDIN_DUMP_ROUTERS=1 each rank saves its final router biases into OUT_DIR/routers_rank<r>.pt.
+With STANDIN_DISK_FULL_RANK=R, rank R's own checkpoint file (rank_<R>.pt) fails with ENOSPC.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -15,7 +18,10 @@ import sys
 import torch
 
 import loopmoe.training.checkpoint as checkpoint
+import loopmoe.training.run as run
 from loopmoe.distributed.env import env_world_size
+from loopmoe.distributed.parallelize import unwrap
+from loopmoe.model.moe import TopKRouter
 from loopmoe.training import load_run_config, run_training
 from tests.training.standins import data_factory, model_factory
 
@@ -39,11 +45,38 @@ _TARGETS = {
     "rmtree": (checkpoint.shutil, "rmtree"),
 }
 
+
+def _dump_routers_before_export() -> None:
+    real = run._export_final
+
+    def export(model, bundle, cfg, out_dir, info, *args):
+        biases = [m.expert_bias.clone() for m in unwrap(model).modules() if isinstance(m, TopKRouter)]
+        torch.save(biases, f"{out_dir}/routers_rank{info.rank}.pt")
+        return real(model, bundle, cfg, out_dir, info, *args)
+
+    run._export_final = export
+
+
+def _disk_full_on(rank: int) -> None:
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(f"rank_{rank:05d}.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 if __name__ == "__main__":
     out_dir, overrides = sys.argv[1], sys.argv[2:]
     if kill_in := os.environ.get("STANDIN_KILL_IN"):
         what, n = kill_in.split(":")
         _kill_at(*_TARGETS[what], int(n))
+    if (full := os.environ.get("STANDIN_DISK_FULL_RANK")) is not None:
+        _disk_full_on(int(full))
+    if os.environ.get("STANDIN_DUMP_ROUTERS"):
+        _dump_routers_before_export()
     cfg = load_run_config(None, overrides, world_size=env_world_size())
     if os.environ.get("PARITY_MODEL") == "loopmoe":
         from loopmoe.training.builders import default_model_factory as model_factory

@@ -128,10 +128,13 @@ class SyntheticLoader:
         return batch
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
+        """Chunks read so far are ``position * world``: at another world size, continue after them."""
+        consumed = state["position"] * state.get("world_size", self.world_size)
+        assert consumed % self.world_size == 0, (consumed, self.world_size)
+        self.position = consumed // self.world_size
 
 
 def model_factory(cfg, vocab_size: int) -> TinyMoELM:
