@@ -33,6 +33,8 @@ TINY_COMPARE = [
     "copa",
     "--task-limit",
     "4",
+    "--text-tokens",
+    "1000",
 ]
 
 

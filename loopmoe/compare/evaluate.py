@@ -10,13 +10,13 @@ nothing, and a retrained run or a changed ``--task-limit`` is never reported fro
 - ``depth.json``: held-out loss (the training run's own validation batches and loss, so the entry
   at the trained loop count reproduces its last ``val_loss``) at each loop count of the test-time
   depth curve, with the forward FLOPs per token executed at that depth (``loopmoe.budget``, audited
-  against the real model by ``loopmoe.flops``). A looped model runs at every ``--depth-loops`` count
+  against the real model by ``loopmoe.flops``), and the expert load of the trained depth (each expert's
+  share of routed tokens per executed slot). A looped model runs at every ``--depth-loops`` count
   it can (``LoopMoEConfig.check_num_loops``: an ``iter_embedding`` model stops at its ``max_loops``,
   and its vectors beyond the trained T are untrained); a Vanilla MoE has one depth, its own.
 - ``text.json``: perplexity and bits per byte of a held-out text (WikiText-2's test set by default)
   with a sliding window of the training sequence length.
 - ``tasks.json``: the zero-shot downstream tasks (``loopmoe.evaluation.harness``).
-- ``expert_load.json``: each expert's share of routed tokens per executed slot on the held-out batches.
 """
 
 from __future__ import annotations
@@ -71,17 +71,29 @@ def weights_sha256(model_dir: Path) -> str:
 
 
 @torch.no_grad()
-def heldout_loss(model, batches: Iterable[torch.Tensor], num_loops: int | None = None) -> float:
-    """Mean of the per-batch LM loss, as the trainer's evaluation computes it (``Trainer.evaluate``)."""
+def heldout_loss(
+    model, batches: Iterable[torch.Tensor], num_loops: int | None = None, load: dict[str, Any] | None = None
+) -> float:
+    """Mean of the per-batch LM loss, as the trainer's evaluation computes it (``Trainer.evaluate``).
+
+    ``load``: if given, filled with each executed (layer, iteration) slot's expert load summed over the batches.
+    """
     kwargs = {} if num_loops is None else {"num_loops": num_loops}
-    losses = [float(model(input_ids=x, labels=x, use_cache=False, **kwargs).lm_loss) for x in batches]
+    losses = []
+    for x in batches:
+        out = model(input_ids=x, labels=x, use_cache=False, **kwargs)
+        losses.append(float(out.lm_loss))
+        if load is not None:
+            for stat in out.router_stats:
+                load[stat.slot.name] = load.get(stat.slot.name, 0) + stat.load
     if not losses:
         raise ValueError("no held-out batches to evaluate: the comparison needs --eval-batches >= 1")
     return sum(losses) / len(losses)
 
 
 def depth_curve(model, batches: list[torch.Tensor], loops: Iterable[int], seq_len: int) -> dict[str, Any]:
-    """Held-out loss and executed forward FLOPs per token at each loop count (JSON-ready).
+    """Held-out loss and executed forward FLOPs per token at each loop count (JSON-ready), and the expert
+    load at the trained depth (each expert's share of routed tokens per executed slot).
 
     A Vanilla MoE is measured at its own depth only. A looped model at its trained T and every count in
     ``loops``; a count the model cannot run is listed under ``unrunnable`` with the reason.
@@ -91,7 +103,7 @@ def depth_curve(model, batches: list[torch.Tensor], loops: Iterable[int], seq_le
     cfg = model.config
     trained = cfg.num_loops
     wanted = sorted({trained, *loops}) if trained > 1 else [trained]
-    points, unrunnable = [], {}
+    points, unrunnable, load = [], {}, {}
     for t in wanted:
         try:
             cfg.check_num_loops(t)
@@ -101,23 +113,18 @@ def depth_curve(model, batches: list[torch.Tensor], loops: Iterable[int], seq_le
         points.append(
             {
                 "loops": t,
-                "loss": heldout_loss(model, batches, t),
+                "loss": heldout_loss(model, batches, t, load if t == trained else None),
                 "flops_per_token": compute_budget(cfg, seq_len, num_loops=t).flops_per_token,
                 # beyond the trained T an iter_embedding model adds vectors that never saw a gradient
                 "untrained_iteration_vectors": bool(cfg.conditioning.embeds_iteration and t > trained),
             }
         )
-    return {"trained_loops": trained, "points": points, "unrunnable": unrunnable}
-
-
-@torch.no_grad()
-def expert_load(model, batches: Iterable[torch.Tensor]) -> dict[str, list[float]]:
-    """Mean expert load per executed (layer, iteration) slot of a trained model on held-out batches."""
-    totals: dict[str, torch.Tensor] = {}
-    for x in batches:
-        for stat in model(input_ids=x, use_cache=False).router_stats:
-            totals[stat.slot.name] = totals.get(stat.slot.name, 0) + stat.load
-    return {k: (v / v.sum()).tolist() for k, v in totals.items()}
+    return {
+        "trained_loops": trained,
+        "points": points,
+        "unrunnable": unrunnable,
+        "expert_load": {k: (v / v.sum()).tolist() for k, v in load.items()},
+    }
 
 
 def resolve_text(text: str) -> Path | None:
@@ -183,11 +190,6 @@ def evaluate_run(
             {"model": sha, "batches": shape(), "loops": loops, "seq_len": seq_len},
             lambda: depth_curve(model(), batches(), loops, seq_len),
         ),
-        "expert_load": cached(
-            folder / "expert_load.json",
-            {"model": sha, "batches": shape()},
-            lambda: expert_load(model(), batches()),
-        ),
     }
     if text is not None:
         window = seq_len
@@ -222,7 +224,7 @@ def evaluate_run(
         )
     return {
         "depth": records["depth"]["result"],
-        "expert_load": records["expert_load"]["result"],
+        "expert_load": records["depth"]["result"]["expert_load"],
         "text": records["text"]["result"] if "text" in records else None,
         "tasks": records["tasks"]["result"] if "tasks" in records else [],
         "wall_s": {name: record.get("wall_s") for name, record in records.items()},

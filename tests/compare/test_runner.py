@@ -169,6 +169,7 @@ def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
         seeds=(0, 1),
         arms=("reference", "looped", "granularity"),
         tasks=(),
+        text="",
         out=tmp_path / "cmp",
         threads=1,
     )
