@@ -103,7 +103,9 @@ def depth_curve(model, batches: list[torch.Tensor], loops: Iterable[int], seq_le
     cfg = model.config
     trained = cfg.num_loops
     wanted = sorted({trained, *loops}) if trained > 1 else [trained]
-    points, unrunnable, load = [], {}, {}
+    points: list[dict[str, Any]] = []
+    unrunnable: dict[str, str] = {}
+    load: dict[str, Any] = {}
     for t in wanted:
         try:
             cfg.check_num_loops(t)
