@@ -269,55 +269,46 @@ def depth_points(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict[s
     return out
 
 
-def plot_depth_curves(points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path) -> None:
-    """Held-out loss against the loop count at inference, one line per looped arm (mean over seeds)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = list(points)
-    for name, by_loops in points.items():
-        if len(by_loops) < 2:
-            continue
-        loops = list(by_loops)
-        ax.plot(loops, [by_loops[t]["loss"] for t in loops], marker="o", color=color_of(name, names), label=name)
-        ax.plot(
-            [trained[name]], [by_loops[trained[name]]["loss"]], marker="*", markersize=12, color=color_of(name, names)
-        )
-    ax.set(xlabel="loops at inference T (star: as trained)", ylabel="held-out loss (nats/token)")
-    ax.set_title("Test-time depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_loss_vs_flops(points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path) -> None:
-    """Held-out loss against executed forward FLOPs per token, every arm at every depth it was run at."""
+def _plot_depths(points, trained: dict[str, int], path: Path, x, xlabel: str, title: str, labels: bool) -> None:
+    """Held-out loss of every arm at each depth it was run at, against ``x(T, point)``; a star at the trained T."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(points)
     for name, by_loops in points.items():
-        loops = list(by_loops)
         color = color_of(name, names)
-        xs = [by_loops[t]["flops_per_token"] / 1e6 for t in loops]
-        ax.plot(xs, [by_loops[t]["loss"] for t in loops], marker="o", color=color, label=name)
-        for t, x in zip(loops, xs):
-            if len(loops) > 1:
-                ax.annotate(f"T={t}", (x, by_loops[t]["loss"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.plot(
-            [by_loops[trained[name]]["flops_per_token"] / 1e6],
-            [by_loops[trained[name]]["loss"]],
-            marker="*",
-            markersize=12,
-            color=color,
-        )
-    ax.set(xlabel="forward FLOPs per token executed (M)", ylabel="held-out loss (nats/token)")
-    ax.set_title("Loss vs executed compute (star: the depth each arm was trained at)")
+        xs = {t: x(t, e) for t, e in by_loops.items()}
+        ax.plot(list(xs.values()), [e["loss"] for e in by_loops.values()], marker="o", color=color, label=name)
+        if labels and len(by_loops) > 1:
+            for t, e in by_loops.items():
+                ax.annotate(f"T={t}", (xs[t], e["loss"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        t = trained[name]
+        ax.plot([xs[t]], [by_loops[t]["loss"]], marker="*", markersize=12, color=color)
+    ax.set(xlabel=xlabel, ylabel="held-out loss (nats/token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def plot_depth_curves(points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path) -> None:
+    """Held-out loss against the loop count at inference, one line per looped arm (mean over seeds)."""
+    _plot_depths(
+        points, trained, path, lambda t, e: t, "loops at inference T (star: as trained)", "Test-time depth", False
+    )
+
+
+def plot_loss_vs_flops(points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path) -> None:
+    """Held-out loss against executed forward FLOPs per token, every arm at every depth it was run at."""
+    _plot_depths(
+        points,
+        trained,
+        path,
+        lambda t, e: e["flops_per_token"] / 1e6,
+        "forward FLOPs per token executed (M)",
+        "Loss vs executed compute (star: the depth each arm was trained at)",
+        True,
+    )
 
 
 def _loss_pairs(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], value) -> list[tuple[str, str, Any]]:
