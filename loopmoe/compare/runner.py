@@ -194,6 +194,10 @@ class CompareOptions:
             raise ValueError(f"{flag('depth_loops')} must be positive loop counts, got {self.depth_loops}")
         if self.text_tokens is not None and self.text_tokens < 2:
             raise ValueError(f"{flag('text_tokens')} must be >= 2, got {self.text_tokens}")
+        if self.report_only and self.fresh:
+            raise ValueError(
+                f"{flag('report_only')} reports the comparison in --out; {flag('fresh')} would move it aside: drop one"
+            )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"{flag('threads')} must be >= 1, got {self.threads}")
         return self
@@ -282,7 +286,8 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
 
     OUT/options.json (written atomically before anything trains) records the options of the runs in
     it. Re-running with the same options resumes; with others it is refused, naming the differences,
-    unless ``opts.fresh``, which moves the old folder aside to OUT.prev-N.
+    unless ``opts.fresh``, which moves the old folder aside to OUT.prev-N. With ``opts.report_only``
+    the folder must already hold this comparison, and nothing is written.
     """
     out = opts.out
     wanted = identity_options(opts)
@@ -290,8 +295,13 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
     if saved is not None:  # options added since the folder was claimed: the runs in it used their defaults
         saved = {**identity_options(CompareOptions()), **saved}
     holds_runs = out.is_dir() and any(out.glob("seed*"))
+    if opts.report_only and saved is None:
+        raise ValueError(
+            f"--report-only: {out} holds no comparison (no {OPTIONS_FILE}); run the command without --report-only "
+            "to train it, or point --out at the comparison's folder"
+        )
     if (saved is not None and saved != wanted) or (saved is None and holds_runs):
-        if not opts.fresh:
+        if not opts.fresh or opts.report_only:
             if saved is None:
                 what = "runs whose options are not recorded (no options.json)"
             else:
@@ -311,6 +321,8 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
             n += 1
         out.rename(aside)
         log(f"moved the previous comparison in {out} aside to {aside}")
+    if opts.report_only:  # the folder is the comparison's already: it only reads it
+        return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / OPTIONS_FILE, json.dumps(wanted, indent=2, sort_keys=True))
 

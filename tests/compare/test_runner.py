@@ -75,6 +75,26 @@ def test_rerun_with_other_options_is_refused_naming_them(tmp_path, monkeypatch):
     assert not (out / "seed0").exists()
 
 
+def test_report_only_reads_an_existing_comparison_and_writes_nothing_before(tmp_path, monkeypatch):
+    from loopmoe.compare import runner
+
+    monkeypatch.setattr(runner, "prepare", _stop_before_training)
+    out = tmp_path / "cmp"
+    with pytest.raises(ValueError, match="holds no comparison"):
+        runner.run_comparison(CompareOptions(out=out, report_only=True), log=lambda *a: None)
+    assert not out.exists()
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=out), log=lambda *a: None)
+    written = (out / "options.json").stat().st_mtime_ns
+    with pytest.raises(_Prepared):  # evaluation-only options may differ
+        runner.run_comparison(CompareOptions(out=out, report_only=True, task_limit=3), log=lambda *a: None)
+    assert (out / "options.json").stat().st_mtime_ns == written
+    with pytest.raises(ValueError, match="other options: --lr"):
+        runner.run_comparison(CompareOptions(out=out, report_only=True, lr=1e-3, fresh=False), log=lambda *a: None)
+    with pytest.raises(ValueError, match="--fresh would move it aside"):
+        CompareOptions(out=out, report_only=True, fresh=True).validate()
+
+
 def test_unrecorded_runs_in_out_are_refused(tmp_path, monkeypatch):
     from loopmoe.compare import runner
 
