@@ -12,18 +12,12 @@ import torch.nn.functional as F
 from loopmoe.compare import CompareOptions
 from loopmoe.compare.arms import ArmSpec
 from loopmoe.compare.evaluate import evaluate_run
+from tests.compare import TINY_COMPARE
 
 
 def _options(out: Path, **overrides) -> CompareOptions:
     opts = dict(
-        reference="debug",
-        source="embedded",
-        bpe_vocab=300,
-        seq_len=32,
-        micro_batch_size=2,
-        steps=4,
-        warmup_steps=1,
-        eval_every=2,
+        TINY_COMPARE,
         eval_batches=2,
         seeds=(0, 1),
         arms=("reference", "looped", "cond-emb"),
@@ -34,7 +28,6 @@ def _options(out: Path, **overrides) -> CompareOptions:
         text_tokens=300,
         depth_loops=(1, 2, 3, 17),  # 17: beyond the iter_embedding table (max_loops 16)
         out=out,
-        threads=1,
     )
     return CompareOptions(**{**opts, **overrides})
 

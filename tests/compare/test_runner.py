@@ -6,6 +6,7 @@ from loopmoe.balance import balance
 from loopmoe.compare import CompareOptions
 from loopmoe.compare.runner import available_tasks, run_config_for
 from loopmoe.presets import get_preset
+from tests.compare import TINY_COMPARE
 
 
 def test_both_models_train_under_identical_conditions(tmp_path):
@@ -177,21 +178,12 @@ def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
     from loopmoe.compare import runner
 
     opts = dict(
-        reference="debug",
-        source="embedded",
-        bpe_vocab=300,
-        seq_len=32,
-        micro_batch_size=2,
-        steps=4,
-        warmup_steps=1,
-        eval_every=2,
-        eval_batches=1,
+        TINY_COMPARE,
         seeds=(0, 1),
         arms=("reference", "looped", "granularity"),
         tasks=(),
         text="",
         out=tmp_path / "cmp",
-        threads=1,
     )
     logs: list[str] = []
     threads: list[int] = []  # --threads 1 is applied (recorded here, so this test process keeps its setting)
