@@ -37,6 +37,8 @@ TINY_COMPARE = [
     "copa",
     "--task-limit",
     "4",
+    "--text-tokens",
+    "1000",
 ]
 
 
@@ -82,3 +84,21 @@ def test_readme_command(command, tmp_path, monkeypatch, capsys):
 def test_readme_python_example():
     code = re.findall(r"## Python\n.*?```python\n(.*?)```", README, flags=re.S)[0]
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_readme_compare_python_api(tmp_path, monkeypatch, capsys):
+    """The README's `run_comparison(CompareOptions(...))` example runs as written, at a tiny size."""
+    import dataclasses
+
+    import loopmoe.compare
+
+    code = re.findall(r"The same comparison from Python.*?```python\n(.*?)```", README, flags=re.S)[0]
+    real = loopmoe.compare.run_comparison
+    tiny = dict(reference="debug", bpe_vocab=300, seq_len=32, micro_batch_size=2, steps=3, warmup_steps=1)
+    tiny |= dict(eval_every=3, eval_batches=1, tasks=(), text="", depth_loops=(1, 3), threads=1)
+    monkeypatch.setattr(loopmoe.compare, "run_comparison", lambda o: real(dataclasses.replace(o, **tiny)))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[-4:-1]] == ["reference", "looped", "granularity"]
+    assert printed[-1] == "[]" and (tmp_path / "runs" / "api" / "report.md").is_file()

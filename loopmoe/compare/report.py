@@ -1,14 +1,19 @@
-"""The comparison's report: ``report.md`` with the budget table, results, and plots.
+"""The comparison's report: ``report.md`` with the budget table, results, and plots; and the study's
+results page (``write_results``: RESULTS.md, the same sections with its figures in ``docs/study/``).
 
-``budget_table`` is also what ``loopmoe budget`` prints.
+``budget_table`` is also what ``loopmoe budget`` prints. Every number comes from results.json's
+content (itself read from the run folders), none is written by hand.
 
-``loss.png`` shows training (smoothed) and validation loss against tokens for both models and
-every seed; ``expert_load.png`` shows, per executed (layer, iteration) slot, each expert's share
-of routed tokens relative to uniform (1.0 = perfectly balanced).
+``loss.png`` shows training (smoothed) and validation loss against tokens for every arm and seed;
+``expert_load.png`` shows, per executed (layer, iteration) slot, each expert's share of routed
+tokens relative to uniform (1.0 = perfectly balanced); ``depth.png`` the held-out loss of every
+looped arm against its loop count at inference, and ``loss_vs_flops.png`` the held-out loss of
+every arm and depth against the forward FLOPs per token it executes.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,16 +224,31 @@ def plot_expert_load(loads: dict[str, dict[str, list[float]]], path: Path) -> No
 
 def comparisons(arms: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     """The paired differences the report shows, as (a, b) for ``a - b``: looped - reference and
-    looped - granularity first, then every other arm against the reference and every ablation of the
-    looped model against it (arms given as results.json's ``arms``: name -> its ``spec``)."""
+    looped - granularity first, then every other arm against the reference, every other looped arm
+    without switches against the granularity control of its own loop count and strategy, and every
+    ablation of the looped model against it (arms given as results.json's ``arms``: name -> its ``spec``)."""
     names = list(arms)
     pairs = [(a, b) for a, b in (("looped", "reference"), ("looped", "granularity")) if a in names and b in names]
+
+    def balancing(name: str) -> tuple:
+        spec = arms[name]["spec"]
+        return spec["num_loops"], spec["strategy"]
+
     for name in names:
         if name in ("reference", "looped"):
             continue
+        spec = arms[name]["spec"]
         if "reference" in names and (name, "reference") not in pairs:
             pairs.append((name, "reference"))
-        if name != "granularity" and arms[name]["spec"]["kind"] == "looped" and "looped" in names:
+        if spec["kind"] == "looped" and spec["iter_conditioning"] is None and spec["norm_scheme"] is None:
+            pairs += [
+                (name, g)
+                for g in names
+                if arms[g]["spec"]["kind"] == "granularity"
+                and balancing(g) == balancing(name)
+                and (name, g) not in pairs
+            ]
+        if name != "granularity" and spec["kind"] == "looped" and "looped" in names:
             pairs.append((name, "looped"))
     return pairs
 
@@ -259,26 +279,206 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
-    """Write ``report.md`` and its plots into ``out``; ``budget`` is the ``budget_table`` of the comparison."""
-    runs = results["runs"]
-    plot_losses(runs, out / "loss.png")
-    plot_expert_load({name: runs[name][min(runs[name])]["expert_load"] for name in runs}, out / "expert_load.png")
+def finished_runs(results: dict[str, Any]) -> dict[str, dict[int, dict]]:
+    """The arms with at least one finished run, as seed -> run record (JSON turns seeds into strings)."""
+    return {name: {int(s): r for s, r in seeds.items()} for name, seeds in results["runs"].items() if seeds}
+
+
+def depth_points(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per arm and loop count: the mean held-out loss over the seeds, its seeds, and the FLOPs per token."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for name, seeds in runs.items():
+        by_loops: dict[int, dict[str, Any]] = {}
+        for run in seeds.values():
+            for point in run["eval"]["depth"]["points"]:
+                entry = by_loops.setdefault(point["loops"], {"losses": [], "flops_per_token": point["flops_per_token"]})
+                entry["losses"].append(point["loss"])
+                entry["untrained_iteration_vectors"] = point["untrained_iteration_vectors"]
+        out[name] = {t: {**e, "loss": statistics.fmean(e["losses"])} for t, e in sorted(by_loops.items())}
+    return out
+
+
+def _plot_depths(points, trained: dict[str, int], path: Path, x, xlabel: str, title: str, labels: bool) -> None:
+    """Held-out loss of every arm at each depth it was run at, against ``x(T, point)``; a star at the trained T."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(points)
+    for name, by_loops in points.items():
+        color = color_of(name, names)
+        xs = {t: x(t, e) for t, e in by_loops.items()}
+        ax.plot(list(xs.values()), [e["loss"] for e in by_loops.values()], marker="o", color=color, label=name)
+        if labels and len(by_loops) > 1:
+            for t, e in by_loops.items():
+                ax.annotate(f"T={t}", (xs[t], e["loss"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        t = trained[name]
+        ax.plot([xs[t]], [by_loops[t]["loss"]], marker="*", markersize=12, color=color)
+    ax.set(xlabel=xlabel, ylabel="held-out loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_depth_curves(points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path) -> None:
+    """Held-out loss against the loop count at inference, one line per looped arm (mean over seeds)."""
+    _plot_depths(
+        points, trained, path, lambda t, e: t, "loops at inference T (star: as trained)", "Test-time depth", False
+    )
+
+
+def plot_loss_vs_flops(points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path) -> None:
+    """Held-out loss against executed forward FLOPs per token, every arm at every depth it was run at."""
+    _plot_depths(
+        points,
+        trained,
+        path,
+        lambda t, e: e["flops_per_token"] / 1e6,
+        "forward FLOPs per token executed (M)",
+        "Loss vs executed compute (star: the depth each arm was trained at)",
+        True,
+    )
+
+
+def _loss_pairs(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], value) -> list[tuple[str, str, Any]]:
+    """The paired differences of ``value(run)`` for the pairs whose arms share a seed."""
+    from loopmoe.compare.stats import paired_difference
+
+    out = []
+    for a, b in pairs:
+        if a in runs and b in runs and set(runs[a]) & set(runs[b]):
+            out.append(
+                (
+                    a,
+                    b,
+                    paired_difference(
+                        {s: value(r) for s, r in runs[a].items()}, {s: value(r) for s, r in runs[b].items()}
+                    ),
+                )
+            )
+    return out
+
+
+def verdict_lines(
+    runs: dict[str, dict[int, dict]], arms: dict[str, dict[str, Any]], text_name: str | None
+) -> list[str]:
+    """The verdict paragraph, generated by ``loopmoe.compare.verdict``'s rules from the paired differences."""
+    from loopmoe.compare.verdict import attribution, judge
+
+    # the main comparisons pair arms that both run on the comparison's seeds; the others are ablations
+    main = [
+        (a, b) for a, b in comparisons(arms) if arms[a]["spec"]["seeds"] is None and arms[b]["spec"]["seeds"] is None
+    ]
+    found = {(a, b): judge(a, b, d) for a, b, d in _loss_pairs(runs, main, lambda r: r["val_loss"])}
+    lines = [f"- {f.sentence}" for f in found.values()]
+    for looped in [n for n in arms if arms[n]["spec"]["kind"] == "looped" and (n, "reference") in found]:
+        control = next(
+            (b for (a, b) in found if a == looped and b != "reference" and arms[b]["spec"]["kind"] == "granularity"),
+            None,
+        )
+        words = attribution(found[(looped, "reference")], found.get((looped, control)) if control else None, looped)
+        if words:
+            lines.append(f"- {words}")
+    if text_name:
+        text_pairs = [(a, b) for a, b in main if (a, b) in found]
+        for a, b, d in _loss_pairs(
+            runs, text_pairs, lambda r: r["eval"]["text"]["loss"] if r["eval"]["text"] else None
+        ):
+            if None not in d.per_seed.values():
+                lines.append(f"- {judge(a, b, d, measure=f'{text_name} loss').sentence}")
+    ablations = [p for p in comparisons(arms) if p not in main]
+    for a, b, d in _loss_pairs(runs, ablations, lambda r: r["val_loss"]):
+        lines.append(f"- {judge(a, b, d).sentence}")
+    return lines
+
+
+def _cost_rows(runs: dict[str, dict[int, dict]], tokens_per_step: int, steps: int) -> list[tuple]:
+    rows = []
+    for name, seeds in runs.items():
+        sessions = [s for run in seeds.values() for s in run["cost"]]
+        complete = [run for run in seeds.values() if sum(s["end_step"] - s["start_step"] for s in run["cost"]) == steps]
+        wall = sum(s["wall_s"] for s in sessions)
+        trained = sum(s["end_step"] - s["start_step"] for s in sessions) * tokens_per_step
+        per_run = [sum(s["wall_s"] for s in run["cost"]) for run in complete]
+        evals = [sum(v for v in run["eval"].get("wall_s", {}).values() if v) for run in seeds.values()]
+        peak = max((s["peak_rss_mib"] for s in sessions), default=None)
+        cuda = max((s["peak_cuda_mib"] for s in sessions if s.get("peak_cuda_mib") is not None), default=None)
+        rows.append(
+            (
+                name,
+                f"{len(complete)}/{len(seeds)}",
+                f"{statistics.fmean(per_run):,.0f}" if per_run else "",
+                f"{trained / wall:,.0f}" if wall else "",
+                f"{peak:,.0f}" if peak is not None else "",
+                f"{cuda:,.0f}" if cuda is not None else "",
+                f"{statistics.fmean(evals):,.0f}" if evals else "",
+                ", ".join(sorted({str(s.get("threads")) for s in sessions})),
+            )
+        )
+    return rows
+
+
+def _environments(runs: dict[str, dict[int, dict]], current: dict[str, Any]) -> list[str]:
+    """The environments training sessions recorded, and the one evaluating and reporting now."""
+    keys = ("commit", "torch", "transformers", "python", "hardware")
+    seen: dict[tuple, int] = {}
+    unrecorded = 0
+    for seeds in runs.values():
+        for run in seeds.values():
+            for session in run["cost"]:
+                if "torch" in session:
+                    key = tuple(session.get(k) for k in keys)
+                    seen[key] = seen.get(key, 0) + 1
+                else:
+                    unrecorded += 1
+    rows = [("training", n, *key) for key, n in seen.items()]
+    if unrecorded:
+        rows.append(("training", unrecorded, *["not recorded (sessions from before cost.json kept it)"] * len(keys)))
+    rows.append(("evaluation and this report", "", *(current.get(k) for k in keys)))
+    return [markdown_table(("what", "sessions", *keys), rows)]
+
+
+def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str = "") -> list[str]:
+    """Every section of the report; plots are written into ``figures`` and linked as ``link + name``."""
+    runs = finished_runs(results)
     opts = results["options"]
-    seeds = sorted({s for seeds in runs.values() for s in seeds})
+    lines: list[str] = []
+    missing = results.get("missing") or []
+    if missing:
+        lines += [
+            f"**Incomplete: {len(missing)} run(s) of the plan are not finished** and are left out of every table "
+            "below (re-run the same command to train them, then regenerate this report):",
+            "",
+            markdown_table(
+                ("arm", "seed", "trained steps"),
+                [(m["arm"], m["seed"], f"{m['step']}/{opts['steps']}") for m in missing],
+            ),
+            "",
+        ]
+    if not runs:
+        return [*lines, "No run has finished yet: nothing to report."]
+    plot_losses(runs, figures / "loss.png")
+    plot_expert_load(
+        {name: runs[name][min(runs[name])]["eval"]["expert_load"] for name in runs}, figures / "expert_load.png"
+    )
+    seeds = sorted({s for arm_seeds in runs.values() for s in arm_seeds})
     val = {name: [runs[name][s]["val_loss"] for s in sorted(runs[name])] for name in runs}
     train = {name: [runs[name][s]["train_loss"] for s in sorted(runs[name])] for name in runs}
-    pairs = comparisons(results["arms"])
+    arms = {name: spec for name, spec in results["arms"].items() if name in runs}
+    pairs = comparisons(arms)
     per_seed = [(s, *(f"{runs[name][s]['val_loss']:.4f}" if s in runs[name] else "" for name in runs)) for s in seeds]
-    lines = [
-        "# LoopMoE vs Vanilla MoE: controlled comparison",
-        "",
-        f"Reference `{opts['reference']}`, loops T = {opts['num_loops']}, strategy `{opts['strategy']}`; corpus "
-        f"`{opts['source']}`; {opts['steps']} steps x {opts['micro_batch_size']} x {opts['seq_len']} tokens "
-        f"= {opts['steps'] * opts['micro_batch_size'] * opts['seq_len']:,} tokens per model; seeds {seeds}. "
-        "Every arm sees the same tokens in the same order with the same optimizer and schedule.",
-        "",
+    text = results.get("text")
+    verdict = verdict_lines(runs, arms, text["name"] if text else None)
+    lines += [
         budget,
+        "",
+        "## Verdict",
+        "",
+        "Generated from the paired differences by fixed rules (`loopmoe/compare/verdict.py`): a claim needs at "
+        "least 3 seeds, a 95% interval that excludes 0 and every seed agreeing; single-seed differences are "
+        "observations, not results.",
+        "",
+        *verdict,
         "",
         "## Results",
         "",
@@ -296,7 +496,7 @@ def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
                 "Paired held-out loss differences (same seed = same data order and initialisation stream; "
                 "negative: the first arm is better):",
                 "",
-                paired_table(runs, pairs),
+                paired_table(runs, [(a, b) for a, b in pairs if set(runs[a]) & set(runs[b])]),
                 "",
             ]
             if pairs
@@ -307,29 +507,230 @@ def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
             if min(len(v) for v in val.values()) > 2
             else ["Fewer than 3 seeds: do not call a difference a result (run `--seeds 0,1,2`).", ""]
         ),
-        "![loss curves](loss.png)",
+        f"![loss curves]({link}loss.png)",
         "",
-        "![expert load](expert_load.png)",
+        f"![expert load]({link}expert_load.png)",
     ]
-    downstream = results.get("downstream") or {}
-    if downstream:
-        scores = {name: {(r["task"], r["metric"]): r for r in rows} for name, rows in downstream.items()}
-        keys = sorted({key for table in scores.values() for key in table})
-        table_rows = []
-        for task, metric in keys:
+    lines += _text_section(runs, pairs, text)
+    lines += _downstream_section(results.get("downstream") or {})
+    lines += _depth_section(runs, figures, link, opts["seq_len"])
+    tokens_per_step = opts["micro_batch_size"] * opts["seq_len"]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "Per arm over its finished runs, from each run's `cost.json` (training sessions: wall-clock includes the "
+        "periodic evaluations, checkpoints and the final export) and `eval/` (the measurements above).",
+        "",
+        markdown_table(
+            (
+                "arm",
+                "runs fully timed",
+                "training wall-clock per run (s)",
+                "tokens/s",
+                "peak RSS (MiB)",
+                "peak GPU (MiB)",
+                "evaluation per run (s)",
+                "threads",
+            ),
+            _cost_rows(runs, tokens_per_step, opts["steps"]),
+        ),
+        "",
+        "## Environment",
+        "",
+        *_environments(runs, results.get("environment") or {}),
+        "",
+        "## Configurations",
+        "",
+        "<details><summary>The comparison's options and the full training config of every arm</summary>",
+        "",
+        "```json",
+        json.dumps({"options": opts, "run_configs": results.get("run_configs", {})}, indent=2, default=str),
+        "```",
+        "",
+        "</details>",
+    ]
+    return lines
+
+
+def _text_section(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], text: dict | None) -> list[str]:
+    if not text:
+        return []
+    scored = {n: {s: r["eval"]["text"] for s, r in seeds.items() if r["eval"]["text"]} for n, seeds in runs.items()}
+    rows = []
+    for name, per_seed in scored.items():
+        if per_seed:
+            first = next(iter(per_seed.values()))
+            rows.append(
+                (
+                    name,
+                    len(per_seed),
+                    _mean_spread([v["loss"] for v in per_seed.values()]),
+                    _mean_spread([v["perplexity"] for v in per_seed.values()]),
+                    _mean_spread([v["bits_per_byte"] for v in per_seed.values()]),
+                    f"{first['tokens']:,}",
+                )
+            )
+    have = [(a, b) for a, b in pairs if scored.get(a) and scored.get(b) and set(scored[a]) & set(scored[b])]
+    window = next(iter(next(v for v in scored.values() if v).values()))
+    return [
+        "",
+        f"## {text['name']} perplexity",
+        "",
+        f"`{Path(text['path']).name}`, scored with a sliding window of {window['window']} tokens (the training "
+        f"length) and stride {window['stride']}; the tokenizer is the study's own BPE, so perplexity compares "
+        "arms with each other, not with published numbers (bits per byte is tokenizer-free).",
+        "",
+        markdown_table(("model", "seeds", "loss (nats/token)", "perplexity", "bits/byte", "tokens"), rows),
+        *(
+            [
+                "",
+                "Paired loss differences on this text:",
+                "",
+                paired_table({n: {s: {"loss": v["loss"]} for s, v in scored[n].items()} for n in scored}, have, "loss"),
+            ]
+            if have
+            else []
+        ),
+    ]
+
+
+def _downstream_section(downstream: dict[str, list[dict[str, Any]]]) -> list[str]:
+    if not downstream:
+        return []
+    scores = {name: {(r["task"], r["metric"]): r for r in rows} for name, rows in downstream.items()}
+    keys = sorted({key for table in scores.values() for key in table})
+    table_rows = []
+    for task, metric in keys:
+        cells = []
+        for table in scores.values():
+            row = table.get((task, metric))
+            if row is None:
+                cells.append("")
+                continue
+            err = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
+            cells.append(f"{row['value']:.4f}{err}{'' if row['stderr_over'] == 'seeds' else ' †'}")
+        n = next((t[(task, metric)]["n"] for t in scores.values() if (task, metric) in t), "")
+        table_rows.append((task, metric, *cells, n))
+    seeds = {name: max(r["seeds"] for r in rows) for name, rows in downstream.items()}
+    return [
+        "",
+        "## Downstream (zero-shot, lm-evaluation-harness)",
+        "",
+        "Mean over each arm's seeds ± its standard error over those seeds; † one seed: ± is lm-eval's standard "
+        "error over the documents. Seeds per arm: " + ", ".join(f"{n} {k}" for n, k in seeds.items()) + ".",
+        "",
+        markdown_table(("task", "metric", *scores, "documents"), table_rows),
+    ]
+
+
+def _depth_section(runs: dict[str, dict[int, dict]], figures: Path, link: str, seq_len: int) -> list[str]:
+    points = depth_points(runs)
+    trained = {name: next(iter(seeds.values()))["eval"]["depth"]["trained_loops"] for name, seeds in runs.items()}
+    plot_loss_vs_flops(points, trained, figures / "loss_vs_flops.png")
+    looped = {n: p for n, p in points.items() if len(p) > 1}
+    lines = [
+        "",
+        "## Test-time depth and executed compute",
+        "",
+        f"Held-out loss (the runs' validation batches, mean over seeds) at each loop count at inference, and the "
+        f"forward FLOPs per token executed there (at S = {seq_len}, `loopmoe.budget`).",
+    ]
+    if looped:
+        plot_depth_curves(looped, trained, figures / "depth.png")
+        all_loops = sorted({t for p in looped.values() for t in p})
+        rows = []
+        for name, by_loops in looped.items():
             cells = []
-            for table in scores.values():
-                row = table.get((task, metric))
-                err = f" ± {row['stderr']:.4f}" if row and row["stderr"] is not None else ""
-                cells.append(f"{row['value']:.4f}{err}" if row else "")
-            n = next((t[(task, metric)]["n"] for t in scores.values() if (task, metric) in t), "")
-            table_rows.append((task, metric, *cells, n))
+            for t in all_loops:
+                e = by_loops.get(t)
+                mark = " *" if t == trained[name] else (" ‡" if e and e["untrained_iteration_vectors"] else "")
+                cells.append("" if e is None else f"{e['loss']:.4f}{mark}")
+            rows.append((name, len(runs[name]), *cells))
         lines += [
             "",
-            "## Downstream (zero-shot, lm-evaluation-harness)",
+            markdown_table(("arm", "seeds", *(f"T={t}" for t in all_loops)), rows),
             "",
-            markdown_table(("task", "metric", *scores, "documents"), table_rows),
+            "\\* the loop count it was trained at; ‡ beyond it, an `iter_embedding` model adds iteration vectors "
+            "that were never trained.",
         ]
+        unrunnable = {
+            (name, t): why
+            for name, seeds in runs.items()
+            for run in seeds.values()
+            for t, why in run["eval"]["depth"]["unrunnable"].items()
+        }
+        lines += [f"- {name} cannot run at T = {t}: {why}" for (name, t), why in sorted(unrunnable.items())]
+        lines += ["", f"![test-time depth]({link}depth.png)"]
+    rows = [
+        (name, t, human(e["flops_per_token"]), f"{e['loss']:.4f}")
+        for name, by_loops in points.items()
+        for t, e in by_loops.items()
+    ]
+    return [
+        *lines,
+        "",
+        markdown_table(("arm", "loops T", "FLOPs/token", "held-out loss"), rows),
+        "",
+        f"![loss vs executed FLOPs]({link}loss_vs_flops.png)",
+    ]
+
+
+def _setup(results: dict[str, Any]) -> list[str]:
+    opts = results["options"]
+    seeds = sorted({s for arm in results["arms"].values() for s in arm["seeds"]})
+    tokens = opts["steps"] * opts["micro_batch_size"] * opts["seq_len"]
+    return [
+        f"Reference `{opts['reference']}`, loops T = {opts['num_loops']}, strategy `{opts['strategy']}`; corpus "
+        f"`{opts['source']}`; {opts['steps']} steps x {opts['micro_batch_size']} x {opts['seq_len']} tokens "
+        f"= {tokens:,} tokens per model; seeds {seeds}. "
+        "Every arm sees the same tokens in the same order with the same optimizer and schedule.",
+        "",
+    ]
+
+
+def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
+    """Write ``report.md`` and its plots into ``out``; ``budget`` is the budget and arms tables of the comparison."""
+    lines = [
+        "# LoopMoE vs Vanilla MoE: controlled comparison",
+        "",
+        *_setup(results),
+        *report_lines(results, budget, out),
+    ]
     path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def write_results(path: Path, results: dict[str, Any], budget: str) -> Path:
+    """Write the study's results page (RESULTS.md) at ``path``, its figures in ``docs/study/`` beside it."""
+    figures = path.parent / "docs" / "study"
+    figures.mkdir(parents=True, exist_ok=True)
+    opts = results["options"]
+    data = results.get("data") or {}
+    planned = sum(len(arm["seeds"]) for arm in results["arms"].values())
+    missing = len(results.get("missing") or [])
+    split = (
+        f"{data['train_tokens']:,} training and {data['val_tokens']:,} held-out tokens"
+        if "train_tokens" in data
+        else "token counts unavailable"
+    )
+    lines = [
+        "# Results: does looping help at matched budgets?",
+        "",
+        f"Generated by `loopmoe compare ... --results {path.name}` from the run folder `{opts['out']}` "
+        f"({planned - missing} of {planned} planned runs finished). Every number below is read from the run "
+        "folders; re-running the command regenerates this page.",
+        "",
+        "## Setup",
+        "",
+        f"Data: `{data.get('source', opts['source'])}`"
+        + (f", a byte-level BPE of {data['bpe_vocab']} tokens trained on it" if data.get("bpe_vocab") else "")
+        + f"; 5% of the documents held out ({split}). Held-out loss is the mean over {opts['eval_batches']} "
+        f"held-out batches of {opts['micro_batch_size']} x {opts['seq_len']} tokens.",
+        "",
+        *_setup(results),
+        *report_lines(results, budget, figures, link=f"{figures.relative_to(path.parent).as_posix()}/"),
+    ]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

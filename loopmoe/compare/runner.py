@@ -22,7 +22,8 @@ import torch
 from loopmoe.atomic import atomic_write_text
 from loopmoe.balance import STRATEGIES, Strategy
 from loopmoe.compare.arms import BUILTIN_ARMS, Arm, ArmSpec, arm_spec_from_table, check_arm_name, resolve_arms
-from loopmoe.compare.cost import read_cost, recorded_session
+from loopmoe.compare.cost import environment, read_cost, recorded_session
+from loopmoe.compare.evaluate import DEFAULT_TEXT, DEPTH_LOOPS
 from loopmoe.config import ExpertTypeName, LoopMoEConfig
 from loopmoe.options import flag_of, help_of, option
 from loopmoe.training.config import (
@@ -37,7 +38,18 @@ from loopmoe.training.config import (
 
 OPTIONS_FILE = "options.json"
 # Options that only choose what is evaluated, where, or how fast: changing them never makes the trained runs stale.
-_NOT_IDENTITY = ("out", "fresh", "tasks", "task_limit", "threads")
+_NOT_IDENTITY = (
+    "out",
+    "fresh",
+    "tasks",
+    "task_limit",
+    "threads",
+    "text",
+    "text_tokens",
+    "depth_loops",
+    "report_only",
+    "results",
+)
 
 
 @dataclass
@@ -89,6 +101,24 @@ class CompareOptions:
         "data is present; '' for none",
     )
     task_limit: int | None = option(100, help="documents per task (none: all)")
+    text: str = option(
+        "auto",
+        help="held-out text whose perplexity every run reports (a file, or a path under the data folder); "
+        f"'auto': {DEFAULT_TEXT} if the data folder has it; '' for none",
+    )
+    text_tokens: int | None = option(None, help="score only the first N tokens of --text (none: all)")
+    depth_loops: tuple[int, ...] = option(
+        DEPTH_LOOPS, help="comma-separated loop counts of the test-time depth curve of every looped arm; '' for none"
+    )
+    report_only: bool = option(
+        False,
+        help="train nothing: evaluate the finished runs and write the report, listing the runs still missing "
+        "(safe while the comparison trains in another process)",
+    )
+    results: Path | None = option(
+        None,
+        help="also write the study's results page here (e.g. RESULTS.md), its figures in docs/study/ beside it",
+    )
     out: Path = option(default_factory=lambda: Path("runs/compare"), help="run folder")
     fresh: bool = option(
         False,
@@ -169,6 +199,14 @@ class CompareOptions:
             spec.validate(name)
         for name in self.arms:
             self.arm_spec(name)
+        if any(t < 1 for t in self.depth_loops):
+            raise ValueError(f"{flag('depth_loops')} must be positive loop counts, got {self.depth_loops}")
+        if self.text_tokens is not None and self.text_tokens < 2:
+            raise ValueError(f"{flag('text_tokens')} must be >= 2, got {self.text_tokens}")
+        if self.report_only and self.fresh:
+            raise ValueError(
+                f"{flag('report_only')} reports the comparison in --out; {flag('fresh')} would move it aside: drop one"
+            )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"{flag('threads')} must be >= 1, got {self.threads}")
         return self
@@ -246,19 +284,6 @@ def _check_trained_data(opts: CompareOptions, probe: RunConfig) -> None:
         return  # all runs share one data folder: checking one is enough
 
 
-@torch.no_grad()
-def expert_load(model_dir: Path, batches) -> dict[str, list[float]]:
-    """Mean expert load per executed (layer, iteration) slot of a trained model on held-out batches."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
-    totals: dict[str, torch.Tensor] = {}
-    for x in batches:
-        for stat in model(input_ids=x, use_cache=False).router_stats:
-            totals[stat.slot.name] = totals.get(stat.slot.name, 0) + stat.load
-    return {k: (v / v.sum()).tolist() for k, v in totals.items()}
-
-
 def identity_options(opts: CompareOptions) -> dict[str, Any]:
     """The options that determine the trained runs, as JSON values (``--tokens`` is resolved into steps)."""
     raw = {k: v for k, v in asdict(opts).items() if k not in _NOT_IDENTITY}
@@ -270,7 +295,8 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
 
     OUT/options.json (written atomically before anything trains) records the options of the runs in
     it. Re-running with the same options resumes; with others it is refused, naming the differences,
-    unless ``opts.fresh``, which moves the old folder aside to OUT.prev-N.
+    unless ``opts.fresh``, which moves the old folder aside to OUT.prev-N. With ``opts.report_only``
+    the folder must already hold this comparison, and nothing is written.
     """
     out = opts.out
     wanted = identity_options(opts)
@@ -278,8 +304,13 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
     if saved is not None:  # options added since the folder was claimed: the runs in it used their defaults
         saved = {**identity_options(CompareOptions()), **saved}
     holds_runs = out.is_dir() and any(out.glob("seed*"))
+    if opts.report_only and saved is None:
+        raise ValueError(
+            f"--report-only: {out} holds no comparison (no {OPTIONS_FILE}); run the command without --report-only "
+            "to train it, or point --out at the comparison's folder"
+        )
     if (saved is not None and saved != wanted) or (saved is None and holds_runs):
-        if not opts.fresh:
+        if not opts.fresh or opts.report_only:
             if saved is None:
                 what = "runs whose options are not recorded (no options.json)"
             else:
@@ -299,6 +330,8 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
             n += 1
         out.rename(aside)
         log(f"moved the previous comparison in {out} aside to {aside}")
+    if opts.report_only:  # the folder is the comparison's already: it only reads it
+        return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / OPTIONS_FILE, json.dumps(wanted, indent=2, sort_keys=True))
 
@@ -322,13 +355,20 @@ def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
 
     Runs go in ``opts.run_plan()`` order; a finished run (its last checkpoint at ``--steps`` and its
     final export present) is not touched again, an interrupted one resumes from its last checkpoint.
+    With ``opts.report_only`` nothing is trained and the runs not finished are listed as missing.
+    Every finished run is then evaluated (``loopmoe.compare.evaluate``: stored in its ``eval/`` folder,
+    reused when already there).
     """
+    from loopmoe.compare.evaluate import evaluate_run, resolve_text
     from loopmoe.compare.report import arms_table, budget_table, write_report
+    from loopmoe.compare.stats import downstream_over_seeds
 
     opts.validate()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     claim_out_dir(opts, log)
+    text = resolve_text(opts.text)
+    tasks = _tasks(opts, log)
     arms, bundle = prepare(opts)
     main = next((arm.balanced for arm in arms.values() if arm.balanced is not None), None)
     table = budget_table(main, title=f"{opts.reference}") if main is not None else ""
@@ -336,40 +376,87 @@ def run_comparison(opts: CompareOptions, log=print) -> dict[str, Any]:
         table = "\n\n".join(t for t in (table, arms_table(arms, opts.seq_len)) if t)
     log(table)
     runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in arms}
+    missing: list[dict[str, Any]] = []
     plan = opts.run_plan()
     for i, (seed, name) in enumerate(plan, 1):
         run_dir = opts.out / f"seed{seed}" / name
         if is_finished(run_dir, opts.steps):
             log(f"[{i}/{len(plan)}] {name} (seed {seed}): finished earlier, skipped ({run_dir})")
+        elif opts.report_only:
+            missing.append({"arm": name, "seed": seed, "step": _latest_step(run_dir)})
+            log(f"[{i}/{len(plan)}] {name} (seed {seed}): not finished (step {missing[-1]['step']}), not reported")
+            continue
         else:
             log(f"\n[{i}/{len(plan)}] == training {name} (seed {seed}, {opts.tokens_per_model:,} tokens) -> {run_dir}")
             from loopmoe.training import run_training
-            from loopmoe.training.checkpoint import peek_latest_meta
 
-            peeked = peek_latest_meta(run_dir / "checkpoints")
-            with recorded_session(run_dir, peeked[1].get("step", 0) if peeked else 0, opts.steps):
+            with recorded_session(run_dir, _latest_step(run_dir), opts.steps):
                 run_training(run_config_for(opts, arms[name].config, seed), run_dir)
-        runs[name][seed] = run_record(run_dir)
-        log(
-            f"   {name}: final train loss {runs[name][seed]['train_loss']:.4f}, "
-            f"held-out loss {runs[name][seed]['val_loss']:.4f}"
+        record = runs[name][seed] = run_record(run_dir)
+        record["eval"] = evaluate_run(
+            run_dir,
+            val_batches=bundle.val_batches,
+            seq_len=opts.seq_len,
+            depth_loops=opts.depth_loops,
+            text=text,
+            text_tokens=opts.text_tokens,
+            tasks=tasks,
+            task_limit=opts.task_limit,
+            log=log,
         )
-    for name in arms:
-        first = runs[name][min(runs[name])]
-        first["expert_load"] = expert_load(Path(first["final_dir"]), bundle.val_batches())
-    downstream = _downstream(opts, runs, log)
+        log(f"   {name}: final train loss {record['train_loss']:.4f}, held-out loss {record['val_loss']:.4f}")
     reference_budget = arms[opts.arms[0]].budget if "reference" not in arms else arms["reference"].budget
     results = {
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "budget": main.as_dict() if main is not None else None,
         "arms": {name: arm.as_dict(reference_budget) for name, arm in arms.items()},
         "runs": runs,
-        "downstream": downstream,
+        "missing": missing,
+        "downstream": {
+            name: rows
+            for name, seeds in runs.items()
+            if (rows := downstream_over_seeds({s: r["eval"]["tasks"] for s, r in seeds.items()}))
+        },
+        "text": None if text is None else {"path": str(text), "name": _text_name(opts.text, text)},
+        "data": _data_summary(opts),
+        "run_configs": {name: run_config_for(opts, arm.config, arm.seeds[0]).to_dict() for name, arm in arms.items()},
+        "environment": environment(),
     }
     write_report(opts.out, results, table)
     atomic_write_text(opts.out / "results.json", json.dumps(results, indent=2, default=str))
     log(f"\nreport: {opts.out / 'report.md'}")
+    if opts.results is not None:
+        from loopmoe.compare.report import write_results
+
+        log(f"results page: {write_results(opts.results, results, table)}")
     return results
+
+
+def _latest_step(run_dir: Path) -> int:
+    """The step of the run's last checkpoint (0 if it has none)."""
+    from loopmoe.training.checkpoint import peek_latest_meta
+
+    peeked = peek_latest_meta(run_dir / "checkpoints")
+    return int(peeked[1].get("step", 0)) if peeked else 0
+
+
+def _text_name(option: str, path: Path) -> str:
+    from loopmoe.compare.evaluate import DEFAULT_TEXT_NAME
+
+    return DEFAULT_TEXT_NAME if option == "auto" else path.name
+
+
+def _data_summary(opts: CompareOptions) -> dict[str, Any]:
+    """The shared data of the comparison: tokens in each split, from its prepared shards."""
+    from loopmoe.data import load_shards
+
+    summary: dict[str, Any] = {"source": opts.source, "bpe_vocab": None if opts.tokenizer else opts.bpe_vocab}
+    try:
+        shards = load_shards(opts.out / "data" / "shards")
+        summary.update(train_tokens=len(shards.tokens("train")), val_tokens=len(shards.tokens("val")))
+    except (OSError, ValueError) as error:
+        summary["unavailable"] = str(error)
+    return summary
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:
@@ -411,20 +498,11 @@ def available_tasks() -> tuple[str, ...]:
     return tuple(t for t in SHIPPED_TASKS if all((data / f).is_file() for f in required_files(t)))
 
 
-def _downstream(opts: CompareOptions, runs, log) -> dict[str, list[dict[str, Any]]]:
-    """Zero-shot task scores of every arm (its first seed) through lm-evaluation-harness."""
-    tasks = available_tasks() if opts.tasks == ("auto",) else opts.tasks
+def _tasks(opts: CompareOptions, log) -> tuple[str, ...]:
+    """The downstream tasks to run: ``--tasks``, with 'auto' resolved to the shipped tasks whose data is present."""
+    if opts.tasks != ("auto",):
+        return opts.tasks
+    tasks = available_tasks()
     if not tasks:
-        if opts.tasks == ("auto",):
-            log("\nno downstream task data found (set LOOPMOE_DATA_DIR); skipping downstream evaluation")
-        return {}
-    from loopmoe.evaluation import evaluate_tasks, load_hf_tokenizer, load_model, summarize, wrap_model
-    from loopmoe.paths import shared_data_dir
-
-    out = {}
-    for name in runs:
-        model_dir = runs[name][min(runs[name])]["final_dir"]
-        log(f"\n== downstream tasks for {name}: {', '.join(tasks)} (limit {opts.task_limit} documents each)")
-        lm = wrap_model(load_model(model_dir), load_hf_tokenizer(model_dir), batch_size=32)
-        out[name] = summarize(evaluate_tasks(lm, list(tasks), shared_data_dir(), limit=opts.task_limit))
-    return out
+        log("no downstream task data found (set LOOPMOE_DATA_DIR); skipping downstream evaluation")
+    return tasks

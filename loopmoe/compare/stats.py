@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -58,3 +59,32 @@ def mean_stderr(values: list[float]) -> tuple[float, float | None]:
     if len(values) < 2:
         return mean, None
     return mean, statistics.stdev(values) / math.sqrt(len(values))
+
+
+def downstream_over_seeds(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One arm's task scores averaged over its seeds (``per_seed``: seed -> ``harness.summarize`` rows).
+
+    Per (task, metric): the mean over the seeds that scored it, and its standard error over those seeds
+    (``stderr_over`` = "seeds"); with one seed there is no spread over seeds, and the stderr is lm-eval's
+    over the documents (``stderr_over`` = "documents"). ``n`` is the documents scored per seed.
+    """
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for seed in sorted(per_seed):
+        for row in per_seed[seed]:
+            by_key.setdefault((row["task"], row["metric"]), []).append(row)
+    out = []
+    for (task, metric), rows in sorted(by_key.items()):
+        mean, stderr = mean_stderr([r["value"] for r in rows])
+        single = len(rows) == 1
+        out.append(
+            {
+                "task": task,
+                "metric": metric,
+                "value": mean,
+                "stderr": rows[0]["stderr"] if single else stderr,
+                "stderr_over": "documents" if single else "seeds",
+                "seeds": len(rows),
+                "n": rows[0]["n"],
+            }
+        )
+    return out

@@ -6,6 +6,7 @@ from loopmoe.balance import balance
 from loopmoe.compare import CompareOptions
 from loopmoe.compare.runner import available_tasks, run_config_for
 from loopmoe.presets import get_preset
+from tests.compare import TINY_COMPARE
 
 
 def test_both_models_train_under_identical_conditions(tmp_path):
@@ -73,6 +74,26 @@ def test_rerun_with_other_options_is_refused_naming_them(tmp_path, monkeypatch):
     assert (tmp_path / "cmp.prev-1" / "seed0" / "reference" / "marker").read_text() == "old run"
     assert json.loads((out / "options.json").read_text())["lr"] == 1e-3
     assert not (out / "seed0").exists()
+
+
+def test_report_only_reads_an_existing_comparison_and_writes_nothing_before(tmp_path, monkeypatch):
+    from loopmoe.compare import runner
+
+    monkeypatch.setattr(runner, "prepare", _stop_before_training)
+    out = tmp_path / "cmp"
+    with pytest.raises(ValueError, match="holds no comparison"):
+        runner.run_comparison(CompareOptions(out=out, report_only=True), log=lambda *a: None)
+    assert not out.exists()
+    with pytest.raises(_Prepared):
+        runner.run_comparison(CompareOptions(out=out), log=lambda *a: None)
+    written = (out / "options.json").stat().st_mtime_ns
+    with pytest.raises(_Prepared):  # evaluation-only options may differ
+        runner.run_comparison(CompareOptions(out=out, report_only=True, task_limit=3), log=lambda *a: None)
+    assert (out / "options.json").stat().st_mtime_ns == written
+    with pytest.raises(ValueError, match="other options: --lr"):
+        runner.run_comparison(CompareOptions(out=out, report_only=True, lr=1e-3, fresh=False), log=lambda *a: None)
+    with pytest.raises(ValueError, match="--fresh would move it aside"):
+        CompareOptions(out=out, report_only=True, fresh=True).validate()
 
 
 def test_unrecorded_runs_in_out_are_refused(tmp_path, monkeypatch):
@@ -157,20 +178,12 @@ def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
     from loopmoe.compare import runner
 
     opts = dict(
-        reference="debug",
-        source="embedded",
-        bpe_vocab=300,
-        seq_len=32,
-        micro_batch_size=2,
-        steps=4,
-        warmup_steps=1,
-        eval_every=2,
-        eval_batches=1,
+        TINY_COMPARE,
         seeds=(0, 1),
         arms=("reference", "looped", "granularity"),
         tasks=(),
+        text="",
         out=tmp_path / "cmp",
-        threads=1,
     )
     logs: list[str] = []
     threads: list[int] = []  # --threads 1 is applied (recorded here, so this test process keeps its setting)
