@@ -77,7 +77,7 @@ class OffRankRows:
 
 def _worker(reps: int) -> None:
     from loopmoe import LoopMoEForCausalLM
-    from loopmoe.budget import all_to_all_bytes_per_token
+    from loopmoe.budget import all_to_all_bytes_per_token, compute_budget
     from loopmoe.config import expert_width
     from loopmoe.distributed import apply_ddp, build_mesh, gradient_sync, init_distributed
     from loopmoe.distributed.expert_parallel import apply_expert_parallel, expert_parallel_of
@@ -168,6 +168,7 @@ def _worker(reps: int) -> None:
         "reference": REFERENCE,
         "num_loops": NUM_LOOPS,
         "models": {name: cfg.architecture_dict() for name, cfg in cfgs.items()},
+        "budgets": {name: compute_budget(cfg, SEQ).as_dict() for name, cfg in cfgs.items()},
         "batch_per_rank": BATCH,
         "seq_len": SEQ,
         "processes": info.world_size,
@@ -223,7 +224,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    reps = 3 if args.quick else 10
+    reps = 3 if args.quick else 20
     if args.worker:
         _worker(reps)
         return
