@@ -160,6 +160,8 @@ def test_memory_static_terms_by_hand():
         {"shared_expert_intermediate_size": 32},
         {"norm_scheme": "sandwich", "qk_norm": False},
         {"num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 24, "num_key_value_heads": 1},
+        {"expert_type": "dcca", "dcca_dim": 16},
+        {"expert_type": "dcca", "dcca_dim": 8, "dcca_router_input": "descended"},
     ],
 )
 def test_activation_formula_matches_what_autograd_saves(overrides):
