@@ -22,7 +22,8 @@ per token`` (ours; the FFN includes DCCA's projections): a looped model touches 
 P + C + Q layers but runs its FFNs on all P + C*T + Q executed layers.
 
 ``all_to_all_bytes_per_token`` is the expert-parallel communication a token causes (BigMac's eq. 1
-per token): its k rows of width w leave for other ranks and come back, in every executed MoE layer.
+per token): its k rows of width w leave for other ranks and come back, in every executed MoE layer
+(forward, or forward and backward).
 """
 
 from __future__ import annotations
@@ -112,26 +113,35 @@ def ffn_matmul_weights(cfg: ConfigLike, s: LayerShapes) -> int:
     return cfg.num_experts_per_tok * s.expert + s.shared + s.projections
 
 
+def all_to_all_row_bytes(cfg: ConfigLike, bytes_per_element: int = 2) -> int:
+    """Bytes of the rows one token puts into one expert-parallel row exchange: its k rows of width
+    w (d, or d_e for DCCA). ``loopmoe.planning.comm`` sizes each all_to_all's send buffer with it."""
+    return cfg.num_experts_per_tok * expert_width(cfg) * bytes_per_element
+
+
 def all_to_all_bytes_per_token(
-    cfg: ConfigLike, ep: int, bytes_per_element: int = 2, num_loops: int | None = None
+    cfg: ConfigLike, ep: int, bytes_per_element: int = 2, num_loops: int | None = None, backward: bool = False
 ) -> float:
-    """Bytes one token sends through the expert-parallel all_to_all in a forward pass, expected
-    under uniform routing over ``ep`` ranks: in each of the ``P + C*T + Q`` executed MoE layers its
-    k rows of width w (d, or d_e for DCCA) are dispatched and their outputs returned, and a row
-    leaves its rank with probability ``(ep - 1) / ep``::
+    """Bytes of token rows one token sends to other ranks through the expert-parallel all_to_all,
+    expected under uniform routing over ``ep`` ranks (the one home of this formula; docs/design.md
+    §6). In each of the ``P + C*T + Q`` executed MoE layers its k rows of width w (d, or d_e for
+    DCCA) are dispatched and their outputs returned, and a row leaves its rank with probability
+    ``(ep - 1) / ep``; the backward pass (``backward=True``) runs both exchanges again, reversed::
 
-        2 * k * w * bytes_per_element * (ep - 1) / ep * (P + C*T + Q)
+        X * k * w * bytes_per_element * (ep - 1) / ep * (P + C*T + Q),   X = 2 (forward) or 4 (+ backward)
 
-    (BigMac's ``C = 2 top_k (ep-1)/ep b s h``, per token and over the executed depth.) The backward
-    pass sends the same volume again; the per-expert counts exchanged beside the rows are per
-    layer, not per token, and are not included. ``bytes_per_element``: 2 for bf16, 4 for fp32.
+    (BigMac's ``C = 2 top_k (ep-1)/ep b s h``, per token and over the executed depth.) Routing that is
+    not uniform scales it by the realised off-rank share over ``(ep - 1) / ep``. Not included: the
+    per-expert counts exchanged beside the rows (``8 E (ep - 1) / ep`` bytes per layer and rank, not
+    per token) and the forward exchanges activation checkpointing re-runs. ``bytes_per_element``: 2
+    for bf16, 4 for fp32.
     """
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
         raise ValueError(f"the expert-parallel degree ep must be a whole number >= 1, got {ep!r}")
     T = cfg.num_loops if num_loops is None else num_loops
     executed = cfg.num_prelude_layers + cfg.num_core_layers * T + cfg.num_coda_layers
-    rows = 2 * cfg.num_experts_per_tok * executed
-    return rows * expert_width(cfg) * bytes_per_element * (ep - 1) / ep
+    exchanges = 4 if backward else 2
+    return exchanges * executed * all_to_all_row_bytes(cfg, bytes_per_element) * (ep - 1) / ep
 
 
 def _layer_params(s: LayerShapes, experts: int) -> int:

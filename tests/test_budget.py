@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from loopmoe import LoopMoEForCausalLM
-from loopmoe.budget import all_to_all_bytes_per_token, compute_budget
+from loopmoe.budget import all_to_all_bytes_per_token, all_to_all_row_bytes, compute_budget
 from loopmoe.flops import count_forward_flops
 
 
@@ -51,6 +51,8 @@ def test_all_to_all_bytes_per_token(tiny_config):
     assert all_to_all_bytes_per_token(swiglu, ep=4) == 2 * 2 * 32 * 2 * 3 / 4 * 7
     assert all_to_all_bytes_per_token(swiglu, ep=2, bytes_per_element=4, num_loops=1) == 2 * 2 * 32 * 4 / 2 * 3
     assert all_to_all_bytes_per_token(dcca, ep=8) / all_to_all_bytes_per_token(swiglu, ep=8) == pytest.approx(12 / 32)
+    assert all_to_all_bytes_per_token(swiglu, ep=4, backward=True) == 4 * 2 * 32 * 2 * 3 / 4 * 7  # both passes
+    assert all_to_all_row_bytes(dcca, bytes_per_element=4) == 2 * 12 * 4  # one exchange's send rows
     assert all_to_all_bytes_per_token(dcca, ep=1) == 0  # one rank: no rows leave it
     with pytest.raises(ValueError, match="ep must be a whole number >= 1"):
         all_to_all_bytes_per_token(dcca, ep=0)

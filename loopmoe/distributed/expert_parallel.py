@@ -26,8 +26,9 @@ sizes swapped, so gradients flow back to the rank that sent each row.
 Communication volume per MoE slot and rank (forward), with ``N`` local tokens, top-``k``, row width
 ``w`` elements of ``b`` bytes, uniform routing: each exchange sends ``N*k*(ep-1)/ep`` rows off-rank,
 so ``2 * N*k*w*b*(ep-1)/ep`` bytes (dispatch + combine) plus ``8*E*(ep-1)/ep`` bytes of counts; the
-backward moves the same rows again (``docs/design.md`` §9 has the per-step formula; ``bytes_sent``
-counts what was really sent, which ``bench/expert_parallel.py`` prints beside it).
+backward moves the same rows again (per token: ``loopmoe.budget.all_to_all_bytes_per_token``;
+``docs/design.md`` §9 has the per-step formula; ``bytes_sent`` counts what was really sent, which
+``bench/expert_parallel.py`` prints beside it).
 
 Gradients. The gradient of a local expert already sums the contributions of the tokens of all
 ``ep`` ranks of the group; the remaining sum is over ``dp`` (the replicas of the block), and the

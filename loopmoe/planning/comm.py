@@ -15,8 +15,8 @@ What a step communicates, per device:
   forward uses, kept into backward (memory in ``loopmoe.planning.memory``), and again for each
   backward use after the first, since FSDP2 reshards after each use's backward: T in all (counted
   on torch's FSDP2, docs/planning.md). The root is never resharded after forward;
-- expert parallelism: an all_to_all of the routed tokens (``N k d`` activations) to their experts'
-  devices and one back, per executed MoE slot, both again in backward (and once more in a
+- expert parallelism: an all_to_all of the routed tokens (``N k w`` activations, w = d, or the DCCA
+  width: ``loopmoe.budget.all_to_all_row_bytes``) to their experts' devices and one back, per executed MoE slot, both again in backward (and once more in a
   checkpointed slot's recomputation): these sit on the critical path;
 - a few small all-reduces per step (the loss, the update guard's verdict, router counts).
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from loopmoe.budget import ConfigLike, layer_shapes
+from loopmoe.budget import ConfigLike, all_to_all_row_bytes, layer_shapes
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
 from loopmoe.planning.memory import DTYPE_BYTES, checkpointed_slots, param_split
@@ -131,7 +131,7 @@ def plan_comm(cfg: ConfigLike, layout: Layout, hw: Hardware) -> CommPlan:
         per_slot = 4  # dispatch + combine, forward and backward
         slots = cfg.executed_depth()
         count = (per_slot * slots + 2 * checkpointed_slots(cfg, layout)) * layout.grad_accum
-        a2a = count * collective_time(hw, "all_to_all", N * cfg.num_experts_per_tok * cfg.hidden_size * act, layout.ep)
+        a2a = count * collective_time(hw, "all_to_all", N * all_to_all_row_bytes(cfg, act), layout.ep)
         calls["all_to_all"] = count
 
     small_count = 2 + (1 if layout.update_guard else 0) + (1 if cfg.router_bias_update_rate > 0 else 0)

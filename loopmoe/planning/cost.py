@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from loopmoe.budget import ConfigLike, compute_budget
-from loopmoe.config import IterConditioning
+from loopmoe.config import ExpertType, IterConditioning, expert_width, router_width
 from loopmoe.planning.comm import CommPlan, plan_comm
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
@@ -58,17 +58,19 @@ def slot_gemms(cfg: ConfigLike, tokens: int, core: bool, ep: int = 1) -> list[Ge
         cfg.moe_intermediate_size,
         cfg.shared_expert_intermediate_size,
     )
-    N = tokens
+    N, w = tokens, expert_width(cfg)  # w: the experts' row width (d, or the DCCA width)
     local_experts = max(1, E // ep)
     rows = max(1, round(N * k * ep / E))  # rows per expert group, balanced routing
     gemms: list[Gemm] = [
         (N, H * hd, d, 1),  # q
         (N, Hkv * hd, d, 2),  # k, v
         (N, d, H * hd, 1),  # o
-        (N, E, d, 1),  # router
-        (rows, f, d, 2 * local_experts),  # gate, up (per expert group)
-        (rows, d, f, local_experts),  # down
+        (N, E, router_width(cfg), 1),  # router
+        (rows, f, w, 2 * local_experts),  # gate, up (per expert group)
+        (rows, w, f, local_experts),  # down
     ]
+    if ExpertType(cfg.expert_type).projects:
+        gemms += [(N, w, d, 1), (N, d, w, 1)]  # DCCA's descend and ascend, once per token
     if fs:
         gemms += [(N, fs, d, 2), (N, d, fs, 1)]
     if core and IterConditioning(cfg.iter_conditioning).uses_token:

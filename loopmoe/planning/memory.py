@@ -4,11 +4,12 @@ Parameter counts come from ``loopmoe.budget`` (exact). Activations are what auto
 executed slot, per token, in elements (read off the model's saved tensors; the tests check the
 formula against ``saved_tensors_hooks`` on real models)::
 
-    4d + (3 if qk_norm else 2)(q + kv) + [H + H_kv if qk_norm] + H + 2kd + 3kf + 2E + 6k + 10
+    4d + (3 if qk_norm else 2)(q + kv) + [H + H_kv if qk_norm] + H + 2kw + 3kf + 2E + 6k + 10
         + 4 f_s (shared experts) + (2d + 2) (sandwich norms)
+        + w (DCCA: the combined rows the ascending projection reads) + w (a DCCA router on the descended rows)
         + (9d + 2r + 1) (token-dependent modulation, IterAdaLN / adaln_token) or 4d (adaln_iter)
 
-with ``q = H h_d``, ``kv = H_kv h_d``. The step's fixed part: the fused LM-head loss keeps the head's
+with ``q = H h_d``, ``kv = H_kv h_d``, ``w`` the experts' row width (d, or the DCCA width). The step's fixed part: the fused LM-head loss keeps the head's
 gradient (``V d``, fp32) and two ``[N, d]`` tensors; RoPE tables ``2 S h_d``. A checkpointed slot
 keeps only its input (``N d``) and recomputes the rest during its backward.
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from loopmoe.budget import ConfigLike, compute_budget, global_params, layer_shapes
-from loopmoe.config import IterConditioning
+from loopmoe.config import ExpertType, IterConditioning, expert_width, router_width
 from loopmoe.model.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
@@ -79,7 +80,10 @@ def slot_activation_elements(cfg: ConfigLike, core: bool) -> int:
     k, f, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.num_experts
     q, kv = H * hd, Hkv * hd
     n = 4 * d + (3 if cfg.qk_norm else 2) * (q + kv) + ((H + Hkv) if cfg.qk_norm else 0) + H
-    n += 2 * k * d + 3 * k * f + 2 * E + 6 * k + 10
+    w = expert_width(cfg)
+    n += 2 * k * w + 3 * k * f + 2 * E + 6 * k + 10
+    if ExpertType(cfg.expert_type).projects:
+        n += w + (w if router_width(cfg) != d else 0)
     n += 4 * cfg.shared_expert_intermediate_size
     if cfg.norm_scheme != "pre":
         n += 2 * d + 2

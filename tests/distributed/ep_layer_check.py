@@ -1,11 +1,14 @@
 """One MoE layer under expert parallelism equals the same layer in one process (run under torchrun).
 
-usage: torchrun --nproc_per_node=W -m tests.distributed.ep_layer_check EP ROUTING
+usage: torchrun --nproc_per_node=W -m tests.distributed.ep_layer_check EP ROUTING [EXPERT_TYPE]
 ROUTING is ``spread`` (the router's own choices) or ``one_expert`` (a selection bias sends every
 token to experts 0 and 1, so the ranks holding the others receive zero rows). Every rank builds the
 full layer from the same seed and the global batch; it runs its own slice of the batch through the
 expert-parallel copy and checks its output, its input gradient and its experts' weight gradients
-(summed over the ranks, as the trainer's reduction does) against the single-process layer.
+(summed over the ranks, as the trainer's reduction does) against the single-process layer, and
+the gradients of every replicated parameter (the router; DCCA's descending and ascending
+projections, which run before and after the exchange) summed over all ranks. EXPERT_TYPE is
+``swiglu`` (default) or ``dcca`` (the exchange carries rows of the DCCA width, 4 here, not d = 16).
 """
 
 import sys
@@ -19,10 +22,12 @@ from loopmoe.distributed.expert_parallel import apply_expert_parallel
 from loopmoe.model.moe import SparseMoE
 
 
-def main(ep: int, routing: str) -> None:
+def main(ep: int, routing: str, expert_type: str = "swiglu") -> None:
     info = init_distributed()
     torch.manual_seed(0)
-    cfg = LoopMoEConfig(hidden_size=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+    cfg = LoopMoEConfig(
+        hidden_size=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, expert_type=expert_type
+    )
     reference = SparseMoE(cfg)
     for p in reference.parameters():
         torch.nn.init.normal_(p, std=0.5)
@@ -46,16 +51,21 @@ def main(ep: int, routing: str) -> None:
     local = cfg.num_experts // ep
     block = slice(layer.expert_parallel.rank * local, (layer.expert_parallel.rank + 1) * local)  # global ids
     exchange = layer.expert_parallel
-    exchange = layer.expert_parallel
     for name in ("gate_up_proj", "down_proj"):
         grad = getattr(layer.experts, name).grad.clone()  # from the tokens of this rank's ep group
         if exchange.grad_group is not None:
             dist.all_reduce(grad, group=exchange.grad_group)  # plus the other groups' (the dp replicas)
         torch.testing.assert_close(grad, getattr(reference.experts, name).grad[block], rtol=1e-5, atol=1e-5)
+    replicated = {n: p for n, p in layer.named_parameters() if not n.startswith("experts.")}
+    assert (layer.descend is not None) == (expert_type == "dcca")
+    for name, p in replicated.items():  # each rank's gradient is from its own tokens: sum over all ranks
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, reference.get_parameter(name).grad, rtol=1e-5, atol=1e-5)
     if routing == "one_expert" and exchange.rank > 0:  # experts 0 and 1 live on ep rank 0
         assert layer.experts.gate_up_proj.grad.abs().sum() == 0  # this rank received no rows
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]), *sys.argv[2:])

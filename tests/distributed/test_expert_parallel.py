@@ -1,6 +1,6 @@
 """Expert parallelism (gloo, 2 and 4 processes): the all_to_all dispatch equals one process, layer by
-layer (uneven routing included) and over 20 training steps of a looped LoopMoE at (dp, ep) = (1, 2)
-and (2, 2) under DDP and FSDP2; a (2, 2) checkpoint killed mid-run resumes at (1, 1), (2, 1) and
+layer (uneven routing included; SwiGLU and DCCA experts) and over 20 training steps of a looped
+LoopMoE at (dp, ep) = (1, 2) and (2, 2) under DDP and FSDP2 (and of a DCCA LoopMoE at (1, 2)); a (2, 2) checkpoint killed mid-run resumes at (1, 1), (2, 1) and
 (1, 2) with the losses of an uninterrupted run; the export is one ordinary HF checkpoint."""
 
 import shutil
@@ -19,14 +19,26 @@ from tests.distributed.test_parity import ROOT, _assert_close, _launch
 EP_ARGS = ["train.micro_batch_size=2", "model.router_bias_update_rate=0.01"]
 DUMP = {"STANDIN_DUMP_ROUTERS": "1"}
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+# per expert type: the model overrides, and the fixture holding its one-process reference run
+EXPERT_TYPES = {"swiglu": ([], "single"), "dcca": (["model.expert_type=dcca"], "single_dcca")}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("nproc", "ep", "routing"), [(2, 2, "spread"), (2, 2, "one_expert"), (4, 2, "one_expert")])
-def test_moe_layer_matches_single_process(nproc, ep, routing):
+@pytest.mark.parametrize(
+    ("nproc", "ep", "routing", "expert_type"),
+    [
+        (2, 2, "spread", "swiglu"),
+        (2, 2, "one_expert", "swiglu"),
+        (4, 2, "one_expert", "swiglu"),
+        (2, 2, "spread", "dcca"),
+        (2, 2, "one_expert", "dcca"),
+    ],
+)
+def test_moe_layer_matches_single_process(nproc, ep, routing, expert_type):
     # one_expert: every token picks experts 0 and 1, so the ranks holding the others receive zero rows
+    module = "tests.distributed.ep_layer_check"
     proc = subprocess.run(
-        [*LAUNCH, f"--nproc_per_node={nproc}", "-m", "tests.distributed.ep_layer_check", str(ep), routing],
+        [*LAUNCH, f"--nproc_per_node={nproc}", "-m", module, str(ep), routing, expert_type],
         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""},
         capture_output=True,
         text=True,
@@ -35,12 +47,20 @@ def test_moe_layer_matches_single_process(nproc, ep, routing):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ep_single")
-    proc = _launch(out, 1, *EP_ARGS, real_model=True, env_extra=DUMP)
+def _single_run(out, expert_type):
+    proc = _launch(out, 1, *EP_ARGS, *EXPERT_TYPES[expert_type][0], real_model=True, env_extra=DUMP)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _single_run(tmp_path_factory.mktemp("ep_single"), "swiglu")
+
+
+@pytest.fixture(scope="module")
+def single_dcca(tmp_path_factory):
+    return _single_run(tmp_path_factory.mktemp("ep_single_dcca"), "dcca")
 
 
 def _check_against(out, single, nproc):
@@ -58,11 +78,16 @@ def _check_against(out, single, nproc):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("nproc", "strategy"), [(2, "ddp"), (4, "ddp"), (4, "fsdp2")])
-def test_training_matches_single_process(tmp_path, single, nproc, strategy):
-    proc = _launch(tmp_path, nproc, *EP_ARGS, "dist.ep=2", f"dist.strategy={strategy}", real_model=True, env_extra=DUMP)
+@pytest.mark.parametrize(
+    ("nproc", "strategy", "expert_type"),
+    [(2, "ddp", "swiglu"), (4, "ddp", "swiglu"), (4, "fsdp2", "swiglu"), (2, "ddp", "dcca")],
+)
+def test_training_matches_single_process(request, tmp_path, nproc, strategy, expert_type):
+    overrides, reference = EXPERT_TYPES[expert_type]
+    layout = ["dist.ep=2", f"dist.strategy={strategy}", *overrides]
+    proc = _launch(tmp_path, nproc, *EP_ARGS, *layout, real_model=True, env_extra=DUMP)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _check_against(tmp_path, single, nproc)
+    _check_against(tmp_path, request.getfixturevalue(reference), nproc)
 
 
 @pytest.fixture(scope="module")

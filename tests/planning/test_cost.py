@@ -39,6 +39,7 @@ FLAT = Hardware(
         {"num_loops": 2},
         {"num_loops": 3, "num_prelude_layers": 1, "num_coda_layers": 1, "shared_expert_intermediate_size": 32},
         {"num_loops": 2, "input_injection": "concat", "iter_conditioning": "adaln_token"},
+        {"num_loops": 2, "expert_type": "dcca", "dcca_dim": 16, "dcca_router_input": "descended"},
     ],
 )
 def test_gemm_shapes_cover_the_budget_flops(overrides):
@@ -127,6 +128,9 @@ def test_expert_all_to_all_per_executed_slot():
     assert comm.collectives["all_to_all"] == 4 * cfg.executed_depth()  # dispatch + combine, fwd + bwd
     one = collective_time(FLAT, "all_to_all", 128 * 2 * 64 * 4, 4)
     assert comm.expert_all_to_all == pytest.approx(4 * cfg.executed_depth() * one)
+    dcca = plan_comm(get_preset("debug", num_loops=2, num_core_layers=2, expert_type="dcca", dcca_dim=16), lay, FLAT)
+    rows = collective_time(FLAT, "all_to_all", 128 * 2 * 16 * 4, 4)  # DCCA rows cross at width 16, not 64
+    assert dcca.expert_all_to_all == pytest.approx(4 * cfg.executed_depth() * rows)
     ac = plan_comm(cfg, Layout(devices=4, ep=4, micro_batch=2, seq_len=64, activation_checkpointing="full"), FLAT)
     assert ac.collectives["all_to_all"] == 6 * cfg.executed_depth()  # the recomputation dispatches again
 
@@ -156,6 +160,8 @@ def test_memory_static_terms_by_hand():
         {"shared_expert_intermediate_size": 32},
         {"norm_scheme": "sandwich", "qk_norm": False},
         {"num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 24, "num_key_value_heads": 1},
+        {"expert_type": "dcca", "dcca_dim": 16},
+        {"expert_type": "dcca", "dcca_dim": 8, "dcca_router_input": "descended"},
     ],
 )
 def test_activation_formula_matches_what_autograd_saves(overrides):
