@@ -99,4 +99,6 @@ def test_a_run_through_the_launcher_is_the_torchrun_run(tmp_path):
     keys = ("step", "loss", "lm_loss", "aux_loss", "grad_norm", "lr", "val_loss")
     ours, theirs = ([{k: r.get(k) for k in keys} for r in read_metrics(out)] for out in (launched, torchran))
     assert len(ours) == 3 and ours == theirs
-    assert (launched / "final" / "model.safetensors").read_bytes() == (torchran / "final" / "model.safetensors").read_bytes()
+    assert (launched / "final" / "model.safetensors").read_bytes() == (
+        torchran / "final" / "model.safetensors"
+    ).read_bytes()
