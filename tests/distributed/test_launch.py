@@ -11,6 +11,9 @@ import sys
 
 import pytest
 
+from loopmoe.cli.main import main, parse_args
+from loopmoe.cli.train import TrainOptions
+from loopmoe.options import given_overrides, options_from
 from loopmoe.training import read_metrics
 from tests.distributed.test_parity import LOOPMOE_ARGS, ROOT
 
@@ -102,3 +105,34 @@ def test_a_run_through_the_launcher_is_the_torchrun_run(tmp_path):
     assert (launched / "final" / "model.safetensors").read_bytes() == (
         torchran / "final" / "model.safetensors"
     ).read_bytes()
+
+
+def _options(argv: list[str]) -> TrainOptions:
+    args = parse_args(argv)
+    opts = options_from(TrainOptions, args)
+    opts.overrides = [*opts.overrides, *given_overrides(args)]
+    return opts
+
+
+def test_workers_run_the_same_command_less_the_launcher():
+    argv = ["train", "--nproc-per-node", "2", "c.toml", "--train.max_steps", "5", "--out", "o", "--restart", "a.b=1"]
+    opts = _options(argv)
+    assert opts.worker_command() == ["train", "c.toml", "a.b=1", "train.max_steps=5", "--out", "o", "--restart"]
+    again = _options(opts.worker_command())
+    assert again.nproc_per_node is None and again.worker_command() == opts.worker_command()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--nnodes", "2"], {}, "need --nproc-per-node N"),
+        (["--nproc-per-node", "2"], {"RANK": "0"}, "drop it when running under torchrun"),
+        (["--nproc-per-node", "0"], {}, "must be whole numbers >= 1"),
+    ],
+)
+def test_launcher_options_that_cannot_work_are_one_line(argv, env, message, monkeypatch, capsys):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", "configs/debug.toml", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
