@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loopmoe.cli.main import build_parser, main
+from loopmoe.cli.main import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -66,7 +66,7 @@ def test_readme_command(command, tmp_path, monkeypatch, capsys):
         argv = argv[argv.index("loopmoe") + 1 :]
     else:
         argv = argv[1:]
-    build_parser().parse_args(argv)  # every command parses
+    parse_args(argv)  # every command parses, as `loopmoe` parses it
     if any(command.startswith(p) for p in PARSE_ONLY) or (argv[0] == "train" and "--dry-run" not in argv):
         return
     monkeypatch.chdir(tmp_path)

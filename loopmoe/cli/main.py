@@ -46,7 +46,8 @@ def version_line() -> str:
     return f"loopmoe {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed, positional ``section.key=value`` overrides accepted anywhere."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse cannot take positional `section.key=value` overrides after options
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     quiet_library_progress()  # not on a terminal: no per-item bars of transformers / datasets in the log
     formatted = warnings.formatwarning
     warnings.formatwarning = partial(_one_line_warning, args.command)

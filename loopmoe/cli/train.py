@@ -24,6 +24,9 @@ from loopmoe.training.config import ModelSection, RunConfig
 _FROM_TOKENIZER = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
+_LAUNCHER = "multi-process launcher (instead of torchrun)"
+
+
 @dataclass
 class TrainOptions:
     """The options of ``loopmoe train`` beside the run config's own keys."""
@@ -44,6 +47,41 @@ class TrainOptions:
         help="on resume, if the corpus or tokenizer changed since the checkpoint: move the old data aside "
         "(OUT/data/<name>.stepN) and continue on rebuilt data, instead of refusing",
     )
+    nproc_per_node: int | None = option(
+        None,
+        help="start N training processes on this machine, as torchrun --nproc_per_node=N -m loopmoe train would "
+        "(same launcher and environment), but a failed run ends with one line, not torchrun's traceback",
+        aliases=("--nproc_per_node",),
+        metavar="N",
+        group=_LAUNCHER,
+        shown="one process, no launcher",
+    )
+    nnodes: int = option(
+        1, help="machines taking part (run the same command on each; with --nproc-per-node)", group=_LAUNCHER
+    )
+    node_rank: int = option(
+        0, help="this machine's index among --nnodes (0 runs the rendezvous)", aliases=("--node_rank",), group=_LAUNCHER
+    )
+    master_addr: str = option(
+        "127.0.0.1", help="address of machine 0, for --nnodes > 1", aliases=("--master_addr",), group=_LAUNCHER
+    )
+    master_port: int | None = option(
+        None,
+        help="port of the rendezvous on machine 0",
+        aliases=("--master_port",),
+        group=_LAUNCHER,
+        shown="a free port with --nnodes 1, else 29500",
+    )
+
+    def launcher_flags_given(self) -> bool:
+        return (self.nnodes, self.node_rank, self.master_addr, self.master_port) != (1, 0, "127.0.0.1", None)
+
+    def worker_command(self) -> list[str]:
+        """What each launched process runs after ``python -m loopmoe``: these options less the launcher's."""
+        command = ["train", str(self.config), *self.overrides]
+        if self.out is not None:
+            command += ["--out", str(self.out)]
+        return command + ["--restart"] * self.restart + ["--rebuild-data"] * self.rebuild_data
 
 
 def add_parser(sub) -> None:
@@ -52,7 +90,8 @@ def add_parser(sub) -> None:
         help="train a model from a run config (TOML)",
         description="Train from a TOML run config with dotted overrides (train.max_steps=100 optim.lr=3e-4, or "
         "--train.max_steps 100 --optim.lr 3e-4). Re-running the same command resumes from the newest complete "
-        "checkpoint in --out. Multi-process: torchrun --nproc_per_node=N -m loopmoe train CONFIG ...",
+        "checkpoint in --out. Multi-process: loopmoe train --nproc-per-node N CONFIG ... (or torchrun "
+        "--nproc_per_node=N -m loopmoe train CONFIG ...).",
     )
     add_options(p, TrainOptions)
     for name, cls in get_type_hints(RunConfig).items():
@@ -92,12 +131,33 @@ def run(args) -> int:
     from loopmoe.training import load_run_config, run_training
 
     opts: TrainOptions = options_from(TrainOptions, args)
-    overrides = [*opts.overrides, *given_overrides(args)]
-    cfg = load_run_config(opts.config, overrides, world_size=env_world_size())
+    opts.overrides = [*opts.overrides, *given_overrides(args)]
+    if opts.nproc_per_node is None and opts.launcher_flags_given():
+        raise ValueError("--nnodes, --node-rank, --master-addr and --master-port need --nproc-per-node N")
+    if opts.nproc_per_node is not None and "RANK" in os.environ:
+        raise ValueError("--nproc-per-node starts its own processes: drop it when running under torchrun")
+    if opts.nproc_per_node is not None and (opts.nproc_per_node < 1 or opts.nnodes < 1):
+        raise ValueError(
+            f"--nproc-per-node {opts.nproc_per_node} --nnodes {opts.nnodes}: both must be whole numbers >= 1"
+        )
+    world_size = env_world_size() if opts.nproc_per_node is None else opts.nproc_per_node * opts.nnodes
+    # Checked here, before any process starts: a config error is one line from the launcher itself.
+    cfg = load_run_config(opts.config, opts.overrides, world_size=world_size)
     out = opts.out or Path("runs") / opts.config.stem
     if opts.dry_run:
         print_dry_run(cfg)
         return 0
+    if opts.nproc_per_node is not None:
+        from loopmoe.distributed.launch import launch
+
+        return launch(
+            opts.worker_command(),
+            nproc_per_node=opts.nproc_per_node,
+            nnodes=opts.nnodes,
+            node_rank=opts.node_rank,
+            master_addr=opts.master_addr,
+            master_port=opts.master_port,
+        )
     final = run_training(cfg, out, restart=opts.restart, rebuild_data=opts.rebuild_data)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
         summary = {

@@ -157,6 +157,9 @@ def verify(path: Path) -> None:
             raise CorruptCheckpointError(f"{path}: checksum mismatch for {rel}")
 
 
+_META_FIELDS = ("step", "tokens", "skipped_steps")  # what resuming reads from meta.json
+
+
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Finished checkpoint directories (by name) in `root`, oldest first; `.tmp` dirs excluded."""
     if not root.is_dir():
@@ -170,8 +173,8 @@ def peek_latest_meta(root: Path) -> tuple[Path, dict[str, Any]] | None:
     verifying or changing anything else: what resume checks look at before they touch data or state."""
     for _, path in reversed(list_checkpoints(root)):
         try:
-            return path, cast(dict[str, Any], json.loads((path / "meta.json").read_text()))
-        except (OSError, ValueError):
+            return path, _read_meta(path)
+        except CorruptCheckpointError:
             continue
     return None
 
@@ -334,7 +337,7 @@ class CheckpointManager:
             for _, path in reversed(list_checkpoints(self.root)):
                 try:
                     verify(path)
-                    _read(path, "meta.json")
+                    _read_meta(path)
                 except CorruptCheckpointError as e:
                     warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
                     failures.append((path, str(e)))
@@ -366,20 +369,15 @@ class CheckpointManager:
                 if (path / "dcp").is_dir():  # written by several processes: resharded into this one
                     self._verified.add(path)
                     return self._load_dcp(path, model, optimizer, scheduler)
-                files = {
-                    name: _read(path, name)
-                    for name in ("model.pt", "optim.pt", "scheduler.pt", "rank_00000.pt", "meta.json")
-                }
+                meta = _read_meta(path)
+                files = {name: _read(path, name) for name in ("model.pt", "optim.pt", "scheduler.pt", "rank_00000.pt")}
+                loader = _apply(path, files, model, optimizer, scheduler)
             except CorruptCheckpointError as e:
                 warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
                 failures.append((path, str(e)))
                 continue
             self._verified.add(path)
-            unwrap(model).load_state_dict(files["model.pt"])
-            optimizer.load_state_dict(files["optim.pt"])
-            scheduler.load_state_dict(files["scheduler.pt"])
-            restore_rng(files["rank_00000.pt"]["rng"])
-            return ResumeState(path, files["meta.json"], files["rank_00000.pt"]["loader"])
+            return ResumeState(path, meta, loader)
         if failures:
             raise UnverifiableCheckpointsError(_none_verifies(self.root, failures))
         return None
@@ -392,7 +390,7 @@ class CheckpointManager:
         to their new share, see ``TokenBatchLoader.load_state_dict``) and keeps the RNG streams it was
         seeded with (``seed + rank``, as a fresh run at this layout; training draws no random numbers).
         """
-        meta = _read(path, "meta.json")
+        meta = _read_meta(path)
         if not (path / "dcp").is_dir():
             _check_world_size(path, meta, torch.distributed.get_world_size())
         state, model_state, optim_state = _dcp_state(model, optimizer)
@@ -484,6 +482,45 @@ def _scheduler_state(scheduler: Any) -> dict[str, Any]:
     if "lr_lambdas" in state:
         state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
     return state
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json, with the fields resuming reads (else CorruptCheckpointError)."""
+    meta = _read(path, "meta.json")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in _META_FIELDS):
+        raise CorruptCheckpointError(
+            f"{path / 'meta.json'} is not a checkpoint's metadata (a JSON object with whole numbers "
+            f"{', '.join(_META_FIELDS)})"
+        )
+    return meta
+
+
+def _apply(path: Path, files: Mapping[str, Any], model: nn.Module, optimizer: Any, scheduler: Any) -> Any:
+    """Put a single-process checkpoint's states into the run; returns the data loader's state.
+
+    The files passed their checksums, but may still not fit (edited by hand and resealed, or written
+    for another model): then CorruptCheckpointError, with the model, optimizer, scheduler and RNG
+    streams left as they were, so that resume can fall back to an older checkpoint."""
+    module = unwrap(model)
+    weights, expected = files["model.pt"], module.state_dict()
+    if not isinstance(weights, Mapping) or set(weights) != set(expected):
+        raise CorruptCheckpointError(f"{path / 'model.pt'} does not hold this model's weights (other names)")
+    wrong = [k for k, v in expected.items() if not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape]
+    if wrong:
+        raise CorruptCheckpointError(f"{path / 'model.pt'}: {', '.join(wrong[:3])} do not have this model's shapes")
+    before = capture_rng(), optimizer.state_dict(), scheduler.state_dict()
+    try:
+        restore_rng(files["rank_00000.pt"]["rng"])
+        loader = files["rank_00000.pt"]["loader"]
+        optimizer.load_state_dict(files["optim.pt"])
+        scheduler.load_state_dict(files["scheduler.pt"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        restore_rng(before[0])
+        optimizer.load_state_dict(before[1])
+        scheduler.load_state_dict(before[2])
+        raise CorruptCheckpointError(f"{path} does not fit this run: {type(e).__name__}: {e}") from e
+    module.load_state_dict(weights)
+    return loader
 
 
 def _read(path: Path, name: str) -> Any:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from loopmoe.atomic import clean_stale_temporaries
 from loopmoe.data import (
     CorruptShardsError,
     DataSource,
@@ -188,3 +194,53 @@ def test_text_without_blank_lines_is_split_into_documents(tmp_path, tiny_tokeniz
     assert len(list(open_source(corpus).documents())) > 1
     shards = prepare_shards(open_source(corpus), tiny_tokenizer, tmp_path / "s", val_fraction=0.2, progress=False)
     assert shards.meta.documents["val"] >= 1
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_BUILD_AND_DIE = """
+import os, signal, sys
+import loopmoe.atomic as atomic
+import loopmoe.data.shards as shards
+from loopmoe.data import load_tokenizer, open_source, prepare_shards
+
+corpus, tokenizer_dir, out, where = sys.argv[1:]
+tokenizer = load_tokenizer(tokenizer_dir)
+die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+if where == "tokenise":  # the staging train.bin / val.bin half written
+    shards._BATCH_CHARS = 4000  # several batches of documents, so the kill comes after some were written
+    real = type(tokenizer).encode_batch
+    calls = []
+    type(tokenizer).encode_batch = lambda self, texts: die() if calls.append(1) or len(calls) == 2 else real(self, texts)
+else:  # the staging folder complete, about to be swapped in
+    atomic.publish_directory = die
+prepare_shards(open_source(corpus, chunk_chars=2000), tokenizer, out, val_fraction=0.2, progress=False)
+"""
+
+
+@pytest.mark.parametrize("where", ["tokenise", "publish"])
+def test_kill_9_while_building_shards_leaves_the_old_shards(corpus_file, tiny_tokenizer, tmp_path, where):
+    # A `loopmoe train` killed while it rebuilds shards (the corpus changed): the shards in place stay the
+    # previous ones, whole; the killed build's staging folder is removed at the next start (its PID is gone)
+    # and the rebuild equals an uninterrupted one.
+    out, tokenizer_dir = tmp_path / "s", tiny_tokenizer.save(tmp_path / "tok")
+    old = prepare_shards(
+        open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.2, progress=False
+    )
+    old_bytes = {p.name: p.read_bytes() for p in out.iterdir()}
+    corpus_file.write_text(corpus_file.read_text() * 3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-c", _BUILD_AND_DIE, str(corpus_file), str(tokenizer_dir), str(out), where]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert load_shards(out).meta == old.meta and {p.name: p.read_bytes() for p in out.iterdir()} == old_bytes
+    (debris,) = [p.name for p in tmp_path.iterdir() if ".staging-" in p.name]
+    assert [p.name for p in clean_stale_temporaries(tmp_path, held=False)] == [debris]
+    rebuilt = prepare_shards(
+        open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.2, progress=False
+    )
+    fresh = prepare_shards(
+        open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, tmp_path / "fresh", val_fraction=0.2, progress=False
+    )
+    assert rebuilt.meta == fresh.meta != old.meta
+    assert (out / "train.bin").read_bytes() == (tmp_path / "fresh" / "train.bin").read_bytes()

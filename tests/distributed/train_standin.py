@@ -5,7 +5,9 @@ usage: python -m tests.distributed.train_standin OUT_DIR [section.key=value ...]
 With PARITY_MODEL=loopmoe the real LoopMoE (built from the [model] overrides) replaces the stand-in.
 With STANDIN_KILL_IN=WHAT:N the process SIGKILLs itself at the N-th call of WHAT, one of torch_save
 (a checkpoint file about to be written), sha (checksumming while sealing or verifying), publish
-(a sealed checkpoint about to be renamed into place) or rmtree (a folder about to be deleted).
+(a sealed checkpoint about to be renamed into place), rmtree (a folder about to be deleted) or
+metrics_rewrite (a resume's rewrite of metrics.jsonl: its new version written, not yet renamed over
+the old one).
 With STANDIN_DUMP_ROUTERS=1 each rank saves its final router biases into OUT_DIR/routers_rank<r>.pt.
 With STANDIN_DISK_FULL_RANK=R, rank R's own checkpoint file (rank_<R>.pt) fails with ENOSPC.
 """
@@ -18,6 +20,7 @@ import sys
 import torch
 
 import loopmoe.training.checkpoint as checkpoint
+import loopmoe.training.metrics as metrics
 import loopmoe.training.run as run
 from loopmoe.distributed.env import env_world_size
 from loopmoe.distributed.parallelize import unwrap
@@ -46,6 +49,19 @@ _TARGETS = {
 }
 
 
+def _kill_in_metrics_rewrite(n: int) -> None:
+    real, calls = metrics.atomic_write_text, [0]
+
+    def write(path, text):
+        if os.path.basename(path) == metrics.METRICS_FILE:
+            calls[0] += 1
+            if calls[0] == n:  # the process dies at the rename, so replacing it for everyone is harmless
+                os.replace = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, text)
+
+    metrics.atomic_write_text = write
+
+
 def _dump_routers_before_export() -> None:
     real = run._export_final
 
@@ -72,7 +88,10 @@ if __name__ == "__main__":
     out_dir, overrides = sys.argv[1], sys.argv[2:]
     if kill_in := os.environ.get("STANDIN_KILL_IN"):
         what, n = kill_in.split(":")
-        _kill_at(*_TARGETS[what], int(n))
+        if what == "metrics_rewrite":
+            _kill_in_metrics_rewrite(int(n))
+        else:
+            _kill_at(*_TARGETS[what], int(n))
     if (full := os.environ.get("STANDIN_DISK_FULL_RANK")) is not None:
         _disk_full_on(int(full))
     if os.environ.get("STANDIN_DUMP_ROUTERS"):

@@ -86,3 +86,15 @@ def test_training_tokenizer_folder_with_auto_map_is_refused(loopmoe_dir, tmp_pat
     with pytest.raises(ValueError, match="never runs code"):
         load_tokenizer(folder)
     assert not marker.exists()
+
+
+def test_compare_expert_load_pass_refuses_it_too(loopmoe_dir, tmp_path):
+    # `loopmoe compare` reloads each trained run's export from its --out to measure expert load: a folder
+    # planted there with an auto_map is refused like any other, its code never imported.
+    from loopmoe.compare.runner import expert_load
+
+    marker = tmp_path / "pwned"
+    folder = _evil_folder(loopmoe_dir, tmp_path / "model", marker, "evil")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        expert_load(folder, [])
+    assert not marker.exists()

@@ -106,6 +106,7 @@ def _fault_injection(tmp_path: Path, kills: list[str | tuple[int, float]]) -> No
     for key in KEYS:
         assert [r.get(key) for r in got] == [r.get(key) for r in expected], key
     assert not [p for p in (out / "checkpoints").iterdir() if ".tmp" in p.name]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # e.g. a killed rewrite's `.metrics.jsonl.tmp-PID-*`
 
 
 def test_kill_9_inside_checkpoint_writes_and_at_random_moments(tmp_path):
@@ -116,6 +117,7 @@ def test_kill_9_inside_checkpoint_writes_and_at_random_moments(tmp_path):
         [
             "publish:3",  # third checkpoint sealed, not yet renamed into place
             "rmtree:1",  # the start-up cleanup of that debris (or pruning) about to delete a folder
+            "metrics_rewrite:1",  # a resume's rewrite of metrics.jsonl written, not yet renamed into place
             (rng.randint(6, 14), rng.uniform(0, 0.05)),
         ],
     )
@@ -128,6 +130,7 @@ def test_kill_9_many_times(tmp_path, seed):
     kills: list[str | tuple[int, float]] = [
         f"{rng.choice(['torch_save', 'sha', 'publish', 'rmtree'])}:{rng.randint(1, 12)}" for _ in range(4)
     ]
+    kills += ["metrics_rewrite:1"]
     kills += [(rng.randint(1, 15), rng.uniform(0, 0.1)) for _ in range(6)]
     rng.shuffle(kills)
     _fault_injection(tmp_path, kills)
