@@ -116,7 +116,14 @@ def test_changed_corpus_is_refused_before_the_shared_data_is_rebuilt(tmp_path):
     ckpt = out / "seed0" / "reference" / "checkpoints" / "step_0000001"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text(
-        json.dumps({"step": 1, "data": {"tokenizer_sha256": "old", "shards_fingerprint": "old"}})
+        json.dumps(
+            {
+                "step": 1,
+                "tokens": 64,
+                "skipped_steps": 0,
+                "data": {"tokenizer_sha256": "old", "shards_fingerprint": "old"},
+            }
+        )
     )
     (out / "data" / "shards").mkdir(parents=True)
     (out / "data" / "shards" / "marker").write_text("trained on this")
