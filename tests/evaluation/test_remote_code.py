@@ -88,13 +88,26 @@ def test_training_tokenizer_folder_with_auto_map_is_refused(loopmoe_dir, tmp_pat
     assert not marker.exists()
 
 
-def test_compare_expert_load_pass_refuses_it_too(loopmoe_dir, tmp_path):
-    # `loopmoe compare` reloads each trained run's export from its --out to measure expert load: a folder
-    # planted there with an auto_map is refused like any other, its code never imported.
-    from loopmoe.compare.runner import expert_load
+def test_compare_evaluation_stage_refuses_it_too(loopmoe_dir, tmp_path):
+    # `loopmoe compare` reloads each trained run's export from its --out for its evaluation stage (depth
+    # curve, expert load, text, tasks): a folder planted there with an auto_map is refused like any
+    # other, its code never imported.
+    import torch
+
+    from loopmoe.compare.evaluate import evaluate_run
 
     marker = tmp_path / "pwned"
-    folder = _evil_folder(loopmoe_dir, tmp_path / "model", marker, "evil")
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        expert_load(folder, [])
+    run_dir = tmp_path / "run"
+    _evil_folder(loopmoe_dir, run_dir / "final", marker, "evil")
+    with pytest.raises(ValueError, match="asks to run its own Python"):
+        evaluate_run(
+            run_dir,
+            val_batches=lambda: [torch.zeros(1, 8, dtype=torch.long)],
+            seq_len=8,
+            depth_loops=[1],
+            text=None,
+            text_tokens=None,
+            tasks=(),
+            task_limit=None,
+        )
     assert not marker.exists()
