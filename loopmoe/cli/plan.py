@@ -149,6 +149,7 @@ def run_search(opts: PlanOptions) -> int:
         opts.seq_len,
         opts.global_batch_tokens,
         opts.flops_per_token,
+        progress=True,
     )
     if not found:
         raise ValueError(

@@ -1,91 +1,77 @@
 """The cost of one training step: compute per executed slot, communication, memory.
 
-Compute, per device and micro-batch of ``N`` tokens, for every executed (iteration, layer) slot:
+Compute is simulated op by op. ``loopmoe.planning.trace`` runs the real model's forward and
+backward on one micro-batch of ``N`` tokens under fake tensors (real shapes, no data) and tallies
+what every executed (iteration, layer) slot dispatches; each part is then charged on the
+hardware profile:
 
-- each GEMM the slot runs (attention projections, router, the ``k`` routed experts as one GEMM per
-  expert group of ``N k ep / E`` rows, shared experts, the IterAdaLN modulation), at the
-  hardware's achieved rate for its shape (``Hardware.gemm_efficiency``: the roofline's compute
-  side with the measured / typical small-GEMM falloff); backward is two GEMMs of the same size
-  per forward GEMM (input and weight gradients);
-- attention scores at the fused-attention rate (forward ``4 S^2 h_d H`` per sequence over the full
-  S x S, the budget's convention; backward 2.5x);
-- element-wise work: every saved activation written and read about four times (forward write,
-  backward read, its gradient written and read), at the memory bandwidth (the roofline's memory
-  side);
-- a fixed cost per framework op (``loopmoe.planning.trace`` counts them on the real model), plus
-  per expert-group matmul inside the expert kernel;
+- every matmul at its own shape, forward and backward (``Hardware.gemm_seconds``: measured on a
+  CPU, the roofline's compute side with a GEMM-efficiency curve on an accelerator); the expert
+  kernel's per-group matmuls for balanced routing (``N k ep / E`` rows per local expert);
+- every fused-attention call at its shape (``Hardware.attention_seconds``);
+- every other computing op's bytes (inputs + outputs) at the memory bandwidth, and the elements
+  of exp / log / softmax / SiLU-family ops at ``Hardware.transcendental_s`` each (the roofline's
+  memory side, and a CPU's slower transcendental math);
+- a fixed cost per dispatched op (``Hardware.op_overhead_s``: launch, dispatch, autograd);
 - activation checkpointing reruns the forward of every checkpointed slot during backward.
 
-Then the LM head (fused loss: three GEMMs, all in forward), the optimizer (AdamW, clipping and
-the update guard: memory-bound, ~64 bytes per parameter on the device), and communication
-(``loopmoe.planning.comm``). The step time is ``compute + exposed communication``, where the
-exposed part is what cannot hide behind compute. FLOP totals are checked against
-``loopmoe.budget.compute_budget`` (the one home of the FLOP formulas): the GEMM list here only
-adds the shapes that the rate depends on.
+Then the optimizer step (AdamW, clipping and the update guard: the bytes per parameter and ops
+per layer ``trace.optimizer_tally`` measures), and communication (``loopmoe.planning.comm``). The
+step time is ``compute + exposed communication``, where the exposed part is what cannot hide
+behind compute. The traced forward FLOPs are checked against ``loopmoe.budget.compute_budget``
+(the one home of the FLOP formulas): ``forward_flops_check``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 
 from loopmoe.budget import ConfigLike, compute_budget
-from loopmoe.config import ExpertType, IterConditioning, expert_width, router_width
 from loopmoe.planning.comm import CommPlan, plan_comm
-from loopmoe.planning.hardware import Hardware
+from loopmoe.planning.hardware import Hardware, attention_flops
 from loopmoe.planning.layout import Layout
-from loopmoe.planning.memory import (
-    DTYPE_BYTES,
-    MemoryPlan,
-    checkpointed_slots,
-    param_split,
-    plan_memory,
-    slot_activation_elements,
-)
-from loopmoe.planning.trace import op_counts
-
-Gemm = tuple[int, int, int, int]  # (m, n, k, count): count GEMMs of [m, k] @ [k, n]
-EXPERT_MATMULS_FORWARD, EXPERT_MATMULS_BACKWARD = 3, 6  # per expert group (loopmoe.model.kernels.experts)
-ELEMENTWISE_PASSES = 4  # writes + reads of each saved activation per step (forward and backward)
-OPTIMIZER_BYTES_PER_PARAM = 64  # AdamW (7 x 4 B), guard copy (6 x 4 B), finiteness check and clipping
+from loopmoe.planning.memory import DTYPE_BYTES, MemoryPlan, checkpointed_slots, param_split, plan_memory
+from loopmoe.planning.trace import PhaseTally, Tally, expert_kernel, optimizer_tally, step_tally
 
 
-def slot_gemms(cfg: ConfigLike, tokens: int, core: bool, ep: int = 1) -> list[Gemm]:
-    """The forward GEMMs of one executed slot on ``tokens`` tokens (per device)."""
-    d, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    k, E, f, fs = (
-        cfg.num_experts_per_tok,
-        cfg.num_experts,
-        cfg.moe_intermediate_size,
-        cfg.shared_expert_intermediate_size,
+@dataclass(frozen=True)
+class PartTime:
+    """Seconds of one traced part, by kind of work, and the FLOPs it runs."""
+
+    gemm: float = 0.0
+    attention: float = 0.0
+    elementwise: float = 0.0
+    overhead: float = 0.0
+    flops: float = 0.0
+
+    def __add__(self, o: PartTime) -> PartTime:
+        return PartTime(*(a + b for a, b in zip(astuple(self), astuple(o), strict=True)))
+
+    def __mul__(self, x: float) -> PartTime:
+        return PartTime(*(a * x for a in astuple(self)))
+
+    @property
+    def total(self) -> float:
+        return self.gemm + self.attention + self.elementwise + self.overhead
+
+
+def tally_time(t: Tally, hw: Hardware, dtype: str, backward: bool) -> PartTime:
+    """What ``hw`` spends on one traced tally (traced in fp32: element-wise bytes scale to ``dtype``)."""
+    gemm = sum(c * hw.gemm_seconds(m, n, k, dtype) for (m, n, k), c in t.gemms.items())
+    attention = sum(c * hw.attention_seconds(shape, backward, dtype) for shape, c in t.attention.items())
+    scores = sum(c * attention_flops(shape, backward) for shape, c in t.attention.items())
+    scale = DTYPE_BYTES[dtype] / 4
+    return PartTime(
+        gemm=gemm,
+        attention=attention,
+        elementwise=t.bytes * scale / hw.memory_bandwidth + t.transcendental * hw.transcendental_s,
+        overhead=t.ops * hw.op_overhead_s,
+        flops=t.gemm_flops() + scores,
     )
-    N, w = tokens, expert_width(cfg)  # w: the experts' row width (d, or the DCCA width)
-    local_experts = max(1, E // ep)
-    rows = max(1, round(N * k * ep / E))  # rows per expert group, balanced routing
-    gemms: list[Gemm] = [
-        (N, H * hd, d, 1),  # q
-        (N, Hkv * hd, d, 2),  # k, v
-        (N, d, H * hd, 1),  # o
-        (N, E, router_width(cfg), 1),  # router
-        (rows, f, w, 2 * local_experts),  # gate, up (per expert group)
-        (rows, w, f, local_experts),  # down
-    ]
-    if ExpertType(cfg.expert_type).projects:
-        gemms += [(N, w, d, 1), (N, d, w, 1)]  # DCCA's descend and ascend, once per token
-    if fs:
-        gemms += [(N, fs, d, 2), (N, d, fs, 1)]
-    if core and IterConditioning(cfg.iter_conditioning).uses_token:
-        r = cfg.iter_cond_rank
-        gemms += [(N, r, d, 1), (N, 6 * d, r, 1)]  # W_h, W_mod
-    return gemms
 
 
-def gemm_flops(gemms: list[Gemm]) -> float:
-    return sum(2 * m * n * k * c for m, n, k, c in gemms)
-
-
-def gemm_time(hw: Hardware, gemms: list[Gemm], dtype: str) -> float:
-    peak = hw.peak(dtype)
-    return sum(c * 2 * m * n * k / (peak * hw.gemm_efficiency(m, n, k)) for m, n, k, c in gemms)
+def phase_times(p: PhaseTally, hw: Hardware, dtype: str) -> tuple[PartTime, PartTime]:
+    return tally_time(p.forward, hw, dtype, False), tally_time(p.backward, hw, dtype, True)
 
 
 @dataclass(frozen=True)
@@ -109,78 +95,65 @@ class ComputePlan:
 
 
 def plan_compute(cfg: ConfigLike, layout: Layout, hw: Hardware) -> ComputePlan:
-    N, S, dtype = layout.tokens_per_micro_batch, layout.seq_len, layout.dtype
-    act = DTYPE_BYTES[dtype]
+    N, dtype = layout.tokens_per_micro_batch, layout.dtype
     P, Q, C, T = cfg.num_prelude_layers, cfg.num_coda_layers, cfg.num_core_layers, cfg.num_loops
     plain_slots, core_slots = P + Q, C * T
     rerun = checkpointed_slots(cfg, layout)
     core_share = core_slots / max(1, plain_slots + core_slots)
-    rerun_core, rerun_plain = rerun * core_share, rerun * (1 - core_share)
-    ops = op_counts(cfg)
-
-    def slot(core: bool, count: float, recomputed: float):
-        g = slot_gemms(cfg, N, core, layout.ep)
-        fwd = gemm_time(hw, g, dtype)
-        t_gemm = (3 * count + recomputed) * fwd  # forward + 2x backward, + rerun forward
-        flops = (3 * count + recomputed) * gemm_flops(g)
-        scores = 4 * S * S * cfg.head_dim * cfg.num_attention_heads * layout.micro_batch
-        t_attn = (3.5 * count + recomputed) * scores / (hw.peak(dtype) * hw.attention_efficiency)
-        flops += (3.5 * count + recomputed) * scores
-        elems = slot_activation_elements(cfg, core) * N
-        t_elem = (ELEMENTWISE_PASSES * count + 2 * recomputed) * elems * act / hw.memory_bandwidth
-        o = ops.core_slot if core else ops.plain_slot
-        groups = min(max(1, cfg.num_experts // layout.ep), N * cfg.num_experts_per_tok)
-        per_fwd = o.forward + EXPERT_MATMULS_FORWARD * groups
-        per_bwd = o.backward + EXPERT_MATMULS_BACKWARD * groups
-        n_ops = count * (per_fwd + per_bwd) + recomputed * per_fwd
-        return t_gemm, t_attn, t_elem, n_ops, flops, recomputed * fwd
-
-    parts = [slot(True, core_slots, rerun_core), slot(False, plain_slots, rerun_plain)]
-    t_gemm = sum(p[0] for p in parts)
-    t_attn = sum(p[1] for p in parts)
-    t_elem = sum(p[2] for p in parts)
-    n_ops = sum(p[3] for p in parts)
-    flops = sum(p[4] for p in parts)
-    recompute = sum(p[5] for p in parts)
-    # LM head with the fused loss (logits, their gradient, the head's and the input's gradients), and
-    # the concat injection; per micro-batch.
-    head: list[Gemm] = [(N, cfg.vocab_size, cfg.hidden_size, 3)]
-    if cfg.input_injection == "concat":
-        head.append((N, cfg.hidden_size, 2 * cfg.hidden_size, 3 * (T - 1)))
-    t_gemm += gemm_time(hw, head, dtype)
-    flops += gemm_flops(head)
-    t_elem += ELEMENTWISE_PASSES * 3 * N * cfg.hidden_size * act / hw.memory_bandwidth
-    n_ops += ops.base.forward + ops.base.backward + (T - 1) * (ops.iteration.forward + ops.iteration.backward)
-    accum = layout.grad_accum
+    traced = step_tally(cfg, layout.micro_batch, layout.seq_len, hw.device_type)
+    experts = expert_kernel(cfg, N, layout.ep)
+    core_f, core_b = phase_times(traced.core_slot + experts, hw, dtype)
+    plain_f, plain_b = phase_times(traced.plain_slot + experts, hw, dtype)
+    iter_f, iter_b = phase_times(traced.iteration, hw, dtype)
+    base_f, base_b = phase_times(traced.base, hw, dtype)
+    recompute = core_f * (rerun * core_share) + plain_f * (rerun * (1 - core_share))
+    micro = (
+        (core_f + core_b) * core_slots
+        + (plain_f + plain_b) * plain_slots
+        + (iter_f + iter_b) * (T - 1)
+        + base_f
+        + base_b
+        + recompute
+    )
     # Once per step: clipping, guard, AdamW over this device's parameters.
-    split = param_split(cfg, S)
-    dense, experts = split.total - split.experts, split.experts
+    split = param_split(cfg, layout.seq_len)
+    dense, expert_params = split.total - split.experts, split.experts
     shard = layout.devices if layout.sharded else 1
-    on_device = dense / shard + experts / (layout.ep * (layout.devices // layout.ep if layout.sharded else 1))
-    unique_other = C * ops.core_slot.other + (P + Q) * ops.plain_slot.other + ops.base.other
-    t_opt = OPTIMIZER_BYTES_PER_PARAM * on_device / hw.memory_bandwidth + unique_other * hw.op_overhead_s
+    on_device = dense / shard + expert_params / (layout.ep * (layout.devices // layout.ep if layout.sharded else 1))
+    opt = optimizer_tally(layout.update_guard)
+    t_opt = opt.bytes_per_param * on_device / hw.memory_bandwidth
+    t_opt += (opt.ops_per_layer * cfg.unique_layers + opt.ops_fixed) * hw.op_overhead_s
+    accum = layout.grad_accum
     return ComputePlan(
-        gemm=accum * t_gemm,
-        attention=accum * t_attn,
-        elementwise=accum * t_elem,
-        overhead=accum * n_ops * hw.op_overhead_s,
-        recompute=accum * recompute,
+        gemm=accum * micro.gemm,
+        attention=accum * micro.attention,
+        elementwise=accum * micro.elementwise,
+        overhead=accum * micro.overhead,
+        recompute=accum * recompute.total,
         optimizer=t_opt,
-        executed_flops=accum * flops,
+        executed_flops=accum * micro.flops,
     )
 
 
 def forward_flops_check(cfg: ConfigLike, seq_len: int) -> tuple[float, float]:
-    """(forward FLOPs per token from the GEMM list here, from ``loopmoe.budget``) for a one-device layout:
-    equal when the shapes cover every matmul the budget counts."""
-    N = seq_len
+    """(forward FLOPs per token of the traced slots + the LM head, from ``loopmoe.budget``) for one
+    sequence: equal when the trace sees every matmul of every slot that the budget counts. (The traced
+    base is left out: the fused loss computes the head's gradients inside forward.)"""
+    traced = step_tally(cfg, 1, seq_len)
+    experts = expert_kernel(cfg, seq_len)
     P, Q, C, T = cfg.num_prelude_layers, cfg.num_coda_layers, cfg.num_core_layers, cfg.num_loops
-    ours = (P + Q) * gemm_flops(slot_gemms(cfg, N, False)) + C * T * gemm_flops(slot_gemms(cfg, N, True))
-    ours += cfg.executed_depth() * 4 * N * N * cfg.head_dim * cfg.num_attention_heads
-    ours += 2 * N * cfg.vocab_size * cfg.hidden_size
-    if cfg.input_injection == "concat":
-        ours += (T - 1) * 2 * N * 2 * cfg.hidden_size * cfg.hidden_size
-    return ours / N, compute_budget(cfg, seq_len).flops_per_token
+
+    def fwd(p: PhaseTally) -> float:
+        return p.forward.gemm_flops() + sum(c * attention_flops(s, False) for s, c in p.forward.attention.items())
+
+    ours = (
+        C * T * fwd(traced.core_slot)
+        + (P + Q) * fwd(traced.plain_slot)
+        + (T - 1) * fwd(traced.iteration)
+        + (C * T + P + Q) * experts.forward.gemm_flops()
+        + 2 * seq_len * cfg.vocab_size * cfg.hidden_size
+    )
+    return ours / seq_len, compute_budget(cfg, seq_len).flops_per_token
 
 
 @dataclass(frozen=True)

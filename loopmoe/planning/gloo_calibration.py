@@ -24,7 +24,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, quick: bool) -> Non
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results: dict[str, list[tuple[int, float]]] = {"all_reduce": [], "all_gather": [], "reduce_scatter": []}
-    reps = 3 if quick else 7
+    reps = 4 if quick else 10
     for nbytes in SIZES:
         n = nbytes // 4
         x = torch.ones(n)
@@ -36,12 +36,15 @@ def _worker(rank: int, world: int, init_file: str, out: str, quick: bool) -> Non
             "reduce_scatter": partial(dist.reduce_scatter_tensor, shard, x),
         }
         for name, op in ops.items():
+            # Back-to-back calls after one barrier, per call: a single call after a barrier also
+            # times how late the other rank left the barrier, which dwarfs a small message.
             times = []
-            for _ in range(reps):
+            for _ in range(3):
                 dist.barrier()
                 t0 = time.perf_counter()
-                op()
-                times.append(time.perf_counter() - t0)
+                for _ in range(reps):
+                    op()
+                times.append((time.perf_counter() - t0) / reps)
             results[name].append((nbytes, statistics.median(times)))
     if rank == 0:
         import json

