@@ -99,11 +99,13 @@ def _quiet_git_commit_hash() -> str | None:
 @contextmanager
 def quiet_lm_eval() -> Iterator[None]:
     """Around ``lm_eval.simple_evaluate``: its loggers at ERROR, git asked quietly, and (not on a
-    terminal) its tqdm bars off; everything is restored afterwards."""
+    terminal) its tqdm bars off; everything is restored afterwards. transformers' tokenizer logger
+    too: lm-eval tokenises whole documents longer than ``model_max_length`` (the training length)
+    and cuts them to the model's window itself, so the "longer than the maximum" warning is noise."""
     import lm_eval.evaluator
     import tqdm.std
 
-    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "transformers.tokenization_utils_base")]
     levels = [lg.level for lg in loggers]
     git_hash = lm_eval.evaluator.get_git_commit_hash
     tqdm_init = tqdm.std.tqdm.__init__  # as a function (its class attribute is a partialmethod: kept as is)

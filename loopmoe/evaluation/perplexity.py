@@ -56,7 +56,9 @@ def read_heldout_tokens(source: str | Path, tokenizer, max_tokens: int | None = 
             raise ValueError(f"shard folder {source} has an empty val split: prepare it with val_fraction > 0")
     elif source.is_file():
         text = source.read_text(encoding="utf-8", errors="replace")  # universal newlines: CRLF files read as LF
-        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        # verbose=False: a whole text is longer than model_max_length (the training length) on purpose;
+        # it is scored in windows, so transformers' "longer than the maximum" warning is noise here.
+        ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
         if ids.size == 0:
             raise ValueError(f"held-out text {source} is empty (no tokens): pass a file with text in it")
         if not max_tokens or ids.size <= max_tokens:

@@ -5,7 +5,8 @@ shape and a parallel layout without trial runs. See docs/planning.md.
 - ``layout``: how a step is spread over devices, read from the trainer's ``RunConfig``;
 - ``cost``: compute per executed (iteration, layer) slot, and the whole step (``plan_step``);
 - ``memory``, ``comm``: memory per device, α–β collectives (loop-aware FSDP2 gathering, expert all_to_all);
-- ``trace``: framework ops per slot, counted on the real model;
+- ``trace``: what a training step dispatches, op by op (matmul and attention shapes, bytes,
+  transcendental work, op counts), traced on the real model under fake tensors;
 - ``search``: shapes balanced against a Vanilla reference x layouts that fit, ranked.
 """
 

@@ -101,16 +101,18 @@ def plan_compute(cfg: ConfigLike, layout: Layout, hw: Hardware) -> ComputePlan:
     rerun = checkpointed_slots(cfg, layout)
     core_share = core_slots / max(1, plain_slots + core_slots)
     traced = step_tally(cfg, layout.micro_batch, layout.seq_len, hw.device_type)
-    experts = expert_kernel(cfg, N, layout.ep)
+    experts = expert_kernel(cfg, N, layout.ep, hw.device_type)
     core_f, core_b = phase_times(traced.core_slot + experts, hw, dtype)
     plain_f, plain_b = phase_times(traced.plain_slot + experts, hw, dtype)
     iter_f, iter_b = phase_times(traced.iteration, hw, dtype)
+    reuse_f, reuse_b = phase_times(traced.reuse, hw, dtype)
     base_f, base_b = phase_times(traced.base, hw, dtype)
     recompute = core_f * (rerun * core_share) + plain_f * (rerun * (1 - core_share))
     micro = (
         (core_f + core_b) * core_slots
         + (plain_f + plain_b) * plain_slots
         + (iter_f + iter_b) * (T - 1)
+        + (reuse_f + reuse_b) * (C * (T - 1))
         + base_f
         + base_b
         + recompute
@@ -150,6 +152,7 @@ def forward_flops_check(cfg: ConfigLike, seq_len: int) -> tuple[float, float]:
         C * T * fwd(traced.core_slot)
         + (P + Q) * fwd(traced.plain_slot)
         + (T - 1) * fwd(traced.iteration)
+        + C * (T - 1) * fwd(traced.reuse)
         + (C * T + P + Q) * experts.forward.gemm_flops()
         + 2 * seq_len * cfg.vocab_size * cfg.hidden_size
     )

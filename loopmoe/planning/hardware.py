@@ -223,6 +223,8 @@ def cpu_profile(threads: int | None = None, calibrate: bool = True, refresh: boo
     data = None
     if path.is_file() and not refresh:
         data = json.loads(path.read_text())
+        if data.get("version") != CALIBRATION_VERSION:
+            data = None  # measured by an older procedure: its numbers mean something else now
     if data is None or str(threads) not in data["threads"]:
         if not calibrate:
             raise ValueError(
@@ -296,6 +298,9 @@ def _median_time(fn, reps: int, min_time: float = 0.05) -> float:
 
 
 GEMM_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+# Bumped when the calibration measures something differently: a cached one of another version is
+# measured again (2: per-op cost from a training step, transcendental cost).
+CALIBRATION_VERSION = 2
 
 
 def _calibrate_threads(threads: int, quick: bool) -> dict:
@@ -320,7 +325,8 @@ def _calibrate_threads(threads: int, quick: bool) -> dict:
         t = _median_time(lambda: dst.copy_(big), reps)
         bandwidth = 2 * big.numel() * 4 / t
         # Fused attention (SDPA, causal), forward + backward, rated over the full S x S score FLOPs
-        # (the budget's convention): 4*S*S*h_d*H forward, 2.5x that for backward.
+        # (the budget's convention; the rate for accelerator-style use of this profile: the planner
+        # itself times each attention shape it needs, ``measured_attention_seconds``).
         B, H, S, hd = 4, 4, 256, 32
         q, k, v = (torch.randn(B, H, S, hd, requires_grad=True) for _ in range(3))
 
@@ -328,7 +334,7 @@ def _calibrate_threads(threads: int, quick: bool) -> dict:
             torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
         t = _median_time(attn, reps)
-        attention_rate = 3.5 * 4 * B * S * S * hd * H / t
+        attention_rate = (attention_flops((B, H, S, hd), False) + attention_flops((B, H, S, hd), True)) / t
         # Transcendental math: a log-softmax over a large [rows, vocab] block (the LM loss's), beyond
         # what streaming its bytes costs.
         logits = torch.randn(1024, 2048)
@@ -337,14 +343,16 @@ def _calibrate_threads(threads: int, quick: bool) -> dict:
         # Framework overhead per op: a real training step of a tiny model (width 32, 32 tokens), whose
         # arithmetic is negligible: dispatch, autograd, allocation and the model's and trainer's Python
         # per op, as a training step sees them.
-        from loopmoe.planning.trace import tiny_trainer
+        from loopmoe.planning.trace import expert_kernel, tiny_trainer
 
-        _, trainer, ids = tiny_trainer(2)
+        model, trainer, ids = tiny_trainer(2)
 
         def step():
             trainer.train_step(iter([ids]))
 
-        ops = _count_ops(step)
+        # + the expert kernel's matmuls, which the dispatch count does not see inside its custom op
+        kernel = expert_kernel(model.config, ids.numel())
+        ops = _count_ops(step) + 2 * (kernel.forward.ops + kernel.backward.ops)
         t = _median_time(step, reps)
         return {
             "gemm": gemm,
@@ -361,12 +369,16 @@ COLD_BYTES = 96 * 2**20  # larger than the last-level cache of the CPUs this run
 @functools.lru_cache(maxsize=4096)
 def measured_gemm_seconds(m: int, n: int, k: int, threads: int) -> float:
     """One ``[m, k] @ [k, n]`` fp32 GEMM on this machine at ``threads`` threads, as a training step
-    runs it: operands coming from memory, not from the cache of a previous repetition (it cycles
-    through enough copies to overflow the last-level cache), and a freshly allocated output. A hot,
-    preallocated benchmark of the same shape is 10-45% faster on a 2-core EPYC. Timed once per process.
+    runs it: operands not left in the cache by a previous repetition (it cycles through copies,
+    ``COLD_BYTES`` of them or 64, whichever is fewer), a freshly allocated output, and the trainer's
+    allocator setting. A hot, preallocated benchmark of the same shape is 10-45% faster on a 2-core
+    EPYC. Timed once per process.
     """
     import torch
 
+    from loopmoe.training.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `loopmoe train` runs on a CPU
     per_copy = 4 * (m * k + k * n)
     copies = max(2, min(64, COLD_BYTES // max(per_copy, 1)))
     with _threads(threads):
@@ -388,6 +400,7 @@ def measured_attention_seconds(shape: tuple[int, ...], threads: int) -> tuple[fl
     import torch.nn.functional as F
 
     with _threads(threads):
+        # (keys and values with the query's heads: GQA models share them, which this slightly overstates)
         q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
         g = torch.randn(*shape)
 
@@ -396,7 +409,7 @@ def measured_attention_seconds(shape: tuple[int, ...], threads: int) -> tuple[fl
                 F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         def both():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+            torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g)
 
         return _median_time(fwd, 5, min_time=0.02), _median_time(both, 5, min_time=0.02)
 
@@ -438,6 +451,7 @@ def calibrate_cpu(threads: list[int] | None = None, quick: bool = False, gloo: b
     cores = os.cpu_count() or 1
     threads = threads or sorted({1, cores})
     data = {
+        "version": CALIBRATION_VERSION,
         "cpu": _cpu_name(),
         "cores": cores,
         "memory_bytes": _memory_bytes(),

@@ -17,11 +17,17 @@ that tallies every aten op by phase:
 
 The expert kernel (``loopmoe::experts_loop``) is one custom op here; its per-expert-group
 matmuls and element-wise work depend on routing, which fake tensors do not have, so
-``expert_kernel`` adds them for balanced routing. Four traces separate what every executed slot
-costs from what the step costs once (``C`` = core layers, ``T`` = loops, ``P`` = prelude layers)::
+``expert_kernel`` adds them for balanced routing. Five traces separate what every executed slot
+costs from what the step costs once (``C`` = core layers, ``T`` = loops, ``P`` = prelude layers);
+the step is ``base + C T core + (P + Q) plain + (T - 1) iteration + C (T - 1) reuse``::
 
-    A: C=1, T=1      B: C=2, T=1      L: C=1, T=2      D: P=1, C=1, T=1
-    core slot = B - A      iteration = L - B      plain slot = D - A      base = A - core slot
+    A: C=1, T=1     B: C=2, T=1     L: C=1, T=2     X: C=2, T=2     D: P=1, C=1, T=1
+    core slot = B - A     reuse = X - L - 2 core slot     iteration = L - B - reuse
+    plain slot = D - A     base = A - core slot
+
+(a weight used in T iterations gets its gradient summed T - 1 times: the reuse, per core layer and
+extra iteration; the concat injection's weight, used T - 1 times, is summed in the iteration
+term once and not again beyond T = 2, a few [d, 2d] additions).
 
 The optimizer step (clipping, the update guard, AdamW) reads real values (finiteness checks), so
 it is tallied on a real tiny model instead (``optimizer_tally``): its ops per unique layer and its
@@ -122,15 +128,6 @@ class Tally:
             _combine(self.attention, o.attention, -1),
         )
 
-    def scaled(self, x: float) -> Tally:
-        return Tally(
-            self.ops * x,
-            self.bytes * x,
-            self.transcendental * x,
-            Counter({s: c * x for s, c in self.gemms.items()}),
-            Counter({s: c * x for s, c in self.attention.items()}),
-        )
-
     def gemm_flops(self) -> float:
         return sum(2 * m * n * k * c for (m, n, k), c in self.gemms.items())
 
@@ -159,6 +156,7 @@ class StepTally:
     core_slot: PhaseTally  # one executed core slot
     plain_slot: PhaseTally  # one prelude / coda slot
     iteration: PhaseTally  # per core iteration beyond the first (conditioning signal, injection)
+    reuse: PhaseTally  # per core layer and iteration beyond the first: summing its weights' gradients
     base: PhaseTally  # embedding, final norm, LM head and loss
 
 
@@ -167,7 +165,7 @@ def step_tally(cfg: ConfigLike, micro_batch: int, seq_len: int, device_type: str
     kernels the model picks on ``device_type`` (cached)."""
     fields = tuple((k, getattr(cfg, k)) for k in CONFIG_FIELDS if k not in _LAYOUT_FIELDS)
     plain, looped = cfg.num_prelude_layers + cfg.num_coda_layers > 0, cfg.num_loops > 1
-    return _step_tally(fields, micro_batch, seq_len, device_type, plain, looped)
+    return _step_tally(fields, micro_batch, seq_len, device_type, plain, looped, looped and cfg.num_core_layers > 1)
 
 
 # The layer counts: the four traces set their own, so configs that differ only there share them.
@@ -176,7 +174,7 @@ _LAYOUT_FIELDS = ("num_core_layers", "num_loops", "num_prelude_layers", "num_cod
 
 @functools.lru_cache(maxsize=256)
 def _step_tally(
-    fields: tuple, micro_batch: int, seq_len: int, device_type: str, plain: bool, looped: bool
+    fields: tuple, micro_batch: int, seq_len: int, device_type: str, plain: bool, looped: bool, reused: bool
 ) -> StepTally:
     base = dict(fields)
     base.update(max_position_embeddings=max(base["max_position_embeddings"], seq_len))
@@ -187,13 +185,17 @@ def _step_tally(
             f["input_injection"] = "none"  # injection needs T > 1; the iteration difference counts it
         return _trace(LoopMoEConfig(**f), micro_batch, seq_len, device_type)
 
+    # (the plain slot, the iteration and the reuse are traced only where a config has them)
     nothing = PhaseTally(Tally(), Tally())
     a, b = run(1, 1, 0), run(2, 1, 0)
     core = b - a
+    looped_1 = run(1, 2, 0) if looped else nothing
+    reuse = run(2, 2, 0) - looped_1 - core - core if reused else nothing
     return StepTally(
         core_slot=core,
-        plain_slot=run(1, 1, 1) - a if plain else nothing,  # (traced only where a config has such slots)
-        iteration=run(1, 2, 0) - b if looped else nothing,
+        plain_slot=run(1, 1, 1) - a if plain else nothing,
+        iteration=looped_1 - b - reuse if looped else nothing,
+        reuse=reuse,
         base=a - core,
     )
 
@@ -254,8 +256,7 @@ def _trace(cfg: LoopMoEConfig, micro_batch: int, seq_len: int, device_type: str)
             return out
 
     with FakeTensorMode(allow_non_fake_inputs=True), _loss_chunks_of(device_type):
-        torch.manual_seed(0)
-        model = LoopMoEForCausalLM(cfg).train()
+        model = LoopMoEForCausalLM(cfg).train()  # (fake initialisation: no random numbers drawn)
         ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
         with Tallying():
             loss = model(input_ids=ids, labels=ids).loss
@@ -263,28 +264,30 @@ def _trace(cfg: LoopMoEConfig, micro_batch: int, seq_len: int, device_type: str)
     return PhaseTally(phases["forward"], phases["backward"])
 
 
-def expert_kernel(cfg: ConfigLike, tokens: int, ep: int = 1) -> PhaseTally:
+def expert_kernel(cfg: ConfigLike, tokens: int, ep: int = 1, device_type: str = "cpu") -> PhaseTally:
     """The work inside one call of the expert kernel on ``tokens`` tokens per device, for balanced
     routing: ``N k`` rows over the local experts (``E / ep`` groups of ``N k ep / E`` rows each
     after the all_to_all). Per group, forward: gate and up ``[n, w] @ [w, f]``, down
     ``[n, f] @ [f, w]``; backward: ``gy W_d``, ``gy^T a``, the gate / up weight gradients and the
     input gradient (two GEMMs each). Element-wise: SiLU and the product in forward (5 passes over
-    ``[M, f]``), the recomputed product, SiLU's backward and two products in backward (13 passes),
-    and zeroing the weight gradients of experts without rows.
+    ``[M, f]``), the recomputed product, SiLU's backward and two products in backward (12 passes).
+    Ops: on a CPU (``experts_loop``) one matmul per group and pass; on an accelerator
+    (``experts_grouped_mm``) one grouped GEMM per projection whatever the group count.
     """
     k, E, f, w = cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size, expert_width(cfg)
     groups = max(1, E // ep)
     rows_total = tokens * k  # rows this device's experts get, whatever ep is (balanced all_to_all)
     n = max(1, round(rows_total / groups))
+    grouped = device_type != "cpu"
     fwd = Tally(
-        ops=2 + 3 * groups,
+        ops=6 if grouped else 2 + 3 * groups,  # cumsum, 2 grouped GEMMs, chunk, silu, mul
         bytes=5 * rows_total * f * 4,
         transcendental=rows_total * f,
         gemms=_gemms([((n, f, w), 2 * groups), ((n, w, f), groups)]),
     )
     bwd = Tally(
-        ops=8 + 6 * groups,
-        bytes=13 * rows_total * f * 4,
+        ops=14 if grouped else 8 + 6 * groups,  # 4 grouped GEMMs, the products, silu_backward, cat
+        bytes=12 * rows_total * f * 4,
         transcendental=rows_total * f,
         gemms=_gemms([((n, f, w), groups), ((w, f, n), groups), ((f, w, n), 2 * groups), ((n, w, f), 2 * groups)]),
     )

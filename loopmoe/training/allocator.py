@@ -8,8 +8,10 @@ step takes them back page by page, each page a fault that the kernel zeroes. On 
 to ~70, and steps 1.15x faster with one thread, 1.10x with two (``python -m bench.cpu_allocator``,
 PERFORMANCE.md).
 
-The memory is kept, not leaked: it is reused by the next step, and the process's resident size
-stays at its peak, which a training loop reaches every step anyway. Accelerators are unaffected
+The memory is kept, not leaked: it is reused by the next step. The process's resident size stays
+near its peak, which a training loop reaches every step anyway, plus what fragmentation of the kept
+heap adds (resident memory then overstates live tensors, as it already does with glibc's adaptive
+defaults). Accelerators are unaffected
 (their caching allocators already keep memory). A user's own ``MALLOC_*`` / ``GLIBC_TUNABLES``
 settings win: nothing is changed when any is set.
 """
@@ -32,13 +34,15 @@ _done: list[bool] = []
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory in the process (once per process); True when it is set.
 
-    A no-op (False) off Linux, on a libc that is not glibc, and when the user set malloc tunables.
+    A no-op (False) off Linux, on a libc that is not glibc, with another allocator preloaded, and when
+    the user set malloc tunables.
     """
     if _done:
         return _done[0]
     _done.append(False)
     user_set = any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ)
-    if not sys.platform.startswith("linux") or user_set:
+    other_malloc = any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc"))
+    if not sys.platform.startswith("linux") or user_set or other_malloc:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
