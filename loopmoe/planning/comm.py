@@ -77,10 +77,11 @@ class CommPlan:
     small: float
     collectives: dict  # collective kind -> calls per step
     hideable: float  # the part that may overlap compute (gradient reduce + weight gather)
+    fsdp2_framework: float = 0.0  # FSDP2's own work around its collectives (exposed)
 
     @property
     def total(self) -> float:
-        return self.gradient_reduce + self.weight_gather + self.expert_all_to_all + self.small
+        return self.gradient_reduce + self.weight_gather + self.expert_all_to_all + self.small + self.fsdp2_framework
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -137,4 +138,5 @@ def plan_comm(cfg: ConfigLike, layout: Layout, hw: Hardware) -> CommPlan:
     small_count = 2 + (1 if layout.update_guard else 0) + (1 if cfg.router_bias_update_rate > 0 else 0)
     small = small_count * collective_time(hw, "all_reduce", 64, n)
     calls["all_reduce"] = calls.get("all_reduce", 0) + small_count
-    return CommPlan(reduce, gather, a2a, small, calls, reduce + gather)
+    fsdp2 = (calls.get("all_gather", 0) + calls.get("reduce_scatter", 0)) * hw.fsdp2_call_overhead_s
+    return CommPlan(reduce, gather, a2a, small, calls, reduce + gather, fsdp2)

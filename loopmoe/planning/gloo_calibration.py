@@ -1,8 +1,15 @@
-"""The α–β of gloo collectives between two local processes (the CPU profile's links).
+"""The α–β of gloo collectives between two local processes (the CPU profile's links), and FSDP2's
+own cost per collective.
 
 Two processes are spawned with a file-store gloo group; each collective is timed at sizes from
 1 KiB to 16 MiB and ``t = α + bytes_on_the_wire / β`` is fitted by least squares, where the bytes
 on the wire are the ring algorithm's (``comm.wire_bytes``), so the same β serves every collective.
+
+FSDP2 spends time of its own around each all-gather and reduce-scatter (its forward and backward
+hooks, the copy-in and copy-out of the flat buffers), which neither the collective nor the model's
+ops include: one process (a group of one, so the collectives move nothing) times a tiny model's
+training step with and without ``fully_shard`` and divides the difference by the FSDP2
+collectives of that step (``comm.plan_comm``'s count).
 """
 
 from __future__ import annotations
@@ -53,6 +60,55 @@ def _worker(rank: int, world: int, init_file: str, out: str, quick: bool) -> Non
     dist.destroy_process_group()
 
 
+def _fsdp_worker(rank: int, init_file: str, out: str, quick: bool) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from loopmoe.distributed import apply_fsdp2, build_mesh
+    from loopmoe.planning.trace import tiny_trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    mesh = build_mesh(1, "cpu", 1)
+    times = {}
+    for name, wrap in (("plain", None), ("fsdp2", lambda m: apply_fsdp2(m, mesh))):
+        _, trainer, ids = tiny_trainer(2, wrap=wrap)
+        for _ in range(2):
+            trainer.train_step(iter([ids]))
+        steps = []
+        for _ in range(8 if quick else 25):
+            t0 = time.perf_counter()
+            trainer.train_step(iter([ids]))
+            steps.append(time.perf_counter() - t0)
+        times[name] = statistics.median(steps)
+    Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def measure_fsdp2_overhead(quick: bool = False) -> float:
+    """Seconds FSDP2 itself adds per all-gather or reduce-scatter call (see the module docstring)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from loopmoe.planning.comm import plan_comm
+    from loopmoe.planning.layout import Layout
+    from loopmoe.planning.trace import tiny_trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "fsdp.json")
+        mp.start_processes(_fsdp_worker, args=(str(Path(tmp) / "init"), out, quick), nprocs=1, start_method="spawn")
+        times = json.loads(Path(out).read_text())
+    from loopmoe.planning.hardware import PROFILES
+
+    model, _, ids = tiny_trainer(2)
+    lay = Layout(devices=2, strategy="fsdp2", micro_batch=ids.shape[0], seq_len=ids.shape[1])
+    calls = plan_comm(model.config, lay, PROFILES["h100"]).collectives
+    return max(0.0, times["fsdp2"] - times["plain"]) / (calls["all_gather"] + calls["reduce_scatter"])
+
+
 def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares ``t = α + x / β`` over (wire bytes x, seconds t); α >= 0."""
     xs, ts = [p[0] for p in points], [p[1] for p in points]
@@ -85,4 +141,5 @@ def measure_gloo(quick: bool = False, world: int = 2) -> dict:
         "latency_s": statistics.median(f["latency_s"] for f in fits.values()),
         "bandwidth": statistics.median(f["bandwidth"] for f in fits.values()),
         "collectives": fits,
+        "fsdp2_call_overhead_s": measure_fsdp2_overhead(quick),
     }

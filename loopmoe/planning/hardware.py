@@ -58,6 +58,9 @@ class Hardware:
     allocator_overhead: float = 0.05  # fragmentation / caching allocator slack over live bytes
     device_type: str = "cuda"  # which kernels the model picks (loss chunking, expert kernel)
     comm_overlap: float = 0.9  # share of gradient-reduce / weight-gather time that can hide behind compute
+    # FSDP2's own work per all-gather / reduce-scatter (hooks, copy-in / copy-out): measured on a CPU;
+    # on an accelerator it runs on the host ahead of the kernels and is taken as hidden (0)
+    fsdp2_call_overhead_s: float = 0.0
     transcendental_s: float = 0.0  # extra seconds per element of exp / log / softmax / SiLU-family ops
     measure_kernels: bool = False  # time each GEMM / attention shape on this machine (cpu)
     sources: str = ""
@@ -270,6 +273,7 @@ def cpu_from_calibration(data: dict, threads: int) -> Hardware:
         allocator_overhead=0.0,
         # gloo runs its collectives on CPU threads that compete with compute for the same cores
         comm_overlap=0.0,
+        fsdp2_call_overhead_s=comm.get("fsdp2_call_overhead_s", 0.0),
         sources="measured by loopmoe.planning.hardware.calibrate_cpu",
         extra={"gloo": comm, "threads": threads},
     )
@@ -299,8 +303,8 @@ def _median_time(fn, reps: int, min_time: float = 0.05) -> float:
 
 GEMM_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 # Bumped when the calibration measures something differently: a cached one of another version is
-# measured again (2: per-op cost from a training step, transcendental cost).
-CALIBRATION_VERSION = 2
+# measured again (2: per-op cost from a training step, transcendental cost; 3: FSDP2's cost per call).
+CALIBRATION_VERSION = 3
 
 
 def _calibrate_threads(threads: int, quick: bool) -> dict:

@@ -328,9 +328,10 @@ def _optimizer_tally(update_guard: bool) -> OptimizerTally:
     )
 
 
-def tiny_trainer(layers: int, update_guard: bool = True):
+def tiny_trainer(layers: int, update_guard: bool = True, wrap=None):
     """A real tiny model (width 32) with its ``Trainer``, one step in (optimizer state exists, as in a
-    long run), and its batch: for what does not depend on the width (ops per step)."""
+    long run), and its batch: for what does not depend on the width (ops per step). ``wrap``: applied
+    to the model before the optimizer is built (a parallelism wrapper)."""
     import torch
 
     from loopmoe.model import LoopMoEForCausalLM
@@ -355,6 +356,8 @@ def tiny_trainer(layers: int, update_guard: bool = True):
         torch.manual_seed(0)
         model = LoopMoEForCausalLM(cfg).train()
         ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    if wrap is not None:
+        model = wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     trainer = Trainer(

@@ -162,6 +162,13 @@ def test_fsdp2_gathers_the_core_per_use_or_once(loops):
     assert once.collectives["all_gather"] == loops * C + 1  # once in forward, T - 1 more in backward
     assert per_use.collectives["reduce_scatter"] == once.collectives["reduce_scatter"] == C + 1
     assert once.weight_gather < per_use.weight_gather
+    # FSDP2's own work (hooks, copy-in / copy-out) per gather and reduce-scatter, exposed.
+    hooked = plan_comm(
+        cfg, Layout(devices=2, strategy="fsdp2"), Hardware(**{**FLAT.as_dict(), "fsdp2_call_overhead_s": 1e-3})
+    )
+    calls = per_use.collectives["all_gather"] + per_use.collectives["reduce_scatter"]
+    assert hooked.fsdp2_framework == pytest.approx(calls * 1e-3) and per_use.fsdp2_framework == 0.0
+    assert hooked.total - per_use.total == pytest.approx(calls * 1e-3)
     # ... and keeping the core gathered costs its full weights in memory.
     mem_per_use = plan_memory(cfg, Layout(devices=2, strategy="fsdp2"), FLAT)
     mem_once = plan_memory(cfg, Layout(devices=2, strategy="fsdp2", reshard_after_forward=False), FLAT)
