@@ -194,3 +194,23 @@ def fwd_bwd(model, ids):
         model(input_ids=ids, labels=ids).loss.backward()
 
     return step
+
+
+def config_trainer(cfg, vocab: int, info):
+    """The trainer `loopmoe train` builds for the RunConfig ``cfg`` (model parallelised as it does),
+    seeded by the caller, to time on ``random_batches``."""
+    from loopmoe.model import LoopMoEForCausalLM
+    from loopmoe.training import build_model_config
+    from loopmoe.training.optim import build_optimizer, build_scheduler
+    from loopmoe.training.run import _parallelize, trainer_for
+
+    model = _parallelize(LoopMoEForCausalLM(build_model_config(cfg, vocab)), cfg, info)
+    optimizer = build_optimizer(model, cfg)
+    return trainer_for(model, optimizer, build_scheduler(optimizer, cfg), cfg, info)
+
+
+def random_batches(cfg, vocab: int, seed: int):
+    """An endless stream of uniform random token batches of ``cfg``'s micro-batch shape."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
+    return iter(lambda: torch.randint(0, vocab, shape, generator=g), None)

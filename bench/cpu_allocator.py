@@ -30,33 +30,18 @@ def child(keep: bool, threads: int, steps: int) -> None:
 
     import torch
 
-    from loopmoe.training import build_model_config, load_run_config
+    from loopmoe.distributed.env import init_distributed
+    from loopmoe.training import load_run_config
     from loopmoe.training.allocator import keep_freed_memory
     from loopmoe.training.builders import planned_vocab_size
-    from loopmoe.training.optim import build_optimizer, build_scheduler
-    from loopmoe.training.trainer import Trainer
 
     kept = keep_freed_memory() if keep else False
     torch.set_num_threads(threads)
     cfg = load_run_config("configs/debug.toml", [f"train.max_steps={steps + WARMUP + 10}"])
     vocab, _ = planned_vocab_size(cfg)
     torch.manual_seed(0)
-    from loopmoe.model import LoopMoEForCausalLM
-
-    model = LoopMoEForCausalLM(build_model_config(cfg, vocab))
-    optimizer = build_optimizer(model, cfg)
-    trainer = Trainer(
-        model,
-        optimizer,
-        build_scheduler(optimizer, cfg),
-        grad_accum=1,
-        grad_clip=cfg.train.grad_clip,
-        device=torch.device("cpu"),
-        autocast_dtype=None,
-        update_guard=cfg.train.update_guard,
-    )
-    g = torch.Generator().manual_seed(1)
-    batches = iter(lambda: torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.data.seq_len), generator=g), None)
+    trainer = common.config_trainer(cfg, vocab, init_distributed())  # one process: the CPU, no wrapper
+    batches = common.random_batches(cfg, vocab, seed=1)
     for _ in range(WARMUP):
         trainer.train_step(batches)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -111,12 +111,9 @@ def child(overrides: list[str], steps: int) -> None:
     import torch
 
     from loopmoe.distributed.env import all_reduce_sum_, init_distributed, teardown_distributed
-    from loopmoe.training import build_model_config, load_run_config
+    from loopmoe.training import load_run_config
     from loopmoe.training.allocator import keep_freed_memory
     from loopmoe.training.builders import planned_vocab_size
-    from loopmoe.training.optim import build_optimizer, build_scheduler
-    from loopmoe.training.run import _parallelize
-    from loopmoe.training.trainer import Trainer, resolve_precision
 
     info = init_distributed()
     keep_freed_memory()  # as `loopmoe train` does on a CPU (a no-op in the memory runs: MEMORY_ENV is set)
@@ -124,24 +121,8 @@ def child(overrides: list[str], steps: int) -> None:
     vocab, _ = planned_vocab_size(cfg)
     torch.manual_seed(cfg.train.seed)
     baseline = _rss_kib("RssAnon")
-    from loopmoe.model import LoopMoEForCausalLM
-
-    model = _parallelize(LoopMoEForCausalLM(build_model_config(cfg, vocab)), cfg, info)
-    optimizer = build_optimizer(model, cfg)
-    trainer = Trainer(
-        model,
-        optimizer,
-        build_scheduler(optimizer, cfg),
-        grad_accum=cfg.grad_accum_for(info.world_size),
-        grad_clip=cfg.train.grad_clip,
-        device=info.device,
-        autocast_dtype=resolve_precision(cfg.train.precision, info.device),
-        world_size=info.world_size,
-        update_guard=cfg.train.update_guard,
-    )
-    g = torch.Generator().manual_seed(1000 + info.rank)
-    shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
-    batches = iter(lambda: torch.randint(0, vocab, shape, generator=g), None)
+    trainer = common.config_trainer(cfg, vocab, info)
+    batches = common.random_batches(cfg, vocab, seed=1000 + info.rank)
     for _ in range(WARMUP):
         trainer.train_step(batches)
     # Peak = anonymous memory held between steps over the pre-model baseline (parameters, optimizer

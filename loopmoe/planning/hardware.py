@@ -223,17 +223,18 @@ def cpu_profile(threads: int | None = None, calibrate: bool = True, refresh: boo
     cores = os.cpu_count() or 1
     threads = threads or cores
     path = cache_path()
-    data = None
+    data, why = None, f"no CPU calibration in {path}"
     if path.is_file() and not refresh:
         data = json.loads(path.read_text())
-        if data.get("version") != CALIBRATION_VERSION:
-            data = None  # measured by an older procedure: its numbers mean something else now
+        version = data.get("version")
+        if version != CALIBRATION_VERSION:  # an older procedure: its numbers mean something else now
+            why = f"the CPU calibration in {path} is outdated (version {version}, now {CALIBRATION_VERSION})"
+            data = None
+        elif str(threads) not in data["threads"]:
+            why = f"the CPU calibration in {path} has no entry for {threads} threads"
     if data is None or str(threads) not in data["threads"]:
         if not calibrate:
-            raise ValueError(
-                f"no CPU calibration for {threads} threads in {path}: run `loopmoe plan --calibrate` "
-                "(about 30 s) or pass a GPU --hardware"
-            )
+            raise ValueError(f"{why}: run `loopmoe plan --calibrate` (about 30 s) or pass a GPU --hardware")
         data = calibrate_cpu(sorted({1, threads, cores}))
         save_calibration(data, path)
     return cpu_from_calibration(data, threads)

@@ -105,6 +105,23 @@ def _parallelize(model: nn.Module, cfg: RunConfig, info: DistInfo) -> nn.Module:
     return apply_ddp(model, info.device)
 
 
+def trainer_for(model: nn.Module, optimizer, scheduler, cfg: RunConfig, info: DistInfo) -> Trainer:
+    """The ``Trainer`` of ``cfg``'s run on this process (``model`` already parallelised): accumulation
+    over the world size, clipping, precision and the update guard as the config sets them."""
+    t = cfg.train
+    return Trainer(
+        model,
+        optimizer,
+        scheduler,
+        grad_accum=cfg.grad_accum_for(info.world_size),
+        grad_clip=t.grad_clip,
+        device=info.device,
+        autocast_dtype=resolve_precision(t.precision, info.device),
+        world_size=info.world_size,
+        update_guard=t.update_guard,
+    )
+
+
 def _diff(saved: Any, current: Any, key: str) -> list[str]:
     """``key: old -> new`` for every setting that differs (tables compared key by key)."""
     if isinstance(saved, dict) and isinstance(current, dict):
@@ -350,17 +367,7 @@ def _run(
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
 
-    trainer = Trainer(
-        model,
-        optimizer,
-        scheduler,
-        grad_accum=cfg.grad_accum_for(info.world_size),
-        grad_clip=t.grad_clip,
-        device=info.device,
-        autocast_dtype=resolve_precision(t.precision, info.device),
-        world_size=info.world_size,
-        update_guard=t.update_guard,
-    )
+    trainer = trainer_for(model, optimizer, scheduler, cfg, info)
     logger = MetricsLogger(
         out_dir,
         enabled=info.is_main,

@@ -279,3 +279,21 @@ def test_accelerator_profiles_and_cpu_calibration():
     assert hw.peak("fp32") == 4e9 and hw.gemm_efficiency(32, 32, 32) == pytest.approx(0.25)
     assert hw.attention_efficiency == 0.5 and hw.latency_s == 1e-4
     assert math.isclose(hw.gemm_efficiency(256, 256, 256), 1.0)
+
+
+def test_a_missing_or_outdated_cpu_calibration_says_which(tmp_path, monkeypatch):
+    import json
+
+    from loopmoe.planning.hardware import CALIBRATION_VERSION, cache_path, cpu_profile
+
+    monkeypatch.setenv("LOOPMOE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="no CPU calibration in .*loopmoe plan --calibrate"):
+        cpu_profile(1, calibrate=False)
+    cache_path().write_text(json.dumps({"version": CALIBRATION_VERSION - 1, "threads": {"1": {}}}))
+    with pytest.raises(
+        ValueError, match=f"outdated \\(version {CALIBRATION_VERSION - 1}, now {CALIBRATION_VERSION}\\)"
+    ):
+        cpu_profile(1, calibrate=False)
+    cache_path().write_text(json.dumps({"version": CALIBRATION_VERSION, "threads": {"2": {}}}))
+    with pytest.raises(ValueError, match="has no entry for 1 threads"):
+        cpu_profile(1, calibrate=False)

@@ -11,10 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import json, resource, torch
-import sys
 from loopmoe.training.allocator import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else None
-again = keep_freed_memory() if sys.argv[1] == "keep" else None
+kept = keep_freed_memory()
+again = keep_freed_memory()
 
 
 def step():  # blocks of 0.25-6 MiB live together, then freed, as activations in a training step
@@ -32,10 +31,10 @@ print(json.dumps({"kept": kept, "again": again, "faults": resource.getrusage(res
 """
 
 
-def _probe(mode: str, **env: str) -> dict:
+def _probe(**env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode],
+        [sys.executable, "-c", PROBE],
         env={**clean, "PYTHONPATH": str(ROOT), **env},
         cwd=ROOT,
         capture_output=True,
@@ -47,7 +46,7 @@ def _probe(mode: str, **env: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_kept_and_not_faulted_back_in():
-    kept = _probe("keep")
+    kept = _probe()
     if not kept["kept"]:
         pytest.skip("not glibc (musl, or another allocator preloaded): nothing to set")
     assert kept["again"]  # set once, idempotent
@@ -55,10 +54,10 @@ def test_freed_memory_is_kept_and_not_faulted_back_in():
     # The same steps fault ~1,500 times each when glibc hands freed blocks back (here: a user's pinned
     # mmap threshold, which the setting leaves alone; glibc's adaptive default does so some of the
     # time, depending on what the process freed before).
-    handed_back = _probe("keep", MALLOC_MMAP_THRESHOLD_="131072")
+    handed_back = _probe(MALLOC_MMAP_THRESHOLD_="131072")
     assert not handed_back["kept"] and handed_back["faults"] > 10_000
 
 
 def test_a_users_malloc_settings_win():
-    assert not _probe("keep", MALLOC_ARENA_MAX="2")["kept"]
-    assert not _probe("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")["kept"]
+    assert not _probe(MALLOC_ARENA_MAX="2")["kept"]
+    assert not _probe(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")["kept"]
