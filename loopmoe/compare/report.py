@@ -419,7 +419,9 @@ def _cost_rows(runs: dict[str, dict[int, dict]], tokens_per_step: int, steps: in
 
 
 def _environments(runs: dict[str, dict[int, dict]], current: dict[str, Any]) -> list[str]:
-    """The environments training sessions recorded, and the one evaluating and reporting now."""
+    """The environments training sessions recorded, and the one writing this report. Measurements stored
+    in a run's ``eval/`` are reused by later reports (keyed on the weights and the settings), so they
+    may come from an earlier commit than the report's."""
     keys = ("commit", "torch", "transformers", "python", "hardware")
     seen: dict[tuple, int] = {}
     unrecorded = 0
@@ -434,8 +436,14 @@ def _environments(runs: dict[str, dict[int, dict]], current: dict[str, Any]) -> 
     rows = [("training", n, *key) for key, n in seen.items()]
     if unrecorded:
         rows.append(("training", unrecorded, *["not recorded (sessions from before cost.json kept it)"] * len(keys)))
-    rows.append(("evaluation and this report", "", *(current.get(k) for k in keys)))
-    return [markdown_table(("what", "sessions", *keys), rows)]
+    rows.append(("this report", "", *(current.get(k) for k in keys)))
+    return [
+        markdown_table(("what", "sessions", *keys), rows),
+        "",
+        "Evaluations are measured once per run and stored in its `eval/` folder, keyed on a hash of the "
+        "weights and the measurement's settings; a later report reuses them, so they may come from an "
+        "earlier commit than this report's.",
+    ]
 
 
 def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str = "") -> list[str]:
@@ -520,7 +528,11 @@ def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str 
         "## Cost",
         "",
         "Per arm over its finished runs, from each run's `cost.json` (training sessions: wall-clock includes the "
-        "periodic evaluations, checkpoints and the final export) and `eval/` (the measurements above).",
+        "periodic evaluations, checkpoints and the final export) and `eval/` (the measurements above). "
+        "Wall-clock is as each session ran: a run that shared the machine with other work shows as slower, so "
+        "these columns compare the arms' speed only if every run had the machine to itself. "
+        "`python -m bench.study_sizing CONFIG` times one training step of every arm side by side in one process "
+        "(CPU time, one thread), which compares them like for like.",
         "",
         markdown_table(
             (
