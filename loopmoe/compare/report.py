@@ -273,10 +273,16 @@ def paired_table(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]],
     return markdown_table(("difference", "seeds", "per seed", "mean", "sd", "95% t-interval"), rows)
 
 
+def _value(v: float) -> str:
+    """A score at a precision its size calls for: losses and accuracies to 4 decimals, perplexities
+    in the hundreds to one, millions as whole numbers."""
+    return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 10_000 else f"{v:,.0f}"
+
+
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return _value(values[0])
+    return f"{_value(statistics.mean(values))} ± {_value(statistics.stdev(values))}"
 
 
 def finished_runs(results: dict[str, Any]) -> dict[str, dict[int, dict]]:
@@ -620,8 +626,8 @@ def _downstream_section(downstream: dict[str, list[dict[str, Any]]]) -> list[str
             if row is None:
                 cells.append("")
                 continue
-            err = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
-            cells.append(f"{row['value']:.4f}{err}{'' if row['stderr_over'] == 'seeds' else ' †'}")
+            err = "" if row["stderr"] is None else f" ± {_value(row['stderr'])}"
+            cells.append(f"{_value(row['value'])}{err}{'' if row['stderr_over'] == 'seeds' else ' †'}")
         n = next((t[(task, metric)]["n"] for t in scores.values() if (task, metric) in t), "")
         table_rows.append((task, metric, *cells, n))
     seeds = {name: max(r["seeds"] for r in rows) for name, rows in downstream.items()}
