@@ -27,7 +27,11 @@ if TYPE_CHECKING:
     from loopmoe.compare.arms import Arm
 
 COLORS = {"reference": "tab:blue", "looped": "tab:orange", "granularity": "tab:green"}
-_MORE_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+# the rest of tab10, then distinct named colours: a study with every ablation has 11 arms
+_MORE_COLORS = (
+    *("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"),
+    *("black", "gold", "navy", "lime", "teal", "magenta", "darkred", "darkkhaki"),
+)
 
 
 def color_of(name: str, names: list[str]) -> str:
@@ -206,11 +210,15 @@ def plot_expert_load(loads: dict[str, dict[str, list[float]]], path: Path) -> No
     from matplotlib.colors import TwoSlopeNorm
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(loads), figsize=(6 * len(loads), 3.5), squeeze=False)
+    cols = min(len(loads), 3)  # a study's many arms wrap into rows, three maps wide
+    rows = -(-len(loads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(loads) :]:
+        ax.set_visible(False)
     matrices = {name: [[share * len(row) for share in row] for row in slots.values()] for name, slots in loads.items()}
     peak = max((v for m in matrices.values() for row in m for v in row), default=1.0)
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(peak, 1.0 + 1e-6))
-    for ax, (name, slots) in zip(axes[0], loads.items()):
+    for ax, (name, slots) in zip(axes.flat, loads.items()):
         labels = list(slots)
         image = ax.imshow(matrices[name], aspect="auto", cmap="RdBu_r", norm=norm)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -273,16 +281,18 @@ def paired_table(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]],
     return markdown_table(("difference", "seeds", "per seed", "mean", "sd", "95% t-interval"), rows)
 
 
-def _value(v: float) -> str:
-    """A score at a precision its size calls for: losses and accuracies to 4 decimals, perplexities
-    in the hundreds to one, millions as whole numbers."""
-    return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 10_000 else f"{v:,.0f}"
+def _value(v: float, size: float | None = None) -> str:
+    """A score at the precision its size (or ``size``, e.g. the mean a spread belongs to) calls for:
+    losses and accuracies to 4 decimals, perplexities in the hundreds to one, millions as whole numbers."""
+    size = abs(v if size is None else size)
+    return f"{v:.4f}" if size < 100 else f"{v:.1f}" if size < 10_000 else f"{v:,.0f}"
 
 
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return _value(values[0])
-    return f"{_value(statistics.mean(values))} ± {_value(statistics.stdev(values))}"
+    mean = statistics.mean(values)
+    return f"{_value(mean)} ± {_value(statistics.stdev(values), mean)}"
 
 
 def finished_runs(results: dict[str, Any]) -> dict[str, dict[int, dict]]:
@@ -304,11 +314,11 @@ def depth_points(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict[s
     return out
 
 
-def _plot_depths(points, trained: dict[str, int], path: Path, x, xlabel: str, title: str, labels: bool) -> None:
-    """Held-out loss of every arm at each depth it was run at, against ``x(T, point)``; a star at the trained T."""
+def _plot_depths(points, trained: dict[str, int], path: Path, x, xlabel: str, title: str, labels: bool, names) -> None:
+    """Held-out loss of every arm at each depth it was run at, against ``x(T, point)``; a star at the trained T.
+    ``names``: every arm of the report, so an arm has the same colour in every figure."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = list(points)
     for name, by_loops in points.items():
         color = color_of(name, names)
         xs = {t: x(t, e) for t, e in by_loops.items()}
@@ -326,10 +336,20 @@ def _plot_depths(points, trained: dict[str, int], path: Path, x, xlabel: str, ti
     plt.close(fig)
 
 
-def plot_depth_curves(points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path) -> None:
-    """Held-out loss against the loop count at inference, one line per looped arm (mean over seeds)."""
+def plot_depth_curves(
+    points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path, names: list[str]
+) -> None:
+    """Held-out loss against the loop count at inference, one line per looped arm (mean over seeds);
+    ``names``: every arm of the report (for the colours)."""
     _plot_depths(
-        points, trained, path, lambda t, e: t, "loops at inference T (star: as trained)", "Test-time depth", False
+        points,
+        trained,
+        path,
+        lambda t, e: t,
+        "loops at inference T (star: as trained)",
+        "Test-time depth",
+        False,
+        names,
     )
 
 
@@ -343,6 +363,7 @@ def plot_loss_vs_flops(points: dict[str, dict[int, dict[str, Any]]], trained: di
         "forward FLOPs per token executed (M)",
         "Loss vs executed compute (star: the depth each arm was trained at)",
         True,
+        list(points),
     )
 
 
@@ -626,7 +647,7 @@ def _downstream_section(downstream: dict[str, list[dict[str, Any]]]) -> list[str
             if row is None:
                 cells.append("")
                 continue
-            err = "" if row["stderr"] is None else f" ± {_value(row['stderr'])}"
+            err = "" if row["stderr"] is None else f" ± {_value(row['stderr'], row['value'])}"
             cells.append(f"{_value(row['value'])}{err}{'' if row['stderr_over'] == 'seeds' else ' †'}")
         n = next((t[(task, metric)]["n"] for t in scores.values() if (task, metric) in t), "")
         table_rows.append((task, metric, *cells, n))
@@ -655,7 +676,7 @@ def _depth_section(runs: dict[str, dict[int, dict]], figures: Path, link: str, s
         f"forward FLOPs per token executed there (at S = {seq_len}, `loopmoe.budget`).",
     ]
     if looped:
-        plot_depth_curves(looped, trained, figures / "depth.png")
+        plot_depth_curves(looped, trained, figures / "depth.png", names=list(points))
         all_loops = sorted({t for p in looped.values() for t in p})
         rows = []
         for name, by_loops in looped.items():
