@@ -102,3 +102,19 @@ def test_readme_compare_python_api(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed[-4:-1]] == ["reference", "looped", "granularity"]
     assert printed[-1] == "[]" and (tmp_path / "runs" / "api" / "report.md").is_file()
+
+
+def test_the_study_numbers_the_readme_quotes_are_results_md_s():
+    """Every 95% interval the README's study paragraph quotes is one of RESULTS.md's, rounded: the
+    README cannot go stale when the study's page is regenerated."""
+    results = (ROOT / "RESULTS.md").read_text()
+    intervals = {
+        (round(float(lo), 3), round(float(hi), 3))
+        for lo, hi in re.findall(r"\[([+-]\d+\.\d{4}), ([+-]\d+\.\d{4})\]", results)
+    }
+    found = README[README.index("**What the study found**") :].split("\n\n")[0]
+    quoted = re.findall(r"\[([+−-]\d\.\d{3}), ([+−-]\d\.\d{3})\]", found)
+    assert len(quoted) >= 4
+    for lo, hi in quoted:
+        pair = tuple(round(float(v.replace("−", "-")), 3) for v in (lo, hi))
+        assert pair in intervals, f"README quotes [{lo}, {hi}], which RESULTS.md does not give"
