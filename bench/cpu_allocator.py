@@ -30,7 +30,7 @@ def child(keep: bool, threads: int, steps: int) -> None:
 
     import torch
 
-    from loopmoe.distributed.env import init_distributed
+    from loopmoe.distributed.env import DistInfo
     from loopmoe.training import load_run_config
     from loopmoe.training.allocator import keep_freed_memory
     from loopmoe.training.builders import planned_vocab_size
@@ -40,7 +40,8 @@ def child(keep: bool, threads: int, steps: int) -> None:
     cfg = load_run_config("configs/debug.toml", [f"train.max_steps={steps + WARMUP + 10}"])
     vocab, _ = planned_vocab_size(cfg)
     torch.manual_seed(0)
-    trainer = common.config_trainer(cfg, vocab, init_distributed())  # one process: the CPU, no wrapper
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))  # on a GPU machine too
+    trainer = common.config_trainer(cfg, vocab, cpu)
     batches = common.random_batches(cfg, vocab, seed=1)
     for _ in range(WARMUP):
         trainer.train_step(batches)
