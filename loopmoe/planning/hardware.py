@@ -231,8 +231,8 @@ def cpu_profile(threads: int | None = None, calibrate: bool = True, refresh: boo
             why = f"the CPU calibration in {path} is outdated (version {version}, now {CALIBRATION_VERSION})"
             data = None
         elif str(threads) not in data["threads"]:
-            why = f"the CPU calibration in {path} has no entry for {threads} threads"
-    if data is None or str(threads) not in data["threads"]:
+            data, why = None, f"the CPU calibration in {path} has no entry for {threads} threads"
+    if data is None:
         if not calibrate:
             raise ValueError(f"{why}: run `loopmoe plan --calibrate` (about 30 s) or pass a GPU --hardware")
         data = calibrate_cpu(sorted({1, threads, cores}))
