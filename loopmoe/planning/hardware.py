@@ -223,21 +223,29 @@ def cpu_profile(threads: int | None = None, calibrate: bool = True, refresh: boo
     cores = os.cpu_count() or 1
     threads = threads or cores
     path = cache_path()
-    data, why = None, f"no CPU calibration in {path}"
-    if path.is_file() and not refresh:
-        data = json.loads(path.read_text())
-        version = data.get("version")
-        if version != CALIBRATION_VERSION:  # an older procedure: its numbers mean something else now
-            why = f"the CPU calibration in {path} is outdated (version {version}, now {CALIBRATION_VERSION})"
-            data = None
-        elif str(threads) not in data["threads"]:
-            data, why = None, f"the CPU calibration in {path} has no entry for {threads} threads"
+    data, why = (None, "refresh asks for a new calibration") if refresh else _cached_calibration(path, threads)
     if data is None:
         if not calibrate:
             raise ValueError(f"{why}: run `loopmoe plan --calibrate` (about 30 s) or pass a GPU --hardware")
         data = calibrate_cpu(sorted({1, threads, cores}))
         save_calibration(data, path)
     return cpu_from_calibration(data, threads)
+
+
+def _cached_calibration(path: Path, threads: int) -> tuple[dict | None, str]:
+    """The cached calibration if it serves ``threads``, else None and why not."""
+    try:
+        data = json.loads(path.read_text())
+        version, measured = data.get("version"), data["threads"]
+    except FileNotFoundError:
+        return None, f"no CPU calibration in {path}"
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # torn or edited by hand
+        return None, f"the CPU calibration in {path} is unreadable"
+    if version != CALIBRATION_VERSION:  # an older procedure: its numbers mean something else now
+        return None, f"the CPU calibration in {path} is outdated (version {version}, now {CALIBRATION_VERSION})"
+    if str(threads) not in measured:
+        return None, f"the CPU calibration in {path} has no entry for {threads} threads"
+    return data, ""
 
 
 def save_calibration(data: dict, path: Path | None = None) -> Path:

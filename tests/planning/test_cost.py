@@ -297,3 +297,7 @@ def test_a_missing_or_outdated_cpu_calibration_says_which(tmp_path, monkeypatch)
     cache_path().write_text(json.dumps({"version": CALIBRATION_VERSION, "threads": {"2": {}}}))
     with pytest.raises(ValueError, match="has no entry for 1 threads"):
         cpu_profile(1, calibrate=False)
+    for torn in ('{"version": ', "[]", '{"version": 3}'):  # cut short, or not a calibration at all
+        cache_path().write_text(torn)
+        with pytest.raises(ValueError, match="is unreadable: run `loopmoe plan --calibrate`"):
+            cpu_profile(1, calibrate=False)
