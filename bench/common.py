@@ -202,9 +202,9 @@ def config_trainer(cfg, vocab: int, info):
     from loopmoe.model import LoopMoEForCausalLM
     from loopmoe.training import build_model_config
     from loopmoe.training.optim import build_optimizer, build_scheduler
-    from loopmoe.training.run import _parallelize, trainer_for
+    from loopmoe.training.run import parallelize_for, trainer_for
 
-    model = _parallelize(LoopMoEForCausalLM(build_model_config(cfg, vocab)), cfg, info)
+    model = parallelize_for(LoopMoEForCausalLM(build_model_config(cfg, vocab)), cfg, info.device)
     optimizer = build_optimizer(model, cfg)
     return trainer_for(model, optimizer, build_scheduler(optimizer, cfg), cfg, info)
 

@@ -1,11 +1,15 @@
-"""One-shot GPU check of LoopMoE: correctness and speed of what has only ever run on a CPU.
+"""One-shot GPU bench of LoopMoE: the speed of every CUDA path, in one run under a hard time limit.
 
     PYTHONPATH=. python3 -m bench.gpu_check --out $OUT/gpu_check.json      # on a CUDA machine
     PYTHONPATH=. python3 bench/gpu_check.py --out $OUT/gpu_check.json      # the same
     PYTHONPATH=. python -m bench.gpu_check --device cpu --quick --out /tmp/gpu_check_cpu.json  # smoke run
+    PYTHONPATH=. python -m bench.gpu_check --record-baseline  # the bf16 loss curve of tests/gpu, for this GPU
 
-Self-contained (imports only ``loopmoe``, the standard library, torch and transformers) and made
-for one run under a hard wall-clock limit: every check runs in its own try/except with a time
+Correctness of the same paths (grouped_mm against the loop path, bf16 against fp32 and against the
+recorded bf16 loss curve, the SDPA backends, cached generation, torch.compile against eager) is the
+``cuda`` test suite, ``python -m pytest tests/gpu``; both take their cases from ``bench/gpu_cases.py``.
+
+Made for one run under a hard wall-clock limit: every check runs in its own try/except with a time
 budget (SIGALRM), the JSON is rewritten after every check and sub-case (a timeout keeps what was
 measured), progress lines are flushed as they happen, and the whole run stops starting work once
 ``--budget`` seconds have passed since the process started (imports included).
@@ -15,18 +19,8 @@ Checks (``--checks`` picks a subset, by name):
 - ``env``: python / torch / CUDA / transformers versions, the device, whether ``torch._grouped_mm``
   exists, TF32 and SDPA backend flags, whether ``loopmoe`` imports.
 - ``peak``: peak dense matmul throughput (bf16 ``n^3``, n = 8192 on CUDA): the MFU denominator.
-- ``moe``: one ``SparseMoE`` layer, ``moe_implementation`` ``grouped_mm`` against ``loop`` on the
-  same weights and inputs: forward output, gradients of the input, router and 3-D expert weights
-  (max abs error, max abs error / max abs of the loop result, relative L2), in bf16, fp32 and fp32
-  weights under bf16 autocast (the dtype the experts actually run in is recorded), with and
-  without a shared expert; fwd+bwd time of each; and the CUDA loop / grouped paths against the CPU
-  loop path in fp32 on a small layer.
-- ``train``: ``LoopMoEForCausalLM`` from the ``bench`` preset at T = 2 with IterAdaLN, ~20 AdamW
-  steps on one fixed random batch (memorisation, so the loss moves), bf16 autocast vs fp32 from the
-  same initial weights: both loss curves, the max relative gap, gradient norms and finiteness; then
-  which SDPA op runs by default (profiler), and whether forward+backward works with only the
-  flash / efficient / cuDNN / math backend enabled, a pure-bf16 model under flash only, and a
-  padded attention mask under flash only.
+- ``moe``: one ``SparseMoE`` layer, fwd+bwd time of ``moe_implementation`` ``grouped_mm`` and
+  ``loop`` on the same weights and inputs, in bf16, fp32 and fp32 weights under bf16 autocast.
 - ``throughput``: training step (fwd + bwd + AdamW, bf16 autocast) tokens/s, MFU and peak memory of
   a ~0.64B-total-parameter Vanilla MoE (``paper-3b`` shapes, 4 layers) and its capacity-balanced
   T = 2 LoopMoE (``loopmoe.balance``), batch 8 x 2048, ``grouped_mm`` vs ``loop``; plus the
@@ -34,13 +28,10 @@ Checks (``--checks`` picks a subset, by name):
   (no autocast; ``grouped_mm`` and ``loop``). Warm-up 3, then 10 steps timed with CUDA events
   (fewer when the first step shows they would not fit). MFU = 3 x
   ``compute_budget(cfg, seq).flops_per_token`` x tokens/s / measured peak.
-- ``generation``: greedy ``generate()`` with and without the KV cache (same tokens?), the cached
-  step logits against a full forward on the generated sequence, the same at test-time depth
-  ``num_loops=3``, and decoding tokens/s at batch 1 and 8 (fp32 and bf16 weights).
-- ``compile``: ``torch.compile(model)`` on an eval forward without grad: works or not (the error),
-  compile time, max diff vs eager, eager vs compiled time, dynamo graph-break reasons.
-- ``edge``: ``grouped_mm`` on shapes likely to break it (mostly empty experts, unaligned widths,
-  fp16), against ``loop``. Runs last: a device fault there cannot spoil the other checks.
+- ``generation``: greedy decoding tokens/s at batch 1 and 8 (fp32 and bf16 weights), and against
+  transformers' Qwen3-MoE with the same weights.
+- ``compile``: ``torch.compile(model)`` on an eval forward without grad: compile time, eager vs
+  compiled time, dynamo graph-break reasons.
 
 ``--quick`` shrinks every size so that ``--device cpu --quick`` runs end to end in well under a
 minute (on one thread, so that a busy shared CPU does not stall it); CUDA-only parts are then
@@ -69,6 +60,10 @@ from pathlib import Path
 
 import torch
 
+from bench import gpu_cases
+from bench.gpu_cases import build_model as _build_model
+from bench.gpu_cases import moe_impl_in_use, moe_inputs, moe_pass, param_count, random_ids, set_moe_impl
+
 
 def _process_age() -> float:
     """Seconds since this process started (interpreter start-up and imports included)."""
@@ -87,11 +82,9 @@ CHECK_BUDGETS = {
     "env": 30,
     "peak": 15,
     "moe": 35,
-    "train": 45,
     "throughput": 200,
     "generation": 45,
     "compile": 60,
-    "edge": 15,
 }
 CHECK_ORDER = list(CHECK_BUDGETS)
 QUICK_MODEL = {"num_core_layers": 2}  # --quick: the debug preset with a 2-layer core (x T = 2)
@@ -243,31 +236,11 @@ class Run:
                 torch.cuda.empty_cache()
 
     def autocast(self, enabled: bool = True):
-        if not enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return gpu_cases.autocast(self.device, enabled)
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Errors of ``a`` against ``ref``: max abs, max abs / max |ref|, relative L2, non-finite count."""
-    a, ref = a.detach().float(), ref.detach().float()
-    if a.shape != ref.shape:
-        return {"shape_mismatch": [list(a.shape), list(ref.shape)]}
-    diff = a - ref
-    max_abs = diff.abs().max().item() if diff.numel() else 0.0
-    ref_max = ref.abs().max().item() if ref.numel() else 0.0
-    norm = torch.linalg.vector_norm(ref).item()
-    return {
-        "max_abs": max_abs,
-        "max_rel": max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf),
-        "rel_l2": torch.linalg.vector_norm(diff).item() / norm if norm > 0 else 0.0,
-        "ref_max_abs": ref_max,
-        "nonfinite": int((~torch.isfinite(a)).sum().item()),
-    }
 
 
 def time_ms(run: Run, fn, warmup: int, reps: int) -> list[float]:
@@ -291,45 +264,9 @@ def time_ms(run: Run, fn, warmup: int, reps: int) -> list[float]:
     return times
 
 
-def random_ids(vocab: int, shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, shape, generator=g).to(device)
-
-
 def build_model(run: Run, cfg, seed: int):
-    """A LoopMoEForCausalLM initialised directly on the device (falls back to CPU init + move)."""
-    from loopmoe.model import LoopMoEForCausalLM
-
-    torch.manual_seed(seed)
-    if run.cuda:
-        try:
-            with torch.device(run.device):
-                return LoopMoEForCausalLM(cfg)
-        except Exception as exc:
-            run.log(f"  on-device init failed ({type(exc).__name__}: {exc}); building on CPU")
-    return LoopMoEForCausalLM(cfg).to(run.device)
-
-
-def set_moe_impl(model: torch.nn.Module, impl: str) -> None:
-    from loopmoe.model.moe import Experts
-
-    for m in model.modules():
-        if isinstance(m, Experts):
-            m.implementation = impl
-
-
-def moe_impl_in_use(model: torch.nn.Module, device: torch.device) -> str:
-    from loopmoe.model.moe import Experts
-
-    impls = {m.implementation for m in model.modules() if isinstance(m, Experts)}
-    impl = impls.pop() if len(impls) == 1 else ",".join(sorted(impls))
-    if impl == "auto":
-        return "auto (grouped_mm)" if device.type == "cuda" else "auto (loop)"
-    return impl
-
-
-def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """``gpu_cases.build_model`` on the run's device, logging to the run."""
+    return _build_model(cfg, seed, run.device, run.log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,330 +373,39 @@ def check_peak(run: Run, res: dict) -> None:
 # MoE layer: grouped_mm vs loop
 
 
-_MOE_CACHE: dict = {}
-
-
-def make_moe(d: int, E: int, k: int, f: int, fs: int, seed: int):
-    """A SparseMoE on CPU in fp32 with random router / expert weights (no model init runs for it)."""
-    key = (d, E, k, f, fs, seed)
-    if key not in _MOE_CACHE:
-        _MOE_CACHE.clear()  # one layer at a time: the cases run shape by shape
-        _MOE_CACHE[key] = _new_moe(d, E, k, f, fs, seed)
-    return copy.deepcopy(_MOE_CACHE[key])
-
-
-def _new_moe(d: int, E: int, k: int, f: int, fs: int, seed: int):
-    from loopmoe.config import LoopMoEConfig
-    from loopmoe.model.moe import SparseMoE
-
-    cfg = LoopMoEConfig(
-        hidden_size=d,
-        num_experts=E,
-        num_experts_per_tok=k,
-        moe_intermediate_size=f,
-        shared_expert_intermediate_size=fs,
-        moe_implementation="loop",
-    )
-    torch.manual_seed(seed)
-    moe = SparseMoE(cfg)
-    with torch.no_grad():
-        torch.nn.init.normal_(moe.gate.weight, std=d**-0.5)  # router logits ~ N(0, 1) for x ~ N(0, 1)
-        torch.nn.init.normal_(moe.experts.gate_up_proj, std=d**-0.5)
-        torch.nn.init.normal_(moe.experts.down_proj, std=f**-0.5)
-    return moe
-
-
-def moe_pass(moe, x: torch.Tensor, g: torch.Tensor, impl: str, autocast_ctx=None, grad: bool = True) -> dict:
-    """Forward (+ backward of ``sum(y * g)``) with one implementation; returns outputs and gradients."""
-    moe.experts.implementation = impl
-    moe.zero_grad(set_to_none=True)
-    seen = {}
-
-    def hook(mod, inputs, output):
-        seen["expert_in_dtype"] = str(inputs[0].dtype)
-        seen["expert_out_dtype"] = str(output.dtype)
-
-    handle = moe.experts.register_forward_hook(hook)
-    try:
-        xi = x.detach().clone().requires_grad_(grad)
-        with autocast_ctx or contextlib.nullcontext(), torch.set_grad_enabled(grad):
-            y, router = moe(xi)
-        out = {"y": y.detach(), "topk": router.experts, **seen, "y_dtype": str(y.dtype)}
-        if grad:
-            (y.float() * g).sum().backward()
-            out.update(
-                x=xi.grad,
-                gate_up=moe.experts.gate_up_proj.grad,
-                down=moe.experts.down_proj.grad,
-                router=moe.gate.weight.grad,
-            )
-            if moe.shared_experts is not None:
-                out["shared_down"] = moe.shared_experts.down_proj.weight.grad
-    finally:
-        handle.remove()
-    return out
-
-
-def compare_passes(a: dict, ref: dict) -> dict:
-    out = {"routing_equal": bool(torch.equal(a["topk"], ref["topk"]))}
-    for key in ("y", "x", "router", "gate_up", "down", "shared_down"):
-        if key in a and key in ref and a[key] is not None and ref[key] is not None:
-            out[key] = compare(a[key], ref[key])
-        elif key in ref or key in a:
-            out[key] = {"missing": f"grouped: {a.get(key) is not None}, loop: {ref.get(key) is not None}"}
-    return out
-
-
-def moe_case(out: dict, run: Run, spec: tuple, dtype_name: str, time_it: bool) -> None:
-    d, E, k, f, fs, tokens = spec
-    base = make_moe(d, E, k, f, fs, run.args.seed)
-    amp = dtype_name == "autocast-bf16"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "autocast-bf16": torch.float32}[
-        dtype_name
-    ]
-    moe = base.to(run.device, dtype)
-    gen = torch.Generator().manual_seed(run.args.seed + 1)
-    seq = max(1, tokens // 4)
-    x = torch.randn(4, seq, d, generator=gen).to(run.device, dtype)
-    g = torch.randn(4, seq, d, generator=gen).to(run.device)
-    ctx = run.autocast() if amp else None
-    out["shape"] = {"d": d, "E": E, "k": k, "f": f, "shared": fs, "tokens": 4 * seq, "dtype": dtype_name}
-    passes = {}
+def moe_case(out: dict, run: Run, spec: tuple, dtype_name: str) -> None:
+    """fwd+bwd milliseconds of each MoE path on one layer shape and dtype."""
+    d, E, k, f, fs, _tokens = spec
+    moe, x, g, ctx = moe_inputs(spec, dtype_name, run.args.seed, run.device)
+    out["shape"] = {
+        "d": d,
+        "E": E,
+        "k": k,
+        "f": f,
+        "shared": fs,
+        "tokens": x.shape[0] * x.shape[1],
+        "dtype": dtype_name,
+    }
+    reps = (1, 2) if run.args.quick else (2, 5)
     for impl in ("loop", "grouped_mm"):
         try:
-            passes[impl] = moe_pass(moe, x, g, impl, ctx)
-            out[f"{impl}_dtypes"] = {k2: v for k2, v in passes[impl].items() if k2.endswith("dtype")}
+            times = time_ms(run, lambda impl=impl: moe_pass(moe, x, g, impl, ctx), *reps)
+            out[f"{impl}_fwd_bwd_ms"] = statistics.median(times)
         except Exception as exc:
             out[f"{impl}_error"] = error_record(exc)
             run.log(f"    {impl} fwd+bwd failed: {type(exc).__name__}: {str(exc)[:200]}")
-            with contextlib.suppress(Exception):  # the forward alone, to tell forward from backward failures
-                moe_pass(moe, x, g, impl, ctx, grad=False)
-                out[f"{impl}_forward_only"] = "ok"
-    if "loop" in passes and "grouped_mm" in passes:
-        out["grouped_vs_loop"] = compare_passes(passes["grouped_mm"], passes["loop"])
-    with torch.no_grad():  # the inference branch of _dispatch (no autograd Functions)
-        try:
-            ys = {}
-            for impl in ("loop", "grouped_mm"):
-                moe.experts.implementation = impl
-                with ctx or contextlib.nullcontext():
-                    ys[impl] = moe(x)[0]
-            out["nograd_grouped_vs_loop"] = compare(ys["grouped_mm"], ys["loop"])
-        except Exception as exc:
-            out["nograd_error"] = error_record(exc)
-    del passes
-    if time_it:
-        for impl in ("loop", "grouped_mm"):
-            if f"{impl}_error" in out:
-                continue
-            try:
-                reps = (1, 2) if run.args.quick else (2, 5)
-                times = time_ms(run, lambda impl=impl: moe_pass(moe, x, g, impl, ctx), *reps)
-                out[f"{impl}_fwd_bwd_ms"] = statistics.median(times)
-            except Exception as exc:
-                out[f"{impl}_timing_error"] = error_record(exc)
-    gv = out.get("grouped_vs_loop", {})
-    run.log(
-        f"    grouped vs loop: y {gv.get('y', {}).get('max_rel', 'n/a')}, x.grad {gv.get('x', {}).get('max_rel', 'n/a')}, "
-        f"gate_up.grad {gv.get('gate_up', {}).get('max_rel', 'n/a')}, routing equal {gv.get('routing_equal')}; "
-        f"ms loop {out.get('loop_fwd_bwd_ms', 'n/a')}, grouped {out.get('grouped_mm_fwd_bwd_ms', 'n/a')}"
-    )
-
-
-def moe_cpu_vs_device(out: dict, run: Run, spec: tuple) -> None:
-    d, E, k, f, fs, tokens = spec
-    base = make_moe(d, E, k, f, fs, run.args.seed)
-    gen = torch.Generator().manual_seed(run.args.seed + 2)
-    x = torch.randn(2, tokens // 2, d, generator=gen)
-    g = torch.randn(2, tokens // 2, d, generator=gen)
-    out["shape"] = {"d": d, "E": E, "k": k, "f": f, "shared": fs, "tokens": tokens, "dtype": "fp32"}
-    dev = copy.deepcopy(base).to(run.device)
-    cpu = moe_pass(base, x, g, "loop")
-    for impl in ("loop", "grouped_mm"):
-        try:
-            p = moe_pass(dev, x.to(run.device), g.to(run.device), impl)
-            out[f"{run.device.type}_{impl}_vs_cpu_loop"] = compare_passes(
-                {k2: (v.cpu() if isinstance(v, torch.Tensor) else v) for k2, v in p.items()}, cpu
-            )
-        except Exception as exc:
-            out[f"{run.device.type}_{impl}_error"] = error_record(exc)
-    run.log(f"    cpu vs device: {json.dumps(_jsonable(_brief_cmp(out)))[:400]}")
-
-
-def _brief_cmp(out: dict) -> dict:
-    return {
-        k: {kk: vv.get("max_rel") for kk, vv in v.items() if isinstance(vv, dict)}
-        for k, v in out.items()
-        if k.endswith("_vs_cpu_loop")
-    }
+    run.log(f"    ms loop {out.get('loop_fwd_bwd_ms', 'n/a')}, grouped {out.get('grouped_mm_fwd_bwd_ms', 'n/a')}")
 
 
 def check_moe(run: Run, res: dict) -> None:
     q = run.args.quick
     n = run.args.moe_tokens
-    d, E, k, f, fs = (64, 8, 2, 32, 64) if q else (1024, 64, 8, 256, 1024)
+    d, E, k, f = (64, 8, 2, 32) if q else (1024, 64, 8, 256)
     name = f"d{d}-E{E}-k{k}-f{f}"
-    cases = [(name, (d, E, k, f, 0, n)), (f"{name}+shared{fs}", (d, E, k, f, fs, n))]
-    for name, spec in cases:
-        for dtype_name in ("bf16", "fp32", "autocast-bf16"):
-            shared = spec[4] > 0
-            if shared and (dtype_name == "autocast-bf16" or (q and dtype_name == "fp32")):
-                continue
-            key = f"{name}/{dtype_name}"
-            run.log(f"  moe {key}")
-            run.sub(res, key, moe_case, run, spec, dtype_name, time_it=not shared)
-    if run.cuda:
-        run.log("  moe cuda vs cpu (fp32)")
-        small = (64, 8, 2, 32, 0, 64) if q else (256, 16, 4, 128, 0, 512)
-        run.sub(res, "cuda_vs_cpu/fp32", moe_cpu_vs_device, run, small)
-    else:
-        res["cuda_vs_cpu/fp32"] = {"skipped": "needs CUDA"}
-
-
-# ------------------------------------------------------------------------------------------------
-# whole model, bf16 autocast training vs fp32
-
-
-def train_run(out: dict, run: Run, model, batch: torch.Tensor, steps: int, amp: bool) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=run.args.lr, weight_decay=0.0)
-    model.train()
-    out.update(loss=[], lm_loss=[], aux_loss=[], grad_norm=[], grads_finite=[], step_ms=[])
-    out["moe_impl"] = moe_impl_in_use(model, run.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for _ in range(steps):
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with run.autocast(amp):
-            o = model(input_ids=batch, labels=batch)
-        o.loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        finite = bool(torch.stack([torch.isfinite(gr).all() for gr in grads]).all().item())
-        gn = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        opt.step()
-        run.sync()
-        out["step_ms"].append((time.perf_counter() - t) * 1e3)
-        out["loss"].append(o.loss.item())
-        out["lm_loss"].append(o.lm_loss.item())
-        out["aux_loss"].append(o.aux_loss.item() if o.aux_loss is not None else None)
-        out["grad_norm"].append(gn.item())
-        out["grads_finite"].append(finite)
-        out["params_with_grad"] = len(grads)
-        out["params"] = len(params)
-    out["all_grads_finite"] = all(out["grads_finite"])
-    out["loss_dtype_note"] = "bf16 autocast" if amp else "fp32"
-
-
-def check_train(run: Run, res: dict) -> None:
-    from loopmoe.presets import get_preset
-
-    q = run.args.quick
-    preset = "debug" if q else "bench"
-    cfg = get_preset(preset, num_loops=2, iter_conditioning="iteradaln", **QUICK_MODEL if q else {})
-    B, S = (2, 16) if q else (8, 256)
-    steps = run.args.train_steps
-    res["config"] = {"preset": preset, **cfg.architecture_dict()}
-    res["batch"], res["seq"], res["steps"], res["lr"] = B, S, steps, run.args.lr
-    res["data"] = "one fixed random batch, repeated every step (memorisation: the loss falls)"
-    base = build_model(run, cfg, run.args.seed)
-    res["params"] = param_count(base)
-    init_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    batch = random_ids(cfg.vocab_size, (B, S), run.args.seed + 3, run.device)
-
-    def one(out: dict, amp: bool) -> None:
-        model = copy.deepcopy(base)
-        model.load_state_dict(init_state)
-        try:
-            train_run(out, run, model, batch, steps, amp)
-        except Exception as exc:
-            if not run.cuda:
-                raise
-            # grouped_mm may refuse this dtype: record it and fall back to the loop path.
-            out.clear()
-            out["default_path_error"] = error_record(exc)
-            run.log(f"    default MoE path failed ({type(exc).__name__}: {str(exc)[:200]}); retrying with loop")
-            model = copy.deepcopy(base)
-            model.load_state_dict(init_state)
-            set_moe_impl(model, "loop")
-            train_run(out, run, model, batch, steps, amp)
-        run.log(
-            f"    loss {out['loss'][0]:.4f} -> {out['loss'][-1]:.4f}, grads finite {out['all_grads_finite']}, "
-            f"{statistics.median(out['step_ms']):.1f} ms/step ({out['moe_impl']})"
-        )
-
-    run.log(f"  train {preset} T=2 bf16 autocast, {steps} steps of {B}x{S}")
-    run.sub(res, "bf16_autocast", one, amp=True)
-    run.log("  train fp32")
-    run.sub(res, "fp32", one, amp=False)
-    lb, lf = res["bf16_autocast"].get("loss", []), res["fp32"].get("loss", [])
-    if lb and lf:
-        gaps = [abs(a - b) / abs(b) for a, b in zip(lb, lf)]
-        res["rel_gap_per_step"] = gaps
-        res["max_rel_gap"] = max(gaps)
-        res["final_rel_gap"] = gaps[-1]
-        run.log(f"  bf16 vs fp32 loss: max rel gap {res['max_rel_gap']:.2e}, final {res['final_rel_gap']:.2e}")
-    run.save()
-    if run.cuda:
-        run.sub(res, "sdpa", check_sdpa, run, base, batch)
-    else:
-        res["sdpa"] = {"skipped": "needs CUDA"}
-
-
-def check_sdpa(out: dict, run: Run, model, batch: torch.Tensor) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.profiler import ProfilerActivity, profile
-
-    model.train()
-
-    def fwd_bwd():
-        model.zero_grad(set_to_none=True)
-        with run.autocast():
-            o = model(input_ids=batch, labels=batch)
-        o.loss.backward()
-        return o.loss.item()
-
-    fwd_bwd()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fwd_bwd()
-        run.sync()
-    names = sorted(
-        {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "attention" in e.key.lower()}
-    )
-    out["default_ops_autocast_train"] = names
-    run.log(f"    SDPA ops by default (bf16 autocast, train): {names}")
-    backends = {}
-    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
-        backend = getattr(SDPBackend, name, None)
-        if backend is None:
-            backends[name] = {"error": "not in this torch"}
-            continue
-        try:
-            with sdpa_kernel([backend]):
-                backends[name] = {"ok": True, "loss": fwd_bwd()}
-        except Exception as exc:
-            backends[name] = {"ok": False, "error": error_record(exc)}
-        run.log(f"    only {name}: {'ok' if backends[name].get('ok') else 'FAILED'}")
-    out["single_backend_autocast_fwd_bwd"] = backends
-    model.eval()
-    with torch.no_grad():
-        ref = model(input_ids=batch, use_cache=False).logits.float()
-        m16 = copy.deepcopy(model).to(torch.bfloat16)
-        try:
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                logits = m16(input_ids=batch, use_cache=False).logits
-            out["pure_bf16_flash_forward"] = {"ok": True, "logits_dtype": str(logits.dtype), **compare(logits, ref)}
-        except Exception as exc:
-            out["pure_bf16_flash_forward"] = {"ok": False, "error": error_record(exc)}
-        run.log(f"    pure bf16 model, flash only: {'ok' if out['pure_bf16_flash_forward']['ok'] else 'FAILED'}")
-        mask = torch.ones_like(batch)
-        mask[0, : batch.shape[1] // 4] = 0  # left padding on one row: needs a real mask tensor
-        try:
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), run.autocast():
-                model(input_ids=batch, attention_mask=mask, use_cache=False)
-            out["padded_mask_flash_forward"] = {"ok": True}
-        except Exception as exc:
-            out["padded_mask_flash_forward"] = {"ok": False, "error": error_record(exc)}
-        run.log(f"    padded mask, flash only: {'ok' if out['padded_mask_flash_forward']['ok'] else 'FAILED'}")
-        del m16
+    for dtype_name in ("bf16", "fp32", "autocast-bf16"):
+        key = f"{name}/{dtype_name}"
+        run.log(f"  moe {key}")
+        run.sub(res, key, moe_case, run, (d, E, k, f, 0, n), dtype_name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -944,42 +590,11 @@ def check_generation(run: Run, res: dict) -> None:
     new = run.args.gen_new_tokens
     prompt_len = 16
     prompt = random_ids(cfg.vocab_size, (2, prompt_len), run.args.seed + 5, run.device)
-    mask = torch.ones_like(prompt)
 
     def gen(m, ids, n, **kw):
         return m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kw)
 
-    def equality(out: dict, num_loops: int | None) -> None:
-        kw = {} if num_loops is None else {"num_loops": num_loops}
-        with torch.no_grad():
-            cached = model.generate(
-                input_ids=prompt,
-                attention_mask=mask,
-                max_new_tokens=new,
-                do_sample=False,
-                use_cache=True,
-                return_dict_in_generate=True,
-                output_logits=True,
-                **kw,
-            )
-            uncached = gen(model, prompt, new, use_cache=False, **kw)
-            seq = cached.sequences
-            same = seq.shape == uncached.shape and bool(torch.equal(seq, uncached))
-            out["tokens_identical"] = same
-            if not same and seq.shape == uncached.shape:
-                differ = (seq != uncached).any(0).nonzero()
-                out["first_divergence"] = int(differ[0].item()) - prompt_len if differ.numel() else None
-            full = model(input_ids=seq, use_cache=False, **kw).logits[:, prompt_len - 1 : -1].float()
-            step_logits = torch.stack(cached.logits, dim=1).float()
-            out["cached_step_logits_vs_full_forward"] = compare(step_logits, full)
-        run.log(
-            f"    num_loops={num_loops or cfg.num_loops}: cached == uncached tokens: {same}; "
-            f"cached logits vs full forward max abs {out['cached_step_logits_vs_full_forward']['max_abs']:.2e}"
-        )
-
-    run.log(f"  generate {preset} T=2, greedy {new} new tokens, cached vs uncached")
-    run.sub(res, "equality_T2", equality, None)
-    run.sub(res, "equality_T3_test_time", equality, 3)
+    run.log(f"  generate {preset} T=2, greedy {new} new tokens")
 
     def speed(out: dict, dtype: torch.dtype) -> None:
         m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
@@ -1016,7 +631,8 @@ def check_generation(run: Run, res: dict) -> None:
 
 def generation_vs_transformers(out: dict, run: Run) -> None:
     """Greedy decoding of transformers' Qwen3-MoE and of the same weights converted to LoopMoE (T = 1):
-    identical tokens, and new tokens/s of each at batch 1 and 8 (decode only: prefill subtracted)."""
+    new tokens/s of each at batch 1 and 8 (decode only: prefill subtracted). That they decode the same
+    tokens is ``tests/gpu/test_generation.py``."""
     from loopmoe.testing import hf_parity
 
     new = run.args.gen_new_tokens
@@ -1035,7 +651,6 @@ def _decode_vs_transformers(rec: dict, run: Run, models: dict, vocab: int, batch
     """One batch size of ``generation_vs_transformers``."""
     ids = random_ids(vocab, (batch, 16), run.args.seed + 7, run.device)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False)
-    tokens = {}
     with torch.no_grad():
         for name, m in models.items():
             m.generate(ids, max_new_tokens=4, **kw)  # warm-up
@@ -1045,21 +660,20 @@ def _decode_vs_transformers(rec: dict, run: Run, models: dict, vocab: int, batch
             run.sync()
             prefill = time.perf_counter() - t
             t = time.perf_counter()
-            tokens[name] = m.generate(ids, max_new_tokens=new, **kw)
+            m.generate(ids, max_new_tokens=new, **kw)
             run.sync()
             dt = time.perf_counter() - t
             rec[f"{name}_decode_tokens_per_s"] = batch * (new - 1) / max(dt - prefill, 1e-9)
-    rec["tokens_identical"] = bool(torch.equal(tokens["transformers"], tokens["loopmoe"]))
     rec["speedup"] = rec["loopmoe_decode_tokens_per_s"] / rec["transformers_decode_tokens_per_s"]
     run.log(
-        f"    vs transformers Qwen3-MoE, batch {batch}: identical tokens {rec['tokens_identical']}; "
+        f"    vs transformers Qwen3-MoE, batch {batch}: "
         f"decode {rec['loopmoe_decode_tokens_per_s']:,.0f} vs {rec['transformers_decode_tokens_per_s']:,.0f} "
         f"tok/s ({rec['speedup']:.2f}x)"
     )
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.compile smoke test
+# torch.compile time
 
 
 def check_compile(run: Run, res: dict) -> None:
@@ -1077,7 +691,6 @@ def check_compile(run: Run, res: dict) -> None:
     res.update(preset=preset, backend=backend, input_shape=list(ids.shape), moe_impl=moe_impl_in_use(model, run.device))
     res["works"] = "unknown: the first call did not finish (see status)"
     with torch.no_grad():
-        eager = model(input_ids=ids, use_cache=False).logits
         eager_ms = time_ms(run, lambda: model(input_ids=ids, use_cache=False), warmup=1, reps=3)
     res["eager_ms"] = statistics.median(eager_ms)
     torch._dynamo.reset()
@@ -1087,17 +700,16 @@ def check_compile(run: Run, res: dict) -> None:
     t = time.perf_counter()
     try:
         with torch.no_grad():
-            out = compiled(input_ids=ids, use_cache=False).logits
+            compiled(input_ids=ids, use_cache=False)
         run.sync()
         res["works"] = True
         res["first_call_s"] = time.perf_counter() - t
-        res["vs_eager"] = compare(out, eager)
         with torch.no_grad():
             res["compiled_ms"] = statistics.median(
                 time_ms(run, lambda: compiled(input_ids=ids, use_cache=False), warmup=1, reps=3)
             )
         run.log(
-            f"    works: first call {res['first_call_s']:.1f}s, max abs diff vs eager {res['vs_eager']['max_abs']:.2e}, "
+            f"    works: first call {res['first_call_s']:.1f}s, "
             f"{res['compiled_ms']:.1f} ms vs eager {res['eager_ms']:.1f} ms"
         )
     except Exception as exc:
@@ -1112,41 +724,7 @@ def check_compile(run: Run, res: dict) -> None:
         with contextlib.suppress(Exception):
             res["unique_graphs"] = counters["stats"]["unique_graphs"]
         run.save()
-    if run.check_left() > 15:  # where the first graph break is, from a full-graph trace
-        torch._dynamo.reset()
-        try:
-            with torch.no_grad():
-                torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, use_cache=False)
-            res["fullgraph_eager"] = {"ok": True}
-        except Exception as exc:
-            res["fullgraph_eager"] = {"ok": False, "error": error_record(exc)}
-        run.log(f"    fullgraph=True (eager backend): {'ok' if res['fullgraph_eager']['ok'] else 'fails'}")
     torch._dynamo.reset()
-
-
-# ------------------------------------------------------------------------------------------------
-# grouped_mm edge cases
-
-
-def check_edge(run: Run, res: dict) -> None:
-    q = run.args.quick
-    cases = {
-        # (d, E, k, f, shared, tokens), dtype
-        "mostly-empty-experts (8 tokens, E64 k2)": ((256, 64, 2, 128, 0, 8), "bf16"),
-        "unaligned f=100 (bf16 rows of 200 B)": ((256, 16, 2, 100, 0, 256), "bf16"),
-        "unaligned d=260": ((260, 16, 2, 128, 0, 256), "bf16"),
-        "fp16": ((256, 16, 2, 128, 0, 256), "fp16"),
-    }
-    if q:
-        cases = {
-            "mostly-empty-experts (4 tokens, E32 k2)": ((64, 32, 2, 32, 0, 4), "bf16"),
-            "unaligned f=50": ((64, 8, 2, 50, 0, 32), "bf16"),
-            "unaligned d=66": ((66, 8, 2, 32, 0, 32), "bf16"),
-            "fp16": ((64, 8, 2, 32, 0, 32), "fp16"),
-        }
-    for name, (spec, dtype_name) in cases.items():
-        run.log(f"  edge {name}")
-        run.sub(res, name, moe_case, run, spec, dtype_name, time_it=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1188,67 +766,24 @@ def summary_lines(data: dict) -> list[str]:
             f"Peak {peak.get('dtype')} matmul n={peak.get('n')}: {_fmt(peak.get('tflops_best'), '.3g')} TFLOP/s",
         ]
 
-    moe = {**checks.get("moe", {}).get("result", {}), **checks.get("edge", {}).get("result", {})}
+    moe = checks.get("moe", {}).get("result", {})
     rows = []
     for key, v in moe.items():
-        if not isinstance(v, dict) or "shape" not in v or key.startswith("cuda_vs_cpu"):
+        if not isinstance(v, dict) or "shape" not in v:
             continue
-        gv = v.get("grouped_vs_loop", {})
-        err = v.get("grouped_mm_error") or v.get("error")
-        note = f"grouped_mm: {err['type']}: {err['message'][:60]}" if err else ""
-        if not err and v.get("grouped_mm_dtypes"):
-            dt = v["grouped_mm_dtypes"]
-            note = f"experts in {dt.get('expert_in_dtype')}, out {dt.get('expert_out_dtype')}"
+        err = v.get("grouped_mm_error") or v.get("loop_error") or v.get("error")
+        note = f"{err['type']}: {err['message'][:60]}" if err else ""
         rows.append(
-            f"| {key} | {_fmt(gv.get('y', {}).get('max_rel'))} | {_fmt(gv.get('x', {}).get('max_rel'))} | "
-            f"{_fmt(gv.get('gate_up', {}).get('max_rel'))} | {_fmt(gv.get('down', {}).get('max_rel'))} | "
-            f"{_fmt(gv.get('router', {}).get('max_rel'))} | {gv.get('routing_equal', '-')} | "
-            f"{_fmt(v.get('loop_fwd_bwd_ms'), '.2f')} | {_fmt(v.get('grouped_mm_fwd_bwd_ms'), '.2f')} | {note} |"
+            f"| {key} | {_fmt(v.get('loop_fwd_bwd_ms'), '.2f')} | {_fmt(v.get('grouped_mm_fwd_bwd_ms'), '.2f')} | {note} |"
         )
     if rows:
         lines += [
             "",
-            "MoE layer, grouped_mm vs loop (max abs error / max abs of loop result):",
-            "| case | y | x.grad | gate_up.grad | down.grad | router.grad | same routing | loop ms | grouped ms | note |",
-            "|------|---|--------|--------------|-----------|-------------|--------------|---------|------------|------|",
+            "MoE layer fwd+bwd, grouped_mm vs loop:",
+            "| case | loop ms | grouped ms | note |",
+            "|------|---------|------------|------|",
             *rows,
         ]
-    cvc = checks.get("moe", {}).get("result", {}).get("cuda_vs_cpu/fp32", {})
-    for key, v in cvc.items():
-        if key.endswith("_vs_cpu_loop"):
-            lines.append(
-                f"{key} (fp32): y {_fmt(v.get('y', {}).get('max_rel'))}, x.grad {_fmt(v.get('x', {}).get('max_rel'))}, "
-                f"gate_up.grad {_fmt(v.get('gate_up', {}).get('max_rel'))}, routing equal {v.get('routing_equal')}"
-            )
-
-    tr = checks.get("train", {}).get("result", {})
-    if tr:
-        lines += [
-            "",
-            f"Training {tr.get('config', {}).get('preset')} T=2 iteradaln, {tr.get('steps')} AdamW steps, "
-            f"batch {tr.get('batch')}x{tr.get('seq')}:",
-            "| run | MoE path | loss first | loss last | all grads finite | ms/step |",
-            "|-----|----------|------------|-----------|------------------|---------|",
-        ]
-        for run_name in ("bf16_autocast", "fp32"):
-            r = tr.get(run_name, {})
-            loss = r.get("loss") or [None]
-            med = statistics.median(r["step_ms"]) if r.get("step_ms") else None
-            lines.append(
-                f"| {run_name} | {r.get('moe_impl', '-')} | {_fmt(loss[0], '.4f')} | {_fmt(loss[-1], '.4f')} | "
-                f"{r.get('all_grads_finite', '-')} | {_fmt(med, '.1f')} |"
-            )
-        lines.append(
-            f"bf16 vs fp32 loss: max rel gap {_fmt(tr.get('max_rel_gap'))}, final {_fmt(tr.get('final_rel_gap'))}"
-        )
-        sd = tr.get("sdpa", {})
-        if "default_ops_autocast_train" in sd:
-            ok = {k: v.get("ok") for k, v in sd.get("single_backend_autocast_fwd_bwd", {}).items()}
-            lines.append(
-                f"SDPA default ops: {', '.join(sd['default_ops_autocast_train'])}; single-backend fwd+bwd ok: {ok}; "
-                f"pure bf16 flash fwd: {sd.get('pure_bf16_flash_forward', {}).get('ok')}; padded mask flash: "
-                f"{sd.get('padded_mask_flash_forward', {}).get('ok')}"
-            )
 
     tp = checks.get("throughput", {}).get("result", {})
     rows = []
@@ -1273,13 +808,6 @@ def summary_lines(data: dict) -> list[str]:
     ge = checks.get("generation", {}).get("result", {})
     if ge:
         lines += ["", "Generation (greedy, prefill included):"]
-        for key in ("equality_T2", "equality_T3_test_time"):
-            e = ge.get(key, {})
-            lines.append(
-                f"{key}: cached == uncached tokens {e.get('tokens_identical')}, cached step logits vs full forward "
-                f"max abs {_fmt(e.get('cached_step_logits_vs_full_forward', {}).get('max_abs'))}"
-                + (f", ERROR {e['error']['type']}" if "error" in e else "")
-            )
         lines += [
             "| weights | batch | new tokens | tokens/s (prefill incl.) | decode tokens/s |",
             "|---------|-------|------------|--------------------------|-----------------|",
@@ -1298,13 +826,12 @@ def summary_lines(data: dict) -> list[str]:
         line = f"torch.compile({co.get('backend')}): works {co.get('works')}"
         if co.get("works"):
             line += (
-                f", first call {_fmt(co.get('first_call_s'), '.1f')}s, max abs diff vs eager "
-                f"{_fmt(co.get('vs_eager', {}).get('max_abs'))}, {_fmt(co.get('compiled_ms'), '.1f')} ms vs eager "
+                f", first call {_fmt(co.get('first_call_s'), '.1f')}s, {_fmt(co.get('compiled_ms'), '.1f')} ms vs eager "
                 f"{_fmt(co.get('eager_ms'), '.1f')} ms"
             )
         elif "error" in co:
             line += f" ({co['error']['type']}: {co['error']['message'][:150]})"
-        line += f"; graph breaks {co.get('graph_break_total')}; fullgraph ok {co.get('fullgraph_eager', {}).get('ok')}"
+        line += f"; graph breaks {co.get('graph_break_total')}"
         lines += ["", line]
     return lines
 
@@ -1323,8 +850,6 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak-n", type=int, default=None, help="matmul size of the peak check (8192; quick 512)")
     ap.add_argument("--moe-tokens", type=int, default=None, help="tokens of the MoE layer check (4096; quick 64)")
-    ap.add_argument("--train-steps", type=int, default=None, help="AdamW steps of the train check (20; quick 2)")
-    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--tp-batch", type=int, default=None, help="throughput batch (8; quick 1)")
     ap.add_argument("--tp-seq", type=int, default=None, help="throughput sequence length (2048; quick 32)")
     ap.add_argument("--tp-layers", type=int, default=None, help="throughput Vanilla layers (4; quick 2)")
@@ -1332,12 +857,17 @@ def parse_args(argv=None):
     ap.add_argument("--tp-warmup", type=int, default=None, help="warm-up steps (3; quick 1)")
     ap.add_argument("--gen-new-tokens", type=int, default=None, help="generated tokens (64; quick 4)")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor on CUDA, eager on CPU)")
+    ap.add_argument(
+        "--record-baseline",
+        action="store_true",
+        help=f"only record this GPU's bf16 loss curve into {gpu_cases.BASELINE_PATH.relative_to(gpu_cases.ROOT)} "
+        "(the baseline of tests/gpu/test_training.py), then stop",
+    )
     args = ap.parse_args(argv)
     defaults = {
         "budget": (420.0, 90.0),
         "peak_n": (8192, 512),
         "moe_tokens": (4096, 64),
-        "train_steps": (20, 2),
         "tp_batch": (8, 1),
         "tp_seq": (2048, 32),
         "tp_layers": (4, 2),
@@ -1356,16 +886,16 @@ CHECKS = {
     "env": check_env,
     "peak": check_peak,
     "moe": check_moe,
-    "train": check_train,
     "throughput": check_throughput,
     "generation": check_generation,
     "compile": check_compile,
-    "edge": check_edge,
 }
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.record_baseline:
+        return gpu_cases.record_baseline(torch.device(args.device))
     if not args.device.startswith("cuda") and args.quick:
         # A smoke run on a shared CPU: one thread avoids OpenMP spin-waits when other processes hold the cores.
         torch.set_num_threads(1)

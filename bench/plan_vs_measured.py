@@ -29,7 +29,15 @@ import time
 from pathlib import Path
 
 from bench import common
+from loopmoe.distributed.config import DistSection
+from loopmoe.distributed.env import all_reduce_sum_, init_distributed, teardown_distributed
+from loopmoe.planning import Layout, plan_step
+from loopmoe.planning.calibration import calibrate_cpu
+from loopmoe.planning.hardware import cpu_from_calibration
 from loopmoe.text import markdown_table
+from loopmoe.training import build_model_config, load_run_config
+from loopmoe.training.allocator import keep_freed_memory
+from loopmoe.training.builders import planned_vocab_size
 
 BASE = "configs/debug.toml"
 # name -> (processes, overrides over configs/debug.toml); looped and Vanilla, T = 1..4, expert
@@ -87,8 +95,6 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def _has_ep() -> bool:
-    from loopmoe.training.config import DistSection
-
     return "ep" in DistSection.__dataclass_fields__
 
 
@@ -109,11 +115,6 @@ def _rss_kib(field: str) -> int:
 def child(overrides: list[str], steps: int) -> None:
     """One measured run (this process, or one rank of a torchrun); rank 0 prints a JSON line."""
     import torch
-
-    from loopmoe.distributed.env import all_reduce_sum_, init_distributed, teardown_distributed
-    from loopmoe.training import load_run_config
-    from loopmoe.training.allocator import keep_freed_memory
-    from loopmoe.training.builders import planned_vocab_size
 
     info = init_distributed()
     keep_freed_memory()  # as `loopmoe train` does on a CPU (a no-op in the memory runs: MEMORY_ENV is set)
@@ -196,10 +197,6 @@ def measure(procs: int, overrides: list[str], steps: int, repeats: int = REPEATS
 
 
 def predict(procs: int, overrides: list[str], hw_by_threads) -> dict:
-    from loopmoe.planning import Layout, plan_step
-    from loopmoe.training import build_model_config, load_run_config
-    from loopmoe.training.builders import planned_vocab_size
-
     cfg = load_run_config(BASE, overrides, world_size=procs)
     layout = Layout.from_run_config(cfg, procs, "cpu")
     plan = plan_step(build_model_config(cfg, planned_vocab_size(cfg)[0]), layout, hw_by_threads(layout.threads))
@@ -207,8 +204,6 @@ def predict(procs: int, overrides: list[str], hw_by_threads) -> dict:
 
 
 def run(quick: bool, steps: int, only: list[str] | None) -> dict:
-    from loopmoe.planning.hardware import calibrate_cpu, cpu_from_calibration
-
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
     calibration = calibrate_cpu(sorted({1, cores}), quick=quick)

@@ -30,16 +30,33 @@ reported, not enforced).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Literal, get_args
 
 from loopmoe.budget import Budget, compute_budget, ffn_matmul_weights, layer_shapes, modulation_matmul_weights
-from loopmoe.config import LoopMoEConfig, expert_width
+from loopmoe.config import ExpertType, IterConditioning, LoopMoEConfig, expert_width
+from loopmoe.errors import ConfigError
+from loopmoe.options import option
 
-Strategy = Literal["capacity", "naive"]
+Strategy = Literal["capacity", "per_layer", "naive"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-TARGETS = ("total_params", "flops_per_token", "attn_ffn_ratio")
+# The two readings of the third target (docs/design.md §6): unique attention / executed FFN (ours,
+# capacity balancing) and attention / FFN weights per executed layer (per_layer; naive reports it).
+RATIO_READINGS = ("attn_ffn_ratio", "attn_ffn_ratio_per_layer")
+DEVIATION_KEYS = ("total_params", "flops_per_token", *RATIO_READINGS)
+TARGETS = ("total_params", "flops_per_token", "attn_ffn_ratio")  # capacity's; see targets_of
+
+
+def ratio_reading(strategy: str) -> str:
+    """The ratio a strategy's third target reads: ``attn_ffn_ratio`` (capacity) or ``attn_ffn_ratio_per_layer``."""
+    return "attn_ffn_ratio" if strategy == "capacity" else "attn_ffn_ratio_per_layer"
+
+
+def targets_of(strategy: str) -> tuple[str, str, str]:
+    """The three targets a strategy matches (naive reports them without enforcing them)."""
+    return ("total_params", "flops_per_token", ratio_reading(strategy))
 
 
 @dataclass
@@ -53,38 +70,62 @@ class BalanceResult:
     deviations: dict[str, float]  # relative, looped / reference - 1
     tolerances: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def targets(self) -> tuple[str, str, str]:
+        return targets_of(self.strategy)
+
     def as_dict(self) -> dict:
         def side(cfg, budget):
-            return {
-                "config": cfg.architecture_dict(),
-                **{
-                    k: getattr(budget, k)
-                    for k in ("total_params", "active_params", "flops_per_token", "attn_ffn_ratio")
-                },
-            }
+            return {"config": cfg.architecture_dict(), **{k: v for k, v in budget.as_dict().items() if k != "seq_len"}}
 
+        reading = ratio_reading(self.strategy)
         return {
             "strategy": self.strategy,
             "seq_len": self.seq_len,
             "reference": side(self.reference, self.reference_budget),
             "looped": side(self.looped, self.looped_budget),
+            # Every reading's deviation; `targets` names the three this strategy matches (its own
+            # reading of the ratio), `other_ratio` the reading it does not (shown beside, not matched).
             "deviations": self.deviations,
+            "targets": list(self.targets),
+            "enforced": self.strategy != "naive",
+            "ratio_reading": reading,
+            "other_ratio": next(r for r in RATIO_READINGS if r != reading),
             "tolerances": self.tolerances,
         }
 
 
 def deviations(reference: Budget, looped: Budget) -> dict[str, float]:
-    return {k: getattr(looped, k) / getattr(reference, k) - 1.0 for k in TARGETS}
+    """Relative deviation (looped / reference - 1) of the parameters, FLOPs and both ratio readings."""
+    return {k: getattr(looped, k) / getattr(reference, k) - 1.0 for k in DEVIATION_KEYS}
 
 
-def _score(dev: dict[str, float], tol: dict[str, float]) -> float:
-    return max(abs(dev[k]) / tol[k] for k in TARGETS)
+def _score(dev: dict[str, float], tol: dict[str, float], strategy: str = "capacity") -> float:
+    return max(abs(dev[k]) / tol[k] for k in targets_of(strategy))
 
 
 def _linear_solve(f, lo: int, hi: int, target: float) -> float:
     """x with f(x) = target, for f linear in x (evaluated at two integer points)."""
     y_lo, y_hi = f(lo), f(hi)
     return lo + (target - y_lo) * (hi - lo) / (y_hi - y_lo)
+
+
+# References of at least this many parameters are sized for GPU clusters with expert parallelism
+# (the paper-* presets, `plan --search` at billions of parameters): their looped models keep E' a
+# multiple of 8 (EP degrees up to 8 divide it) and h_d' a multiple of 16 (GEMM-friendly heads).
+HARDWARE_GRID_MIN_PARAMS = 1e9
+HARDWARE_EXPERT_MULTIPLE, HARDWARE_HEAD_DIM_MULTIPLE = 8, 16
+
+
+def hardware_grid(reference: LoopMoEConfig) -> tuple[int, int | None]:
+    """``(expert_multiple, head_dim_multiple)`` a balance of ``reference`` uses when none is given.
+
+    ``(8, 16)`` at GPU-cluster scale (``HARDWARE_GRID_MIN_PARAMS``); else ``(1, None)``: any expert
+    count, and a head-size grid scaled to the reference.
+    """
+    if compute_budget(reference, 1).total_params >= HARDWARE_GRID_MIN_PARAMS:
+        return HARDWARE_EXPERT_MULTIPLE, HARDWARE_HEAD_DIM_MULTIPLE
+    return 1, None
 
 
 def balance(
@@ -100,7 +141,7 @@ def balance(
     ffn_multiple: int | None = None,
     expert_type: str | None = None,
     dcca_dim: int | None = None,
-    expert_multiple: int = 1,
+    expert_multiple: int | None = None,
     **looped_overrides,
 ) -> BalanceResult:
     """Return the looped config matched to ``reference`` at ``num_loops`` iterations of the core.
@@ -111,29 +152,42 @@ def balance(
     ``head_dim_multiple`` / ``ffn_multiple`` set the integer grid of h_d' and f' (default: a power of
     two that scales with the reference, so tiny models get a fine grid and large ones
     hardware-friendly sizes). ``expert_multiple`` makes E' a multiple (so that an expert-parallel
-    degree dividing it splits the experts evenly; ``loopmoe budget`` defaults to 8 for the paper-scale
-    presets, with head sizes a multiple of 16). Raises ``ValueError`` naming the target that cannot be
+    degree dividing it splits the experts evenly). Left unset, both follow ``hardware_grid(reference)``:
+    experts a multiple of 8 and head sizes of 16 for references at GPU-cluster scale, so that
+    ``loopmoe budget``, ``loopmoe compare`` and ``loopmoe plan --search`` derive one looped model from one
+    reference. Raises ``ValueError`` naming the target that cannot be
     met and what to change, the constraint to relax included.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if reference.num_loops != 1:
-        raise ValueError(f"the reference must be a Vanilla MoE (num_loops=1), got num_loops={reference.num_loops}")
+        raise ConfigError(f"the reference must be a Vanilla MoE (num_loops=1), got num_loops={reference.num_loops}")
     for name, value in (("num_prelude_layers", num_prelude_layers), ("num_coda_layers", num_coda_layers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+            raise ConfigError(f"{name} must be a whole number >= 0, got {value!r}")
     if isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1:
-        raise ValueError(f"num_loops must be a whole number >= 1, got {num_loops!r}")
+        raise ConfigError(f"num_loops must be a whole number >= 1, got {num_loops!r}")
     for name, multiple in (
         ("expert_multiple", expert_multiple),
         ("head_dim_multiple", head_dim_multiple),
         ("ffn_multiple", ffn_multiple),
     ):
         if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
-            raise ValueError(f"{name} must be a whole number >= 1, got {multiple!r}")
+            raise ConfigError(f"{name} must be a whole number >= 1, got {multiple!r}")
     if head_dim_multiple is not None and head_dim_multiple % 2:
-        raise ValueError(f"head_dim_multiple must be even (rotary embeddings pair dimensions), got {head_dim_multiple}")
-    tol = {"total_params": 0.01, "flops_per_token": 0.01, "attn_ffn_ratio": 0.05, **(tolerances or {})}
+        raise ConfigError(
+            f"head_dim_multiple must be even (rotary embeddings pair dimensions), got {head_dim_multiple}"
+        )
+    grid_experts, grid_head_dim = hardware_grid(reference)
+    expert_multiple = expert_multiple or grid_experts
+    head_dim_multiple = head_dim_multiple or grid_head_dim
+    tol = {
+        "total_params": 0.01,
+        "flops_per_token": 0.01,
+        "attn_ffn_ratio": 0.05,
+        "attn_ffn_ratio_per_layer": 0.05,
+        **(tolerances or {}),
+    }
     L = reference.executed_depth()
     body = L - num_prelude_layers - num_coda_layers
     if num_loops < 1 or body < num_loops or body % num_loops:
@@ -142,7 +196,7 @@ def balance(
             if body >= 1
             else f"Use fewer prelude + coda layers (at most {L - 1} together)."
         )
-        raise ValueError(
+        raise ConfigError(
             f"cannot loop {L} executed layers as prelude {num_prelude_layers} + core x {num_loops} + coda "
             f"{num_coda_layers}: L - P - Q = {body} must be a positive multiple of num_loops. {fix}"
         )
@@ -188,6 +242,8 @@ def balance(
         shape: dict[str, int] = {}
         shape["num_experts"] = fit_experts(shape)
         best = shape
+    elif strategy == "per_layer":
+        best = _per_layer_search(reference, ref_budget, base, budget, fit_experts, head_dim_multiple, ffn_multiple, tol)
     else:
         best = _capacity_search(
             reference, ref_budget, base, budget, fit_experts, num_loops, L, head_dim_multiple, ffn_multiple, tol
@@ -196,10 +252,10 @@ def balance(
     looped_budget = compute_budget(looped, seq_len)
     dev = deviations(ref_budget, looped_budget)
     # The naive ablation exists to show the mismatch, so it reports deviations without enforcing them.
-    failed = [k for k in TARGETS if abs(dev[k]) > tol[k]] if strategy == "capacity" else []
+    failed = [k for k in targets_of(strategy) if abs(dev[k]) > tol[k]] if strategy != "naive" else []
     if failed:
         detail = "; ".join(f"{k} off by {dev[k]:+.2%} (tolerance {tol[k]:.0%})" for k in failed)
-        raise ValueError(
+        raise ConfigError(
             f"{strategy} balancing of {L} layers at num_loops={num_loops} cannot meet: {detail}. Best candidate: "
             f"heads {looped.num_attention_heads}/{looped.num_key_value_heads} x {looped.head_dim}, top-"
             f"{looped.num_experts_per_tok} of {looped.num_experts} experts of size {looped.moe_intermediate_size}. "
@@ -213,7 +269,8 @@ def balance(
                 else ""
             )
         )
-    return BalanceResult(reference, looped, strategy, seq_len, ref_budget, looped_budget, dev, tol)
+    enforced = {k: tol[k] for k in targets_of(strategy)}  # the tolerances of this strategy's own targets
+    return BalanceResult(reference, looped, strategy, seq_len, ref_budget, looped_budget, dev, enforced)
 
 
 def _experts_for_params(budget_with, top_k: int, total_params: int, multiple: int = 1) -> int:
@@ -221,6 +278,56 @@ def _experts_for_params(budget_with, top_k: int, total_params: int, multiple: in
     ``budget_with(E)`` is the budget with E experts (linear in E, so two evaluations solve it)."""
     e = _linear_solve(lambda n: budget_with(n).total_params, top_k, top_k + 1, total_params)
     return max(multiple * math.ceil(top_k / multiple), multiple * round(e / multiple))
+
+
+@dataclass(kw_only=True)
+class BalanceOptions:
+    """How a looped model is derived from its reference: the one set of balancing options.
+
+    ``loopmoe budget`` and ``loopmoe compare`` take these as their own options (their option classes
+    inherit them, so every flag and study key is declared once, here) and balance through
+    ``derive``: the same reference and options give the same looped model in both.
+    """
+
+    strategy: Strategy = option(
+        "capacity", help="capacity (match params, FLOPs and ratio) or naive (same shapes, more experts)"
+    )
+    prelude: int = option(0, help="prelude layers P of the LoopMoE, run once before the core")
+    coda: int = option(0, help="coda layers Q of the LoopMoE, run once after the core")
+    expert_type: ExpertType | None = option(
+        None,
+        help="expert type of the balanced model: swiglu, or dcca (BigMac's low-dimension experts)",
+        shown="the reference's",
+    )
+    dcca_dim: int | None = option(
+        None, help="width of the balanced model's DCCA experts", shown="the reference's, else hidden_size // 4"
+    )
+    expert_multiple: int | None = option(
+        None,
+        help="make the expert count a multiple of N (expert parallelism)",
+        shown="8 for references of 1B+ parameters, else 1",
+    )
+    head_dim_multiple: int | None = option(
+        None,
+        help="make the head size a multiple of N",
+        shown="16 for references of 1B+ parameters, else scaled to the reference",
+    )
+
+    def derive(self, reference: LoopMoEConfig, num_loops: int, seq_len: int | None = None, **settings) -> BalanceResult:
+        """``balance(reference, num_loops, ...)`` under these options (``settings``: balance's other arguments)."""
+        return balance(
+            reference,
+            num_loops,
+            strategy=settings.pop("strategy", self.strategy),
+            seq_len=seq_len,
+            num_prelude_layers=self.prelude,
+            num_coda_layers=self.coda,
+            expert_type=self.expert_type,
+            dcca_dim=self.dcca_dim,
+            expert_multiple=self.expert_multiple,
+            head_dim_multiple=self.head_dim_multiple,
+            **settings,
+        )
 
 
 def granularity_control(result: BalanceResult) -> LoopMoEConfig:
@@ -262,9 +369,116 @@ def granularity_control(result: BalanceResult) -> LoopMoEConfig:
     return LoopMoEConfig(**{**base, "num_experts": experts})
 
 
+def matched_granularity_control(result: BalanceResult) -> LoopMoEConfig:
+    """The exact-budget granularity control: a Vanilla MoE at the reference's budgets with experts as fine
+    as the looped model's.
+
+    ``granularity_control`` takes the looped model's top-k' and f' as they are, so its FLOPs fall
+    short of the reference's (-8% for ``small`` at T = 2) and it mixes granularity with compute.
+    This control keeps the reference's attention and depth and chooses its own top-k and f with
+    ``k * f`` equal to the reference's (FLOPs and the attention/FFN ratio match) and E with
+    ``E * f`` equal to the reference's (parameters match), taking the f closest to the looped
+    model's f' (``small`` at T = 2: 16 experts of 64, top-4, against the reference's 8 x 128, top-2).
+    All three targets are met within the balancing tolerances, or ``ConfigError`` says which is not.
+    """
+    reference, looped, seq_len = result.reference, result.looped, result.seq_len
+    ref_budget = compute_budget(reference, seq_len)
+    tol = {k: result.tolerances.get(k, 0.05 if "ratio" in k else 0.01) for k in DEVIATION_KEYS}
+    base = {**reference.architecture_dict()}
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        base[key] = getattr(reference, key)
+    executed = reference.num_experts_per_tok * reference.moe_intermediate_size  # k * f, the FLOPs to keep
+    ffn_mult = _grid(reference.moe_intermediate_size, 64)
+    best, best_key = None, None
+    for k in range(1, 8 * reference.num_experts_per_tok + 1):
+        f = max(ffn_mult, ffn_mult * round(executed / k / ffn_mult))
+        shape = {**base, "num_experts_per_tok": k, "moe_intermediate_size": f}
+        experts = _experts_for_params(
+            lambda n, shape=shape: compute_budget(SimpleNamespace(**{**shape, "num_experts": n}), seq_len),
+            k,
+            ref_budget.total_params,
+        )
+        cand = {**shape, "num_experts": experts}
+        score = _score(deviations(ref_budget, compute_budget(SimpleNamespace(**cand), seq_len)), tol)
+        order = (score > 1, abs(math.log(f / looped.moe_intermediate_size)), score)
+        if best_key is None or order < best_key:
+            best, best_key = cand, order
+    assert best is not None and best_key is not None
+    control = LoopMoEConfig(**best)
+    if best_key[0]:
+        dev = deviations(ref_budget, compute_budget(control, seq_len))
+        raise ConfigError(
+            f"no exact-budget granularity control near expert size {looped.moe_intermediate_size}: the closest, "
+            f"top-{control.num_experts_per_tok} of {control.num_experts} x {control.moe_intermediate_size}, is off by "
+            + ", ".join(f"{k} {dev[k]:+.2%}" for k in TARGETS)
+            + "; use the granularity control (kind 'granularity'), or a reference whose k * f has more divisors"
+        )
+    return control
+
+
 def _grid(size: int, parts: int) -> int:
     """Largest power of two <= size / parts (at least 2)."""
     return 2 ** max(1, int(math.log2(max(2, size // parts))))
+
+
+def _per_layer_search(reference, ref_budget, base, budget, fit_experts, hd_mult, ffn_mult, tol) -> dict:
+    """The ``per_layer`` strategy: the reference's layer, every executed layer, with IterAdaLN absorbed.
+
+    The looped model keeps the reference's heads and executes as many layers, so its attention/FFN
+    ratio per executed layer is the reference's at the reference's shapes; only IterAdaLN's per-token
+    matmuls are extra FLOPs. They are taken out of the head size h_d' and the expert size f' (with
+    the shared experts scaled alike) in proportion, which keeps A'/phi' near A/phi, and the top-k'
+    may move by one where the grid is coarse; E' then matches the total parameters. Among the
+    candidates that meet all three targets the one closest to the reference's shapes wins.
+    """
+    ref_hd, ref_f, ref_k = reference.head_dim, reference.moe_intermediate_size, reference.num_experts_per_tok
+    ref_shapes = layer_shapes(reference, core=False)
+    shared_per_expert_weight = ref_shapes.shared / ref_shapes.expert
+    base_rank = LoopMoEConfig(**base).iter_cond_rank  # the default rank of this width
+    uses_token = IterConditioning(base["iter_conditioning"]).uses_token
+
+    rank = base_rank
+    ranks = sorted({rank, *(r for r in (3 * rank // 4, rank // 2, rank // 4) if r >= 4)}, reverse=True)
+
+    def candidates() -> Iterator[dict]:
+        smallest_hd = max(hd_mult * math.ceil(8 / hd_mult), hd_mult * math.floor(0.6 * ref_hd / hd_mult))
+        for r in ranks if uses_token else [rank]:
+            for hd in range(smallest_hd, ref_hd + 1, hd_mult):
+                if hd % 2:
+                    continue
+                for k in sorted({max(1, ref_k - 1), ref_k, ref_k + 1}):
+                    low = max(ffn_mult, ffn_mult * math.floor(0.6 * ref_f * ref_k / k / ffn_mult))
+                    for f in range(low, math.ceil(1.1 * ref_f * ref_k / k) + 1, ffn_mult):
+                        shared = shared_per_expert_weight * f
+                        yield {
+                            "iter_cond_rank": r,
+                            "head_dim": hd,
+                            "num_experts_per_tok": k,
+                            "moe_intermediate_size": f,
+                            "shared_expert_intermediate_size": ffn_mult * round(shared / ffn_mult) if shared else 0,
+                        }
+
+    best, best_key = None, None
+    for shape in candidates():
+        # FLOPs do not depend on E' but through the router: prune on the reference's E first.
+        dev = deviations(ref_budget, budget(**shape, num_experts=reference.num_experts))
+        if abs(dev["flops_per_token"]) > 3 * tol["flops_per_token"]:
+            continue
+        cand = {**shape, "num_experts": fit_experts(shape)}
+        dev = deviations(ref_budget, budget(**cand))
+        score = _score(dev, tol, "per_layer")
+        change = (
+            abs(shape["iter_cond_rank"] / rank - 1)
+            + abs(shape["head_dim"] / ref_hd - 1)
+            + abs(shape["moe_intermediate_size"] * shape["num_experts_per_tok"] / (ref_f * ref_k) - 1)
+            + abs(shape["num_experts_per_tok"] - ref_k)
+        )
+        key = (score > 1, score if score > 1 else 0.0, change, score)
+        if best_key is None or key < best_key:
+            best, best_key = cand, key
+    if best is None:  # nothing near the budget: report the reference's shapes, whose deviations name the problem
+        best = {"num_experts": fit_experts({})}
+    return best
 
 
 def _capacity_search(reference, ref_budget, base, budget, fit_experts, loops, L, hd_mult, ffn_mult, tol) -> dict:

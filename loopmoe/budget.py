@@ -17,9 +17,13 @@ Forward FLOPs per token count the multiply-adds of every matmul a token's comput
 convention). Element-wise work (norms, activations, routing softmax) is not counted, and
 neither is work done once per sequence rather than per token (``MLP_iter(PE(k))``).
 
-The attention-to-FFN active ratio is ``unique attention parameters / FFN parameters executed
-per token`` (ours; the FFN includes DCCA's projections): a looped model touches the attention of
-P + C + Q layers but runs its FFNs on all P + C*T + Q executed layers.
+The attention-to-FFN active ratio has two readings (docs/design.md §6). ``attn_ffn_ratio`` is
+``unique attention parameters / FFN parameters executed per token`` (ours; the FFN includes DCCA's
+projections): a looped model touches the attention of P + C + Q layers but runs its FFNs on all
+P + C*T + Q executed layers, so looping the same shapes divides it by T. ``attn_ffn_ratio_per_layer``
+is ``A / phi``, the attention and FFN weights a token multiplies in one executed layer, which a
+looped model with the reference's shapes keeps. Capacity balancing matches the first, the
+``per_layer`` strategy the second (``loopmoe.balance``).
 
 ``all_to_all_bytes_per_token`` is the expert-parallel communication a token causes (BigMac's eq. 1
 per token): its k rows of width w leave for other ranks and come back, in every executed MoE layer
@@ -32,6 +36,7 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 from loopmoe.config import ExpertType, IterConditioning, LoopMoEConfig, expert_width, router_width
+from loopmoe.errors import ConfigError
 
 # A LoopMoEConfig, or any object with its fields: the balancing search scores thousands of
 # candidates as plain namespaces, far cheaper to build than a transformers config.
@@ -58,10 +63,15 @@ class Budget:
     total_params: int
     active_params: int
     flops_per_token: int
-    attn_ffn_ratio: float
+    attn_ffn_ratio: float  # unique attention / executed FFN (design §6, ours): capacity balancing's reading
     seq_len: int
     executed_depth: int
     unique_layers: int
+    # Where the forward FLOPs of a token go (the rest: routers, the LM head, concat injection).
+    attention_flops_per_token: int = 0  # projections and S x S scores, every executed layer
+    ffn_flops_per_token: int = 0  # k routed experts, shared experts, DCCA projections, every executed layer
+    modulation_flops_per_token: int = 0  # IterAdaLN's per-token matmuls, every executed core layer
+    attn_ffn_ratio_per_layer: float = 0.0  # A / phi: attention / FFN weights one executed layer multiplies
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -137,14 +147,18 @@ def all_to_all_bytes_per_token(
     for bf16, 4 for fp32.
     """
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"the expert-parallel degree ep must be a whole number >= 1, got {ep!r}")
+        raise ConfigError(f"the expert-parallel degree ep must be a whole number >= 1, got {ep!r}")
     T = cfg.num_loops if num_loops is None else num_loops
     executed = cfg.num_prelude_layers + cfg.num_core_layers * T + cfg.num_coda_layers
     exchanges = 4 if backward else 2
     return exchanges * executed * all_to_all_row_bytes(cfg, bytes_per_element) * (ep - 1) / ep
 
 
-def _layer_params(s: LayerShapes, experts: int) -> int:
+def layer_params(s: LayerShapes, experts: int) -> int:
+    """Parameters of one layer of shapes ``s`` holding ``experts`` experts (pass k for the active count).
+
+    The one per-layer count: the budget, the planner's FSDP2 units and its memory model read it.
+    """
     return (
         s.attention
         + s.attention_norms
@@ -161,15 +175,15 @@ def _layer_params(s: LayerShapes, experts: int) -> int:
 def compute_budget(cfg: ConfigLike, seq_len: int, num_loops: int | None = None) -> Budget:
     """Total / active parameters, forward FLOPs per token at ``seq_len``, and the attention/FFN ratio."""
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise ConfigError(f"seq_len must be >= 1, got {seq_len}")
     T = cfg.num_loops if num_loops is None else num_loops
     plain, core = layer_shapes(cfg, core=False), layer_shapes(cfg, core=True)
     n_plain = cfg.num_prelude_layers + cfg.num_coda_layers
     C, k, E = cfg.num_core_layers, cfg.num_experts_per_tok, cfg.num_experts
     d, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
 
-    total = global_params(cfg) + n_plain * _layer_params(plain, E) + C * _layer_params(core, E)
-    active = global_params(cfg) + n_plain * _layer_params(plain, k) + C * _layer_params(core, k)
+    total = global_params(cfg) + n_plain * layer_params(plain, E) + C * layer_params(core, E)
+    active = global_params(cfg) + n_plain * layer_params(plain, k) + C * layer_params(core, k)
 
     def layer_matmul_weights(s: LayerShapes) -> int:
         return s.attention + ffn_matmul_weights(cfg, s) + s.router
@@ -193,4 +207,8 @@ def compute_budget(cfg: ConfigLike, seq_len: int, num_loops: int | None = None) 
         seq_len=seq_len,
         executed_depth=executed,
         unique_layers=n_plain + C,
+        attention_flops_per_token=executed * (2 * plain.attention + scores),
+        ffn_flops_per_token=2 * executed_ffn,
+        modulation_flops_per_token=2 * C * T * modulation_matmul_weights(cfg),
+        attn_ffn_ratio_per_layer=plain.attention / ffn_matmul_weights(cfg, plain),
     )

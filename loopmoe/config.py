@@ -16,9 +16,10 @@ from __future__ import annotations
 import inspect
 import math
 from enum import StrEnum
-from typing import Literal, get_args
 
 from transformers import PretrainedConfig
+
+from loopmoe.errors import ConfigError
 
 
 class IterConditioning(StrEnum):
@@ -60,10 +61,11 @@ class ExpertType(StrEnum):
 
     ``swiglu``: each expert is a SwiGLU ``d -> f -> d`` on the hidden state.
     ``dcca``: BigMac's descend-communicate-communicate-ascend layer (Jin et al., AAAI 2025): one
-    descending projection ``d -> r`` per MoE layer before dispatch, experts that are SwiGLUs
-    ``r -> f -> r`` at width ``r = dcca_dim``, the k expert outputs combined at width r, and one
-    ascending projection ``r -> d`` after the combine. Token rows travel to and from the experts
-    (the expert-parallel all_to_all) at width r instead of d.
+    descending projection ``d -> d_e`` per MoE layer before dispatch, experts that are SwiGLUs
+    ``d_e -> f -> d_e`` at width ``d_e = dcca_dim`` (BigMac's r; ``r`` here is IterAdaLN's rank), the
+    k expert outputs combined at width d_e, and one ascending projection ``d_e -> d`` after the
+    combine. Token rows travel to and from the experts (the expert-parallel all_to_all) at width d_e
+    instead of d.
     """
 
     SWIGLU = "swiglu"
@@ -75,36 +77,80 @@ class ExpertType(StrEnum):
         return self is ExpertType.DCCA
 
 
-EXPERT_TYPES = tuple(t.value for t in ExpertType)
-# Which vector the router of a DCCA layer scores: the full-width hidden state x (BigMac's choice: a
-# wider input routes more accurately, and the router is cheap) or the descended x' = x W_desc^T.
-DCCA_ROUTER_INPUTS = ("hidden", "descended")
+class DccaRouterInput(StrEnum):
+    """Which vector the router of a DCCA layer scores: the full-width hidden state x (BigMac's choice:
+    a wider input routes more accurately, and the router is cheap) or the descended x' = x W_desc^T."""
+
+    HIDDEN = "hidden"
+    DESCENDED = "descended"
+
+
+class InputInjection(StrEnum):
+    """How the prelude's output re-enters the core at later iterations (docs/design.md §2)."""
+
+    NONE = "none"
+    ADD = "add"
+    CONCAT = "concat"
+
+
+class NormScheme(StrEnum):
+    """Pre-norm, sandwich norm, or Pangu Ultra's depth-scaled sandwich norm (docs/design.md §3)."""
+
+    PRE = "pre"
+    SANDWICH = "sandwich"
+    DEPTH_SCALED_SANDWICH = "depth_scaled_sandwich"
+
+
+class RouterScore(StrEnum):
+    """The router's score function."""
+
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+
+
+class MoEImplementation(StrEnum):
+    """The expert kernel: ``auto`` picks grouped_mm where it is faster (docs/design.md §4)."""
+
+    AUTO = "auto"
+    LOOP = "loop"
+    GROUPED_MM = "grouped_mm"
+
+
+# The one table of LoopMoEConfig's string-choice fields: validate() checks membership from it, and
+# `model.KEY=VALUE` overrides read `none` as the choice "none" (not Python None) where it is one.
+CHOICE_FIELDS: dict[str, type[StrEnum]] = {
+    "router_score": RouterScore,
+    "expert_type": ExpertType,
+    "dcca_router_input": DccaRouterInput,
+    "moe_implementation": MoEImplementation,
+    "iter_conditioning": IterConditioning,
+    "input_injection": InputInjection,
+    "norm_scheme": NormScheme,
+}
+
+
+def choice_values(choices: type[StrEnum]) -> tuple[str, ...]:
+    """The spellings of a choice set, in declaration order (for messages and argparse)."""
+    return tuple(member.value for member in choices)
+
+
+def layers_text(cfg) -> str:
+    """``P+CxT+Q`` for a LoopMoEConfig or any object with its layer fields (a search candidate)."""
+    return f"{cfg.num_prelude_layers}+{cfg.num_core_layers}x{cfg.num_loops}+{cfg.num_coda_layers}"
 
 
 def expert_width(cfg) -> int:
     """Width of the rows the routed experts take and return (and that an all_to_all carries):
-    ``dcca_dim`` (r) for DCCA experts, ``hidden_size`` (d) otherwise. ``cfg``: a LoopMoEConfig or
+    ``dcca_dim`` (d_e) for DCCA experts, ``hidden_size`` (d) otherwise. ``cfg``: a LoopMoEConfig or
     any object with its fields (the balancing search scores plain namespaces)."""
     return cfg.dcca_dim if ExpertType(cfg.expert_type).projects else cfg.hidden_size
 
 
 def router_width(cfg) -> int:
-    """Width of the vector the router scores: r for a DCCA layer routing on the descended vector, else d."""
+    """Width of the vector the router scores: d_e for a DCCA layer routing on the descended vector, else d."""
     descended = ExpertType(cfg.expert_type).projects and cfg.dcca_router_input == "descended"
     return cfg.dcca_dim if descended else cfg.hidden_size
 
-
-ITER_CONDITIONINGS = tuple(c.value for c in IterConditioning)
-# The same names as a type, for option dataclasses whose choices come from the type (loopmoe.options).
-IterConditioningName = Literal["none", "iter_embedding", "adaln_iter", "adaln_token", "iteradaln"]
-assert get_args(IterConditioningName) == ITER_CONDITIONINGS
-# The same names as a type, for option dataclasses (loopmoe.options).
-ExpertTypeName = Literal["swiglu", "dcca"]
-assert get_args(ExpertTypeName) == EXPERT_TYPES
-INPUT_INJECTIONS = ("none", "add", "concat")
-NORM_SCHEMES = ("pre", "sandwich", "depth_scaled_sandwich")
-ROUTER_SCORES = ("softmax", "sigmoid")
-MOE_IMPLEMENTATIONS = ("auto", "loop", "grouped_mm")
 
 # TinyInit gains of the depth-scaled sandwich norm (Pangu Ultra): post-norm gain = c / sqrt(L).
 SANDWICH_ATTN_GAIN = 0.283
@@ -143,10 +189,10 @@ class LoopMoEConfig(PretrainedConfig):
         router_bias_update_rate: step size of auxiliary-loss-free bias balancing (0 disables it).
         expert_type: ``"swiglu"`` (experts at the model width) or ``"dcca"`` (BigMac's low-dimension
             experts: see ``ExpertType``).
-        dcca_dim: width ``r`` of DCCA experts, ``0 < r < hidden_size``; defaults to ``hidden_size // 4``
+        dcca_dim: width ``d_e`` of DCCA experts, ``0 < d_e < hidden_size``; defaults to ``hidden_size // 4``
             (BigMac's downscaling factor 0.25) for ``dcca``; must stay unset for ``swiglu``.
         dcca_router_input: ``"hidden"`` (route on the full-width x, BigMac's choice) or ``"descended"``
-            (route on the r-wide x' the experts see); ``dcca`` only.
+            (route on the d_e-wide x' the experts see); ``dcca`` only.
         moe_implementation: ``"loop"`` (sorted tokens, one matmul per expert group; CPU),
             ``"grouped_mm"`` (one grouped GEMM per projection; CUDA) or ``"auto"``.
         iter_conditioning: one of ``none``, ``iter_embedding``, ``adaln_iter``, ``adaln_token``,
@@ -235,7 +281,7 @@ class LoopMoEConfig(PretrainedConfig):
         self.router_bias_update_rate = router_bias_update_rate
         self.expert_type = expert_type
         if dcca_dim is None and expert_type == ExpertType.DCCA:
-            dcca_dim = hidden_size // 4  # BigMac's r = 0.25 (its GPT3-XL setting: 2048 -> 512)
+            dcca_dim = hidden_size // 4  # BigMac's d_e = d / 4 (its GPT3-XL setting: 2048 -> 512)
         self.dcca_dim = dcca_dim
         self.dcca_router_input = dcca_router_input
         self.moe_implementation = moe_implementation
@@ -278,10 +324,6 @@ class LoopMoEConfig(PretrainedConfig):
         return self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
 
     @property
-    def is_looped(self) -> bool:
-        return self.num_loops > 1
-
-    @property
     def conditioning(self) -> IterConditioning:
         """``iter_conditioning`` as an ``IterConditioning``: what the setting implies."""
         return IterConditioning(self.iter_conditioning)
@@ -291,7 +333,7 @@ class LoopMoEConfig(PretrainedConfig):
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(f"LoopMoEConfig: {msg}")
+                raise ConfigError(f"LoopMoEConfig: {msg}")
 
         for name in (
             "vocab_size",
@@ -326,24 +368,17 @@ class LoopMoEConfig(PretrainedConfig):
             self.num_experts_per_tok <= self.num_experts,
             f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})",
         )
-        need(
-            self.router_score in ROUTER_SCORES,
-            f"router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}",
-        )
-        need(
-            self.expert_type in EXPERT_TYPES,
-            f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}",
-        )
-        need(
-            self.dcca_router_input in DCCA_ROUTER_INPUTS,
-            f"dcca_router_input must be one of {DCCA_ROUTER_INPUTS}, got {self.dcca_router_input!r}",
-        )
-        if ExpertType(self.expert_type).projects:
-            r = self.dcca_dim
+        for name, choices in CHOICE_FIELDS.items():
             need(
-                isinstance(r, int) and not isinstance(r, bool) and 0 < r < self.hidden_size,
-                f"dcca_dim (the width r of DCCA experts) must be a whole number with 0 < r < hidden_size "
-                f"({self.hidden_size}), got {r!r}; BigMac uses r = hidden_size // 4 = {self.hidden_size // 4}, "
+                getattr(self, name) in choice_values(choices),
+                f"{name} must be one of {choice_values(choices)}, got {getattr(self, name)!r}",
+            )
+        if ExpertType(self.expert_type).projects:
+            d_e = self.dcca_dim
+            need(
+                isinstance(d_e, int) and not isinstance(d_e, bool) and 0 < d_e < self.hidden_size,
+                f"dcca_dim (the width d_e of DCCA experts) must be a whole number with 0 < d_e < hidden_size "
+                f"({self.hidden_size}), got {d_e!r}; BigMac uses d_e = hidden_size // 4 = {self.hidden_size // 4}, "
                 f"the default when dcca_dim is unset",
             )
         else:
@@ -357,19 +392,6 @@ class LoopMoEConfig(PretrainedConfig):
                 f"dcca_router_input={self.dcca_router_input!r} only applies to expert_type='dcca': set "
                 f"expert_type='dcca', or drop dcca_router_input",
             )
-        need(
-            self.moe_implementation in MOE_IMPLEMENTATIONS,
-            f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}",
-        )
-        need(
-            self.iter_conditioning in ITER_CONDITIONINGS,
-            f"iter_conditioning must be one of {ITER_CONDITIONINGS}, got {self.iter_conditioning!r}",
-        )
-        need(
-            self.input_injection in INPUT_INJECTIONS,
-            f"input_injection must be one of {INPUT_INJECTIONS}, got {self.input_injection!r}",
-        )
-        need(self.norm_scheme in NORM_SCHEMES, f"norm_scheme must be one of {NORM_SCHEMES}, got {self.norm_scheme!r}")
         need(self.iter_pe_dim % 2 == 0, f"iter_pe_dim must be even (sin/cos pairs), got {self.iter_pe_dim}")
         need(
             not self.conditioning.embeds_iteration or self.num_loops <= self.max_loops,
@@ -402,9 +424,9 @@ class LoopMoEConfig(PretrainedConfig):
     def check_num_loops(self, num_loops: int) -> None:
         """Validate a loop count requested at inference (test-time depth)."""
         if not isinstance(num_loops, int) or num_loops < 1:
-            raise ValueError(f"num_loops must be a positive integer, got {num_loops!r}")
+            raise ConfigError(f"num_loops must be a positive integer, got {num_loops!r}")
         if self.conditioning.embeds_iteration and num_loops > self.max_loops:
-            raise ValueError(
+            raise ConfigError(
                 f"num_loops={num_loops} exceeds max_loops={self.max_loops}: the iter_embedding ablation has one "
                 f"learned vector per iteration. Use at most {self.max_loops} loops, or a model trained with "
                 f"iter_conditioning='iteradaln' (sinusoidal, any depth)."

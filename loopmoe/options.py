@@ -8,23 +8,32 @@ turns such a dataclass into argparse arguments:
 - the flag is the field name with dashes (``seq_len`` -> ``--seq-len``) unless the field names
   its own ``flag``; ``aliases`` are further flags for the same field;
 - the annotation gives the parsing: ``int``, ``float``, ``str``, ``Path``; ``bool`` is a switch;
-  ``Literal[...]`` gives the choices; ``X | None`` also takes ``none``; ``tuple[X, ...]`` and
+  ``Literal[...]`` or a ``StrEnum`` gives the choices; ``X | None`` also takes ``none`` (as Python
+  None, except where ``"none"`` is itself one of the choices); ``tuple[X, ...]`` and
   ``tuple[X, Y]`` take comma-separated values; ``list[X]`` is a repeatable flag (or, positional,
   any number of values);
 - a field without a default is required; every help line ends with the default.
 
 ``add_overrides`` does the same for a run-config section, as flags that are overrides:
 ``--train.max_steps 100`` is ``train.max_steps=100`` (typed and checked by the run config).
+
+``parse_text`` and ``coerce_value`` are the one reading of a value against its annotation: flags,
+``section.key=value`` overrides and TOML tables all go through them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import tomllib
 import types
 from collections.abc import Iterator, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from loopmoe.errors import ConfigError
+from loopmoe.text import suggest
 
 MISSING: Any = dataclasses.MISSING
 OVERRIDES_DEST = "option_overrides"  # where add_overrides' flags collect their `section.key=value` strings
@@ -114,13 +123,110 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+NONE_WORDS = ("none", "null")
+
+
+def choices_of(hint: Any) -> tuple[str, ...]:
+    """The string choices a ``Literal`` or ``StrEnum`` annotation allows (inside ``X | None`` too); () otherwise."""
+    inner, _ = _unwrap_optional(hint)
+    if get_origin(inner) is Literal:
+        return tuple(str(a) for a in get_args(inner))
+    if isinstance(inner, type) and issubclass(inner, StrEnum):
+        return tuple(member.value for member in inner)
+    return ()
+
+
+def _is_text(hint: Any) -> bool:
+    inner, _ = _unwrap_optional(hint)
+    return inner in (str, Path) or bool(choices_of(inner))
+
+
+def parse_text(text: str, hint: Any) -> Any:
+    """A value typed as text (a flag, a ``section.key=value`` override) read for a field annotated ``hint``.
+
+    ``none``/``null`` is the choice ``"none"`` where that is one of the field's choices, else Python
+    None (``X | None`` fields; any other field then rejects it by type). Text fields keep the text
+    as typed; other values are TOML literals (numbers, booleans, lists), a bare word staying a string.
+    """
+    text = text.strip()
+    if text.lower() in NONE_WORDS:
+        if "none" in choices_of(hint):
+            return "none"
+        return None
+    if _is_text(hint):
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def unknown_key_hint(name: str, options: list[str], prefix: str = "") -> str:
+    """`; did you mean ...?`, or the valid names when none is close."""
+    return "; " + (suggest(name, options, prefix) or f"valid keys: {', '.join(prefix + o for o in sorted(options))}")
+
+
+def coerce_value(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a type hint, allowing int->float and list->tuple; ValueError otherwise."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce_value(key, value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be None")
+    if choices := choices_of(hint):
+        if value not in choices:
+            raise ConfigError(
+                f"{key} = {value!r}: must be one of {', '.join(repr(a) for a in choices)}"
+                + (f"; {close}" if isinstance(value, str) and (close := suggest(value, list(choices))) else "")
+            )
+        return hint(value) if origin is not Literal else value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: expected a list, e.g. [0, 1, 2]")
+        return tuple(coerce_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {len(args)} values, e.g. [0.9, 0.95]")
+        return tuple(coerce_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: expected a table")
+        return dict(value)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
+        raise ConfigError(f"{key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
 def _scalar(hint: Any) -> Any:
-    """A parser of one value of type ``hint`` (int, float, str, Path or a Literal of one type)."""
-    if get_origin(hint) is Literal:
-        return type(get_args(hint)[0])
-    if hint in (int, float, str, Path):
-        return hint
-    raise TypeError(f"no command-line parser for {hint!r}; give the field cli=False or a supported type")
+    """A parser of one command-line value of type ``hint`` (int, float, str, Path, a StrEnum or a Literal).
+
+    Numbers are read by ``parse_text`` and checked by ``coerce_value``, as overrides and TOML values
+    are; text and choices stay the text typed (argparse checks choices and names them).
+    """
+    if not (choices_of(hint) or hint in (int, float, str, Path)):
+        raise TypeError(f"no command-line parser for {hint!r}; give the field cli=False or a supported type")
+    if hint is Path:
+        return Path
+    if hint is str or choices_of(hint):
+        return str
+
+    def parse(text: str) -> Any:
+        return coerce_value(hint.__name__, parse_text(text, hint), hint)
+
+    parse.__name__ = hint.__name__  # argparse: "invalid int value: '1.5'"
+    return parse
 
 
 _EXAMPLES = {int: "0,1,2", float: "0.9,0.95", str: "a,b", Path: "a,b"}
@@ -130,7 +236,8 @@ def _comma_separated(hint: Any) -> Any:
     """``tuple[X, ...]`` / ``tuple[X, Y]`` from ``"a,b"`` (empty items dropped, so ``''`` is empty)."""
     args = get_args(hint)
     variadic = len(args) == 2 and args[1] is Ellipsis
-    kinds = [_scalar(a) for a in (args[:1] if variadic else args)]
+    item_hints = list(args[:1] if variadic else args)
+    kinds = [_scalar(a) for a in item_hints]
 
     def parse(text: str) -> tuple:
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -139,17 +246,18 @@ def _comma_separated(hint: Any) -> Any:
         try:
             return tuple(k(t) for t, k in zip(items, kinds * len(items) if variadic else kinds))
         except ValueError:
+            first = item_hints[0] if item_hints[0] in _EXAMPLES else str
             raise argparse.ArgumentTypeError(
-                f"expected comma-separated {kinds[0].__name__} values, e.g. {_EXAMPLES[kinds[0]]}; got {text!r}"
+                f"expected comma-separated {first.__name__} values, e.g. {_EXAMPLES[first]}; got {text!r}"
             ) from None
 
     parse.__name__ = "comma-separated"
     return parse
 
 
-def _or_none(parse: Any) -> Any:
+def _or_none(parse: Any, hint: Any) -> Any:
     def parse_optional(text: str) -> Any:
-        return None if text.lower() in ("none", "null") else parse(text)
+        return parse(text) if parse_text(text, hint) is not None else None
 
     parse_optional.__name__ = getattr(parse, "__name__", "value")
     return parse_optional
@@ -158,8 +266,8 @@ def _or_none(parse: Any) -> Any:
 def metavar_of(hint: Any, comma: bool = False) -> str:
     """``INT``, ``{a,b}``, ``INT,...`` (``comma``: tuples typed as a,b) or ``[FLOAT, FLOAT]`` (TOML lists)."""
     inner, _ = _unwrap_optional(hint)
-    if get_origin(inner) is Literal:
-        return "{" + ",".join(str(c) for c in get_args(inner)) + "}"
+    if choices := choices_of(inner):
+        return "{" + ",".join(choices) + "}"
     if get_origin(inner) is tuple:
         names = [a.__name__.upper() for a in get_args(inner) if a is not Ellipsis]
         if comma:
@@ -180,10 +288,12 @@ def _kwargs(hint: Any, default: Any) -> dict[str, Any]:
         return {"type": _scalar(get_args(inner)[0]), "action": "append"}
     if origin is tuple:
         parse = _comma_separated(inner)
-        return {"type": _or_none(parse) if optional else parse}
-    kwargs: dict[str, Any] = {"type": _or_none(_scalar(inner)) if optional else _scalar(inner)}
-    if get_origin(inner) is Literal:
-        kwargs["choices"] = get_args(inner) + ((None,) if optional else ())
+        return {"type": _or_none(parse, hint) if optional else parse}
+    kwargs: dict[str, Any] = {"type": _or_none(_scalar(inner), hint) if optional else _scalar(inner)}
+    if choices := choices_of(inner):
+        kwargs["choices"] = (get_args(inner) if get_origin(inner) is Literal else choices) + (
+            (None,) if optional and "none" not in choices else ()
+        )
     return kwargs
 
 

@@ -11,6 +11,8 @@ import difflib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from loopmoe.errors import ConfigError
+
 
 def human(n: float) -> str:
     """``1234567 -> '1.23M'``: counts in tables, exact values stay in JSON."""
@@ -30,7 +32,7 @@ def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]], align: 
     cells = [[str(c) for c in row] for row in rows]
     for row in cells:
         if len(row) != len(head):
-            raise ValueError(f"table row {row} has {len(row)} cells, the header has {len(head)}")
+            raise ConfigError(f"table row {row} has {len(row)} cells, the header has {len(head)}")
     widths = [max(len(r[i]) for r in [head, *cells]) for i in range(len(head))]
     sides = align.ljust(len(head), "l")
 

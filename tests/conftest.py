@@ -11,6 +11,16 @@ import torch
 
 torch.set_num_threads(2)
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (tests/gpu/) are skipped, with the reason, on a machine without a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
 TINY = dict(
     vocab_size=97,
     hidden_size=32,

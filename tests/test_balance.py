@@ -1,9 +1,12 @@
 """Capacity balancing meets its targets on real models, and fails clearly when it cannot."""
 
+import json
+
 import pytest
 
 from loopmoe import LoopMoEForCausalLM
-from loopmoe.balance import balance, granularity_control
+from loopmoe.balance import TARGETS, balance, deviations, granularity_control, matched_granularity_control
+from loopmoe.budget import compute_budget
 from loopmoe.presets import get_preset
 
 
@@ -95,7 +98,7 @@ def test_balancing_to_and_from_dcca_experts(reference, loops, target):
 
 
 def test_dcca_target_errors_name_the_fix():
-    with pytest.raises(ValueError, match=r"0 < r < hidden_size \(64\)"):
+    with pytest.raises(ValueError, match=r"0 < d_e < hidden_size \(64\)"):
         balance(get_preset("debug"), 2, expert_type="dcca", dcca_dim=64)
     with pytest.raises(ValueError, match="set expert_type='dcca', or drop dcca_dim"):
         balance(get_preset("debug"), 2, dcca_dim=16)
@@ -150,3 +153,57 @@ def test_expert_multiple_one_is_the_unconstrained_solver():
         balance(get_preset("bench"), 4, expert_multiple=0)
     with pytest.raises(ValueError, match="head_dim_multiple must be even"):
         balance(get_preset("bench"), 4, head_dim_multiple=9)
+
+
+@pytest.mark.parametrize("preset, loops, seq_len", [("small", 2, None), ("small", 4, 256), ("bench", 2, None)])
+def test_per_layer_keeps_the_layer_ratio_and_meets_every_target(preset, loops, seq_len):
+    reference = get_preset(preset)
+    result = balance(reference, loops, strategy="per_layer", seq_len=seq_len)
+    assert result.targets == ("total_params", "flops_per_token", "attn_ffn_ratio_per_layer")
+    for target in result.targets:
+        assert abs(result.deviations[target]) <= result.tolerances[target], target
+    looped = result.looped
+    assert looped.conditioning.uses_token  # IterAdaLN kept: its per-token cost is absorbed, not dropped
+    assert result.looped_budget.modulation_flops_per_token > 0
+    assert (looped.num_attention_heads, looped.num_key_value_heads) == (
+        reference.num_attention_heads,
+        reference.num_key_value_heads,
+    )
+    assert looped.executed_depth() == reference.executed_depth()
+    # The capacity reading is shown beside, not matched: looping the layer divides it by about T.
+    assert result.deviations["attn_ffn_ratio"] == pytest.approx(1 / loops - 1, abs=0.06)
+
+
+def test_budget_json_reports_both_readings_under_each_strategy(capsys):
+    from loopmoe.cli.main import main
+
+    for strategy, reading in (("capacity", "attn_ffn_ratio"), ("per_layer", "attn_ffn_ratio_per_layer")):
+        assert main(["budget", "small", "--num-loops", "2", "--strategy", strategy, "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["ratio_reading"] == reading and data["targets"][-1] == reading
+        assert set(data["deviations"]) >= {"attn_ffn_ratio", "attn_ffn_ratio_per_layer"}
+        assert all(abs(data["deviations"][t]) <= data["tolerances"][t] for t in data["targets"])
+
+
+def test_the_flops_breakdown_adds_up():
+    for preset, loops in (("small", 2), ("small", 4), ("bench", 2)):
+        cfg = balance(get_preset(preset), loops, seq_len=256).looped
+        b = compute_budget(cfg, 256)
+        router = 2 * b.executed_depth * cfg.hidden_size * cfg.num_experts
+        head = 2 * cfg.vocab_size * cfg.hidden_size
+        parts = b.attention_flops_per_token + b.ffn_flops_per_token + b.modulation_flops_per_token
+        assert parts + router + head == b.flops_per_token
+
+
+@pytest.mark.parametrize("loops", [2, 4])
+def test_the_matched_granularity_control_meets_every_target_at_the_looped_granularity(loops):
+    result = balance(get_preset("small"), loops, seq_len=256)
+    control = matched_granularity_control(result)
+    dev = deviations(result.reference_budget, compute_budget(control, 256))
+    for target in TARGETS:
+        assert abs(dev[target]) <= result.tolerances[target], target
+    assert control.num_loops == 1 and control.head_dim == result.reference.head_dim
+    # Finer than the reference's experts, and as close to the looped model's size as k * f allows.
+    assert control.moe_intermediate_size < result.reference.moe_intermediate_size
+    ratio = control.moe_intermediate_size / result.looped.moe_intermediate_size
+    assert 0.75 < ratio < 1.35

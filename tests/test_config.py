@@ -22,10 +22,10 @@ from loopmoe import LoopMoEConfig
         ({"expert_type": "bigmac"}, "expert_type must be one of"),
         (
             {"expert_type": "dcca", "dcca_dim": 0},
-            r"0 < r < hidden_size \(32\), got 0; BigMac uses r = hidden_size // 4 = 8",
+            r"0 < d_e < hidden_size \(32\), got 0; BigMac uses d_e = hidden_size // 4 = 8",
         ),
-        ({"expert_type": "dcca", "dcca_dim": -4}, r"0 < r < hidden_size \(32\)"),
-        ({"expert_type": "dcca", "dcca_dim": 32}, r"0 < r < hidden_size \(32\), got 32"),
+        ({"expert_type": "dcca", "dcca_dim": -4}, r"0 < d_e < hidden_size \(32\)"),
+        ({"expert_type": "dcca", "dcca_dim": 32}, r"0 < d_e < hidden_size \(32\), got 32"),
         ({"expert_type": "dcca", "dcca_dim": 8.0}, "must be a whole number"),
         ({"dcca_dim": 8}, "set expert_type='dcca', or drop dcca_dim"),
         ({"dcca_router_input": "descended"}, "set expert_type='dcca', or drop dcca_router_input"),

@@ -11,53 +11,35 @@ from typing import Literal
 
 import torch
 
-from loopmoe.balance import BalanceResult, Strategy, balance
+from loopmoe.balance import BalanceOptions, BalanceResult, hardware_grid
 from loopmoe.budget import all_to_all_bytes_per_token
 from loopmoe.compare.report import budget_table
-from loopmoe.config import ExpertTypeName, IterConditioningName
+from loopmoe.config import IterConditioning
+from loopmoe.errors import ConfigError
+from loopmoe.model import LoopMoEForCausalLM
 from loopmoe.options import add_options, option, options_from
-from loopmoe.presets import is_paper_scale, list_presets, load_model_config
+from loopmoe.presets import list_presets, load_model_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the choices of BudgetOptions.dtype / a2a_dtype
-PAPER_EXPERT_MULTIPLE, PAPER_HEAD_DIM_MULTIPLE = 8, 16  # paper-* defaults: EP degrees up to 8, GEMM-friendly heads
 
 
-@dataclass
-class BudgetOptions:
-    """The options of ``loopmoe budget``."""
+@dataclass(kw_only=True)
+class BudgetOptions(BalanceOptions):
+    """The options of ``loopmoe budget``: the balancing options and what to show or save."""
 
     reference: str = option(
         help=f"preset ({', '.join(list_presets())}), model config file (.toml/.json), or checkpoint dir",
         positional=True,
     )
     num_loops: int = option(help="loop count T of the looped core")
-    strategy: Strategy = option(
-        "capacity", help="capacity (match params, FLOPs and ratio) or naive (same shapes, more experts)"
-    )
     seq_len: int | None = option(None, help="sequence length for FLOPs", shown="min(2048, max positions)")
-    prelude: int = option(0, help="prelude layers P run once before the core")
-    coda: int = option(0, help="coda layers Q run once after the core")
-    iter_conditioning: IterConditioningName = option(
+    iter_conditioning: IterConditioning = option(
         "iteradaln", help="how the looped core is told its iteration (IterAdaLN or an ablation)"
-    )
-    expert_type: ExpertTypeName | None = option(
-        None,
-        help="expert type of the balanced model: swiglu, or dcca (BigMac's low-dimension experts)",
-        shown="the reference's",
-    )
-    dcca_dim: int | None = option(
-        None, help="width of the balanced model's DCCA experts", shown="the reference's, else hidden_size // 4"
     )
     ep: int | None = option(
         None, help="expert-parallel degree: also show each model's all_to_all bytes per token at it", metavar="N"
     )
     a2a_dtype: Literal["float32", "bfloat16"] = option("bfloat16", help="dtype of the rows the all_to_all sends")
-    expert_multiple: int | None = option(
-        None, help="make the expert count a multiple of N (expert parallelism)", shown="8 for paper-* presets, else 1"
-    )
-    head_dim_multiple: int | None = option(
-        None, help="make the head size a multiple of N", shown="16 for paper-* presets, else scaled to the reference"
-    )
     json: bool = option(False, help="print JSON instead of a table")
     save_dir: Path | None = option(
         None,
@@ -82,24 +64,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     opts: BudgetOptions = options_from(BudgetOptions, args)
     reference = load_model_config(opts.reference)
-    paper = Path(opts.reference).suffix == "" and opts.reference in list_presets() and is_paper_scale(opts.reference)
-    expert_multiple, head_dim_multiple = opts.expert_multiple, opts.head_dim_multiple
-    if paper:  # hardware-friendly shapes at the scales that run on GPUs, expert-parallel
-        expert_multiple = expert_multiple or PAPER_EXPERT_MULTIPLE
-        head_dim_multiple = head_dim_multiple or PAPER_HEAD_DIM_MULTIPLE
-    result = balance(
-        reference,
-        opts.num_loops,
-        strategy=opts.strategy,
-        seq_len=opts.seq_len,
-        num_prelude_layers=opts.prelude,
-        num_coda_layers=opts.coda,
-        iter_conditioning=opts.iter_conditioning,
-        expert_type=opts.expert_type,
-        dcca_dim=opts.dcca_dim,
-        expert_multiple=expert_multiple or 1,
-        head_dim_multiple=head_dim_multiple,
-    )
+    grid = hardware_grid(reference)
+    result = opts.derive(reference, opts.num_loops, seq_len=opts.seq_len, iter_conditioning=opts.iter_conditioning)
     a2a, a2a_row = None, None
     if opts.ep is not None:
         width = torch.finfo(DTYPES[opts.a2a_dtype]).bits // 8
@@ -116,7 +82,7 @@ def run(args) -> int:
                 data[side]["all_to_all_bytes_per_token"] = value
         print(json.dumps(data, indent=2))
     else:
-        title = f"{opts.reference}{' (paper scale)' if paper else ''}"
+        title = f"{opts.reference}{' (hardware grid)' if grid[0] > 1 else ''}"
         print(budget_table(result, title=title, all_to_all=a2a_row))
     if opts.save_dir is not None:
         save_models(result, opts.save_dir, DTYPES[opts.dtype])
@@ -125,13 +91,12 @@ def run(args) -> int:
 
 def save_models(result: BalanceResult, directory: Path, dtype: torch.dtype) -> None:
     """Write both models, randomly initialised, as HF checkpoints (refusing what cannot fit in memory)."""
-    from loopmoe.model import LoopMoEForCausalLM
 
     bytes_per = torch.finfo(dtype).bits // 8
     need = max(result.reference_budget.total_params, result.looped_budget.total_params) * bytes_per
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if need > 0.8 * available:
-        raise ValueError(
+        raise ConfigError(
             f"--save-dir needs about {need / 2**30:.1f} GiB to build one model in {dtype} but "
             f"{available / 2**30:.1f} GiB are free: pass --dtype bfloat16 or a smaller reference"
         )

@@ -19,6 +19,11 @@ class ConvertOptions:
     source_format: Literal["qwen3-moe"] = option(help="architecture of the source checkpoint", flag="--from")
     src: Path = option(help="source checkpoint directory (config.json + safetensors)", positional=True)
     dst: Path = option(help="output directory", positional=True)
+    overwrite: bool = option(
+        False,
+        help="write into an existing non-empty folder loopmoe did not write, moving its contents aside "
+        "(to NAME.previous-TIMESTAMP, kept)",
+    )
 
 
 def add_parser(sub) -> None:
@@ -35,6 +40,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     opts: ConvertOptions = options_from(ConvertOptions, args)
-    out = CONVERTERS[opts.source_format](opts.src, opts.dst)
+    out = CONVERTERS[opts.source_format](opts.src, opts.dst, overwrite=opts.overwrite)
     print(f"wrote LoopMoE checkpoint to {out}")
     return 0

@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loopmoe.atomic import atomic_write_text
+from loopmoe.errors import ConfigError
+from loopmoe.evaluation import harness, loading, report
+from loopmoe.evaluation.custom_task import load_task_file
+from loopmoe.evaluation.depth import analyse_depth, token_sequences
+from loopmoe.evaluation.overlap import training_overlap
+from loopmoe.evaluation.perplexity import read_heldout_tokens
+from loopmoe.evaluation.pipeline import find_text, task_scores, text_scores
+from loopmoe.evaluation.plots import plot_depth
 from loopmoe.options import add_options, option
 from loopmoe.paths import shared_data_dir
 
@@ -81,29 +89,25 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from loopmoe.evaluation import harness
-
     if args.list_tasks:
         print("\n".join(harness.SHIPPED_TASKS))
         return 0
     data_dir = args.data_dir or shared_data_dir()
     tasks = harness.resolve_tasks(list(args.tasks))
     if not (tasks or args.task_file or args.text or args.depth_analysis):
-        raise ValueError("nothing to evaluate: pass --tasks, --task-file, --text, or --depth-analysis with --text")
+        raise ConfigError("nothing to evaluate: pass --tasks, --task-file, --text, or --depth-analysis with --text")
     if args.depth_analysis and (not args.text or args.output_dir is None):
-        raise ValueError("--depth-analysis needs held-out text (--text) and --output-dir")
+        raise ConfigError("--depth-analysis needs held-out text (--text) and --output-dir")
     if args.log_samples and args.output is None:
-        raise ValueError("--log-samples writes beside the results: pass --output FILE.json")
+        raise ConfigError("--log-samples writes beside the results: pass --output FILE.json")
     batch_size = _batch_size(args.batch_size, tasks_only=not (args.text or args.depth_analysis))
-    texts = [_find_text(t, data_dir) for t in args.text]
+    texts = [find_text(t, data_dir) for t in args.text]
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     harness.check_task_files(tasks, data_dir)  # fail fast, before loading the model
-    task_configs = _task_files(args.task_file, data_dir)
+    task_configs = [load_task_file(p, data_dir) for p in args.task_file]
     requested: list[str | dict] = [*tasks, *task_configs]  # task names, then task-file configs
     manager = harness.task_manager(data_dir, requested) if requested else None  # unknown names fail here
-
-    from loopmoe.evaluation import loading, report
 
     model = loading.load_model(args.model_dir, device=args.device)
     tokenizer = loading.load_hf_tokenizer(args.model_dir, args.tokenizer)
@@ -113,24 +117,33 @@ def run(args) -> int:
         "data_dir": None if data_dir is None else str(data_dir),
     }
     if texts and not args.depth_analysis:
-        results["perplexity"] = _perplexity(model, tokenizer, texts, args)
+        results["perplexity"] = text_scores(
+            model,
+            tokenizer,
+            texts,
+            window=args.window,
+            stride=args.stride,
+            batch_size=int(args.batch_size),
+            max_tokens=args.max_tokens,
+            num_loops=args.num_loops,
+        )
         print(report.perplexity_table(results["perplexity"]))
     if args.depth_analysis:
         results["depth"] = _depth(model, tokenizer, texts[0], requested, data_dir, args, manager)
         print(report.depth_table(results["depth"]))
     elif tasks or task_configs:
         lm = harness.wrap_model(model, tokenizer, batch_size=batch_size, device=args.device)
-        with loading.test_time_depth(model, args.num_loops):
-            raw = harness.evaluate_tasks(
-                lm,
-                requested,
-                data_dir,
-                limit=args.limit,
-                num_fewshot=args.num_fewshot,
-                log_samples=args.log_samples,
-                manager=manager,
-            )
-        results["tasks"] = harness.summarize(raw)
+        results["tasks"], raw = task_scores(
+            model,
+            lm,
+            requested,
+            data_dir,
+            num_loops=args.num_loops,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            log_samples=args.log_samples,
+            manager=manager,
+        )
         results["lm_eval"] = {k: raw[k] for k in ("results", "n-samples", "versions") if k in raw}
         print(report.task_table(results["tasks"]))
         if args.log_samples:
@@ -149,50 +162,12 @@ def _batch_size(text: str, *, tasks_only: bool) -> int | str:
         return int(text)
     if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()):
         if not tasks_only:
-            raise ValueError(f"--batch-size {text} applies to lm-eval tasks only; give a number with --text")
+            raise ConfigError(f"--batch-size {text} applies to lm-eval tasks only; give a number with --text")
         return text
-    raise ValueError(f"--batch-size must be a positive integer, 'auto' or 'auto:N', got {text!r}")
-
-
-def _find_text(name: str, data_dir: Path | None) -> Path:
-    """``name`` as given if it exists, else the same relative path inside the data dir if that exists."""
-    path = Path(name)
-    if not path.exists() and not path.is_absolute() and data_dir is not None and (data_dir / path).exists():
-        return data_dir / path
-    return path
-
-
-def _task_files(paths: list[Path], data_dir: Path | None) -> list[dict]:
-    from loopmoe.evaluation.custom_task import load_task_file
-
-    return [load_task_file(p, data_dir) for p in paths]
-
-
-def _perplexity(model, tokenizer, texts: list[Path], args) -> list[dict]:
-    from loopmoe.evaluation.perplexity import evaluate_perplexity
-
-    return [
-        evaluate_perplexity(
-            model,
-            tokenizer,
-            text,
-            window=args.window,
-            stride=args.stride,
-            batch_size=int(args.batch_size),
-            max_tokens=args.max_tokens,
-            num_loops=args.num_loops,
-        ).as_dict()
-        for text in texts
-    ]
+    raise ConfigError(f"--batch-size must be a positive integer, 'auto' or 'auto:N', got {text!r}")
 
 
 def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, args, manager) -> dict:
-    from loopmoe.evaluation import harness, loading
-    from loopmoe.evaluation.depth import analyse_depth, token_sequences
-    from loopmoe.evaluation.overlap import training_overlap
-    from loopmoe.evaluation.perplexity import read_heldout_tokens
-    from loopmoe.evaluation.plots import plot_depth
-
     loading.require_looped(model, "depth analysis")
     loops = list(args.loops)
     ids, _ = read_heldout_tokens(text, tokenizer, args.seq_len * args.sequences)
@@ -204,11 +179,9 @@ def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, arg
         lm = harness.wrap_model(model, tokenizer, batch_size=int(args.batch_size), device=args.device)
         analysis["tasks"] = {}
         for t in loops:
-            with loading.test_time_depth(model, t):
-                raw = harness.evaluate_tasks(
-                    lm, tasks, data_dir, limit=args.limit, num_fewshot=args.num_fewshot, manager=manager
-                )
-            analysis["tasks"][str(t)] = harness.summarize(raw)
+            analysis["tasks"][str(t)], _ = task_scores(
+                model, lm, tasks, data_dir, num_loops=t, limit=args.limit, num_fewshot=args.num_fewshot, manager=manager
+            )
     analysis["plots"] = [str(p) for p in plot_depth(analysis, args.output_dir)]
     atomic_write_text(args.output_dir / "depth.json", json.dumps(analysis, indent=2))
     return analysis

@@ -21,6 +21,11 @@ class ExportOptions:
     )
     model: Path = option(help="LoopMoE checkpoint directory", positional=True)
     out: Path = option(help="output directory", positional=True)
+    overwrite: bool = option(
+        False,
+        help="write into an existing non-empty folder loopmoe did not write, moving its contents aside "
+        "(to NAME.previous-TIMESTAMP, kept)",
+    )
 
 
 def add_parser(sub) -> None:
@@ -37,6 +42,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     opts: ExportOptions = options_from(ExportOptions, args)
-    out = EXPORTERS[opts.target_format](opts.model, opts.out)
+    out = EXPORTERS[opts.target_format](opts.model, opts.out, overwrite=opts.overwrite)
     print(f"wrote {opts.target_format} checkpoint to {out}")
     return 0

@@ -13,10 +13,12 @@ output equals ``model.generate(ids, do_sample=False)``; nucleus sampling with ``
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopmoe.errors import ConfigError, DataError
 from loopmoe.options import add_options, option, options_from
 
 
@@ -45,6 +47,11 @@ class GenerateOptions:
     tokenizer: Path | None = option(
         None, help="tokenizer.json or tokenizer dir, when MODEL_DIR has no tokenizer saved", shown="MODEL_DIR's"
     )
+    truncate: bool = option(
+        False,
+        help="keep the last tokens of a prompt too long for the context (prompt + --max-new-tokens) "
+        "instead of refusing it",
+    )
 
 
 def add_parser(sub) -> None:
@@ -63,23 +70,71 @@ def read_prompts(given: list[str], stdin) -> list[str]:
     """The prompts of ``--prompt`` (``-``: all of ``stdin`` as one), or each non-empty line of ``stdin``."""
     if not given:
         if stdin.isatty():
-            raise ValueError("no prompt: pass --prompt TEXT, or pipe prompts on stdin (one per line)")
-        prompts = [line.rstrip("\r\n") for line in stdin if line.strip()]
+            raise ConfigError("no prompt: pass --prompt TEXT, or pipe prompts on stdin (one per line)")
+        prompts = [line.rstrip("\r\n") for line in _text_lines(stdin) if line.strip()]
         if not prompts:
-            raise ValueError("stdin holds no prompt (every line is empty): pass --prompt TEXT")
+            raise ConfigError("stdin holds no prompt (every line is empty): pass --prompt TEXT")
         return prompts
-    return [stdin.read() if p == "-" else p for p in given]
+    return ["".join(_text_lines(stdin)) if p == "-" else p for p in given]
+
+
+def _text_lines(stdin) -> list[str]:
+    try:
+        return list(stdin)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"stdin is not UTF-8 text ({e.reason} at byte {e.start}): pipe a text file, or pass --prompt TEXT"
+        ) from None
 
 
 def check_options(opts: GenerateOptions) -> None:
     if opts.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {opts.max_new_tokens}: must be >= 1")
-    if opts.temperature < 0:
-        raise ValueError(f"--temperature {opts.temperature}: must be >= 0 (0 decodes greedily)")
+        raise ConfigError(f"--max-new-tokens {opts.max_new_tokens}: must be >= 1")
+    if not math.isfinite(opts.temperature) or opts.temperature < 0:
+        raise ConfigError(f"--temperature {opts.temperature}: must be >= 0 and finite (0 decodes greedily)")
+    if not 0 <= opts.seed < 2**63:
+        raise ConfigError(f"--seed {opts.seed}: must be a whole number from 0 to 2**63 - 1")
     if not 0.0 < opts.top_p <= 1.0:
-        raise ValueError(f"--top-p {opts.top_p}: must be in (0, 1]")
+        raise ConfigError(f"--top-p {opts.top_p}: must be in (0, 1]")
     if opts.top_k is not None and opts.top_k < 1:
-        raise ValueError(f"--top-k {opts.top_k}: must be >= 1")
+        raise ConfigError(f"--top-k {opts.top_k}: must be >= 1")
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has, or a one-line error naming the fix."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+    if (
+        kind == "cuda"
+        and torch.device(device).index is not None
+        and torch.device(device).index >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def fit_context(ids, context: int, max_new_tokens: int, truncate: bool):
+    """``ids`` [1, n] if the prompt and ``max_new_tokens`` fit the model's context; else its last tokens that
+    do (``truncate``) or a one-line refusal: attention past the context is quadratic and untrained."""
+    room = context - max_new_tokens
+    if ids.shape[1] <= room:
+        return ids
+    if room < 1:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's context of {context} "
+            f"tokens: use at most {context - 1}"
+        )
+    if not truncate:
+        raise ConfigError(
+            f"the prompt has {ids.shape[1]} tokens but the model's context is {context} (with {max_new_tokens} new "
+            f"tokens, a prompt of at most {room}): shorten it, or pass --truncate to keep its last {room} tokens"
+        )
+    return ids[:, -room:]
 
 
 def generation_kwargs(opts: GenerateOptions, tokenizer) -> dict:
@@ -100,10 +155,15 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from loopmoe.evaluation.loading import load_hf_tokenizer, load_model, test_time_depth
+    from loopmoe.evaluation.loading import (  # lazy: the evaluation package loads lm-eval, seconds at every CLI start
+        load_hf_tokenizer,
+        load_model,
+        test_time_depth,
+    )
 
     opts: GenerateOptions = options_from(GenerateOptions, args)
     check_options(opts)
+    check_device(opts.device)
     prompts = read_prompts(opts.prompt, sys.stdin)
     model = load_model(opts.model_dir, device=opts.device)
     tokenizer = load_hf_tokenizer(opts.model_dir, opts.tokenizer)
@@ -113,7 +173,8 @@ def run(args) -> int:
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt").input_ids.to(opts.device)
             if ids.shape[1] == 0:
-                raise ValueError(f"prompt {prompt!r} is empty after tokenization: give some text")
+                raise ConfigError(f"prompt {prompt!r} is empty after tokenization: give some text")
+            ids = fit_context(ids, model.config.max_position_embeddings, opts.max_new_tokens, opts.truncate)
             streamer = TextStreamer(tokenizer, skip_special_tokens=True) if opts.stream else None
             out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
             if streamer is None:

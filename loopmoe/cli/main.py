@@ -8,10 +8,11 @@ import sys
 import warnings
 from functools import partial
 
+from loopmoe import __version__
 from loopmoe.cli import budget, compare, convert, export, generate, plan, presets, tasks, train
 from loopmoe.cli import eval as eval_cli
 from loopmoe.console import quiet_library_progress
-from loopmoe.errors import UserFacingError
+from loopmoe.errors import LoopMoEError
 
 SUBCOMMANDS = {
     "compare": compare,
@@ -40,8 +41,6 @@ def version_line() -> str:
     """``loopmoe X (torch Y, transformers Z)``: what a bug report needs to say."""
     import torch
     import transformers
-
-    from loopmoe import __version__
 
     return f"loopmoe {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
 
@@ -74,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a process killed by SIGPIPE
-    except (ValueError, FileNotFoundError, UserFacingError) as err:
+    except LoopMoEError as err:
+        if os.environ.get("LOOPMOE_TRACEBACK") == "1":
+            raise
         # Under torchrun every rank hits the same config error: say it once (rank 0), with no traceback.
+        # Any other exception is a bug whose location matters: it keeps its traceback.
         if os.environ.get("RANK", "0") == "0":
             print(f"loopmoe {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -7,8 +7,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from loopmoe.console import status
+from loopmoe.errors import ConfigError
 from loopmoe.options import add_options, option, options_from
+from loopmoe.planning import Layout, get_hardware, plan_step
+from loopmoe.planning.calibration import cpu_profile
 from loopmoe.planning.hardware import HARDWARE_NAMES
+from loopmoe.planning.search import pareto_plot, search
+from loopmoe.text import human, markdown_table
+from loopmoe.training import build_model_config, load_run_config
+from loopmoe.training.builders import planned_vocab_size
 
 
 @dataclass
@@ -32,9 +40,10 @@ class PlanOptions:
     total_params: float | None = option(
         None, help="--search: total parameters of every shape, e.g. 3e9", group="search"
     )
-    loops: tuple[int, ...] = option(
+    num_loops: tuple[int, ...] = option(
         (1, 2, 4), help="--search: loop counts T (T > 1 balanced against T = 1)", group="search"
     )
+    loops: tuple[int, ...] | None = option(None, help="--search: deprecated spelling of --num-loops", group="search")
     seq_len: int = option(2048, help="--search: sequence length", group="search")
     global_batch_tokens: int = option(2**22, help="--search: tokens per optimizer step", group="search")
     flops_per_token: float | None = option(
@@ -57,18 +66,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from loopmoe.planning import Layout, get_hardware, plan_step
-    from loopmoe.planning.hardware import cpu_profile
-    from loopmoe.training import build_model_config, load_run_config
-    from loopmoe.training.builders import planned_vocab_size
-
     opts: PlanOptions = options_from(PlanOptions, args)
     if opts.search:
         return run_search(opts)
     if opts.config is None:
-        raise ValueError("loopmoe plan needs a run config (e.g. configs/debug.toml)")
+        raise ConfigError("loopmoe plan needs a run config (e.g. configs/debug.toml)")
     if opts.devices < 1:
-        raise ValueError(f"--devices must be >= 1, got {opts.devices}")
+        raise ConfigError(f"--devices must be >= 1, got {opts.devices}")
     cfg = load_run_config(opts.config, opts.overrides, world_size=opts.devices)
     device_type = "cpu" if opts.hardware == "cpu" else "cuda"
     layout = Layout.from_run_config(cfg, opts.devices, device_type)
@@ -86,8 +90,6 @@ def run(args) -> int:
 
 
 def format_plan(plan) -> str:
-    from loopmoe.text import human, markdown_table
-
     c, m, comm = plan.compute, plan.memory, plan.comm
     lay = plan.layout
     rows = [
@@ -130,29 +132,29 @@ def format_plan(plan) -> str:
 
 
 def run_search(opts: PlanOptions) -> int:
-    from loopmoe.planning import get_hardware
-    from loopmoe.planning.search import pareto_plot, search
-    from loopmoe.text import human, markdown_table
-
     if opts.total_params is None or opts.total_params <= 0:
-        raise ValueError("--search needs --total-params, e.g. --total-params 3e9")
+        raise ConfigError("--search needs --total-params, e.g. --total-params 3e9")
     if opts.config is not None:
-        raise ValueError("--search builds its own shapes: drop the run config (or drop --search to plan that run)")
-    if not opts.loops or min(opts.loops) < 1:
-        raise ValueError(f"--loops must be positive loop counts, e.g. 1,2,4; got {opts.loops}")
+        raise ConfigError("--search builds its own shapes: drop the run config (or drop --search to plan that run)")
+    loops = opts.num_loops
+    if opts.loops is not None:
+        status("loopmoe plan: --loops is deprecated and will be removed; use --num-loops")
+        loops = opts.loops
+    if not loops or min(loops) < 1:
+        raise ConfigError(f"--num-loops must be positive loop counts, e.g. 1,2,4; got {loops}")
     hw = get_hardware(opts.hardware, threads=1)
     found = search(
         hw,
         opts.devices,
         opts.total_params,
-        tuple(opts.loops),
+        tuple(loops),
         opts.seq_len,
         opts.global_batch_tokens,
         opts.flops_per_token,
         progress=True,
     )
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"no shape of {human(opts.total_params)} parameters fits {opts.devices} x {hw.name} in any layout: "
             "use more --devices, a larger --hardware, a shorter --seq-len or fewer --total-params"
         )

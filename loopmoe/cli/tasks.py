@@ -27,7 +27,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from loopmoe.evaluation.harness import SHIPPED_TASKS, TASKS_DIR, required_files
+    from loopmoe.evaluation.harness import (  # lazy: the evaluation package loads lm-eval, seconds at every CLI start
+        SHIPPED_TASKS,
+        TASKS_DIR,
+        required_files,
+    )
 
     opts: TasksOptions = options_from(TasksOptions, args)
     if opts.path:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_type_hints
 
+from loopmoe.budget import compute_budget
 from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig, config_field_help
+from loopmoe.distributed.env import env_world_size
+from loopmoe.distributed.launch import launch
+from loopmoe.errors import ConfigError
 from loopmoe.options import (
     add_options,
     add_override_flags,
@@ -18,6 +23,9 @@ from loopmoe.options import (
     option,
     options_from,
 )
+from loopmoe.text import human
+from loopmoe.training import build_model_config, load_run_config, run_training
+from loopmoe.training.builders import planned_vocab_size
 from loopmoe.training.config import ModelSection, RunConfig
 
 # LoopMoEConfig fields a run does not take from [model]: the tokenizer gives the vocabulary and token ids.
@@ -39,8 +47,8 @@ class TrainOptions:
     dry_run: bool = option(False, help="print the resolved config and model budget, then exit")
     restart: bool = option(
         False,
-        help="start again from step 0: existing checkpoints (e.g. ones that no longer verify) are moved aside "
-        "into OUT/checkpoints/rejected-<time>/, never deleted",
+        help="start again from step 0: the previous run (checkpoints, e.g. ones that no longer verify, metrics.jsonl, "
+        "run_config.json, tensorboard/, final/) is moved aside whole into OUT/restarted-<time>/, never deleted",
     )
     rebuild_data: bool = option(
         False,
@@ -127,17 +135,14 @@ def _add_model_fields(parser) -> None:
 
 
 def run(args) -> int:
-    from loopmoe.distributed.env import env_world_size
-    from loopmoe.training import load_run_config, run_training
-
     opts: TrainOptions = options_from(TrainOptions, args)
     opts.overrides = [*opts.overrides, *given_overrides(args)]
     if opts.nproc_per_node is None and opts.launcher_flags_given():
-        raise ValueError("--nnodes, --node-rank, --master-addr and --master-port need --nproc-per-node N")
+        raise ConfigError("--nnodes, --node-rank, --master-addr and --master-port need --nproc-per-node N")
     if opts.nproc_per_node is not None and "RANK" in os.environ:
-        raise ValueError("--nproc-per-node starts its own processes: drop it when running under torchrun")
+        raise ConfigError("--nproc-per-node starts its own processes: drop it when running under torchrun")
     if opts.nproc_per_node is not None and (opts.nproc_per_node < 1 or opts.nnodes < 1):
-        raise ValueError(
+        raise ConfigError(
             f"--nproc-per-node {opts.nproc_per_node} --nnodes {opts.nnodes}: both must be whole numbers >= 1"
         )
     world_size = env_world_size() if opts.nproc_per_node is None else opts.nproc_per_node * opts.nnodes
@@ -148,8 +153,6 @@ def run(args) -> int:
         print_dry_run(cfg)
         return 0
     if opts.nproc_per_node is not None:
-        from loopmoe.distributed.launch import launch
-
         return launch(
             opts.worker_command(),
             nproc_per_node=opts.nproc_per_node,
@@ -158,7 +161,19 @@ def run(args) -> int:
             master_addr=opts.master_addr,
             master_port=opts.master_port,
         )
-    final = run_training(cfg, out, restart=opts.restart, rebuild_data=opts.rebuild_data)
+    try:
+        final = run_training(cfg, out, restart=opts.restart, rebuild_data=opts.rebuild_data)
+    except KeyboardInterrupt:
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise  # one process: Python's own ending (the user pressed Ctrl-C and sees where it stopped)
+        # A worker of the launcher (or torchrun), which forwards Ctrl-C to every worker: end quietly, one
+        # line from rank 0, instead of one KeyboardInterrupt traceback per worker.
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                "loopmoe train: interrupted; re-run the same command to resume from the last checkpoint",
+                file=sys.stderr,
+            )
+        return 130
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
         summary = {
             k: final[k] for k in ("step", "loss", "val_loss", "tokens", "skipped_steps", "final_dir") if k in final
@@ -169,11 +184,6 @@ def run(args) -> int:
 
 def print_dry_run(cfg) -> None:
     """The resolved run config, and the budget of the model it builds (vocabulary from the tokenizer setting)."""
-    from loopmoe.budget import compute_budget
-    from loopmoe.text import human
-    from loopmoe.training import build_model_config
-    from loopmoe.training.builders import planned_vocab_size
-
     print(json.dumps(cfg.to_dict(), indent=2, default=str))
     vocab, note = planned_vocab_size(cfg)
     model_cfg = build_model_config(cfg, vocab)

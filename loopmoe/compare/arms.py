@@ -24,18 +24,18 @@ import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_type_hints
 
-from loopmoe.balance import Strategy, balance, granularity_control
+from loopmoe.balance import Strategy, granularity_control
 from loopmoe.budget import Budget, compute_budget
-from loopmoe.config import NORM_SCHEMES, IterConditioningName, LoopMoEConfig
+from loopmoe.config import IterConditioning, LoopMoEConfig, NormScheme
+from loopmoe.errors import ConfigError
+from loopmoe.options import coerce_value, unknown_key_hint
 
 if TYPE_CHECKING:
     from loopmoe.balance import BalanceResult
-    from loopmoe.compare.runner import CompareOptions
+    from loopmoe.compare.options import CompareOptions  # options.py imports this module: types only
 
 ArmKind = Literal["reference", "looped", "granularity"]
 ARM_KINDS: tuple[str, ...] = get_args(ArmKind)
-NormScheme = Literal["pre", "sandwich", "depth_scaled_sandwich"]
-assert get_args(NormScheme) == NORM_SCHEMES
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Which settings an arm of each kind may change (the others do not apply to it).
 _APPLIES = {
@@ -52,25 +52,25 @@ class ArmSpec:
     kind: ArmKind
     num_loops: int | None = None  # T of the looped model (of a granularity arm: of the looped model it mirrors)
     strategy: Strategy | None = None
-    iter_conditioning: IterConditioningName | None = None  # None: iteradaln, the balanced default
+    iter_conditioning: IterConditioning | None = None  # None: iteradaln, the balanced default
     norm_scheme: NormScheme | None = None  # None: the reference's
     seeds: tuple[int, ...] | None = None  # None: the comparison's --seeds
 
     def validate(self, name: str) -> ArmSpec:
         where = f"[arm.{name}]"
         if self.kind not in ARM_KINDS:
-            raise ValueError(f"{where} kind = {self.kind!r}: must be one of {', '.join(ARM_KINDS)}")
+            raise ConfigError(f"{where} kind = {self.kind!r}: must be one of {', '.join(ARM_KINDS)}")
         for key, value in asdict(self).items():
             if key not in ("kind", "seeds") and value is not None and key not in _APPLIES[self.kind]:
                 allowed = ", ".join(_APPLIES[self.kind]) or "nothing but seeds"
-                raise ValueError(
+                raise ConfigError(
                     f"{where} sets {key}, which a {self.kind} arm does not have (it may set {allowed}); "
                     "remove the key or change kind"
                 )
         if self.num_loops is not None and self.num_loops < 2:
-            raise ValueError(f"{where} num_loops = {self.num_loops}: a looped model needs at least 2 loops")
+            raise ConfigError(f"{where} num_loops = {self.num_loops}: a looped model needs at least 2 loops")
         if self.seeds is not None and not self.seeds:
-            raise ValueError(f"{where} seeds = []: give at least one seed, or remove the key to use --seeds")
+            raise ConfigError(f"{where} seeds = []: give at least one seed, or remove the key to use --seeds")
         return self
 
 
@@ -79,7 +79,7 @@ BUILTIN_ARMS = {"reference": ArmSpec("reference"), "looped": ArmSpec("looped"), 
 
 def check_arm_name(name: str) -> str:
     if not _NAME.fullmatch(name):
-        raise ValueError(
+        raise ConfigError(
             f"arm name {name!r} must be a folder name of letters, digits, '_', '.' and '-' (e.g. 'looped-T4')"
         )
     return name
@@ -87,18 +87,16 @@ def check_arm_name(name: str) -> str:
 
 def arm_spec_from_table(name: str, table: Any) -> ArmSpec:
     """An ``[arm.NAME]`` table of a study config as an ArmSpec; errors name the key to fix."""
-    from loopmoe.training.config import coerce_value, unknown_key_hint
-
     check_arm_name(name)
     if not isinstance(table, dict):
-        raise ValueError(f"arm.{name} must be a table ([arm.{name}] with kind = ...), got {table!r}")
+        raise ConfigError(f"arm.{name} must be a table ([arm.{name}] with kind = ...), got {table!r}")
     hints = get_type_hints(ArmSpec)
     if "kind" not in table:
-        raise ValueError(f"[arm.{name}] has no kind: add kind = one of {', '.join(repr(k) for k in ARM_KINDS)}")
+        raise ConfigError(f"[arm.{name}] has no kind: add kind = one of {', '.join(repr(k) for k in ARM_KINDS)}")
     kwargs = {}
     for key, value in table.items():
         if key not in hints:
-            raise ValueError(f"unknown key 'arm.{name}.{key}'" + unknown_key_hint(key, list(hints), f"arm.{name}."))
+            raise ConfigError(f"unknown key 'arm.{name}.{key}'" + unknown_key_hint(key, list(hints), f"arm.{name}."))
         kwargs[key] = coerce_value(f"arm.{name}.{key}", value, hints[key])
     return ArmSpec(**kwargs).validate(name)
 
@@ -113,21 +111,6 @@ class Arm:
     budget: Budget
     seeds: tuple[int, ...]
     balanced: BalanceResult | None  # the looped model's balancing (looped and granularity arms)
-
-    def as_dict(self, reference: Budget) -> dict[str, Any]:
-        return {
-            "spec": asdict(self.spec),
-            "seeds": list(self.seeds),
-            "config": self.config.architecture_dict(),
-            **{
-                k: getattr(self.budget, k)
-                for k in ("total_params", "active_params", "flops_per_token", "attn_ffn_ratio")
-            },
-            "deviations": {
-                k: getattr(self.budget, k) / getattr(reference, k) - 1.0
-                for k in ("total_params", "active_params", "flops_per_token", "attn_ffn_ratio")
-            },
-        }
 
 
 def _switched(config: LoopMoEConfig, changes: dict[str, Any]) -> LoopMoEConfig:
@@ -148,16 +131,7 @@ def resolve_arms(opts: CompareOptions, reference: LoopMoEConfig) -> dict[str, Ar
     def balanced(spec: ArmSpec) -> BalanceResult:
         key = (spec.num_loops or opts.num_loops, spec.strategy or opts.strategy)
         if key not in cache:
-            cache[key] = balance(
-                reference,
-                num_loops=key[0],
-                strategy=key[1],
-                seq_len=opts.seq_len,
-                num_prelude_layers=opts.prelude,
-                num_coda_layers=opts.coda,
-                expert_type=opts.expert_type,
-                dcca_dim=opts.dcca_dim,
-            )
+            cache[key] = opts.derive(reference, key[0], seq_len=opts.seq_len, strategy=key[1])
         return cache[key]
 
     arms = {}

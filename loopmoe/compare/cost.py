@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+import loopmoe
 from loopmoe.atomic import atomic_write_text
 
 COST_FILE = "cost.json"
@@ -88,8 +89,6 @@ def environment() -> dict[str, Any]:
     import platform
 
     import transformers
-
-    import loopmoe
 
     return {
         "commit": git_commit(),

@@ -1,14 +1,11 @@
-"""The comparison's report: ``report.md`` with the budget table, results, and plots; and the study's
-results page (``write_results``: RESULTS.md, the same sections with its figures in ``docs/study/``).
+"""The comparison's report, laid out in markdown: ``report.md`` with the budget table, results, and figures;
+and the study's results page (``write_results``: RESULTS.md, the same sections with its figures in
+``docs/study/``).
 
-``budget_table`` is also what ``loopmoe budget`` prints. Every number comes from results.json's
-content (itself read from the run folders), none is written by hand.
-
-``loss.png`` shows training (smoothed) and validation loss against tokens for every arm and seed;
-``expert_load.png`` shows, per executed (layer, iteration) slot, each expert's share of routed
-tokens relative to uniform (1.0 = perfectly balanced); ``depth.png`` the held-out loss of every
-looped arm against its loop count at inference, and ``loss_vs_flops.png`` the held-out loss of
-every arm and depth against the forward FLOPs per token it executes.
+``budget_table`` is also what ``loopmoe budget`` prints. Every number comes from the results
+(``loopmoe.compare.results``, itself read from the run folders), none is written by hand; which pairs
+are compared and what may be claimed of them is ``loopmoe.compare.verdict``'s, the figures are
+``loopmoe.compare.figures``'.
 """
 
 from __future__ import annotations
@@ -18,45 +15,17 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loopmoe.atomic import atomic_write_text, save_figure
-from loopmoe.config import ExpertType
+from loopmoe.atomic import atomic_write_text
+from loopmoe.compare.figures import plot_depth_curves, plot_expert_load, plot_loss_vs_flops, plot_losses
+from loopmoe.compare.results import RunRecord, StudyResults, TextSource, depth_means
+from loopmoe.compare.stats import paired_difference
+from loopmoe.compare.verdict import comparisons, verdict
+from loopmoe.config import ExpertType, layers_text
 from loopmoe.text import human, markdown_table
 
 if TYPE_CHECKING:
     from loopmoe.balance import BalanceResult
     from loopmoe.compare.arms import Arm
-
-COLORS = {"reference": "tab:blue", "looped": "tab:orange", "granularity": "tab:green"}
-# the rest of tab10, then distinct named colours: a study with every ablation has 11 arms
-_MORE_COLORS = (
-    *("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"),
-    *("black", "gold", "navy", "lime", "teal", "magenta", "darkred", "darkkhaki"),
-)
-
-
-def color_of(name: str, names: list[str]) -> str:
-    """The built-in arms keep their colours; the others take the next free ones, in order."""
-    if name in COLORS:
-        return COLORS[name]
-    others = [n for n in names if n not in COLORS]
-    return _MORE_COLORS[others.index(name) % len(_MORE_COLORS)]
-
-
-def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else (1 - alpha) * acc + alpha * v
-        out.append(acc)
-    return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def budget_table(
@@ -71,16 +40,13 @@ def budget_table(
     rb, lb = result.reference_budget, result.looped_budget
     dev = result.deviations
 
-    def layers(c):
-        return f"{c.num_prelude_layers}+{c.num_core_layers}x{c.num_loops}+{c.num_coda_layers}"
-
     def experts(c):  # DCCA: BigMac's low-dimension experts, at width dcca_dim
         if not ExpertType(c.expert_type).projects:
             return c.expert_type
         return f"{c.expert_type}, width {c.dcca_dim}" + (", routed there" if c.dcca_router_input == "descended" else "")
 
     rows = [
-        ("layers P+CxT+Q", layers(ref), layers(loop), ""),
+        ("layers P+CxT+Q", layers_text(ref), layers_text(loop), ""),
         ("executed depth", rb.executed_depth, lb.executed_depth, ""),
         (
             "heads q/kv x size",
@@ -151,7 +117,7 @@ def arms_table(arms: dict[str, Arm], seq_len: int) -> str:
             (
                 name,
                 arm.spec.kind,
-                f"{c.num_prelude_layers}+{c.num_core_layers}x{c.num_loops}+{c.num_coda_layers}",
+                layers_text(c),
                 f"{c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim}",
                 f"{c.num_experts} x {c.moe_intermediate_size}, {c.num_experts_per_tok}",
                 c.iter_conditioning,
@@ -180,94 +146,12 @@ def arms_table(arms: dict[str, Arm], seq_len: int) -> str:
     return "\n".join(["## Arms (deviations from the reference)", "", markdown_table(head, rows)])
 
 
-def plot_losses(runs: dict[str, dict[int, dict]], path: Path) -> None:
-    plt = _pyplot()
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, seeds in runs.items():
-        for i, (_seed, run) in enumerate(sorted(seeds.items())):
-            steps = [m for m in run["metrics"] if not m.get("skipped")]
-            tokens = [m["tokens"] / 1e6 for m in steps]
-            label = name if i == 0 else None
-            color = color_of(name, list(runs))
-            ax_train.plot(tokens, _ema([m["lm_loss"] for m in steps]), color=color, alpha=0.9, label=label)
-            val = [(m["tokens"] / 1e6, m["val_loss"]) for m in run["metrics"] if m.get("val_loss") is not None]
-            if val:
-                ax_val.plot(*zip(*val), marker="o", color=color, label=label)
-    for ax, title in ((ax_train, "training loss (EMA)"), (ax_val, "validation loss")):
-        ax.set_xlabel("tokens (M)")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_expert_load(loads: dict[str, dict[str, list[float]]], path: Path) -> None:
-    """Heat maps of expert load / uniform share per layer@iteration, one per model, on one colour scale:
-    white at 1 (balanced), blue below, red above, up to the largest load of either model (never clipped)."""
-    from matplotlib.colors import TwoSlopeNorm
-
-    plt = _pyplot()
-    cols = min(len(loads), 3)  # a study's many arms wrap into rows, three maps wide
-    rows = -(-len(loads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.5 * rows), squeeze=False)
-    for ax in axes.flat[len(loads) :]:
-        ax.set_visible(False)
-    matrices = {name: [[share * len(row) for share in row] for row in slots.values()] for name, slots in loads.items()}
-    peak = max((v for m in matrices.values() for row in m for v in row), default=1.0)
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(peak, 1.0 + 1e-6))
-    for ax, (name, slots) in zip(axes.flat, loads.items()):
-        labels = list(slots)
-        image = ax.imshow(matrices[name], aspect="auto", cmap="RdBu_r", norm=norm)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("expert")
-        ax.set_title(f"{name}: load / uniform per layer@iteration (max {peak:.2f})", fontsize=9)
-        fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def comparisons(arms: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """The paired differences the report shows, as (a, b) for ``a - b``: looped - reference and
-    looped - granularity first, then every other arm against the reference, every other looped arm
-    without switches against the granularity control of its own loop count and strategy, and every
-    ablation of the looped model against it (arms given as results.json's ``arms``: name -> its ``spec``)."""
-    names = list(arms)
-    pairs = [(a, b) for a, b in (("looped", "reference"), ("looped", "granularity")) if a in names and b in names]
-
-    def balancing(name: str) -> tuple:
-        spec = arms[name]["spec"]
-        return spec["num_loops"], spec["strategy"]
-
-    for name in names:
-        if name in ("reference", "looped"):
-            continue
-        spec = arms[name]["spec"]
-        if "reference" in names and (name, "reference") not in pairs:
-            pairs.append((name, "reference"))
-        if spec["kind"] == "looped" and spec["iter_conditioning"] is None and spec["norm_scheme"] is None:
-            pairs += [
-                (name, g)
-                for g in names
-                if arms[g]["spec"]["kind"] == "granularity"
-                and balancing(g) == balancing(name)
-                and (name, g) not in pairs
-            ]
-        if name != "granularity" and spec["kind"] == "looped" and "looped" in names:
-            pairs.append((name, "looped"))
-    return pairs
-
-
-def paired_table(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], key: str = "val_loss") -> str:
-    """Per pair: the seeds, the per-seed differences, their mean, sd and 95% t-interval."""
-    from loopmoe.compare.stats import paired_difference
-
+def paired_table(values: dict[str, dict[int, float]], pairs: list[tuple[str, str]]) -> str:
+    """Per pair: the seeds, the per-seed differences, their mean, sd and 95% t-interval (``values``: arm ->
+    seed -> the measure)."""
     rows = []
     for a, b in pairs:
-        d = paired_difference({s: r[key] for s, r in runs[a].items()}, {s: r[key] for s, r in runs[b].items()})
+        d = paired_difference(values[a], values[b])
         rows.append(
             (
                 f"{a} - {b}",
@@ -295,139 +179,15 @@ def _mean_spread(values: list[float]) -> str:
     return f"{_value(mean)} ± {_value(statistics.stdev(values), mean)}"
 
 
-def finished_runs(results: dict[str, Any]) -> dict[str, dict[int, dict]]:
-    """The arms with at least one finished run, as seed -> run record (JSON turns seeds into strings)."""
-    return {name: {int(s): r for s, r in seeds.items()} for name, seeds in results["runs"].items() if seeds}
-
-
-def depth_points(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict[str, Any]]]:
-    """Per arm and loop count: the mean held-out loss over the seeds, its seeds, and the FLOPs per token."""
-    out: dict[str, dict[int, dict[str, Any]]] = {}
-    for name, seeds in runs.items():
-        by_loops: dict[int, dict[str, Any]] = {}
-        for run in seeds.values():
-            for point in run["eval"]["depth"]["points"]:
-                entry = by_loops.setdefault(point["loops"], {"losses": [], "flops_per_token": point["flops_per_token"]})
-                entry["losses"].append(point["loss"])
-                entry["untrained_iteration_vectors"] = point["untrained_iteration_vectors"]
-        out[name] = {t: {**e, "loss": statistics.fmean(e["losses"])} for t, e in sorted(by_loops.items())}
-    return out
-
-
-def _plot_depths(points, trained: dict[str, int], path: Path, x, xlabel: str, title: str, labels: bool, names) -> None:
-    """Held-out loss of every arm at each depth it was run at, against ``x(T, point)``; a star at the trained T.
-    ``names``: every arm of the report, so an arm has the same colour in every figure."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, by_loops in points.items():
-        color = color_of(name, names)
-        xs = {t: x(t, e) for t, e in by_loops.items()}
-        ax.plot(list(xs.values()), [e["loss"] for e in by_loops.values()], marker="o", color=color, label=name)
-        if labels and len(by_loops) > 1:
-            for t, e in by_loops.items():
-                ax.annotate(f"T={t}", (xs[t], e["loss"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        t = trained[name]
-        ax.plot([xs[t]], [by_loops[t]["loss"]], marker="*", markersize=12, color=color)
-    ax.set(xlabel=xlabel, ylabel="held-out loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_depth_curves(
-    points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path, names: list[str]
-) -> None:
-    """Held-out loss against the loop count at inference, one line per looped arm (mean over seeds);
-    ``names``: every arm of the report (for the colours)."""
-    _plot_depths(
-        points,
-        trained,
-        path,
-        lambda t, e: t,
-        "loops at inference T (star: as trained)",
-        "Test-time depth",
-        False,
-        names,
-    )
-
-
-def plot_loss_vs_flops(points: dict[str, dict[int, dict[str, Any]]], trained: dict[str, int], path: Path) -> None:
-    """Held-out loss against executed forward FLOPs per token, every arm at every depth it was run at."""
-    _plot_depths(
-        points,
-        trained,
-        path,
-        lambda t, e: e["flops_per_token"] / 1e6,
-        "forward FLOPs per token executed (M)",
-        "Loss vs executed compute (star: the depth each arm was trained at)",
-        True,
-        list(points),
-    )
-
-
-def _loss_pairs(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], value) -> list[tuple[str, str, Any]]:
-    """The paired differences of ``value(run)`` for the pairs whose arms share a seed."""
-    from loopmoe.compare.stats import paired_difference
-
-    out = []
-    for a, b in pairs:
-        if a in runs and b in runs and set(runs[a]) & set(runs[b]):
-            out.append(
-                (
-                    a,
-                    b,
-                    paired_difference(
-                        {s: value(r) for s, r in runs[a].items()}, {s: value(r) for s, r in runs[b].items()}
-                    ),
-                )
-            )
-    return out
-
-
-def verdict_lines(
-    runs: dict[str, dict[int, dict]], arms: dict[str, dict[str, Any]], text_name: str | None
-) -> list[str]:
-    """The verdict paragraph, generated by ``loopmoe.compare.verdict``'s rules from the paired differences."""
-    from loopmoe.compare.verdict import attribution, judge
-
-    # the main comparisons pair arms that both run on the comparison's seeds; the others are ablations
-    main = [
-        (a, b) for a, b in comparisons(arms) if arms[a]["spec"]["seeds"] is None and arms[b]["spec"]["seeds"] is None
-    ]
-    found = {(a, b): judge(a, b, d) for a, b, d in _loss_pairs(runs, main, lambda r: r["val_loss"])}
-    lines = [f"- {f.sentence}" for f in found.values()]
-    for looped in [n for n in arms if arms[n]["spec"]["kind"] == "looped" and (n, "reference") in found]:
-        control = next(
-            (b for (a, b) in found if a == looped and b != "reference" and arms[b]["spec"]["kind"] == "granularity"),
-            None,
-        )
-        words = attribution(found[(looped, "reference")], found.get((looped, control)) if control else None, looped)
-        if words:
-            lines.append(f"- {words}")
-    if text_name:
-        text_pairs = [(a, b) for a, b in main if (a, b) in found]
-        for a, b, d in _loss_pairs(
-            runs, text_pairs, lambda r: r["eval"]["text"]["loss"] if r["eval"]["text"] else None
-        ):
-            if None not in d.per_seed.values():
-                lines.append(f"- {judge(a, b, d, measure=f'{text_name} loss').sentence}")
-    ablations = [p for p in comparisons(arms) if p not in main]
-    for a, b, d in _loss_pairs(runs, ablations, lambda r: r["val_loss"]):
-        lines.append(f"- {judge(a, b, d).sentence}")
-    return lines
-
-
-def _cost_rows(runs: dict[str, dict[int, dict]], tokens_per_step: int, steps: int) -> list[tuple]:
+def _cost_rows(runs: dict[str, dict[int, RunRecord]], tokens_per_step: int, steps: int) -> list[tuple]:
     rows = []
     for name, seeds in runs.items():
-        sessions = [s for run in seeds.values() for s in run["cost"]]
-        complete = [run for run in seeds.values() if sum(s["end_step"] - s["start_step"] for s in run["cost"]) == steps]
+        sessions = [s for run in seeds.values() for s in run.cost]
+        complete = [run for run in seeds.values() if sum(s["end_step"] - s["start_step"] for s in run.cost) == steps]
         wall = sum(s["wall_s"] for s in sessions)
         trained = sum(s["end_step"] - s["start_step"] for s in sessions) * tokens_per_step
-        per_run = [sum(s["wall_s"] for s in run["cost"]) for run in complete]
-        evals = [sum(v for v in run["eval"].get("wall_s", {}).values() if v) for run in seeds.values()]
+        per_run = [sum(s["wall_s"] for s in run.cost) for run in complete]
+        evals = [sum(v for v in run.eval.wall_s.values() if v) for run in seeds.values()]
         peak = max((s["peak_rss_mib"] for s in sessions), default=None)
         cuda = max((s["peak_cuda_mib"] for s in sessions if s.get("peak_cuda_mib") is not None), default=None)
         rows.append(
@@ -445,7 +205,7 @@ def _cost_rows(runs: dict[str, dict[int, dict]], tokens_per_step: int, steps: in
     return rows
 
 
-def _environments(runs: dict[str, dict[int, dict]], current: dict[str, Any]) -> list[str]:
+def _environments(runs: dict[str, dict[int, RunRecord]], current: dict[str, Any]) -> list[str]:
     """The environments training sessions recorded, and the one writing this report. Measurements stored
     in a run's ``eval/`` are reused by later reports (keyed on the weights and the settings), so they
     may come from an earlier commit than the report's."""
@@ -454,7 +214,7 @@ def _environments(runs: dict[str, dict[int, dict]], current: dict[str, Any]) -> 
     unrecorded = 0
     for seeds in runs.values():
         for run in seeds.values():
-            for session in run["cost"]:
+            for session in run.cost:
                 if "torch" in session:
                     key = tuple(session.get(k) for k in keys)
                     seen[key] = seen.get(key, 0) + 1
@@ -473,12 +233,12 @@ def _environments(runs: dict[str, dict[int, dict]], current: dict[str, Any]) -> 
     ]
 
 
-def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str = "") -> list[str]:
+def report_lines(results: StudyResults, budget: str, figures: Path, link: str = "") -> list[str]:
     """Every section of the report; plots are written into ``figures`` and linked as ``link + name``."""
-    runs = finished_runs(results)
-    opts = results["options"]
+    runs = results.finished_runs()
+    opts = results.options
     lines: list[str] = []
-    missing = results.get("missing") or []
+    missing = results.missing
     if missing:
         lines += [
             f"**Incomplete: {len(missing)} run(s) of the plan are not finished** and are left out of every table "
@@ -486,24 +246,23 @@ def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str 
             "",
             markdown_table(
                 ("arm", "seed", "trained steps"),
-                [(m["arm"], m["seed"], f"{m['step']}/{opts['steps']}") for m in missing],
+                [(m.arm, m.seed, f"{m.step}/{opts['steps']}") for m in missing],
             ),
             "",
         ]
     if not runs:
         return [*lines, "No run has finished yet: nothing to report."]
     plot_losses(runs, figures / "loss.png")
-    plot_expert_load(
-        {name: runs[name][min(runs[name])]["eval"]["expert_load"] for name in runs}, figures / "expert_load.png"
-    )
+    plot_expert_load({name: runs[name][min(runs[name])].eval.expert_load for name in runs}, figures / "expert_load.png")
     seeds = sorted({s for arm_seeds in runs.values() for s in arm_seeds})
-    val = {name: [runs[name][s]["val_loss"] for s in sorted(runs[name])] for name in runs}
-    train = {name: [runs[name][s]["train_loss"] for s in sorted(runs[name])] for name in runs}
-    arms = {name: spec for name, spec in results["arms"].items() if name in runs}
+    # a finished run has a held-out loss (the trainer evaluates at its last step)
+    val: dict[str, list[float]] = {name: [runs[name][s].val_loss for s in sorted(runs[name])] for name in runs}  # type: ignore[misc]
+    train = {name: [runs[name][s].train_loss for s in sorted(runs[name])] for name in runs}
+    arms = {name: arm for name, arm in results.arms.items() if name in runs}
     pairs = comparisons(arms)
-    per_seed = [(s, *(f"{runs[name][s]['val_loss']:.4f}" if s in runs[name] else "" for name in runs)) for s in seeds]
-    text = results.get("text")
-    verdict = verdict_lines(runs, arms, text["name"] if text else None)
+    per_seed = [(s, *(f"{runs[name][s].val_loss:.4f}" if s in runs[name] else "" for name in runs)) for s in seeds]
+    text = results.text
+    sentences = [f"- {sentence}" for sentence in verdict(runs, arms, text.name if text else None)]
     lines += [
         budget,
         "",
@@ -513,7 +272,7 @@ def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str 
         "least 3 seeds, a 95% interval that excludes 0 and every seed agreeing; single-seed differences are "
         "observations, not results.",
         "",
-        *verdict,
+        *sentences,
         "",
         "## Results",
         "",
@@ -531,7 +290,10 @@ def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str 
                 "Paired held-out loss differences (same seed = same data order and initialisation stream; "
                 "negative: the first arm is better):",
                 "",
-                paired_table(runs, [(a, b) for a, b in pairs if set(runs[a]) & set(runs[b])]),
+                paired_table(
+                    {n: {s: r.val_loss for s, r in seeds.items()} for n, seeds in runs.items()},  # type: ignore[misc]  # finished runs have a held-out loss
+                    [(a, b) for a, b in pairs if set(runs[a]) & set(runs[b])],
+                ),
                 "",
             ]
             if pairs
@@ -547,7 +309,7 @@ def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str 
         f"![expert load]({link}expert_load.png)",
     ]
     lines += _text_section(runs, pairs, text)
-    lines += _downstream_section(results.get("downstream") or {})
+    lines += _downstream_section(results.downstream)
     lines += _depth_section(runs, figures, link, opts["seq_len"])
     tokens_per_step = opts["micro_batch_size"] * opts["seq_len"]
     lines += [
@@ -577,14 +339,14 @@ def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str 
         "",
         "## Environment",
         "",
-        *_environments(runs, results.get("environment") or {}),
+        *_environments(runs, results.environment),
         "",
         "## Configurations",
         "",
         "<details><summary>The comparison's options and the full training config of every arm</summary>",
         "",
         "```json",
-        json.dumps({"options": opts, "run_configs": results.get("run_configs", {})}, indent=2, default=str),
+        json.dumps({"options": opts, "run_configs": results.run_configs}, indent=2, default=str),
         "```",
         "",
         "</details>",
@@ -592,10 +354,12 @@ def report_lines(results: dict[str, Any], budget: str, figures: Path, link: str 
     return lines
 
 
-def _text_section(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], text: dict | None) -> list[str]:
+def _text_section(
+    runs: dict[str, dict[int, RunRecord]], pairs: list[tuple[str, str]], text: TextSource | None
+) -> list[str]:
     if not text:
         return []
-    scored = {n: {s: r["eval"]["text"] for s, r in seeds.items() if r["eval"]["text"]} for n, seeds in runs.items()}
+    scored = {n: {s: r.eval.text for s, r in seeds.items() if r.eval.text} for n, seeds in runs.items()}
     rows = []
     for name, per_seed in scored.items():
         if per_seed:
@@ -614,9 +378,9 @@ def _text_section(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]]
     window = next(iter(next(v for v in scored.values() if v).values()))
     return [
         "",
-        f"## {text['name']} perplexity",
+        f"## {text.name} perplexity",
         "",
-        f"`{Path(text['path']).name}`, scored with a sliding window of {window['window']} tokens (the training "
+        f"`{Path(text.path).name}`, scored with a sliding window of {window['window']} tokens (the training "
         f"length) and stride {window['stride']}; the tokenizer is the study's own BPE, so perplexity compares "
         "arms with each other, not with published numbers (bits per byte is tokenizer-free).",
         "",
@@ -626,7 +390,7 @@ def _text_section(runs: dict[str, dict[int, dict]], pairs: list[tuple[str, str]]
                 "",
                 "Paired loss differences on this text:",
                 "",
-                paired_table({n: {s: {"loss": v["loss"]} for s, v in scored[n].items()} for n in scored}, have, "loss"),
+                paired_table({n: {s: v["loss"] for s, v in scored[n].items()} for n in scored}, have),
             ]
             if have
             else []
@@ -663,9 +427,9 @@ def _downstream_section(downstream: dict[str, list[dict[str, Any]]]) -> list[str
     ]
 
 
-def _depth_section(runs: dict[str, dict[int, dict]], figures: Path, link: str, seq_len: int) -> list[str]:
-    points = depth_points(runs)
-    trained = {name: next(iter(seeds.values()))["eval"]["depth"]["trained_loops"] for name, seeds in runs.items()}
+def _depth_section(runs: dict[str, dict[int, RunRecord]], figures: Path, link: str, seq_len: int) -> list[str]:
+    points = depth_means(runs)
+    trained = {name: next(iter(seeds.values())).eval.depth.trained_loops for name, seeds in runs.items()}
     plot_loss_vs_flops(points, trained, figures / "loss_vs_flops.png")
     looped = {n: p for n, p in points.items() if len(p) > 1}
     lines = [
@@ -683,8 +447,8 @@ def _depth_section(runs: dict[str, dict[int, dict]], figures: Path, link: str, s
             cells = []
             for t in all_loops:
                 e = by_loops.get(t)
-                mark = " *" if t == trained[name] else (" ‡" if e and e["untrained_iteration_vectors"] else "")
-                cells.append("" if e is None else f"{e['loss']:.4f}{mark}")
+                mark = " *" if t == trained[name] else (" ‡" if e and e.untrained_iteration_vectors else "")
+                cells.append("" if e is None else f"{e.loss:.4f}{mark}")
             rows.append((name, len(runs[name]), *cells))
         lines += [
             "",
@@ -697,12 +461,12 @@ def _depth_section(runs: dict[str, dict[int, dict]], figures: Path, link: str, s
             (name, t): why
             for name, seeds in runs.items()
             for run in seeds.values()
-            for t, why in run["eval"]["depth"]["unrunnable"].items()
+            for t, why in run.eval.depth.unrunnable.items()
         }
         lines += [f"- {name} cannot run at T = {t}: {why}" for (name, t), why in sorted(unrunnable.items())]
         lines += ["", f"![test-time depth]({link}depth.png)"]
     rows = [
-        (name, t, human(e["flops_per_token"]), f"{e['loss']:.4f}")
+        (name, t, human(e.flops_per_token), f"{e.loss:.4f}")
         for name, by_loops in points.items()
         for t, e in by_loops.items()
     ]
@@ -715,9 +479,9 @@ def _depth_section(runs: dict[str, dict[int, dict]], figures: Path, link: str, s
     ]
 
 
-def _setup(results: dict[str, Any]) -> list[str]:
-    opts = results["options"]
-    seeds = sorted({s for arm in results["arms"].values() for s in arm["seeds"]})
+def _setup(results: StudyResults) -> list[str]:
+    opts = results.options
+    seeds = sorted({s for arm in results.arms.values() for s in arm.seeds})
     tokens = opts["steps"] * opts["micro_batch_size"] * opts["seq_len"]
     return [
         f"Reference `{opts['reference']}`, loops T = {opts['num_loops']}, strategy `{opts['strategy']}`; corpus "
@@ -728,7 +492,7 @@ def _setup(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
+def write_report(out: Path, results: StudyResults, budget: str) -> Path:
     """Write ``report.md`` and its plots into ``out``; ``budget`` is the budget and arms tables of the comparison."""
     lines = [
         "# LoopMoE vs Vanilla MoE: controlled comparison",
@@ -741,14 +505,14 @@ def write_report(out: Path, results: dict[str, Any], budget: str) -> Path:
     return path
 
 
-def write_results(path: Path, results: dict[str, Any], budget: str) -> Path:
+def write_results(path: Path, results: StudyResults, budget: str) -> Path:
     """Write the study's results page (RESULTS.md) at ``path``, its figures in ``docs/study/`` beside it."""
     figures = path.parent / "docs" / "study"
     figures.mkdir(parents=True, exist_ok=True)
-    opts = results["options"]
-    data = results.get("data") or {}
-    planned = sum(len(arm["seeds"]) for arm in results["arms"].values())
-    missing = len(results.get("missing") or [])
+    opts = results.options
+    data = results.data
+    planned = sum(len(arm.seeds) for arm in results.arms.values())
+    missing = len(results.missing)
     split = (
         f"{data['train_tokens']:,} training and {data['val_tokens']:,} held-out tokens"
         if "train_tokens" in data

@@ -12,14 +12,19 @@ established" (interval excludes 0 but a seed disagrees, or fewer than 3 seeds), 
 "single-seed observation" with the number and no direction claimed as a result. The attribution
 sentence (is a win of the looped model a win of *looping*?) follows only from the two established
 claims it names.
+
+This module also decides which pairs of arms are compared at all (``comparisons``): the report shows
+the paired differences of exactly these pairs, and ``verdict`` judges them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from loopmoe.compare.stats import PairedDifference
+from loopmoe.compare.results import ArmRecord, RunRecord
+from loopmoe.compare.stats import PairedDifference, paired_difference
 
 MIN_SEEDS = 3
 Outcome = Literal["better", "worse", "no_difference", "not_established", "observation"]
@@ -89,3 +94,81 @@ def attribution(vs_reference: Finding | None, vs_granularity: Finding | None, lo
     if vs_reference.outcome == "worse":
         return f"{looped} is worse than the reference it is matched to: looping does not pay at this scale and budget."
     return f"The study does not show that {looped} helps at this scale and budget (nor that it hurts)."
+
+
+def comparisons(arms: dict[str, ArmRecord]) -> list[tuple[str, str]]:
+    """The paired differences the report shows, as (a, b) for ``a - b``: looped - reference and
+    looped - granularity first, then every other arm against the reference, every other looped arm
+    without switches against the granularity control of its own loop count and strategy, and every
+    ablation of the looped model against it."""
+    names = list(arms)
+    pairs = [(a, b) for a, b in (("looped", "reference"), ("looped", "granularity")) if a in names and b in names]
+
+    def balancing(name: str) -> tuple:
+        spec = arms[name].spec
+        return spec.num_loops, spec.strategy
+
+    for name in names:
+        if name in ("reference", "looped"):
+            continue
+        spec = arms[name].spec
+        if "reference" in names and (name, "reference") not in pairs:
+            pairs.append((name, "reference"))
+        if spec.kind == "looped" and spec.iter_conditioning is None and spec.norm_scheme is None:
+            pairs += [
+                (name, g)
+                for g in names
+                if arms[g].spec.kind == "granularity" and balancing(g) == balancing(name) and (name, g) not in pairs
+            ]
+        if name != "granularity" and spec.kind == "looped" and "looped" in names:
+            pairs.append((name, "looped"))
+    return pairs
+
+
+def main_comparisons(arms: dict[str, ArmRecord]) -> list[tuple[str, str]]:
+    """The pairs of arms that both run on the comparison's seeds (the others are ablations)."""
+    return [(a, b) for a, b in comparisons(arms) if arms[a].spec.seeds is None and arms[b].spec.seeds is None]
+
+
+def paired(
+    runs: dict[str, dict[int, RunRecord]], pairs: list[tuple[str, str]], value: Callable[[RunRecord], float | None]
+) -> list[tuple[str, str, PairedDifference]]:
+    """The paired differences of ``value(run)`` for the pairs whose arms share a seed."""
+    out = []
+    for a, b in pairs:
+        if a in runs and b in runs and set(runs[a]) & set(runs[b]):
+            out.append(
+                (
+                    a,
+                    b,
+                    paired_difference(
+                        {s: value(r) for s, r in runs[a].items()},  # type: ignore[misc]  # None only for text losses, checked by the caller
+                        {s: value(r) for s, r in runs[b].items()},  # type: ignore[misc]
+                    ),
+                )
+            )
+    return out
+
+
+def verdict(runs: dict[str, dict[int, RunRecord]], arms: dict[str, ArmRecord], text_name: str | None) -> list[str]:
+    """The verdict's sentences, by this module's rules, from the paired differences of the finished runs."""
+    main = main_comparisons(arms)
+    found = {(a, b): judge(a, b, d) for a, b, d in paired(runs, main, lambda r: r.val_loss)}
+    sentences = [f.sentence for f in found.values()]
+    for looped in [n for n in arms if arms[n].spec.kind == "looped" and (n, "reference") in found]:
+        control = next(
+            (b for (a, b) in found if a == looped and b != "reference" and arms[b].spec.kind == "granularity"),
+            None,
+        )
+        words = attribution(found[(looped, "reference")], found.get((looped, control)) if control else None, looped)
+        if words:
+            sentences.append(words)
+    if text_name:
+        text_pairs = [(a, b) for a, b in main if (a, b) in found]
+        for a, b, d in paired(runs, text_pairs, lambda r: r.eval.text["loss"] if r.eval.text else None):
+            if None not in d.per_seed.values():
+                sentences.append(judge(a, b, d, measure=f"{text_name} loss").sentence)
+    ablations = [p for p in comparisons(arms) if p not in main]
+    for a, b, d in paired(runs, ablations, lambda r: r.val_loss):
+        sentences.append(judge(a, b, d).sentence)
+    return sentences

@@ -19,7 +19,6 @@ express exactly with every reason named (``qwen3_moe_blockers``). Weights are re
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -28,8 +27,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from loopmoe.atomic import atomic_directory
+from loopmoe.atomic import atomic_directory, check_no_overlap
 from loopmoe.config import ExpertType, LoopMoEConfig
+from loopmoe.errors import CheckpointError, MissingFileError
+from loopmoe.model import LoopMoEForCausalLM
+from loopmoe.trust import read_json
 
 # Copied from the source folder beside the converted weights.
 TOKENIZER_FILES = (
@@ -81,7 +83,7 @@ def layer_prefixes(config: LoopMoEConfig) -> list[str]:
 def loopmoe_config_from_qwen3_moe(qwen: dict) -> LoopMoEConfig:
     """Map a Qwen3-MoE ``config.json`` dict onto an equivalent LoopMoEConfig (T = 1, no conditioning)."""
     if qwen.get("model_type") != "qwen3_moe":
-        raise ValueError(f"expected a Qwen3-MoE config (model_type 'qwen3_moe'), got {qwen.get('model_type')!r}")
+        raise CheckpointError(f"expected a Qwen3-MoE config (model_type 'qwen3_moe'), got {qwen.get('model_type')!r}")
     unsupported = {
         "mlp_only_layers": (qwen.get("mlp_only_layers") or []) != [],
         "decoder_sparse_step": qwen.get("decoder_sparse_step", 1) != 1,
@@ -92,7 +94,7 @@ def loopmoe_config_from_qwen3_moe(qwen: dict) -> LoopMoEConfig:
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ValueError(
+        raise CheckpointError(
             f"this Qwen3-MoE checkpoint uses features LoopMoE does not model: {', '.join(bad)}. Only all-MoE "
             f"layers (mlp_only_layers=[], decoder_sparse_step=1), full attention without bias, SiLU experts and "
             f"default RoPE convert exactly."
@@ -100,7 +102,7 @@ def loopmoe_config_from_qwen3_moe(qwen: dict) -> LoopMoEConfig:
     rope = qwen.get("rope_parameters") or {}
     num_experts = qwen.get("num_experts", qwen.get("num_local_experts"))
     if num_experts is None:
-        raise ValueError("this Qwen3-MoE config has no num_experts (nor num_local_experts): not an MoE checkpoint")
+        raise CheckpointError("this Qwen3-MoE config has no num_experts (nor num_local_experts): not an MoE checkpoint")
     defaults = {"max_position_embeddings": 4096, "norm_topk_prob": False, "router_aux_loss_coef": 0.001}
     same: dict[str, Any] = {
         name: qwen.get(name, defaults.get(name)) for name in _SAME_FIELDS if name in qwen or name in defaults
@@ -130,7 +132,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         for file in sorted(folder.glob("pytorch_model*.bin")):
             tensors.update(torch.load(file, map_location="cpu", weights_only=True))
     if not tensors:
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
+        raise MissingFileError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
     return tensors
 
 
@@ -151,7 +153,7 @@ def qwen3_moe_state_dict_to_loopmoe(qwen_sd: dict[str, torch.Tensor], config: Lo
         try:
             weights = {p: [per_expert[(layer, e, p)] for e in range(config.num_experts)] for p in _PROJECTIONS}
         except KeyError as missing:
-            raise ValueError(f"layer {layer}: expert weight {missing} is missing from the checkpoint") from None
+            raise CheckpointError(f"layer {layer}: expert weight {missing} is missing from the checkpoint") from None
         prefix = prefixes[layer] + "mlp.experts."
         out[prefix + "gate_up_proj"] = torch.stack(
             [torch.cat(gu) for gu in zip(weights["gate_proj"], weights["up_proj"])]
@@ -162,15 +164,20 @@ def qwen3_moe_state_dict_to_loopmoe(qwen_sd: dict[str, torch.Tensor], config: Lo
     return out
 
 
-def convert_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Convert the Qwen3-MoE checkpoint folder ``src`` into a LoopMoE checkpoint folder ``dst``."""
-    from loopmoe.model import LoopMoEForCausalLM
+def convert_qwen3_moe(
+    src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False
+) -> Path:
+    """Convert the Qwen3-MoE checkpoint folder ``src`` into a LoopMoE checkpoint folder ``dst``.
 
+    ``dst`` follows ``loopmoe.atomic``'s rule: never ``src`` or inside it, and a folder loopmoe did not
+    write is refused unless ``overwrite`` (then moved aside, kept).
+    """
     src, dst = Path(src), Path(dst)
+    check_no_overlap(dst, {"source checkpoint": src}, flag="DST")
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: pass a transformers Qwen3-MoE checkpoint directory")
-    config = loopmoe_config_from_qwen3_moe(json.loads(config_path.read_text()))
+        raise MissingFileError(f"{config_path} not found: pass a transformers Qwen3-MoE checkpoint directory")
+    config = loopmoe_config_from_qwen3_moe(read_json(config_path, CheckpointError, "pass a Qwen3-MoE checkpoint"))
     state = qwen3_moe_state_dict_to_loopmoe(read_weights(src), config)
     model = LoopMoEForCausalLM(config)
     expected = set(model.state_dict())
@@ -179,13 +186,14 @@ def convert_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     missing = sorted(k for k in expected - set(state) if not k.endswith("expert_bias"))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint does not match the Qwen3-MoE layout: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    check_shapes(state, {k: v for k, v in model.state_dict().items() if k in expected}, src)
     model.load_state_dict(state, strict=False)
     if dtype is not None:
         model.to(dtype)  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
-    with atomic_directory(dst) as staging:
+    with atomic_directory(dst, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
         _copy_tokenizer(src, staging)  # after the save: the source's generation_config.json wins
     return dst
@@ -279,26 +287,36 @@ def loopmoe_state_dict_to_qwen3_moe(state: dict[str, torch.Tensor], config: Loop
     return out
 
 
-def export_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_qwen3_moe(
+    src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False
+) -> Path:
     """Write the LoopMoE checkpoint folder ``src`` as a Qwen3-MoE checkpoint folder ``dst`` (unrolled).
 
-    Raises ValueError naming every reason when Qwen3-MoE cannot express the model exactly.
+    Raises ``CheckpointError`` naming every reason when Qwen3-MoE cannot express the model exactly,
+    and when ``src``'s weights do not match its config (a missing or wrongly shaped tensor). ``dst``
+    follows ``loopmoe.atomic``'s rule (see ``convert_qwen3_moe``).
     """
     from huggingface_hub import save_torch_state_dict
     from transformers import Qwen3MoeConfig
 
     src, dst = Path(src), Path(dst)
+    check_no_overlap(dst, {"LoopMoE checkpoint": src})
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: pass a LoopMoE checkpoint directory")
-    raw = json.loads(config_path.read_text())
+        raise MissingFileError(f"{config_path} not found: pass a LoopMoE checkpoint directory")
+    raw = read_json(config_path, CheckpointError, "pass a LoopMoE checkpoint")
     if raw.get("model_type") != "loopmoe":
-        raise ValueError(f"{src} is not a LoopMoE checkpoint (model_type {raw.get('model_type')!r})")
+        raise CheckpointError(f"{src} is not a LoopMoE checkpoint (model_type {raw.get('model_type')!r})")
     config = LoopMoEConfig.from_dict({k: v for k, v in raw.items() if k != "auto_map"})
     state = read_weights(src)
+    with torch.device("meta"):
+        expected = LoopMoEForCausalLM(config).state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    check_shapes(state, expected, src)
     blockers = qwen3_moe_blockers(config, state)
     if blockers:
-        raise ValueError(
+        raise CheckpointError(
             f"{src} cannot be written as Qwen3-MoE exactly: {'; '.join(blockers)}. Qwen3-MoE expresses a T = 1 "
             "LoopMoE and a looped one without iteration conditioning or re-injection (unrolled)"
         )
@@ -306,14 +324,46 @@ def export_qwen3_moe(src: str | Path, dst: str | Path, dtype: torch.dtype | None
     if dtype is not None:
         qwen_state = {k: v.to(dtype) for k, v in qwen_state.items()}
     qwen_config = Qwen3MoeConfig(**qwen3_moe_config_from_loopmoe(config), dtype=next(iter(qwen_state.values())).dtype)
-    with atomic_directory(dst) as staging:
+    with atomic_directory(dst, overwrite=overwrite) as staging:
         qwen_config.save_pretrained(staging)
         save_torch_state_dict(qwen_state, staging)
         _copy_tokenizer(src, staging)
     return dst
 
 
+def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], src: Path) -> None:
+    """Refuse weights that miss a tensor the config needs, or hold one of another shape."""
+    missing = sorted(k for k in expected if k not in state and not k.endswith("expert_bias"))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or wrong:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
+                f"wrong shapes: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}" if wrong else "",
+            )
+            if part
+        )
+        raise CheckpointError(
+            f"{src}: the weights do not match its config.json ({detail}); copy or export the checkpoint again"
+        )
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files of ``src``, refusing a link that leads out of it (a file meant for sharing
+    must not pick up whatever a symlink points at)."""
+    root = src.resolve()
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+        path = src / name
+        if not path.is_file():
+            continue
+        if path.is_symlink() and root not in path.resolve().parents:
+            raise CheckpointError(
+                f"{path} is a symlink to {path.resolve()}, outside {src}: loopmoe does not copy files from outside "
+                "a checkpoint into its export; replace the link with the file itself"
+            )
+        shutil.copyfile(path, dst / name)

@@ -1,6 +1,10 @@
 """LoopMoE data pipeline: source spec -> documents -> tokenizer -> token shards -> batches.
 
-Typical use::
+A run's ``[data]`` section (``DataSection``) gives its tokenizer and shards in one call::
+
+    prepared = prepare_data(DataSection(source="embedded", train_bpe_vocab=8192, data_dir="data"))
+
+Step by step::
 
     source = open_source("embedded")                      # or a path, or "hf:NAME"
     tokenizer = train_bpe_tokenizer(source, 8192, run_dir / "tokenizer")
@@ -9,8 +13,10 @@ Typical use::
     input_ids = next(loader)                              # LongTensor (8, 256)
 """
 
+from loopmoe.data.config import DataSection
 from loopmoe.data.embedded import embedded_documents
 from loopmoe.data.loader import TokenBatchLoader, validation_batches
+from loopmoe.data.prepare import DataChangedError, PreparedData, check_resume_data, prepare_data
 from loopmoe.data.shards import (
     CorruptShardsError,
     ShardMeta,
@@ -27,16 +33,21 @@ __all__ = [
     "ACCEPTED_FORMATS",
     "DEFAULT_EOS_TOKEN",
     "CorruptShardsError",
+    "DataChangedError",
+    "DataSection",
     "DataSource",
     "LMTokenizer",
+    "PreparedData",
     "ShardMeta",
     "TokenBatchLoader",
     "TokenShards",
+    "check_resume_data",
     "embedded_documents",
     "is_validation_document",
     "load_shards",
     "load_tokenizer",
     "open_source",
+    "prepare_data",
     "prepare_shards",
     "token_dtype",
     "train_bpe_tokenizer",

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopmoe.errors import DataError
+
 _STATE_VERSION = 1
 
 
@@ -50,7 +52,7 @@ class TokenBatchLoader:
         self.epoch = 0
         self.step = 0
         if ((len(tokens) - (seq_len - 1)) // seq_len) // self.global_batch_size == 0:  # worst epoch offset
-            raise ValueError(
+            raise DataError(
                 f"{len(tokens)} training tokens are fewer than one global batch of "
                 f"{self.global_batch_size} x {seq_len} (+ up to {seq_len - 1} offset): "
                 "lower batch_size or seq_len, or use more data"
@@ -100,13 +102,13 @@ class TokenBatchLoader:
         }
         mismatched = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if mismatched:
-            raise ValueError(
+            raise DataError(
                 f"loader state does not match this loader (saved, current): {mismatched}; resume with the "
                 "same shards and seq_len"
             )
         consumed = int(state["step"]) * int(state["global_batch_size"])  # windows read in this epoch
         if consumed % self.global_batch_size:
-            raise ValueError(
+            raise DataError(
                 f"the saved loader had read {consumed} windows of its epoch, not a whole number of this loader's "
                 f"batches of {self.global_batch_size} (batch_size * world_size); resume with a micro-batch and "
                 "world size whose product divides the global batch the run was checkpointed at"
@@ -150,7 +152,7 @@ def validation_batches(
     global_batch = batch_size * world_size
     available = (len(tokens) // seq_len) // global_batch
     if available == 0:
-        raise ValueError(
+        raise DataError(
             f"{len(tokens)} validation tokens are fewer than one global batch of {global_batch} x {seq_len}: "
             "raise val_fraction, or lower batch_size or seq_len"
         )

@@ -13,9 +13,9 @@ Validation split: document ``i`` (0-based, in source order) is held out iff
 ``floor((i + 1) * f) > floor(i * f)`` with ``f = val_fraction``: exactly a fraction
 ``f`` of documents, spread evenly through the corpus, decided while streaming.
 
-The fingerprint hashes the source identity (spec, file sizes/mtimes or dataset
-fingerprint, reader options), the tokenizer's serialised content, the split
-parameters and ``FORMAT_VERSION``. Same fingerprint: the folder is reused. Any
+The fingerprint hashes the source identity (the sha256 of the corpus files' bytes
+and names, or the dataset fingerprint, and the reader options; not the path),
+the tokenizer's serialised content, the split parameters and ``FORMAT_VERSION``. Same fingerprint: the folder is reused. Any
 change: it is rebuilt in a staging folder and swapped in atomically.
 
 Each ``.bin`` file's sha256 is stored in meta.json and checked once per process
@@ -40,6 +40,7 @@ from loopmoe.atomic import atomic_directory
 from loopmoe.console import Progress
 from loopmoe.data.sources import DataSource
 from loopmoe.data.tokenizer import LMTokenizer
+from loopmoe.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +124,38 @@ class TokenShards:
         return np.memmap(path, dtype=dtype, mode="r")
 
 
-def shards_fingerprint(source: DataSource, tokenizer: LMTokenizer, val_fraction: float) -> str:
-    """Hash of everything that determines the shard contents."""
-    parts = {
+def shards_fingerprint(
+    source: DataSource, tokenizer: LMTokenizer, val_fraction: float, *, legacy_spec: str | None = None
+) -> str:
+    """Hash of everything that determines the shard contents: the corpus's content (``source.identity()``,
+    a sha256 of its bytes), not where it lies, so the same bytes through another path or
+    ``LOOPMOE_DATA_DIR`` give the same fingerprint.
+
+    ``legacy_spec``: the fingerprint older loopmoe wrote, which also hashed the source path (``spec``):
+    pass the path recorded beside it (``ShardMeta.source``) to recognise shards and checkpoints of the
+    same content written then (``fingerprint_matches``)."""
+    parts: dict[str, object] = {
         "format_version": FORMAT_VERSION,
-        "source": source.spec,
         "source_identity": source.identity(),
         "tokenizer_sha256": tokenizer.content_hash(),
         "eos_id": tokenizer.eos_id,
         "val_fraction": val_fraction,
     }
+    if legacy_spec is not None:
+        parts["source"] = legacy_spec
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint_matches(
+    fingerprint: str, source: DataSource, tokenizer: LMTokenizer, val_fraction: float, recorded_spec: str | None
+) -> bool:
+    """Whether ``fingerprint`` (of a shard folder or a checkpoint) is that of these shards: the content-based
+    one, or the older path-including one with the path recorded when it was written (``recorded_spec``)."""
+    if fingerprint == shards_fingerprint(source, tokenizer, val_fraction):
+        return True
+    return recorded_spec is not None and fingerprint == shards_fingerprint(
+        source, tokenizer, val_fraction, legacy_spec=recorded_spec
+    )
 
 
 def prepare_shards(
@@ -150,21 +172,23 @@ def prepare_shards(
     ``load_shards`` on the others (concurrent builders would each build).
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     directory = Path(directory)
     fingerprint = shards_fingerprint(source, tokenizer, val_fraction)
     existing = _try_load(directory)
-    if existing is not None and existing.meta.fingerprint == fingerprint:
+    if existing is not None and fingerprint_matches(
+        existing.meta.fingerprint, source, tokenizer, val_fraction, existing.meta.source
+    ):
         log.info("reusing token shards in %s (fingerprint %s)", directory, fingerprint[:12])
         return existing
     reason = "none found" if existing is None else "source, tokenizer or split changed"
     log.info("building token shards in %s (%s)", directory, reason)
 
     dtype = token_dtype(tokenizer.vocab_size)
-    with atomic_directory(directory) as staging:
+    with atomic_directory(directory, legacy_marker="meta.json") as staging:  # caches before the marker
         tokens, documents, sha256 = _tokenise(source, tokenizer, staging, dtype, val_fraction, progress)
         if documents["train"] == 0:
-            raise ValueError(
+            raise DataError(
                 f"data source {source.spec!r} has no training documents: it is empty or val_fraction is too high"
             )
         if val_fraction > 0 and documents["val"] == 0:
@@ -175,7 +199,7 @@ def prepare_shards(
                 else "use more data (or a corpus of several documents: text files are cut into documents of "
                 "about 32k characters at line ends)"
             )
-            raise ValueError(
+            raise DataError(
                 f"data source {source.spec!r} has only {n} document{'s' if n != 1 else ''}, too few to hold "
                 f"out val_fraction={val_fraction} of them for validation: {hint}"
             )
@@ -199,7 +223,7 @@ def load_shards(directory: str | Path) -> TokenShards:
     """Open an already built shard folder (e.g. on non-zero ranks after rank 0 built it)."""
     shards = _try_load(Path(directory))
     if shards is None:
-        raise FileNotFoundError(f"no complete token shards in {str(directory)!r}: build them with prepare_shards()")
+        raise MissingFileError(f"no complete token shards in {str(directory)!r}: build them with prepare_shards()")
     return shards
 
 

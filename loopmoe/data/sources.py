@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from loopmoe.data.embedded import embedded_documents, embedded_identity
+from loopmoe.errors import DataError, MissingFileError
 
 DEFAULT_CHUNK_CHARS = 32_768
 
@@ -93,12 +94,12 @@ def open_source(
 
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data source {spec!r} does not exist. Accepted: {ACCEPTED_FORMATS}")
+        raise MissingFileError(f"data source {spec!r} does not exist. Accepted: {ACCEPTED_FORMATS}")
     options = f"field={text_field}|chunk={chunk_chars}"
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
-            raise ValueError(f"folder {spec!r} holds no .txt files. Accepted: {ACCEPTED_FORMATS}")
+            raise DataError(f"folder {spec!r} holds no .txt files. Accepted: {ACCEPTED_FORMATS}")
         return DataSource(
             spec,
             lambda: (doc for f in files for doc in _text_documents(f, chunk_chars)),
@@ -125,7 +126,7 @@ def open_source(
                 _load_dataset(spec, builder, data_files=str(path), split="train"), text_field, spec
             )
     else:
-        raise ValueError(f"unknown format for data source {spec!r}. Accepted: {ACCEPTED_FORMATS}")
+        raise DataError(f"unknown format for data source {spec!r}. Accepted: {ACCEPTED_FORMATS}")
     return DataSource(spec, documents, lambda: _files_identity([path], options))
 
 
@@ -161,23 +162,23 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from error
             if not isinstance(record, dict) or text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
+                raise DataError(
                     f"{path}:{number}: no field {text_field!r} (found {keys}); the run config reads the field 'text', so rename the field (or "
                     "call open_source(..., text_field=NAME) from Python)"
                 )
             text = record[text_field]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
+                raise DataError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, not a string")
             yield text
 
 
 def _hf_source(spec: str, *, text_field: str, split: str) -> DataSource:
     name, _, config = spec.removeprefix("hf:").partition(":")
     if not name:
-        raise ValueError(f"data source {spec!r} names no dataset. Accepted: {ACCEPTED_FORMATS}")
+        raise DataError(f"data source {spec!r} names no dataset. Accepted: {ACCEPTED_FORMATS}")
 
     @functools.cache
     def dataset():
@@ -196,7 +197,7 @@ def _load_dataset(spec: str, *args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as error:  # datasets raises many unrelated types for "not found"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"could not load data source {spec!r} with datasets.load_dataset: {error}. "
             f"Hub datasets must already be in the local cache when offline. Accepted: {ACCEPTED_FORMATS}"
         ) from error
@@ -204,7 +205,7 @@ def _load_dataset(spec: str, *args, **kwargs):
 
 def _dataset_documents(dataset, text_field: str, spec: str) -> Iterator[str]:
     if text_field not in dataset.column_names:
-        raise ValueError(
+        raise DataError(
             f"data source {spec!r} has no column {text_field!r} (columns: {dataset.column_names}); the run "
             "config reads the column 'text', so rename the column (or call open_source(..., text_field=NAME) "
             "from Python)"

@@ -23,6 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from loopmoe.atomic import atomic_directory
 from loopmoe.console import interactive, status
 from loopmoe.data.sources import DataSource
+from loopmoe.errors import ConfigError, DataError, MissingFileError
+from loopmoe.trust import no_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def load_tokenizer(path: str | Path, *, eos_token: str | None = None) -> LMToken
     elif path.is_dir():
         backend, configured = _load_folder(path)
     else:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tokenizer {str(path)!r} does not exist: pass a tokenizer.json file, an HF tokenizer "
             "folder, or train one with train_bpe_tokenizer()"
         )
@@ -135,7 +137,9 @@ def train_bpe_tokenizer(
     The folder is written atomically and loads with ``AutoTokenizer.from_pretrained``.
     """
     if vocab_size < 257:
-        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 257 (256 bytes + EOS)")
+        raise ConfigError(
+            f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 257 (256 bytes + EOS)"
+        )
     directory = Path(directory)
     if tokenizer_is_current(
         source, vocab_size, directory, eos_token=eos_token, min_frequency=min_frequency, max_chars=max_chars
@@ -161,7 +165,7 @@ def train_bpe_tokenizer(
     if progress and not interactive():
         status(f"trained a {vocab_size}-token BPE on {source.spec} in {time.perf_counter() - t0:.1f} s")
     tokenizer = _with_eos(backend, eos_token, where=source.spec)
-    with atomic_directory(directory) as staging:
+    with atomic_directory(directory, legacy_marker=_TRAINING_STAMP) as staging:  # caches before the marker
         tokenizer.save(staging)
         (staging / _TRAINING_STAMP).write_text(json.dumps(stamp, indent=2))
     return tokenizer
@@ -195,23 +199,26 @@ def tokenizer_is_current(
         saved = json.loads(stamp_path.read_text())
     except (OSError, ValueError):
         return False
-    return bool(saved == _training_stamp(source, vocab_size, eos_token, min_frequency, max_chars))
+    if not isinstance(saved, dict):
+        return False
+    # Content-based: the corpus's path ("source", recorded for people to read) is not compared, its bytes'
+    # hash ("source_identity") is; stamps of older loopmoe hold the same keys and are read the same way.
+    current = _training_stamp(source, vocab_size, eos_token, min_frequency, max_chars)
+    return {k: v for k, v in saved.items() if k != "source"} == {k: v for k, v in current.items() if k != "source"}
 
 
 def _load_folder(path: Path) -> tuple[Tokenizer, str | None]:
     from transformers import AutoTokenizer
 
-    from loopmoe.evaluation.loading import no_remote_code
-
     try:
         with no_remote_code(path / "tokenizer_config.json"):
             hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as error:  # transformers raises OSError/ValueError/KeyError depending on what is missing
-        raise ValueError(
+        raise DataError(
             f"{str(path)!r} is not a loadable HF tokenizer folder ({error}); pass its tokenizer.json instead"
         ) from error
     if not getattr(hf, "is_fast", False):
-        raise ValueError(f"{str(path)!r} holds a slow tokenizer only; add a tokenizer.json to the folder")
+        raise DataError(f"{str(path)!r} holds a slow tokenizer only; add a tokenizer.json to the folder")
     return Tokenizer.from_str(hf.backend_tokenizer.to_str()), hf.eos_token
 
 
@@ -221,7 +228,7 @@ def _with_eos(backend: Tokenizer, eos_token: str | None, *, where: str) -> LMTok
         token_id = backend.token_to_id(name)
         if token_id is not None:
             return LMTokenizer(backend, name, token_id)
-    raise ValueError(
+    raise DataError(
         f"tokenizer {where!r} has no end-of-text token (looked for {names}); pass eos_token= with one of its tokens"
     )
 

@@ -1,5 +1,7 @@
-"""Distributed helpers: process-group lifecycle (`env`) and parallelism functions (`parallelize`)."""
+"""Distributed helpers: process-group lifecycle (`env`), the `[dist]` section (`config`) and the
+parallelism functions (`parallelize`: the run's recipe, its steps, and gradient clipping at any layout)."""
 
+from loopmoe.distributed.config import DistSection
 from loopmoe.distributed.env import (
     DistInfo,
     all_reduce_mean,
@@ -15,12 +17,15 @@ from loopmoe.distributed.parallelize import (
     apply_expert_parallel,
     apply_fsdp2,
     build_mesh,
+    clip_grad_norm_,
     gradient_sync,
+    parallelize,
     unwrap,
 )
 
 __all__ = [
     "DistInfo",
+    "DistSection",
     "all_reduce_mean",
     "all_reduce_sum_",
     "apply_ddp",
@@ -29,9 +34,11 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "build_mesh",
+    "clip_grad_norm_",
     "gradient_sync",
     "init_distributed",
     "is_distributed",
+    "parallelize",
     "teardown_distributed",
     "unwrap",
 ]

@@ -48,6 +48,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
+from loopmoe.errors import ConfigError
 from loopmoe.model.kernels.permute import permute_rows
 from loopmoe.model.moe import SparseMoE
 
@@ -148,7 +149,7 @@ def check_expert_parallel(num_experts: int, ep: int) -> None:
     """Raise ValueError naming the fix unless ``ep`` divides the expert count."""
     if num_experts % ep:
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
-        raise ValueError(
+        raise ConfigError(
             f"dist.ep = {ep} does not divide the model's {num_experts} experts: set dist.ep to a divisor of "
             f"{num_experts} ({', '.join(map(str, divisors[:8]))}{', ...' if len(divisors) > 8 else ''}), or pick a "
             f"model whose num_experts is a multiple of {ep} (`loopmoe budget --expert-multiple {ep}`)"
@@ -165,7 +166,7 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     ep, rank = mesh["ep"].size(), mesh["ep"].get_local_rank()
     layers = list(moe_layers(model))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers to parallelise over experts (dist.ep = {ep})")
+        raise ConfigError(f"{type(model).__name__} has no MoE layers to parallelise over experts (dist.ep = {ep})")
     shared: ExpertParallel | None = None
     for moe in layers:
         E = moe.experts.gate_up_proj.shape[0]

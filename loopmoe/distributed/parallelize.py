@@ -1,9 +1,13 @@
 """Parallelism applied as functions over a finished model (torchtitan style).
 
-``apply_expert_parallel`` (re-exported from ``expert_parallel``) splits the experts over "ep".
+``parallelize(model, dist, device)`` is the whole recipe a run applies (as torchtitan's
+``parallelize_*``): activation checkpointing and regional compilation, then, under several
+processes, expert parallelism and DDP or FSDP2 per ``[dist]``. The ``apply_*`` functions are its
+steps; ``apply_expert_parallel`` (re-exported from ``expert_parallel``) splits the experts over "ep".
+``clip_grad_norm_`` clips the gradients of a model whatever its layout.
 
 Modules never know how they are parallelised: the trainer builds the plain model, then calls
-one of these. Keeping it outside the modules lets the same model run alone, under DDP or
+``parallelize``. Keeping it outside the modules lets the same model run alone, under DDP or
 under FSDP2 without any change to its code.
 """
 
@@ -17,27 +21,62 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers.cache_utils import Cache
 
+from loopmoe.distributed.config import DistSection
+from loopmoe.distributed.env import is_distributed
 from loopmoe.distributed.expert_parallel import (
     apply_expert_parallel as apply_expert_parallel,
 )
 from loopmoe.distributed.expert_parallel import (
+    clip_expert_parallel_grad_norm_,
     expert_parallel_of,
     expert_parameters,
     moe_layers,
     reduce_expert_grads,
 )
+from loopmoe.errors import ConfigError
 from loopmoe.model.slots import every_nth_slot, every_slot
+
+
+def parallelize(
+    model: nn.Module,
+    dist: DistSection,
+    device: torch.device,
+    *,
+    activation_checkpointing: str = "none",
+    ac_every: int = 2,
+    compile: bool = False,
+) -> nn.Module:
+    """``model`` on ``device``, laid out as ``dist`` says for this process group; returns the module to train.
+
+    In order: activation checkpointing (``train.activation_checkpointing`` / ``train.ac_every``) and
+    regional compilation (``train.compile``), both before wrapping, as torchtitan does; then, under
+    several processes, the ``("dp", "ep")`` mesh, expert parallelism (``dist.ep > 1``) and DDP or
+    FSDP2 (``dist.strategy``). In one process the model is returned unwrapped.
+    """
+    model.to(device)
+    if activation_checkpointing != "none":
+        apply_activation_checkpointing(model, activation_checkpointing, ac_every)
+    if compile:
+        apply_compile(model)
+    if not is_distributed():
+        return model
+    mesh = build_mesh(torch.distributed.get_world_size(), device.type, dist.ep)
+    if dist.ep > 1:
+        apply_expert_parallel(model, mesh)
+    if dist.strategy == "fsdp2":
+        return apply_fsdp2(model, mesh, reshard_core_after_forward=dist.reshard_after_forward)
+    return apply_ddp(model, device)
 
 
 def build_mesh(world_size: int, device_type: str, ep: int = 1) -> DeviceMesh:
     """The 2-D ``("dp", "ep")`` mesh of ``world_size = dp x ep`` ranks (the ep ranks of a group are
     adjacent: ``rank = dp_index * ep + ep_index``). With ``ep = 1``, ``mesh["dp"]`` spans every rank."""
     if ep < 1 or world_size % ep:
-        raise ValueError(
+        raise ConfigError(
             f"dist.ep = {ep} does not divide the {world_size} processes; launch a multiple of {ep} "
             f"processes (torchrun --nproc_per_node) or set dist.ep to a divisor of {world_size}"
         )
@@ -119,12 +158,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
     run keeps or drops its own activations. Apply before DDP / FSDP2 wrapping or after; either works.
     """
     if mode not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(f"activation checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
+        raise ConfigError(f"activation checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
     if mode == "selective" and every < 1:
-        raise ValueError(f"selective activation checkpointing needs every >= 1, got {every}")
+        raise ConfigError(f"selective activation checkpointing needs every >= 1, got {every}")
     targets = [m for m in unwrap(model).modules() if hasattr(m, "checkpoint_policy")]
     if not targets:
-        raise ValueError(f"{type(unwrap(model)).__name__} has no executed slots to checkpoint (no checkpoint_policy)")
+        raise ConfigError(f"{type(unwrap(model)).__name__} has no executed slots to checkpoint (no checkpoint_policy)")
     policy = {
         "none": None,
         "full": every_slot,
@@ -164,7 +203,7 @@ def apply_compile(model: nn.Module, fullgraph: bool = True, **compile_kwargs: An
     """
     layers = _shard_units(unwrap(model))
     if not layers:
-        raise ValueError(f"{type(unwrap(model)).__name__} has no layers to compile (no nn.ModuleList)")
+        raise ConfigError(f"{type(unwrap(model)).__name__} has no layers to compile (no nn.ModuleList)")
     for layer in layers:
         layer.compile(fullgraph=fullgraph, **compile_kwargs)  # sets layer._compiled_call_impl
         compiled = layer._compiled_call_impl
@@ -187,6 +226,21 @@ class _CachelessCompiled:
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under a DDP wrapper (FSDP2 modifies modules in place, so: itself)."""
     return model.module if isinstance(model, DDP) else model
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``model`` (as ``parallelize`` returned it) to a global norm of ``max_norm``
+    (``inf``: measure only); returns that norm before clipping, the same on every rank.
+
+    The norm counts every parameter once whatever the layout: replicated under DDP, sharded
+    DTensors under FSDP2 (their norm is reduced over the mesh), and ep-local expert blocks under
+    expert parallelism (``clip_expert_parallel_grad_norm_`` sums their squares over the ep group).
+    """
+    if expert_parallel_of(unwrap(model)) is not None:
+        return clip_expert_parallel_grad_norm_(unwrap(model), max_norm)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 @contextmanager

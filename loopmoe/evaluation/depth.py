@@ -11,19 +11,30 @@ The result also records ``trained_loops`` (the model's own T) and ``warnings``: 
 model trained with T = 1 (its core never learned to be iterated: every loop count but 1 is
 untrained territory), and of text that overlaps the training data (``training_overlap``, see
 ``loopmoe.evaluation.overlap``; its loss is not a held-out loss), is reported but flagged.
+
+``depth_curve`` is the cheap curve every looped arm of a comparison gets (``loopmoe compare``): the held-out
+loss at each loop count as the trainer measures it (the mean of the per-batch LM loss over the run's own
+validation batches, so the entry at the trained T reproduces its last ``val_loss``), the forward FLOPs per
+token executed there (``loopmoe.budget``), and the expert load at the trained depth. A count the model cannot
+run (``LoopMoEConfig.check_num_loops``) is listed with the reason instead of failing the curve.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from loopmoe.budget import compute_budget
+from loopmoe.errors import DataError
 from loopmoe.evaluation.loading import require_looped
+from loopmoe.evaluation.overlap import WARN_ABOVE
 from loopmoe.model.slots import cache_index
 
 
@@ -33,7 +44,7 @@ def token_sequences(ids, seq_len: int, max_sequences: int | None = None) -> torc
     if max_sequences is not None:
         n = min(n, max_sequences)
     if n == 0:
-        raise ValueError(
+        raise DataError(
             f"held-out text has {len(ids)} tokens, fewer than one sequence of {seq_len}: "
             "use more text or a smaller --seq-len"
         )
@@ -57,8 +68,6 @@ def _boundary_index(config, iteration: int) -> int:
 
 def depth_warnings(trained_loops: int, training_overlap: dict | None) -> list[str]:
     """What makes a depth analysis misleading: a T = 1 model, or text the model was trained on."""
-    from loopmoe.evaluation.overlap import WARN_ABOVE
-
     out = []
     if trained_loops == 1:
         out.append(
@@ -139,3 +148,90 @@ def analyse_depth(
             },
         }
     return results
+
+
+@dataclass(frozen=True)
+class DepthPoint:
+    """The held-out loss at ``loops`` iterations and the forward FLOPs per token executed there."""
+
+    loops: int
+    loss: float
+    flops_per_token: float
+    untrained_iteration_vectors: bool  # beyond the trained T an iter_embedding model adds untrained vectors
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DepthPoint:
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class DepthCurve:
+    """``depth_curve``'s result; ``to_dict`` is its JSON (a run's ``eval/depth.json``), key for key."""
+
+    trained_loops: int
+    points: list[DepthPoint]
+    unrunnable: dict[str, str]  # loop count (as JSON keys it) -> why the model cannot run it
+    expert_load: dict[str, list[float]]  # executed slot -> each expert's share of routed tokens, at the trained T
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DepthCurve:
+        return cls(
+            trained_loops=raw["trained_loops"],
+            points=[DepthPoint.from_dict(p) for p in raw["points"]],
+            unrunnable=dict(raw["unrunnable"]),
+            expert_load=dict(raw["expert_load"]),
+        )
+
+
+@torch.no_grad()
+def heldout_loss(
+    model, batches: Iterable[torch.Tensor], num_loops: int | None = None, load: dict[str, Any] | None = None
+) -> float:
+    """Mean of the per-batch LM loss, as the trainer's evaluation computes it (``Trainer.evaluate``).
+
+    ``load``: if given, filled with each executed (layer, iteration) slot's expert load summed over the batches.
+    """
+    kwargs = {} if num_loops is None else {"num_loops": num_loops}
+    losses = []
+    for x in batches:
+        out = model(input_ids=x, labels=x, use_cache=False, **kwargs)
+        losses.append(float(out.lm_loss))
+        if load is not None:
+            for stat in out.router_stats:
+                load[stat.slot.name] = load.get(stat.slot.name, 0) + stat.load
+    if not losses:
+        raise DataError("no held-out batches to evaluate: the comparison needs --eval-batches >= 1")
+    return sum(losses) / len(losses)
+
+
+def depth_curve(model, batches: list[torch.Tensor], loops: Iterable[int], seq_len: int) -> DepthCurve:
+    """Held-out loss and executed forward FLOPs per token at each loop count, and the expert load at the
+    trained depth (each expert's share of routed tokens per executed slot).
+
+    A Vanilla MoE is measured at its own depth only. A looped model at its trained T and every count in
+    ``loops``; a count the model cannot run is listed under ``unrunnable`` with the reason.
+    """
+    cfg = model.config
+    trained = cfg.num_loops
+    wanted = sorted({trained, *loops}) if trained > 1 else [trained]
+    points: list[DepthPoint] = []
+    unrunnable: dict[str, str] = {}
+    load: dict[str, Any] = {}
+    for t in wanted:
+        try:
+            cfg.check_num_loops(t)
+        except ValueError as error:
+            unrunnable[str(t)] = str(error)
+            continue
+        points.append(
+            DepthPoint(
+                loops=t,
+                loss=heldout_loss(model, batches, t, load if t == trained else None),
+                flops_per_token=compute_budget(cfg, seq_len, num_loops=t).flops_per_token,
+                untrained_iteration_vectors=bool(cfg.conditioning.embeds_iteration and t > trained),
+            )
+        )
+    return DepthCurve(trained, points, unrunnable, {k: (v / v.sum()).tolist() for k, v in load.items()})

@@ -10,12 +10,16 @@ or ever resolving its own hub-backed task of the same name.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from loopmoe.console import quiet_lm_eval, status
-from loopmoe.evaluation.tasks.loaders import data_file
+from loopmoe.errors import ConfigError, DataError, MissingFileError
+from loopmoe.evaluation.tasks import loaders
+from loopmoe.evaluation.tasks.loaders import MissingDataError, data_file
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 SHIPPED_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
@@ -72,7 +76,7 @@ def task_manager(data_dir: str | Path | None, tasks: Sequence[str | dict[str, An
     )
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown task {', '.join(map(repr, unknown))}: choose from the shipped tasks ({', '.join(SHIPPED_TASKS)}), "
             "'all', any lm-eval task (`lm_eval ls tasks`) whose dataset is in the local datasets cache, or add your "
             "own with --task-file"
@@ -89,6 +93,21 @@ def wrap_model(model, tokenizer, *, batch_size: int | str = 8, device: str | Non
     # backend="causal": LoopMoE is not in transformers' own causal-LM name list, which HFLM consults.
     with quiet_lm_eval():  # HFLM warns that an already loaded model is not a name: that is what we mean
         return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=device)
+
+
+@contextmanager
+def task_data_errors() -> Iterator[None]:
+    """The task loaders' own errors (they import nothing of loopmoe) as loopmoe's, for the command line."""
+    try:
+        yield
+    except MissingDataError as e:
+        raise MissingFileError(str(e)) from None
+    except ValueError as e:
+        if e.__traceback__ is not None and any(
+            frame.f_code.co_filename == loaders.__file__ for frame, _ in traceback.walk_tb(e.__traceback__)
+        ):
+            raise DataError(str(e)) from None
+        raise
 
 
 def evaluate_tasks(
@@ -111,7 +130,7 @@ def evaluate_tasks(
 
     check_task_files([t for t in tasks if isinstance(t, str)], data_dir)
     t0 = time.perf_counter()
-    with quiet_lm_eval():
+    with quiet_lm_eval(), task_data_errors():
         results = simple_evaluate(
             model=lm,
             tasks=list(tasks),

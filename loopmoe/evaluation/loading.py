@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from loopmoe.errors import ConfigError, DataError, LoopMoEError, MissingFileError
+from loopmoe.trust import check_safetensors, no_remote_code
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -19,7 +23,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory: expected {model_dir / 'config.json'}")
+        raise MissingFileError(f"{model_dir} is not a model directory: expected {model_dir / 'config.json'}")
     for weights in sorted(model_dir.glob("*.safetensors")):
         check_safetensors(weights)
     with no_remote_code(model_dir / "config.json"):
@@ -29,69 +33,30 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     return model.to(device).eval()  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise ValueError naming ``path`` if it is not a complete safetensors file (header + every tensor's bytes).
-
-    Reads only the header: a file cut short (interrupted copy or export) is caught before transformers
-    or safetensors fail on it with an internal error.
-    """
-    import json
-    import struct
-
-    size = path.stat().st_size
-    problem = None
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) < 8:
-                problem = f"it has {size} bytes, fewer than a header"
-            else:
-                (length,) = struct.unpack("<Q", raw)
-                if 8 + length > size:
-                    problem = f"its header needs {8 + length} bytes but the file has {size}"
-                else:
-                    header = json.loads(handle.read(length))
-                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-                    if 8 + length + end > size:
-                        problem = f"its tensors need {8 + length + end} bytes but the file has {size}"
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
-        problem = f"its header is unreadable ({type(error).__name__}: {error})"
-    if problem:
-        raise ValueError(f"weights file {path} is truncated or corrupt: {problem}; copy or export the model again")
-
-
 def load_hf_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):
     """The tokenizer saved with the model, or ``tokenizer`` (a tokenizer.json file or an HF tokenizer dir)."""
     from transformers import AutoTokenizer
 
     source = Path(tokenizer) if tokenizer is not None else Path(model_dir)
     if source.is_file():
-        from loopmoe.data import load_tokenizer
+        from loopmoe.data import load_tokenizer  # lazy: data pulls in tokenizers and the shard store
 
-        return load_tokenizer(source).to_transformers()
+        try:
+            return load_tokenizer(source).to_transformers()
+        except LoopMoEError:
+            raise
+        except Exception as e:  # the tokenizers library's own parse errors (a JSON that is no tokenizer)
+            raise DataError(
+                f"{source} is not a tokenizer.json the tokenizers library can read ({type(e).__name__}: {e}); "
+                "pass --tokenizer with a tokenizer.json file or a tokenizer folder"
+            ) from None
     if not any((source / name).is_file() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no tokenizer in {source} (looked for {', '.join(TOKENIZER_FILES)}): pass --tokenizer PATH, a "
             "tokenizer.json file or a tokenizer directory"
         )
     with no_remote_code(source / "tokenizer_config.json"):
         return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
-
-
-@contextmanager
-def no_remote_code(config: Path) -> Iterator[None]:
-    """Turn transformers' refusal of a folder's own code (``auto_map``, trust_remote_code=False) into a clear error."""
-    try:
-        yield
-    except ValueError as error:
-        if "trust_remote_code" not in str(error):
-            raise
-        where = " or ".join(dict.fromkeys([config.name, "config.json"]))
-        raise ValueError(
-            f"{config.parent} asks to run its own Python (an auto_map in {where} names custom code for a model or "
-            "tokenizer type transformers does not know); loopmoe never runs code from a model or tokenizer "
-            "folder: use a LoopMoE or a transformers-native checkpoint"
-        ) from None
 
 
 def is_looped(model) -> bool:
@@ -102,7 +67,7 @@ def is_looped(model) -> bool:
 def require_looped(model, what: str) -> None:
     """Raise a clear error when ``what`` (a LoopMoE-only feature) is asked of another model type."""
     if not is_looped(model):
-        raise ValueError(f"{what} needs a LoopMoE checkpoint; this model is {model.config.model_type!r}")
+        raise ConfigError(f"{what} needs a LoopMoE checkpoint; this model is {model.config.model_type!r}")
 
 
 @contextmanager
@@ -118,6 +83,18 @@ def test_time_depth(model, num_loops: int | None) -> Iterator[None]:
     require_looped(model, "--num-loops")
     model.config.check_num_loops(num_loops)
     trained = model.config.num_loops
+    if trained == 1 and num_loops != 1:
+        warnings.warn(
+            f"num_loops={num_loops} loops a checkpoint trained with num_loops=1 (a Vanilla MoE, no iteration "
+            "conditioning): its layers were never trained to run repeatedly, so expect its quality to fall",
+            stacklevel=3,
+        )
+    elif num_loops > model.config.max_loops:
+        warnings.warn(
+            f"num_loops={num_loops} exceeds the checkpoint's max_loops={model.config.max_loops}: test-time depth "
+            f"beyond it runs (iteration encodings are sinusoidal), but it was trained at {trained}",
+            stacklevel=3,
+        )
     model.config.num_loops = num_loops
     try:
         yield

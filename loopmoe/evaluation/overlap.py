@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from loopmoe.data import load_shards
+from loopmoe.errors import DataError
+
 NGRAM = 13
 WARN_ABOVE = 0.01  # share of windows; natural held-out text is far below it
 CHUNK = 1 << 22
@@ -56,7 +59,7 @@ def ngram_overlap(rows: np.ndarray, train_tokens: np.ndarray) -> float:
     """Fraction of the ``NGRAM``-token windows of ``rows`` (``[n, S]``) that occur in ``train_tokens`` (1-D)."""
     held = np.concatenate([_window_hashes(np.asarray(row)) for row in rows])
     if held.size == 0:
-        raise ValueError(f"rows of fewer than {NGRAM} tokens have no {NGRAM}-token windows to compare")
+        raise DataError(f"rows of fewer than {NGRAM} tokens have no {NGRAM}-token windows to compare")
     wanted = np.unique(held)
     found = np.zeros(wanted.size, dtype=bool)
     for start in range(0, len(train_tokens), CHUNK):
@@ -70,7 +73,6 @@ def ngram_overlap(rows: np.ndarray, train_tokens: np.ndarray) -> float:
 
 def training_overlap(model_dir: str | Path, rows: np.ndarray, vocab_size: int) -> dict:
     """``{"ngram": NGRAM, "fraction": f or None, "shards": path or None, "note": why unknown}`` for ``rows``."""
-    from loopmoe.data import load_shards
 
     shards = training_shards(model_dir)
     if shards is None:

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loopmoe.data import load_shards
+from loopmoe.errors import ConfigError, DataError, MissingFileError
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -49,22 +52,20 @@ def read_heldout_tokens(source: str | Path, tokenizer, max_tokens: int | None = 
     and the UTF-8 size of the text they spell (decoded when the text itself is not at hand or was cut)."""
     source = Path(source)
     if source.is_dir():
-        from loopmoe.data import load_shards
-
         ids = np.asarray(load_shards(source).tokens("val"), dtype=np.int64)
         if ids.size == 0:
-            raise ValueError(f"shard folder {source} has an empty val split: prepare it with val_fraction > 0")
+            raise DataError(f"shard folder {source} has an empty val split: prepare it with val_fraction > 0")
     elif source.is_file():
         text = source.read_text(encoding="utf-8", errors="replace")  # universal newlines: CRLF files read as LF
         # verbose=False: a whole text is longer than model_max_length (the training length) on purpose;
         # it is scored in windows, so transformers' "longer than the maximum" warning is noise here.
         ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
         if ids.size == 0:
-            raise ValueError(f"held-out text {source} is empty (no tokens): pass a file with text in it")
+            raise DataError(f"held-out text {source} is empty (no tokens): pass a file with text in it")
         if not max_tokens or ids.size <= max_tokens:
             return ids, len(text.encode("utf-8"))
     else:
-        raise FileNotFoundError(f"held-out text {source} not found: pass a text file or a prepared shard folder")
+        raise MissingFileError(f"held-out text {source} not found: pass a text file or a prepared shard folder")
     ids = ids[:max_tokens] if max_tokens else ids
     return ids, len(tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False).encode("utf-8"))
 
@@ -75,7 +76,7 @@ def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
     Position 0 is context only; every other position is a target in exactly one window.
     """
     if not 0 < stride <= window - 1:
-        raise ValueError(f"need 0 < stride < window, got stride={stride}, window={window}")
+        raise ConfigError(f"need 0 < stride < window, got stride={stride}, window={window}")
     spans, scored_to = [], 1
     begin = 0
     while scored_to < n:
@@ -132,7 +133,7 @@ def evaluate_perplexity(
     ids, n_bytes = read_heldout_tokens(source, tokenizer, max_tokens)
     prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     if prefix is None:
-        raise ValueError("the tokenizer has neither an EOS nor a BOS token to start the held-out stream with")
+        raise DataError("the tokenizer has neither an EOS nor a BOS token to start the held-out stream with")
     stream = torch.from_numpy(np.concatenate([[prefix], ids]))
     nll, count = sliding_window_nll(
         model, stream, window=window, stride=stride, batch_size=batch_size, num_loops=num_loops

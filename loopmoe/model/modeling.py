@@ -39,6 +39,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from loopmoe.config import SANDWICH_ATTN_GAIN, SANDWICH_FFN_GAIN, LoopMoEConfig
+from loopmoe.errors import ConfigError
 from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLinear
 from loopmoe.model.kernels.cross_entropy import linear_cross_entropy
 from loopmoe.model.layers import Attention, Linear, RMSNorm, RotaryEmbedding
@@ -127,7 +128,7 @@ def refuse_attention_weights(output_attentions: bool | None, config: LoopMoEConf
     """``output_attentions=True`` (or the config's switch) is an error, not silently ignored: the fused
     attention kernels never form the weights (see ``LoopMoEPreTrainedModel.get_correct_attn_implementation``)."""
     if output_attentions or (output_attentions is None and getattr(config, "output_attentions", False)):
-        raise ValueError(
+        raise ConfigError(
             "LoopMoE cannot return attention weights (output_attentions=True): its attention is a fused kernel "
             "(SDPA, flash or flex) that never materialises them; use output_hidden_states=True or router_stats "
             "for per-layer analysis"
@@ -151,7 +152,7 @@ class LoopMoEPreTrainedModel(PreTrainedModel):
         kernel (SDPA, flash, flex) that never forms the attention weights, so ``eager`` could only be SDPA
         under another name and ``output_attentions=True`` would have nothing to return."""
         if requested_attention is not None and requested_attention.removeprefix("paged|") == "eager":
-            raise ValueError(
+            raise ConfigError(
                 "LoopMoE has no eager attention (it never materialises the attention weights): use "
                 'attn_implementation="sdpa" (the default), "flash_attention_2" or "flex_attention"'
             )
@@ -276,7 +277,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         cfg = self.config
         refuse_attention_weights(kwargs.get("output_attentions"), cfg)
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+            raise ConfigError("Pass exactly one of input_ids or inputs_embeds.")
         num_loops = cfg.num_loops if num_loops is None else num_loops
         cfg.check_num_loops(num_loops)
         use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
@@ -292,7 +293,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         fixed = past_key_values is not None and not isinstance(past_key_values, DynamicCache)
         slots = len(getattr(past_key_values, "layers", ())) if fixed else None
         if slots is not None and slots < cfg.executed_depth(num_loops):
-            raise ValueError(
+            raise ConfigError(
                 f"the KV cache ({type(past_key_values).__name__}) has {slots} layer slots, sized for "
                 f"num_loops={cfg.num_loops}, but num_loops={num_loops} runs {cfg.executed_depth(num_loops)} layers: "
                 "generate with the default dynamic cache (drop cache_implementation='static') for test-time depth, "
@@ -396,7 +397,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         if skip_logits is None:
             skip_logits = self.training and labels is not None
         if skip_logits and labels is None:
-            raise ValueError("skip_logits=True needs labels: without them the logits are the only output.")
+            raise ConfigError("skip_logits=True needs labels: without them the logits are the only output.")
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -430,6 +431,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
                 kwargs.get("num_items_in_batch"),
                 kwargs.get("ignore_index", -100),
                 kwargs.get("shift_labels"),
+                kwargs.get("loss_chunk_bytes"),  # the planner's tracer sizes a GPU's chunks on the CPU
             )
         elif labels is not None:
             lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)

@@ -1,12 +1,12 @@
 """Dropless sparse MoE feed-forward: router, SwiGLU experts, shared experts, balancing losses.
 
 With ``expert_type = "dcca"`` (BigMac's descend-communicate-communicate-ascend layer) the experts
-work at a width r below the model width d: a descending projection ``d -> r`` runs once per token
-before dispatch, the experts are SwiGLUs ``r -> f -> r``, the k expert outputs are combined at width
-r, and an ascending projection ``r -> d`` runs once per token after the combine. The router (on the
-full-width x by default) and the shared experts (always on x) are unchanged. Everything between the
-two projections (sorting, the expert kernels, the permutations, the combine) is the same code at
-width r.
+work at a width d_e below the model width d: a descending projection ``d -> d_e`` runs once per token
+before dispatch, the experts are SwiGLUs ``d_e -> f -> d_e``, the k expert outputs are combined at
+width d_e, and an ascending projection ``d_e -> d`` runs once per token after the combine. The router
+(on the full-width x by default) and the shared experts (always on x) are unchanged. Everything
+between the two projections (sorting, the expert kernels, the permutations, the combine) is the same
+code at width d_e.
 
 Dispatch sorts the (token, expert) assignments by expert so that each expert sees one
 contiguous block of rows, runs the experts on those blocks (``kernels.experts``: one grouped GEMM
@@ -100,7 +100,7 @@ class TopKRouter(nn.Module):
         self.track_counts = config.router_bias_update_rate > 0  # counts feed the bias updates only
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: [N, d] (or [N, r]: a DCCA router on the descended vector) -> logits [N, E], normalised
+        # x: [N, d] (or [N, d_e]: a DCCA router on the descended vector) -> logits [N, E], normalised
         # scores [N, E], top-k weights [N, k], top-k ids [N, k]
         logits = linear(x, self.weight)
         if self.score == "softmax":
@@ -142,7 +142,7 @@ class SwiGLU(nn.Module):
 class Experts(nn.Module):
     """E SwiGLU experts stored as 3-D weights, applied to rows already sorted by expert.
 
-    The rows are ``w`` wide: the model width d, or the DCCA width r (``loopmoe.config.expert_width``).
+    The rows are ``w`` wide: the model width d, or the DCCA width d_e (``loopmoe.config.expert_width``).
     """
 
     def __init__(self, config: LoopMoEConfig):
@@ -167,7 +167,7 @@ class Experts(nn.Module):
 class SparseMoE(nn.Module):
     """Router + dropless experts (+ shared experts). Returns the output and its ``RouterStats``.
 
-    A DCCA layer (``expert_type = "dcca"``) also holds ``descend: [r, d]`` and ``ascend: [d, r]``
+    A DCCA layer (``expert_type = "dcca"``) also holds ``descend: [d_e, d]`` and ``ascend: [d, d_e]``
     around its experts; elsewhere both are None.
     """
 

@@ -5,10 +5,10 @@ backward on one micro-batch of ``N`` tokens under fake tensors (real shapes, no 
 what every executed (iteration, layer) slot dispatches; each part is then charged on the
 hardware profile:
 
-- every matmul at its own shape, forward and backward (``Hardware.gemm_seconds``: measured on a
+- every matmul at its own shape, forward and backward (``kernel_timing.gemm_seconds``: measured on a
   CPU, the roofline's compute side with a GEMM-efficiency curve on an accelerator); the expert
   kernel's per-group matmuls for balanced routing (``N k ep / E`` rows per local expert);
-- every fused-attention call at its shape (``Hardware.attention_seconds``);
+- every fused-attention call at its shape (``kernel_timing.attention_seconds``);
 - every other computing op's bytes (inputs + outputs) at the memory bandwidth, and the elements
   of exp / log / softmax / SiLU-family ops at ``Hardware.transcendental_s`` each (the roofline's
   memory side, and a CPU's slower transcendental math);
@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, astuple, dataclass
 
+from loopmoe import hardware
 from loopmoe.budget import ConfigLike, compute_budget
 from loopmoe.planning.comm import CommPlan, plan_comm
 from loopmoe.planning.hardware import Hardware, attention_flops
+from loopmoe.planning.kernel_timing import attention_seconds, gemm_seconds
 from loopmoe.planning.layout import Layout
 from loopmoe.planning.memory import DTYPE_BYTES, MemoryPlan, checkpointed_slots, param_split, plan_memory
 from loopmoe.planning.trace import PhaseTally, Tally, expert_kernel, optimizer_tally, step_tally
@@ -57,8 +59,8 @@ class PartTime:
 
 def tally_time(t: Tally, hw: Hardware, dtype: str, backward: bool) -> PartTime:
     """What ``hw`` spends on one traced tally (traced in fp32: element-wise bytes scale to ``dtype``)."""
-    gemm = sum(c * hw.gemm_seconds(m, n, k, dtype) for (m, n, k), c in t.gemms.items())
-    attention = sum(c * hw.attention_seconds(shape, backward, dtype) for shape, c in t.attention.items())
+    gemm = sum(c * gemm_seconds(hw, m, n, k, dtype) for (m, n, k), c in t.gemms.items())
+    attention = sum(c * attention_seconds(hw, shape, backward, dtype) for shape, c in t.attention.items())
     scores = sum(c * attention_flops(shape, backward) for shape, c in t.attention.items())
     scale = DTYPE_BYTES[dtype] / 4
     return PartTime(
@@ -171,7 +173,7 @@ class StepPlan:
     step_time: float
     exposed_comm: float
     tokens_per_s: float  # over all devices
-    mfu: float  # model FLOPs (3 x forward, no recomputation) / (peak x devices)
+    mfu: float  # loopmoe.hardware.mfu: model FLOPs (3 x forward, no recomputation) / (peak x devices)
     fits: bool
     total_params: int
     active_params: int
@@ -207,7 +209,9 @@ def plan_step(cfg: ConfigLike, layout: Layout, hw: Hardware) -> StepPlan:
     step = compute.total + exposed
     budget = compute_budget(cfg, layout.seq_len)
     tps = layout.tokens_per_step / step
-    mfu = 3 * budget.flops_per_token * tps / (hw.peak(layout.dtype) * layout.devices)
+    mfu = hardware.mfu(
+        tps, hardware.model_flops_per_token(budget.flops_per_token), hw.peak(layout.dtype) * layout.devices
+    )
     return StepPlan(
         layout=layout,
         hardware=hw.name,

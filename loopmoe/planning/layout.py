@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from loopmoe.errors import ConfigError
 from loopmoe.training.config import RunConfig
 
 Strategy = Literal["ddp", "fsdp2"]
@@ -33,9 +34,11 @@ class Layout:
     def __post_init__(self) -> None:
         for name in ("devices", "ep", "micro_batch", "seq_len", "grad_accum", "ac_every", "threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"layout: {name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"layout: {name} must be >= 1, got {getattr(self, name)}")
         if self.devices % self.ep:
-            raise ValueError(f"layout: the expert-parallel degree ({self.ep}) must divide the devices ({self.devices})")
+            raise ConfigError(
+                f"layout: the expert-parallel degree ({self.ep}) must divide the devices ({self.devices})"
+            )
 
     @property
     def tokens_per_micro_batch(self) -> int:

@@ -1,6 +1,6 @@
 """Memory per device of one training step: parameters, gradients, optimizer state, activations.
 
-Parameter counts come from ``loopmoe.budget`` (exact). Activations are what autograd saves per
+Parameter counts come from ``loopmoe.budget`` (exact; a layer's are ``budget.layer_params``). Activations are what autograd saves per
 executed slot, per token, in elements (read off the model's saved tensors; the tests check the
 formula against ``saved_tensors_hooks`` on real models)::
 
@@ -18,7 +18,7 @@ The peak is the largest of three moments (the trainer frees gradients after each
 
 - the end of forward: parameters + optimizer state (+ buffers) + every saved activation + the
   fused LM-head loss's chunk of fp32 logits and their softmax (``2 x min(chunk, N V) x 4`` bytes;
-  the chunk is ``kernels.cross_entropy.DEFAULT_CHUNK_BYTES``, 8 MiB on a CPU);
+  the chunk is ``trace.loss_chunk_bytes``, 8 MiB on a CPU);
 
 - the start of backward: parameters + optimizer state (+ DDP buckets, FSDP2's gathered weights)
   + every saved activation + the gradients of the layers whose backward comes first (the whole
@@ -33,11 +33,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from loopmoe.budget import ConfigLike, compute_budget, global_params, layer_shapes
+from loopmoe.budget import ConfigLike, compute_budget, global_params, layer_params, layer_shapes
 from loopmoe.config import ExpertType, IterConditioning, expert_width, router_width
-from loopmoe.model.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
+from loopmoe.planning.trace import loss_chunk_bytes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 ADAMW_STATES = 2  # exp_avg, exp_avg_sq, fp32
@@ -55,23 +55,17 @@ class ParamSplit:
 
 
 def param_split(cfg: ConfigLike, seq_len: int) -> ParamSplit:
-    total = compute_budget(cfg, seq_len).total_params
+    """The model's parameters by sharding unit, each layer counted by ``budget.layer_params`` (the
+    budget's own count, DCCA's projections and IterAdaLN's modulation included)."""
     plain, core = layer_shapes(cfg, core=False), layer_shapes(cfg, core=True)
-
-    def layer(s) -> int:
-        return (
-            s.attention
-            + s.attention_norms
-            + s.layer_norms
-            + cfg.num_experts * s.expert
-            + s.shared
-            + s.router
-            + s.modulation_token
-            + s.modulation_out
-        )
-
-    experts = cfg.num_experts * plain.expert * cfg.unique_layers
-    return ParamSplit(total, experts, layer(core), layer(plain), global_params(cfg))
+    E = cfg.num_experts
+    return ParamSplit(
+        total=compute_budget(cfg, seq_len).total_params,
+        experts=E * plain.expert * cfg.unique_layers,
+        layer_core=layer_params(core, E),
+        layer_plain=layer_params(plain, E),
+        globals=global_params(cfg),
+    )
 
 
 def slot_activation_elements(cfg: ConfigLike, core: bool) -> int:
@@ -174,7 +168,7 @@ def plan_memory(cfg: ConfigLike, layout: Layout, hw: Hardware) -> MemoryPlan:
     grads_at_backward = 4 * first / (shard if layout.sharded else 1)
     backward = params + optimizer + comm + activations + workspace + grads_at_backward
     # The end of forward: the fused LM-head loss holds one chunk of fp32 logits and their softmax.
-    rows = max(1, DEFAULT_CHUNK_BYTES[hw.device_type] // (4 * cfg.vocab_size))
+    rows = max(1, loss_chunk_bytes(hw.device_type) // (4 * cfg.vocab_size))
     loss_workspace = 2 * 4 * min(rows, N) * cfg.vocab_size
     forward_end = params + optimizer + comm + activations + loss_workspace
     workspace = max(workspace + grads_at_backward, loss_workspace)

@@ -3,9 +3,10 @@
 Shapes. Vanilla MoE references whose total parameters match the target: width ``d`` (heads of
 128, GQA groups of 4), layer count ``L``, expert count ``E`` and top-``k`` from small grids, the
 expert size ``f`` solved so that ``loopmoe.budget``'s total hits the target (rounded to 64). For every
-loop count ``T > 1`` that divides ``L``, the reference's LoopMoE is derived with
-``loopmoe.balance.balance`` (capacity balancing: the same total parameters, FLOPs per token and
-attention-to-FFN ratio); references it cannot balance are dropped for that ``T``. So every shape
+loop count ``T > 1`` that divides ``L``, the reference's LoopMoE is derived by
+``loopmoe.balance.BalanceOptions.derive``, as ``loopmoe budget`` and ``loopmoe compare`` derive it
+(capacity balancing: the same total parameters, FLOPs per token and attention-to-FFN ratio; at 1B+
+parameters on the hardware grid); references it cannot balance are dropped for that ``T``. So every shape
 has the target's total parameters, and each looped one the FLOPs per token of its reference.
 
 Layouts. For each shape: DDP or FSDP2 (with and without ``reshard_after_forward`` for the core),
@@ -26,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopmoe.balance import balance
+from loopmoe.atomic import save_figure
+from loopmoe.balance import BalanceOptions
 from loopmoe.budget import compute_budget
-from loopmoe.config import LoopMoEConfig
+from loopmoe.config import LoopMoEConfig, layers_text
+from loopmoe.console import Progress
 from loopmoe.planning.cost import StepPlan, plan_step
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
@@ -55,7 +58,7 @@ class Candidate:
         return {
             "num_loops": c.num_loops,
             "hidden_size": c.hidden_size,
-            "layers": f"{c.num_prelude_layers}+{c.num_core_layers}x{c.num_loops}+{c.num_coda_layers}",
+            "layers": layers_text(c),
             "heads": f"{c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim}",
             "experts": f"{c.num_experts_per_tok}/{c.num_experts}x{c.moe_intermediate_size}",
             "total_params": p.total_params,
@@ -98,8 +101,12 @@ def reference_shapes(total_params: float, seq_len: int, vocab_size: int = 32000)
     return out
 
 
-def shapes(total_params: float, loops: tuple[int, ...], seq_len: int) -> list[tuple[LoopMoEConfig, LoopMoEConfig]]:
-    """(config, its Vanilla reference) for every reference and loop count that balances."""
+def shapes(
+    total_params: float, loops: tuple[int, ...], seq_len: int, balancing: BalanceOptions | None = None
+) -> list[tuple[LoopMoEConfig, LoopMoEConfig]]:
+    """(config, its Vanilla reference) for every reference and loop count that balances under
+    ``balancing`` (default: ``loopmoe budget``'s defaults)."""
+    balancing = balancing or BalanceOptions()
     out = []
     for ref in reference_shapes(total_params, seq_len):
         for T in loops:
@@ -109,7 +116,7 @@ def shapes(total_params: float, loops: tuple[int, ...], seq_len: int) -> list[tu
             if ref.num_core_layers % T:
                 continue
             try:
-                out.append((balance(ref, T, seq_len=seq_len).looped, ref))
+                out.append((balancing.derive(ref, T, seq_len=seq_len).looped, ref))
             except ValueError:
                 continue  # no balanced LoopMoE at this T: the reference stays Vanilla-only
     return out
@@ -150,14 +157,14 @@ def search(
     global_batch_tokens: int = 2**22,
     flops_per_token: float | None = None,
     progress: bool = False,
+    balancing: BalanceOptions | None = None,
 ) -> list[Candidate]:
     """Every balanced shape with its fastest fitting layout, fastest first (``progress``: a bar on
-    stderr, one trace of each shape per micro-batch takes a fraction of a second)."""
-    from loopmoe.console import Progress
-
+    stderr, one trace of each shape per micro-batch takes a fraction of a second; ``balancing``: how
+    looped shapes are derived, ``shapes``)."""
     dtype = "bf16" if hw.device_type != "cpu" else "fp32"
     found = []
-    candidates = shapes(total_params, loops, seq_len)
+    candidates = shapes(total_params, loops, seq_len, balancing)
     with Progress("simulating shapes", unit="shape", enabled=progress) as bar:
         for cfg, ref in candidates:
             bar.update(1)
@@ -179,8 +186,6 @@ def pareto_plot(candidates: list[Candidate], path: str | Path, title: str) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from loopmoe.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     loops = sorted({c.config.num_loops for c in candidates})

@@ -36,13 +36,20 @@ bytes per parameter do not depend on the width.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
 from loopmoe.budget import ConfigLike
 from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig, expert_width
+from loopmoe.model import LoopMoEForCausalLM
+from loopmoe.model.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
+from loopmoe.training.trainer import Trainer
 
 Shape = tuple[int, ...]
 
@@ -204,28 +211,14 @@ def _name(func) -> str:
     return func.overloadpacket.__name__
 
 
-@contextlib.contextmanager
-def _loss_chunks_of(device_type: str):
-    """Fake tensors live on the CPU: give the fused loss the row chunks it takes on ``device_type``
-    (on a CPU, chunks that fit the cache, thousands of them for a large vocabulary; on a GPU, one)."""
-    from loopmoe.model.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
-
-    saved = DEFAULT_CHUNK_BYTES["cpu"]
-    DEFAULT_CHUNK_BYTES["cpu"] = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
-    try:
-        yield
-    finally:
-        DEFAULT_CHUNK_BYTES["cpu"] = saved
+def loss_chunk_bytes(device_type: str) -> int:
+    """The fused LM-head loss's chunk of fp32 logits on ``device_type``, as the model picks it there
+    (``kernels.cross_entropy.DEFAULT_CHUNK_BYTES``; on a CPU, chunks that fit the cache, thousands of
+    them for a large vocabulary; on a GPU, one)."""
+    return DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
 
 
 def _trace(cfg: LoopMoEConfig, micro_batch: int, seq_len: int, device_type: str) -> PhaseTally:
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    from loopmoe.model import LoopMoEForCausalLM
-
     phases = {"forward": Tally(), "backward": Tally()}
 
     def nbytes(x) -> int:
@@ -255,11 +248,13 @@ def _trace(cfg: LoopMoEConfig, micro_batch: int, seq_len: int, device_type: str)
                     t.transcendental += sum(x.numel() for x in tree_leaves(out) if isinstance(x, torch.Tensor))
             return out
 
-    with FakeTensorMode(allow_non_fake_inputs=True), _loss_chunks_of(device_type):
+    # Fake tensors live on the CPU: the fused loss is told the row chunks it takes on ``device_type``.
+    chunk = loss_chunk_bytes(device_type)
+    with FakeTensorMode(allow_non_fake_inputs=True):
         model = LoopMoEForCausalLM(cfg).train()  # (fake initialisation: no random numbers drawn)
         ids = torch.zeros(micro_batch, seq_len, dtype=torch.long)
         with Tallying():
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, loss_chunk_bytes=chunk).loss
             loss.backward()
     return PhaseTally(phases["forward"], phases["backward"])
 
@@ -332,11 +327,6 @@ def tiny_trainer(layers: int, update_guard: bool = True, wrap=None):
     """A real tiny model (width 32) with its ``Trainer``, one step in (optimizer state exists, as in a
     long run), and its batch: for what does not depend on the width (ops per step). ``wrap``: applied
     to the model before the optimizer is built (a parallelism wrapper)."""
-    import torch
-
-    from loopmoe.model import LoopMoEForCausalLM
-    from loopmoe.training.trainer import Trainer
-
     cfg = LoopMoEConfig(
         vocab_size=64,
         hidden_size=32,
@@ -375,10 +365,6 @@ def tiny_trainer(layers: int, update_guard: bool = True, wrap=None):
 
 
 def _trace_optimizer(layers: int, update_guard: bool) -> tuple[tuple[int, int], int]:
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
     model, trainer, ids = tiny_trainer(layers, update_guard)
     counts = [0, 0]
     in_model = [False]

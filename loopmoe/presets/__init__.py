@@ -7,14 +7,16 @@ file (flat, or with a ``[model]`` table), a JSON config, or a checkpoint directo
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from importlib import resources
 from pathlib import Path
 
 from loopmoe.config import ARCHITECTURE_FIELDS, CONFIG_FIELDS, LoopMoEConfig
+from loopmoe.convert import loopmoe_config_from_qwen3_moe
+from loopmoe.errors import ConfigError, MissingFileError
 from loopmoe.text import suggest
+from loopmoe.trust import read_json, read_toml
 
 PRESET_META_KEYS = ("description", "paper_scale")
 
@@ -37,7 +39,7 @@ PRESET_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 def _preset_table(name: str) -> dict:
     if not PRESET_NAME.fullmatch(name):
-        raise ValueError(
+        raise ConfigError(
             f"invalid preset name {name!r}: a preset name is a name ([A-Za-z0-9_-]+), not a path "
             f"(available: {', '.join(list_presets())}); pass a model config file as a path ending in .toml or .json"
         )
@@ -45,7 +47,7 @@ def _preset_table(name: str) -> dict:
     if not entry.is_file():
         names = list(list_presets())
         hint = suggest(name, names)
-        raise ValueError(f"unknown preset {name!r} (available: {', '.join(names)}){f'; {hint}' if hint else ''}")
+        raise ConfigError(f"unknown preset {name!r} (available: {', '.join(names)}){f'; {hint}' if hint else ''}")
     return tomllib.loads(entry.read_text())
 
 
@@ -55,7 +57,7 @@ def config_from_table(table: dict, source: str) -> LoopMoEConfig:
     unknown = sorted(set(table) - set(CONFIG_FIELDS))
     if unknown:
         hints = [f"{k!r} ({hint})" if (hint := suggest(k, CONFIG_FIELDS)) else repr(k) for k in unknown]
-        raise ValueError(
+        raise ConfigError(
             f"{source}: unknown model field(s) {', '.join(hints)}; valid fields are the arguments of LoopMoEConfig"
         )
     return LoopMoEConfig(**table)
@@ -76,24 +78,22 @@ def load_model_config(spec: str | Path, **overrides) -> LoopMoEConfig:
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{spec} is a directory without config.json: pass a checkpoint directory")
+            raise MissingFileError(f"{spec} is a directory without config.json: pass a checkpoint directory")
     if path.suffix == ".toml" and path.is_file():
-        table = tomllib.loads(path.read_text())
+        table = read_toml(path)
         table = table.get("model", table)
         preset = table.pop("preset", None)
         base = _preset_table(preset) if preset else {}
         return config_from_table({**base, **table, **overrides}, str(path))
     if path.suffix == ".json" and path.is_file():
-        data = json.loads(path.read_text())
+        data = read_json(path, ConfigError, "pass a model config.json")
         if data.get("model_type") == "qwen3_moe":
-            from loopmoe.convert import loopmoe_config_from_qwen3_moe
-
             return loopmoe_config_from_qwen3_moe({**data, **overrides})
         if data.get("model_type") not in (None, LoopMoEConfig.model_type):
-            raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not a LoopMoE or Qwen3-MoE config")
+            raise ConfigError(f"{path}: model_type {data.get('model_type')!r} is not a LoopMoE or Qwen3-MoE config")
         return config_from_table(
             {k: v for k, v in {**data, **overrides}.items() if k in ARCHITECTURE_FIELDS}, str(path)
         )
     if path.suffix in (".toml", ".json"):
-        raise FileNotFoundError(f"model config file {path} not found")
+        raise MissingFileError(f"model config file {path} not found")
     return get_preset(str(spec), **overrides)

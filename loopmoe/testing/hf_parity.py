@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loopmoe.convert.qwen3_moe import convert_qwen3_moe
+from loopmoe.model import LoopMoEForCausalLM
+
 if TYPE_CHECKING:
     from transformers import Qwen3MoeForCausalLM
-
-    from loopmoe.model import LoopMoEForCausalLM
 
 # The tiny Qwen3-MoE of the reference benchmark script (same shape as the "bench" preset).
 QWEN_CONFIG: dict[str, Any] = dict(
@@ -77,9 +78,6 @@ def ours_from_qwen(qwen: Qwen3MoeForCausalLM, **config_overrides: Any) -> LoopMo
 
     ``config_overrides`` go to ``LoopMoEForCausalLM.from_pretrained``.
     """
-    from loopmoe.convert.qwen3_moe import convert_qwen3_moe
-    from loopmoe.model import LoopMoEForCausalLM
-
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "qwen", Path(tmp) / "loopmoe"
         qwen.save_pretrained(src)

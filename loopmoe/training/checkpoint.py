@@ -5,7 +5,8 @@ Layout of `<run>/checkpoints/step_0000100/`:
   dcp/                    several processes: torch.distributed.checkpoint (sharded, any strategy)
   scheduler.pt            LambdaLR state
   rank_00000.pt           per-rank RNG states and data-loader position
-  meta.json               step, tokens seen, skipped steps, world size, resolved run config
+  meta.json               `CheckpointMeta`: step, tokens seen, skipped steps, world size, resolved run
+                          config, data fingerprints
   COMPLETE                JSON manifest {file: sha256}; written last, after fsync
 
 A checkpoint is written into `step_XXXXXXX.tmp-<pid>/` and renamed only once `COMPLETE` exists, so a
@@ -33,7 +34,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,10 +51,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from loopmoe.atomic import publish_directory
-from loopmoe.distributed.env import all_gather_object, barrier, broadcast_object, is_distributed
+from loopmoe.distributed.env import all_gather_object, barrier, broadcast_object, collective_stage, is_distributed
 from loopmoe.distributed.expert_parallel import global_expert_views
 from loopmoe.distributed.parallelize import unwrap
-from loopmoe.errors import UserFacingError
+from loopmoe.errors import CheckpointError, RunError
 from loopmoe.training.safe_dcp import safe_dcp_load
 
 MARKER = "COMPLETE"
@@ -64,16 +65,60 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint directory is incomplete, fails its checksums, or cannot be read."""
 
 
-class UnverifiableCheckpointsError(UserFacingError, RuntimeError):
+class UnverifiableCheckpointsError(CheckpointError, RuntimeError):
     """Checkpoints exist but none verifies: resuming would silently throw the run away."""
+
+
+class UnloadableCheckpointError(CheckpointError, RuntimeError):
+    """A multi-process checkpoint that verifies but that some rank cannot read: every rank refuses it."""
 
 
 class WorldSizeMismatchError(ValueError):
     """The newest checkpoint was written by a different number of processes than this run has."""
 
 
-class CheckpointDiskFullError(UserFacingError, OSError):
+class CheckpointDiskFullError(RunError, OSError):
     """The disk filled up while a checkpoint was written; the previous checkpoints are intact."""
+
+
+_META_FIELDS = ("step", "tokens", "skipped_steps")  # what resuming reads from meta.json
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's ``meta.json``: where the run stood, and what it was trained with.
+
+    ``config`` is the run config the steps up to ``step`` were trained with (``RunConfig.to_dict()``),
+    ``data`` the fingerprints of their data (``PreparedData.fingerprints``; None with a data factory
+    that has none). On disk: one JSON object with these keys (``config`` and ``data`` left out when None).
+    """
+
+    step: int
+    tokens: int
+    skipped_steps: int
+    world_size: int = 1
+    config: dict[str, Any] | None = None
+    data: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: Path) -> CheckpointMeta:
+        """Read ``raw`` (the parsed ``where``); CorruptCheckpointError unless it is a checkpoint's metadata."""
+        if not isinstance(raw, dict) or not all(isinstance(raw.get(k), int) for k in _META_FIELDS):
+            raise CorruptCheckpointError(
+                f"{where} is not a checkpoint's metadata (a JSON object with whole numbers {', '.join(_META_FIELDS)})"
+            )
+        config, data = raw.get("config"), raw.get("data")
+        return cls(
+            step=raw["step"],
+            tokens=raw["tokens"],
+            skipped_steps=raw["skipped_steps"],
+            world_size=int(raw.get("world_size", 1)),
+            config=config if isinstance(config, dict) else None,
+            data=data if isinstance(data, dict) and data else None,
+        )
 
 
 @dataclass
@@ -81,7 +126,7 @@ class ResumeState:
     """What a checkpoint gives back besides the weights it loads in place."""
 
     path: Path
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     loader_state: Any
 
 
@@ -157,9 +202,6 @@ def verify(path: Path) -> None:
             raise CorruptCheckpointError(f"{path}: checksum mismatch for {rel}")
 
 
-_META_FIELDS = ("step", "tokens", "skipped_steps")  # what resuming reads from meta.json
-
-
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Finished checkpoint directories (by name) in `root`, oldest first; `.tmp` dirs excluded."""
     if not root.is_dir():
@@ -168,7 +210,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def peek_latest_meta(root: Path) -> tuple[Path, dict[str, Any]] | None:
+def peek_latest_meta(root: Path) -> tuple[Path, CheckpointMeta] | None:
     """The newest checkpoint in ``root`` whose meta.json reads, and that meta, without loading,
     verifying or changing anything else: what resume checks look at before they touch data or state."""
     for _, path in reversed(list_checkpoints(root)):
@@ -194,18 +236,18 @@ class CheckpointManager:
     # ------------------------------------------------------------ save
     def save(
         self,
-        step: int,
+        meta: CheckpointMeta,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         loader_state: Any,
-        meta: dict[str, Any],
     ) -> Path:
-        """Write checkpoint `step` atomically, then prune to the last `keep_last`. All ranks call it."""
+        """Write checkpoint ``meta.step`` atomically, then prune to the last `keep_last`. All ranks call it."""
+        step = meta.step
         final = self.root / f"step_{step:07d}"
         tmp = Path(cast(str, broadcast_object(str(self.root / f"step_{step:07d}.tmp-{os.getpid()}"))))
         try:
-            self._write(step, tmp, final, model, optimizer, scheduler, loader_state, meta)
+            self._write(meta, tmp, final, model, optimizer, scheduler, loader_state)
         except (OSError, RuntimeError) as e:
             full = _disk_full_error(e, self.root, step, self._last_size)
             if self.rank == 0:
@@ -220,15 +262,15 @@ class CheckpointManager:
 
     def _write(
         self,
-        step: int,
+        meta: CheckpointMeta,
         tmp: Path,
         final: Path,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         loader_state: Any,
-        meta: dict[str, Any],
     ) -> None:
+        step = meta.step
         if self.rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -245,7 +287,7 @@ class CheckpointManager:
             torch.save({"rng": capture_rng(), "loader": _weights_only_safe(loader_state)}, rank_file)
             if self.rank == 0:
                 torch.save(_scheduler_state(scheduler), tmp / "scheduler.pt")
-                (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+                (tmp / "meta.json").write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True))
         except CheckpointException as e:  # DCP's error, raised on every rank: the failing rank's own cause
             error = _dcp_cause(e)
         except (OSError, RuntimeError) as e:
@@ -275,7 +317,7 @@ class CheckpointManager:
             except CorruptCheckpointError as e:
                 aside = self._reject([final])
                 warnings.warn(f"moved checkpoint {final.name}, which does not verify ({e}), into {aside}", stacklevel=3)
-        publish_directory(tmp, final)
+        publish_directory(tmp, final, legacy_marker=MARKER)  # checkpoints written before the marker
 
     def _is_verified(self, path: Path) -> bool:
         if path in self._verified:
@@ -332,25 +374,33 @@ class CheckpointManager:
         """Newest checkpoint passing `verify`; skipped ones raise a warning. Decided on rank 0."""
         choice: str | None = None
         error: str | None = None
-        if self.rank == 0:
-            failures: list[tuple[Path, str]] = []
-            for _, path in reversed(list_checkpoints(self.root)):
-                try:
-                    verify(path)
-                    _read_meta(path)
-                except CorruptCheckpointError as e:
-                    warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-                    failures.append((path, str(e)))
-                    continue
-                choice = str(path)
-                self._verified.add(path)
-                break
-            if choice is None and failures:
-                error = _none_verifies(self.root, failures)
+        with collective_stage("verifying the checkpoints"):  # rank 0 reads; an OSError there stops every rank
+            if self.rank == 0:
+                choice, error = self._newest_verified()
         choice, error = broadcast_object((choice, error))  # type: ignore[misc]
         if error is not None:
             raise UnverifiableCheckpointsError(error)
         return Path(choice) if choice else None
+
+    def _newest_verified(self) -> tuple[str | None, str | None]:
+        """(newest checkpoint that verifies, or None; the error to raise when none does, or None)."""
+        choice: str | None = None
+        error: str | None = None
+        failures: list[tuple[Path, str]] = []
+        for _, path in reversed(list_checkpoints(self.root)):
+            try:
+                verify(path)
+                _read_meta(path)
+            except CorruptCheckpointError as e:
+                warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+                failures.append((path, str(e)))
+                continue
+            choice = str(path)
+            self._verified.add(path)
+            break
+        if choice is None and failures:
+            error = _none_verifies(self.root, failures)
+        return choice, error
 
     def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> ResumeState | None:
         """Restore from the newest loadable checkpoint, falling back past unreadable ones.
@@ -390,20 +440,33 @@ class CheckpointManager:
         to their new share, see ``TokenBatchLoader.load_state_dict``) and keeps the RNG streams it was
         seeded with (``seed + rank``, as a fresh run at this layout; training draws no random numbers).
         """
-        meta = _read_meta(path)
-        if not (path / "dcp").is_dir():
-            _check_world_size(path, meta, torch.distributed.get_world_size())
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        # Each rank's own files first, before any collective: a rank that cannot read its file stops
+        # every rank here (with its message), instead of leaving the others waiting in DCP or DDP.
+        with collective_stage(f"loading checkpoint {path.name}"):
+            try:
+                meta = _read_meta(path)
+                if not (path / "dcp").is_dir():
+                    _check_world_size(path, meta, world)
+                scheduler_state = _read(path, "scheduler.pt")
+                rank_file = f"rank_{self.rank:05d}.pt" if meta.world_size == world else "rank_00000.pt"
+                rank_state = _read(path, rank_file)
+                if not isinstance(rank_state, dict) or not {"rng", "loader"} <= rank_state.keys():
+                    raise CorruptCheckpointError(f"{path / rank_file} does not hold 'rng' and 'loader'")
+            except CorruptCheckpointError as e:  # it verified, yet cannot be read (resealed by hand): refused
+                if not is_distributed():
+                    raise  # one process falls back to the previous checkpoint (load_latest)
+                raise UnloadableCheckpointError(
+                    f"cannot resume from {path}: {e}. Move that checkpoint out of {path.parent} to resume from "
+                    "the previous one, or pass --restart to start again (the run is moved aside, not deleted)"
+                ) from e
         state, model_state, optim_state = _dcp_state(model, optimizer)
         safe_dcp_load(state, path / "dcp")  # in place, into the tensors of model_state / optim_state
         set_model_state_dict(model, model_state)
         set_optimizer_state_dict(model, optimizer, optim_state)
-        scheduler.load_state_dict(_read(path, "scheduler.pt"))
-        world = torch.distributed.get_world_size() if is_distributed() else 1
-        if int(meta.get("world_size", 1)) == world:
-            rank_state = _read(path, f"rank_{self.rank:05d}.pt")
+        scheduler.load_state_dict(scheduler_state)
+        if meta.world_size == world:
             restore_rng(rank_state["rng"])
-        else:
-            rank_state = _read(path, "rank_00000.pt")
         return ResumeState(path, meta, rank_state["loader"])
 
 
@@ -431,10 +494,10 @@ def _dcp_cause(e: CheckpointException) -> OSError | RuntimeError:
     return RuntimeError(str(e))
 
 
-def _check_world_size(path: Path, meta: Mapping[str, Any], world: int) -> None:
+def _check_world_size(path: Path, meta: CheckpointMeta, world: int) -> None:
     """Refuse (never skip) a single-process checkpoint (plain state dicts, not DCP) in a run of
     several processes: re-run it in one process, where it resumes."""
-    written = int(meta.get("world_size", 1))
+    written = meta.world_size
     if written == world:
         return
     how = "without torchrun (or --nproc_per_node=1)" if written == 1 else f"with --nproc_per_node={written}"
@@ -484,15 +547,9 @@ def _scheduler_state(scheduler: Any) -> dict[str, Any]:
     return state
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_meta(path: Path) -> CheckpointMeta:
     """A checkpoint's meta.json, with the fields resuming reads (else CorruptCheckpointError)."""
-    meta = _read(path, "meta.json")
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in _META_FIELDS):
-        raise CorruptCheckpointError(
-            f"{path / 'meta.json'} is not a checkpoint's metadata (a JSON object with whole numbers "
-            f"{', '.join(_META_FIELDS)})"
-        )
-    return meta
+    return CheckpointMeta.from_json(_read(path, "meta.json"), path / "meta.json")
 
 
 def _apply(path: Path, files: Mapping[str, Any], model: nn.Module, optimizer: Any, scheduler: Any) -> Any:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
-from loopmoe.config import CONFIG_FIELDS, LoopMoEConfig
-from loopmoe.options import option
+from loopmoe.config import CHOICE_FIELDS, CONFIG_FIELDS, LoopMoEConfig
+from loopmoe.data.config import DataSection
+from loopmoe.distributed.config import DistSection
+from loopmoe.errors import ConfigError
+from loopmoe.options import coerce_value, option, parse_text, unknown_key_hint
 from loopmoe.presets import config_from_table
-from loopmoe.text import suggest
+from loopmoe.trust import read_toml
 
 ScheduleKind = Literal["cosine", "wsd"]
 
@@ -56,25 +57,6 @@ class ModelSection:
     def of(cls, config: LoopMoEConfig) -> ModelSection:
         """The section that runs exactly ``config`` (whose ``vocab_size`` must be the tokenizer's)."""
         return cls(preset=None, config=config)
-
-
-@dataclass
-class DataSection:
-    """Corpus and tokenizer: `source` is a corpus name or path resolved by `loopmoe.data`."""
-
-    source: str = option(
-        "tinyshakespeare",
-        help="corpus: a text/JSONL file or folder, 'embedded', 'hf:NAME', or a folder of the shared data dir",
-    )
-    tokenizer: str | None = option(
-        None, help="tokenizer.json / HF dir / name under the shared tokenizers folder (e.g. gpt2)"
-    )
-    train_bpe_vocab: int | None = option(
-        None, help="vocabulary of a BPE trained on the source (without data.tokenizer)"
-    )
-    val_fraction: float = option(0.05, help="share of the corpus held out for validation")
-    seq_len: int = option(128, help="tokens per training sequence")
-    data_dir: str | None = option(None, help="tokenizer and shard cache", shown="OUT_DIR/data")
 
 
 @dataclass
@@ -152,21 +134,6 @@ class TrainSection:
 
 
 @dataclass
-class DistSection:
-    """How the processes torchrun starts share the work: ``W = dp x ep`` ranks, every rank reading its
-    own data; experts split over ``ep`` ranks (all_to_all dispatch), everything else data-parallel."""
-
-    strategy: Literal["ddp", "fsdp2"] = option("ddp", help="DDP (replicated) or FSDP2 (sharded) under torchrun")
-    reshard_after_forward: bool = option(
-        True,
-        help="FSDP2: free a looped core layer's gathered weights after each of its T forward uses (gathered 2T "
-        "times per micro-batch); false keeps them from the first use to the end of backward (gathered once, "
-        "the core's full weights in memory). `loopmoe plan` predicts both",
-    )
-    ep: int = option(1, help="expert-parallel degree: each group of ep processes splits the experts (divides them)")
-
-
-@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -198,19 +165,19 @@ class RunConfig:
         m, t, s, o = self.model, self.train, self.schedule, self.optim
         for name, value in _float_settings(self):
             if not math.isfinite(value):
-                raise ValueError(f"{name} = {value}: must be a finite number")
+                raise ConfigError(f"{name} = {value}: must be a finite number")
         if m.config is not None and (m.preset is not None or m.num_loops is not None or m.fields):
-            raise ValueError(
+            raise ConfigError(
                 "model.config is a complete model config: leave model.preset (none), model.num_loops and the "
                 "model fields unset, or drop model.config"
             )
         if m.config is not None and m.init_from is not None:
-            raise ValueError(
+            raise ConfigError(
                 "model.config and model.init_from both define the model: the checkpoint's architecture is used "
                 "with init_from, so drop model.config"
             )
         if m.config is None and m.preset is None and m.init_from is None:
-            raise ValueError("model.preset is not set: name a preset (see `loopmoe presets`) or give model.config")
+            raise ConfigError("model.preset is not set: name a preset (see `loopmoe presets`) or give model.config")
         for key, value in [
             ("train.max_steps", t.max_steps),
             ("train.micro_batch_size", t.micro_batch_size),
@@ -222,57 +189,48 @@ class RunConfig:
             ("data.seq_len", self.data.seq_len),
         ]:
             if value < 1:
-                raise ValueError(f"{key} = {value}: must be >= 1")
-        if self.dist.ep < 1 or world_size % self.dist.ep:
-            raise ValueError(
-                f"dist.ep = {self.dist.ep} does not divide the {world_size} process(es): launch a multiple of "
-                f"{max(self.dist.ep, 1)} processes (torchrun --nproc_per_node) or set dist.ep to a divisor of {world_size}"
-            )
-        if self.dist.ep > 1 and t.compile:
-            raise ValueError(
-                "train.compile does not support dist.ep > 1 yet (the all_to_all dispatch is not traced); "
-                "set train.compile=false or dist.ep=1"
-            )
+                raise ConfigError(f"{key} = {value}: must be >= 1")
+        self.dist.validate(world_size, compile=t.compile)
         if t.eval_batches < 0:
-            raise ValueError(f"train.eval_batches = {t.eval_batches}: must be >= 0 (0 disables evaluation)")
+            raise ConfigError(f"train.eval_batches = {t.eval_batches}: must be >= 0 (0 disables evaluation)")
         if t.max_skipped_steps < 1:
-            raise ValueError(f"train.max_skipped_steps = {t.max_skipped_steps}: must be >= 1")
+            raise ConfigError(f"train.max_skipped_steps = {t.max_skipped_steps}: must be >= 1")
         if t.grad_accum is not None and t.grad_accum < 1:
-            raise ValueError(f"train.grad_accum = {t.grad_accum}: must be >= 1")
+            raise ConfigError(f"train.grad_accum = {t.grad_accum}: must be >= 1")
         if t.peak_tflops is not None and t.peak_tflops <= 0:
-            raise ValueError(f"train.peak_tflops = {t.peak_tflops}: must be > 0 (or none to look it up)")
+            raise ConfigError(f"train.peak_tflops = {t.peak_tflops}: must be > 0 (or none to look it up)")
         if t.grad_clip < 0:
-            raise ValueError(f"train.grad_clip = {t.grad_clip}: must be >= 0 (0 disables clipping)")
+            raise ConfigError(f"train.grad_clip = {t.grad_clip}: must be >= 0 (0 disables clipping)")
         if o.lr <= 0 or o.eps <= 0 or o.weight_decay < 0:
-            raise ValueError("optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0")
+            raise ConfigError("optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0")
         if not all(0.0 <= b < 1.0 for b in o.betas):
-            raise ValueError(f"optim.betas = {list(o.betas)}: each beta must be in [0, 1)")
+            raise ConfigError(f"optim.betas = {list(o.betas)}: each beta must be in [0, 1)")
         if s.warmup_steps < 0 or s.warmup_steps >= t.max_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"schedule.warmup_steps = {s.warmup_steps} must be in [0, train.max_steps = {t.max_steps}); "
                 f"lower schedule.warmup_steps or raise train.max_steps"
             )
         if not 0.0 <= s.min_lr_ratio <= 1.0:
-            raise ValueError(f"schedule.min_lr_ratio = {s.min_lr_ratio}: must be in [0, 1]")
+            raise ConfigError(f"schedule.min_lr_ratio = {s.min_lr_ratio}: must be in [0, 1]")
         if not 0.0 <= s.decay_fraction <= 1.0:
-            raise ValueError(f"schedule.decay_fraction = {s.decay_fraction}: must be in [0, 1]")
+            raise ConfigError(f"schedule.decay_fraction = {s.decay_fraction}: must be in [0, 1]")
         if s.kind == "wsd" and s.warmup_steps + round(s.decay_fraction * t.max_steps) > t.max_steps:
-            raise ValueError(
+            raise ConfigError(
                 "schedule.warmup_steps + schedule.decay_fraction * train.max_steps exceeds train.max_steps; "
                 "shorten the warmup or the decay"
             )
         if not 0.0 < self.data.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction = {self.data.val_fraction}: must be in (0, 1)")
+            raise ConfigError(f"data.val_fraction = {self.data.val_fraction}: must be in (0, 1)")
         if t.global_batch_size is not None:
             per_step = t.micro_batch_size * world_size
             if t.global_batch_size % per_step:
-                raise ValueError(
+                raise ConfigError(
                     f"train.global_batch_size = {t.global_batch_size} is not divisible by train.micro_batch_size x world size "
                     f"= {t.micro_batch_size} x {world_size}; use a multiple of {per_step}"
                 )
             implied = t.global_batch_size // per_step
             if t.grad_accum is not None and t.grad_accum != implied:
-                raise ValueError(
+                raise ConfigError(
                     f"train.grad_accum = {t.grad_accum} contradicts train.global_batch_size = {t.global_batch_size} "
                     f"(which implies {implied} at world size {world_size}); set only one of them"
                 )
@@ -311,54 +269,6 @@ def _plain(obj: Any) -> Any:
 _SECTION_TYPES = get_type_hints(RunConfig)
 
 
-def unknown_key_hint(name: str, options: list[str], prefix: str = "") -> str:
-    """`; did you mean ...?`, or the valid names when none is close."""
-    return "; " + (suggest(name, options, prefix) or f"valid keys: {', '.join(prefix + o for o in sorted(options))}")
-
-
-def coerce_value(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a type hint, allowing int->float and list->tuple; ValueError otherwise."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce_value(key, value, arg)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{key}: cannot be None")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(
-                f"{key} = {value!r}: must be one of {', '.join(repr(a) for a in args)}"
-                + (f"; {close}" if isinstance(value, str) and (close := suggest(value, [str(a) for a in args])) else "")
-            )
-        return value
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} = {value!r}: expected a list, e.g. [0, 1, 2]")
-        return tuple(coerce_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{key} = {value!r}: expected a list of {len(args)} values, e.g. [0.9, 0.95]")
-        return tuple(coerce_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} = {value!r}: expected a table")
-        return dict(value)
-    if hint is Path and isinstance(value, str):
-        return Path(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
-        raise ValueError(f"{key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
-    return value
-
-
 def _build_section(name: str, raw: dict[str, Any]) -> Any:
     cls = _SECTION_TYPES[name]
     hints = get_type_hints(cls)
@@ -368,13 +278,13 @@ def _build_section(name: str, raw: dict[str, Any]) -> Any:
         raw = {k: v for k, v in raw.items() if k in hints}
         fields = raw.pop("fields", {})
         if not isinstance(fields, dict):
-            raise ValueError(f"model.fields = {fields!r}: expected a table of LoopMoEConfig fields")
+            raise ConfigError(f"model.fields = {fields!r}: expected a table of LoopMoEConfig fields")
         kwargs["fields"] = {**fields, **extra}
         if isinstance(raw.get("config"), dict):
             raw["config"] = config_from_table(raw["config"], "model.config")
     for key, value in raw.items():
         if key not in hints:
-            raise ValueError(f"unknown key '{name}.{key}'" + unknown_key_hint(key, list(hints), prefix=f"{name}."))
+            raise ConfigError(f"unknown key '{name}.{key}'" + unknown_key_hint(key, list(hints), prefix=f"{name}."))
         kwargs[key] = coerce_value(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -383,20 +293,10 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from nested dicts (a parsed TOML file); missing keys take defaults."""
     for name in raw:
         if name not in _SECTION_TYPES:
-            raise ValueError(f"unknown section '[{name}]'" + unknown_key_hint(name, list(_SECTION_TYPES)))
+            raise ConfigError(f"unknown section '[{name}]'" + unknown_key_hint(name, list(_SECTION_TYPES)))
         if not isinstance(raw[name], dict):
-            raise ValueError(f"'{name}' must be a table ([{name}]), got {type(raw[name]).__name__}")
+            raise ConfigError(f"'{name}' must be a table ([{name}]), got {type(raw[name]).__name__}")
     return RunConfig(**{name: _build_section(name, raw.get(name, {})) for name in _SECTION_TYPES})
-
-
-def _parse_value(text: str) -> Any:
-    """Parse an override's value as a TOML literal (numbers, booleans, lists); bare words stay strings."""
-    if text.lower() in ("none", "null"):
-        return None
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -404,19 +304,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override '{item}' must look like section.key=value, e.g. train.max_steps=100")
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.max_steps=100")
         path, text = item.split("=", 1)
         parts = path.strip().split(".")
         if len(parts) != 2:
-            raise ValueError(f"override key '{path}' must be section.key, e.g. optim.lr=3e-4")
+            raise ConfigError(f"override key '{path}' must be section.key, e.g. optim.lr=3e-4")
         section, key = parts
         if section not in _SECTION_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown section '{section}' in override '{item}'" + unknown_key_hint(section, list(_SECTION_TYPES))
             )
         hint = get_type_hints(_SECTION_TYPES[section]).get(key)
-        value = text.strip() if hint is str else _parse_value(text.strip())
-        out.setdefault(section, {})[key] = value
+        if section == "model" and hint is None:
+            hint = CHOICE_FIELDS.get(key)  # a LoopMoEConfig field: `none` is a choice of some
+        out.setdefault(section, {})[key] = parse_text(text, hint)
     return out
 
 
@@ -428,7 +329,6 @@ def load_run_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {path} not found; pass an existing .toml (see configs/)")
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
+            raise ConfigError(f"config file {path} not found; pass an existing .toml (see configs/)")
+        raw = read_toml(path)
     return config_from_dict(apply_overrides(raw, overrides or [])).validate(world_size)

@@ -11,12 +11,16 @@ one line every ``train.log_every`` steps (step, loss, lr, grad norm, tokens/s, M
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import secrets
+import shutil
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from loopmoe.atomic import atomic_write_text
+from loopmoe.errors import ConfigError, DataError, RunError
 from loopmoe.text import human
 from loopmoe.training.throughput import Throughput, format_duration
 
@@ -57,7 +62,7 @@ def _parse_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
                     stacklevel=3,
                 )
                 break
-            raise ValueError(
+            raise DataError(
                 f"{path}:{i + 1}: not a metrics record ({e}); fix or remove that line (records are one JSON "
                 f"object per line)"
             ) from e
@@ -134,12 +139,56 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class LogDiskFullError(RunError, OSError):
+    """The disk filled up while the run's logs (metrics.jsonl, TensorBoard) were written."""
+
+
+def _disk_full(e: BaseException, run_dir: Path) -> LogDiskFullError | None:
+    if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return None
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        free = 0
+    return LogDiskFullError(
+        errno.ENOSPC,
+        f"disk full while writing the run's logs (metrics.jsonl, tensorboard/): {free / 2**20:.0f} MB free in "
+        f"{run_dir}; free space and re-run the same command (it resumes from the last checkpoint, which is intact)",
+    )
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard writes its events in a thread, which prints its own traceback when a write fails
+    before storing the error for the next write in the main thread to raise. Keep that thread's OSError
+    (a full disk) off the terminal: the main thread reports it, once, as one line."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "_loopmoe_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook._loopmoe_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class TensorBoardSink:
     """``OUT/tensorboard``: scalars, histograms, and the run config as text and as hparams."""
 
     def __init__(self, run_dir: Path, start_step: int, config: dict[str, Any] | None):
         from torch.utils.tensorboard import SummaryWriter
 
+        folder = run_dir / "tensorboard"
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                f"{folder} is a file, not a folder: the run writes its TensorBoard logs there. Move or remove "
+                f"that file (or train into another --out)"
+            )
+        _quiet_writer_thread_errors()
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if config is not None:
             self.writer.add_text(
@@ -180,7 +229,7 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise ValueError(
+            raise ConfigError(
                 "train.wandb = true needs the wandb package: pip install 'loopmoe[wandb]' (or set train.wandb = false)"
             ) from None
         self.wandb = wandb
@@ -265,7 +314,7 @@ class MetricsLogger:
         line["elapsed_s"] = round(self.elapsed_before + time.perf_counter() - self.t_start, 3)
         if (mfu := self.throughput.mfu(record.get("tokens_per_s") or 0.0)) is not None:
             line["mfu"] = mfu
-        with self.path.open("a") as fh:
+        with self._disk_full_is_one_line(), self.path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
         scalars = {f"train/{k}": line[k] for k in _STEP_SCALARS if line.get(k) is not None}
         if line.get("val_loss") is not None:
@@ -274,8 +323,9 @@ class MetricsLogger:
         if router:
             router_scalars, histograms = router_summaries(router)
             scalars.update(router_scalars)
-        for sink in self.sinks:
-            sink.log(step, scalars, histograms)
+        with self._disk_full_is_one_line():
+            for sink in self.sinks:
+                sink.log(step, scalars, histograms)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         self.bar.update(1)
         if step % self.log_every == 0 or step == self.max_steps or line.get("val_loss") is not None:
@@ -300,8 +350,19 @@ class MetricsLogger:
             parts.append("SKIPPED (non-finite)")
         return " | ".join(parts)
 
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if (full := _disk_full(e, self.path.parent)) is not None:
+                raise full from e
+            raise
+
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        sinks, self.sinks = self.sinks, []  # closed once, even if closing fails (a full disk)
         if self.bar is not None:
             self.bar.close()
+        with self._disk_full_is_one_line():
+            for sink in sinks:
+                sink.close()

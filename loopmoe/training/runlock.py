@@ -11,12 +11,12 @@ import fcntl
 import os
 from pathlib import Path
 
-from loopmoe.errors import UserFacingError
+from loopmoe.errors import RunError
 
 LOCK_NAME = ".lock"
 
 
-class RunDirBusyError(UserFacingError, RuntimeError):
+class RunDirBusyError(RunError, RuntimeError):
     """Another live process holds the run folder's lock."""
 
 

@@ -27,10 +27,10 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-from loopmoe.errors import UserFacingError
+from loopmoe.errors import CheckpointError
 
 
-class UnsafeCheckpointError(UserFacingError, RuntimeError):
+class UnsafeCheckpointError(CheckpointError, RuntimeError):
     """A checkpoint file asks to build something other than plain checkpoint data: refused, not run."""
 
 

@@ -1,13 +1,13 @@
 """Throughput of a training run: tokens/s, model FLOPs utilisation (MFU) and the time left.
 
-MFU = achieved model FLOP/s / peak FLOP/s of the hardware (PaLM, appendix B), where
+MFU is ``loopmoe.hardware.mfu`` (the one formula, shared with the planner), where
 
 - model FLOPs per trained token = 3 x the analytic forward FLOPs per token of ``loopmoe.budget``
-  (forward + backward, which costs twice the forward), with attention scores over the full
-  S x S matmuls; activation checkpointing's recomputation is not counted (it is hardware, not
-  model, FLOPs);
+  (``loopmoe.hardware.model_flops_per_token``: forward + backward, which costs twice the forward),
+  with attention scores over the full S x S matmuls; activation checkpointing's recomputation is
+  not counted (it is hardware, not model, FLOPs);
 - the peak is ``train.peak_tflops`` per accelerator when the run config gives it, else the
-  datasheet dense BF16 peak of a known GPU (``PEAK_BF16_TFLOPS``, matched on the CUDA device
+  datasheet dense BF16 peak of a known GPU (``loopmoe.hardware.SPECS``, matched on the CUDA device
   name). It is a configured or looked-up value, never measured: a measured matmul peak would
   vary with the load of the machine and make MFU of the same run differ between two launches.
   On CPU, or an unknown GPU without ``train.peak_tflops``, MFU is not reported.
@@ -20,22 +20,9 @@ from typing import Any
 
 import torch
 
-# Dense (no 2:4 sparsity) BF16 tensor-core peaks from the vendors' datasheets, in TFLOP/s, keyed by a
-# substring of torch.cuda.get_device_name(). Longer keys first: "H100 PCIe" before "H100".
-PEAK_BF16_TFLOPS: dict[str, float] = {
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "H200": 989.0,
-    "H800": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "RTX 4090": 165.0,
-}
+from loopmoe import hardware
+from loopmoe.budget import compute_budget
+from loopmoe.config import LoopMoEConfig
 
 
 def peak_flops_per_s(device: torch.device, configured_tflops: float | None) -> float | None:
@@ -45,22 +32,16 @@ def peak_flops_per_s(device: torch.device, configured_tflops: float | None) -> f
         return configured_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_TFLOPS[key] * 1e12
-    return None
+    spec = hardware.spec_for_cuda_name(torch.cuda.get_device_name(device))
+    return spec.bf16_flops if spec is not None else None
 
 
 def training_flops_per_token(model: Any, seq_len: int) -> float | None:
     """3 x the analytic forward FLOPs per token of a LoopMoE model at ``seq_len`` (None for another model)."""
-    from loopmoe.budget import compute_budget
-    from loopmoe.config import LoopMoEConfig
-
     config = getattr(model, "config", None)
     if not isinstance(config, LoopMoEConfig):
         return None
-    return 3.0 * compute_budget(config, seq_len).flops_per_token
+    return hardware.model_flops_per_token(compute_budget(config, seq_len).flops_per_token)
 
 
 def format_duration(seconds: float) -> str:
@@ -109,4 +90,4 @@ class Throughput:
         """Model FLOPs utilisation at ``tokens_per_s`` (all processes), or None when a factor is unknown."""
         if self.flops_per_token is None or not self.peak_total:
             return None
-        return tokens_per_s * self.flops_per_token / self.peak_total
+        return hardware.mfu(tokens_per_s, self.flops_per_token, self.peak_total)

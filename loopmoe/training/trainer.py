@@ -8,7 +8,8 @@ dropped, so one bad batch costs a step, not the run.
 The contract with the model: ``model(input_ids=x, labels=x)`` returns an output with ``loss``
 and ``lm_loss`` (``aux_loss`` and ``router_stats`` when it has them); a model with state that
 changes once per optimizer step outside autograd implements ``StepHooks``. Nothing here knows
-about experts or routers.
+about experts or routers: gradient sync and clipping at the model's layout (expert-parallel blocks
+included) are ``loopmoe.distributed``'s.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from loopmoe.distributed.env import all_reduce_mean, all_reduce_sum_
-from loopmoe.distributed.expert_parallel import clip_expert_parallel_grad_norm_, expert_parallel_of
-from loopmoe.distributed.parallelize import gradient_sync, unwrap
+from loopmoe.distributed.parallelize import clip_grad_norm_, gradient_sync, unwrap
 
 if TYPE_CHECKING:
     from loopmoe.model.moe import RouterStats
@@ -102,12 +102,8 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _clip(self) -> torch.Tensor:
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        if expert_parallel_of(unwrap(self.model)) is not None:
-            return clip_expert_parallel_grad_norm_(unwrap(self.model), max_norm)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        """The global gradient norm, clipped to ``grad_clip`` (0: measured only), at any layout."""
+        return clip_grad_norm_(self.model, self.grad_clip if self.grad_clip > 0 else float("inf"))
 
     def _guarded_step(self) -> bool:
         """``optimizer.step()``, undone if it left any parameter non-finite (on any rank).

@@ -17,7 +17,7 @@ def test_budget_table(capsys):
 
 def test_paper_scale_presets_are_marked(capsys):
     assert main(["budget", "paper-9b", "--num-loops", "2"]) == 0
-    assert "paper scale" in capsys.readouterr().out
+    assert "hardware grid" in capsys.readouterr().out  # balanced on the grid of references at paper scale
     assert main(["presets"]) == 0
     listing = capsys.readouterr().out
     assert "debug" in listing and listing.count("[paper scale]") == 2
@@ -70,7 +70,7 @@ def test_budget_from_config_file(tmp_path, capsys):
         (["budget", "debug", "--num-loops", "1", "--prelude", "2", "--coda", "2"], "fewer prelude + coda layers"),
         (["budget", "missing.toml", "--num-loops", "2"], "not found"),
         (["budget", "debug", "--num-loops", "2", "--dcca-dim", "16"], "set expert_type='dcca', or drop dcca_dim"),
-        (["budget", "debug", "--num-loops", "2", "--expert-type", "dcca", "--dcca-dim", "64"], "0 < r < hidden_size"),
+        (["budget", "debug", "--num-loops", "2", "--expert-type", "dcca", "--dcca-dim", "64"], "0 < d_e < hidden_size"),
         (["train", "configs/debug.toml", "train.max_step=5", "--dry-run"], "did you mean 'train.max_steps'"),
     ],
 )
@@ -78,6 +78,26 @@ def test_errors_are_one_line_with_the_fix(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    # Only loopmoe's error tree is a one-line message: anything else is a bug, whose location matters.
+    import loopmoe.cli.budget
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(loopmoe.cli.budget, "load_model_config", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["budget", "debug", "--num-loops", "2"])
+
+
+def test_loopmoe_traceback_shows_the_traceback_of_user_errors_too(monkeypatch):
+    from loopmoe.errors import ConfigError
+
+    monkeypatch.setenv("LOOPMOE_TRACEBACK", "1")
+    with pytest.raises(ConfigError, match="divisors of 4"):
+        main(["budget", "debug", "--num-loops", "3"])
 
 
 def test_budget_json_into_a_closed_pipe_exits_quietly():

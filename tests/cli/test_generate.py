@@ -106,9 +106,72 @@ def test_sampling_is_seeded(model_dir, capsys):
         (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
         (["--num-loops", "0"], "num_loops must be a positive integer"),
+        (["--temperature", "inf"], "--temperature inf: must be >= 0 and finite"),
+        (["--temperature", "nan"], "--temperature nan: must be >= 0 and finite"),
+        (["--seed", "100000000000000000000000"], "--seed 100000000000000000000000: must be a whole number"),
+        (["--device", "cuda"], "no CUDA GPU is visible" if not torch.cuda.is_available() else "CUDA device"),
+        (["--device", "gpu0"], "is not a torch device"),
+        (["--max-new-tokens", "5000"], "leaves no room for the prompt"),
     ],
 )
 def test_bad_options_are_one_line_errors(model_dir, flags, message, capsys):
     assert main(["generate", str(model_dir), "--prompt", "x", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_seed_given_as_a_float_is_an_argument_error(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", str(model_dir), "--prompt", "x", "--seed", "1e23"])
+    assert "invalid int value: '1e23'" in capsys.readouterr().err
+
+
+def test_binary_stdin_is_one_line(model_dir, monkeypatch, capsys):
+    binary = io.TextIOWrapper(io.BytesIO(b"\xff\xfe\x00binary\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", binary)
+    assert main(["generate", str(model_dir), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "stdin is not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_file_that_is_no_tokenizer_is_one_line(model_dir, tmp_path, capsys):
+    bogus = tmp_path / "tokenizer.json"
+    bogus.write_text('{"not": "a tokenizer"}')
+    assert main(["generate", str(model_dir), "--prompt", "x", "--tokenizer", str(bogus)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a tokenizer.json" in err and "Traceback" not in err
+
+
+def test_a_prompt_longer_than_the_context_is_refused_or_truncated(model_dir, loaded, capsys):
+    model, tokenizer = loaded
+    context = model.config.max_position_embeddings
+    prompt = "word " * (2 * context)
+    argv = ["generate", str(model_dir), "--prompt", prompt, "--max-new-tokens", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the model's context is {context}" in err and "--truncate" in err
+    assert main([*argv, "--truncate"]) == 0
+    ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -(context - 3) :]
+    expected = _greedy_by_hand(model, ids, 3, num_loops=2)
+    assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+
+
+def test_depth_beyond_max_loops_warns(model_dir, loaded, capsys):
+    model, _ = loaded
+    deeper = str(model.config.max_loops + 1)
+    with pytest.warns(UserWarning, match="exceeds the checkpoint's max_loops"):
+        assert main(["generate", str(model_dir), "--prompt", "x", "--max-new-tokens", "1", "--num-loops", deeper]) == 0
+
+
+def test_looping_a_vanilla_checkpoint_warns():
+    from loopmoe import LoopMoEConfig, LoopMoEForCausalLM
+    from loopmoe.evaluation.loading import test_time_depth
+
+    config = LoopMoEConfig(
+        vocab_size=64, hidden_size=32, num_core_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    )  # fmt: skip
+    model = LoopMoEForCausalLM(config)
+    with pytest.warns(UserWarning, match="trained with num_loops=1"), test_time_depth(model, 2):
+        assert model.config.num_loops == 2
+    assert model.config.num_loops == 1

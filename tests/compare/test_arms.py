@@ -96,3 +96,21 @@ def test_arm_names_and_selection_are_checked():
         CompareOptions(arms=("reference", "granular")).validate()
     with pytest.raises(ValueError, match="names an arm twice"):
         CompareOptions(arms=("looped", "looped")).validate()
+
+
+def test_compare_derives_the_looped_model_budget_shows():
+    """`loopmoe compare --reference paper-3b` trains the looped model `loopmoe budget paper-3b` shows: the
+    balancing options are one set (BalanceOptions), hardware grid included (experts a multiple of 8)."""
+    from loopmoe.cli.budget import BudgetOptions
+    from loopmoe.cli.main import build_parser
+    from loopmoe.options import options_from
+
+    reference = get_preset("paper-3b")
+    opts = CompareOptions(reference="paper-3b", num_loops=4, seq_len=2048).validate()
+    looped = resolve_arms(opts, reference)["looped"].config
+    budget = options_from(
+        BudgetOptions, build_parser().parse_args(["budget", "paper-3b", "--num-loops", "4", "--seq-len", "2048"])
+    )
+    shown = budget.derive(reference, 4, seq_len=2048, iter_conditioning=budget.iter_conditioning).looped
+    assert looped.architecture_dict() == shown.architecture_dict()
+    assert looped.num_experts % 8 == 0 and looped.head_dim % 16 == 0

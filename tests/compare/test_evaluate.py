@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from loopmoe.compare import CompareOptions
 from loopmoe.compare.arms import ArmSpec
-from loopmoe.compare.evaluate import evaluate_run
+from loopmoe.compare.results import MissingRun
+from loopmoe.evaluation.pipeline import evaluate_run
 from tests.compare import TINY_COMPARE
 
 
@@ -48,7 +49,7 @@ def study(tmp_path_factory, request):
 
 
 def _eval_args(opts: CompareOptions, val_batches):
-    from loopmoe.compare.evaluate import resolve_text
+    from loopmoe.evaluation.pipeline import resolve_text
 
     return dict(
         val_batches=val_batches,
@@ -75,7 +76,7 @@ def _val_batches(root: Path):
 def test_every_run_is_evaluated_and_stored_with_it(study):
     root, results = study
     for name, seeds in (("reference", (0, 1)), ("looped", (0, 1)), ("cond-emb", (0,))):
-        assert set(results["runs"][name]) == set(seeds)
+        assert set(results.runs[name]) == set(seeds)
         for seed in seeds:
             folder = root / "cmp" / f"seed{seed}" / name / "eval"
             assert sorted(p.name for p in folder.iterdir()) == [
@@ -83,19 +84,19 @@ def test_every_run_is_evaluated_and_stored_with_it(study):
                 "tasks.json",
                 "text.json",
             ]
-            run = results["runs"][name][seed]
-            assert run["eval"]["tasks"] == json.loads((folder / "tasks.json").read_text())["result"]
-            assert run["eval"]["text"]["tokens"] == 300  # the first 300 ids, after an end-of-text context token
+            run = results.runs[name][seed]
+            assert run.eval.tasks == json.loads((folder / "tasks.json").read_text())["result"]
+            assert run.eval.text["tokens"] == 300  # the first 300 ids, after an end-of-text context token
     # downstream for EVERY seed, averaged in the report's table
-    (acc,) = [r for r in results["downstream"]["looped"] if r["metric"] == "acc"]
-    per_seed = [next(r for r in results["runs"]["looped"][s]["eval"]["tasks"] if r["metric"] == "acc") for s in (0, 1)]
+    (acc,) = [r for r in results.downstream["looped"] if r["metric"] == "acc"]
+    per_seed = [next(r for r in results.runs["looped"][s].eval.tasks if r["metric"] == "acc") for s in (0, 1)]
     assert acc["value"] == pytest.approx((per_seed[0]["value"] + per_seed[1]["value"]) / 2)
     assert (acc["seeds"], acc["stderr_over"]) == (2, "seeds")
 
 
 def test_stored_evaluation_is_reused_and_redone_only_when_stale(study, monkeypatch):
     root, results = study
-    from loopmoe.compare import evaluate
+    from loopmoe.evaluation import pipeline
 
     opts = _options(root / "cmp")
     run_dir = root / "cmp" / "seed1" / "looped"
@@ -103,17 +104,17 @@ def test_stored_evaluation_is_reused_and_redone_only_when_stale(study, monkeypat
     def no_model(*args, **kwargs):
         raise AssertionError("a stored evaluation loaded the model again")
 
-    monkeypatch.setattr("loopmoe.evaluation.load_model", no_model)
+    monkeypatch.setattr(pipeline, "load_model", no_model)
     again = evaluate_run(run_dir, **_eval_args(opts, _val_batches(root)))
-    assert {k: again[k] for k in ("depth", "text", "tasks")} == {
-        k: results["runs"]["looped"][1]["eval"][k] for k in ("depth", "text", "tasks")
+    assert {k: getattr(again, k) for k in ("depth", "text", "tasks")} == {
+        k: getattr(results.runs["looped"][1].eval, k) for k in ("depth", "text", "tasks")
     }
     monkeypatch.undo()
     # as if killed while scoring the tasks: only they are measured again; a changed --task-limit is stale
     depth_before = (run_dir / "eval" / "depth.json").read_text()
     (run_dir / "eval" / "tasks.json").unlink()
     measured: list[str] = []
-    real = evaluate.cached
+    real = pipeline.cached
 
     def spy(path, params, compute):
         def counted():
@@ -122,12 +123,12 @@ def test_stored_evaluation_is_reused_and_redone_only_when_stale(study, monkeypat
 
         return real(path, params, counted)
 
-    monkeypatch.setattr(evaluate, "cached", spy)
+    monkeypatch.setattr(pipeline, "cached", spy)
     evaluate_run(run_dir, **_eval_args(opts, _val_batches(root)))
     assert measured == ["tasks.json"]
     assert (run_dir / "eval" / "depth.json").read_text() == depth_before
     measured.clear()
-    rows = evaluate_run(run_dir, **{**_eval_args(opts, _val_batches(root)), "task_limit": 2})["tasks"]
+    rows = evaluate_run(run_dir, **{**_eval_args(opts, _val_batches(root)), "task_limit": 2}).tasks
     assert measured == ["tasks.json"] and {r["n"] for r in rows} == {2}
 
 
@@ -138,21 +139,21 @@ def test_depth_curve_and_flops_match_direct_model_calls(study):
 
     root, results = study
     batches = list(_val_batches(root)())
-    run = results["runs"]["looped"][0]
-    depth = run["eval"]["depth"]
-    points = {p["loops"]: p for p in depth["points"]}
-    assert depth["trained_loops"] == 2 and sorted(points) == [1, 2, 3, 17] and depth["unrunnable"] == {}
+    run = results.runs["looped"][0]
+    depth = run.eval.depth
+    points = {p.loops: p for p in depth.points}
+    assert depth.trained_loops == 2 and sorted(points) == [1, 2, 3, 17] and depth.unrunnable == {}
     # the trained depth reproduces the training run's own last held-out loss
-    assert points[2]["loss"] == pytest.approx(run["val_loss"], rel=1e-5)
-    model = load_model(Path(run["final_dir"]))
+    assert points[2].loss == pytest.approx(run.val_loss, rel=1e-5)
+    model = load_model(Path(run.final_dir))
     for t, point in points.items():
         with torch.no_grad():
             losses = [
                 F.cross_entropy(model(input_ids=x, num_loops=t).logits[:, :-1].reshape(-1, 300), x[:, 1:].reshape(-1))
                 for x in batches
             ]
-        assert point["loss"] == pytest.approx(float(sum(losses) / len(losses)), rel=1e-5)
-        assert point["flops_per_token"] == compute_budget(model.config, 32, num_loops=t).flops_per_token
+        assert point.loss == pytest.approx(float(sum(losses) / len(losses)), rel=1e-5)
+        assert point.flops_per_token == compute_budget(model.config, 32, num_loops=t).flops_per_token
         # audited: the real forward at two lengths differs from the budget by one per-sequence constant
         # (the iteration-conditioning MLP runs once per sequence, which the budget leaves out by design)
         extra = [
@@ -160,15 +161,15 @@ def test_depth_curve_and_flops_match_direct_model_calls(study):
             - compute_budget(model.config, s, t).flops_per_token * s
             for s in (32, 16)
         ]
-        assert extra[0] == extra[1] and 0 <= extra[0] < 0.01 * point["flops_per_token"] * 32
-        assert point["untrained_iteration_vectors"] is False
+        assert extra[0] == extra[1] and 0 <= extra[0] < 0.01 * point.flops_per_token * 32
+        assert point.untrained_iteration_vectors is False
     # a Vanilla MoE has one depth, its own
-    (only,) = results["runs"]["reference"][0]["eval"]["depth"]["points"]
-    assert only["loops"] == 1 and only["loss"] == pytest.approx(results["runs"]["reference"][0]["val_loss"], rel=1e-5)
+    (only,) = results.runs["reference"][0].eval.depth.points
+    assert only.loops == 1 and only.loss == pytest.approx(results.runs["reference"][0].val_loss, rel=1e-5)
     # the iter_embedding ablation cannot run past its table, and its vectors beyond T=2 are untrained
-    emb = results["runs"]["cond-emb"][0]["eval"]["depth"]
-    assert list(emb["unrunnable"]) == ["17"] and "max_loops=16" in emb["unrunnable"]["17"]
-    assert [p["untrained_iteration_vectors"] for p in emb["points"]] == [False, False, True]
+    emb = results.runs["cond-emb"][0].eval.depth
+    assert list(emb.unrunnable) == ["17"] and "max_loops=16" in emb.unrunnable["17"]
+    assert [p.untrained_iteration_vectors for p in emb.points] == [False, False, True]
 
 
 def test_results_page_has_every_section_and_marks_missing_runs(study, tmp_path, monkeypatch):
@@ -207,8 +208,8 @@ def test_results_page_has_every_section_and_marks_missing_runs(study, tmp_path, 
     results = run_comparison(
         _options(tmp_path / "cmp", report_only=True, results=tmp_path / "RESULTS.md"), log=lambda *a: None
     )
-    assert results["missing"] == [{"arm": "looped", "seed": 1, "step": 0}]
-    assert set(results["runs"]["looped"]) == {0}
+    assert results.missing == [MissingRun("looped", 1, 0)]
+    assert set(results.runs["looped"]) == {0}
     page = (tmp_path / "RESULTS.md").read_text()
     assert "**Incomplete: 1 run(s) of the plan are not finished**" in page
     assert "| looped | 1    | 0/4" in page and "4 of 5 planned runs finished" in page

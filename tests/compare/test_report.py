@@ -1,6 +1,7 @@
 """Pieces of the comparison report that its end-to-end tests do not pin down."""
 
-from loopmoe.compare.report import COLORS, _mean_spread, color_of
+from loopmoe.compare.figures import COLORS, color_of
+from loopmoe.compare.report import _mean_spread
 
 
 def test_every_arm_of_a_full_study_gets_its_own_colour():

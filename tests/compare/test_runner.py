@@ -4,7 +4,8 @@ import pytest
 
 from loopmoe.balance import balance
 from loopmoe.compare import CompareOptions
-from loopmoe.compare.runner import available_tasks, run_config_for
+from loopmoe.compare.options import run_config_for
+from loopmoe.compare.runner import available_tasks
 from loopmoe.presets import get_preset
 from tests.compare import TINY_COMPARE
 
@@ -197,9 +198,9 @@ def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     first = runner.run_comparison(CompareOptions(**opts), log=logs.append)
     assert threads == [1]
-    assert set(first["runs"]) == {"reference", "looped", "granularity"}
-    assert all(set(r) == {0, 1} for r in first["runs"].values())
-    (session,) = first["runs"]["looped"][1]["cost"]  # what the run cost: one training session, measured
+    assert set(first.runs) == {"reference", "looped", "granularity"}
+    assert all(set(r) == {0, 1} for r in first.runs.values())
+    (session,) = first.runs["looped"][1].cost  # what the run cost: one training session, measured
     assert (session["start_step"], session["end_step"], session["threads"]) == (0, 4, torch.get_num_threads())
     assert session["wall_s"] > 0 and session["peak_rss_mib"] > 50
     report = (tmp_path / "cmp" / "report.md").read_text()
@@ -220,8 +221,8 @@ def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
     assert sum("finished earlier, skipped" in line for line in logs) == 5
     assert any(line.startswith("\n[6/6] == training granularity (seed 1") for line in logs)
     for name in ("reference", "looped"):
-        assert second["runs"][name][1]["val_loss"] == first["runs"][name][1]["val_loss"]
-    assert second["runs"]["granularity"][1]["val_loss"] == pytest.approx(first["runs"]["granularity"][1]["val_loss"])
+        assert second.runs[name][1].val_loss == first.runs[name][1].val_loss
+    assert second.runs["granularity"][1].val_loss == pytest.approx(first.runs["granularity"][1].val_loss)
 
 
 def test_options_json_without_later_options_still_resumes(tmp_path, monkeypatch):
@@ -269,11 +270,11 @@ def test_two_expert_types_compare_at_matched_budgets(tmp_path):
         tasks=(),
     )
     results = runner.run_comparison(opts, log=lambda *a: None)
-    budget = results["budget"]
+    budget = results.budget
     ref, other = budget["reference"]["config"], budget["looped"]["config"]
     assert (ref["expert_type"], other["expert_type"]) == ("swiglu", "dcca")
     assert other["num_loops"] == 1 and other["dcca_dim"] == ref["hidden_size"] // 4
-    assert all(abs(budget["deviations"][k]) <= budget["tolerances"][k] for k in budget["deviations"])
-    model = AutoModelForCausalLM.from_pretrained(results["runs"]["looped"][0]["final_dir"])
+    assert all(abs(budget["deviations"][k]) <= tol for k, tol in budget["tolerances"].items())
+    model = AutoModelForCausalLM.from_pretrained(results.runs["looped"][0].final_dir)
     assert model.config.expert_type == "dcca" and model.model.core[0].mlp.descend is not None
     assert "| expert type" in (opts.out / "report.md").read_text()

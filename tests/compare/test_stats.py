@@ -33,3 +33,43 @@ def test_mean_stderr():
     assert mean_stderr([0.5]) == (0.5, None)
     mean, stderr = mean_stderr([0.2, 0.4, 0.6])
     assert mean == pytest.approx(0.4) and stderr == pytest.approx(0.2 / math.sqrt(3))
+
+
+def test_paired_p_value_and_mde_match_scipy():
+    from scipy.stats import ttest_rel
+
+    a = {0: 4.80, 1: 4.83, 2: 4.79, 3: 4.85, 4: 4.81}
+    b = {0: 4.75, 1: 4.80, 2: 4.77, 3: 4.78, 4: 4.79}
+    diff = paired_difference(a, b)
+    expected = ttest_rel([a[s] for s in sorted(a)], [b[s] for s in sorted(b)]).pvalue
+    assert diff.p_value == pytest.approx(expected, rel=1e-9)
+    # MDE: the effect at which the paired t-test has 80% power (noncentral t, by simulation-free check).
+    from scipy.stats import nct, t
+
+    mde = diff.mde()
+    ncp = mde / (diff.sd / 5**0.5)
+    crit = t.ppf(0.975, 4)
+    power = nct.sf(crit, 4, ncp) + nct.cdf(-crit, 4, ncp)
+    assert 0.75 < power < 0.85  # the usual normal-quantile approximation of the noncentral t
+    assert paired_difference({0: 1.0}, {0: 0.5}).p_value is None
+
+
+def test_holm_step_down():
+    from loopmoe.compare.stats import holm
+
+    out = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    assert out["a"].adjusted == pytest.approx(0.04) and out["a"].rejected
+    assert out["c"].adjusted == pytest.approx(0.09) and not out["c"].rejected
+    assert out["b"].adjusted == pytest.approx(0.09)  # monotone: never below an earlier step's
+    assert out["d"].adjusted == pytest.approx(0.5)
+    # The study-1 headline: p = 0.010 among 7 held-out pairs does not survive (7 x 0.010 > 0.05).
+    assert not holm({"headline": 0.010, **{f"other{i}": 0.5 for i in range(6)}})["headline"].rejected
+
+
+def test_prediction_interval_is_wider_than_the_confidence_interval():
+    from loopmoe.compare.stats import prediction_interval
+
+    values = [4.80, 4.83, 4.86]
+    low, high = prediction_interval(values)
+    assert low < min(values) and high > max(values)
+    assert prediction_interval([4.8]) is None

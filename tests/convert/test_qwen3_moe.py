@@ -160,3 +160,72 @@ def test_export_refuses_a_learned_router_bias(tiny_config, tmp_path):
     model.save_pretrained(tmp_path / "loopmoe")
     with pytest.raises(ValueError, match=r"router selection bias .*model\.core\.1\.mlp\.gate\.expert_bias"):
         export_qwen3_moe(tmp_path / "loopmoe", tmp_path / "qwen")
+
+
+# --- Outputs that would destroy what they read, or what is the user's ------------------------------
+
+
+def _export(src, dst, *flags):
+    return main(["export", "--to", "qwen3-moe", str(src), str(dst), *flags])
+
+
+def test_export_into_its_own_run_folder_is_refused_and_the_run_survives(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    _loopmoe_checkpoint(tiny_config, run / "final", num_loops=1)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for dst in (run, run / "final", run / "final" / "qwen"):
+        assert _export(run / "final", dst) == 2
+        err = capsys.readouterr().err
+        assert "choose another OUT" in err and "Traceback" not in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_convert_onto_its_source_is_refused(tmp_path, capsys):
+    _, src = qwen_checkpoint(tmp_path)
+    before = sorted(p.name for p in src.iterdir())
+    assert main(["convert", "--from", "qwen3-moe", str(src), str(src)]) == 2
+    assert "choose another DST" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_export_keeps_a_users_folder_and_file(tiny_config, tmp_path, capsys):
+    _loopmoe_checkpoint(tiny_config, tmp_path / "loopmoe", num_loops=1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert _export(tmp_path / "loopmoe", mine) == 2
+    assert "--overwrite" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
+    with pytest.warns(UserWarning, match="moved the previous contents"):
+        assert _export(tmp_path / "loopmoe", mine, "--overwrite") == 0
+    (previous,) = tmp_path.glob("mine.previous-*")
+    assert (previous / "notes.txt").read_text() == "keep me" and (mine / "config.json").is_file()
+    assert _export(tmp_path / "loopmoe", mine) == 0  # now loopmoe's own export: replaced without a flag
+    (tmp_path / "file").write_text("mine too")
+    assert _export(tmp_path / "loopmoe", tmp_path / "file") == 2
+    assert (tmp_path / "file").read_text() == "mine too"
+    assert not list(tmp_path.glob(".file*"))
+
+
+def test_export_refuses_weights_that_do_not_match_the_config(tiny_config, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    _loopmoe_checkpoint(tiny_config, tmp_path / "loopmoe", num_loops=1)
+    weights = tmp_path / "loopmoe" / "model.safetensors"
+    state = load_file(weights)
+    state["model.norm.weight"] = torch.ones(3)
+    del state["model.embed_tokens.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    assert _export(tmp_path / "loopmoe", tmp_path / "qwen") == 2
+    err = capsys.readouterr().err
+    assert "missing model.embed_tokens.weight" in err and "model.norm.weight (3,)" in err
+    assert not (tmp_path / "qwen").exists()
+
+
+def test_export_refuses_a_tokenizer_link_that_leads_outside(tiny_config, tmp_path, capsys):
+    _loopmoe_checkpoint(tiny_config, tmp_path / "loopmoe", num_loops=1)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "do not share"}')
+    (tmp_path / "loopmoe" / "tokenizer.json").symlink_to(secret)
+    assert _export(tmp_path / "loopmoe", tmp_path / "qwen") == 2
+    assert "outside" in capsys.readouterr().err and not (tmp_path / "qwen").exists()

@@ -69,6 +69,22 @@ def test_second_call_reuses_without_reading_the_source(corpus_file, tiny_tokeniz
     assert load_shards(tmp_path / "s").meta == first.meta
 
 
+def test_shards_are_reused_from_another_path_and_from_old_fingerprints(corpus_file, tiny_tokenizer, tmp_path):
+    from loopmoe.data.shards import shards_fingerprint
+
+    source = open_source(corpus_file, chunk_chars=2000)
+    first = prepare_shards(source, tiny_tokenizer, tmp_path / "s", val_fraction=0.2, progress=False)
+    elsewhere = DataSource("/another/data/dir/corpus.txt", source.documents, source.identity)  # same bytes
+    assert prepare_shards(elsewhere, tiny_tokenizer, tmp_path / "s", val_fraction=0.2, progress=False).reused
+    # A folder written by older loopmoe: its fingerprint also hashed the path it records in meta.json.
+    meta_file = tmp_path / "s" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["fingerprint"] = shards_fingerprint(source, tiny_tokenizer, 0.2, legacy_spec=meta["source"])
+    assert meta["fingerprint"] != first.meta.fingerprint
+    meta_file.write_text(json.dumps(meta))
+    assert prepare_shards(elsewhere, tiny_tokenizer, tmp_path / "s", val_fraction=0.2, progress=False).reused
+
+
 def test_rebuild_when_source_split_or_tokenizer_changes(corpus_file, tiny_tokenizer, tmp_path, make_text):
     out = tmp_path / "s"
     first = prepare_shards(
@@ -234,7 +250,7 @@ def test_kill_9_while_building_shards_leaves_the_old_shards(corpus_file, tiny_to
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert load_shards(out).meta == old.meta and {p.name: p.read_bytes() for p in out.iterdir()} == old_bytes
-    (debris,) = [p.name for p in tmp_path.iterdir() if ".staging-" in p.name]
+    (debris,) = [p.name for p in tmp_path.iterdir() if ".loopmoe-staging-" in p.name]
     assert [p.name for p in clean_stale_temporaries(tmp_path, held=False)] == [debris]
     rebuilt = prepare_shards(
         open_source(corpus_file, chunk_chars=2000), tiny_tokenizer, out, val_fraction=0.2, progress=False

@@ -89,3 +89,22 @@ def test_shared_gpt2_and_neox(shared_dir):
     assert neox.eos_id == 0 and neox.encode_batch(["Hello"])[0] == [12092]
     config = json.loads((shared_dir / "tokenizers" / "gpt2" / "tokenizer_config.json").read_text())
     assert "<|endoftext|>" in json.dumps(config)
+
+
+def test_the_stamp_is_content_based_and_old_stamps_are_read(tmp_path, make_text):
+    from loopmoe.data.tokenizer import tokenizer_is_current
+
+    (tmp_path / "a").mkdir()
+    corpus = tmp_path / "a" / "c.txt"
+    corpus.write_text(make_text(seed=2, paragraphs=30))
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    out = tmp_path / "tok"
+    train_bpe_tokenizer(open_source(corpus), 280, out, progress=False)
+    assert tokenizer_is_current(open_source(tmp_path / "b" / "c.txt"), 280, out)  # same bytes, other path
+    # A stamp of older loopmoe holds the corpus's absolute path then; the same content hash is accepted.
+    stamp_file = next(p for p in out.iterdir() if p.name.endswith(".json") and "source_identity" in p.read_text())
+    stamp = json.loads(stamp_file.read_text())
+    stamp_file.write_text(json.dumps({**stamp, "source": "/somewhere/else/c.txt"}))
+    assert tokenizer_is_current(open_source(corpus), 280, out)
+    corpus.write_text(make_text(seed=3, paragraphs=30))  # other bytes: not current
+    assert not tokenizer_is_current(open_source(corpus), 280, out)

@@ -92,12 +92,34 @@ def test_a_failed_worker_is_one_line_naming_its_rank(tmp_path, ending, status, s
 
 @pytest.mark.distributed
 def test_a_run_through_the_launcher_is_the_torchrun_run(tmp_path):
+    # The corpus that ships with Python: the test needs no data folder (a fresh clone has none).
     launched, torchran = tmp_path / "launched", tmp_path / "torchrun"
-    proc = _run("-m", "loopmoe", "train", "--nproc-per-node", "2", "configs/debug.toml", "--out", str(launched), *TINY)
+    proc = _run(
+        "-m",
+        "loopmoe",
+        "train",
+        "--nproc-per-node",
+        "2",
+        "configs/debug.toml",
+        "--out",
+        str(launched),
+        *TINY,
+        "data.source=embedded",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout[proc.stdout.index("{") :])["step"] == 3
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = _run(*torchrun[1:], "-m", "loopmoe", "train", "configs/debug.toml", "--out", str(torchran), *TINY)
+    proc = _run(
+        *torchrun[1:],
+        "-m",
+        "loopmoe",
+        "train",
+        "configs/debug.toml",
+        "--out",
+        str(torchran),
+        *TINY,
+        "data.source=embedded",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     keys = ("step", "loss", "lm_loss", "aux_loss", "grad_norm", "lr", "val_loss")
     ours, theirs = ([{k: r.get(k) for k in keys} for r in read_metrics(out)] for out in (launched, torchran))

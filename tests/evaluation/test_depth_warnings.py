@@ -101,12 +101,12 @@ def test_plots_mark_the_trained_depth_and_separate_the_lens_curves(tmp_path, mon
 
 
 def test_expert_load_heat_map_shows_the_real_maximum(tmp_path, monkeypatch):
-    from loopmoe.compare import report
+    from loopmoe.compare import figures
 
     saved = []
-    monkeypatch.setattr(report, "save_figure", lambda fig, path: saved.append(fig))
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: saved.append(fig))
     loads = {"reference": {"layer0": [0.7, 0.1, 0.1, 0.1]}, "looped": {"core.0@1": [0.25, 0.25, 0.25, 0.25]}}
-    report.plot_expert_load(loads, tmp_path / "expert_load.png")
+    figures.plot_expert_load(loads, tmp_path / "expert_load.png")
     images = [ax.images[0] for ax in saved[0].axes if ax.images]
     assert len(images) == 2
     for image in images:

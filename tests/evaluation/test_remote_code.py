@@ -94,7 +94,7 @@ def test_compare_evaluation_stage_refuses_it_too(loopmoe_dir, tmp_path):
     # other, its code never imported.
     import torch
 
-    from loopmoe.compare.evaluate import evaluate_run
+    from loopmoe.evaluation.pipeline import evaluate_run
 
     marker = tmp_path / "pwned"
     run_dir = tmp_path / "run"

@@ -8,7 +8,8 @@ import torch
 from loopmoe.budget import compute_budget
 from loopmoe.planning.comm import collective_time, plan_comm, wire_bytes
 from loopmoe.planning.cost import forward_flops_check, plan_compute, plan_step
-from loopmoe.planning.hardware import PROFILES, Hardware, cpu_from_calibration, measured_gemm_seconds
+from loopmoe.planning.hardware import PROFILES, Hardware, cpu_from_calibration
+from loopmoe.planning.kernel_timing import attention_seconds, gemm_seconds, measured_gemm_seconds
 from loopmoe.planning.layout import Layout
 from loopmoe.planning.memory import param_split, plan_memory
 from loopmoe.planning.trace import expert_kernel, step_tally
@@ -51,8 +52,8 @@ def test_gemm_shapes_cover_the_budget_flops(overrides):
 
 
 def test_gemm_and_attention_time_by_hand():
-    assert FLAT.gemm_seconds(128, 64, 32, "fp32") == pytest.approx(2 * 128 * 64 * 32 / 1e12)
-    assert FLAT.attention_seconds((2, 4, 64, 16), True, "bf16") == pytest.approx(2.5 * 4 * 2 * 4 * 64 * 64 * 16 / 1e12)
+    assert gemm_seconds(FLAT, 128, 64, 32, "fp32") == pytest.approx(2 * 128 * 64 * 32 / 1e12)
+    assert attention_seconds(FLAT, (2, 4, 64, 16), True, "bf16") == pytest.approx(2.5 * 4 * 2 * 4 * 64 * 64 * 16 / 1e12)
     curved = Hardware(**{**FLAT.as_dict(), "gemm_curve": ((10.0, 0.1), (1000.0, 0.9))})
     assert curved.gemm_efficiency(100, 100, 100) == pytest.approx(0.5)  # halfway in log(size)
     assert curved.gemm_efficiency(5, 5, 5) == pytest.approx(0.05)  # below the curve: proportional
@@ -284,7 +285,7 @@ def test_accelerator_profiles_and_cpu_calibration():
 def test_a_missing_or_outdated_cpu_calibration_says_which(tmp_path, monkeypatch):
     import json
 
-    from loopmoe.planning.hardware import CALIBRATION_VERSION, cache_path, cpu_profile
+    from loopmoe.planning.calibration import CALIBRATION_VERSION, cache_path, cpu_profile
 
     monkeypatch.setenv("LOOPMOE_CACHE_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="no CPU calibration in .*loopmoe plan --calibrate"):
@@ -301,3 +302,13 @@ def test_a_missing_or_outdated_cpu_calibration_says_which(tmp_path, monkeypatch)
         cache_path().write_text(torn)
         with pytest.raises(ValueError, match="is unreadable: run `loopmoe plan --calibrate`"):
             cpu_profile(1, calibrate=False)
+
+
+def test_the_trace_takes_the_loss_chunks_of_the_planned_device():
+    # Fake tensors live on the CPU, but a GPU plan must see the GPU's loss: one chunk of rows where a CPU
+    # takes cache-sized ones (8 MiB of fp32 logits: 64 rows at V = 32768, so 8 chunks of 512 tokens).
+    cfg = get_preset("debug", vocab_size=32768)
+    cpu, gpu = (step_tally(cfg, 2, 256, device).base for device in ("cpu", "cuda"))
+    assert gpu.forward.ops < cpu.forward.ops
+    assert gpu.forward.gemms != cpu.forward.gemms  # the head's GEMMs: [512, V] at once, not [64, V] x 8
+    assert max(m for m, n, k in gpu.forward.gemms if n == cfg.vocab_size) == 512

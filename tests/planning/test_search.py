@@ -66,7 +66,7 @@ def test_search_cli_json_and_plot(small_grid, tmp_path, capsys):
         "4",
         "--total-params",
         "4e7",
-        "--loops",
+        "--num-loops",
         "1,2",
         "--seq-len",
         "512",
@@ -81,3 +81,34 @@ def test_search_cli_json_and_plot(small_grid, tmp_path, capsys):
     assert data["candidates"] and plot.stat().st_size > 1000
     assert main(["plan", "--search", "--hardware", "h100"]) == 2
     assert "--total-params" in capsys.readouterr().err
+
+
+def test_search_loops_is_num_loops_with_a_deprecation_note(small_grid, tmp_path, capsys):
+    argv = ["plan", "--search", "--hardware", "h100", "--devices", "4", "--total-params", "4e7", "--seq-len", "512"]
+    argv += ["--global-batch-tokens", "65536", "--plot", str(tmp_path / "p.png"), "--json"]
+    assert main([*argv, "--num-loops", "2"]) == 0
+    spelled = capsys.readouterr()
+    assert "deprecated" not in spelled.err
+    assert main([*argv, "--loops", "2"]) == 0  # the old spelling still works ...
+    old = capsys.readouterr()
+    assert "--loops is deprecated" in old.err and "--num-loops" in old.err  # ... and says what to write instead
+    assert json.loads(old.out)["candidates"] == json.loads(spelled.out)["candidates"]
+    assert {c["num_loops"] for c in json.loads(spelled.out)["candidates"]} == {2}
+    assert main([*argv, "--num-loops", "0,2"]) == 2
+    assert "--num-loops must be positive" in capsys.readouterr().err
+
+
+def test_search_derives_the_looped_model_loopmoe_budget_derives(monkeypatch, tmp_path, capsys):
+    # A reference at GPU-cluster scale (where `budget` puts experts and heads on the hardware grid):
+    # `plan --search` and `loopmoe budget` on that reference give one looped model.
+    monkeypatch.setattr(search_mod, "WIDTHS", (2048,))
+    monkeypatch.setattr(search_mod, "DEPTHS", (12,))
+    monkeypatch.setattr(search_mod, "EXPERTS", (64,))
+    monkeypatch.setattr(search_mod, "TOP_K", (8,))
+    [(looped, ref)] = [(c, r) for c, r in search_mod.shapes(3e9, (2,), 2048)]
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(ref.architecture_dict()))
+    assert main(["budget", str(path), "--num-loops", "2", "--seq-len", "2048", "--json"]) == 0
+    budget_looped = json.loads(capsys.readouterr().out)["looped"]["config"]
+    assert budget_looped == json.loads(json.dumps(looped.architecture_dict()))
+    assert looped.num_experts % 8 == 0 and looped.head_dim % 16 == 0  # the hardware grid

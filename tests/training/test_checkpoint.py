@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loopmoe.training import CheckpointManager, build_optimizer, build_scheduler, load_run_config
-from loopmoe.training.checkpoint import MARKER, _files, _sha256
+from loopmoe.training.checkpoint import MARKER, CheckpointMeta, _files, _sha256
 from tests.training.standins import TinyMoELM, standin_overrides
 
 
@@ -22,7 +22,7 @@ def _state(seed):
 
 def _save(mgr, step, seed=0):
     model, opt, sched = _state(seed)
-    mgr.save(step, model, opt, sched, {"position": step}, {"tokens": step * 10, "skipped_steps": 0, "world_size": 1})
+    mgr.save(CheckpointMeta(step=step, tokens=step * 10, skipped_steps=0), model, opt, sched, {"position": step})
     return model
 
 
@@ -42,7 +42,7 @@ def test_resume_restores_state(tmp_path):
     saved = _save(mgr, 10, seed=1)
     model, opt, sched = _state(seed=2)
     restored = mgr.load_latest(model, opt, sched)
-    assert restored.meta["step"] == 10 and restored.meta["tokens"] == 100 and restored.loader_state == {"position": 10}
+    assert restored.meta.step == 10 and restored.meta.tokens == 100 and restored.loader_state == {"position": 10}
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
 
 
@@ -65,4 +65,4 @@ def test_bad_latest_falls_back_with_warning(tmp_path, damage):
     model, opt, sched = _state(seed=3)
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         restored = mgr.load_latest(model, opt, sched)
-    assert restored.meta["step"] == 10
+    assert restored.meta.step == 10

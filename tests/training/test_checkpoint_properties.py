@@ -2,7 +2,7 @@
 
 Any file of a checkpoint truncated, overwritten, bit-flipped or deleted, with its checksums left as they
 were (bit rot, a bad copy) or rewritten to match (a hand edit, an attacker): ``load_latest`` restores the
-run or raises a clear error (``UserFacingError`` / ``ValueError``), never an exception from inside torch
+run or raises a clear error (``LoopMoEError`` / ``ValueError``), never an exception from inside torch
 or a ``KeyError`` from a state dict that lacks what loading needs."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loopmoe.errors import UserFacingError
+from loopmoe.errors import LoopMoEError
 from loopmoe.training import CheckpointManager
 from tests.training.test_checkpoint import _save, _state
 from tests.training.test_safe_dcp import _reseal
@@ -66,9 +66,9 @@ def test_a_damaged_checkpoint_loads_or_says_why(pristine, name, how, at, data, r
             warnings.simplefilter("ignore")
             try:
                 state = CheckpointManager(root, keep_last=1).load_latest(model, opt, sched)
-            except (UserFacingError, ValueError):
+            except (LoopMoEError, ValueError):
                 return
-        assert state is not None and state.meta["step"] == 4
+        assert state is not None and state.meta.step == 4
 
 
 # Files that read and pass their (rewritten) checksums but do not hold what loading needs.
@@ -98,7 +98,7 @@ def test_a_resealed_file_that_does_not_fit_is_skipped_and_changes_nothing(pristi
     model, opt, sched = _state(seed=1)
     before = [t.clone() for t in model.state_dict().values()], opt.state_dict(), sched.state_dict()
     rng = torch.get_rng_state()
-    with pytest.warns(UserWarning, match="skipping checkpoint"), pytest.raises(UserFacingError, match="none verifies"):
+    with pytest.warns(UserWarning, match="skipping checkpoint"), pytest.raises(LoopMoEError, match="none verifies"):
         CheckpointManager(root, keep_last=1).load_latest(model, opt, sched)
     assert all(torch.equal(a, b) for a, b in zip(before[0], model.state_dict().values()))
     assert str(opt.state_dict()) == str(before[1]) and sched.state_dict() == before[2]

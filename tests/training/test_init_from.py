@@ -55,6 +55,24 @@ def test_contradicting_the_checkpoint_is_refused(trained_run):
         default_model_factory(_run_config(final / "nowhere"), vocab)
 
 
+def test_weights_of_other_shapes_are_one_line_naming_the_fix(trained_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from loopmoe.errors import CheckpointError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained_run / "final", bad)
+    weights = load_file(bad / "model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[name] = torch.zeros(2 * weights[name].shape[0], weights[name].shape[1])
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    vocab = json.loads((bad / "config.json").read_text())["vocab_size"]
+    with pytest.raises(CheckpointError, match=rf"other shapes .*{name} .*point model.init_from at a checkpoint"):
+        default_model_factory(_run_config(bad), vocab)
+
+
 def test_continued_pretraining_runs_from_the_checkpoint(trained_run, tmp_path):
     final = trained_run / "final"
     run_training(_run_config(final, "train.max_steps=1"), tmp_path / "continued")

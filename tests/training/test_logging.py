@@ -157,3 +157,37 @@ def test_wandb_offline_gets_the_same_metrics(tmp_path, monkeypatch):
         histograms = {k for k, v in data.items() if isinstance(v, wandb.Histogram)}
         assert scalars <= set(tensorboard.Tags()["scalars"]) and histograms <= set(tensorboard.Tags()["histograms"])
         assert ("router/core.0/iter1/load" in histograms) == (step % 5 == 0)  # log_every = 5
+
+
+def test_a_tensorboard_path_that_is_a_file_is_one_line_naming_the_fix(tmp_path):
+    from loopmoe.errors import ConfigError
+    from loopmoe.training.metrics import MetricsLogger
+
+    (tmp_path / "tensorboard").write_text("mine")
+    with pytest.raises(ConfigError, match=r"tensorboard is a file, not a folder.*Move or remove that file"):
+        MetricsLogger(tmp_path, enabled=True, max_steps=2)
+    assert (tmp_path / "tensorboard").read_text() == "mine"
+
+
+def test_a_disk_that_fills_under_tensorboard_is_the_one_line_disk_full_error(tmp_path, monkeypatch, capfd):
+    import errno
+    import time
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from loopmoe.errors import LoopMoEError
+    from loopmoe.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True, max_steps=50)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RecordWriter, "write", full)
+    record = {"step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens": 8, "tokens_per_s": 1.0}
+    with pytest.raises(LoopMoEError, match=r"disk full while writing the run's logs.*free space and re-run"):
+        for step in range(1, 51):  # the writer's thread fails on its first write; a later call reports it
+            logger.log_step({**record, "step": step})
+            time.sleep(0.02)
+        logger.close()
+    assert "Traceback" not in capfd.readouterr().err  # the writer thread's own traceback is not shown

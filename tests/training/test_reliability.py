@@ -66,11 +66,18 @@ def test_unverifiable_checkpoints_stop_the_run_and_restart_moves_them_aside(tmp_
     assert [p for _, p in list_checkpoints(tmp_path / "checkpoints")] == ckpts  # nothing deleted
     assert read_metrics(tmp_path) == metrics_before
 
-    with pytest.warns(UserWarning, match="moved the existing checkpoints aside"):
+    config_before = (tmp_path / "run_config.json").read_text()
+    with pytest.warns(UserWarning, match="moved the previous run .* aside"):
         result = _train(tmp_path, "train.max_steps=9", restart=True)
     assert result["step"] == 9
-    (rejected,) = (tmp_path / "checkpoints").glob("rejected-*")
-    assert sorted(p.name for p in rejected.iterdir()) == ["step_0000003", "step_0000006"]
+    # --restart moves the whole old run aside, its history intact: checkpoints, metrics, config, logs, final
+    (aside,) = tmp_path.glob("restarted-*")
+    assert {"checkpoints", "metrics.jsonl", "run_config.json", "tensorboard", "final"} <= {
+        p.name for p in aside.iterdir()
+    }
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+    assert read_metrics(aside) == metrics_before
+    assert (aside / "run_config.json").read_text() == config_before
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 10))
 
 
@@ -118,11 +125,11 @@ def test_lock_is_held_for_the_run_and_released_after(tmp_path, monkeypatch):
     seen = []
     real_save = CheckpointManager.save
 
-    def save(self, step, *a, **kw):
+    def save(self, meta, *a, **kw):
         with pytest.raises(RunDirBusyError):
             RunLock(tmp_path).acquire()
-        seen.append(step)
-        return real_save(self, step, *a, **kw)
+        seen.append(meta.step)
+        return real_save(self, meta, *a, **kw)
 
     monkeypatch.setattr(CheckpointManager, "save", save)
     _train(tmp_path)
@@ -182,12 +189,11 @@ def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
 def test_debris_of_killed_writes_is_cleaned_when_a_run_starts(tmp_path):
     _train(tmp_path, "train.max_steps=3")
     debris = [
-        tmp_path / "checkpoints" / "step_0000006.tmp",  # older versions' name
         tmp_path / "checkpoints" / "step_0000006.tmp-4194999",
-        tmp_path / "data" / ".shards.staging-4194999-abc",
-        tmp_path / "data" / ".tokenizer.staging-x1y2",
-        tmp_path / ".metrics.jsonl.tmp-4194999-q",
-        tmp_path / "checkpoints" / ".step_0000003.old-4194999",
+        tmp_path / "data" / ".shards.loopmoe-staging-4194999-abc",
+        tmp_path / "data" / ".tokenizer.loopmoe-staging-4194999-x1y2",
+        tmp_path / ".metrics.jsonl.loopmoe-tmp-4194999-q",
+        tmp_path / "checkpoints" / ".step_0000003.loopmoe-old-4194999",
     ]
     for d in debris:
         if d.name.endswith("-q"):
@@ -209,8 +215,8 @@ def test_shared_data_cache_keeps_live_writers_temporaries(tmp_path):
 
     from loopmoe.atomic import clean_stale_temporaries
 
-    live = tmp_path / f".shards.staging-{os.getppid()}-abc"
-    dead = tmp_path / ".shards.staging-4194999-abc"
+    live = tmp_path / f".shards.loopmoe-staging-{os.getppid()}-abc"
+    dead = tmp_path / ".shards.loopmoe-staging-4194999-abc"
     live.mkdir()
     dead.mkdir()
     assert clean_stale_temporaries(tmp_path, held=False) == [dead]
@@ -224,7 +230,7 @@ def test_a_corrupt_checkpoint_is_moved_aside_not_overwritten(tmp_path):
     _corrupt(tmp_path / "step_0000020")
     mgr = CheckpointManager(tmp_path, keep_last=3)
     with pytest.warns(UserWarning, match="skipping checkpoint"):
-        assert mgr.load_latest(*ckpt_module_state()).meta["step"] == 10
+        assert mgr.load_latest(*ckpt_module_state()).meta.step == 10
     with pytest.warns(UserWarning, match="moved checkpoint step_0000020, which does not verify"):
         _save(mgr, 20)  # the resumed run reaches step 20 again
     verify(tmp_path / "step_0000020")
@@ -241,8 +247,8 @@ def ckpt_module_state():
 def test_cleanup_does_not_sweep_a_whole_tree(tmp_path):
     from loopmoe.atomic import clean_stale_temporaries
 
-    deep = tmp_path / "a" / "b" / "c" / ".notes.txt.tmp-4194999-x"
-    near = tmp_path / "a" / "b" / ".notes.txt.tmp-4194999-x"
+    deep = tmp_path / "a" / "b" / "c" / ".notes.txt.loopmoe-tmp-4194999-x"
+    near = tmp_path / "a" / "b" / ".notes.txt.loopmoe-tmp-4194999-x"
     for f in (deep, near):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x")

@@ -84,3 +84,20 @@ def test_validation_split_smaller_than_a_batch_is_refused_before_training(tmp_pa
         run_training(cfg, tmp_path / "run", model_factory=_model_factory)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_same_corpus_through_another_data_dir_resumes(tmp_path, monkeypatch):
+    # Fingerprints are content-based: the same bytes reached through another LOOPMOE_DATA_DIR (a symlink
+    # to the first) are the same data; nothing is retrained or rebuilt.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "corpus.txt").write_text(make_text(seed=1, paragraphs=600))
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    out = tmp_path / "run"
+    monkeypatch.setenv("LOOPMOE_DATA_DIR", str(tmp_path / "a"))
+    run_training(_cfg("corpus.txt", 2), out, model_factory=_model_factory)
+    shards = out / "data" / "shards" / "train.bin"
+    before = shards.stat().st_mtime_ns
+    monkeypatch.setenv("LOOPMOE_DATA_DIR", str(tmp_path / "b"))
+    result = run_training(_cfg("corpus.txt", 4), out, model_factory=_model_factory)
+    assert result["step"] == 4
+    assert shards.stat().st_mtime_ns == before

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
 from loopmoe.training import CheckpointManager
 from loopmoe.training import checkpoint as checkpoint_module
-from loopmoe.training.checkpoint import MARKER, _files, _sha256
+from loopmoe.training.checkpoint import MARKER, CheckpointMeta, _files, _sha256
 from loopmoe.training.safe_dcp import SafeLoadPlanner, UnsafeCheckpointError, load_dcp_metadata
 from tests.training.test_checkpoint import _state
 
@@ -46,7 +46,7 @@ def _reseal(path):
 def _save(tmp_path, seed=1):
     mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2)
     model, opt, sched = _state(seed)
-    path = mgr.save(10, model, opt, sched, {"position": 10}, {"tokens": 100, "skipped_steps": 0, "world_size": 1})
+    path = mgr.save(CheckpointMeta(step=10, tokens=100, skipped_steps=0), model, opt, sched, {"position": 10})
     return mgr, model, path
 
 
@@ -56,7 +56,7 @@ def test_dcp_resume_round_trip(tmp_path, one_process_group):
     assert isinstance(load_dcp_metadata(path / "dcp" / ".metadata"), Metadata)
     model, opt, sched = _state(seed=2)
     restored = mgr.load_latest(model, opt, sched)
-    assert restored is not None and restored.meta["step"] == 10
+    assert restored is not None and restored.meta.step == 10
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
     assert opt.state_dict()["state"]  # the optimizer moments came back too
 

@@ -6,6 +6,10 @@ Each function is an lm-eval ``custom_dataset`` callable: lm-eval calls it with t
 returns a ``DatasetDict`` whose split name and fields match the Hugging Face dataset the upstream
 lm-eval task downloads, so the prompt templates can be copied from lm-eval verbatim and nothing is
 ever fetched from the hub.
+
+This module imports nothing of loopmoe: an exported task folder runs under ``lm_eval`` where loopmoe
+is not installed. Its errors are plain ``ValueError`` / ``MissingDataError``; ``loopmoe.evaluation.harness``
+turns them into loopmoe's own (``DataError``, ``MissingFileError``) for the command line.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from loopmoe.errors import ConfigError
 from loopmoe.model.kernels.autocast import autocast_operands
 
 # fp32 logits per chunk. CPU: fits the L3 of the smallest CPUs we run on. GPU: the point is the
@@ -98,7 +99,7 @@ def linear_cross_entropy(
     elif labels is not None:
         targets = _shift(labels, ignore_index)
     else:
-        raise ValueError("linear_cross_entropy needs labels or shift_labels")
+        raise ConfigError("linear_cross_entropy needs labels or shift_labels")
     targets = targets.to(h.device)
     if num_items_in_batch is None:
         denominator = (targets != ignore_index).sum().to(torch.float32)

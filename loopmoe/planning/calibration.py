@@ -1,0 +1,330 @@
+"""Measuring this machine: the ``cpu`` profile's calibration, gloo's α–β included, cached per machine;
+and ``get_hardware``, which returns any profile by name (``cpu``: calibrated once, then read from
+the cache).
+
+Per thread count (``calibrate_cpu``): the matmul rate at several sizes, the SDPA rate, memory
+bandwidth, the extra cost of transcendental math and the framework's cost per op (a real training
+step of a tiny model). Measure under the conditions the predictions are for: other processes
+competing for the cores slow every number here, and a prediction is only as good as its calibration.
+
+The α–β of gloo collectives between two local processes (the CPU profile's links), and FSDP2's own
+cost per collective (``measure_gloo``). Two processes are spawned with a file-store gloo group; each
+collective is timed at sizes from 1 KiB to 16 MiB and ``t = α + bytes_on_the_wire / β`` is fitted by
+least squares, where the bytes on the wire are the ring algorithm's (``comm.wire_bytes``), so the
+same β serves every collective. FSDP2 spends time of its own around each all-gather and
+reduce-scatter (its forward and backward hooks, the copy-in and copy-out of the flat buffers), which
+neither the collective nor the model's ops include: one process (a group of one, so the collectives
+move nothing) times a tiny model's training step with and without ``fully_shard`` and divides the
+difference by the FSDP2 collectives of that step (``comm.plan_comm``'s count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from loopmoe.atomic import atomic_write_text
+from loopmoe.distributed import apply_fsdp2, build_mesh
+from loopmoe.errors import ConfigError
+from loopmoe.planning.comm import plan_comm, wire_bytes
+from loopmoe.planning.hardware import HARDWARE_NAMES, PROFILES, Hardware, attention_flops, cpu_from_calibration
+from loopmoe.planning.kernel_timing import median_time, torch_threads
+from loopmoe.planning.layout import Layout
+from loopmoe.planning.trace import expert_kernel, tiny_trainer
+from loopmoe.text import suggest
+
+GIB = 2**30
+
+
+def get_hardware(name: str, threads: int | None = None, calibrate: bool = True) -> Hardware:
+    """The profile ``name``; ``cpu`` is this machine's, calibrated once and cached (``threads``:
+    intra-op threads per process, default all cores)."""
+    if name == "cpu":
+        return cpu_profile(threads, calibrate=calibrate)
+    if name not in PROFILES:
+        hint = suggest(name, HARDWARE_NAMES) or f"choose one of {', '.join(HARDWARE_NAMES)}"
+        raise ConfigError(f"unknown hardware {name!r}: {hint}")
+    return PROFILES[name]
+
+
+# --- the CPU profile: measured on this machine ------------------------------------------------------
+
+
+def cache_path() -> Path:
+    """Where the CPU calibration is cached ($LOOPMOE_CACHE_DIR or ~/.cache/loopmoe), one per machine."""
+    root = Path(os.environ.get("LOOPMOE_CACHE_DIR") or Path.home() / ".cache" / "loopmoe")
+    host = f"{platform.node()}-{os.cpu_count()}cpu".replace("/", "_")
+    return root / f"hardware-cpu-{host}.json"
+
+
+def cpu_profile(threads: int | None = None, calibrate: bool = True, refresh: bool = False) -> Hardware:
+    """This machine as a ``Hardware``, at ``threads`` intra-op threads per process.
+
+    The calibration (``calibrate_cpu``) runs once and is cached in ``cache_path()``; ``refresh``
+    measures again (do so when the machine was busy the first time, or changed).
+    """
+    cores = os.cpu_count() or 1
+    threads = threads or cores
+    path = cache_path()
+    data, why = (None, "refresh asks for a new calibration") if refresh else _cached_calibration(path, threads)
+    if data is None:
+        if not calibrate:
+            raise ConfigError(f"{why}: run `loopmoe plan --calibrate` (about 30 s) or pass a GPU --hardware")
+        data = calibrate_cpu(sorted({1, threads, cores}))
+        save_calibration(data, path)
+    return cpu_from_calibration(data, threads)
+
+
+def _cached_calibration(path: Path, threads: int) -> tuple[dict | None, str]:
+    """The cached calibration if it serves ``threads``, else None and why not."""
+    try:
+        data = json.loads(path.read_text())
+        version, measured = data.get("version"), data["threads"]
+    except FileNotFoundError:
+        return None, f"no CPU calibration in {path}"
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # torn or edited by hand
+        return None, f"the CPU calibration in {path} is unreadable"
+    if version != CALIBRATION_VERSION:  # an older procedure: its numbers mean something else now
+        return None, f"the CPU calibration in {path} is outdated (version {version}, now {CALIBRATION_VERSION})"
+    if str(threads) not in measured:
+        return None, f"the CPU calibration in {path} has no entry for {threads} threads"
+    return data, ""
+
+
+def save_calibration(data: dict, path: Path | None = None) -> Path:
+    path = path or cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2))
+    return path
+
+
+GEMM_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+# Bumped when the calibration measures something differently: a cached one of another version is
+# measured again (2: per-op cost from a training step, transcendental cost; 3: FSDP2's cost per call).
+CALIBRATION_VERSION = 3
+
+
+def _calibrate_threads(threads: int, quick: bool) -> dict:
+    """Matmul rate by size, SDPA rate, memory bandwidth, transcendental math and framework op overhead
+    at ``threads``."""
+    import torch
+
+    with torch_threads(threads):
+        reps = 3 if quick else 5
+        gemm = []
+        for n in GEMM_SIZES:
+            # Training GEMMs are long and thin ([tokens, d] @ [d, f]): time M = 8n rows (capped) by n x n
+            # weights, and key the rate by the cube-root size the cost model looks up.
+            m = min(8 * n, 4096)
+            a, b = torch.randn(m, n), torch.randn(n, n)
+            out = torch.empty(m, n)
+            t = median_time(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), reps)
+            gemm.append(((m * n * n) ** (1 / 3), 2 * m * n * n / t))
+        # Memory bandwidth: a copy far larger than the caches (read + write).
+        big = torch.empty(64 * 2**20 // 4)
+        dst = torch.empty_like(big)
+        t = median_time(lambda: dst.copy_(big), reps)
+        bandwidth = 2 * big.numel() * 4 / t
+        # Fused attention (SDPA, causal), forward + backward, rated over the full S x S score FLOPs
+        # (the budget's convention; the rate for accelerator-style use of this profile: the planner
+        # itself times each attention shape it needs, ``measured_attention_seconds``).
+        B, H, S, hd = 4, 4, 256, 32
+        q, k, v = (torch.randn(B, H, S, hd, requires_grad=True) for _ in range(3))
+
+        def attn():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+        t = median_time(attn, reps)
+        attention_rate = (attention_flops((B, H, S, hd), False) + attention_flops((B, H, S, hd), True)) / t
+        # Transcendental math: a log-softmax over a large [rows, vocab] block (the LM loss's), beyond
+        # what streaming its bytes costs.
+        logits = torch.randn(1024, 2048)
+        t = median_time(lambda: torch.log_softmax(logits, dim=-1), reps)
+        transcendental_s = max(0.0, (t - 2 * logits.numel() * 4 / bandwidth) / logits.numel())
+        # Framework overhead per op: a real training step of a tiny model (width 32, 32 tokens), whose
+        # arithmetic is negligible: dispatch, autograd, allocation and the model's and trainer's Python
+        # per op, as a training step sees them.
+        model, trainer, ids = tiny_trainer(2)
+
+        def step():
+            trainer.train_step(iter([ids]))
+
+        # + the expert kernel's matmuls, which the dispatch count does not see inside its custom op
+        kernel = expert_kernel(model.config, ids.numel())
+        ops = _count_ops(step) + 2 * (kernel.forward.ops + kernel.backward.ops)
+        t = median_time(step, reps)
+        return {
+            "gemm": gemm,
+            "memory_bandwidth": bandwidth,
+            "attention_rate": attention_rate,
+            "transcendental_s": transcendental_s,
+            "op_overhead_s": t / ops,
+        }
+
+
+def _count_ops(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def calibrate_cpu(threads: list[int] | None = None, quick: bool = False, gloo: bool = True) -> dict:
+    """Measure this machine: per thread count, matmul rate at several sizes, SDPA rate, memory
+    bandwidth and op overhead; and the gloo collective α–β between two local processes.
+
+    Measure under the conditions the predictions are for: other processes competing for the cores
+    slow every number here, and a prediction is only as good as its calibration.
+    """
+    cores = os.cpu_count() or 1
+    threads = threads or sorted({1, cores})
+    data = {
+        "version": CALIBRATION_VERSION,
+        "cpu": _cpu_name(),
+        "cores": cores,
+        "memory_bytes": _memory_bytes(),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "threads": {str(t): _calibrate_threads(t, quick) for t in threads},
+    }
+    if gloo and cores >= 2:
+        data["gloo"] = measure_gloo(quick=quick)
+    return data
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _memory_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        return 16 * GIB
+
+
+# --- gloo collectives and FSDP2's own cost ------------------------------------------------------------
+
+SIZES = (2**10, 2**14, 2**18, 2**20, 2**22, 2**24)
+
+
+def _worker(rank: int, world: int, init_file: str, out: str, quick: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results: dict[str, list[tuple[int, float]]] = {"all_reduce": [], "all_gather": [], "reduce_scatter": []}
+    reps = 4 if quick else 10
+    for nbytes in SIZES:
+        n = nbytes // 4
+        x = torch.ones(n)
+        gathered = torch.empty(n * world)
+        shard = torch.empty(n // world)
+        ops: dict[str, Callable[[], object]] = {
+            "all_reduce": partial(dist.all_reduce, x),
+            "all_gather": partial(dist.all_gather_into_tensor, gathered, x),
+            "reduce_scatter": partial(dist.reduce_scatter_tensor, shard, x),
+        }
+        for name, op in ops.items():
+            # Back-to-back calls after one barrier, per call: a single call after a barrier also
+            # times how late the other rank left the barrier, which dwarfs a small message.
+            times = []
+            for _ in range(3):
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    op()
+                times.append((time.perf_counter() - t0) / reps)
+            results[name].append((nbytes, statistics.median(times)))
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def _fsdp_worker(rank: int, init_file: str, out: str, quick: bool) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    mesh = build_mesh(1, "cpu", 1)
+    times = {}
+    for name, wrap in (("plain", None), ("fsdp2", lambda m: apply_fsdp2(m, mesh))):
+        _, trainer, ids = tiny_trainer(2, wrap=wrap)
+        for _ in range(2):
+            trainer.train_step(iter([ids]))
+        steps = []
+        for _ in range(8 if quick else 25):
+            t0 = time.perf_counter()
+            trainer.train_step(iter([ids]))
+            steps.append(time.perf_counter() - t0)
+        times[name] = statistics.median(steps)
+    Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def measure_fsdp2_overhead(quick: bool = False) -> float:
+    """Seconds FSDP2 itself adds per all-gather or reduce-scatter call (see the module docstring)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "fsdp.json")
+        mp.start_processes(_fsdp_worker, args=(str(Path(tmp) / "init"), out, quick), nprocs=1, start_method="spawn")
+        times = json.loads(Path(out).read_text())
+    model, _, ids = tiny_trainer(2)
+    lay = Layout(devices=2, strategy="fsdp2", micro_batch=ids.shape[0], seq_len=ids.shape[1])
+    calls = plan_comm(model.config, lay, PROFILES["h100"]).collectives
+    return max(0.0, times["fsdp2"] - times["plain"]) / (calls["all_gather"] + calls["reduce_scatter"])
+
+
+def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``t = α + x / β`` over (wire bytes x, seconds t); α >= 0."""
+    xs, ts = [p[0] for p in points], [p[1] for p in points]
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sum((x - mx) ** 2 for x in xs)
+    alpha = max(mt - slope * mx, 0.0)
+    return alpha, 1.0 / max(slope, 1e-15)
+
+
+def measure_gloo(quick: bool = False, world: int = 2) -> dict:
+    """α (s) and β (bytes/s) of gloo all_reduce / all_gather / reduce_scatter between ``world`` local processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "gloo.json")
+        mp.start_processes(
+            _worker, args=(world, str(Path(tmp) / "init"), out, quick), nprocs=world, start_method="spawn"
+        )
+        raw = json.loads(Path(out).read_text())
+    fits = {}
+    for name, pts in raw.items():
+        alpha, beta = fit_alpha_beta([(wire_bytes(name, nbytes, world), t) for nbytes, t in pts])
+        fits[name] = {"latency_s": alpha, "bandwidth": beta, "points": pts}
+    return {
+        "world": world,
+        "latency_s": statistics.median(f["latency_s"] for f in fits.values()),
+        "bandwidth": statistics.median(f["bandwidth"] for f in fits.values()),
+        "collectives": fits,
+        "fsdp2_call_overhead_s": measure_fsdp2_overhead(quick),
+    }

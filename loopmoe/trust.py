@@ -1,0 +1,82 @@
+"""What loopmoe agrees to read: no code from a model or tokenizer folder, only whole safetensors files.
+
+Every path that opens a folder a user points at (evaluation, data, init_from, export) goes through
+these two checks, so the rule has one home on the ground floor.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from loopmoe.errors import CheckpointError, ConfigError, DataError, LoopMoEError
+
+
+@contextmanager
+def no_remote_code(config: Path) -> Iterator[None]:
+    """Turn transformers' refusal of a folder's own code (``auto_map``, trust_remote_code=False) into a clear error."""
+    try:
+        yield
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        where = " or ".join(dict.fromkeys([config.name, "config.json"]))
+        raise CheckpointError(
+            f"{config.parent} asks to run its own Python (an auto_map in {where} names custom code for a model or "
+            "tokenizer type transformers does not know); loopmoe never runs code from a model or tokenizer "
+            "folder: use a LoopMoE or a transformers-native checkpoint"
+        ) from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ValueError naming ``path`` if it is not a complete safetensors file (header + every tensor's bytes).
+
+    Reads only the header: a file cut short (interrupted copy or export) is caught before transformers
+    or safetensors fail on it with an internal error.
+    """
+    size = path.stat().st_size
+    problem = None
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) < 8:
+                problem = f"it has {size} bytes, fewer than a header"
+            else:
+                (length,) = struct.unpack("<Q", raw)
+                if 8 + length > size:
+                    problem = f"its header needs {8 + length} bytes but the file has {size}"
+                else:
+                    header = json.loads(handle.read(length))
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                    if 8 + length + end > size:
+                        problem = f"its tensors need {8 + length + end} bytes but the file has {size}"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        problem = f"its header is unreadable ({type(error).__name__}: {error})"
+    if problem:
+        raise CheckpointError(f"weights file {path} is truncated or corrupt: {problem}; copy or export the model again")
+
+
+def read_json(
+    path: Path, error: type[LoopMoEError] = DataError, fix: str = "fix or replace the file"
+) -> dict[str, Any]:
+    """The JSON object at ``path``; a torn, hand-broken or non-object file is ``error`` naming the file and ``fix``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
+def read_toml(path: Path, error: type[LoopMoEError] = ConfigError, fix: str = "fix the file") -> dict[str, Any]:
+    """The TOML table at ``path``; a syntax error is ``error`` naming the file, the line and ``fix``."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid TOML ({e}); {fix}") from None
