@@ -212,3 +212,18 @@ def compute_budget(cfg: ConfigLike, seq_len: int, num_loops: int | None = None) 
         modulation_flops_per_token=2 * C * T * modulation_matmul_weights(cfg),
         attn_ffn_ratio_per_layer=plain.attention / ffn_matmul_weights(cfg, plain),
     )
+
+
+def adaptive_flops_per_token(
+    cfg: ConfigLike, seq_len: int, mean_loops: float, criterion: str | None = None, max_loops: int | None = None
+) -> float:
+    """Forward FLOPs per token under adaptive depth (docs/design.md §5): the T = 1 forward, one core
+    iteration's FLOPs for each further iteration a token runs on average, and the exit tests' LM head
+    (``kl``, ``entropy``: ``2·V·d`` per active token at each tested boundary but the last)."""
+    one = compute_budget(cfg, seq_len, num_loops=1).flops_per_token
+    iteration = compute_budget(cfg, seq_len, num_loops=2).flops_per_token - one
+    flops = one + (mean_loops - 1) * iteration
+    if criterion in ("kl", "entropy"):
+        loops = cfg.num_loops if max_loops is None else max_loops
+        flops += 2 * cfg.vocab_size * cfg.hidden_size * min(mean_loops, loops - 1)
+    return flops

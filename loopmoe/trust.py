@@ -61,6 +61,27 @@ def check_safetensors(path: Path) -> None:
         raise CheckpointError(f"weights file {path} is truncated or corrupt: {problem}; copy or export the model again")
 
 
+def pickle_refusal(file: Path, error: BaseException) -> CheckpointError:
+    """The one-line refusal of a pickled weights file (``.bin`` / ``.pt``) that torch's restricted
+    unpickler (``weights_only=True``) rejected: it holds more than plain tensors, and loading it
+    without the restriction would run code from the file. Names what was refused, never the unsafe way out."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "Unsupported" in line), None)
+    detail = detail or next((line for line in lines if "WeightsUnpickler" in line), type(error).__name__)
+    return CheckpointError(
+        f"{file}: refused: pickled weights that hold more than plain tensors ({detail[:200]}); loading them "
+        "could run code from the file. Use a safetensors checkpoint, or convert the file with a tool you trust"
+    )
+
+
+def unreadable_weights(file: Path, error: BaseException) -> CheckpointError:
+    """A weights file safetensors or torch cannot parse (torn, not a checkpoint), named in one line."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return CheckpointError(
+        f"weights file {file} is unreadable ({type(error).__name__}: {first[:200]}); copy or export the model again"
+    )
+
+
 def read_json(
     path: Path, error: type[LoopMoEError] = DataError, fix: str = "fix or replace the file"
 ) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loopmoe.errors import ConfigError, DataError
+from loopmoe.model.adaptive import ExitPolicy
 from loopmoe.options import add_options, option, options_from
 
 
@@ -47,6 +48,16 @@ class GenerateOptions:
     tokenizer: Path | None = option(
         None, help="tokenizer.json or tokenizer dir, when MODEL_DIR has no tokenizer saved", shown="MODEL_DIR's"
     )
+    exit: str | None = option(
+        None,
+        help="adaptive depth: each token stops looping once CRITERION falls below THRESHOLD "
+        "(latent, cosine, kl, entropy; e.g. latent:0.03), skipping the rest of its core iterations",
+        metavar="CRITERION:THRESHOLD",
+    )
+    min_loops: int = option(1, help="with --exit: iterations every token runs before it may exit")
+    max_loops: int | None = option(
+        None, help="with --exit: iterations at most (may exceed the trained num_loops)", shown="--num-loops"
+    )
     truncate: bool = option(
         False,
         help="keep the last tokens of a prompt too long for the context (prompt + --max-new-tokens) "
@@ -74,8 +85,21 @@ def read_prompts(given: list[str], stdin) -> list[str]:
         prompts = [line.rstrip("\r\n") for line in _text_lines(stdin) if line.strip()]
         if not prompts:
             raise ConfigError("stdin holds no prompt (every line is empty): pass --prompt TEXT")
-        return prompts
-    return ["".join(_text_lines(stdin)) if p == "-" else p for p in given]
+        return [_check_text(p, "stdin") for p in prompts]
+    return [_check_text("".join(_text_lines(stdin)), "stdin") if p == "-" else _check_text(p, "--prompt") for p in given]
+
+
+def _check_text(prompt: str, where: str) -> str:
+    """``prompt`` if it is text; bytes that are not UTF-8 (Python decodes stdin and arguments with
+    surrogateescape under a C or POSIX locale, so they arrive as lone surrogates) are a one-line error."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where} is not UTF-8 text (a byte that is not UTF-8 at character {e.start}): pipe a text file, or "
+            "pass --prompt TEXT"
+        ) from None
+    return prompt
 
 
 def _text_lines(stdin) -> list[str]:
@@ -108,6 +132,10 @@ def check_device(device: str) -> None:
         kind = torch.device(device).type
     except RuntimeError:
         raise ConfigError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: this torch has no usable Apple GPU (mps); use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device}: loopmoe generate runs on cpu, cuda or cuda:N (or mps on a Mac)")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
     if (
@@ -140,6 +168,16 @@ def fit_context(ids, context: int, max_new_tokens: int, truncate: bool):
 def generation_kwargs(opts: GenerateOptions, tokenizer) -> dict:
     """Keyword arguments of ``model.generate`` for ``opts``: greedy at temperature 0, else sampling."""
     kwargs: dict = {"max_new_tokens": opts.max_new_tokens}
+    if opts.exit is not None:
+        policy = ExitPolicy.parse(opts.exit, min_loops=opts.min_loops, max_loops=opts.max_loops or opts.num_loops)
+        kwargs.update(
+            exit_criterion=policy.criterion,
+            exit_threshold=policy.threshold,
+            min_loops=policy.min_loops,
+            max_loops=policy.max_loops,
+        )
+    elif opts.min_loops != 1 or opts.max_loops is not None:
+        raise ConfigError("--min-loops and --max-loops bound an adaptive depth: give --exit CRITERION:THRESHOLD too")
     if opts.temperature == 0:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:

@@ -4,6 +4,7 @@ cost of a training run (docs/planning.md) without running it."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,8 +133,10 @@ def format_plan(plan) -> str:
 
 
 def run_search(opts: PlanOptions) -> int:
-    if opts.total_params is None or opts.total_params <= 0:
+    if opts.total_params is None:
         raise ConfigError("--search needs --total-params, e.g. --total-params 3e9")
+    if not math.isfinite(opts.total_params) or opts.total_params <= 0:
+        raise ConfigError(f"--total-params {opts.total_params}: must be a positive finite number, e.g. 3e9")
     if opts.config is not None:
         raise ConfigError("--search builds its own shapes: drop the run config (or drop --search to plan that run)")
     loops = opts.num_loops

@@ -1,30 +1,39 @@
 """The arms of a comparison: which models are trained, each derived from the reference.
 
-Three kinds of arm (docs/design.md §8):
+Four kinds of arm (docs/design.md §8):
 
 - ``reference``: the Vanilla MoE as given;
 - ``looped``: its LoopMoE at T loops, balanced against it (``balance``, §7);
 - ``granularity``: the control for expert granularity, a Vanilla MoE with the balanced looped
   model's expert size and top-k and the expert count that matches the reference's total parameters
-  (``granularity_control``), so that "finer experts" can be told apart from "looping".
+  (``granularity_control``), so that "finer experts" can be told apart from "looping";
+- ``granularity_matched``: the exact-budget granularity control (``matched_granularity_control``):
+  its own top-k and expert size, as fine as the looped model's, with all three targets met.
 
 The built-in arms are named after their kind and use the comparison's options (``--num-loops``,
-``--strategy``). Further arms, the ablations, are defined in the ``[arm.NAME]`` tables of a study
-config (``loopmoe compare --config``): a kind plus what differs from the built-in arm of that kind
-(``num_loops``, ``strategy``, ``iter_conditioning``, ``norm_scheme``) and, optionally, their own
-seeds. ``num_loops`` and ``strategy`` are balancing settings: such an arm is balanced anew against the
-reference. ``iter_conditioning`` and ``norm_scheme`` switch only that on the balanced looped model
-(same heads and experts), so the ablation isolates the switch; its budget moves by what the switch
-itself adds or removes (IterAdaLN's parameters and FLOPs), which the arms table reports.
+``--strategy``, ``--prelude``, ``--coda``, ``--lr``). Further arms, the ablations, are defined in the
+``[arm.NAME]`` tables of a study config (``loopmoe compare --config``): a kind plus what differs from
+the built-in arm of that kind and, optionally, their own seeds.
+
+- ``num_loops``, ``strategy``, ``prelude``, ``coda`` are balancing settings (looped and granularity
+  kinds): such an arm is balanced anew against the reference (a granularity arm mirrors the looped
+  model of those settings).
+- ``iter_conditioning`` (looped only), and the norm and init switches ``norm_scheme``, ``qk_norm``,
+  ``initializer_range`` (every kind, the reference included) switch only that on the arm's model (same
+  heads and experts), so the ablation isolates the switch; its budget moves by what the switch itself
+  adds or removes (IterAdaLN's parameters and FLOPs, QK-norm's weights), which the arms table reports.
+- ``lr`` (every kind): the arm's peak learning rate instead of the comparison's ``--lr``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_type_hints
 
-from loopmoe.balance import Strategy, granularity_control
+from loopmoe.balance import Strategy, granularity_control, matched_granularity_control
 from loopmoe.budget import Budget, compute_budget
 from loopmoe.config import IterConditioning, LoopMoEConfig, NormScheme
 from loopmoe.errors import ConfigError
@@ -34,15 +43,21 @@ if TYPE_CHECKING:
     from loopmoe.balance import BalanceResult
     from loopmoe.compare.options import CompareOptions  # options.py imports this module: types only
 
-ArmKind = Literal["reference", "looped", "granularity"]
+ArmKind = Literal["reference", "looped", "granularity", "granularity_matched"]
 ARM_KINDS: tuple[str, ...] = get_args(ArmKind)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Balancing settings (the looped model an arm is, or mirrors), and switches every kind may set on its model.
+BALANCING = ("num_loops", "strategy", "prelude", "coda")
+SWITCHES = ("norm_scheme", "qk_norm", "initializer_range")  # norm and init ablations
 # Which settings an arm of each kind may change (the others do not apply to it).
 _APPLIES = {
-    "reference": (),
-    "looped": ("num_loops", "strategy", "iter_conditioning", "norm_scheme"),
-    "granularity": ("num_loops", "strategy"),
+    "reference": (*SWITCHES, "lr"),
+    "looped": (*BALANCING, "iter_conditioning", *SWITCHES, "lr"),
+    "granularity": (*BALANCING, *SWITCHES, "lr"),
+    "granularity_matched": (*BALANCING, *SWITCHES, "lr"),
 }
+# ArmSpec fields added after results.json first recorded specs: written only when set (old files round-trip).
+LATER_SPEC_KEYS = ("prelude", "coda", "qk_norm", "initializer_range", "lr")
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,29 @@ class ArmSpec:
     iter_conditioning: IterConditioning | None = None  # None: iteradaln, the balanced default
     norm_scheme: NormScheme | None = None  # None: the reference's
     seeds: tuple[int, ...] | None = None  # None: the comparison's --seeds
+    prelude: int | None = None  # P of the looped model (None: --prelude)
+    coda: int | None = None  # Q of the looped model (None: --coda)
+    qk_norm: bool | None = None  # None: the reference's
+    initializer_range: float | None = None  # None: the reference's
+    lr: float | None = None  # None: the comparison's --lr
+
+    def switches(self) -> dict[str, Any]:
+        """The norm/init switches (and iteration conditioning) this arm sets on its model."""
+        keys = ("iter_conditioning", *SWITCHES)
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def balancing(self, opts: CompareOptions) -> tuple[int, str, int, int]:
+        """(T, strategy, P, Q) of the looped model this arm is or mirrors, under ``opts``."""
+        return (
+            self.num_loops or opts.num_loops,
+            self.strategy or opts.strategy,
+            opts.prelude if self.prelude is None else self.prelude,
+            opts.coda if self.coda is None else self.coda,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The spec as results.json records it: the keys it always had, and the later ones where set."""
+        return {k: v for k, v in asdict(self).items() if k not in LATER_SPEC_KEYS or v is not None}
 
     def validate(self, name: str) -> ArmSpec:
         where = f"[arm.{name}]"
@@ -69,12 +107,36 @@ class ArmSpec:
                 )
         if self.num_loops is not None and self.num_loops < 2:
             raise ConfigError(f"{where} num_loops = {self.num_loops}: a looped model needs at least 2 loops")
-        if self.seeds is not None and not self.seeds:
-            raise ConfigError(f"{where} seeds = []: give at least one seed, or remove the key to use --seeds")
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ConfigError(f"{where} seeds = []: give at least one seed, or remove the key to use --seeds")
+            check_seeds(self.seeds, f"{where} seeds")
+        for key in ("prelude", "coda"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ConfigError(f"{where} {key} = {value}: must be a whole number of layers >= 0")
+        for key in ("lr", "initializer_range"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{where} {key} = {value}: must be a positive number (remove it for the default)")
         return self
 
 
-BUILTIN_ARMS = {"reference": ArmSpec("reference"), "looped": ArmSpec("looped"), "granularity": ArmSpec("granularity")}
+def check_seeds(seeds: tuple[int, ...], where: str) -> None:
+    """Seeds are whole numbers >= 0 (they seed numpy's generators), each given once; errors name the fix."""
+    bad = [s for s in seeds if s < 0]
+    if bad:
+        raise ConfigError(f"{where} = {list(seeds)}: seed {bad[0]} is negative; seeds are whole numbers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where} = {list(seeds)} names a seed twice; give each seed once")
+
+
+BUILTIN_ARMS = {
+    "reference": ArmSpec("reference"),
+    "looped": ArmSpec("looped"),
+    "granularity": ArmSpec("granularity"),
+    "granularity_matched": ArmSpec("granularity_matched"),
+}
 
 
 def check_arm_name(name: str) -> str:
@@ -111,6 +173,7 @@ class Arm:
     budget: Budget
     seeds: tuple[int, ...]
     balanced: BalanceResult | None  # the looped model's balancing (looped and granularity arms)
+    lr: float | None = None  # the arm's peak learning rate (None: the comparison's --lr)
 
 
 def _switched(config: LoopMoEConfig, changes: dict[str, Any]) -> LoopMoEConfig:
@@ -124,14 +187,18 @@ def _switched(config: LoopMoEConfig, changes: dict[str, Any]) -> LoopMoEConfig:
 def resolve_arms(opts: CompareOptions, reference: LoopMoEConfig) -> dict[str, Arm]:
     """Every selected arm (``opts.arms``) built against ``reference``, in the order given.
 
-    Balancing runs once per distinct looped setting: a granularity arm reuses its looped arm's result.
+    Balancing runs once per distinct (T, strategy, P, Q): a granularity arm reuses its looped arm's result.
+    Any arm that cannot be built (a balancing that misses its tolerances, a control with no exact match)
+    raises ``ConfigError`` here, before anything trains.
     """
     cache: dict[tuple, BalanceResult] = {}
 
     def balanced(spec: ArmSpec) -> BalanceResult:
-        key = (spec.num_loops or opts.num_loops, spec.strategy or opts.strategy)
+        key = spec.balancing(opts)
         if key not in cache:
-            cache[key] = opts.derive(reference, key[0], seq_len=opts.seq_len, strategy=key[1])
+            loops, strategy, prelude, coda = key
+            derive = dataclasses.replace(opts, prelude=prelude, coda=coda).derive
+            cache[key] = derive(reference, loops, seq_len=opts.seq_len, strategy=strategy)
         return cache[key]
 
     arms = {}
@@ -141,9 +208,15 @@ def resolve_arms(opts: CompareOptions, reference: LoopMoEConfig) -> dict[str, Ar
         if result is None:
             config = reference
         elif spec.kind == "looped":
-            switches = {"iter_conditioning": spec.iter_conditioning, "norm_scheme": spec.norm_scheme}
-            config = _switched(result.looped, {k: v for k, v in switches.items() if v is not None})
+            config = result.looped
+        elif spec.kind == "granularity_matched":
+            try:
+                config = matched_granularity_control(result)
+            except ConfigError as error:
+                raise ConfigError(f"arm {name!r}: {error}") from None
         else:
             config = granularity_control(result)
-        arms[name] = Arm(name, spec, config, compute_budget(config, opts.seq_len), spec.seeds or opts.seeds, result)
+        config = _switched(config, spec.switches())
+        budget = compute_budget(config, opts.seq_len)
+        arms[name] = Arm(name, spec, config, budget, spec.seeds or opts.seeds, result, spec.lr)
     return arms

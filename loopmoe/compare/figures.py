@@ -159,3 +159,56 @@ def plot_loss_vs_flops(points: dict[str, dict[int, DepthMean]], trained: dict[st
         True,
         list(points),
     )
+
+
+def plot_gaps(gaps: dict[str, dict[int, list[float]]], path: Path, names: list[str]) -> None:
+    """Held-out loss gap ``arm - reference`` against tokens seen, one line per arm (mean over seeds, each seed
+    faint); below 0 the arm is ahead. ``gaps``: label ``"A - B"`` -> tokens -> per-seed gaps."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, by_tokens in gaps.items():
+        color = color_of(label.split(" - ")[0], names)
+        tokens = [t / 1e6 for t in by_tokens]
+        ax.plot(tokens, [sum(v) / len(v) for v in by_tokens.values()], marker="o", color=color, label=label)
+        seeds = max(len(v) for v in by_tokens.values())
+        for i in range(seeds):
+            per_seed = [(t / 1e6, v[i]) for t, v in by_tokens.items() if len(v) > i]
+            if seeds > 1:
+                ax.plot(*zip(*per_seed), color=color, alpha=0.25, linewidth=0.8)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set(
+        xlabel="tokens seen (M)", ylabel="held-out loss difference (nats/token)", title="Held-out gap per evaluation"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_cosines(cosines: dict[str, dict[str, list[float]]], path: Path, names: list[str]) -> None:
+    """Cosine of each core layer's output between adjacent iterations, per looped arm (mean over seeds)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ("-", "--", ":", "-.")
+    for name, layers in cosines.items():
+        for j, (layer, values) in enumerate(layers.items()):
+            xs = [f"{k + 1}->{k + 2}" for k in range(len(values))]
+            ax.plot(
+                xs,
+                values,
+                marker="o",
+                linestyle=styles[j % len(styles)],
+                color=color_of(name, names),
+                label=f"{name} {layer}",
+            )
+    ax.set(
+        xlabel="adjacent iterations",
+        ylabel="cosine similarity of the hidden state",
+        title="Iteration cosine per core layer",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, cast, get_type_hints
 
 from loopmoe.balance import STRATEGIES, BalanceOptions
-from loopmoe.compare.arms import BUILTIN_ARMS, ArmSpec, arm_spec_from_table, check_arm_name
+from loopmoe.compare.arms import BUILTIN_ARMS, ArmSpec, arm_spec_from_table, check_arm_name, check_seeds
 from loopmoe.config import ExpertType, LoopMoEConfig
 from loopmoe.data.config import DataSection
 from loopmoe.errors import ConfigError
@@ -41,7 +41,12 @@ NOT_IDENTITY = (
     "depth_loops",
     "report_only",
     "results",
+    "primary",
 )
+# What a study is made of: which arms, with which settings, over which seeds. Not part of the folder's
+# identity: a study folder accepts new arms and seeds, and each run's identity is checked on its own
+# (its resolved run config, ``loopmoe.compare.runner``), so changing an arm's settings is caught per run.
+COMPOSITION = ("arms", "arm", "seeds")
 
 
 @dataclass(kw_only=True)
@@ -80,6 +85,12 @@ class CompareOptions(BalanceOptions):
     )
     arm: dict[str, ArmSpec] = option(
         default_factory=dict, help="arms defined by [arm.NAME] tables of a study config", cli=False
+    )
+    primary: tuple[str, ...] | None = option(
+        None,
+        help="the study's one primary comparison, declared before the runs: two arms A,B for the paired "
+        "difference A - B (tested alone at 5%); every other comparison is secondary and Holm-corrected",
+        shown="none: every comparison is secondary",
     )
     eval_every: int = option(50, help=help_of(TrainSection, "eval_every"))
     eval_batches: int = option(16, help=help_of(TrainSection, "eval_batches"))
@@ -176,6 +187,7 @@ class CompareOptions(BalanceOptions):
             )
         if not self.seeds:
             raise ConfigError(f"{flag('seeds')} needs at least one seed, e.g. {flag('seeds')} 0,1,2")
+        check_seeds(self.seeds, flag("seeds"))
         if not self.arms:
             raise ConfigError(f"{flag('arms')} needs at least one arm, e.g. {flag('arms')} reference,looped")
         if len(set(self.arms)) != len(self.arms):
@@ -185,6 +197,10 @@ class CompareOptions(BalanceOptions):
             spec.validate(name)
         for name in self.arms:
             self.arm_spec(name)
+        if self.primary is not None:
+            self._check_primary(flag("primary"))
+        if self.prelude < 0 or self.coda < 0:
+            raise ConfigError(f"{flag('prelude')} and {flag('coda')} must be >= 0, got {self.prelude}, {self.coda}")
         if any(t < 1 for t in self.depth_loops):
             raise ConfigError(f"{flag('depth_loops')} must be positive loop counts, got {self.depth_loops}")
         if self.text_tokens is not None and self.text_tokens < 2:
@@ -196,6 +212,25 @@ class CompareOptions(BalanceOptions):
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"{flag('threads')} must be >= 1, got {self.threads}")
         return self
+
+    def _check_primary(self, where: str) -> None:
+        assert self.primary is not None
+        if len(self.primary) != 2 or self.primary[0] == self.primary[1]:
+            raise ConfigError(
+                f"{where} = {list(self.primary)}: name two different arms A, B (the paired difference A - B), "
+                'e.g. primary = ["looped", "reference"]'
+            )
+        for name in self.primary:
+            if name not in self.arms:
+                raise ConfigError(
+                    f"{where}: {name!r} is not an arm of this study; add it to arms or choose from {', '.join(self.arms)}"
+                )
+        a, b = (set(self.arm_spec(n).seeds or self.seeds) for n in self.primary)
+        if len(a & b) < 2:
+            raise ConfigError(
+                f"{where} = {list(self.primary)}: the two arms share {len(a & b)} seed(s); a paired test needs at "
+                "least 2 (3 for a claim): run both on the same seeds"
+            )
 
     def run_plan(self) -> list[tuple[int, str]]:
         """(seed, arm) of every run, in training order: seed by seed through the arms that use
@@ -220,12 +255,13 @@ class CompareOptions(BalanceOptions):
         )
 
 
-def run_config_for(opts: CompareOptions, model: LoopMoEConfig, seed: int) -> RunConfig:
-    """The RunConfig of one side of the comparison: identical for both models but for ``model``."""
+def run_config_for(opts: CompareOptions, model: LoopMoEConfig, seed: int, lr: float | None = None) -> RunConfig:
+    """The RunConfig of one side of the comparison: identical for every arm but for ``model`` (and an
+    arm's own ``lr``, where it sets one)."""
     return RunConfig(
         model=ModelSection.of(model),
         data=opts.data_section(),
-        optim=OptimSection(lr=opts.lr),
+        optim=OptimSection(lr=opts.lr if lr is None else lr),
         schedule=ScheduleSection(kind=opts.schedule, warmup_steps=opts.warmup_steps),
         train=TrainSection(
             max_steps=opts.steps,
@@ -251,6 +287,10 @@ def options_record(opts: CompareOptions) -> dict[str, Any]:
 
 
 def identity_options(opts: CompareOptions) -> dict[str, Any]:
-    """The options that determine the trained runs, as JSON values (``--tokens`` is resolved into steps)."""
-    raw = {k: v for k, v in asdict(opts).items() if k not in NOT_IDENTITY}
+    """The options every run of the study folder shares, as JSON values (``--tokens`` is resolved into steps).
+
+    The study's composition (``COMPOSITION``: arms, their tables, seeds) is left out: runs are added to a
+    folder freely, and each run's own identity is checked against its run folder (``runner``).
+    """
+    raw = {k: v for k, v in asdict(opts).items() if k not in NOT_IDENTITY and k not in COMPOSITION}
     return cast(dict[str, Any], json.loads(json.dumps(raw, default=str)))

@@ -16,10 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopmoe.atomic import atomic_write_text
-from loopmoe.compare.figures import plot_depth_curves, plot_expert_load, plot_loss_vs_flops, plot_losses
-from loopmoe.compare.results import RunRecord, StudyResults, TextSource, depth_means
+from loopmoe.balance import targets_of
+from loopmoe.compare.diagnostics import DEAD_BELOW, clipped_fraction, dead_experts, held_out_gap, mean_cosine
+from loopmoe.compare.figures import (
+    plot_cosines,
+    plot_depth_curves,
+    plot_expert_load,
+    plot_gaps,
+    plot_loss_vs_flops,
+    plot_losses,
+)
+from loopmoe.compare.results import ArmRecord, RunRecord, StudyResults, TextSource, depth_means
 from loopmoe.compare.stats import paired_difference
-from loopmoe.compare.verdict import comparisons, verdict
+from loopmoe.compare.verdict import Comparison, comparisons, held_out_comparisons, verdict
 from loopmoe.config import ExpertType, layers_text
 from loopmoe.text import human, markdown_table
 
@@ -31,7 +40,10 @@ if TYPE_CHECKING:
 def budget_table(
     result: BalanceResult, title: str = "", all_to_all: tuple[int, str, float, float] | None = None
 ) -> str:
-    """The reference and its balanced LoopMoE side by side: shapes, budgets and their deviations.
+    """The reference and its balanced LoopMoE side by side: shapes, budgets and their deviations, with where
+    the FLOPs go (attention, executed FFN, IterAdaLN), both readings of the attention/FFN ratio, and the
+    three targets of the strategy marked with their tolerances (``naive``: reported, not enforced).
+    The one budget table: ``loopmoe budget`` prints it, ``loopmoe compare``'s report and RESULTS.md show it.
 
     ``all_to_all``: (ep, dtype, reference bytes, looped bytes) adds the expert-parallel all_to_all
     bytes per token (``loopmoe.budget.all_to_all_bytes_per_token``) of both models.
@@ -40,12 +52,16 @@ def budget_table(
     rb, lb = result.reference_budget, result.looped_budget
     dev = result.deviations
 
+    def relative(key: str) -> str:
+        before, after = getattr(rb, key), getattr(lb, key)
+        return f"{after / before - 1:+.2%}" if before else ("" if not after else "new")
+
     def experts(c):  # DCCA: BigMac's low-dimension experts, at width dcca_dim
         if not ExpertType(c.expert_type).projects:
             return c.expert_type
         return f"{c.expert_type}, width {c.dcca_dim}" + (", routed there" if c.dcca_router_input == "descended" else "")
 
-    rows = [
+    rows: list[tuple[Any, ...]] = [
         ("layers P+CxT+Q", layers_text(ref), layers_text(loop), ""),
         ("executed depth", rb.executed_depth, lb.executed_depth, ""),
         (
@@ -81,13 +97,41 @@ def budget_table(
             human(lb.flops_per_token),
             f"{dev['flops_per_token']:+.2%}",
         ),
+        *(
+            (f"  {label}", human(getattr(rb, key)), human(getattr(lb, key)), relative(key))
+            for label, key in (
+                ("attention FLOPs/token (projections + S x S scores)", "attention_flops_per_token"),
+                ("executed FFN FLOPs/token (routed + shared experts)", "ffn_flops_per_token"),
+                ("IterAdaLN FLOPs/token (per-token modulation)", "modulation_flops_per_token"),
+            )
+        ),
         (
-            "attn/FFN active ratio",
+            "attn/FFN active ratio, unique attention / executed FFN (rho_unique)",
             f"{rb.attn_ffn_ratio:.4f}",
             f"{lb.attn_ffn_ratio:.4f}",
             f"{dev['attn_ffn_ratio']:+.2%}",
         ),
+        (
+            "attn/FFN per executed layer (rho_per_layer)",
+            f"{rb.attn_ffn_ratio_per_layer:.4f}",
+            f"{lb.attn_ffn_ratio_per_layer:.4f}",
+            relative("attn_ffn_ratio_per_layer"),
+        ),
     ]
+    targets = targets_of(result.strategy)
+    enforced = result.strategy != "naive"
+    tol = {"total_params": 0.01, "flops_per_token": 0.01, "attn_ffn_ratio": 0.05, "attn_ffn_ratio_per_layer": 0.05}
+    tol.update(result.tolerances)
+    keys = {"total params": "total_params", "FLOPs/token": "flops_per_token", "attn/FFN active": "attn_ffn_ratio"}
+    keys["attn/FFN per executed"] = "attn_ffn_ratio_per_layer"
+
+    def target(label: str) -> str:
+        key = next((k for prefix, k in keys.items() if label.startswith(prefix)), None)
+        if key not in targets:
+            return ""
+        return f"±{tol[key]:.0%}" + (" (target)" if enforced else " (reported, not enforced)")
+
+    rows = [(*row, target(str(row[0]))) for row in rows]
     if all_to_all is not None:
         ep, dtype, ref_bytes, loop_bytes = all_to_all
         rows.append(
@@ -96,9 +140,10 @@ def budget_table(
                 human(ref_bytes),
                 human(loop_bytes),
                 f"{loop_bytes / ref_bytes - 1:+.2%}" if ref_bytes else "",
+                "",
             )
         )
-    head = ("", "reference (Vanilla MoE)", f"looped ({result.strategy})", "deviation")
+    head = ("", "reference (Vanilla MoE)", f"looped ({result.strategy})", "deviation", "target")
     heading = f"## Budget: {title}, num_loops={loop.num_loops}" if title else "## Budget"
     return "\n".join([heading, "", markdown_table(head, rows)])
 
@@ -163,6 +208,62 @@ def paired_table(values: dict[str, dict[int, float]], pairs: list[tuple[str, str
             )
         )
     return markdown_table(("difference", "seeds", "per seed", "mean", "sd", "95% t-interval"), rows)
+
+
+def _pvalue(p: float | None) -> str:
+    return "" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def held_out_table(found: list[Comparison]) -> str:
+    """The held-out loss comparisons: role, per-seed differences, mean, 95% t-interval, raw p, Holm-adjusted p
+    (secondaries) and the minimum detectable effect at 80% power (every comparison with 2+ seeds)."""
+    rows = []
+    for c in found:
+        d = c.d
+        mde = d.mde()
+        rows.append(
+            (
+                f"{c.a} - {c.b}",
+                c.role,
+                d.n,
+                ", ".join(f"{v:+.4f}" for v in d.per_seed.values()),
+                f"{d.mean:+.4f}",
+                "" if d.sd is None else f"{d.sd:.4f}",
+                "" if d.ci95 is None else f"[{d.ci95[0]:+.4f}, {d.ci95[1]:+.4f}]",
+                _pvalue(d.p_value),
+                "" if c.holm is None else _pvalue(c.holm.adjusted) + (" *" if c.holm.rejected else ""),
+                "" if mde is None else f"{mde:.4f}",
+                c.finding.outcome.replace("_", " "),
+            )
+        )
+    head = ("difference", "role", "seeds", "per seed", "mean", "sd", "95% t-interval", "p", "Holm p", "MDE", "finding")
+    return markdown_table(head, rows)
+
+
+def _primary_section(found: list[Comparison], declared: tuple[str, str] | None) -> list[str]:
+    if declared is None:
+        return [
+            "## Primary comparison",
+            "",
+            "No primary comparison was declared (`primary = [A, B]` in the study config): every comparison below "
+            "is secondary and Holm-corrected.",
+            "",
+        ]
+    primary = next((c for c in found if c.role == "primary"), None)
+    if primary is None:
+        return ["## Primary comparison", "", f"Declared: {declared[0]} - {declared[1]}; not yet measurable.", ""]
+    d = primary.d
+    numbers = f"mean {d.mean:+.4f} nats/token over {d.n} seeds"
+    if d.ci95 is not None:
+        numbers += f", 95% t-interval [{d.ci95[0]:+.4f}, {d.ci95[1]:+.4f}], paired t-test p = {_pvalue(d.p_value)}"
+        numbers += f", MDE {d.mde():.4f}"
+    return [
+        "## Primary comparison",
+        "",
+        f"Declared in the study config before the runs: **{primary.a} - {primary.b}** on held-out loss, tested "
+        f"alone at 5%: {numbers}. Finding: {primary.finding.outcome.replace('_', ' ')}.",
+        "",
+    ]
 
 
 def _value(v: float, size: float | None = None) -> str:
@@ -262,15 +363,23 @@ def report_lines(results: StudyResults, budget: str, figures: Path, link: str = 
     pairs = comparisons(arms)
     per_seed = [(s, *(f"{runs[name][s].val_loss:.4f}" if s in runs[name] else "" for name in runs)) for s in seeds]
     text = results.text
-    sentences = [f"- {sentence}" for sentence in verdict(runs, arms, text.name if text else None)]
+    primary = (opts["primary"][0], opts["primary"][1]) if opts.get("primary") else None
+    found = held_out_comparisons(runs, arms, primary)
+    secondaries = sum(c.role == "secondary" for c in found)
+    sentences = [
+        f"- {sentence}" for sentence in verdict(runs, arms, text.name if text else None, options=opts, primary=primary)
+    ]
     lines += [
         budget,
         "",
+        *_primary_section(found, primary),
         "## Verdict",
         "",
         "Generated from the paired differences by fixed rules (`loopmoe/compare/verdict.py`): a claim needs at "
-        "least 3 seeds, a 95% interval that excludes 0 and every seed agreeing; single-seed differences are "
-        "observations, not results.",
+        "least 3 seeds, a 95% interval that excludes 0 and every seed agreeing; the "
+        f"{secondaries} secondary comparisons are Holm-corrected together (a claim among them also needs a Holm-"
+        "adjusted p <= 0.05); single-seed differences are observations, read against the other arm's 95% "
+        "prediction interval. Each sentence names the formulation it tested.",
         "",
         *sentences,
         "",
@@ -288,15 +397,14 @@ def report_lines(results: StudyResults, budget: str, figures: Path, link: str = 
         *(
             [
                 "Paired held-out loss differences (same seed = same data order and initialisation stream; "
-                "negative: the first arm is better):",
+                "negative: the first arm is better). p: two-sided paired t-test; Holm p: adjusted over the "
+                f"{secondaries} secondary comparisons (* rejected at a family-wise 5%); MDE: the true difference the "
+                "paired t-test would detect with 80% power at 5%, given the observed spread:",
                 "",
-                paired_table(
-                    {n: {s: r.val_loss for s, r in seeds.items()} for n, seeds in runs.items()},  # type: ignore[misc]  # finished runs have a held-out loss
-                    [(a, b) for a, b in pairs if set(runs[a]) & set(runs[b])],
-                ),
+                held_out_table(found),
                 "",
             ]
-            if pairs
+            if found
             else []
         ),
         *(
@@ -308,6 +416,7 @@ def report_lines(results: StudyResults, budget: str, figures: Path, link: str = 
         "",
         f"![expert load]({link}expert_load.png)",
     ]
+    lines += _diagnostics_section(runs, results.arms, results.run_configs, figures, link)
     lines += _text_section(runs, pairs, text)
     lines += _downstream_section(results.downstream)
     lines += _depth_section(runs, figures, link, opts["seq_len"])
@@ -351,6 +460,100 @@ def report_lines(results: StudyResults, budget: str, figures: Path, link: str = 
         "",
         "</details>",
     ]
+    return lines
+
+
+def _diagnostics_section(
+    runs: dict[str, dict[int, RunRecord]],
+    arms: dict[str, ArmRecord],
+    run_configs: dict[str, Any],
+    figures: Path,
+    link: str,
+) -> list[str]:
+    """Per arm: dead experts per slot, clipped steps, the held-out gap against the reference per evaluation,
+    and, for looped arms, the iteration cosine per core layer."""
+    names = list(runs)
+    lines = ["", "## Diagnostics", ""]
+    rows = []
+    for name, seeds in runs.items():
+        clip = (run_configs.get(name) or {}).get("train", {}).get("grad_clip", 1.0)
+        per_seed_dead, slots_text = [], []
+        by_slot: dict[str, list[tuple[int, int]]] = {}
+        for run in seeds.values():
+            for slot, slot_counts in dead_experts(run.eval.expert_load).items():
+                by_slot.setdefault(slot, []).append(slot_counts)
+            per_seed_dead.append(sum(d for d, _ in dead_experts(run.eval.expert_load).values()))
+        for slot, counts in by_slot.items():
+            slots_text.append(f"{slot} {statistics.fmean(d for d, _ in counts):.1f}/{counts[0][1]}")
+        total = sum(n for counts in by_slot.values() for _, n in counts[:1])
+        clipped = [f for run in seeds.values() if (f := clipped_fraction(run.metrics, clip)) is not None]
+        rows.append(
+            (
+                name,
+                len(seeds),
+                f"{statistics.fmean(per_seed_dead):.1f}/{total}" if per_seed_dead and total else "",
+                "; ".join(slots_text),
+                f"{statistics.fmean(clipped):.1%} (clip {clip:g})"
+                if clipped
+                else ("clipping off" if clip <= 0 else ""),
+            )
+        )
+    lines += [
+        f"Dead experts: load below {DEAD_BELOW:g} x the uniform share on the held-out batches, per executed "
+        "(layer@iteration) slot, mean over seeds. Clipped steps: the share of optimizer steps whose gradient norm "
+        "before clipping exceeded `train.grad_clip` (`metrics.jsonl`), mean over seeds.",
+        "",
+        markdown_table(("arm", "seeds", "dead experts (all slots)", "dead per slot", "clipped steps"), rows),
+    ]
+    reference = "reference" if "reference" in runs else None
+    gaps = {
+        f"{name} - {reference}": gap
+        for name in runs
+        if reference
+        and name != reference
+        and name in arms
+        and arms[name].spec.kind == "looped"
+        and (gap := held_out_gap(runs[name], runs[reference]))
+    }
+    if gaps:
+        plot_gaps(gaps, figures / "gap.png", names)
+        tokens = sorted({t for g in gaps.values() for t in g})
+        lines += [
+            "",
+            "Held-out loss gap of every looped arm to the reference at each evaluation (mean over the seeds both "
+            "ran; negative: the looped arm is ahead), against tokens seen:",
+            "",
+            markdown_table(
+                ("difference", *(f"{t / 1e6:.2f}M" for t in tokens)),
+                [
+                    (label, *(f"{statistics.fmean(g[t]):+.4f}" if t in g else "" for t in tokens))
+                    for label, g in gaps.items()
+                ],
+            ),
+            "",
+            f"![held-out gap]({link}gap.png)",
+        ]
+    cosines = {name: c for name, seeds in runs.items() if (c := mean_cosine(seeds))}
+    if cosines:
+        plot_cosines(cosines, figures / "cosine.png", names)
+        width = max(len(v) for c in cosines.values() for v in c.values())
+        lines += [
+            "",
+            "Cosine similarity of each core layer's output hidden state between adjacent iterations at the trained "
+            "depth (held-out batches, mean over tokens and seeds); rising towards 1 means the core approaches a "
+            "fixed point:",
+            "",
+            markdown_table(
+                ("arm", "core layer", *(f"{k + 1}->{k + 2}" for k in range(width))),
+                [
+                    (name, layer, *(f"{v:.4f}" for v in values), *([""] * (width - len(values))))
+                    for name, c in cosines.items()
+                    for layer, values in c.items()
+                ],
+            ),
+            "",
+            f"![iteration cosine]({link}cosine.png)",
+        ]
     return lines
 
 
@@ -398,23 +601,54 @@ def _text_section(
     ]
 
 
+# Accuracy of guessing, for the shipped tasks' accuracy metrics (1 / choices; LAMBADA's exact next word: 0).
+CHANCE = {
+    "arc_challenge": 0.25,
+    "arc_easy": 0.25,
+    "boolq": 0.5,
+    "copa": 0.5,
+    "hellaswag": 0.25,
+    "openbookqa": 0.25,
+    "piqa": 0.5,
+    "lambada_openai": 0.0,
+}
+
+
+def at_chance(row: dict[str, Any]) -> bool | None:
+    """Whether a task score is within 1.96 standard errors of guessing (None: chance or stderr unknown)."""
+    chance = CHANCE.get(row["task"]) if row["metric"] in ("acc", "acc_norm") else None
+    if chance is None or row.get("stderr") is None:
+        return None
+    return bool(abs(row["value"] - chance) <= 1.96 * row["stderr"])
+
+
 def _downstream_section(downstream: dict[str, list[dict[str, Any]]]) -> list[str]:
     if not downstream:
         return []
     scores = {name: {(r["task"], r["metric"]): r for r in rows} for name, rows in downstream.items()}
     keys = sorted({key for table in scores.values() for key in table})
     table_rows = []
+    every_chance = 0
     for task, metric in keys:
-        cells = []
+        cells, chance_flags = [], []
         for table in scores.values():
             row = table.get((task, metric))
             if row is None:
                 cells.append("")
                 continue
+            chance_flags.append(at_chance(row))
             err = "" if row["stderr"] is None else f" ± {_value(row['stderr'], row['value'])}"
             cells.append(f"{_value(row['value'])}{err}{'' if row['stderr_over'] == 'seeds' else ' †'}")
         n = next((t[(task, metric)]["n"] for t in scores.values() if (task, metric) in t), "")
-        table_rows.append((task, metric, *cells, n))
+        chance = CHANCE.get(task) if metric in ("acc", "acc_norm") else None
+        if chance_flags and all(chance_flags):
+            caveat = "every arm at chance: no signal"
+            every_chance += 1
+        elif any(flag is None for flag in chance_flags):
+            caveat = ""
+        else:
+            caveat = f"{sum(bool(f) for f in chance_flags)}/{len(chance_flags)} arms at chance"
+        table_rows.append((task, metric, *cells, n, "" if chance is None else f"{chance:g}", caveat))
     seeds = {name: max(r["seeds"] for r in rows) for name, rows in downstream.items()}
     return [
         "",
@@ -423,7 +657,16 @@ def _downstream_section(downstream: dict[str, list[dict[str, Any]]]) -> list[str
         "Mean over each arm's seeds ± its standard error over those seeds; † one seed: ± is lm-eval's standard "
         "error over the documents. Seeds per arm: " + ", ".join(f"{n} {k}" for n, k in seeds.items()) + ".",
         "",
-        markdown_table(("task", "metric", *scores, "documents"), table_rows),
+        markdown_table(("task", "metric", *scores, "documents", "chance", "at chance (±1.96 s.e.)"), table_rows),
+        *(
+            [
+                "",
+                f"At this size {every_chance} of {len(keys)} task metrics have every arm at chance: those rows "
+                "cannot tell the arms apart, whatever their differences.",
+            ]
+            if every_chance
+            else []
+        ),
     ]
 
 

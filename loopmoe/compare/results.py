@@ -54,7 +54,7 @@ class ArmRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "spec": asdict(self.spec),
+            "spec": self.spec.record(),
             "seeds": list(self.seeds),
             "config": self.config,
             **{k: getattr(self, k) for k in BUDGET_KEYS},

@@ -22,6 +22,7 @@ from loopmoe.atomic import atomic_write_text
 from loopmoe.compare.arms import Arm, resolve_arms
 from loopmoe.compare.cost import environment, read_cost, recorded_session
 from loopmoe.compare.options import (
+    COMPOSITION,
     NOT_IDENTITY,
     OPTIONS_FILE,
     CompareOptions,
@@ -51,6 +52,7 @@ from loopmoe.options import flag_of
 from loopmoe.paths import shared_data_dir
 from loopmoe.presets import load_model_config
 from loopmoe.training.checkpoint import peek_latest_meta
+from loopmoe.training.config import RunConfig, config_from_dict
 
 
 def prepare(opts: CompareOptions) -> tuple[dict[str, Arm], PreparedData]:
@@ -92,7 +94,8 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
     wanted = identity_options(opts)
     saved = _saved_options(out)
     if saved is not None:  # options added since the folder was claimed: the runs in it used their defaults
-        saved = {**identity_options(CompareOptions()), **saved}
+        # (and a folder claimed before the study's composition was left out recorded arms and seeds too)
+        saved = {**identity_options(CompareOptions()), **{k: v for k, v in saved.items() if k not in COMPOSITION}}
     holds_runs = out.is_dir() and any(out.glob("seed*"))
     if opts.report_only and saved is None:
         raise ConfigError(
@@ -172,6 +175,10 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
     runs: dict[str, dict[int, RunRecord]] = {name: {} for name in arms}
     missing: list[MissingRun] = []
     plan = opts.run_plan()
+    # Every run's config is built and validated, and every run folder's identity checked, before the first
+    # run trains: a bad seed, lr or arm, or a run trained with other settings, stops the study here.
+    configs = {(seed, name): arm_run_config(opts, arms[name], seed) for seed, name in plan}
+    check_run_identities(opts, {key: identity_record(arms[key[1]], cfg) for key, cfg in configs.items()}, log)
     for i, (seed, name) in enumerate(plan, 1):
         run_dir = opts.out / f"seed{seed}" / name
         if is_finished(run_dir, opts.steps):
@@ -182,8 +189,12 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
             continue
         else:
             log(f"\n[{i}/{len(plan)}] == training {name} (seed {seed}, {opts.tokens_per_model:,} tokens) -> {run_dir}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                run_dir / IDENTITY_FILE, json.dumps(identity_record(arms[name], configs[seed, name]), indent=2)
+            )
             with recorded_session(run_dir, _latest_step(run_dir), opts.steps):
-                training.run_training(run_config_for(opts, arms[name].config, seed), run_dir)
+                training.run_training(configs[seed, name], run_dir)
         evaluation = evaluate_run(
             run_dir,
             val_batches=val_batches,
@@ -211,7 +222,7 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
         },
         text=None if text is None else TextSource(str(text), DEFAULT_TEXT_NAME if opts.text == "auto" else text.name),
         data=_data_summary(opts),
-        run_configs={name: run_config_for(opts, arm.config, arm.seeds[0]).to_dict() for name, arm in arms.items()},
+        run_configs={name: arm_run_config(opts, arm, arm.seeds[0]).to_dict() for name, arm in arms.items()},
         environment=environment(),
     )
     write_report(opts.out, results, table)
@@ -220,6 +231,99 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
     if opts.results is not None:
         log(f"results page: {write_results(opts.results, results, table)}")
     return results
+
+
+IDENTITY_FILE = "compare_run.json"
+# Run-config keys that locate a run rather than define it (the data's identity is its fingerprint, checked
+# against every checkpoint before the shared data is rebuilt).
+_LOCATION_KEYS = (("data", "data_dir"),)
+
+
+def arm_run_config(opts: CompareOptions, arm: Arm, seed: int) -> RunConfig:
+    """The validated RunConfig of one run of ``arm`` (its own lr where it sets one)."""
+    try:
+        return run_config_for(opts, arm.config, seed, lr=arm.lr)
+    except ConfigError as error:
+        raise ConfigError(f"arm {arm.name!r}, seed {seed}: {error}") from None
+
+
+def identity_record(arm: Arm, cfg: RunConfig) -> dict[str, Any]:
+    """What a run folder records of the run it holds: its arm's spec (seeds aside) and its resolved run config."""
+    spec = {k: v for k, v in arm.spec.record().items() if k != "seeds"}
+    return cast(dict[str, Any], json.loads(json.dumps({"arm": arm.name, "spec": spec, "run_config": cfg.to_dict()})))
+
+
+def _defining(run_config: dict[str, Any]) -> dict[str, Any]:
+    """A run config as the identity compares it: read back through ``config_from_dict`` (so settings added to
+    the trainer since the run was recorded take their defaults), without the keys that only locate the run."""
+    try:
+        raw = config_from_dict(json.loads(json.dumps(run_config))).to_dict()
+    except (ValueError, TypeError, KeyError):
+        raw = json.loads(json.dumps(run_config))
+    raw = json.loads(json.dumps(raw, default=str))
+    for section, key in _LOCATION_KEYS:
+        raw.get(section, {}).pop(key, None)
+    return cast(dict[str, Any], raw)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if old == new else [f"{prefix} {old!r} -> {new!r}"]
+
+
+def stored_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The run config a run folder was trained with: its ``compare_run.json``, else the trainer's own
+    ``run_config.json`` (runs trained before the comparison recorded one); None for a folder with neither."""
+    for name, key in ((IDENTITY_FILE, "run_config"), ("run_config.json", None)):
+        try:
+            raw = json.loads((run_dir / name).read_text())
+        except FileNotFoundError:
+            continue
+        except ValueError as error:
+            raise ConfigError(f"{run_dir / name} is unreadable ({error}): pass --fresh to move the run aside") from None
+        return cast(dict[str, Any], raw[key] if key else raw)
+    return None
+
+
+def check_run_identities(opts: CompareOptions, wanted: dict[tuple[int, str], dict[str, Any]], log=print) -> None:
+    """Refuse (or, with ``--fresh``, move aside) every run folder of the plan that holds a run of other settings.
+
+    A folder with a checkpoint or an export but no record of its settings is refused as well. Identical runs are
+    kept, finished or not; a folder with nothing trained in it is simply trained. All runs are checked before
+    any trains.
+    """
+    changed: list[tuple[Path, str]] = []
+    for (seed, name), record in wanted.items():
+        run_dir = opts.out / f"seed{seed}" / name
+        if _latest_step(run_dir) == 0 and not (run_dir / "final" / "config.json").is_file():
+            continue  # nothing trained yet: the run starts (again) with the arm's settings
+        stored = stored_identity(run_dir)
+        if stored is None:
+            changed.append((run_dir, "its settings are not recorded"))
+            continue
+        diff = _differences(_defining(stored), _defining(record["run_config"]))
+        if diff:
+            changed.append((run_dir, ", ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")))
+    if not changed:
+        return
+    if not opts.fresh or opts.report_only:
+        run_dir, why = changed[0]
+        more = f" (and {len(changed) - 1} other run(s))" if len(changed) > 1 else ""
+        raise ConfigError(
+            f"{run_dir} holds a run trained with other settings than its arm now gives: {why}{more}; nothing was "
+            "trained. Restore the arm's settings to reuse it, give the changed arm a new name (a new arm trains "
+            "alongside), or pass --fresh to move the changed runs aside and train them anew"
+        )
+    for run_dir, why in changed:
+        n = 1
+        while (aside := run_dir.with_name(f"{run_dir.name}.prev-{n}")).exists():
+            n += 1
+        run_dir.rename(aside)
+        log(f"moved {run_dir} aside to {aside} ({why})")
 
 
 def _latest_step(run_dir: Path) -> int:

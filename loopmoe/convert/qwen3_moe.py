@@ -19,8 +19,11 @@ express exactly with every reason named (``qwen3_moe_blockers``). Weights are re
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,11 @@ import torch
 from safetensors import safe_open
 
 from loopmoe.atomic import atomic_directory, check_no_overlap
+from loopmoe.budget import compute_budget
 from loopmoe.config import ExpertType, LoopMoEConfig
-from loopmoe.errors import CheckpointError, MissingFileError
+from loopmoe.errors import CheckpointError, ConfigError, LoopMoEError, MissingFileError
 from loopmoe.model import LoopMoEForCausalLM
-from loopmoe.trust import read_json
+from loopmoe.trust import check_safetensors, pickle_refusal, read_json, unreadable_weights
 
 # Copied from the source folder beside the converted weights.
 TOKENIZER_FILES = (
@@ -125,12 +129,24 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 -- safe_open objects are not iterable: keys() is the listing
-                tensors[key] = f.get_tensor(key)
+        check_safetensors(file)  # a torn file or a header larger than the file: named, before safetensors reads it
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 -- safe_open objects are not iterable: keys() is the listing
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors' own errors: a corrupt header or dtype
+            raise unreadable_weights(file, e) from None
     if not files:
         for file in sorted(folder.glob("pytorch_model*.bin")):
-            tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+            try:  # weights_only: torch's restricted unpickler, which runs no code from the file
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise pickle_refusal(file, e) from None
+            except (RuntimeError, EOFError, ValueError) as e:  # a torn zip or pickle: torch's reader errors
+                raise unreadable_weights(file, e) from None
+            if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
+                raise CheckpointError(f"{file} holds no mapping of names to tensors; copy or export the model again")
+            tensors.update(loaded)
     if not tensors:
         raise MissingFileError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
     return tensors
@@ -179,6 +195,8 @@ def convert_qwen3_moe(
         raise MissingFileError(f"{config_path} not found: pass a transformers Qwen3-MoE checkpoint directory")
     config = loopmoe_config_from_qwen3_moe(read_json(config_path, CheckpointError, "pass a Qwen3-MoE checkpoint"))
     state = qwen3_moe_state_dict_to_loopmoe(read_weights(src), config)
+    check_size(config, state, src)
+    check_finite(state, src)
     model = LoopMoEForCausalLM(config)
     expected = set(model.state_dict())
     if config.tie_word_embeddings:
@@ -193,7 +211,7 @@ def convert_qwen3_moe(
     model.load_state_dict(state, strict=False)
     if dtype is not None:
         model.to(dtype)  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
-    with atomic_directory(dst, overwrite=overwrite) as staging:
+    with _output(dst, overwrite, "DST") as staging:
         model.save_pretrained(staging)
         _copy_tokenizer(src, staging)  # after the save: the source's generation_config.json wins
     return dst
@@ -314,21 +332,104 @@ def export_qwen3_moe(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     check_shapes(state, expected, src)
+    check_finite(state, src)
     blockers = qwen3_moe_blockers(config, state)
     if blockers:
         raise CheckpointError(
             f"{src} cannot be written as Qwen3-MoE exactly: {'; '.join(blockers)}. Qwen3-MoE expresses a T = 1 "
             "LoopMoE and a looped one without iteration conditioning or re-injection (unrolled)"
         )
+    check_room(unrolled_bytes(state, config, dtype), dst)
     qwen_state = loopmoe_state_dict_to_qwen3_moe(state, config)
     if dtype is not None:
         qwen_state = {k: v.to(dtype) for k, v in qwen_state.items()}
     qwen_config = Qwen3MoeConfig(**qwen3_moe_config_from_loopmoe(config), dtype=next(iter(qwen_state.values())).dtype)
-    with atomic_directory(dst, overwrite=overwrite) as staging:
+    with _output(dst, overwrite, "OUT") as staging:
         qwen_config.save_pretrained(staging)
         save_torch_state_dict(qwen_state, staging)
         _copy_tokenizer(src, staging)
     return dst
+
+
+@contextmanager
+def _output(dst: Path, overwrite: bool, flag: str) -> Iterator[Path]:
+    """``atomic_directory(dst)``, with an OS error of the write (a folder that cannot be created, a full
+    disk, a read-only file system) named in one line; ``dst`` stays as it was."""
+    try:
+        with atomic_directory(dst, overwrite=overwrite) as staging:
+            yield staging
+    except LoopMoEError:
+        raise
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write {dst}: {e.strerror or e}; nothing was written there. Choose "
+            f"another {flag} on a disk you can write, with room for the checkpoint"
+        ) from e
+
+
+def unrolled_bytes(state: dict[str, torch.Tensor], config: LoopMoEConfig, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the Qwen3-MoE weights ``state`` unrolls into: the core's tensors ``num_loops`` times, the rest once."""
+
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * (torch.empty((), dtype=dtype).element_size() if dtype is not None else t.element_size())
+
+    core = sum(size(v) for k, v in state.items() if k.startswith("model.core."))
+    return sum(size(v) for k, v in state.items() if not k.startswith("model.core.")) + core * config.num_loops
+
+
+def check_room(needed: int, dst: Path) -> None:
+    """Refuse an export whose unrolled weights would not fit the destination's disk or this machine's
+    memory (they are built in memory, then written): say so before building a list of 10^8 layers."""
+    folder = Path(dst).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    disk = shutil.disk_usage(folder)
+    free = disk.free if disk.total else None  # a pseudo file system (/proc) reports 0 of 0: its write fails, named
+    available = _available_memory()
+    for what, room, fix in (
+        (f"free on the disk of {folder}", free, "free space, or choose another OUT"),
+        ("of available memory (the unrolled weights are built in memory)", available, "use a larger machine"),
+    ):
+        if room is not None and needed > room:
+            raise CheckpointError(
+                f"the unrolled Qwen3-MoE checkpoint would take {needed / 2**30:,.2f} GiB (num_loops copies of the "
+                f"core's weights) but only {room / 2**30:,.2f} GiB are {what}: {fix}, or export a model with fewer "
+                "loops"
+            )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_finite(state: dict[str, torch.Tensor], src: Path) -> None:
+    """Refuse weights holding NaN or infinity: no model is worth writing (as training refuses to export one)."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all()))
+    if bad:
+        raise CheckpointError(
+            f"{src}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}): the model is broken (a diverged run or a damaged file); "
+            "use an earlier checkpoint, or copy the model again"
+        )
+
+
+def check_size(config: LoopMoEConfig, state: dict[str, torch.Tensor], src: Path) -> None:
+    """Refuse a config.json that describes far more parameters than the weights hold, before a model of
+    its size is built (a hostile or mistyped config would otherwise allocate whatever it asks for)."""
+    implied = compute_budget(config, 1).total_params
+    present = sum(t.numel() for t in state.values())
+    if implied > 2 * present + 1_000_000:
+        raise CheckpointError(
+            f"{src}/config.json describes a model of {implied:,} parameters but its weights hold {present:,}: "
+            "the config does not belong to these weights; copy the checkpoint again"
+        )
 
 
 def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], src: Path) -> None:

@@ -235,3 +235,30 @@ def depth_curve(model, batches: list[torch.Tensor], loops: Iterable[int], seq_le
             )
         )
     return DepthCurve(trained, points, unrunnable, {k: (v / v.sum()).tolist() for k, v in load.items()})
+
+
+@torch.no_grad()
+def iteration_cosine(model, batches: Iterable[torch.Tensor]) -> dict[str, list[float]]:
+    """Per core layer ``core.{j}``: the cosine similarity of its output hidden state between adjacent
+    iterations at the trained depth, averaged over every token of ``batches``; entry ``k`` compares
+    iteration ``k`` with ``k + 1`` (0-based), so a model trained at T has T - 1 entries per layer. A
+    core that converges to a fixed point shows values rising towards 1 across iterations. ``{}`` for a
+    Vanilla MoE (nothing is iterated)."""
+    cfg = model.config
+    loops, prelude, core = cfg.num_loops, cfg.num_prelude_layers, cfg.num_core_layers
+    if loops < 2:
+        return {}
+    sums = torch.zeros(core, loops - 1, dtype=torch.float64)
+    count = 0
+    for x in batches:
+        out = model(input_ids=x, num_loops=loops, output_hidden_states=True, use_cache=False)
+        states = out.hidden_states  # [0]: the embeddings; [i + 1]: the output of executed layer i
+        for j in range(core):
+            for k in range(loops - 1):
+                here = states[cache_index("core", j, k, prelude=prelude, core=core, loops=loops) + 1].float()
+                after = states[cache_index("core", j, k + 1, prelude=prelude, core=core, loops=loops) + 1].float()
+                sums[j, k] += F.cosine_similarity(here, after, dim=-1).double().sum().item()
+        count += x.numel()
+    if count == 0:
+        raise DataError("no held-out batches to measure the iteration cosine on")
+    return {f"core.{j}": (sums[j] / count).tolist() for j in range(core)}

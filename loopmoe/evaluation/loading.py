@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from loopmoe.errors import ConfigError, DataError, LoopMoEError, MissingFileError
-from loopmoe.trust import check_safetensors, no_remote_code
+from loopmoe.errors import CheckpointError, ConfigError, DataError, LoopMoEError, MissingFileError
+from loopmoe.trust import check_safetensors, no_remote_code, pickle_refusal, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -22,15 +23,69 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     import loopmoe  # noqa: F401  (registers the LoopMoE Auto classes)
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise MissingFileError(f"{model_dir} is not a model directory: expected {model_dir / 'config.json'}")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise MissingFileError(f"{model_dir} is not a model directory: expected {config_path}")
+    fix = "copy or export the checkpoint again"
+    if not isinstance(read_json(config_path, CheckpointError, fix).get("model_type"), str):
+        raise CheckpointError(f"{config_path} names no model_type: it is not a transformers model config; {fix}")
     for weights in sorted(model_dir.glob("*.safetensors")):
         check_safetensors(weights)
-    with no_remote_code(model_dir / "config.json"):
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), local_files_only=True, trust_remote_code=False, dtype=dtype if dtype is not None else "auto"
-        )
+    with no_remote_code(config_path), _quiet_transformers():
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(model_dir),
+                local_files_only=True,
+                trust_remote_code=False,
+                dtype=dtype if dtype is not None else "auto",
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below in one line, instead of transformers' table
+            )
+        except LoopMoEError:
+            raise
+        except pickle.UnpicklingError as e:  # torch's weights_only unpickler refused a .bin: nothing ran
+            raise pickle_refusal(next(iter(sorted(model_dir.glob("*.bin"))), model_dir), e) from None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+            if "trust_remote_code" in str(e):
+                raise  # no_remote_code names it
+            raise CheckpointError(
+                f"{model_dir} cannot be loaded as a causal LM ({type(e).__name__}: "
+                f"{next((x for x in str(e).splitlines() if x.strip()), '')[:300]}); {fix}"
+            ) from e
+    check_loading_info(model_dir, info)
     return model.to(device).eval()  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
+
+
+def check_loading_info(model_dir: Path, info: dict) -> None:
+    """Refuse weights that leave a parameter of the model at its random initialisation: a missing tensor
+    or one of another shape (transformers only warns, and would generate from random weights)."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("expert_bias"))
+    wrong = sorted(f"{k} {tuple(saved)} (expected {tuple(wanted)})" for k, saved, wanted in info.get("mismatched_keys", ()))
+    if missing or wrong:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
+                f"wrong shapes: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}" if wrong else "",
+            )
+            if part
+        )
+        raise CheckpointError(
+            f"{model_dir}: the weights do not match its config.json ({detail}); copy or export the checkpoint again"
+        )
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' loading report (a table of keys) is replaced by ``check_loading_info``'s one line."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_hf_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):

@@ -16,6 +16,9 @@ at most the measurement in progress), a re-run costs nothing, and a retrained ru
   run's own validation batches, with the FLOPs executed at each depth and the expert load of the trained one.
   A looped model runs at every ``--depth-loops`` count it can (an ``iter_embedding`` model stops at its
   ``max_loops``, and its vectors beyond the trained T are untrained); a Vanilla MoE has one depth, its own.
+- ``cosine.json`` (looped runs): per core layer, the cosine similarity of its output hidden state between
+  adjacent iterations at the trained depth (``loopmoe.evaluation.depth.iteration_cosine``), on the same
+  validation batches.
 - ``text.json``: perplexity and bits per byte of a held-out text (WikiText-2's test set by default)
   with a sliding window of the training sequence length.
 - ``tasks.json``: the zero-shot downstream tasks (``loopmoe.evaluation.harness``).
@@ -35,7 +38,7 @@ import torch
 
 from loopmoe.atomic import atomic_write_text
 from loopmoe.errors import DataError
-from loopmoe.evaluation.depth import DepthCurve, depth_curve
+from loopmoe.evaluation.depth import DepthCurve, depth_curve, iteration_cosine
 from loopmoe.evaluation.harness import evaluate_tasks, summarize, wrap_model
 from loopmoe.evaluation.loading import load_hf_tokenizer, load_model, test_time_depth
 from loopmoe.evaluation.perplexity import evaluate_perplexity
@@ -157,15 +160,21 @@ class RunEvaluation:
     text: dict[str, Any] | None  # PerplexityResult.as_dict(); None without a text
     tasks: list[dict[str, Any]]  # harness.summarize rows; [] without tasks
     wall_s: dict[str, float | None]  # measurement -> the seconds it took when it was made
+    # core layer -> cosine of its output between adjacent iterations (None: not measured, a run evaluated
+    # before it was; {}: a Vanilla MoE). Written only when measured, so older results.json files round-trip.
+    iteration_cosine: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "depth": self.depth.to_dict(),
             "expert_load": self.expert_load,
             "text": self.text,
             "tasks": self.tasks,
             "wall_s": self.wall_s,
         }
+        if self.iteration_cosine is not None:
+            out["iteration_cosine"] = self.iteration_cosine
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunEvaluation:
@@ -175,6 +184,7 @@ class RunEvaluation:
             text=raw["text"],
             tasks=raw["tasks"],
             wall_s=raw.get("wall_s", {}),
+            iteration_cosine=raw.get("iteration_cosine"),
         )
 
 
@@ -219,6 +229,13 @@ def evaluate_run(
             lambda: depth_curve(model(), batches(), loops, seq_len).to_dict(),
         ),
     }
+    depth = DepthCurve.from_dict(records["depth"]["result"])
+    if depth.trained_loops > 1:
+        records["cosine"] = cached(
+            folder / "cosine.json",
+            {"model": sha, "batches": shape(), "seq_len": seq_len},
+            lambda: iteration_cosine(model(), batches()),
+        )
     if text is not None:
         window = seq_len
 
@@ -250,11 +267,11 @@ def evaluate_run(
         records["tasks"] = cached(
             folder / "tasks.json", {"model": sha, "tasks": list(tasks), "limit": task_limit}, downstream
         )
-    depth = DepthCurve.from_dict(records["depth"]["result"])
     return RunEvaluation(
         depth=depth,
         expert_load=depth.expert_load,
         text=records["text"]["result"] if "text" in records else None,
         tasks=records["tasks"]["result"] if "tasks" in records else [],
         wall_s={name: record.get("wall_s") for name, record in records.items()},
+        iteration_cosine=records["cosine"]["result"] if "cosine" in records else {},
     )

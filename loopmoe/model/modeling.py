@@ -40,6 +40,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from loopmoe.config import SANDWICH_ATTN_GAIN, SANDWICH_FFN_GAIN, LoopMoEConfig
 from loopmoe.errors import ConfigError
+from loopmoe.model.adaptive import HEAD_CRITERIA, AdaptiveCore, ExitPolicy
 from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLinear
 from loopmoe.model.kernels.cross_entropy import linear_cross_entropy
 from loopmoe.model.layers import Attention, Linear, RMSNorm, RotaryEmbedding
@@ -113,6 +114,7 @@ class LoopMoEModelOutput(MoeModelOutputWithPast):
     """Adds the ``RouterStats`` of every executed MoE slot, in execution order."""
 
     router_stats: list[RouterStats] | None = None
+    exit_loops: torch.Tensor | None = None  # [B, S] core iterations each token ran (adaptive depth only)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class LoopMoECausalLMOutput(MoeCausalLMOutputWithPast):
     lm_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     router_stats: list[RouterStats] | None = None
+    exit_loops: torch.Tensor | None = None  # [B, S] core iterations each token ran (adaptive depth only)
 
 
 def refuse_attention_weights(output_attentions: bool | None, config: LoopMoEConfig) -> None:
@@ -272,12 +275,26 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         output_hidden_states: bool | None = None,
         num_loops: int | None = None,
         output_router_stats: bool = True,
+        exit_policy: ExitPolicy | None = None,
+        exit_loops: torch.Tensor | None = None,
+        exit_logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ) -> LoopMoEModelOutput:
+        # exit_policy / exit_loops ([B, S] forced core iteration counts): adaptive depth (``adaptive.py``),
+        # the core running each iteration on the tokens that have not exited; exit_logits_fn: the final norm
+        # and LM head, which the kl and entropy criteria read.
         cfg = self.config
         refuse_attention_weights(kwargs.get("output_attentions"), cfg)
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigError("Pass exactly one of input_ids or inputs_embeds.")
+        adaptive = exit_policy is not None or exit_loops is not None
+        if adaptive:
+            if self.training and torch.is_grad_enabled():
+                raise ConfigError("early exit is an inference feature: call model.eval() (or torch.no_grad()) first")
+            policy = (exit_policy if exit_policy is not None else ExitPolicy(max_loops=num_loops)).resolved(cfg)
+            if policy.criterion in HEAD_CRITERIA and exit_logits_fn is None:
+                raise ConfigError(f"the {policy.criterion!r} exit criterion reads the LM head: use LoopMoEForCausalLM")
+            num_loops = policy.max_loops
         num_loops = cfg.num_loops if num_loops is None else num_loops
         cfg.check_num_loops(num_loops)
         use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
@@ -322,8 +339,11 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         checkpointing = self.training and torch.is_grad_enabled() and past_key_values is None
         recompute = self.checkpoint_policy if checkpointing else None
 
-        def run(layer: nn.Module, h: torch.Tensor, slot: Slot, v_k: torch.Tensor | None = None) -> torch.Tensor:
-            args = (h, rope, mask, past_key_values, slot.cache_index, v_k, token_mask, output_router_stats)
+        def run(
+            layer: nn.Module, h: torch.Tensor, slot: Slot, v_k: torch.Tensor | None = None, cache: Cache | None = None
+        ) -> torch.Tensor:
+            cache = past_key_values if cache is None else cache
+            args = (h, rope, mask, cache, slot.cache_index, v_k, token_mask, output_router_stats)
             if recompute is not None and recompute(slot):
                 h, router = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -340,7 +360,24 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
             h = run(layer, h, self.slot("prelude", i))
         # Core: the same C layers, T times.
         e = h  # the prelude's output, re-injected at every later iteration
-        for k in range(num_loops):
+        executed = None
+        if adaptive:  # each iteration on the tokens that have not exited (adaptive.py)
+            B, S = h.shape[:2]
+            core = AdaptiveCore(
+                model=self,
+                policy=policy,
+                exit_loops=exit_loops,
+                logits_fn=exit_logits_fn,
+                rope=rope,
+                mask=mask,
+                positions=position_ids.expand(B, S),
+                key_padding=attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None,
+                cache=past_key_values,
+                token_mask=token_mask,
+                router_stats=output_router_stats,
+            )
+            h, executed = core.run(h, run, e)
+        for k in range(0 if adaptive else num_loops):
             if k > 0 and self.injection is not None:  # concat: h <- W [h; e]
                 h = self.injection(torch.cat([h, e], dim=-1))
             elif k > 0 and cfg.input_injection == "add":
@@ -360,6 +397,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
             router_stats=routers if output_router_stats else None,
+            exit_loops=executed,
         )
 
 
@@ -386,6 +424,11 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         num_loops: int | None = None,
         output_router_stats: bool = True,
         skip_logits: bool | None = None,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        min_loops: int | None = None,
+        max_loops: int | None = None,
+        exit_loops: torch.Tensor | None = None,
         **kwargs,
     ) -> LoopMoECausalLMOutput:
         # output_router_stats=False (what generate() passes) skips the balancing losses and router
@@ -398,6 +441,13 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             skip_logits = self.training and labels is not None
         if skip_logits and labels is None:
             raise ConfigError("skip_logits=True needs labels: without them the logits are the only output.")
+        # Adaptive depth (``adaptive.py``): exit_criterion / exit_threshold, between min_loops and max_loops
+        # (default: 1 and num_loops); exit_loops fixes each token's iteration count instead.
+        policy = None
+        if exit_criterion is not None or exit_threshold is not None or min_loops is not None or max_loops is not None:
+            if exit_criterion is None and exit_loops is None:
+                raise ConfigError("exit_threshold, min_loops and max_loops need an exit_criterion (e.g. 'latent')")
+            policy = ExitPolicy(exit_criterion, exit_threshold or 0.0, min_loops or 1, max_loops or num_loops)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -408,6 +458,9 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             num_loops=num_loops,
             output_router_stats=output_router_stats,
+            exit_policy=policy,
+            exit_loops=exit_loops,
+            exit_logits_fn=lambda h: self.lm_head(self.model.norm(h)),
         )
         h = out.last_hidden_state
         if skip_logits:
@@ -450,6 +503,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             router_stats=routers,
+            exit_loops=out.exit_loops,
         )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):

@@ -21,6 +21,7 @@ difference by the FSDP2 collectives of that step (``comm.plan_comm``'s count).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -73,6 +74,10 @@ def cpu_profile(threads: int | None = None, calibrate: bool = True, refresh: boo
     cores = os.cpu_count() or 1
     threads = threads or cores
     path = cache_path()
+    if path.exists() and not path.is_file():  # checked first: a calibration takes a minute, then could not be saved
+        raise ConfigError(
+            f"the CPU calibration cache {path} is not a file: remove it, or set LOOPMOE_CACHE_DIR to another folder"
+        )
     data, why = (None, "refresh asks for a new calibration") if refresh else _cached_calibration(path, threads)
     if data is None:
         if not calibrate:
@@ -93,9 +98,55 @@ def _cached_calibration(path: Path, threads: int) -> tuple[dict | None, str]:
         return None, f"the CPU calibration in {path} is unreadable"
     if version != CALIBRATION_VERSION:  # an older procedure: its numbers mean something else now
         return None, f"the CPU calibration in {path} is outdated (version {version}, now {CALIBRATION_VERSION})"
-    if str(threads) not in measured:
+    if not isinstance(measured, dict) or str(threads) not in measured:
         return None, f"the CPU calibration in {path} has no entry for {threads} threads"
+    if problem := calibration_problem(data, threads):
+        return None, f"the CPU calibration in {path} holds an invalid value ({problem})"
     return data, ""
+
+
+def calibration_problem(data: dict, threads: int) -> str | None:
+    """What makes a calibration unusable at ``threads`` (a missing field, a wrong type, a rate that is
+    not a positive finite number, a negative cost), or None: checked on every read, since the cache
+    is a file anyone can edit and a NaN would otherwise reach every prediction."""
+
+    def positive(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+    def non_negative(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+    per = data["threads"][str(threads)]
+    if not isinstance(per, dict):
+        return f"threads.{threads} is not a table"
+    gemm = per.get("gemm")
+    if not isinstance(gemm, list) or not gemm:
+        return f"threads.{threads}.gemm is not a non-empty list of [size, rate]"
+    for point in gemm:
+        if not (isinstance(point, list) and len(point) == 2 and positive(point[0]) and positive(point[1])):
+            return f"threads.{threads}.gemm holds {point!r}, not [size, rate] with positive finite numbers"
+    for key, check in (
+        ("memory_bandwidth", positive),
+        ("attention_rate", positive),
+        ("op_overhead_s", non_negative),
+        ("transcendental_s", non_negative),
+    ):
+        if (key in per or key != "transcendental_s") and not check(per.get(key)):
+            return f"threads.{threads}.{key} = {per.get(key)!r}"
+    if not positive(data.get("memory_bytes")) or not positive(data.get("cores")):
+        return f"memory_bytes = {data.get('memory_bytes')!r}, cores = {data.get('cores')!r}"
+    if not isinstance(data.get("cpu"), str) or not isinstance(data.get("when"), str):
+        return "cpu and when must be text"
+    gloo = data.get("gloo") or {}
+    if not isinstance(gloo, dict):
+        return "gloo is not a table"
+    for key in ("bandwidth",):
+        if key in gloo and not positive(gloo[key]):
+            return f"gloo.{key} = {gloo[key]!r}"
+    for key in ("latency_s", "fsdp2_call_overhead_s"):
+        if key in gloo and not non_negative(gloo[key]):
+            return f"gloo.{key} = {gloo[key]!r}"
+    return None
 
 
 def save_calibration(data: dict, path: Path | None = None) -> Path:

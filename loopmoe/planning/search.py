@@ -32,6 +32,7 @@ from loopmoe.balance import BalanceOptions
 from loopmoe.budget import compute_budget
 from loopmoe.config import LoopMoEConfig, layers_text
 from loopmoe.console import Progress
+from loopmoe.errors import ConfigError
 from loopmoe.planning.cost import StepPlan, plan_step
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
@@ -69,6 +70,27 @@ class Candidate:
             "peak_memory_bytes": p.memory.peak,
             "layout": p.layout.as_dict(),
         }
+
+
+def grid_param_range(seq_len: int, vocab_size: int = 32000) -> tuple[float, float]:
+    """The smallest and largest total parameters ``reference_shapes`` can build (expert size 128 to 4 x d)."""
+    totals = []
+    for d, L, E in ((min(WIDTHS), min(DEPTHS), min(EXPERTS)), (max(WIDTHS), max(DEPTHS), max(EXPERTS))):
+        heads = d // HEAD_DIM
+        cfg = LoopMoEConfig(
+            vocab_size=vocab_size,
+            hidden_size=d,
+            num_core_layers=L,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // GQA_GROUP),
+            head_dim=HEAD_DIM,
+            num_experts=E,
+            num_experts_per_tok=min(TOP_K),
+            moe_intermediate_size=128 if d == min(WIDTHS) else 4 * d,
+            max_position_embeddings=max(4096, seq_len),
+        )
+        totals.append(compute_budget(cfg, seq_len).total_params)
+    return totals[0], totals[1]
 
 
 def reference_shapes(total_params: float, seq_len: int, vocab_size: int = 32000) -> list[LoopMoEConfig]:
@@ -164,7 +186,16 @@ def search(
     looped shapes are derived, ``shapes``)."""
     dtype = "bf16" if hw.device_type != "cpu" else "fp32"
     found = []
+    if not (isinstance(total_params, (int, float)) and math.isfinite(total_params) and total_params > 0):
+        raise ConfigError(f"--total-params {total_params}: must be a positive finite number, e.g. 3e9")
     candidates = shapes(total_params, loops, seq_len, balancing)
+    if not candidates:
+        low, high = grid_param_range(seq_len)
+        raise ConfigError(
+            f"no model of {total_params:.3g} parameters on the search grid (widths {WIDTHS}, depths {DEPTHS}, "
+            f"experts {EXPERTS}, expert sizes 128 to 4 x width): --search covers about {low:.2g} to {high:.2g} "
+            "total parameters; give --total-params in that range"
+        )
     with Progress("simulating shapes", unit="shape", enabled=progress) as bar:
         for cfg, ref in candidates:
             bar.update(1)

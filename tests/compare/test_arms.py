@@ -77,7 +77,12 @@ def test_ablations_switch_only_their_setting_and_balancing_settings_rebalance():
         ({"num_loops": 4}, r"\[arm.x\] has no kind: add kind = one of"),
         ({"kind": "loooped"}, r"arm.x.kind = 'loooped': must be one of .*did you mean 'looped'"),
         ({"kind": "reference", "num_loops": 4}, r"sets num_loops, which a reference arm does not have"),
-        ({"kind": "granularity", "norm_scheme": "pre"}, r"may set num_loops, strategy\); remove the key"),
+        ({"kind": "granularity", "iter_conditioning": "none"}, r"may set num_loops, strategy, prelude, .*lr\); remove"),
+        ({"kind": "reference", "num_loops": 2}, r"it may set norm_scheme, qk_norm, initializer_range, lr\)"),
+        ({"kind": "looped", "seeds": [-1]}, r"seed -1 is negative; seeds are whole numbers >= 0"),
+        ({"kind": "looped", "seeds": [0, 0]}, r"names a seed twice"),
+        ({"kind": "looped", "lr": 0.0}, r"lr = 0.0: must be a positive number"),
+        ({"kind": "looped", "prelude": -1}, r"prelude = -1: must be a whole number of layers >= 0"),
         ({"kind": "looped", "iter_conditioning": "adaln"}, r"arm.x.iter_conditioning = 'adaln': must be one of"),
         ({"kind": "looped", "loops": 4}, r"unknown key 'arm.x.loops'.*num_loops"),
         ({"kind": "looped", "num_loops": 1}, r"needs at least 2 loops"),
@@ -92,7 +97,10 @@ def test_arm_tables_are_checked_naming_the_fix(table, message):
 def test_arm_names_and_selection_are_checked():
     with pytest.raises(ValueError, match=r"arm name 'a b' must be a folder name"):
         arm_spec_from_table("a b", {"kind": "looped"})
-    with pytest.raises(ValueError, match=r"--arms: unknown arm 'granular'; choose from granularity, looped, reference"):
+    with pytest.raises(
+        ValueError,
+        match=r"--arms: unknown arm 'granular'; choose from granularity, granularity_matched, looped, reference",
+    ):
         CompareOptions(arms=("reference", "granular")).validate()
     with pytest.raises(ValueError, match="names an arm twice"):
         CompareOptions(arms=("looped", "looped")).validate()

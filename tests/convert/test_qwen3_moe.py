@@ -88,6 +88,25 @@ def test_conversion_reads_no_pickles(tmp_path):
     with pytest.raises(Exception) as err:
         convert_qwen3_moe(src, tmp_path / "out")
     assert not isinstance(err.value, SystemExit)
+    assert "refused: pickled weights" in str(err.value)  # one line naming the refusal, not an UnpicklingError
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: raw[: len(raw) // 2], "truncated or corrupt"),
+        (lambda raw: (2**40).to_bytes(8, "little") + raw[8:], "its header needs"),
+        (lambda raw: raw[:8] + b"{not json" + raw[17:], "header is unreadable"),
+    ],
+)
+def test_damaged_weights_are_one_line(tmp_path, capsys, damage, message):
+    _, src = qwen_checkpoint(tmp_path)
+    weights = src / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    capsys.readouterr()  # the fixture's own save prints progress
+    assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # --- LoopMoE -> Qwen3-MoE -------------------------------------------------------------------------
@@ -229,3 +248,12 @@ def test_export_refuses_a_tokenizer_link_that_leads_outside(tiny_config, tmp_pat
     (tmp_path / "loopmoe" / "tokenizer.json").symlink_to(secret)
     assert _export(tmp_path / "loopmoe", tmp_path / "qwen") == 2
     assert "outside" in capsys.readouterr().err and not (tmp_path / "qwen").exists()
+
+
+def test_a_huge_config_is_refused_before_a_model_is_built(tmp_path, capsys):
+    _, src = qwen_checkpoint(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**6, "hidden_size": 8192}))
+    capsys.readouterr()
+    assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "out")]) == 2
+    assert "does not belong to these weights" in capsys.readouterr().err

@@ -64,3 +64,27 @@ def test_depth_analysis_rejects_non_looped_models(run_eval, gpt2_dir, tmp_path):
     text.write_text("hello world " * 100)
     with pytest.raises(ValueError, match="needs a LoopMoE checkpoint"):
         run_eval([str(gpt2_dir), "--depth-analysis", "--text", str(text), "--output-dir", str(tmp_path / "d")])
+
+
+def test_iteration_cosine_per_core_layer_matches_a_hand_computation():
+    import torch.nn.functional as F
+
+    from loopmoe.evaluation.depth import iteration_cosine
+    from loopmoe.model import LoopMoEForCausalLM
+    from loopmoe.presets import get_preset
+
+    torch.manual_seed(0)
+    cfg = get_preset("debug")
+    cfg = cfg.__class__(
+        **{**cfg.to_dict(), "num_prelude_layers": 1, "num_core_layers": 2, "num_coda_layers": 0, "num_loops": 3}
+    )
+    model = LoopMoEForCausalLM(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    cosine = iteration_cosine(model, [x])
+    assert list(cosine) == ["core.0", "core.1"] and all(len(v) == 2 for v in cosine.values())
+    states = model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states
+    # core layer 1 (0-based) output at iterations 1 and 2: executed layers 1 + 1*2 + 1 = 4 and 6, so states 5 and 7
+    expected = F.cosine_similarity(states[5], states[7], dim=-1).mean().item()
+    assert cosine["core.1"][1] == pytest.approx(expected, rel=1e-5)
+    vanilla = LoopMoEForCausalLM(get_preset("debug").__class__(**{**get_preset("debug").to_dict(), "num_loops": 1}))
+    assert iteration_cosine(vanilla, [x]) == {}

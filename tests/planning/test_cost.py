@@ -1,6 +1,7 @@
 """Each cost term of `loopmoe.planning` against hand-computed values on tiny configs."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -312,3 +313,79 @@ def test_the_trace_takes_the_loss_chunks_of_the_planned_device():
     assert gpu.forward.ops < cpu.forward.ops
     assert gpu.forward.gemms != cpu.forward.gemms  # the head's GEMMs: [512, V] at once, not [64, V] x 8
     assert max(m for m, n, k in gpu.forward.gemms if n == cfg.vocab_size) == 512
+
+
+def _valid_calibration():
+    from loopmoe.planning.calibration import CALIBRATION_VERSION
+
+    return {
+        "version": CALIBRATION_VERSION,
+        "cpu": "test cpu",
+        "when": "2026-12-06",
+        "cores": 2,
+        "memory_bytes": 24e9,
+        "threads": {
+            "1": {
+                "gemm": [[16, 1e9], [256, 4e9]],
+                "memory_bandwidth": 1e10,
+                "attention_rate": 2e9,
+                "op_overhead_s": 5e-6,
+                "transcendental_s": 1e-9,
+            }
+        },
+        "gloo": {"bandwidth": 1e9, "latency_s": 1e-4},
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda d: d["threads"]["1"].update(memory_bandwidth=float("nan")), "memory_bandwidth = nan"),
+        (lambda d: d["threads"]["1"].update(op_overhead_s=-1e-6), "op_overhead_s = -1e-06"),
+        (lambda d: d["threads"]["1"].update(gemm=[]), "gemm is not a non-empty list"),
+        (lambda d: d["threads"]["1"].update(gemm=[[16, 0]]), "gemm holds [16, 0]"),
+        (lambda d: d["threads"]["1"].update(attention_rate="fast"), "attention_rate = 'fast'"),
+        (lambda d: d["threads"]["1"].pop("memory_bandwidth"), "memory_bandwidth = None"),
+        (lambda d: d.update(memory_bytes=0), "memory_bytes = 0"),
+        (lambda d: d["gloo"].update(latency_s=float("inf")), "gloo.latency_s = inf"),
+    ],
+)
+def test_a_calibration_with_invalid_values_is_named_not_used(tmp_path, monkeypatch, edit, named):
+    import json
+
+    from loopmoe.planning.calibration import cache_path, cpu_profile
+
+    monkeypatch.setenv("LOOPMOE_CACHE_DIR", str(tmp_path))
+    data = _valid_calibration()
+    cache_path().write_text(json.dumps(data))
+    assert cpu_profile(1, calibrate=False).memory_bandwidth == 1e10  # the valid one is used
+    edit(data)
+    cache_path().write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"invalid value \\((threads\\.1\\.)?{re.escape(named)}"):
+        cpu_profile(1, calibrate=False)
+
+
+def test_a_folder_at_the_calibration_path_is_refused_before_calibrating(tmp_path, monkeypatch):
+    from loopmoe.planning import calibration
+
+    monkeypatch.setenv("LOOPMOE_CACHE_DIR", str(tmp_path))
+    calibration.cache_path().mkdir(parents=True)
+    monkeypatch.setattr(calibration, "calibrate_cpu", lambda *a, **k: pytest.fail("calibrated before the check"))
+    with pytest.raises(ValueError, match="is not a file: remove it, or set LOOPMOE_CACHE_DIR"):
+        calibration.cpu_profile(1, calibrate=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nan", "--total-params nan: must be a positive finite number"),
+        ("inf", "--total-params inf: must be a positive finite number"),
+        ("1e8", "--search covers about"),
+    ],
+)
+def test_search_refuses_parameter_counts_it_cannot_build(value, message, capsys):
+    from loopmoe.cli.main import main
+
+    assert main(["plan", "--search", "--hardware", "h100", "--total-params", value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "use more devices" not in err and "Traceback" not in err

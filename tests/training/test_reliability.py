@@ -254,3 +254,21 @@ def test_cleanup_does_not_sweep_a_whole_tree(tmp_path):
         f.write_text("x")
     assert clean_stale_temporaries(tmp_path, held=True) == [near]
     assert deep.exists()
+
+
+def test_an_interrupted_final_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from tests.training.standins import TinyMoELM
+
+    _train(tmp_path)
+    final = tmp_path / "final"
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+
+    def torn(self, directory):  # dies halfway through writing the weights
+        (Path(directory) / "pytorch_model.bin").write_bytes(b"torn")
+        raise OSError(errno.EIO, "interrupted export")
+
+    monkeypatch.setattr(TinyMoELM, "save_pretrained", torn)
+    with pytest.raises(OSError, match="interrupted export"):
+        _train(tmp_path)  # a finished run exports again
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before  # staged: final/ is never torn
+    assert not [p for p in tmp_path.iterdir() if "loopmoe-staging" in p.name]
