@@ -21,6 +21,7 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
 
+
 def pytest_runtest_logreport(report):
     """With ``$LOOPMOE_RECORD_SKIPS`` set, append the node id of every skipped test to that file.
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loopmoe.atomic import atomic_write_text
+from loopmoe.cli.generate import check_device
 from loopmoe.errors import ConfigError
 from loopmoe.evaluation import harness, loading, report
 from loopmoe.evaluation.custom_task import load_task_file
@@ -109,6 +110,7 @@ def run(args) -> int:
     requested: list[str | dict] = [*tasks, *task_configs]  # task names, then task-file configs
     manager = harness.task_manager(data_dir, requested) if requested else None  # unknown names fail here
 
+    check_device(args.device)  # before the model loads: a device this machine lacks, in one line
     model = loading.load_model(args.model_dir, device=args.device)
     tokenizer = loading.load_hf_tokenizer(args.model_dir, args.tokenizer)
     results: dict = {

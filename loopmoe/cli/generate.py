@@ -96,8 +96,8 @@ def _check_text(prompt: str, where: str) -> str:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         raise DataError(
-            f"{where} is not UTF-8 text (a byte that is not UTF-8 at character {e.start}): pipe a text file, or "
-            "pass --prompt TEXT"
+            f"{where} is not UTF-8 text (a byte that is not UTF-8 at character {e.start}): "
+            + ("pipe a text file, or pass --prompt TEXT" if where == "stdin" else "give the prompt as UTF-8 text")
         ) from None
     return prompt
 
@@ -135,7 +135,7 @@ def check_device(device: str) -> None:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {device}: this torch has no usable Apple GPU (mps); use --device cpu")
     if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {device}: loopmoe generate runs on cpu, cuda or cuda:N (or mps on a Mac)")
+        raise ConfigError(f"--device {device}: loopmoe runs models on cpu, cuda or cuda:N (or mps on a Mac)")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
     if (

@@ -14,7 +14,7 @@ from loopmoe.options import add_options, option, options_from
 from loopmoe.planning import Layout, get_hardware, plan_step
 from loopmoe.planning.calibration import cpu_profile
 from loopmoe.planning.hardware import HARDWARE_NAMES
-from loopmoe.planning.search import pareto_plot, search
+from loopmoe.planning.search import check_loops, pareto_plot, search
 from loopmoe.text import human, markdown_table
 from loopmoe.training import build_model_config, load_run_config
 from loopmoe.training.builders import planned_vocab_size
@@ -143,8 +143,8 @@ def run_search(opts: PlanOptions) -> int:
     if opts.loops is not None:
         status("loopmoe plan: --loops is deprecated and will be removed; use --num-loops")
         loops = opts.loops
-    if not loops or min(loops) < 1:
-        raise ConfigError(f"--num-loops must be positive loop counts, e.g. 1,2,4; got {loops}")
+    check_search_options(opts)
+    check_loops(tuple(loops))
     hw = get_hardware(opts.hardware, threads=1)
     found = search(
         hw,
@@ -194,6 +194,25 @@ def run_search(opts: PlanOptions) -> int:
     )
     print(f"Pareto plot: {plot}")
     return 0
+
+
+def check_search_options(opts: PlanOptions) -> None:
+    """Every --search option that cannot work, in one line, before a minute of simulation."""
+    if opts.devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {opts.devices}")
+    if opts.seq_len < 1:
+        raise ConfigError(f"--seq-len must be >= 1, got {opts.seq_len}")
+    if opts.global_batch_tokens < opts.seq_len * opts.devices:
+        raise ConfigError(
+            f"--global-batch-tokens {opts.global_batch_tokens} is less than one sequence per device "
+            f"(--seq-len {opts.seq_len} x --devices {opts.devices} = {opts.seq_len * opts.devices}): give at least that"
+        )
+    if opts.flops_per_token is not None and not (math.isfinite(opts.flops_per_token) and opts.flops_per_token > 0):
+        raise ConfigError(f"--flops-per-token {opts.flops_per_token}: must be a positive finite number, e.g. 2e9")
+    if opts.top < 1:
+        raise ConfigError(f"--top {opts.top}: the table needs at least one row (e.g. --top 10)")
+    if opts.plot.is_dir() or opts.plot.parent.exists() and not opts.plot.parent.is_dir():
+        raise ConfigError(f"--plot {opts.plot}: not a file path one can write; give a file name, e.g. search.png")
 
 
 def _layout_text(lay: dict) -> str:

@@ -454,11 +454,16 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
         )
 
 
+# What a tokenizer folder may hold besides the files that make it one (the chat template among them:
+# transformers writes it to chat_template.jinja).
+TOKENIZER_EXTRAS = ("chat_template.jinja", "chat_template.json", "special_tokens_map.json", "merges.txt")
+
+
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy the tokenizer files of ``src``, refusing a link that leads out of it (a file meant for sharing
     must not pick up whatever a symlink points at)."""
     root = src.resolve()
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, *TOKENIZER_EXTRAS):
         path = src / name
         if not path.is_file():
             continue

@@ -80,13 +80,28 @@ class LMTokenizer:
         return directory
 
 
+# The chat template of the tokenizers loopmoe writes, for base models: a plain-text transcript, one
+# "Role: text" line per message, and "Assistant:" to continue when a reply is asked for. A base model
+# was never tuned to chat; this makes `/v1/chat/completions`, `transformers chat` and
+# `apply_chat_template` work with it as a text continuation. A tokenizer a user brings keeps its own.
+BASE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
 def export_tokenizer(tokenizer, model_max_length: int):
     """The tokenizer a model folder ships with: transformers' (from an ``LMTokenizer``, or a transformers
-    tokenizer as it is), with a pad token (its EOS when it has none, as ``to_transformers`` does) and
-    ``model_max_length`` the context the model was trained on (instead of transformers' 1e30 placeholder)."""
+    tokenizer as it is), with a pad token (its EOS when it has none, as ``to_transformers`` does),
+    ``model_max_length`` the context the model was trained on (instead of transformers' 1e30 placeholder)
+    and a chat template (``BASE_CHAT_TEMPLATE`` when it has none)."""
     hf = tokenizer.to_transformers() if isinstance(tokenizer, LMTokenizer) else tokenizer
     if hf.pad_token is None:
         hf.pad_token = hf.eos_token
+    if not getattr(hf, "chat_template", None):
+        hf.chat_template = BASE_CHAT_TEMPLATE
     hf.model_max_length = model_max_length
     return hf
 

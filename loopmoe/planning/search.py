@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,22 @@ def grid_param_range(seq_len: int, vocab_size: int = 32000) -> tuple[float, floa
         )
         totals.append(compute_budget(cfg, seq_len).total_params)
     return totals[0], totals[1]
+
+
+def check_loops(loops: tuple[int, ...]) -> None:
+    """Refuse loop counts the grid cannot build: a looped shape needs ``T`` to divide its core depth
+    (one of ``DEPTHS``); counts that divide none are named (all of them unusable: an error)."""
+    if not loops or any(not isinstance(T, int) or T < 1 for T in loops):
+        raise ConfigError(f"--num-loops must be positive loop counts, e.g. 1,2,4; got {loops}")
+    unusable = [T for T in loops if T > 1 and all(L % T for L in DEPTHS)]
+    if not unusable:
+        return
+    divisors = sorted({T for L in DEPTHS for T in range(1, L + 1) if L % T == 0})
+    text = f"--num-loops {','.join(map(str, unusable))}: a loop count must divide a core depth of the search grid " \
+        f"{DEPTHS}, i.e. be one of {','.join(map(str, divisors))}"
+    if len(unusable) == len(loops):
+        raise ConfigError(text)
+    warnings.warn(f"{text}; searching the others only", stacklevel=3)
 
 
 def reference_shapes(total_params: float, seq_len: int, vocab_size: int = 32000) -> list[LoopMoEConfig]:
@@ -188,13 +205,20 @@ def search(
     found = []
     if not (isinstance(total_params, (int, float)) and math.isfinite(total_params) and total_params > 0):
         raise ConfigError(f"--total-params {total_params}: must be a positive finite number, e.g. 3e9")
-    candidates = shapes(total_params, loops, seq_len, balancing)
-    if not candidates:
+    check_loops(loops)
+    if not reference_shapes(total_params, seq_len):
         low, high = grid_param_range(seq_len)
         raise ConfigError(
             f"no model of {total_params:.3g} parameters on the search grid (widths {WIDTHS}, depths {DEPTHS}, "
             f"experts {EXPERTS}, expert sizes 128 to 4 x width): --search covers about {low:.2g} to {high:.2g} "
             "total parameters; give --total-params in that range"
+        )
+    candidates = shapes(total_params, loops, seq_len, balancing)
+    if not candidates:
+        raise ConfigError(
+            f"no shape of {total_params:.3g} parameters balances as a LoopMoE at --num-loops "
+            f"{','.join(map(str, loops))} (capacity balancing against the Vanilla references failed for each): "
+            "add 1 to --num-loops for the Vanilla shapes, or try other loop counts"
         )
     with Progress("simulating shapes", unit="shape", enabled=progress) as bar:
         for cfg, ref in candidates:

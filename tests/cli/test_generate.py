@@ -175,3 +175,96 @@ def test_looping_a_vanilla_checkpoint_warns():
     with pytest.warns(UserWarning, match="trained with num_loops=1"), test_time_depth(model, 2):
         assert model.config.num_loops == 2
     assert model.config.num_loops == 1
+
+
+# --- Reliability round 2: inputs and checkpoints that must be refused in one line -------------------
+
+
+def _one_line_error(argv, capsys, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    return err
+
+
+def test_bytes_that_are_not_utf8_are_one_line_whatever_the_locale(model_dir, monkeypatch, capsys):
+    """Under a C/POSIX locale Python decodes stdin and argv with surrogateescape: no UnicodeDecodeError,
+    the bytes arrive as lone surrogates, which the tokenizer rejects with a TypeError traceback (G02, G03)."""
+    for data, argv in (
+        (b"\xff\xfe\x00binary\n", []),
+        (bytes(range(256)) * 4, []),
+        (b"ab\x00c\xff\xfe\n", ["--prompt", "-"]),
+    ):
+        stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+        monkeypatch.setattr(sys, "stdin", stdin)
+        _one_line_error(["generate", str(model_dir), "--max-new-tokens", "2", *argv], capsys, "stdin is not UTF-8")
+    _one_line_error(
+        ["generate", str(model_dir), "--prompt", b"\xed\xa0".decode("utf-8", "surrogateescape")],
+        capsys,
+        "--prompt is not UTF-8 text",
+    )
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "mps"])
+def test_devices_this_machine_cannot_generate_on_are_one_line(model_dir, device, capsys):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    _one_line_error(["generate", str(model_dir), "--prompt", "x", "--device", device], capsys, f"--device {device}")
+
+
+@pytest.fixture
+def damaged(model_dir, tmp_path):
+    """A copy of the model folder to damage."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    return copy
+
+
+def test_a_pickled_weights_payload_is_refused_in_one_line_and_never_runs(damaged, tmp_path, capsys):
+    import os
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for weights in damaged.glob("*.safetensors"):
+        weights.unlink()
+    (damaged / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+    err = _one_line_error(["generate", str(damaged), "--prompt", "x"], capsys, "refused: pickled weights")
+    assert "weights_only` set to `False`" not in err  # the unsafe way out is never suggested
+    assert not marker.exists()
+
+
+def test_weights_that_do_not_match_the_config_are_refused_not_randomly_initialised(damaged, capsys):
+    """transformers only warns about a missing tensor and initialises it at random (G: a silent wrong model)."""
+    from safetensors.torch import load_file, save_file
+
+    (weights,) = damaged.glob("*.safetensors")
+    state = load_file(weights)
+    norm = next(k for k in state if k.endswith("input_layernorm.weight"))
+    del state[norm]
+    save_file(state, weights, metadata={"format": "pt"})
+    _one_line_error(["generate", str(damaged), "--prompt", "x"], capsys, f"missing {norm}")
+    q = next(k for k in state if k.endswith("q_proj.weight"))
+    state[q] = torch.zeros(2 * state[q].shape[0], state[q].shape[1])
+    save_file(state, weights, metadata={"format": "pt"})
+    _one_line_error(["generate", str(damaged), "--prompt", "x"], capsys, f"wrong shapes: {q}")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{bad", "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list"),
+        ("{}", "names no model_type"),
+        ('{"model_type": "loopmoe", "hidden_size": "x"}', "cannot be loaded as a causal LM"),
+    ],
+)
+def test_a_broken_config_json_is_one_line(damaged, config, message, capsys):
+    (damaged / "config.json").write_text(config)
+    _one_line_error(["generate", str(damaged), "--prompt", "x"], capsys, message)

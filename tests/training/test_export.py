@@ -63,3 +63,42 @@ def test_plain_transformers_generates_stops_at_eos_and_pads_batches(trained_run,
     model.save_pretrained(tmp_path / "eos_only")
     load_tokenizer(final).to_transformers().save_pretrained(tmp_path / "eos_only")
     run_without_loopmoe(PLAIN_GENERATE.format(final=final, eos_only=tmp_path / "eos_only"), tmp_path)
+
+
+def test_the_exported_tokenizer_chats_and_so_does_its_qwen3_moe_export(trained_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from loopmoe.convert import export_qwen3_moe
+    from loopmoe.data.tokenizer import BASE_CHAT_TEMPLATE
+
+    messages = [{"role": "user", "content": "Who are you?"}]
+    export_qwen3_moe(trained_run / "final", tmp_path / "qwen")
+    for folder in (trained_run / "final", tmp_path / "qwen"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        assert tokenizer.chat_template == BASE_CHAT_TEMPLATE
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert text == "User: Who are you?\nAssistant:"
+
+
+# Without loopmoe: the remote code carries adaptive depth. Every token exiting after one iteration of a
+# test-time depth of 3 generates exactly what the trained depth (1) generates; an unknown criterion is refused.
+REMOTE_EXIT = """
+import torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(1)
+model = AutoModelForCausalLM.from_pretrained("{final}", trust_remote_code=True).eval()
+ids = torch.tensor([[5, 17, 42, 9]])
+plain = model.generate(ids, max_new_tokens=6, do_sample=False)
+early = model.generate(ids, max_new_tokens=6, do_sample=False, exit_criterion="latent", exit_threshold=1e9, max_loops=3)
+assert torch.equal(plain, early), (plain, early)
+try:
+    model(ids, exit_criterion="energy", exit_threshold=0.1)
+except ValueError as error:
+    assert "unknown exit criterion" in str(error), error
+else:
+    raise AssertionError("an unknown criterion was accepted")
+"""
+
+
+def test_remote_code_checkpoints_carry_adaptive_depth(trained_run, tmp_path):
+    run_without_loopmoe(REMOTE_EXIT.format(final=trained_run / "final"), tmp_path)
