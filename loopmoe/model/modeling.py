@@ -506,6 +506,20 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             exit_loops=out.exit_loops,
         )
 
+    # Loop settings a generation config may carry (``model.generation_config.num_loops = 4``, or a server's
+    # per-request generation config): generate() hands them to every forward, as if passed to generate.
+    GENERATION_CONFIG_FIELDS = ("num_loops", "exit_criterion", "exit_threshold", "min_loops", "max_loops")
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        # transformers files a keyword the generation config also has under the config, not the forward:
+        # hand the loop settings on to the forward either way.
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for name in self.GENERATION_CONFIG_FIELDS:
+            value = getattr(generation_config, name, None)
+            if value is not None and model_kwargs.get(name) is None:
+                model_kwargs[name] = value
+        return generation_config, model_kwargs
+
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         # generate() never returns router statistics; skipping them saves ~20 small ops per MoE slot

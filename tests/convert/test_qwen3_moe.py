@@ -89,6 +89,7 @@ def test_conversion_reads_no_pickles(tmp_path):
         convert_qwen3_moe(src, tmp_path / "out")
     assert not isinstance(err.value, SystemExit)
     assert "refused: pickled weights" in str(err.value)  # one line naming the refusal, not an UnpicklingError
+    assert "weights_only` set to `False`" not in str(err.value)  # never the unsafe way out
 
 
 @pytest.mark.parametrize(
@@ -257,3 +258,100 @@ def test_a_huge_config_is_refused_before_a_model_is_built(tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "out")]) == 2
     assert "does not belong to these weights" in capsys.readouterr().err
+
+
+# --- Reliability round 2: broken weights, absurd sizes, unwritable outputs ----------------------------
+
+
+def _set_tensor(weights, pick, value):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    key = next(k for k in state if pick(k))
+    state[key] = value(state[key])
+    save_file(state, weights, metadata={"format": "pt"})
+    return key
+
+
+def test_export_and_convert_refuse_weights_that_are_not_finite(tiny_config, tmp_path, capsys):
+    """As training refuses to export a diverged model (E25): NaN weights are not a model to share."""
+    _loopmoe_checkpoint(tiny_config, tmp_path / "loopmoe", num_loops=1)
+    key = _set_tensor(
+        tmp_path / "loopmoe" / "model.safetensors",
+        lambda k: k.endswith("q_proj.weight"),
+        lambda t: t.index_fill(0, torch.tensor([0]), float("nan")),
+    )
+    assert _export(tmp_path / "loopmoe", tmp_path / "qwen") == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and key in err and not (tmp_path / "qwen").exists()
+
+    _, src = qwen_checkpoint(tmp_path)
+    _set_tensor(src / "model.safetensors", lambda k: k.endswith("norm.weight"), lambda t: t.fill_(float("inf")))
+    capsys.readouterr()
+    assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "back")]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err and not (tmp_path / "back").exists()
+
+
+def test_an_unrolled_export_larger_than_the_disk_is_refused_before_it_is_built(tiny_config, tmp_path, capsys):
+    """num_loops = 10^8 (no iteration conditioning) used to build a list of 10^8 layers: MemoryError (E16)."""
+    _loopmoe_checkpoint(tiny_config, tmp_path / "loopmoe", num_loops=2, iter_conditioning="none")
+    config = json.loads((tmp_path / "loopmoe" / "config.json").read_text())
+    (tmp_path / "loopmoe" / "config.json").write_text(json.dumps({**config, "num_loops": 10**8}))
+    assert _export(tmp_path / "loopmoe", tmp_path / "qwen") == 2
+    err = capsys.readouterr().err
+    assert "the unrolled Qwen3-MoE checkpoint would take" in err and "fewer loops" in err
+    assert not (tmp_path / "qwen").exists()
+
+
+def test_an_output_that_cannot_be_created_is_one_line_naming_no_temporary(tiny_config, tmp_path, capsys):
+    """An output under a file (or /proc) used to fail with the staging folder's errno traceback (E26)."""
+    _loopmoe_checkpoint(tiny_config, tmp_path / "loopmoe", num_loops=1)
+    (tmp_path / "afile").write_text("x")
+    _, src = qwen_checkpoint(tmp_path)
+    capsys.readouterr()
+    for argv in (
+        ["export", "--to", "qwen3-moe", str(tmp_path / "loopmoe"), str(tmp_path / "afile" / "out")],
+        ["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "afile" / "out")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write {tmp_path / 'afile' / 'out'}" in err and "loopmoe-staging" not in err, err
+        assert "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_torn_or_foreign_bin_is_one_line(tmp_path, capsys):
+    _, src = qwen_checkpoint(tmp_path)
+    (src / "model.safetensors").unlink()
+    torch.save({"w": torch.ones(2)}, src / "pytorch_model.bin")
+    raw = (src / "pytorch_model.bin").read_bytes()
+    (src / "pytorch_model.bin").write_bytes(raw[: len(raw) // 2])
+    capsys.readouterr()
+    assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is unreadable" in err and "Traceback" not in err
+    torch.save([torch.ones(2)], src / "pytorch_model.bin")  # plain tensors, but not a state dict
+    assert main(["convert", "--from", "qwen3-moe", str(src), str(tmp_path / "out")]) == 2
+    assert "no mapping of names to tensors" in capsys.readouterr().err
+
+
+def test_init_from_a_pickled_payload_is_refused_in_one_line(tiny_config, tmp_path):
+    """``model.init_from`` reads weights through ``read_weights``: the same refusal, no code run (H02)."""
+    import os
+    import pickle
+
+    from loopmoe.errors import CheckpointError
+    from loopmoe.training.builders import load_initial_weights
+
+    model = _loopmoe_checkpoint(tiny_config, tmp_path / "init", num_loops=1)
+    (tmp_path / "init" / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "init" / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Payload()}))
+    with pytest.raises(CheckpointError, match="refused: pickled weights") as err:
+        load_initial_weights(model, tmp_path / "init")
+    assert len(str(err.value).splitlines()) == 1 and not marker.exists()

@@ -143,3 +143,16 @@ def test_the_analytic_adaptive_flops_match_the_counted_ones(model, ids):
     counted = count_forward_flops(model, ids, exit_loops=exits) / ids.numel()
     predicted = adaptive_flops_per_token(model.config, ids.shape[1], exits.float().mean().item())
     assert counted == pytest.approx(predicted, rel=0.02)
+
+
+@torch.no_grad()
+def test_a_generation_config_carries_the_loop_settings(model, ids):
+    from transformers import GenerationConfig
+
+    prompt = ids[:1, :5]
+    deeper = model.generate(prompt, do_sample=False, max_new_tokens=6, num_loops=5)
+    early = model.generate(prompt, do_sample=False, max_new_tokens=6, exit_criterion="latent", exit_threshold=1e9)
+    config = GenerationConfig(do_sample=False, max_new_tokens=6, num_loops=5)
+    assert torch.equal(model.generate(prompt, generation_config=config), deeper)
+    config = GenerationConfig(do_sample=False, max_new_tokens=6, exit_criterion="latent", exit_threshold=1e9)
+    assert torch.equal(model.generate(prompt, generation_config=config), early)

@@ -389,3 +389,30 @@ def test_search_refuses_parameter_counts_it_cannot_build(value, message, capsys)
     assert main(["plan", "--search", "--hardware", "h100", "--total-params", value]) == 2
     err = capsys.readouterr().err
     assert message in err and "use more devices" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda d: d.update(threads="12"), "has no entry for 1 threads"),  # P03: "1" in "12" passed the old check
+        (lambda d: d["threads"].update({"1": "fast"}), "threads.1 is not a table"),  # P09
+        (lambda d: d["threads"].update({"1": {}}), "threads.1.gemm is not a non-empty list"),  # P08
+        (lambda d: d["threads"]["1"].update(gemm=[[16, float("nan")]]), "gemm holds [16, nan]"),  # P07
+        (lambda d: d["threads"]["1"].update(attention_rate=0), "attention_rate = 0"),  # P06
+    ],
+)
+def test_a_hand_edited_calibration_is_measured_again_never_used(tmp_path, monkeypatch, edit, named):
+    """With calibration allowed, an unusable cache is measured again (and replaced); without, named."""
+    import json
+
+    from loopmoe.planning import calibration
+
+    monkeypatch.setenv("LOOPMOE_CACHE_DIR", str(tmp_path))
+    data = _valid_calibration()
+    edit(data)
+    calibration.cache_path().write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(named)):
+        calibration.cpu_profile(1, calibrate=False)
+    fresh = _valid_calibration()
+    monkeypatch.setattr(calibration, "calibrate_cpu", lambda *a, **k: fresh)
+    assert calibration.cpu_profile(1, calibrate=True).memory_bandwidth == 1e10

@@ -112,3 +112,42 @@ def test_search_derives_the_looped_model_loopmoe_budget_derives(monkeypatch, tmp
     budget_looped = json.loads(capsys.readouterr().out)["looped"]["config"]
     assert budget_looped == json.loads(json.dumps(looped.architecture_dict()))
     assert looped.num_experts % 8 == 0 and looped.head_dim % 16 == 0  # the hardware grid
+
+
+# --- Reliability round 2 (P19): every --search option that cannot work is one line, before any simulation --
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top", "-1"], "--top -1: the table needs at least one row"),
+        (["--top", "0"], "--top 0"),
+        (["--global-batch-tokens", "0"], "--global-batch-tokens 0 is less than one sequence per device"),
+        (["--seq-len", "0"], "--seq-len must be >= 1"),
+        (["--devices", "-1"], "--devices must be >= 1"),
+        (["--flops-per-token", "nan"], "--flops-per-token nan"),
+        (["--num-loops", "100000"], "--num-loops 100000: a loop count must divide a core depth"),
+        (["--loops", "7"], "--num-loops 7: a loop count must divide a core depth"),
+        (["--total-params", "1e8"], "--search covers about"),
+        (["--total-params", "inf"], "--total-params inf: must be a positive finite number"),
+    ],
+)
+def test_search_options_that_cannot_work_are_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(search_mod, "plan_step", lambda *a, **k: pytest.fail("simulated before refusing"))
+    argv = ["plan", "--search", "--hardware", "h100", "--total-params", "1e9", "--plot", str(tmp_path / "p.png")]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_search_plot_that_is_a_folder_is_refused_before_the_search(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(search_mod, "plan_step", lambda *a, **k: pytest.fail("simulated before refusing"))
+    assert main(["plan", "--search", "--hardware", "h100", "--total-params", "1e9", "--plot", str(tmp_path)]) == 2
+    assert "--plot" in capsys.readouterr().err
+
+
+def test_loop_counts_the_grid_cannot_build_are_named_and_the_rest_searched(small_grid):
+    with pytest.warns(UserWarning, match="--num-loops 3: a loop count must divide"):
+        found = search_mod.search(PROFILES["h100"], 4, 4e7, loops=(1, 3), seq_len=512, global_batch_tokens=2**16)
+    assert found and {c.config.num_loops for c in found} == {1}
