@@ -69,8 +69,8 @@ def pickle_refusal(file: Path, error: BaseException) -> CheckpointError:
     detail = next((line for line in lines if "Unsupported" in line), None)
     detail = detail or next((line for line in lines if "WeightsUnpickler" in line), type(error).__name__)
     return CheckpointError(
-        f"{file}: refused: pickled weights that hold more than plain tensors ({detail[:200]}); loading them "
-        "could run code from the file. Use a safetensors checkpoint, or convert the file with a tool you trust"
+        f"{file}: refused: pickled weights that are not plain tensors ({detail[:200]}; loading them could run "
+        "code from the file); use a safetensors checkpoint, or convert them to safetensors with a tool you trust"
     )
 
 

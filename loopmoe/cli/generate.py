@@ -86,7 +86,9 @@ def read_prompts(given: list[str], stdin) -> list[str]:
         if not prompts:
             raise ConfigError("stdin holds no prompt (every line is empty): pass --prompt TEXT")
         return [_check_text(p, "stdin") for p in prompts]
-    return [_check_text("".join(_text_lines(stdin)), "stdin") if p == "-" else _check_text(p, "--prompt") for p in given]
+    return [
+        _check_text("".join(_text_lines(stdin)), "stdin") if p == "-" else _check_text(p, "--prompt") for p in given
+    ]
 
 
 def _check_text(prompt: str, where: str) -> str:

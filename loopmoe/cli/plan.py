@@ -211,7 +211,7 @@ def check_search_options(opts: PlanOptions) -> None:
         raise ConfigError(f"--flops-per-token {opts.flops_per_token}: must be a positive finite number, e.g. 2e9")
     if opts.top < 1:
         raise ConfigError(f"--top {opts.top}: the table needs at least one row (e.g. --top 10)")
-    if opts.plot.is_dir() or opts.plot.parent.exists() and not opts.plot.parent.is_dir():
+    if opts.plot.is_dir() or (opts.plot.parent.exists() and not opts.plot.parent.is_dir()):
         raise ConfigError(f"--plot {opts.plot}: not a file path one can write; give a file name, e.g. search.png")
 
 

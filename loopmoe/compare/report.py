@@ -170,7 +170,8 @@ def arms_table(arms: dict[str, Arm], seq_len: int) -> str:
                 dev(arm, "total_params"),
                 dev(arm, "active_params"),
                 dev(arm, "flops_per_token"),
-                f"{arm.budget.attn_ffn_ratio:.3f}",
+                f"{arm.budget.attn_ffn_ratio:.3f} / {arm.budget.attn_ffn_ratio_per_layer:.3f}",
+                "" if arm.lr is None else f"{arm.lr:g}",
                 ",".join(str(s) for s in arm.seeds),
             )
         )
@@ -185,7 +186,8 @@ def arms_table(arms: dict[str, Arm], seq_len: int) -> str:
         "total params",
         "active params",
         f"FLOPs/token (S={seq_len})",
-        "attn/FFN",
+        "attn/FFN (rho_unique / rho_per_layer)",
+        "lr (own)",
         "seeds",
     )
     return "\n".join(["## Arms (deviations from the reference)", "", markdown_table(head, rows)])

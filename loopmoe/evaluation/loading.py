@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
         check_safetensors(weights)
     with no_remote_code(config_path), _quiet_transformers():
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
                 str(model_dir),
                 local_files_only=True,
                 trust_remote_code=False,
@@ -52,15 +53,18 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
                 f"{model_dir} cannot be loaded as a causal LM ({type(e).__name__}: "
                 f"{next((x for x in str(e).splitlines() if x.strip()), '')[:300]}); {fix}"
             ) from e
+    model, info = loaded  # output_loading_info: (model, {missing_keys, unexpected_keys, mismatched_keys, ...})
     check_loading_info(model_dir, info)
-    return model.to(device).eval()  # type: ignore[arg-type]  # transformers: .to is typed as wraps(nn.Module.to), its self as the first argument
+    return model.to(device).eval()
 
 
 def check_loading_info(model_dir: Path, info: dict) -> None:
     """Refuse weights that leave a parameter of the model at its random initialisation: a missing tensor
     or one of another shape (transformers only warns, and would generate from random weights)."""
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("expert_bias"))
-    wrong = sorted(f"{k} {tuple(saved)} (expected {tuple(wanted)})" for k, saved, wanted in info.get("mismatched_keys", ()))
+    wrong = sorted(
+        f"{k} {tuple(saved)} (expected {tuple(wanted)})" for k, saved, wanted in info.get("mismatched_keys", ())
+    )
     if missing or wrong:
         detail = "; ".join(
             part

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -118,17 +119,14 @@ def exit_values(
 class AdaptiveCore:
     """One forward's adaptive run of the core (built by ``LoopMoEModel.forward``)."""
 
-    model: torch.nn.Module  # the LoopMoEModel
+    model: Any  # the LoopMoEModel (typed loosely: modeling.py imports this module)
     policy: ExitPolicy  # resolved
     exit_loops: torch.Tensor | None  # [B, S] forced iteration counts, or None
     logits_fn: Callable[[torch.Tensor], torch.Tensor] | None  # final norm + LM head, for kl / entropy
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, signed sin: [1 or B, S, hd]
-    mask: torch.Tensor | None  # the full-depth causal mask (all-active iterations use it unchanged)
     positions: torch.Tensor  # [B, S] absolute positions of the chunk's tokens
     key_padding: torch.Tensor | None  # [B, past + S] bool, False on padding keys; None: no padding
     cache: Cache | None
-    token_mask: torch.Tensor | None
-    router_stats: bool
 
     def run(self, h: torch.Tensor, run_layer, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The core on ``h`` [B, S, d] -> (h, executed iterations per token [B, S])."""
@@ -147,7 +145,7 @@ class AdaptiveCore:
         for k in range(loops):
             if not active.any():  # everyone has exited: the remaining slots get the latest K/V (the KV rule)
                 for l in range(len(model.core)):
-                    cache.update(*latest[l], model.slot("core", l, k, loops).cache_index)  # type: ignore[misc]
+                    cache.update(*latest[l], model.slot("core", l, k, loops).cache_index)  # type: ignore[misc]  # set by iteration 0
                 continue
             everyone = bool(active.all())
             before = h

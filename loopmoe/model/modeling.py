@@ -369,12 +369,9 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
                 exit_loops=exit_loops,
                 logits_fn=exit_logits_fn,
                 rope=rope,
-                mask=mask,
                 positions=position_ids.expand(B, S),
                 key_padding=attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None,
                 cache=past_key_values,
-                token_mask=token_mask,
-                router_stats=output_router_stats,
             )
             h, executed = core.run(h, run, e)
         for k in range(0 if adaptive else num_loops):

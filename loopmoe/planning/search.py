@@ -103,8 +103,10 @@ def check_loops(loops: tuple[int, ...]) -> None:
     if not unusable:
         return
     divisors = sorted({T for L in DEPTHS for T in range(1, L + 1) if L % T == 0})
-    text = f"--num-loops {','.join(map(str, unusable))}: a loop count must divide a core depth of the search grid " \
+    text = (
+        f"--num-loops {','.join(map(str, unusable))}: a loop count must divide a core depth of the search grid "
         f"{DEPTHS}, i.e. be one of {','.join(map(str, divisors))}"
+    )
     if len(unusable) == len(loops):
         raise ConfigError(text)
     warnings.warn(f"{text}; searching the others only", stacklevel=3)
