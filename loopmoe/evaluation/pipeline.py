@@ -39,7 +39,7 @@ import torch
 from loopmoe.atomic import atomic_write_text
 from loopmoe.errors import DataError
 from loopmoe.evaluation.depth import DepthCurve, depth_curve, iteration_cosine
-from loopmoe.evaluation.harness import evaluate_tasks, summarize, wrap_model
+from loopmoe.evaluation.harness import SHIPPED_TASKS, evaluate_tasks, required_files, summarize, wrap_model
 from loopmoe.evaluation.loading import load_hf_tokenizer, load_model, test_time_depth
 from loopmoe.evaluation.perplexity import evaluate_perplexity
 from loopmoe.paths import shared_data_dir
@@ -141,13 +141,37 @@ def cached(path: Path, params: dict[str, Any], compute: Callable[[], Any]) -> di
     return record
 
 
-def weights_sha256(model_dir: Path) -> str:
-    """One hash over the exported weights: a retrained run's evaluations are never reused."""
+def files_sha256(paths: Iterable[Path]) -> str:
+    """One hash over the bytes of ``paths``, in the order given (a missing file hashes as its name)."""
     digest = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")):
+    for path in paths:
+        if not path.is_file():
+            digest.update(f"missing:{path.name}".encode())
+            continue
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """One hash over the exported weights: a retrained run's evaluations are never reused."""
+    return files_sha256(sorted(model_dir.glob("*.safetensors")))
+
+
+def task_data_sha256(tasks: Sequence[str], data_dir: Path | None) -> str:
+    """One hash over the data files the shipped ``tasks`` read: edited data is measured again."""
+    shipped = [t for t in tasks if t in SHIPPED_TASKS]
+    if data_dir is None or not shipped:
+        return ""
+    return files_sha256([Path(data_dir) / relative for task in shipped for relative in required_files(task)])
+
+
+def batches_sha256(batches: Sequence[torch.Tensor]) -> str:
+    """One hash over the held-out token batches (the shards they come from may be rebuilt from other text)."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        digest.update(batch.to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -221,11 +245,15 @@ def evaluate_run(
     def shape() -> list[int]:
         return [len(batches()), *batches()[0].shape]
 
+    # Every stored measurement is keyed on the content of what it read (weights, held-out batches, text,
+    # task data) as well as its settings: edited data is measured again, never answered from the store.
+    content = batches_sha256(batches())
+
     loops = sorted(set(depth_loops))
     records = {
         "depth": cached(
             folder / "depth.json",
-            {"model": sha, "batches": shape(), "loops": loops, "seq_len": seq_len},
+            {"model": sha, "batches": shape(), "batches_sha256": content, "loops": loops, "seq_len": seq_len},
             lambda: depth_curve(model(), batches(), loops, seq_len).to_dict(),
         ),
     }
@@ -233,7 +261,7 @@ def evaluate_run(
     if depth.trained_loops > 1:
         records["cosine"] = cached(
             folder / "cosine.json",
-            {"model": sha, "batches": shape(), "seq_len": seq_len},
+            {"model": sha, "batches": shape(), "batches_sha256": content, "seq_len": seq_len},
             lambda: iteration_cosine(model(), batches()),
         )
     if text is not None:
@@ -254,7 +282,13 @@ def evaluate_run(
 
         records["text"] = cached(
             folder / "text.json",
-            {"model": sha, "text": str(text), "max_tokens": text_tokens, "window": window},
+            {
+                "model": sha,
+                "text": str(text),
+                "text_sha256": files_sha256([text]),
+                "max_tokens": text_tokens,
+                "window": window,
+            },
             perplexity,
         )
     if tasks:
@@ -265,7 +299,14 @@ def evaluate_run(
             return task_scores(model(), lm, list(tasks), shared_data_dir(), limit=task_limit)[0]
 
         records["tasks"] = cached(
-            folder / "tasks.json", {"model": sha, "tasks": list(tasks), "limit": task_limit}, downstream
+            folder / "tasks.json",
+            {
+                "model": sha,
+                "tasks": list(tasks),
+                "limit": task_limit,
+                "data_sha256": task_data_sha256(tasks, shared_data_dir()),
+            },
+            downstream,
         )
     return RunEvaluation(
         depth=depth,

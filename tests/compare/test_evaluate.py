@@ -36,11 +36,11 @@ def _options(out: Path, **overrides) -> CompareOptions:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, request):
     """A tiny finished study (5 runs of 4 steps) with its results page; skipped without the task data."""
-    import os
+    from loopmoe.paths import shared_data_dir
 
-    data = os.environ.get("LOOPMOE_DATA_DIR")
-    if not data or not (Path(data) / "copa" / "val.jsonl").is_file():
-        pytest.skip("needs the copa data under $LOOPMOE_DATA_DIR")
+    data = shared_data_dir()
+    if data is None or not (data / "copa" / "val.jsonl").is_file():
+        pytest.skip("needs the copa data in the shared data folder ($LOOPMOE_DATA_DIR or ../shared/data)")
     from loopmoe.compare import run_comparison
 
     root = tmp_path_factory.mktemp("study")
@@ -79,7 +79,9 @@ def test_every_run_is_evaluated_and_stored_with_it(study):
         assert set(results.runs[name]) == set(seeds)
         for seed in seeds:
             folder = root / "cmp" / f"seed{seed}" / name / "eval"
+            looped = name != "reference"  # looped arms also store the iteration cosine
             assert sorted(p.name for p in folder.iterdir()) == [
+                *(["cosine.json"] if looped else []),
                 "depth.json",
                 "tasks.json",
                 "text.json",
@@ -195,7 +197,7 @@ def test_results_page_has_every_section_and_marks_missing_runs(study, tmp_path, 
     for figure in ("loss.png", "expert_load.png", "depth.png", "loss_vs_flops.png"):
         assert f"](docs/study/{figure})" in page and (root / "docs" / "study" / figure).is_file()
     assert "cond-emb cannot run at T = 17" in page
-    assert "single-seed observation" in page and "Incomplete" not in page
+    assert "single seed (0) scored" in page and "95% prediction interval" in page and "Incomplete" not in page
     assert "5 of 5 planned runs finished" in page
     # a study still running: copy it, drop a run, regenerate without training anything
     shutil.copytree(root / "cmp", tmp_path / "cmp")
@@ -213,3 +215,41 @@ def test_results_page_has_every_section_and_marks_missing_runs(study, tmp_path, 
     page = (tmp_path / "RESULTS.md").read_text()
     assert "**Incomplete: 1 run(s) of the plan are not finished**" in page
     assert "| looped | 1    | 0/4" in page and "4 of 5 planned runs finished" in page
+
+
+def test_stored_evaluations_are_keyed_on_the_content_of_the_data_they_read(study, monkeypatch, tmp_path):
+    import shutil
+
+    from loopmoe.evaluation import pipeline
+    from loopmoe.paths import shared_data_dir
+
+    root, _ = study
+    opts = _options(root / "cmp")
+    run_dir = root / "cmp" / "seed0" / "reference"
+    measured: list[str] = []
+    real = pipeline.cached
+
+    def spy(path, params, compute):
+        def counted():
+            measured.append(path.name)
+            return compute()
+
+        return real(path, params, counted)
+
+    monkeypatch.setattr(pipeline, "cached", spy)
+    # The same task data reached through another data folder (a copy): content-keyed, so reused.
+    data = tmp_path / "data"
+    shutil.copytree(shared_data_dir() / "copa", data / "copa")
+    monkeypatch.setenv("LOOPMOE_DATA_DIR", str(data))
+    args = _eval_args(opts, _val_batches(root))
+    evaluate_run(run_dir, **{**args, "text": data / "copa" / "val.jsonl"})
+    assert measured == ["text.json"]  # another path: measured once
+    measured.clear()
+    evaluate_run(run_dir, **{**args, "text": data / "copa" / "val.jsonl"})
+    assert measured == []
+    # Edited in place: the held-out text and the task's data files are measured again.
+    for path in sorted((data / "copa").iterdir()):  # flip every label
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(json.dumps({**row, "label": 1 - row["label"]}) + "\n" for row in rows))
+    evaluate_run(run_dir, **{**args, "text": data / "copa" / "val.jsonl"})
+    assert sorted(measured) == ["tasks.json", "text.json"]
