@@ -32,16 +32,24 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import SimpleNamespace
-from typing import Literal, get_args
 
 from loopmoe.budget import Budget, compute_budget, ffn_matmul_weights, layer_shapes, modulation_matmul_weights
 from loopmoe.config import ExpertType, IterConditioning, LoopMoEConfig, expert_width
 from loopmoe.errors import ConfigError
 from loopmoe.options import option
 
-Strategy = Literal["capacity", "per_layer", "naive"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+class Strategy(StrEnum):
+    """How the looped model is sized against its reference (the three readings of §7)."""
+
+    CAPACITY = "capacity"  # match params, FLOPs and ρ_unique (ours)
+    PER_LAYER = "per_layer"  # match params, FLOPs and ρ_per_layer: the reference's layer, IterAdaLN absorbed
+    NAIVE = "naive"  # the reference's shapes, E' for params only: the ablation
+
+
+STRATEGIES: tuple[str, ...] = tuple(strategy.value for strategy in Strategy)
 # The two readings of the third target (docs/design.md §6): unique attention / executed FFN (ours,
 # capacity balancing) and attention / FFN weights per executed layer (per_layer; naive reports it).
 RATIO_READINGS = ("attn_ffn_ratio", "attn_ffn_ratio_per_layer")
@@ -290,7 +298,7 @@ class BalanceOptions:
     """
 
     strategy: Strategy = option(
-        "capacity", help="capacity (match params, FLOPs and ratio) or naive (same shapes, more experts)"
+        Strategy.CAPACITY, help="capacity (match params, FLOPs and ratio) or naive (same shapes, more experts)"
     )
     prelude: int = option(0, help="prelude layers P of the LoopMoE, run once before the core")
     coda: int = option(0, help="coda layers Q of the LoopMoE, run once after the core")

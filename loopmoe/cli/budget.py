@@ -20,7 +20,8 @@ from loopmoe.model import LoopMoEForCausalLM
 from loopmoe.options import add_options, option, options_from
 from loopmoe.presets import list_presets, load_model_config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the choices of BudgetOptions.dtype / a2a_dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DType = Literal["float32", "bfloat16"]  # the keys of DTYPES: the choices of BudgetOptions.dtype / a2a_dtype
 
 
 @dataclass(kw_only=True)
@@ -39,14 +40,14 @@ class BudgetOptions(BalanceOptions):
     ep: int | None = option(
         None, help="expert-parallel degree: also show each model's all_to_all bytes per token at it", metavar="N"
     )
-    a2a_dtype: Literal["float32", "bfloat16"] = option("bfloat16", help="dtype of the rows the all_to_all sends")
+    a2a_dtype: DType = option("bfloat16", help="dtype of the rows the all_to_all sends")
     json: bool = option(False, help="print JSON instead of a table")
     save_dir: Path | None = option(
         None,
         help="write both randomly initialised models as HF checkpoints in DIR/reference and DIR/looped",
         metavar="DIR",
     )
-    dtype: Literal["float32", "bfloat16"] = option("float32", help="dtype of the saved checkpoints")
+    dtype: DType = option("float32", help="dtype of the saved checkpoints")
 
 
 def add_parser(sub) -> None:

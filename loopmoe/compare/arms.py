@@ -31,7 +31,8 @@ import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args, get_type_hints
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from loopmoe.balance import Strategy, granularity_control, matched_granularity_control
 from loopmoe.budget import Budget, compute_budget
@@ -43,8 +44,17 @@ if TYPE_CHECKING:
     from loopmoe.balance import BalanceResult
     from loopmoe.compare.options import CompareOptions  # options.py imports this module: types only
 
-ArmKind = Literal["reference", "looped", "granularity", "granularity_matched"]
-ARM_KINDS: tuple[str, ...] = get_args(ArmKind)
+
+class ArmKind(StrEnum):
+    """What an arm is (module docstring)."""
+
+    REFERENCE = "reference"
+    LOOPED = "looped"
+    GRANULARITY = "granularity"
+    GRANULARITY_MATCHED = "granularity_matched"
+
+
+ARM_KINDS: tuple[str, ...] = tuple(kind.value for kind in ArmKind)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Balancing settings (the looped model an arm is, or mirrors), and switches every kind may set on its model.
 BALANCING = ("num_loops", "strategy", "prelude", "coda")
@@ -131,12 +141,7 @@ def check_seeds(seeds: tuple[int, ...], where: str) -> None:
         raise ConfigError(f"{where} = {list(seeds)} names a seed twice; give each seed once")
 
 
-BUILTIN_ARMS = {
-    "reference": ArmSpec("reference"),
-    "looped": ArmSpec("looped"),
-    "granularity": ArmSpec("granularity"),
-    "granularity_matched": ArmSpec("granularity_matched"),
-}
+BUILTIN_ARMS = {kind.value: ArmSpec(kind) for kind in ArmKind}
 
 
 def check_arm_name(name: str) -> str:

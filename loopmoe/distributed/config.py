@@ -8,10 +8,25 @@ would rename them. ``parallelize`` takes them as arguments beside this section.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from enum import StrEnum
 
 from loopmoe.errors import ConfigError
 from loopmoe.options import option
+
+
+class DistStrategy(StrEnum):
+    """Data parallelism across processes: replicated (DDP) or sharded (FSDP2)."""
+
+    DDP = "ddp"
+    FSDP2 = "fsdp2"
+
+
+class ActivationCheckpointing(StrEnum):
+    """Which executed slots recompute their activations in backward (``train.activation_checkpointing``)."""
+
+    NONE = "none"
+    FULL = "full"  # every executed (iteration, layer) slot
+    SELECTIVE = "selective"  # every ``ac_every``-th executed slot
 
 
 @dataclass
@@ -19,7 +34,7 @@ class DistSection:
     """How the processes torchrun starts share the work: ``W = dp x ep`` ranks, every rank reading its
     own data; experts split over ``ep`` ranks (all_to_all dispatch), everything else data-parallel."""
 
-    strategy: Literal["ddp", "fsdp2"] = option("ddp", help="DDP (replicated) or FSDP2 (sharded) under torchrun")
+    strategy: DistStrategy = option(DistStrategy.DDP, help="DDP (replicated) or FSDP2 (sharded) under torchrun")
     reshard_after_forward: bool = option(
         True,
         help="FSDP2: free a looped core layer's gathered weights after each of its T forward uses (gathered 2T "

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers.cache_utils import Cache
 
-from loopmoe.distributed.config import DistSection
+from loopmoe.distributed.config import ActivationCheckpointing, DistSection
 from loopmoe.distributed.env import is_distributed
 from loopmoe.distributed.expert_parallel import (
     apply_expert_parallel as apply_expert_parallel,
@@ -146,7 +146,7 @@ def apply_fsdp2(
     return model
 
 
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+ACTIVATION_CHECKPOINTING = tuple(mode.value for mode in ActivationCheckpointing)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> nn.Module:

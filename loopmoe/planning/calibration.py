@@ -33,6 +33,7 @@ from pathlib import Path
 
 from loopmoe.atomic import atomic_write_text
 from loopmoe.distributed import apply_fsdp2, build_mesh
+from loopmoe.distributed.config import DistStrategy
 from loopmoe.errors import ConfigError
 from loopmoe.planning.comm import plan_comm, wire_bytes
 from loopmoe.planning.hardware import HARDWARE_NAMES, PROFILES, Hardware, attention_flops, cpu_from_calibration
@@ -344,7 +345,7 @@ def measure_fsdp2_overhead(quick: bool = False) -> float:
         mp.start_processes(_fsdp_worker, args=(str(Path(tmp) / "init"), out, quick), nprocs=1, start_method="spawn")
         times = json.loads(Path(out).read_text())
     model, _, ids = tiny_trainer(2)
-    lay = Layout(devices=2, strategy="fsdp2", micro_batch=ids.shape[0], seq_len=ids.shape[1])
+    lay = Layout(devices=2, strategy=DistStrategy.FSDP2, micro_batch=ids.shape[0], seq_len=ids.shape[1])
     calls = plan_comm(model.config, lay, PROFILES["h100"]).collectives
     return max(0.0, times["fsdp2"] - times["plain"]) / (calls["all_gather"] + calls["reduce_scatter"])
 

@@ -10,21 +10,20 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from loopmoe.distributed.config import ActivationCheckpointing, DistStrategy
 from loopmoe.errors import ConfigError
 from loopmoe.training.config import RunConfig
-
-Strategy = Literal["ddp", "fsdp2"]
 
 
 @dataclass(frozen=True)
 class Layout:
     devices: int = 1  # world size (processes / accelerators)
-    strategy: Strategy = "ddp"  # data parallelism across devices (ignored with one device)
+    strategy: DistStrategy = DistStrategy.DDP  # data parallelism across devices (ignored with one device)
     ep: int = 1  # expert-parallel degree: experts sharded over groups of `ep` devices
     micro_batch: int = 8  # sequences per micro-batch per device
     seq_len: int = 128
     grad_accum: int = 1
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.NONE
     ac_every: int = 2
     dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype (bf16: autocast, fp32 master weights)
     reshard_after_forward: bool = True  # FSDP2: free gathered weights after each forward use
@@ -65,7 +64,9 @@ class Layout:
         on a CPU and bf16 on an accelerator, as in the trainer.
         """
         t = cfg.train
-        precision = t.precision if t.precision != "auto" else ("fp32" if device_type == "cpu" else "bf16")
+        # precision "auto" is fp32 on a CPU and bf16 on an accelerator, as in the trainer
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and device_type != "cpu")
+        precision: Literal["fp32", "bf16"] = "bf16" if bf16 else "fp32"
         dist = cfg.dist
         return cls(
             devices=devices,

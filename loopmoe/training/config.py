@@ -13,18 +13,32 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, get_type_hints
 
 from loopmoe.config import CHOICE_FIELDS, CONFIG_FIELDS, LoopMoEConfig
 from loopmoe.data.config import DataSection
-from loopmoe.distributed.config import DistSection
+from loopmoe.distributed.config import ActivationCheckpointing, DistSection
 from loopmoe.errors import ConfigError
 from loopmoe.options import coerce_value, option, parse_text, unknown_key_hint
 from loopmoe.presets import config_from_table
 from loopmoe.trust import read_toml
 
-ScheduleKind = Literal["cosine", "wsd"]
+
+class ScheduleKind(StrEnum):
+    """After the warmup: cosine decay, or WSD (warmup-stable-decay)."""
+
+    COSINE = "cosine"
+    WSD = "wsd"
+
+
+class Precision(StrEnum):
+    """auto: fp32 on CPU, bf16 autocast on CUDA; fp32; or bf16 autocast."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
 
 
 @dataclass
@@ -73,7 +87,7 @@ class OptimSection:
 class ScheduleSection:
     """Learning-rate schedule: linear warmup, then cosine decay or WSD (warmup-stable-decay)."""
 
-    kind: ScheduleKind = option("cosine", help="after the warmup: cosine decay or WSD (warmup-stable-decay)")
+    kind: ScheduleKind = option(ScheduleKind.COSINE, help="after the warmup: cosine decay or WSD (warmup-stable-decay)")
     warmup_steps: int = option(100, help="linear warmup steps")
     decay_fraction: float = option(0.2, help="share of max_steps spent in the WSD decay phase (ignored by cosine)")
     min_lr_ratio: float = option(0.1, help="final learning rate as a fraction of optim.lr")
@@ -105,8 +119,8 @@ class TrainSection:
         "and optimizer state each step (3x the parameters' memory with AdamW): turn off at scale",
     )
     seed: int = option(0, help="seed of the initialisation and the data order")
-    precision: Literal["auto", "fp32", "bf16"] = option(
-        "auto", help="auto: fp32 on CPU, bf16 autocast on CUDA; fp32; or bf16 autocast"
+    precision: Precision = option(
+        Precision.AUTO, help="auto: fp32 on CPU, bf16 autocast on CUDA; fp32; or bf16 autocast"
     )
     eval_every: int = option(100, help="steps between held-out evaluations")
     eval_batches: int = option(10, help="held-out batches per evaluation (0 disables evaluation)")
@@ -124,8 +138,8 @@ class TrainSection:
         False, help="also log to Weights & Biases (pip install 'loopmoe[wandb]'; WANDB_MODE=offline works offline)"
     )
     wandb_project: str = option("loopmoe", help="W&B project of the run (with train.wandb)")
-    activation_checkpointing: Literal["none", "full", "selective"] = option(
-        "none",
+    activation_checkpointing: ActivationCheckpointing = option(
+        ActivationCheckpointing.NONE,
         help="recompute activations in backward: none, full (every executed layer) or selective "
         "(every ac_every-th executed layer)",
     )
