@@ -75,8 +75,8 @@ def make_text_fixture():
 def shared_dir() -> Path:
     """The shared data folder, or a clean skip when this machine has none."""
     directory = shared_data_dir()
-    if directory is None or not directory.is_dir():
-        pytest.skip("shared data folder not found (set LOOPMOE_DATA_DIR or place it at ../shared/data)")
+    if directory is None or not directory.is_dir() or not any(directory.iterdir()):
+        pytest.skip("shared data folder not found or empty (set LOOPMOE_DATA_DIR or place it at ../shared/data)")
     return directory
 
 
