@@ -116,7 +116,7 @@ def test_the_study_numbers_the_readme_quotes_are_results_md_s():
         (round(float(lo), 3), round(float(hi), 3))
         for lo, hi in re.findall(r"\[([+-]\d+\.\d{4}), ([+-]\d+\.\d{4})\]", results)
     }
-    found = README[README.index("**What the study found**") :].split("\n\n")[0]
+    found = README[README.index("**What study 1 found") :].split("\n\n")[0]
     quoted = re.findall(r"\[([+−-]\d\.\d{3}), ([+−-]\d\.\d{3})\]", found)
     assert len(quoted) >= 4
     for lo, hi in quoted:
