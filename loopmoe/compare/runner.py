@@ -44,7 +44,7 @@ from loopmoe.compare.stats import downstream_over_seeds
 from loopmoe.data import load_shards
 from loopmoe.data.loader import validation_batches
 from loopmoe.data.prepare import DataChangedError, PreparedData, check_resume_data, prepare_data
-from loopmoe.errors import ConfigError
+from loopmoe.errors import CheckpointError, ConfigError
 from loopmoe.evaluation import SHIPPED_TASKS
 from loopmoe.evaluation.harness import required_files
 from loopmoe.evaluation.pipeline import DEFAULT_TEXT_NAME, RunEvaluation, evaluate_run, resolve_text
@@ -53,6 +53,7 @@ from loopmoe.paths import shared_data_dir
 from loopmoe.presets import load_model_config
 from loopmoe.training.checkpoint import peek_latest_meta
 from loopmoe.training.config import RunConfig, config_from_dict
+from loopmoe.trust import check_safetensors
 
 
 def prepare(opts: CompareOptions) -> tuple[dict[str, Arm], PreparedData]:
@@ -344,14 +345,29 @@ def _data_summary(opts: CompareOptions) -> dict[str, Any]:
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:
-    """Whether the run in ``run_dir`` trained all ``steps`` and exported its final model."""
+    """Whether the run in ``run_dir`` trained all ``steps`` and exported a whole final model.
+
+    A ``final/`` whose weights do not verify (torn, truncated) makes the run unfinished: running it
+    again trains no step and exports ``final/`` anew from its last checkpoint.
+    """
     peeked = peek_latest_meta(run_dir / "checkpoints")
     return (
         peeked is not None
         and peeked[1].step == steps
         and (run_dir / "final" / "config.json").is_file()
         and (run_dir / "metrics.jsonl").is_file()
+        and _final_verifies(run_dir / "final")
     )
+
+
+def _final_verifies(final: Path) -> bool:
+    weights = sorted(final.glob("*.safetensors"))
+    try:
+        for path in weights:
+            check_safetensors(path)
+    except CheckpointError:
+        return False
+    return bool(weights)
 
 
 def run_record(run_dir: Path, evaluation: RunEvaluation) -> RunRecord:

@@ -223,6 +223,15 @@ def test_comparison_resumes_skipping_finished_runs(tmp_path, monkeypatch):
     for name in ("reference", "looped"):
         assert second.runs[name][1].val_loss == first.runs[name][1].val_loss
     assert second.runs["granularity"][1].val_loss == pytest.approx(first.runs["granularity"][1].val_loss)
+    # A torn final export (a file cut short): the run is not finished, and re-running it trains no step
+    # but exports final/ again from its last checkpoint, after which it verifies and scores as before.
+    weights = tmp_path / "cmp" / "seed0" / "looped" / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    trained.clear()
+    third = runner.run_comparison(CompareOptions(**opts), log=logs.append)
+    assert trained == [str(tmp_path / "cmp" / "seed0" / "looped")]
+    assert runner.is_finished(tmp_path / "cmp" / "seed0" / "looped", opts["steps"])
+    assert third.runs["looped"][0].val_loss == first.runs["looped"][0].val_loss
 
 
 def test_options_json_without_later_options_still_resumes(tmp_path, monkeypatch):
