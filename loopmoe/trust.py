@@ -101,3 +101,18 @@ def read_toml(path: Path, error: type[LoopMoEError] = ConfigError, fix: str = "f
         return tomllib.loads(Path(path).read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path} is not valid TOML ({e}); {fix}") from None
+
+
+def refuse_mismatched_weights(where: Path | str, missing: list[str], wrong: list[str]) -> None:
+    """Refuse weights that miss tensors (``missing``: names) or hold others of the wrong shape (``wrong``:
+    ``"name (saved) (expected ...)"``): one message for every reader (convert, export, eval, generate)."""
+    if not missing and not wrong:
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if wrong:
+        parts.append(f"wrong shapes: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+    raise CheckpointError(
+        f"{where}: the weights do not match its config.json ({'; '.join(parts)}); copy or export the checkpoint again"
+    )

@@ -35,7 +35,7 @@ from loopmoe.budget import compute_budget
 from loopmoe.config import ExpertType, LoopMoEConfig
 from loopmoe.errors import CheckpointError, ConfigError, LoopMoEError, MissingFileError
 from loopmoe.model import LoopMoEForCausalLM
-from loopmoe.trust import check_safetensors, pickle_refusal, read_json, unreadable_weights
+from loopmoe.trust import check_safetensors, pickle_refusal, read_json, refuse_mismatched_weights, unreadable_weights
 
 # Copied from the source folder beside the converted weights.
 TOKENIZER_FILES = (
@@ -440,18 +440,7 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     )
-    if missing or wrong:
-        detail = "; ".join(
-            part
-            for part in (
-                f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
-                f"wrong shapes: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}" if wrong else "",
-            )
-            if part
-        )
-        raise CheckpointError(
-            f"{src}: the weights do not match its config.json ({detail}); copy or export the checkpoint again"
-        )
+    refuse_mismatched_weights(src, missing, wrong)
 
 
 # What a tokenizer folder may hold besides the files that make it one (the chat template among them:

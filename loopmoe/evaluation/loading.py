@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from loopmoe.errors import CheckpointError, ConfigError, DataError, LoopMoEError, MissingFileError
-from loopmoe.trust import check_safetensors, no_remote_code, pickle_refusal, read_json
+from loopmoe.trust import check_safetensors, no_remote_code, pickle_refusal, read_json, refuse_mismatched_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -65,18 +65,7 @@ def check_loading_info(model_dir: Path, info: dict) -> None:
     wrong = sorted(
         f"{k} {tuple(saved)} (expected {tuple(wanted)})" for k, saved, wanted in info.get("mismatched_keys", ())
     )
-    if missing or wrong:
-        detail = "; ".join(
-            part
-            for part in (
-                f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
-                f"wrong shapes: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}" if wrong else "",
-            )
-            if part
-        )
-        raise CheckpointError(
-            f"{model_dir}: the weights do not match its config.json ({detail}); copy or export the checkpoint again"
-        )
+    refuse_mismatched_weights(model_dir, missing, wrong)
 
 
 @contextmanager

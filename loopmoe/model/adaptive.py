@@ -206,7 +206,9 @@ class AdaptiveCore:
             exiting |= below
         return exiting, logp
 
-    def _active_layer(self, layer, h, active, latest, slot, v_k, cache):
+    def _active_layer(
+        self, layer: Any, h: torch.Tensor, active: torch.Tensor, latest: Any, slot: Any, v_k: Any, cache: Any
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``layer`` on the active tokens of ``h`` only (gathered per row, padded to the longest row);
         the exited tokens' keys and values are ``latest``'s. Returns (h, the slot's keys/values [B, H_kv, S, hd])."""
         B, S, d = h.shape
@@ -220,50 +222,41 @@ class AdaptiveCore:
         valid = torch.arange(A, device=h.device)[None] < counts[:, None]  # [B, A]
         x = h.gather(1, order[..., None].expand(B, A, d))
         cos, sin = (t.expand(B, -1, -1).gather(1, order[..., None].expand(B, A, t.shape[-1])) for t in self.rope)
-        attn = layer.self_attn
-        if layer.modulation is not None:
-            shift1, scale1, gate1, shift2, scale2, gate2 = layer.modulation(x, v_k)
-        y = layer.input_layernorm(x)
-        if layer.modulation is not None:
-            y = torch.addcmul(shift1, y, scale1)
-        hd = attn.head_dim
-        q = attn.q_proj(y).view(B, A, -1, hd)
-        kk = attn.k_proj(y).view(B, A, -1, hd)
-        vv = attn.v_proj(y).view(B, A, -1, hd)
-        if attn.q_norm is not None and attn.k_norm is not None:
-            q, kk = attn.q_norm(q), attn.k_norm(kk)
-        q, kk = apply_rotary(q.transpose(1, 2), kk.transpose(1, 2), cos, sin)  # [B, H(_kv), A, hd]
-        # The KV rule: the active tokens' fresh keys/values replace their latest; exited ones keep theirs.
         rows, cols = valid.nonzero(as_tuple=True)
         positions = order[rows, cols]
-        keys, values = keys.transpose(1, 2).clone(), values.transpose(1, 2).clone()  # [B, S, H_kv, hd]
-        keys[rows, positions] = kk.transpose(1, 2)[rows, cols]
-        values[rows, positions] = vv[rows, cols]
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-        all_keys, all_values = cache.update(keys, values, slot.cache_index)  # [B, H_kv, past + S, hd]
-        past = all_keys.shape[2] - S
-        key_pos = torch.cat([torch.arange(past, device=h.device).expand(B, past), self.positions], dim=1)
-        query_pos = self.positions.gather(1, order)  # [B, A]
-        allowed = key_pos[:, None, :] <= query_pos[:, :, None]  # [B, A, past + S]
-        if self.key_padding is not None:
-            allowed = allowed & self.key_padding[:, None, :]
-        out, _ = sdpa_attention_forward(
-            attn, q, all_keys, all_values, allowed[:, None], dropout=0.0, scaling=attn.scaling
-        )
-        a = attn.o_proj(out.reshape(B, A, -1))
-        if layer.attn_out_norm is not None:
-            a = layer.attn_out_norm(a)
-        x = x + (a * gate1 if layer.modulation is not None else a)
-        y = layer.post_attention_layernorm(x)
-        if layer.modulation is not None:
-            y = torch.addcmul(shift2, y, scale2)
-        m, _ = layer.mlp(y, valid, False)
-        if layer.mlp_out_norm is not None:
-            m = layer.mlp_out_norm(m)
-        x = x + (m * gate2 if layer.modulation is not None else m)
+        slot_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def attend(y: torch.Tensor) -> torch.Tensor:
+            # y: [B, A, d], the active tokens' normed input -> their attention output [B, A, d]
+            attn = layer.self_attn
+            hd = attn.head_dim
+            q = attn.q_proj(y).view(B, A, -1, hd)
+            kk = attn.k_proj(y).view(B, A, -1, hd)
+            vv = attn.v_proj(y).view(B, A, -1, hd)
+            if attn.q_norm is not None and attn.k_norm is not None:
+                q, kk = attn.q_norm(q), attn.k_norm(kk)
+            q, kk = apply_rotary(q.transpose(1, 2), kk.transpose(1, 2), cos, sin)  # [B, H(_kv), A, hd]
+            # The KV rule: the active tokens' fresh keys/values replace their latest; exited ones keep theirs.
+            new_keys, new_values = keys.transpose(1, 2).clone(), values.transpose(1, 2).clone()  # [B, S, H_kv, hd]
+            new_keys[rows, positions] = kk.transpose(1, 2)[rows, cols]
+            new_values[rows, positions] = vv[rows, cols]
+            slot_kv.append((new_keys.transpose(1, 2), new_values.transpose(1, 2)))
+            all_keys, all_values = cache.update(*slot_kv[0], slot.cache_index)  # [B, H_kv, past + S, hd]
+            past = all_keys.shape[2] - S
+            key_pos = torch.cat([torch.arange(past, device=h.device).expand(B, past), self.positions], dim=1)
+            query_pos = self.positions.gather(1, order)  # [B, A]
+            allowed = key_pos[:, None, :] <= query_pos[:, :, None]  # [B, A, past + S]
+            if self.key_padding is not None:
+                allowed = allowed & self.key_padding[:, None, :]
+            out, _ = sdpa_attention_forward(
+                attn, q, all_keys, all_values, allowed[:, None], dropout=0.0, scaling=attn.scaling
+            )
+            return attn.o_proj(out.reshape(B, A, -1))
+
+        x, _ = layer(x, self.rope, None, None, slot.cache_index, v_k, valid, False, attend=attend)
         h = h.clone()
         h[rows, positions] = x[rows, cols]
-        return h, (keys, values)
+        return h, slot_kv[0]
 
 
 def _private_cache(config, loops: int) -> DynamicCache:

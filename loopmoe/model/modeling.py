@@ -80,17 +80,20 @@ class DecoderLayer(nn.Module):
         v_k: torch.Tensor | None,
         token_mask: torch.Tensor | None,
         router_stats: bool = True,
+        attend: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, RouterStats | None]:
         # h: [B, S, d] -> [B, S, d]; v_k: [r] iteration signal (modulated core layers only);
         # cache_slot: the executed slot's KV-cache entry. Returns the MoE's RouterStats (its slot is
         # set by the caller), or None when router_stats is False. The layer never sees its Slot: under
         # torch.compile (``apply_compile``) the T runs of a core layer then share one compiled graph.
+        # attend: what replaces the attention call, mapping the normed (and modulated) input to the
+        # attention output; adaptive depth (``adaptive.py``) attends from the active tokens only.
         if self.modulation is not None:
             shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(h, v_k)  # scales/gates include the 1
         x = self.input_layernorm(h)
         if self.modulation is not None:
             x = torch.addcmul(shift1, x, scale1)  # x * (1 + γ1) + β1
-        a = self.self_attn(x, rope, mask, cache, cache_slot)
+        a = self.self_attn(x, rope, mask, cache, cache_slot) if attend is None else attend(x)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
         h = h + (a * gate1 if self.modulation is not None else a)
