@@ -53,7 +53,7 @@ from loopmoe.training.builders import (
 )
 from loopmoe.training.checkpoint import CheckpointManager, CheckpointMeta, list_checkpoints, peek_latest_meta
 from loopmoe.training.config import RunConfig, config_from_dict, load_run_config
-from loopmoe.training.metrics import MetricsLogger, read_metrics, summarize_router_stats
+from loopmoe.training.metrics import METRICS_FILE, WANDB_ID_FILE, MetricsLogger, read_metrics, summarize_router_stats
 from loopmoe.training.optim import apply_optim_settings, build_optimizer, build_scheduler
 from loopmoe.training.rerun import announce_changes, refuse_fixed_changes, setting_changes
 from loopmoe.training.runlock import RunLock
@@ -479,8 +479,6 @@ def move_run_aside(out_dir: Path) -> Path | None:
     model) into ``OUT/restarted-<time>/``, whole: ``--restart`` starts from step 0 and never truncates or
     replaces the history of the run before. The data cache (``OUT/data``) stays: it is the corpus's, not
     the run's. Returns the folder, or None when there was nothing to move."""
-    from loopmoe.training.metrics import METRICS_FILE, WANDB_ID_FILE
-
     names = ("checkpoints", METRICS_FILE, "run_config.json", "tensorboard", "wandb", WANDB_ID_FILE, "final")
     found = [out_dir / name for name in names if (out_dir / name).exists() or (out_dir / name).is_symlink()]
     if not found:
