@@ -122,3 +122,57 @@ def test_task_file_loader_works_or_says_why(fields, raw_yaml, docs):
                 assert 0 <= cfg["doc_to_target"](doc) < len(choices)
         except CLEAR as error:
             assert str(error)
+
+
+def _tiny_loopmoe_checkpoint(folder: Path) -> None:
+    import torch
+
+    from loopmoe import LoopMoEConfig, LoopMoEForCausalLM
+
+    torch.manual_seed(0)
+    config = LoopMoEConfig(
+        vocab_size=64, hidden_size=16, num_core_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8, max_position_embeddings=32,
+    )  # fmt: skip
+    LoopMoEForCausalLM(config).save_pretrained(folder)
+
+
+_CHECKPOINT = Path(tempfile.mkdtemp(prefix="loopmoe-prop-")) / "src"
+_tiny_loopmoe_checkpoint(_CHECKPOINT)
+_FILES = ("config.json", "model.safetensors")
+
+
+@settings(max_examples=30, deadline=5000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(
+    target=st.sampled_from(_FILES),
+    cut=st.integers(0, 4000),
+    flip=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=4),
+    truncate=st.booleans(),
+    command=st.sampled_from(["export", "convert"]),
+)
+def test_export_and_convert_of_a_damaged_checkpoint_work_or_say_why(target, cut, flip, truncate, command):
+    """Bytes of config.json or the weights cut short or overwritten: an exact export or one line of loopmoe's
+    error tree naming the fix; never another exception, never a write next to the source, never a partial output."""
+    import shutil
+
+    from loopmoe.convert import convert_qwen3_moe, export_qwen3_moe
+    from loopmoe.errors import LoopMoEError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        shutil.copytree(_CHECKPOINT, src)
+        path = src / target
+        data = bytearray(path.read_bytes())
+        for offset, value in flip:
+            if data:
+                data[offset % len(data)] = value
+        if truncate and data:
+            data = data[: cut % len(data)]
+        path.write_bytes(bytes(data))
+        run = export_qwen3_moe if command == "export" else convert_qwen3_moe
+        try:
+            run(src, out)
+        except LoopMoEError as error:
+            assert str(error) and "\n" not in str(error).strip()
+            assert not out.exists()  # nothing half-written
+        assert sorted(p.name for p in Path(tmp).iterdir()) in (["src"], ["out", "src"])
