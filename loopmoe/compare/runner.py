@@ -30,7 +30,7 @@ from loopmoe.compare.options import (
     options_record,
     run_config_for,
 )
-from loopmoe.compare.report import arms_table, budget_table, write_report, write_results
+from loopmoe.compare.report import arms_table, budget_table, check_results_path, write_report, write_results
 from loopmoe.compare.results import (
     RESULTS_FILE,
     ArmRecord,
@@ -92,18 +92,26 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
     the folder must already hold this comparison, and nothing is written.
     """
     out = opts.out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: choose another --out")
     wanted = identity_options(opts)
     saved = _saved_options(out)
     if saved is not None:  # options added since the folder was claimed: the runs in it used their defaults
         # (and a folder claimed before the study's composition was left out recorded arms and seeds too)
         saved = {**identity_options(CompareOptions()), **{k: v for k, v in saved.items() if k not in COMPOSITION}}
     holds_runs = out.is_dir() and any(out.glob("seed*"))
+    foreign = saved is None and not holds_runs and out.is_dir() and any(out.iterdir())
+    if foreign and not opts.fresh:  # a folder of the user's: loopmoe writes only into its own, or a new one
+        raise ConfigError(
+            f"--out {out} is a folder that holds no comparison (no {OPTIONS_FILE}) and is not empty: choose a new "
+            "or empty folder, or pass --fresh to move its contents aside (to OUT.prev-N, kept)"
+        )
     if opts.report_only and saved is None:
         raise ConfigError(
             f"--report-only: {out} holds no comparison (no {OPTIONS_FILE}); run the command without --report-only "
             "to train it, or point --out at the comparison's folder"
         )
-    if (saved is not None and saved != wanted) or (saved is None and holds_runs):
+    if (saved is not None and saved != wanted) or (saved is None and holds_runs) or foreign:
         if not opts.fresh or opts.report_only:
             if saved is None:
                 what = "runs whose options are not recorded (no options.json)"
@@ -153,6 +161,8 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
     opts.validate()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
+    if opts.results is not None:  # before anything trains: never a user's file at the end of a study
+        check_results_path(opts.results)
     claim_out_dir(opts, log)
     text = resolve_text(opts.text)
     tasks = _tasks(opts, log)

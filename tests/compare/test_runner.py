@@ -5,7 +5,7 @@ import pytest
 from loopmoe.balance import balance
 from loopmoe.compare import CompareOptions
 from loopmoe.compare.options import run_config_for
-from loopmoe.compare.runner import available_tasks
+from loopmoe.compare.runner import available_tasks, run_comparison
 from loopmoe.presets import get_preset
 from tests.compare import TINY_COMPARE
 
@@ -287,3 +287,27 @@ def test_two_expert_types_compare_at_matched_budgets(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(results.runs["looped"][0].final_dir)
     assert model.config.expert_type == "dcca" and model.model.core[0].mlp.descend is not None
     assert "| expert type" in (opts.out / "report.md").read_text()
+
+
+def test_a_study_never_writes_over_a_users_file_or_into_a_users_folder(tmp_path, monkeypatch):
+    """`results = PATH` and `out` follow the rule of what loopmoe may replace, checked before anything trains."""
+    import loopmoe.training
+
+    monkeypatch.setattr(loopmoe.training, "run_training", _stop_before_training)
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    opts = dict(TINY_COMPARE, tasks=(), text="")
+    with pytest.raises(ValueError, match="is not a results page loopmoe wrote"):
+        run_comparison(CompareOptions(**opts, out=tmp_path / "cmp", results=notes))
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "docs").exists()
+    with pytest.raises(ValueError, match="is a folder: give the path"):
+        run_comparison(CompareOptions(**opts, out=tmp_path / "cmp", results=tmp_path))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    with pytest.raises(ValueError, match="holds no comparison .* and is not empty"):
+        run_comparison(CompareOptions(**opts, out=mine))
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        run_comparison(CompareOptions(**opts, out=tmp_path / "a-file"))
