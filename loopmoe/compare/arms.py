@@ -144,11 +144,16 @@ def check_seeds(seeds: tuple[int, ...], where: str) -> None:
 BUILTIN_ARMS = {kind.value: ArmSpec(kind) for kind in ArmKind}
 
 
+MAX_ARM_NAME = 100  # a run folder's name (file systems allow 255 bytes; `.prev-N` suffixes need room)
+
+
 def check_arm_name(name: str) -> str:
     if not _NAME.fullmatch(name):
         raise ConfigError(
             f"arm name {name!r} must be a folder name of letters, digits, '_', '.' and '-' (e.g. 'looped-T4')"
         )
+    if len(name) > MAX_ARM_NAME:
+        raise ConfigError(f"arm name {name[:20]}... has {len(name)} characters: use at most {MAX_ARM_NAME}")
     return name
 
 

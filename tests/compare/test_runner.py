@@ -311,3 +311,10 @@ def test_a_study_never_writes_over_a_users_file_or_into_a_users_folder(tmp_path,
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         run_comparison(CompareOptions(**opts, out=tmp_path / "a-file"))
+
+
+def test_an_arm_name_too_long_for_a_folder_is_refused_at_validation():
+    from loopmoe.compare.arms import check_arm_name
+
+    with pytest.raises(ValueError, match="has 300 characters: use at most 100"):
+        check_arm_name("a" * 300)
