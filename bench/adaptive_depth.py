@@ -26,6 +26,7 @@ from bench import common
 from loopmoe.budget import adaptive_flops_per_token, compute_budget
 from loopmoe.evaluation.loading import load_hf_tokenizer, load_model
 from loopmoe.model.adaptive import CRITERIA
+from loopmoe.paths import shared_data_dir
 
 THRESHOLDS = {
     "latent": (0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
@@ -41,7 +42,8 @@ def trained_model(out: Path) -> Path:
     if not (final / "config.json").is_file():
         from loopmoe.training import load_run_config, run_training
 
-        source = "tinyshakespeare" if (Path(__file__).resolve().parents[2] / "shared" / "data").is_dir() else "embedded"
+        data = shared_data_dir()
+        source = "tinyshakespeare" if data is not None and (data / "tinyshakespeare").is_dir() else "embedded"
         cfg = load_run_config(
             common.ROOT / "configs" / "debug.toml",
             ["model.num_loops=4", f"data.source={source}", "train.max_steps=300", "train.eval_batches=0"],
