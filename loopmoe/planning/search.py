@@ -73,23 +73,28 @@ class Candidate:
         }
 
 
+def _grid_shape(d: int, L: int, E: int, k: int, seq_len: int, vocab_size: int) -> dict[str, Any]:
+    """The fields of one grid point (width d, depth L, E experts, top-k) but its expert size."""
+    heads = d // HEAD_DIM
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=d,
+        num_core_layers=L,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // GQA_GROUP),
+        head_dim=HEAD_DIM,
+        num_experts=E,
+        num_experts_per_tok=k,
+        max_position_embeddings=max(4096, seq_len),
+    )
+
+
 def grid_param_range(seq_len: int, vocab_size: int = 32000) -> tuple[float, float]:
     """The smallest and largest total parameters ``reference_shapes`` can build (expert size 128 to 4 x d)."""
     totals = []
     for d, L, E in ((min(WIDTHS), min(DEPTHS), min(EXPERTS)), (max(WIDTHS), max(DEPTHS), max(EXPERTS))):
-        heads = d // HEAD_DIM
-        cfg = LoopMoEConfig(
-            vocab_size=vocab_size,
-            hidden_size=d,
-            num_core_layers=L,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // GQA_GROUP),
-            head_dim=HEAD_DIM,
-            num_experts=E,
-            num_experts_per_tok=min(TOP_K),
-            moe_intermediate_size=128 if d == min(WIDTHS) else 4 * d,
-            max_position_embeddings=max(4096, seq_len),
-        )
+        f = 128 if d == min(WIDTHS) else 4 * d
+        cfg = LoopMoEConfig(**_grid_shape(d, L, E, min(TOP_K), seq_len, vocab_size), moe_intermediate_size=f)
         totals.append(compute_budget(cfg, seq_len).total_params)
     return totals[0], totals[1]
 
@@ -118,18 +123,7 @@ def reference_shapes(total_params: float, seq_len: int, vocab_size: int = 32000)
     for d, L, E, k in itertools.product(WIDTHS, DEPTHS, EXPERTS, TOP_K):
         if k >= E:
             continue
-        heads = d // HEAD_DIM
-        base: dict[str, Any] = dict(
-            vocab_size=vocab_size,
-            hidden_size=d,
-            num_core_layers=L,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // GQA_GROUP),
-            head_dim=HEAD_DIM,
-            num_experts=E,
-            num_experts_per_tok=k,
-            max_position_embeddings=max(4096, seq_len),
-        )
+        base = _grid_shape(d, L, E, k, seq_len, vocab_size)
         at = {
             f: compute_budget(LoopMoEConfig(**base, moe_intermediate_size=f), seq_len).total_params for f in (64, 128)
         }
