@@ -7,22 +7,9 @@ from transformers.cache_utils import DynamicCache
 from loopmoe import LoopMoEConfig, LoopMoEForCausalLM
 from loopmoe.flops import count_forward_flops
 from loopmoe.model.adaptive import ExitPolicy
+from tests.conftest import TINY
 
-SMALL = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_prelude_layers=1,
-    num_core_layers=2,
-    num_coda_layers=1,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    num_loops=3,
-    max_position_embeddings=256,
-)
+SMALL = dict(TINY, num_prelude_layers=1, num_coda_layers=1, num_loops=3)  # a looped core between a prelude and a coda
 
 
 @pytest.fixture(scope="module")
