@@ -754,12 +754,18 @@ def write_report(out: Path, results: StudyResults, budget: str) -> Path:
 RESULTS_TITLE = "# Results: does looping help at matched budgets?"  # the first line of every results page
 
 
+def _first_line_is(path: Path, line: str) -> bool:
+    """Whether ``path`` starts with ``line`` (reads only that much: the file may be anything of the user's)."""
+    with open(path, "rb") as handle:
+        return handle.read(len(line.encode()) + 1) == (line + "\n").encode()
+
+
 def check_results_path(path: Path) -> None:
     """Refuse a ``--results`` path loopmoe may not write: an existing file that is not a results page it wrote
     (recognised by its first line), a folder, or a ``docs/study`` beside it that is not a folder."""
     if path.is_dir():
         raise ConfigError(f"--results {path} is a folder: give the path of the page to write, e.g. RESULTS.md")
-    if path.exists() and not path.read_text(errors="replace").startswith(RESULTS_TITLE + "\n"):
+    if path.exists() and not _first_line_is(path, RESULTS_TITLE):
         raise ConfigError(
             f"--results {path} exists and is not a results page loopmoe wrote: loopmoe never replaces a file "
             "of yours; choose another path"
