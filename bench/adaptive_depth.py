@@ -1,23 +1,31 @@
 """Adaptive depth on a trained looped model: the loss/compute trade-off, and the wall-clock it buys.
 
-    python -m bench.adaptive_depth --model RUN/final [--text FILE] [--quick]
+    python -m bench.adaptive_depth --model RUN/final [--quick]
+    python -m bench.adaptive_depth --smoke          # end to end on a 2-step tiny model; writes nothing
 
 1. Trade-off: held-out loss, mean executed iterations and FLOPs per token for each criterion over a
    threshold sweep (scoring, no cache), beside full depth. The chosen threshold per criterion is the
-   largest that keeps the held-out loss within 0.01 of full depth.
+   one that exits most while keeping the held-out loss within 0.01 of full depth.
 2. Speed, interleaved in one process (``bench.common.interleaved``): scoring tokens/s of the held-out
-   batches, batch-1 greedy decoding tokens/s (128 new tokens), and lockstep batched decoding at 8 and
-   32 sequences, adaptive at the chosen ``latent`` threshold against full depth.
+   batches and batch-1 greedy decoding tokens/s (128 new tokens), adaptive at the chosen ``latent``
+   threshold against full depth; and batched generation of 8 and 32 sequences (32-token prompts,
+   128 new tokens each), four ways: transformers' ``generate`` in lockstep at full depth and with the
+   exits (a row's exit saves nothing until every row of the batch has exited), and the continuous
+   depth batching decoder (``loopmoe.model.depth_batching``) at full depth and with the exits, which
+   also reports the core iterations it executed. The headline is continuous depth batching with
+   exits against lockstep full-depth ``generate``.
 
 Without ``--model`` it trains one first: ``configs/debug.toml`` at ``model.num_loops=4`` on the shared
 tinyshakespeare (or the embedded corpus), 300 steps, into ``bench/results/adaptive_model`` (once).
-Writes bench/results/adaptive_depth.json and docs/adaptive_depth.png.
+Writes bench/results/adaptive_depth.json and docs/adaptive_depth.png (not with ``--smoke``, whose
+two-step model and one-repetition timings only show that every path runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,7 +33,8 @@ import torch
 from bench import common
 from loopmoe.budget import adaptive_flops_per_token, compute_budget
 from loopmoe.evaluation.loading import load_hf_tokenizer, load_model
-from loopmoe.model.adaptive import CRITERIA
+from loopmoe.model.adaptive import ExitPolicy
+from loopmoe.model.depth_batching import DepthBatchingDecoder
 from loopmoe.paths import shared_data_dir
 
 THRESHOLDS = {
@@ -33,21 +42,39 @@ THRESHOLDS = {
     "cosine": (1e-5, 1e-4, 5e-4, 2e-3, 1e-2, 4e-2),
     "kl": (1e-4, 1e-3, 5e-3, 2e-2, 0.1),
     "entropy": (0.5, 1.0, 2.0, 3.0, 4.0),
+    "gate": (0.99, 0.95, 0.9, 0.7, 0.5),  # cumulative exit probability: a lower threshold exits earlier
 }
 LOSS_BUDGET = 0.01  # held-out loss a threshold may cost against full depth
+BATCHES = (8, 32)  # sequences generated together
+# --smoke: a two-step run of a tiny looped model (as tests/conftest.py's TINY_RUN), trained in seconds.
+SMOKE_RUN = [
+    "model.num_loops=4",
+    "data.source=embedded",
+    "data.train_bpe_vocab=300",
+    "data.seq_len=32",
+    "train.max_steps=2",
+    "schedule.warmup_steps=0",
+    "train.eval_batches=0",
+    "train.micro_batch_size=2",
+    "model.hidden_size=32",
+    "model.num_core_layers=1",
+    "model.num_attention_heads=2",
+    "model.num_key_value_heads=1",
+    "model.head_dim=16",
+    "model.num_experts=4",
+    "model.moe_intermediate_size=16",
+]
 
 
-def trained_model(out: Path) -> Path:
+def trained_model(out: Path, overrides: list[str] | None = None) -> Path:
     final = out / "final"
     if not (final / "config.json").is_file():
         from loopmoe.training import load_run_config, run_training
 
         data = shared_data_dir()
         source = "tinyshakespeare" if data is not None and (data / "tinyshakespeare").is_dir() else "embedded"
-        cfg = load_run_config(
-            common.ROOT / "configs" / "debug.toml",
-            ["model.num_loops=4", f"data.source={source}", "train.max_steps=300", "train.eval_batches=0"],
-        )
+        default = ["model.num_loops=4", f"data.source={source}", "train.max_steps=300", "train.eval_batches=0"]
+        cfg = load_run_config(common.ROOT / "configs" / "debug.toml", default + (overrides or []))
         run_training(cfg, out)
     return final
 
@@ -63,59 +90,144 @@ def score(model, batches: torch.Tensor, **kwargs) -> tuple[float, float]:
     return sum(losses) / len(losses), sum(loops) / len(loops)
 
 
-def run(model_dir: Path | None, quick: bool = False) -> dict:
+def run(model_dir: Path | None, quick: bool = False, smoke: bool = False) -> dict:
     common.setup()
-    model_dir = model_dir or trained_model(common.RESULTS / "adaptive_model")
+    if smoke:  # a throw-away model
+        with tempfile.TemporaryDirectory(prefix="adaptive_smoke_") as scratch:
+            return measure(trained_model(Path(scratch), SMOKE_RUN), quick, smoke)
+    return measure(model_dir or trained_model(common.RESULTS / "adaptive_model"), quick, smoke)
+
+
+def measure(model_dir: Path, quick: bool, smoke: bool) -> dict:
+    """The sweep and the timings on ``model_dir`` (module docstring)."""
     model, tokenizer = load_model(model_dir), load_hf_tokenizer(model_dir)
     cfg = model.config
     if cfg.num_loops < 2:
         raise SystemExit(f"{model_dir} runs its core once: adaptive depth needs a looped model")
-    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    corpus = text.read_text()[-200_000:] if text.is_file() else "The looped core runs again. " * 4000
-    ids = torch.tensor(tokenizer(corpus).input_ids[: (8 if quick else 32) * 128]).view(-1, 4, 128)
+    data = shared_data_dir()
+    text = data / "tinyshakespeare" / "input.txt" if data is not None else None
+    corpus = (
+        text.read_text()[-200_000:] if text is not None and text.is_file() else "The looped core runs again. " * 4000
+    )
+    seq = 64 if smoke else 128
+    tokens = 1024 if smoke or quick else 4096  # at least 32 prompts of 32 tokens for the batched generation
+    ids = torch.tensor(tokenizer(corpus).input_ids[:tokens]).view(-1, 4, seq)  # [batches, 4, seq]
     full_loss, _ = score(model, ids)
-    seq = ids.shape[-1]
     full = compute_budget(cfg, seq).flops_per_token
     rows = [dict(criterion="full depth", threshold=None, loss=full_loss, loops=float(cfg.num_loops), flops=full)]
     chosen = {}
-    for criterion in CRITERIA:
+    criteria = [c for c in THRESHOLDS if c != "gate" or getattr(cfg, "exit_gate", False)]
+    for criterion in criteria:
         for threshold in THRESHOLDS[criterion]:
             loss, loops = score(model, ids, exit_criterion=criterion, exit_threshold=threshold)
             flops = adaptive_flops_per_token(cfg, seq, loops, criterion)
             rows.append(dict(criterion=criterion, threshold=threshold, loss=loss, loops=loops, flops=flops))
             if loss - full_loss <= LOSS_BUDGET:
                 chosen[criterion] = threshold
-    plot(rows, common.DOCS / "adaptive_depth.png", model_dir)
-    threshold = chosen.get("latent")
-    speed = {}
-    if threshold is not None:
-        adaptive = dict(exit_criterion="latent", exit_threshold=threshold)
-        prompt1 = ids[0, :1, :32]
-        new = 32 if quick else 128
-
-        def decode(prompt, **kwargs):
-            return lambda: model.generate(
-                prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs
-            )
-
-        def scoring(**kwargs):
-            return lambda: score(model, ids[:2], **kwargs)
-
-        cases = {"score": (scoring(), scoring(**adaptive)), "decode_b1": (decode(prompt1), decode(prompt1, **adaptive))}
-        for batch in (8, 32):
-            prompt = ids.reshape(-1, 128)[:batch, :32]
-            cases[f"decode_b{batch}"] = (decode(prompt), decode(prompt, **adaptive))
-        for name, (full_fn, adaptive_fn) in cases.items():
-            stats = common.interleaved({"full": full_fn, "adaptive": adaptive_fn}, reps=3 if quick else 5)
-            full_s, adaptive_s = stats["full"]["median"], stats["adaptive"]["median"]
-            speed[name] = {"full_s": full_s, "adaptive_s": adaptive_s, "speedup": full_s / adaptive_s}
-    result = dict(model=str(model_dir), full_loss=full_loss, sweep=rows, chosen=chosen, speed=speed)
+    if not smoke:
+        plot(rows, criteria, common.DOCS / "adaptive_depth.png", model_dir)
+    latent = chosen.get("latent")
+    if latent is None and smoke:  # a two-step model keeps no threshold within budget: time one anyway
+        latent = THRESHOLDS["latent"][2]
+    speed: dict = {}
+    batched: dict = {}
+    if latent is not None:
+        new = 8 if smoke else 32 if quick else 128
+        timing = dict(reps=1, tries=1, warmup=0) if smoke else dict(reps=3 if quick else 5)
+        speed = decode_speed(model, ids, latent, new, timing)
+        prompts = ids.reshape(-1, 32)  # 32-token prompts
+        for batch in BATCHES:
+            batched[f"b{batch}"] = batched_speed(model, prompts[:batch], latent, new, timing)
+    result = dict(model=str(model_dir), full_loss=full_loss, sweep=rows, chosen=chosen, speed=speed, batched=batched)
+    result["threshold"] = latent
     result["machine"] = common.machine()
-    common.write_json("adaptive_depth", result)
+    if not smoke:
+        common.write_json("adaptive_depth", result)
     return result
 
 
-def plot(rows: list[dict], path: Path, model_dir: Path) -> None:
+def decode_speed(model, ids: torch.Tensor, threshold: float, new: int, timing: dict) -> dict:
+    """Scoring and batch-1 greedy decoding, adaptive at ``threshold`` (latent) against full depth."""
+    adaptive = dict(exit_criterion="latent", exit_threshold=threshold)
+    prompt1 = ids[0, :1, :32]
+
+    def decode(**kwargs):
+        return lambda: model.generate(
+            prompt1, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs
+        )
+
+    def scoring(**kwargs):
+        return lambda: score(model, ids[:2], **kwargs)
+
+    speed = {}
+    for name, (full_fn, adaptive_fn) in {
+        "score": (scoring(), scoring(**adaptive)),
+        "decode_b1": (decode(), decode(**adaptive)),
+    }.items():
+        stats = common.interleaved({"full": full_fn, "adaptive": adaptive_fn}, **timing)
+        full_s, adaptive_s = stats["full"]["median"], stats["adaptive"]["median"]
+        speed[name] = {"full_s": full_s, "adaptive_s": adaptive_s, "speedup": full_s / adaptive_s}
+    return speed
+
+
+def batched_speed(model, prompts: torch.Tensor, threshold: float, new: int, timing: dict) -> dict:
+    """Batched greedy generation of ``prompts`` [B, n], ``new`` tokens each (no EOS): lockstep ``generate``
+    and continuous depth batching (``DepthBatchingDecoder`` with B slots), each at full depth and with
+    ``latent`` exits at ``threshold``. Tokens/s, executed core iterations per token, and speed-ups."""
+    batch = prompts.shape[0]
+    rows = list(prompts)
+    policy = ExitPolicy("latent", threshold)
+    engines = {
+        "engine_full": DepthBatchingDecoder(model, None, batch),
+        "engine_exit": DepthBatchingDecoder(model, policy, batch),
+    }
+    runs: dict = {}
+
+    def lockstep(**kwargs):
+        return lambda: model.generate(
+            prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs
+        )
+
+    def depth_batched(name: str):
+        def go():
+            runs[name] = engines[name].generate(rows, new)
+
+        return go
+
+    fns = {
+        "lockstep_full": lockstep(),
+        "lockstep_exit": lockstep(exit_criterion="latent", exit_threshold=threshold),
+        "engine_full": depth_batched("engine_full"),
+        "engine_exit": depth_batched("engine_exit"),
+    }
+    stats = common.interleaved(fns, **timing)
+    out: dict = {"sequences": batch, "new_tokens": new, "threshold": threshold}
+    for name, s in stats.items():
+        out[name] = {
+            "median_s": s["median"],
+            "min_s": s["min"],
+            "max_s": s["max"],
+            "tokens_per_s": batch * new / s["median"],
+        }
+    for name, result in runs.items():
+        st = result.stats
+        tokens = st.prompt_tokens + st.decoded_tokens
+        out[name].update(
+            loops_per_token=st.iterations / tokens,  # prompts included
+            decode_loops_per_token=st.decode_iterations / max(st.decoded_tokens, 1),
+            core_saved=st.saved,
+            engine_steps=st.steps,
+            mixed_steps=st.mixed_steps,
+        )
+    out["speedup_exit_vs_lockstep_full"] = common.speedup(stats, "engine_exit", "lockstep_full")
+    out["speedup_exit_vs_engine_full"] = common.speedup(stats, "engine_exit", "engine_full")
+    out["speedup_lockstep_exit_vs_lockstep_full"] = common.speedup(stats, "lockstep_exit", "lockstep_full")
+    same = [torch.equal(a, b) for a, b in zip(runs["engine_exit"].sequences, runs["engine_full"].sequences)]
+    out["sequences_unchanged_by_exits"] = sum(same)
+    return out
+
+
+def plot(rows: list[dict], criteria: list[str], path: Path, model_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +238,7 @@ def plot(rows: list[dict], path: Path, model_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     full = rows[0]
     ax.scatter([full["flops"] / 1e6], [full["loss"]], color="black", zorder=3, label="full depth")
-    for criterion in CRITERIA:
+    for criterion in criteria:
         points = [r for r in rows if r["criterion"] == criterion]
         ax.plot([r["flops"] / 1e6 for r in points], [r["loss"] for r in points], marker="o", label=criterion)
     ax.axhline(full["loss"] + LOSS_BUDGET, color="grey", linestyle=":", label=f"full depth + {LOSS_BUDGET}")
@@ -139,18 +251,33 @@ def plot(rows: list[dict], path: Path, model_dir: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="a trained looped LoopMoE checkpoint folder")
     parser.add_argument("--quick", action="store_true", help="fewer batches and tokens")
-    args = parser.parse_args()
-    result = run(args.model, args.quick)
+    parser.add_argument(
+        "--smoke", action="store_true", help="every path once on a 2-step tiny model, in seconds; writes nothing"
+    )
+    args = parser.parse_args(argv)
+    result = run(args.model, args.quick, args.smoke)
     for row in result["sweep"]:
         line = f"{row['criterion']:>10} {row['threshold']!s:>8} loss {row['loss']:.4f} loops {row['loops']:.2f}"
         print(f"{line} MFLOPs/token {row['flops'] / 1e6:.3f}")
     for name, s in result["speed"].items():
         print(f"{name}: {s['speedup']:.2f}x (full {s['full_s']:.3f} s, adaptive {s['adaptive_s']:.3f} s)")
+    for b in result["batched"].values():
+        print(f"batched {b['sequences']} sequences x {b['new_tokens']} new tokens, latent:{b['threshold']}:")
+        for case in ("lockstep_full", "lockstep_exit", "engine_full", "engine_exit"):
+            c = b[case]
+            loops = f", {c['loops_per_token']:.2f} core iterations/token" if "loops_per_token" in c else ""
+            print(f"  {case:>14}: {c['tokens_per_s']:8.1f} tokens/s ({c['median_s']:.3f} s{loops})")
+        print(
+            f"  continuous depth batching with exits: {common.fmt_speedup(b['speedup_exit_vs_lockstep_full'])} "
+            f"vs lockstep full depth, {common.fmt_speedup(b['speedup_exit_vs_engine_full'])} vs its own full depth"
+        )
     assert all(math.isfinite(r["loss"]) for r in result["sweep"])
+    if args.smoke:
+        assert result["batched"] and all(b["engine_exit"]["loops_per_token"] > 0 for b in result["batched"].values())
 
 
 if __name__ == "__main__":

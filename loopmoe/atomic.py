@@ -86,6 +86,16 @@ def is_loopmoe_output(folder: Path, legacy_marker: str | None = None) -> bool:
     return (folder / OUTPUT_MARKER).is_file() or (legacy_marker is not None and (folder / legacy_marker).is_file())
 
 
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` (a file or folder) to the first free ``NAME.prev-N`` beside it and return that:
+    how loopmoe replaces something it must not delete (an old comparison, a stale run or ledger entry)."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.prev-{n}")).exists():
+        n += 1
+    path.rename(aside)
+    return aside
+
+
 def check_no_overlap(output: Path, inputs: dict[str, Path], flag: str = "OUT") -> None:
     """Refuse an output folder that is one of ``inputs`` (name -> path) or lies inside one, or contains one."""
     out = Path(output).resolve()

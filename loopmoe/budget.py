@@ -25,6 +25,11 @@ is ``A / phi``, the attention and FFN weights a token multiplies in one executed
 looped model with the reference's shapes keeps. Capacity balancing matches the first, the
 ``per_layer`` strategy the second (``loopmoe.balance``).
 
+A learned exit gate (``exit_gate``, docs/design.md §5) adds ``d + 1`` parameters. The forward
+FLOPs above are those of a full-depth forward, which never runs the gate; the gate's training loss
+reads every iteration out, which ``exit_gate_flops_per_token`` counts on top: per token, for each of
+the ``T - 1`` earlier iterations, the coda layers, the LM head and the gate (``2 d``).
+
 ``all_to_all_bytes_per_token`` is the expert-parallel communication a token causes (BigMac's eq. 1
 per token): its k rows of width w leave for other ranks and come back, in every executed MoE layer
 (forward, or forward and backward).
@@ -71,6 +76,8 @@ class Budget:
     attention_flops_per_token: int = 0  # projections and S x S scores, every executed layer
     ffn_flops_per_token: int = 0  # k routed experts, shared experts, DCCA projections, every executed layer
     modulation_flops_per_token: int = 0  # IterAdaLN's per-token matmuls, every executed core layer
+    # Forward FLOPs the exit gate's training loss adds (readouts of the T - 1 earlier iterations), 0 without a gate.
+    exit_gate_flops_per_token: int = 0
     attn_ffn_ratio_per_layer: float = 0.0  # A / phi: attention / FFN weights one executed layer multiplies
 
     def as_dict(self) -> dict:
@@ -96,7 +103,7 @@ def layer_shapes(cfg: ConfigLike, core: bool) -> LayerShapes:
 
 
 def global_params(cfg: ConfigLike) -> int:
-    """Parameters outside the layers: embeddings, LM head, final norm, conditioning, injection."""
+    """Parameters outside the layers: embeddings, LM head, final norm, conditioning, injection, exit gate."""
     d, r, p = cfg.hidden_size, cfg.iter_cond_rank, cfg.iter_pe_dim
     cond = IterConditioning(cfg.iter_conditioning)
     n = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
@@ -106,6 +113,8 @@ def global_params(cfg: ConfigLike) -> int:
         n += cfg.max_loops * d
     if cfg.input_injection == "concat":
         n += 2 * d * d
+    if cfg.exit_gate:
+        n += d + 1  # w and b of the halting logit w · RMSNorm(h) + b
     return n
 
 
@@ -197,6 +206,11 @@ def compute_budget(cfg: ConfigLike, seq_len: int, num_loops: int | None = None) 
     if cfg.input_injection == "concat":
         flops += 2 * (T - 1) * 2 * d * d
 
+    gate = 0
+    if cfg.exit_gate:  # the training loss reads iterations 1..T-1 out: coda, LM head and the gate each
+        coda = cfg.num_coda_layers * (2 * layer_matmul_weights(plain) + scores)
+        gate = (T - 1) * (coda + 2 * cfg.vocab_size * d + 2 * d)
+
     unique_attention = (n_plain + C) * (plain.attention + plain.attention_norms)
     executed_ffn = executed * ffn_matmul_weights(cfg, plain)
     return Budget(
@@ -210,6 +224,7 @@ def compute_budget(cfg: ConfigLike, seq_len: int, num_loops: int | None = None) 
         attention_flops_per_token=executed * (2 * plain.attention + scores),
         ffn_flops_per_token=2 * executed_ffn,
         modulation_flops_per_token=2 * C * T * modulation_matmul_weights(cfg),
+        exit_gate_flops_per_token=gate,
         attn_ffn_ratio_per_layer=plain.attention / ffn_matmul_weights(cfg, plain),
     )
 
@@ -218,12 +233,18 @@ def adaptive_flops_per_token(
     cfg: ConfigLike, seq_len: int, mean_loops: float, criterion: str | None = None, max_loops: int | None = None
 ) -> float:
     """Forward FLOPs per token under adaptive depth (docs/design.md §5): the T = 1 forward, one core
-    iteration's FLOPs for each further iteration a token runs on average, and the exit tests' LM head
-    (``kl``, ``entropy``: ``2·V·d`` per active token at each tested boundary but the last)."""
+    iteration's FLOPs for each further iteration a token runs on average, and the exit tests' cost at
+    each tested boundary but the last: the LM head (``kl``, ``entropy``: ``2·V·d`` per active token) or
+    the learned gate (``gate``: ``2·d``)."""
     one = compute_budget(cfg, seq_len, num_loops=1).flops_per_token
     iteration = compute_budget(cfg, seq_len, num_loops=2).flops_per_token - one
     flops = one + (mean_loops - 1) * iteration
-    if criterion in ("kl", "entropy"):
+    test = {
+        "kl": cfg.vocab_size * cfg.hidden_size,
+        "entropy": cfg.vocab_size * cfg.hidden_size,
+        "gate": cfg.hidden_size,
+    }
+    if criterion in test:
         loops = cfg.num_loops if max_loops is None else max_loops
-        flops += 2 * cfg.vocab_size * cfg.hidden_size * min(mean_loops, loops - 1)
+        flops += 2 * test[criterion] * min(mean_loops, loops - 1)
     return flops

@@ -152,6 +152,10 @@ def router_width(cfg) -> int:
     return cfg.dcca_dim if descended else cfg.hidden_size
 
 
+# Default entropy weight of the exit gate's training loss: the low end of Ouro's 0.05-0.1, enough to keep
+# the exit distribution from collapsing onto one depth early in training (docs/design.md §5).
+EXIT_GATE_BETA = 0.05
+
 # TinyInit gains of the depth-scaled sandwich norm (Pangu Ultra): post-norm gain = c / sqrt(L).
 SANDWICH_ATTN_GAIN = 0.283
 SANDWICH_FFN_GAIN = 0.432
@@ -204,6 +208,11 @@ class LoopMoEConfig(PretrainedConfig):
         input_injection: re-inject the prelude output at each later core iteration:
             ``none``, ``add`` or ``concat`` (Huginn-style concat + linear).
         norm_scheme: ``pre``, ``sandwich`` or ``depth_scaled_sandwich`` (with TinyInit).
+        exit_gate: a learned exit gate (Ouro's): a per-token halting probability after each core
+            iteration, trained with the entropy-regularised expected loss over exit depths and read by
+            the ``gate`` exit criterion at inference (docs/design.md §5); needs ``num_loops > 1``.
+        exit_gate_beta: entropy weight ``beta`` of the exit gate's training loss (``exit_gate`` only);
+            defaults to 0.05 with ``exit_gate`` (Ouro uses 0.05-0.1).
         rms_norm_eps: epsilon of every RMSNorm.
         initializer_range: standard deviation of the normal initialisation of the weights.
         tie_word_embeddings: share the input embedding and the LM head.
@@ -249,6 +258,8 @@ class LoopMoEConfig(PretrainedConfig):
         max_loops: int = 16,
         input_injection: str = "none",
         norm_scheme: str = "pre",
+        exit_gate: bool = False,
+        exit_gate_beta: float | None = None,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
@@ -297,6 +308,10 @@ class LoopMoEConfig(PretrainedConfig):
         self.max_loops = max_loops
         self.input_injection = input_injection
         self.norm_scheme = norm_scheme
+        self.exit_gate = exit_gate
+        if exit_gate_beta is None and exit_gate is True:
+            exit_gate_beta = EXIT_GATE_BETA
+        self.exit_gate_beta = exit_gate_beta
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -403,6 +418,28 @@ class LoopMoEConfig(PretrainedConfig):
             f"input_injection={self.input_injection!r} needs num_loops > 1 (it re-injects at later iterations); "
             f"set input_injection='none' for a non-looped model",
         )
+        need(
+            isinstance(self.exit_gate, bool),
+            f"exit_gate must be true or false, got {self.exit_gate!r}",
+        )
+        need(
+            not self.exit_gate or self.num_loops > 1,
+            f"exit_gate=True needs a looped model (num_loops > 1, got {self.num_loops}): a gate chooses among "
+            "core iterations; raise num_loops or drop exit_gate",
+        )
+        if self.exit_gate:
+            beta = self.exit_gate_beta
+            need(
+                isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta >= 0,
+                f"exit_gate_beta (the entropy weight of the exit gate's loss) must be a finite number >= 0, "
+                f"got {beta!r}; Ouro uses 0.05-0.1 (default {EXIT_GATE_BETA})",
+            )
+        else:
+            need(
+                self.exit_gate_beta is None,
+                f"exit_gate_beta={self.exit_gate_beta!r} weights the exit gate's loss, but exit_gate is off: set "
+                "exit_gate=True, or drop exit_gate_beta",
+            )
         for name in (
             "rope_theta",
             "rms_norm_eps",

@@ -41,13 +41,15 @@ def status(message: str) -> None:
 
 
 class Progress:
-    """A tqdm bar on a terminal; elsewhere nothing until ``close``, which prints one summary line
-    (``DESC: N UNIT in S s`` plus the postfix). Use as a context manager."""
+    """A tqdm bar on a terminal; elsewhere one line every ``every_s`` seconds of work (``DESC: N/TOTAL UNITs,
+    S s``, so a long job in a log file is seen to move) and a summary line at ``close`` (``DESC: N UNIT in S s``
+    plus the postfix). Use as a context manager."""
 
-    def __init__(self, desc: str, unit: str, enabled: bool = True):
-        self.desc, self.unit, self.enabled = desc, unit, enabled
+    def __init__(self, desc: str, unit: str, enabled: bool = True, total: int | None = None, every_s: float = 30.0):
+        self.desc, self.unit, self.enabled, self.total, self.every_s = desc, unit, enabled, total, every_s
         self.count, self.postfix, self.t0 = 0, "", time.perf_counter()
-        self.bar = tqdm(desc=desc, unit=unit, disable=not (enabled and interactive()))
+        self.last = self.t0
+        self.bar = tqdm(desc=desc, unit=unit, total=total, disable=not (enabled and interactive()))
 
     def update(self, n: int, **postfix: Any) -> None:
         self.count += n
@@ -55,6 +57,11 @@ class Progress:
         if postfix:
             self.bar.set_postfix(postfix)
             self.postfix = ", ".join(f"{k}={v}" for k, v in postfix.items())
+        now = time.perf_counter()
+        if self.bar.disable and self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            of = f"/{self.total}" if self.total is not None else ""
+            status(f"{self.desc}: {self.count}{of} {self.unit}s, {now - self.t0:.0f} s")
 
     def close(self) -> None:
         if self.bar.disable and self.enabled:

@@ -55,8 +55,8 @@ FLOORS: list[tuple[str, str, list[str]]] = [
     (
         "machinery",
         "What works on a model or across processes without running an experiment: capacity "
-        "balancing, distributed setup and parallelisation, checkpoint conversion, evaluation.",
-        ["balance.py", "distributed/", "convert/", "evaluation/"],
+        "balancing, distributed setup and parallelisation, checkpoint conversion, evaluation, serving.",
+        ["balance.py", "distributed/", "convert/", "evaluation/", "serving/"],
     ),
     (
         "runs",

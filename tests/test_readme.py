@@ -19,6 +19,7 @@ PARSE_ONLY = (
     "loopmoe convert",
     "loopmoe export",
     "loopmoe generate",
+    "loopmoe serve",  # a server runs until stopped: tests/serving and tests/cli/test_serve.py
     "loopmoe train configs/debug.toml --out",
     "loopmoe compare --config",
     "loopmoe plan configs/debug.toml --hardware cpu",  # calibrates this machine (~1 min): tests/planning
@@ -122,3 +123,20 @@ def test_the_study_numbers_the_readme_quotes_are_results_md_s():
     for lo, hi in quoted:
         pair = tuple(round(float(v.replace("−", "-")), 3) for v in (lo, hi))
         assert pair in intervals, f"README quotes [{lo}, {hi}], which RESULTS.md does not give"
+
+
+def test_the_expert_shapes_the_readme_quotes_are_the_default_comparison_s():
+    """The arms section quotes the looped and control expert shapes of the default `loopmoe compare`."""
+    from loopmoe.compare import CompareOptions
+    from loopmoe.compare.arms import resolve_arms
+    from loopmoe.presets import load_model_config
+
+    opts = CompareOptions(arms=("reference", "looped", "granularity")).validate()
+    arms = resolve_arms(opts, load_model_config(opts.reference, vocab_size=opts.bpe_vocab))
+    ref, looped, control = (arms[n].config for n in ("reference", "looped", "granularity"))
+    quoted = (
+        f"default {opts.bpe_vocab}-token vocabulary, `{opts.reference}`'s {ref.num_experts} x "
+        f"{ref.moe_intermediate_size} become {looped.num_experts} x {looped.moe_intermediate_size}"
+    )
+    assert quoted in " ".join(README.split())
+    assert f"({control.num_experts} x {control.moe_intermediate_size})" in README

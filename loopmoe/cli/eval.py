@@ -1,10 +1,11 @@
-"""``loopmoe eval``: perplexity, zero-shot tasks and looped-depth analysis of a checkpoint directory."""
+"""``loopmoe eval``: perplexity, zero-shot tasks, looped-depth analysis and adaptive depth (early exit) of a
+checkpoint directory."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loopmoe.atomic import atomic_write_text
@@ -12,15 +13,18 @@ from loopmoe.cli.generate import check_device
 from loopmoe.errors import ConfigError
 from loopmoe.evaluation import harness, loading, report
 from loopmoe.evaluation.custom_task import load_task_file
-from loopmoe.evaluation.depth import analyse_depth, token_sequences
+from loopmoe.evaluation.depth import analyse_depth, depth_curve, token_sequences
+from loopmoe.evaluation.early_exit import exit_sweep, parse_policy, parse_sweep, resolve_policy
 from loopmoe.evaluation.overlap import training_overlap
 from loopmoe.evaluation.perplexity import read_heldout_tokens
 from loopmoe.evaluation.pipeline import find_text, task_scores, text_scores
-from loopmoe.evaluation.plots import plot_depth
+from loopmoe.evaluation.plots import plot_depth, plot_exit_sweep
+from loopmoe.model.adaptive import CRITERIA, ExitPolicy
 from loopmoe.options import add_options, option
 from loopmoe.paths import shared_data_dir
 
 DEPTH = "looped-depth analysis (LoopMoE only)"
+ADAPTIVE = "adaptive depth (looped LoopMoE only)"
 
 
 @dataclass
@@ -75,6 +79,31 @@ class EvalOptions:
     output_dir: Path | None = option(None, help="where depth.json and the plots go", group=DEPTH)
     seq_len: int = option(256, help="sequence length of the held-out rows", group=DEPTH)
     sequences: int = option(16, help="number of held-out rows", group=DEPTH)
+    exit: str | None = option(
+        None,
+        help="score --text and the tasks with each token leaving the loop once CRITERION falls below THRESHOLD "
+        f"(gate: reaches it; {', '.join(CRITERIA)}; e.g. latent:0.03), and report the core iterations and FLOPs "
+        "per token it executed",
+        metavar="CRITERION:THRESHOLD",
+        group=ADAPTIVE,
+    )
+    min_loops: int = option(
+        1, help="with --exit / --exit-sweep: iterations every token runs before it may exit", group=ADAPTIVE
+    )
+    max_loops: int | None = option(
+        None,
+        help="with --exit / --exit-sweep: iterations at most (may exceed the trained num_loops)",
+        shown="--num-loops, else the trained num_loops",
+        group=ADAPTIVE,
+    )
+    exit_sweep: tuple[str, ...] = option(
+        (),
+        help="comma-separated exit policies, a bare threshold taking the criterion before it (e.g. "
+        "latent:0.3,0.1,0.03,0.01): held-out loss against core iterations and FLOPs per token on the first --text's "
+        "rows (--seq-len x --sequences), beside the fixed-depth curve at --loops; writes exit_sweep.json and "
+        "loss_vs_compute.png to --output-dir",
+        group=ADAPTIVE,
+    )
 
 
 def add_parser(sub) -> None:
@@ -95,10 +124,13 @@ def run(args) -> int:
         return 0
     data_dir = args.data_dir or shared_data_dir()
     tasks = harness.resolve_tasks(list(args.tasks))
-    if not (tasks or args.task_file or args.text or args.depth_analysis):
-        raise ConfigError("nothing to evaluate: pass --tasks, --task-file, --text, or --depth-analysis with --text")
+    if not (tasks or args.task_file or args.text or args.depth_analysis or args.exit_sweep):
+        raise ConfigError(
+            "nothing to evaluate: pass --tasks, --task-file, --text, or --depth-analysis / --exit-sweep with --text"
+        )
     if args.depth_analysis and (not args.text or args.output_dir is None):
         raise ConfigError("--depth-analysis needs held-out text (--text) and --output-dir")
+    policy, sweep = _exit_policies(args)
     if args.log_samples and args.output is None:
         raise ConfigError("--log-samples writes beside the results: pass --output FILE.json")
     batch_size = _batch_size(args.batch_size, tasks_only=not (args.text or args.depth_analysis))
@@ -112,12 +144,20 @@ def run(args) -> int:
 
     check_device(args.device)  # before the model loads: a device this machine lacks, in one line
     model = loading.load_model(args.model_dir, device=args.device)
+    # Every exit policy checked against the model (a LoopMoE that loops) before anything is scored.
+    policy = resolve_policy(model, policy) if policy is not None else None
+    for each in sweep:
+        resolve_policy(model, each)
     tokenizer = loading.load_hf_tokenizer(args.model_dir, args.tokenizer)
     results: dict = {
         "model_dir": str(args.model_dir),
         "num_loops": args.num_loops,
         "data_dir": None if data_dir is None else str(data_dir),
     }
+    # Under an exit policy its max_loops is the depth (--max-loops, else --num-loops, else the trained T).
+    num_loops = None if policy is not None else args.num_loops
+    if policy is not None:
+        results["exit"] = asdict(policy)
     if texts and not args.depth_analysis:
         results["perplexity"] = text_scores(
             model,
@@ -127,9 +167,14 @@ def run(args) -> int:
             stride=args.stride,
             batch_size=int(args.batch_size),
             max_tokens=args.max_tokens,
-            num_loops=args.num_loops,
+            num_loops=num_loops,
+            exit_policy=policy,
         )
         print(report.perplexity_table(results["perplexity"]))
+        if policy is not None:
+            print(report.exit_table(results["perplexity"], model.config.num_loops))
+    if sweep:
+        results["exit_sweep"] = _exit_sweep(model, tokenizer, texts[0], sweep, args)
     if args.depth_analysis:
         results["depth"] = _depth(model, tokenizer, texts[0], requested, data_dir, args, manager)
         print(report.depth_table(results["depth"]))
@@ -140,11 +185,12 @@ def run(args) -> int:
             lm,
             requested,
             data_dir,
-            num_loops=args.num_loops,
+            num_loops=num_loops,
             limit=args.limit,
             num_fewshot=args.num_fewshot,
             log_samples=args.log_samples,
             manager=manager,
+            exit_policy=policy,
         )
         results["lm_eval"] = {k: raw[k] for k in ("results", "n-samples", "versions") if k in raw}
         print(report.task_table(results["tasks"]))
@@ -169,11 +215,55 @@ def _batch_size(text: str, *, tasks_only: bool) -> int | str:
     raise ConfigError(f"--batch-size must be a positive integer, 'auto' or 'auto:N', got {text!r}")
 
 
+def _exit_policies(args) -> tuple[ExitPolicy | None, list[ExitPolicy]]:
+    """``--exit``'s policy and ``--exit-sweep``'s, bounded by --min-loops / --max-loops (checked without a model)."""
+    max_loops = args.max_loops or args.num_loops
+    sweep = parse_sweep(args.exit_sweep, min_loops=args.min_loops, max_loops=max_loops)
+    if sweep and (not args.text or args.output_dir is None):
+        raise ConfigError("--exit-sweep needs held-out text (--text) and --output-dir")
+    if args.exit is None:
+        if not sweep and (args.min_loops != 1 or args.max_loops is not None):
+            raise ConfigError(
+                "--min-loops and --max-loops bound an adaptive depth: give --exit CRITERION:THRESHOLD or --exit-sweep"
+            )
+        return None, sweep
+    if args.depth_analysis:
+        raise ConfigError(
+            "--exit scores --text and the tasks under one exit policy, --depth-analysis at fixed loop counts: give "
+            "one of them (--exit-sweep puts exit policies beside the fixed-depth curve)"
+        )
+    return parse_policy(args.exit, min_loops=args.min_loops, max_loops=max_loops), sweep
+
+
+def _sequences(text: Path, tokenizer, args):
+    """The held-out rows of the depth analysis and the exit sweep: ``--sequences`` rows of ``--seq-len`` tokens."""
+    ids, _ = read_heldout_tokens(text, tokenizer, args.seq_len * args.sequences)
+    return token_sequences(ids, args.seq_len, args.sequences)
+
+
+def _exit_sweep(model, tokenizer, text: Path, policies: list[ExitPolicy], args) -> dict:
+    """The fixed-depth curve at ``--loops`` and the exit sweep on the same rows: printed, plotted, and written
+    to ``--output-dir/exit_sweep.json``."""
+    batches = list(_sequences(text, tokenizer, args).split(int(args.batch_size)))
+    curve = depth_curve(model, batches, args.loops, args.seq_len)
+    points = exit_sweep(model, batches, policies, args.seq_len)
+    print(report.exit_sweep_table(curve, points))
+    record = {
+        "text": str(text),
+        "seq_len": args.seq_len,
+        "sequences": sum(len(b) for b in batches),
+        "depth": curve.to_dict(),
+        "points": [p.to_dict() for p in points],
+        "plot": str(plot_exit_sweep(curve, points, args.output_dir)),
+    }
+    atomic_write_text(args.output_dir / "exit_sweep.json", json.dumps(record, indent=2))
+    return record
+
+
 def _depth(model, tokenizer, text: Path, tasks: list, data_dir: Path | None, args, manager) -> dict:
     loading.require_looped(model, "depth analysis")
     loops = list(args.loops)
-    ids, _ = read_heldout_tokens(text, tokenizer, args.seq_len * args.sequences)
-    sequences = token_sequences(ids, args.seq_len, args.sequences)
+    sequences = _sequences(text, tokenizer, args)
     overlap = training_overlap(args.model_dir, sequences.numpy(), len(tokenizer))
     analysis = analyse_depth(model, sequences, loops, batch_size=int(args.batch_size), training_overlap=overlap)
     analysis["text"] = str(text)

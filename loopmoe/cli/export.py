@@ -17,7 +17,7 @@ class ExportOptions:
     """The options of ``loopmoe export``."""
 
     target_format: Literal["qwen3-moe"] = option(
-        help="architecture to write (served by vLLM, SGLang, llama.cpp)", flag="--to"
+        help="architecture to write (loads as transformers' Qwen3MoeForCausalLM)", flag="--to"
     )
     model: Path = option(help="LoopMoE checkpoint directory", positional=True)
     out: Path = option(help="output directory", positional=True)

@@ -9,6 +9,12 @@ Decoding is transformers' ``generate``: greedy with ``--temperature 0`` (the def
 output equals ``model.generate(ids, do_sample=False)``; nucleus sampling with ``--temperature T
 --top-p P`` (seeded by ``--seed``). ``--stream`` prints the tokens as they are generated
 (transformers' ``TextStreamer``); the text is the same as without it.
+
+``--batch-slots B`` decodes the prompts B at a time with continuous depth batching
+(``loopmoe.model.depth_batching``): with ``--exit``, each sequence's token runs its own number of
+core iterations in a shared core forward, and a finished sequence's slot goes to the next prompt.
+Greedy texts are those of the prompt-by-prompt run (up to float rounding at near-ties); the compute
+the exits saved is printed on stderr.
 """
 
 from __future__ import annotations
@@ -57,6 +63,13 @@ class GenerateOptions:
     min_loops: int = option(1, help="with --exit: iterations every token runs before it may exit")
     max_loops: int | None = option(
         None, help="with --exit: iterations at most (may exceed the trained num_loops)", shown="--num-loops"
+    )
+    batch_slots: int | None = option(
+        None,
+        help="decode the prompts this many at a time with continuous depth batching: with --exit, each "
+        "sequence's token runs its own number of core iterations in one shared core forward, and a finished "
+        "sequence's slot takes the next prompt",
+        shown="one prompt at a time",
     )
     truncate: bool = option(
         False,
@@ -124,6 +137,12 @@ def check_options(opts: GenerateOptions) -> None:
         raise ConfigError(f"--top-p {opts.top_p}: must be in (0, 1]")
     if opts.top_k is not None and opts.top_k < 1:
         raise ConfigError(f"--top-k {opts.top_k}: must be >= 1")
+    if opts.batch_slots is not None and opts.batch_slots < 1:
+        raise ConfigError(f"--batch-slots {opts.batch_slots}: must be >= 1")
+    if opts.batch_slots is not None and opts.stream:
+        raise ConfigError(
+            "--stream prints one sequence as it grows: drop it with --batch-slots (texts print at the end)"
+        )
 
 
 def check_device(device: str) -> None:
@@ -167,19 +186,26 @@ def fit_context(ids, context: int, max_new_tokens: int, truncate: bool):
     return ids[:, -room:]
 
 
+def exit_policy(opts: GenerateOptions) -> ExitPolicy | None:
+    """The adaptive depth of ``--exit``, ``--min-loops`` and ``--max-loops`` (None: full depth)."""
+    if opts.exit is not None:
+        return ExitPolicy.parse(opts.exit, min_loops=opts.min_loops, max_loops=opts.max_loops or opts.num_loops)
+    if opts.min_loops != 1 or opts.max_loops is not None:
+        raise ConfigError("--min-loops and --max-loops bound an adaptive depth: give --exit CRITERION:THRESHOLD too")
+    return None
+
+
 def generation_kwargs(opts: GenerateOptions, tokenizer) -> dict:
     """Keyword arguments of ``model.generate`` for ``opts``: greedy at temperature 0, else sampling."""
     kwargs: dict = {"max_new_tokens": opts.max_new_tokens}
-    if opts.exit is not None:
-        policy = ExitPolicy.parse(opts.exit, min_loops=opts.min_loops, max_loops=opts.max_loops or opts.num_loops)
+    policy = exit_policy(opts)
+    if policy is not None:
         kwargs.update(
             exit_criterion=policy.criterion,
             exit_threshold=policy.threshold,
             min_loops=policy.min_loops,
             max_loops=policy.max_loops,
         )
-    elif opts.min_loops != 1 or opts.max_loops is not None:
-        raise ConfigError("--min-loops and --max-loops bound an adaptive depth: give --exit CRITERION:THRESHOLD too")
     if opts.temperature == 0:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -209,14 +235,38 @@ def run(args) -> int:
     tokenizer = load_hf_tokenizer(opts.model_dir, opts.tokenizer)
     kwargs = generation_kwargs(opts, tokenizer)
     torch.manual_seed(opts.seed)
+
+    def encode(prompt: str) -> torch.Tensor:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(opts.device)
+        if ids.shape[1] == 0:
+            raise ConfigError(f"prompt {prompt!r} is empty after tokenization: give some text")
+        return fit_context(ids, model.config.max_position_embeddings, opts.max_new_tokens, opts.truncate)  # [1, n]
+
     with test_time_depth(model, opts.num_loops):
+        if opts.batch_slots is not None:
+            return _generate_depth_batched(model, tokenizer, [encode(p) for p in prompts], opts)
         for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(opts.device)
-            if ids.shape[1] == 0:
-                raise ConfigError(f"prompt {prompt!r} is empty after tokenization: give some text")
-            ids = fit_context(ids, model.config.max_position_embeddings, opts.max_new_tokens, opts.truncate)
+            ids = encode(prompt)
             streamer = TextStreamer(tokenizer, skip_special_tokens=True) if opts.stream else None
             out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
             if streamer is None:
                 print(tokenizer.decode(out[0], skip_special_tokens=True), flush=True)
+    return 0
+
+
+def _generate_depth_batched(model, tokenizer, encoded: list, opts: GenerateOptions) -> int:
+    """``--batch-slots``: every prompt through one ``DepthBatchingDecoder``; texts in prompt order on
+    stdout, the compute the exits saved on stderr."""
+    from loopmoe.model.depth_batching import (  # lazy: torch and the model load only once a command runs
+        DepthBatchingDecoder,
+        greedy,
+        sampler,
+    )
+
+    decoder = DepthBatchingDecoder(model, exit_policy(opts), batch_slots=opts.batch_slots or 1)
+    sample = greedy if opts.temperature == 0 else sampler(opts.temperature, opts.top_p, opts.top_k)
+    out = decoder.generate([ids[0] for ids in encoded], opts.max_new_tokens, tokenizer.eos_token_id, sample)
+    for sequence in out.sequences:
+        print(tokenizer.decode(sequence, skip_special_tokens=True), flush=True)
+    print(out.stats.summary(), file=sys.stderr)
     return 0

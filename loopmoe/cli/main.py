@@ -9,7 +9,7 @@ import warnings
 from functools import partial
 
 from loopmoe import __version__
-from loopmoe.cli import budget, compare, convert, export, generate, plan, presets, tasks, train
+from loopmoe.cli import budget, compare, convert, export, generate, plan, presets, serve, tasks, train
 from loopmoe.cli import eval as eval_cli
 from loopmoe.console import quiet_library_progress
 from loopmoe.errors import LoopMoEError
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "train": train,
     "eval": eval_cli,
     "generate": generate,
+    "serve": serve,
     "convert": convert,
     "export": export,
     "presets": presets,

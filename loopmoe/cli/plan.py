@@ -180,20 +180,49 @@ def run_search(opts: PlanOptions) -> int:
             human(r["active_params"]),
             human(r["flops_per_token"]),
             f"{r['tokens_per_s']:,.0f}",
+            "-" if r["vs_reference"] is None else f"{r['vs_reference']:.2f}x",
+            human(r["flops_per_s"]),
             f"{100 * r['mfu']:.0f}%",
             f"{r['peak_memory_bytes'] / 2**30:.1f}",
             _layout_text(r["layout"]),
         ]
         for i, r in enumerate(rows[: opts.top])
     ]
-    print(f"{title}: {len(rows)} shapes fit; the {min(opts.top, len(rows))} fastest")
+    print(f"{title}: {len(rows)} shapes fit; the {min(opts.top, len(rows))} that train the most model FLOPs per second")
     print(
         markdown_table(
-            ["#", "T", "d", "layers", "heads", "k/E x f", "active", "FLOPs/tok", "tok/s", "MFU", "GiB", "layout"], table
+            [
+                "#",
+                "T",
+                "d",
+                "layers",
+                "heads",
+                "k/E x f",
+                "active",
+                "FLOPs/tok",
+                "tok/s",
+                "vs T=1",
+                "FLOP/s",
+                "MFU",
+                "GiB",
+                "layout",
+            ],
+            table,
         )
     )
+    print(SEARCH_LEGEND)
     print(f"Pareto plot: {plot}")
     return 0
+
+
+SEARCH_LEGEND = """\
+T: loop count (1: Vanilla MoE); d: hidden size; layers: prelude + core x T + coda; heads: query/key-value heads
+x head size; k/E x f: top-k of E experts of intermediate size f; active: parameters a token uses; FLOPs/tok:
+forward FLOPs per token (a looped shape matches its Vanilla reference's); tok/s: predicted training tokens per
+second over all devices; vs T=1: tok/s over the Vanilla reference it was balanced against (same total
+parameters and FLOPs/tok); FLOP/s: model FLOPs trained per second (tok/s x 3 x FLOPs/tok), the ranking; MFU:
+that over the devices' peak; GiB: predicted peak memory per device; layout: data-parallel strategy, expert
+parallel degree, micro-batch x accumulation, activation checkpointing."""
 
 
 def check_search_options(opts: PlanOptions) -> None:

@@ -4,8 +4,9 @@
 ``expert_load.png`` shows, per executed (layer, iteration) slot, each expert's share of routed
 tokens relative to uniform (1.0 = perfectly balanced); ``depth.png`` the held-out loss of every
 looped arm against its loop count at inference, and ``loss_vs_flops.png`` the held-out loss of
-every arm and depth against the forward FLOPs per token it executes. An arm has the same colour in
-every figure.
+every arm and depth against the forward FLOPs per token it executes; with an exit sweep, both also
+show each looped arm under its exit policies (adaptive depth: hollow squares, dashed) at the core
+iterations and FLOPs per token they executed. An arm has the same colour in every figure.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loopmoe.atomic import save_figure
-from loopmoe.compare.results import DepthMean, RunRecord
+from loopmoe.compare.results import DepthMean, ExitMean, RunRecord
 
 COLORS = {"reference": "tab:blue", "looped": "tab:orange", "granularity": "tab:green"}
 # the rest of tab10, then distinct named colours: a study with every ablation has 11 arms
@@ -108,9 +109,13 @@ def _plot_depths(
     title: str,
     labels: bool,
     names: list[str],
+    exits: dict[str, list[ExitMean]] | None = None,
+    x_exit: Callable[[ExitMean], float] | None = None,
 ) -> None:
     """Held-out loss of every arm at each depth it was run at, against ``x(T, point)``; a star at the trained T.
-    ``names``: every arm of the report, so an arm has the same colour in every figure."""
+    ``names``: every arm of the report, so an arm has the same colour in every figure. ``exits``: each arm's
+    exit-policy points (adaptive depth), drawn on the same axes at ``x_exit(point)``, dashed, one line per
+    criterion."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, by_loops in points.items():
@@ -122,6 +127,25 @@ def _plot_depths(
                 ax.annotate(f"T={t}", (xs[t], e.loss), fontsize=6, xytext=(3, 3), textcoords="offset points")
         t = trained[name]
         ax.plot([xs[t]], [by_loops[t].loss], marker="*", markersize=12, color=color)
+        if exits and x_exit is not None and name in exits:
+            styles = ("--", ":", "-.")
+            criteria = sorted({m.criterion for m in exits[name]})
+            for i, criterion in enumerate(criteria):
+                mine = sorted((m for m in exits[name] if m.criterion == criterion), key=lambda m: m.loops)
+                ax.plot(
+                    [x_exit(m) for m in mine],
+                    [m.loss for m in mine],
+                    marker="s",
+                    markerfacecolor="none",
+                    linestyle=styles[i % len(styles)],
+                    color=color,
+                    label=f"{name}, exit: {criterion}",
+                )
+                if labels:
+                    for m in mine:
+                        ax.annotate(
+                            m.label, (x_exit(m), m.loss), fontsize=5, xytext=(3, -8), textcoords="offset points"
+                        )
     ax.set(xlabel=xlabel, ylabel="held-out loss (nats/token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -131,24 +155,39 @@ def _plot_depths(
 
 
 def plot_depth_curves(
-    points: dict[str, dict[int, DepthMean]], trained: dict[str, int], path: Path, names: list[str]
+    points: dict[str, dict[int, DepthMean]],
+    trained: dict[str, int],
+    path: Path,
+    names: list[str],
+    exits: dict[str, list[ExitMean]] | None = None,
 ) -> None:
-    """Held-out loss against the loop count at inference, one line per looped arm (mean over seeds);
+    """Held-out loss against the loop count at inference, one line per looped arm (mean over seeds), and its
+    exit policies (``exits``, adaptive depth) against the core iterations per token they executed;
     ``names``: every arm of the report (for the colours)."""
     _plot_depths(
         points,
         trained,
         path,
         lambda t, e: t,
-        "loops at inference T (star: as trained)",
-        "Test-time depth",
+        "loops at inference T / core iterations per token (star: as trained; squares: early exit)"
+        if exits
+        else "loops at inference T (star: as trained)",
+        "Test-time depth" + (" and adaptive depth" if exits else ""),
         False,
         names,
+        exits,
+        lambda e: e.loops,
     )
 
 
-def plot_loss_vs_flops(points: dict[str, dict[int, DepthMean]], trained: dict[str, int], path: Path) -> None:
-    """Held-out loss against executed forward FLOPs per token, every arm at every depth it was run at."""
+def plot_loss_vs_flops(
+    points: dict[str, dict[int, DepthMean]],
+    trained: dict[str, int],
+    path: Path,
+    exits: dict[str, list[ExitMean]] | None = None,
+) -> None:
+    """Held-out loss against executed forward FLOPs per token, every arm at every depth it was run at, and
+    each looped arm under its exit policies (``exits``)."""
     _plot_depths(
         points,
         trained,
@@ -158,6 +197,8 @@ def plot_loss_vs_flops(points: dict[str, dict[int, DepthMean]], trained: dict[st
         "Loss vs executed compute (star: the depth each arm was trained at)",
         True,
         list(points),
+        exits,
+        lambda e: e.flops / 1e6,
     )
 
 

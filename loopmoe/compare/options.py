@@ -14,6 +14,7 @@ from loopmoe.compare.arms import BUILTIN_ARMS, ArmSpec, arm_spec_from_table, che
 from loopmoe.config import ExpertType, LoopMoEConfig
 from loopmoe.data.config import DataSection
 from loopmoe.errors import ConfigError
+from loopmoe.evaluation.early_exit import parse_sweep
 from loopmoe.evaluation.pipeline import DEFAULT_TEXT
 from loopmoe.options import coerce_value, flag_of, help_of, option, unknown_key_hint
 from loopmoe.training.config import (
@@ -39,8 +40,10 @@ NOT_IDENTITY = (
     "text",
     "text_tokens",
     "depth_loops",
+    "exit_sweep",
     "report_only",
     "results",
+    "ledger",
     "primary",
 )
 # What a study is made of: which arms, with which settings, over which seeds. Not part of the folder's
@@ -109,6 +112,12 @@ class CompareOptions(BalanceOptions):
     depth_loops: tuple[int, ...] = option(
         DEPTH_LOOPS, help="comma-separated loop counts of the test-time depth curve of every looped arm; '' for none"
     )
+    exit_sweep: tuple[str, ...] = option(
+        (),
+        help="adaptive depth: comma-separated exit policies CRITERION:THRESHOLD, a bare threshold taking the "
+        "criterion before it (e.g. latent:0.3,0.1,0.03); every looped arm's held-out loss, core iterations and "
+        "FLOPs per token under each, beside its depth curve; '' for none",
+    )
     report_only: bool = option(
         False,
         help="train nothing: evaluate the finished runs and write the report, listing the runs still missing "
@@ -117,6 +126,13 @@ class CompareOptions(BalanceOptions):
     results: Path | None = option(
         None,
         help="also write the study's results page here (e.g. RESULTS.md), its figures in docs/study/ beside it",
+    )
+    ledger: Path | None = option(
+        None,
+        help="also record every finished, evaluated run in this folder (small JSON files, e.g. beside the "
+        "study's config), and reuse the runs recorded there instead of training them: a study finishes over "
+        "several machines or sessions",
+        shown="none",
     )
     out: Path = option(default_factory=lambda: Path("runs/compare"), help="run folder")
     fresh: bool = option(
@@ -203,6 +219,10 @@ class CompareOptions(BalanceOptions):
             raise ConfigError(f"{flag('prelude')} and {flag('coda')} must be >= 0, got {self.prelude}, {self.coda}")
         if any(t < 1 for t in self.depth_loops):
             raise ConfigError(f"{flag('depth_loops')} must be positive loop counts, got {self.depth_loops}")
+        try:
+            parse_sweep(self.exit_sweep)
+        except ConfigError as error:
+            raise ConfigError(f"{flag('exit_sweep')}: {error}") from None
         if self.text_tokens is not None and self.text_tokens < 2:
             raise ConfigError(f"{flag('text_tokens')} must be >= 2, got {self.text_tokens}")
         if self.report_only and self.fresh:

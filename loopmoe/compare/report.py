@@ -26,7 +26,16 @@ from loopmoe.compare.figures import (
     plot_loss_vs_flops,
     plot_losses,
 )
-from loopmoe.compare.results import ArmRecord, RunRecord, StudyResults, TextSource, depth_means
+from loopmoe.compare.results import (
+    ArmRecord,
+    DepthMean,
+    ExitMean,
+    RunRecord,
+    StudyResults,
+    TextSource,
+    depth_means,
+    exit_means,
+)
 from loopmoe.compare.stats import paired_difference
 from loopmoe.compare.verdict import Comparison, comparisons, held_out_comparisons, verdict
 from loopmoe.config import ExpertType, layers_text
@@ -676,7 +685,8 @@ def _downstream_section(downstream: dict[str, list[dict[str, Any]]]) -> list[str
 def _depth_section(runs: dict[str, dict[int, RunRecord]], figures: Path, link: str, seq_len: int) -> list[str]:
     points = depth_means(runs)
     trained = {name: next(iter(seeds.values())).eval.depth.trained_loops for name, seeds in runs.items()}
-    plot_loss_vs_flops(points, trained, figures / "loss_vs_flops.png")
+    exits = exit_means(runs)
+    plot_loss_vs_flops(points, trained, figures / "loss_vs_flops.png", exits)
     looped = {n: p for n, p in points.items() if len(p) > 1}
     lines = [
         "",
@@ -686,7 +696,7 @@ def _depth_section(runs: dict[str, dict[int, RunRecord]], figures: Path, link: s
         f"forward FLOPs per token executed there (at S = {seq_len}, `loopmoe.budget`).",
     ]
     if looped:
-        plot_depth_curves(looped, trained, figures / "depth.png", names=list(points))
+        plot_depth_curves(looped, trained, figures / "depth.png", names=list(points), exits=exits)
         all_loops = sorted({t for p in looped.values() for t in p})
         rows = []
         for name, by_loops in looped.items():
@@ -722,6 +732,60 @@ def _depth_section(runs: dict[str, dict[int, RunRecord]], figures: Path, link: s
         markdown_table(("arm", "loops T", "FLOPs/token", "held-out loss"), rows),
         "",
         f"![loss vs executed FLOPs]({link}loss_vs_flops.png)",
+        *_exit_section(exits, points, trained),
+    ]
+
+
+def _exit_section(
+    exits: dict[str, list[ExitMean]],
+    points: dict[str, dict[int, DepthMean]],
+    trained: dict[str, int],
+) -> list[str]:
+    """The adaptive-depth sweep of every looped arm (``--exit-sweep``), against the same arm at full depth."""
+    if not exits:
+        return []
+    rows = []
+    for name, means in exits.items():
+        full = points[name][trained[name]]
+        for e in means:
+            rows.append(
+                (
+                    name,
+                    e.label,
+                    len(e.losses),
+                    f"{e.loss:.4f}",
+                    f"{e.loss - full.loss:+.4f}",
+                    f"{e.loops:.3f} of {trained[name]}",
+                    human(e.flops),
+                    f"{100 * e.fraction:.1f}%",
+                )
+            )
+    return [
+        "",
+        "### Adaptive depth (early exit)",
+        "",
+        "Each looped arm with every token leaving the loop once its exit criterion falls below the threshold (the "
+        "learned gate: reaches it) "
+        "(`loopmoe.evaluation.early_exit`; criteria in docs/design.md §5), on the same held-out batches: its loss, "
+        "the difference from the same arm at its trained depth (negative: better), the core iterations a token "
+        "executed (mean over every position) and the forward FLOPs per token they imply (`loopmoe.budget`, the "
+        "exit tests' LM head included), as a share of the trained depth's. Means over seeds; plotted as hollow "
+        "squares in both figures above.",
+        "",
+        markdown_table(
+            (
+                "arm",
+                "exit policy",
+                "seeds",
+                "held-out loss",
+                "vs trained T",
+                "iterations/token",
+                "FLOPs/token",
+                "of full",
+            ),
+            rows,
+            align="llrrrrrr",
+        ),
     ]
 
 
@@ -735,6 +799,11 @@ def _setup(results: StudyResults) -> list[str]:
         f"= {tokens:,} tokens per model; seeds {seeds}. "
         "Every arm sees the same tokens in the same order with the same optimizer and schedule.",
         "",
+        *(
+            ["**Not evaluated:**", "", *(f"- {why}" for why in results.not_evaluated), ""]
+            if results.not_evaluated
+            else []
+        ),
     ]
 
 

@@ -139,6 +139,9 @@ class StudyResults:
     data: dict[str, Any] = field(default_factory=dict)  # the shared data: source, vocabulary, tokens per split
     run_configs: dict[str, Any] = field(default_factory=dict)  # arm -> RunConfig.to_dict() of its first seed
     environment: dict[str, Any] = field(default_factory=dict)  # cost.environment() of the report's process
+    # evaluations the options asked for (or 'auto' would have run) that did not run, each with why; written
+    # only when there is one, so a results.json of before it round-trips
+    not_evaluated: list[str] = field(default_factory=list)
 
     def finished_runs(self) -> dict[str, dict[int, RunRecord]]:
         """The arms with at least one finished run."""
@@ -156,6 +159,7 @@ class StudyResults:
             "data": self.data,
             "run_configs": self.run_configs,
             "environment": self.environment,
+            **({"not_evaluated": self.not_evaluated} if self.not_evaluated else {}),
         }
 
     @classmethod
@@ -174,6 +178,7 @@ class StudyResults:
             data=raw.get("data") or {},
             run_configs=raw.get("run_configs") or {},
             environment=raw.get("environment") or {},
+            not_evaluated=raw.get("not_evaluated") or [],
         )
 
     def dumps(self) -> str:
@@ -223,4 +228,55 @@ def depth_means(runs: dict[str, dict[int, RunRecord]]) -> dict[str, dict[int, De
                 flops = seen.flops_per_token if seen else point.flops_per_token
                 by_loops[point.loops] = DepthMean(losses, flops, point.untrained_iteration_vectors)
         out[name] = dict(sorted(by_loops.items()))
+    return out
+
+
+@dataclass(frozen=True)
+class ExitMean:
+    """One looped arm under one exit policy (``loopmoe.evaluation.early_exit``): per seed, the held-out loss and
+    the core iterations per token executed, with their means; and the FLOPs per token at the mean iterations."""
+
+    label: str  # the policy, e.g. latent:0.03
+    criterion: str
+    losses: list[float]
+    mean_loops: list[float]
+    flops_per_token: list[float]
+    flops_fraction: list[float]  # of the trained depth's FLOPs per token
+
+    @property
+    def loss(self) -> float:
+        return statistics.fmean(self.losses)
+
+    @property
+    def loops(self) -> float:
+        return statistics.fmean(self.mean_loops)
+
+    @property
+    def flops(self) -> float:
+        return statistics.fmean(self.flops_per_token)
+
+    @property
+    def fraction(self) -> float:
+        return statistics.fmean(self.flops_fraction)
+
+
+def exit_means(runs: dict[str, dict[int, RunRecord]]) -> dict[str, list[ExitMean]]:
+    """Per looped arm with an exit sweep: each policy's points over its seeds, in the sweep's order."""
+    out: dict[str, list[ExitMean]] = {}
+    for name, seeds in runs.items():
+        by_policy: dict[str, ExitMean] = {}
+        for run in seeds.values():
+            for point in run.eval.exit_sweep or ():
+                label = point.label(run.eval.depth.trained_loops)
+                seen = by_policy.get(label) or ExitMean(label, point.criterion, [], [], [], [])
+                by_policy[label] = ExitMean(
+                    label,
+                    point.criterion,
+                    [*seen.losses, point.loss],
+                    [*seen.mean_loops, point.mean_loops],
+                    [*seen.flops_per_token, point.flops_per_token],
+                    [*seen.flops_fraction, point.flops_fraction],
+                )
+        if by_policy:
+            out[name] = list(by_policy.values())
     return out

@@ -18,9 +18,11 @@ from typing import Any, cast
 import torch
 
 from loopmoe import training
-from loopmoe.atomic import atomic_write_text
+from loopmoe.atomic import atomic_write_text, check_no_overlap, move_aside
 from loopmoe.compare.arms import Arm, resolve_arms
 from loopmoe.compare.cost import environment, read_cost, recorded_session
+from loopmoe.compare.identity import IDENTITY_FILE, defining, differences, identity_record, stored_identity
+from loopmoe.compare.ledger import Ledger, evaluation_settings
 from loopmoe.compare.options import (
     COMPOSITION,
     NOT_IDENTITY,
@@ -47,12 +49,12 @@ from loopmoe.data.prepare import DataChangedError, PreparedData, check_resume_da
 from loopmoe.errors import CheckpointError, ConfigError
 from loopmoe.evaluation import SHIPPED_TASKS
 from loopmoe.evaluation.harness import required_files
-from loopmoe.evaluation.pipeline import DEFAULT_TEXT_NAME, RunEvaluation, evaluate_run, resolve_text
+from loopmoe.evaluation.pipeline import DEFAULT_TEXT, DEFAULT_TEXT_NAME, RunEvaluation, evaluate_run, resolve_text
 from loopmoe.options import flag_of
 from loopmoe.paths import shared_data_dir
 from loopmoe.presets import load_model_config
 from loopmoe.training.checkpoint import peek_latest_meta
-from loopmoe.training.config import RunConfig, config_from_dict
+from loopmoe.training.config import RunConfig
 from loopmoe.trust import check_safetensors
 
 
@@ -127,11 +129,7 @@ def claim_out_dir(opts: CompareOptions, log=print) -> None:
                 "with the old options to resume it, choose another --out, or pass --fresh to move the old "
                 "folder aside and start anew"
             )
-        n = 1
-        while (aside := out.with_name(f"{out.name}.prev-{n}")).exists():
-            n += 1
-        out.rename(aside)
-        log(f"moved the previous comparison in {out} aside to {aside}")
+        log(f"moved the previous comparison in {out} aside to {move_aside(out)}")
     if opts.report_only:  # the folder is the comparison's already: it only reads it
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +154,8 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
     final export present) is not touched again, an interrupted one resumes from its last checkpoint.
     With ``opts.report_only`` nothing is trained and the runs not finished are listed as missing.
     Every finished run is then evaluated (``loopmoe.evaluation.pipeline.evaluate_run``: stored in its
-    ``eval/`` folder, reused when already there).
+    ``eval/`` folder, reused when already there). With ``opts.ledger``, every evaluated run is recorded
+    there, and a run not finished in OUT that the ledger records is reused (``loopmoe.compare.ledger``).
     """
     opts.validate()
     if opts.threads is not None:
@@ -165,7 +164,9 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
         check_results_path(opts.results)
     claim_out_dir(opts, log)
     text = resolve_text(opts.text)
-    tasks = _tasks(opts, log)
+    tasks = _tasks(opts)
+    for why in not_evaluated(opts, text, tasks):
+        log(f"not evaluated: {why}")
     arms, prepared = prepare(opts)
     main = next((arm.balanced for arm in arms.values() if arm.balanced is not None), None)
     table = budget_table(main, title=f"{opts.reference}") if main is not None else ""
@@ -189,11 +190,31 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
     # Every run's config is built and validated, and every run folder's identity checked, before the first
     # run trains: a bad seed, lr or arm, or a run trained with other settings, stops the study here.
     configs = {(seed, name): arm_run_config(opts, arms[name], seed) for seed, name in plan}
-    check_run_identities(opts, {key: identity_record(arms[key[1]], cfg) for key, cfg in configs.items()}, log)
+    identities = {key: identity_record(arms[key[1]], cfg) for key, cfg in configs.items()}
+    check_run_identities(opts, identities, log)
+    # what every run is measured under: evaluate_run's settings, which a ledger entry records too
+    measured: dict[str, Any] = dict(
+        depth_loops=opts.depth_loops,
+        text=text,
+        text_tokens=opts.text_tokens,
+        tasks=tasks,
+        task_limit=opts.task_limit,
+        exit_sweep=opts.exit_sweep,
+    )
+    ledger, settings = None, {}
+    if opts.ledger is not None:
+        check_no_overlap(opts.ledger, {"run folder (--out)": opts.out}, flag="--ledger")
+        ledger = Ledger.open(opts.ledger, create=True)  # --report-only records finished runs too: entries are atomic
+        ledger.check(identities, prepared.fingerprints, fresh=opts.fresh, report_only=opts.report_only, log=log)
+        settings = evaluation_settings(val_batches=val_batches(), **measured)
     for i, (seed, name) in enumerate(plan, 1):
         run_dir = opts.out / f"seed{seed}" / name
         if is_finished(run_dir, opts.steps):
             log(f"[{i}/{len(plan)}] {name} (seed {seed}): finished earlier, skipped ({run_dir})")
+        elif ledger is not None and (recorded := ledger.record(seed, name, settings, log)) is not None:
+            runs[name][seed] = recorded
+            log(f"[{i}/{len(plan)}] {name} (seed {seed}): recorded in the ledger, reused ({ledger.path(seed, name)})")
+            continue
         elif opts.report_only:
             missing.append(MissingRun(name, seed, _latest_step(run_dir)))
             log(f"[{i}/{len(plan)}] {name} (seed {seed}): not finished (step {missing[-1].step}), not reported")
@@ -206,18 +227,17 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
             )
             with recorded_session(run_dir, _latest_step(run_dir), opts.steps):
                 training.run_training(configs[seed, name], run_dir)
-        evaluation = evaluate_run(
-            run_dir,
-            val_batches=val_batches,
-            seq_len=opts.seq_len,
-            depth_loops=opts.depth_loops,
-            text=text,
-            text_tokens=opts.text_tokens,
-            tasks=tasks,
-            task_limit=opts.task_limit,
-            log=log,
-        )
+        evaluation = evaluate_run(run_dir, val_batches=val_batches, seq_len=opts.seq_len, log=log, **measured)
         record = runs[name][seed] = run_record(run_dir, evaluation)
+        if ledger is not None:
+            ledger.write(
+                seed,
+                name,
+                identity=identities[seed, name],
+                data=prepared.fingerprints,
+                settings=settings,
+                record=record,
+            )
         log(f"   {name}: final train loss {record.train_loss:.4f}, held-out loss {record.val_loss:.4f}")
     reference_budget = arms[opts.arms[0]].budget if "reference" not in arms else arms["reference"].budget
     results = StudyResults(
@@ -235,6 +255,7 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
         data=_data_summary(opts),
         run_configs={name: arm_run_config(opts, arm, arm.seeds[0]).to_dict() for name, arm in arms.items()},
         environment=environment(),
+        not_evaluated=not_evaluated(opts, text, tasks),
     )
     write_report(opts.out, results, table)
     results.save(opts.out / RESULTS_FILE)
@@ -244,60 +265,12 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
     return results
 
 
-IDENTITY_FILE = "compare_run.json"
-# Run-config keys that locate a run rather than define it (the data's identity is its fingerprint, checked
-# against every checkpoint before the shared data is rebuilt).
-_LOCATION_KEYS = (("data", "data_dir"),)
-
-
 def arm_run_config(opts: CompareOptions, arm: Arm, seed: int) -> RunConfig:
     """The validated RunConfig of one run of ``arm`` (its own lr where it sets one)."""
     try:
         return run_config_for(opts, arm.config, seed, lr=arm.lr)
     except ConfigError as error:
         raise ConfigError(f"arm {arm.name!r}, seed {seed}: {error}") from None
-
-
-def identity_record(arm: Arm, cfg: RunConfig) -> dict[str, Any]:
-    """What a run folder records of the run it holds: its arm's spec (seeds aside) and its resolved run config."""
-    spec = {k: v for k, v in arm.spec.record().items() if k != "seeds"}
-    return cast(dict[str, Any], json.loads(json.dumps({"arm": arm.name, "spec": spec, "run_config": cfg.to_dict()})))
-
-
-def _defining(run_config: dict[str, Any]) -> dict[str, Any]:
-    """A run config as the identity compares it: read back through ``config_from_dict`` (so settings added to
-    the trainer since the run was recorded take their defaults), without the keys that only locate the run."""
-    try:
-        raw = config_from_dict(json.loads(json.dumps(run_config))).to_dict()
-    except (ValueError, TypeError, KeyError):
-        raw = json.loads(json.dumps(run_config))
-    raw = json.loads(json.dumps(raw, default=str))
-    for section, key in _LOCATION_KEYS:
-        raw.get(section, {}).pop(key, None)
-    return cast(dict[str, Any], raw)
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if old == new else [f"{prefix} {old!r} -> {new!r}"]
-
-
-def stored_identity(run_dir: Path) -> dict[str, Any] | None:
-    """The run config a run folder was trained with: its ``compare_run.json``, else the trainer's own
-    ``run_config.json`` (runs trained before the comparison recorded one); None for a folder with neither."""
-    for name, key in ((IDENTITY_FILE, "run_config"), ("run_config.json", None)):
-        try:
-            raw = json.loads((run_dir / name).read_text())
-        except FileNotFoundError:
-            continue
-        except ValueError as error:
-            raise ConfigError(f"{run_dir / name} is unreadable ({error}): pass --fresh to move the run aside") from None
-        return cast(dict[str, Any], raw[key] if key else raw)
-    return None
 
 
 def check_run_identities(opts: CompareOptions, wanted: dict[tuple[int, str], dict[str, Any]], log=print) -> None:
@@ -316,7 +289,7 @@ def check_run_identities(opts: CompareOptions, wanted: dict[tuple[int, str], dic
         if stored is None:
             changed.append((run_dir, "its settings are not recorded"))
             continue
-        diff = _differences(_defining(stored), _defining(record["run_config"]))
+        diff = differences(defining(stored), defining(record["run_config"]))
         if diff:
             changed.append((run_dir, ", ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")))
     if not changed:
@@ -330,11 +303,7 @@ def check_run_identities(opts: CompareOptions, wanted: dict[tuple[int, str], dic
             "alongside), or pass --fresh to move the changed runs aside and train them anew"
         )
     for run_dir, why in changed:
-        n = 1
-        while (aside := run_dir.with_name(f"{run_dir.name}.prev-{n}")).exists():
-            n += 1
-        run_dir.rename(aside)
-        log(f"moved {run_dir} aside to {aside} ({why})")
+        log(f"moved {run_dir} aside to {move_aside(run_dir)} ({why})")
 
 
 def _latest_step(run_dir: Path) -> int:
@@ -393,6 +362,32 @@ def run_record(run_dir: Path, evaluation: RunEvaluation) -> RunRecord:
     )
 
 
+def not_evaluated(opts: CompareOptions, text: Path | None, tasks: tuple[str, ...]) -> list[str]:
+    """The evaluations this study does not run, each with why: asked off, or 'auto' finding no data."""
+    data = shared_data_dir()
+    where = f"the data folder {data}" if data is not None else "no data folder (set LOOPMOE_DATA_DIR)"
+    out = []
+    if text is None:
+        out.append(
+            f"held-out text perplexity: {where} has no {DEFAULT_TEXT}; pass --text FILE, or set LOOPMOE_DATA_DIR to "
+            "the shared data"
+            if opts.text == "auto"
+            else "held-out text perplexity: --text '' asks for none"
+        )
+    if opts.tasks == ("auto",):
+        absent = [t for t in SHIPPED_TASKS if t not in tasks]
+        if absent:
+            out.append(
+                f"downstream tasks {', '.join(absent)}: their data files are not in {where}"
+                + ("" if tasks else "; no task ran")
+            )
+    elif not opts.tasks:
+        out.append("downstream tasks: --tasks '' asks for none")
+    if not opts.depth_loops:
+        out.append("test-time depth curve: --depth-loops '' asks for none")
+    return out
+
+
 def available_tasks() -> tuple[str, ...]:
     """Shipped downstream tasks whose data files are present in the data folder (none on a bare machine)."""
     data = shared_data_dir()
@@ -401,11 +396,6 @@ def available_tasks() -> tuple[str, ...]:
     return tuple(t for t in SHIPPED_TASKS if all((data / f).is_file() for f in required_files(t)))
 
 
-def _tasks(opts: CompareOptions, log) -> tuple[str, ...]:
+def _tasks(opts: CompareOptions) -> tuple[str, ...]:
     """The downstream tasks to run: ``--tasks``, with 'auto' resolved to the shipped tasks whose data is present."""
-    if opts.tasks != ("auto",):
-        return opts.tasks
-    tasks = available_tasks()
-    if not tasks:
-        log("no downstream task data found (set LOOPMOE_DATA_DIR); skipping downstream evaluation")
-    return tasks
+    return available_tasks() if opts.tasks == ("auto",) else opts.tasks

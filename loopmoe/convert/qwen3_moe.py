@@ -249,6 +249,11 @@ def qwen3_moe_blockers(config: LoopMoEConfig, state: dict[str, torch.Tensor] | N
             f"DCCA experts (expert_type={config.expert_type!r}, width {config.dcca_dim}, with the MoE layer's "
             "descending and ascending projections): Qwen3-MoE experts work at the model width"
         )
+    if config.exit_gate:
+        reasons.append(
+            "a learned exit gate (exit_gate=True): Qwen3-MoE has no per-token early exit, so the copy would drop the "
+            "gate and the adaptive depth it was trained for"
+        )
     biased = sorted(k for k, v in (state or {}).items() if k.endswith("mlp.gate.expert_bias") and v.any())
     if biased:
         reasons.append(

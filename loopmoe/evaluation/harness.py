@@ -23,6 +23,31 @@ from loopmoe.evaluation.tasks.loaders import MissingDataError, data_file
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 SHIPPED_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
+# In lm-eval the shipped tasks are named ``loopmoe_<task>`` (their YAMLs' ``task:``): lm-eval's own tasks of
+# the plain names are hub-backed and stay its own, so `lm_eval --include_path` shadows nothing and warns
+# about nothing. loopmoe's own surfaces (--tasks, results, reports) use the plain names.
+LM_EVAL_PREFIX = "loopmoe_"
+
+
+def lm_eval_name(task: str) -> str:
+    """The name lm-eval knows a task by: ``loopmoe_piqa`` for the shipped ``piqa``, any other unchanged."""
+    return LM_EVAL_PREFIX + task if task in SHIPPED_TASKS else task
+
+
+def plain_name(name: str) -> str:
+    """The inverse of ``lm_eval_name``: ``piqa`` for ``loopmoe_piqa``, any other name unchanged."""
+    task = name.removeprefix(LM_EVAL_PREFIX)
+    return task if name.startswith(LM_EVAL_PREFIX) and task in SHIPPED_TASKS else name
+
+
+def _plain_names(results: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's results dict with every per-task section keyed by the plain task names."""
+    return {
+        key: {plain_name(k): v for k, v in value.items()} if isinstance(value, dict) else value
+        for key, value in results.items()
+    }
+
+
 # Stderr of the perplexity aggregate is bootstrapped; lm-eval's default of 100k resamples is
 # minutes of CPU for no gain at the precision reported here.
 BOOTSTRAP_ITERS = 1000
@@ -61,10 +86,10 @@ def check_task_files(tasks: Sequence[str], data_dir: str | Path | None) -> None:
 def task_manager(data_dir: str | Path | None, tasks: Sequence[str | dict[str, Any]] = ()):
     """A TaskManager for ``tasks``, with ``data_dir`` as every task's metadata; raises for an unknown name.
 
-    Shipped tasks only: the shipped folder alone (``include_defaults=False``), so lm-eval never indexes or
-    resolves its own hub-backed task of the same name. Any other name is one of lm-eval's own tasks (its
-    data read from the local datasets cache, the hub being offline): lm-eval's index is added, the
-    shipped folder still taking precedence. lm-eval's tasks run lm-eval's own installed code only.
+    Shipped tasks only: the shipped folder alone (``include_defaults=False``), so lm-eval never indexes its
+    own tasks. Any other name is one of lm-eval's own tasks (its data read from the local datasets cache,
+    the hub being offline): lm-eval's index is added; the shipped tasks keep their ``loopmoe_`` names in
+    it (``lm_eval_name``). lm-eval's tasks run lm-eval's own installed code only.
     """
     from lm_eval.tasks import TaskManager
 
@@ -74,7 +99,7 @@ def task_manager(data_dir: str | Path | None, tasks: Sequence[str | dict[str, An
         include_defaults=any(t not in SHIPPED_TASKS for t in names),
         metadata={"data_dir": None if data_dir is None else str(data_dir)},
     )
-    unknown = [t for t in names if t not in manager.all_tasks]
+    unknown = [t for t in names if lm_eval_name(t) not in manager.all_tasks]
     if unknown:
         raise ConfigError(
             f"unknown task {', '.join(map(repr, unknown))}: choose from the shipped tasks ({', '.join(SHIPPED_TASKS)}), "
@@ -133,7 +158,7 @@ def evaluate_tasks(
     with quiet_lm_eval(), task_data_errors():
         results = simple_evaluate(
             model=lm,
-            tasks=list(tasks),
+            tasks=[lm_eval_name(t) if isinstance(t, str) else t for t in tasks],
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=manager if manager is not None else task_manager(data_dir, tasks),
@@ -142,6 +167,7 @@ def evaluate_tasks(
         )
     if results is None:  # only on non-zero ranks under multi-process lm-eval
         raise RuntimeError("lm-eval returned no results on this process")
+    results = _plain_names(results)
     scored = ", ".join(
         f"{task} ({counts.get('effective', '?')} docs)" for task, counts in results.get("n-samples", {}).items()
     )

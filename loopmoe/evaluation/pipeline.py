@@ -2,7 +2,8 @@
 tasks are run at a loop count, and the stored evaluation of a finished training run.
 
 Both commands find a held-out text the same way (``find_text``: as given, else under the data folder),
-score it with ``text_scores`` and run tasks with ``task_scores`` (at the trained depth or any other).
+score it with ``text_scores`` and run tasks with ``task_scores`` (at the trained depth or any other, or under
+an exit policy: adaptive depth).
 
 ``evaluate_run`` is a run folder's evaluation, as ``loopmoe compare`` makes it for every finished run
 ``OUT/seed{S}/{ARM}``: an ``eval/`` folder, one JSON file per measurement, each written atomically as
@@ -19,6 +20,10 @@ at most the measurement in progress), a re-run costs nothing, and a retrained ru
 - ``cosine.json`` (looped runs): per core layer, the cosine similarity of its output hidden state between
   adjacent iterations at the trained depth (``loopmoe.evaluation.depth.iteration_cosine``), on the same
   validation batches.
+- ``exit/CRITERION_THRESHOLD_MIN-MAX.json`` (looped runs, only the policies asked for): the adaptive-depth
+  sweep (``loopmoe.evaluation.early_exit``), one exit policy's held-out loss on the same validation batches,
+  its mean executed iterations and FLOPs per token; the policy is part of the params, so a changed one is
+  measured anew and an added one alone.
 - ``text.json``: perplexity and bits per byte of a held-out text (WikiText-2's test set by default)
   with a sliding window of the training sequence length.
 - ``tasks.json``: the zero-shot downstream tasks (``loopmoe.evaluation.harness``).
@@ -26,10 +31,12 @@ at most the measurement in progress), a re-run costs nothing, and a retrained ru
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -39,12 +46,15 @@ import torch
 from loopmoe.atomic import atomic_write_text
 from loopmoe.errors import DataError
 from loopmoe.evaluation.depth import DepthCurve, depth_curve, iteration_cosine
+from loopmoe.evaluation.early_exit import ExitPoint, IterationTally, early_exit, exit_point, exit_point_of, parse_sweep
 from loopmoe.evaluation.harness import SHIPPED_TASKS, evaluate_tasks, required_files, summarize, wrap_model
 from loopmoe.evaluation.loading import load_hf_tokenizer, load_model, test_time_depth
 from loopmoe.evaluation.perplexity import evaluate_perplexity
+from loopmoe.model.adaptive import ExitPolicy
 from loopmoe.paths import shared_data_dir
 
 EVAL_DIR = "eval"
+EXIT_DIR = "exit"  # under EVAL_DIR: one stored adaptive-depth sweep point per exit policy
 # The held-out text `--text auto` picks, relative to the data folder, and what the report calls it.
 DEFAULT_TEXT = "wikitext2/wiki.test.raw.crlf"
 DEFAULT_TEXT_NAME = "WikiText-2 test"
@@ -83,21 +93,33 @@ def text_scores(
     batch_size: int,
     max_tokens: int | None,
     num_loops: int | None = None,
+    exit_policy: ExitPolicy | None = None,
 ) -> list[dict[str, Any]]:
-    """Loss, perplexity and bits per byte of each text (``PerplexityResult.as_dict()``, JSON-ready)."""
-    return [
-        evaluate_perplexity(
-            model,
-            tokenizer,
-            text,
-            window=window,
-            stride=stride,
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            num_loops=num_loops,
-        ).as_dict()
-        for text in texts
-    ]
+    """Loss, perplexity and bits per byte of each text (``PerplexityResult.as_dict()``, JSON-ready).
+
+    ``exit_policy``: scored under adaptive depth (``early_exit``), each text's dict then also holding
+    ``"exit"``, its ``ExitPoint``: the mean core iterations executed over every position of its windows,
+    and the FLOPs per token at the window length.
+    """
+    scores = []
+    for text in texts:
+        tally = IterationTally()
+        with early_exit(model, exit_policy, tally) if exit_policy is not None else nullcontext() as resolved:
+            result = evaluate_perplexity(
+                model,
+                tokenizer,
+                text,
+                window=window,
+                stride=stride,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                num_loops=num_loops,
+            )
+        record = result.as_dict()
+        if resolved is not None:
+            record["exit"] = exit_point_of(model.config, resolved, result.loss, tally.mean, result.window).to_dict()
+        scores.append(record)
+    return scores
 
 
 def task_scores(
@@ -111,10 +133,12 @@ def task_scores(
     num_fewshot: int = 0,
     log_samples: bool = False,
     manager=None,
+    exit_policy: ExitPolicy | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The tasks scored by ``lm`` (``harness.wrap_model(model, ...)``) with the core run ``num_loops`` times
-    (None: as trained): ``harness.summarize``'s rows and lm-eval's own results."""
-    with test_time_depth(model, num_loops):
+    (None: as trained), or under adaptive depth with ``exit_policy`` (every loglikelihood forward lm-eval
+    makes): ``harness.summarize``'s rows and lm-eval's own results."""
+    with test_time_depth(model, num_loops), early_exit(model, exit_policy) if exit_policy else nullcontext():
         raw = evaluate_tasks(
             lm, tasks, data_dir, limit=limit, num_fewshot=num_fewshot, log_samples=log_samples, manager=manager
         )
@@ -187,6 +211,9 @@ class RunEvaluation:
     # core layer -> cosine of its output between adjacent iterations (None: not measured, a run evaluated
     # before it was; {}: a Vanilla MoE). Written only when measured, so older results.json files round-trip.
     iteration_cosine: dict[str, list[float]] | None = None
+    # The adaptive-depth sweep (``early_exit.exit_sweep``) on the depth curve's batches, one point per policy of
+    # ``exit_sweep``; None where none was asked for or the run does not loop. Written only when measured.
+    exit_sweep: list[ExitPoint] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -198,6 +225,8 @@ class RunEvaluation:
         }
         if self.iteration_cosine is not None:
             out["iteration_cosine"] = self.iteration_cosine
+        if self.exit_sweep is not None:
+            out["exit_sweep"] = [point.to_dict() for point in self.exit_sweep]
         return out
 
     @classmethod
@@ -209,6 +238,7 @@ class RunEvaluation:
             tasks=raw["tasks"],
             wall_s=raw.get("wall_s", {}),
             iteration_cosine=raw.get("iteration_cosine"),
+            exit_sweep=None if raw.get("exit_sweep") is None else [ExitPoint.from_dict(p) for p in raw["exit_sweep"]],
         )
 
 
@@ -222,10 +252,12 @@ def evaluate_run(
     text_tokens: int | None,
     tasks: tuple[str, ...],
     task_limit: int | None,
+    exit_sweep: Sequence[str] = (),
     log=print,
 ) -> RunEvaluation:
     """Every measurement of the finished run in ``run_dir`` (its ``final/`` export), cached in ``run_dir/eval``.
 
+    ``exit_sweep``: the exit policies (``early_exit.parse_sweep``'s items) a looped run is measured under.
     The model is loaded only if some measurement is not stored yet.
     """
     final, folder = run_dir / "final", run_dir / EVAL_DIR
@@ -264,6 +296,30 @@ def evaluate_run(
             {"model": sha, "batches": shape(), "batches_sha256": content, "seq_len": seq_len},
             lambda: iteration_cosine(model(), batches()),
         )
+    sweep: list[ExitPoint] | None = None
+    if depth.trained_loops > 1 and exit_sweep:
+        # One file per policy, keyed on the policy as given (max_loops None: the trained T, which the weights
+        # fix): a policy added to the sweep is measured alone, a changed one is never answered from the store.
+        sweep, sweep_wall = [], 0.0
+
+        def measure(policy: ExitPolicy) -> Callable[[], dict[str, Any]]:
+            return lambda: exit_point(model(), batches(), policy, seq_len).to_dict()
+
+        for policy in parse_sweep(exit_sweep):
+            record = cached(
+                folder / EXIT_DIR / exit_file(policy),
+                {
+                    "model": sha,
+                    "batches": shape(),
+                    "batches_sha256": content,
+                    "seq_len": seq_len,
+                    "policy": dataclasses.asdict(policy),
+                },
+                measure(policy),
+            )
+            sweep.append(ExitPoint.from_dict(record["result"]))
+            sweep_wall += record.get("wall_s") or 0.0
+        records["exit_sweep"] = {"wall_s": sweep_wall}
     if text is not None:
         window = seq_len
 
@@ -315,4 +371,10 @@ def evaluate_run(
         tasks=records["tasks"]["result"] if "tasks" in records else [],
         wall_s={name: record.get("wall_s") for name, record in records.items()},
         iteration_cosine=records["cosine"]["result"] if "cosine" in records else {},
+        exit_sweep=sweep,
     )
+
+
+def exit_file(policy: ExitPolicy) -> str:
+    """The file name of a policy's stored sweep point, e.g. ``latent_0.03_1-T.json`` (T: the trained depth)."""
+    return f"{policy.criterion}_{policy.threshold!r}_{policy.min_loops}-{policy.max_loops or 'T'}.json"

@@ -1,10 +1,12 @@
-"""PNG figures of a depth analysis (matplotlib, headless Agg backend)."""
+"""PNG figures of a depth analysis and of an adaptive-depth sweep (matplotlib, headless Agg backend)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from loopmoe.atomic import save_figure
+from loopmoe.evaluation.depth import DepthCurve
+from loopmoe.evaluation.early_exit import ExitPoint
 
 
 def _pyplot():
@@ -101,6 +103,39 @@ def plot_depth(analysis: dict, output_dir: str | Path) -> list[Path]:
     left.legend(fontsize=7)
     paths.append(_save(fig, out / "routing_divergence.png", plt))
     return paths
+
+
+def plot_exit_sweep(curve: DepthCurve, points: list[ExitPoint], output_dir: str | Path) -> Path:
+    """Write loss_vs_compute.png: held-out loss against core iterations per token (left) and forward FLOPs per
+    token (right), the fixed loop counts of ``curve`` as one line (x = T) and each exit criterion's policies
+    as another (x = the mean executed iterations), on the same axes; the trained depth marked."""
+    plt = _pyplot()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    trained = curve.trained_loops
+    for ax, x_fixed, x_exit, xlabel in (
+        (axes[0], lambda p: p.loops, lambda p: p.mean_loops, "core iterations per token"),
+        (axes[1], lambda p: p.flops_per_token / 1e6, lambda p: p.flops_per_token / 1e6, "forward FLOPs per token (M)"),
+    ):
+        fixed = sorted(curve.points, key=lambda p: p.loops)
+        ax.plot([x_fixed(p) for p in fixed], [p.loss for p in fixed], marker="o", color="0.3", label="fixed depth T")
+        for p in fixed:
+            ax.annotate(f"T={p.loops}", (x_fixed(p), p.loss), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for i, criterion in enumerate(sorted({q.criterion for q in points})):
+            mine = sorted((q for q in points if q.criterion == criterion), key=lambda q: q.mean_loops)
+            xs, ys = [x_exit(q) for q in mine], [q.loss for q in mine]
+            ax.plot(xs, ys, marker="s", linestyle="--", color=f"C{i}", label=f"exit: {criterion}")
+            for q, x, y in zip(mine, xs, ys):
+                ax.annotate(f"{q.threshold:g}", (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
+        at = next(p for p in fixed if p.loops == trained)
+        ax.plot([x_fixed(at)], [at.loss], marker="*", markersize=12, color="0.3", linestyle="none")
+        ax.set(xlabel=xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out loss (nats/token)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Adaptive depth: loss vs executed compute (star: trained T={trained})", fontsize=10)
+    return _save(fig, out / "loss_vs_compute.png", plt)
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -14,15 +14,22 @@ most ``max_loops`` iterations):
 - ``kl``: ``KL(p_k || p_{k-1})`` between successive iterations' next-token distributions, each
   through the final norm and the LM head (the coda is not run for it): ``2·V·d`` FLOPs per active
   token per iteration, a large share of a small model's (it needs two iterations to test at all);
-- ``entropy``: the entropy of ``p_k`` in nats, through the same head (a confident token exits).
+- ``entropy``: the entropy of ``p_k`` in nats, through the same head (a confident token exits);
+- ``gate``: a learned exit gate (``config.exit_gate``, Ouro's): the halting probability
+  ``λ_k = sigmoid(w · RMSNorm(h_k) + b)`` defines the exit distribution ``p_k = λ_k ∏_{j<k} (1 - λ_j)``,
+  and a token exits once its cumulative exit probability ``Σ_{j≤k} p_j = 1 - ∏_{j≤k} (1 - λ_j)``
+  *reaches* the threshold (Ouro's rule; the one criterion tested by ``>=``): 0 exits at ``min_loops``,
+  a threshold above 1 never exits. ``2·d`` FLOPs per active token and iteration; the product goes on
+  past the trained T when ``max_loops`` exceeds it (``exit_distribution`` is the training side).
 
 **The KV rule.** Later iterations still attend to an exited token's position: at core layer l and
 iteration k its key and value are those of the latest iteration it computed at the same layer
 (Huginn's rule). The same rule holds in prefill, scoring and decoding: a cached forward appends,
 for every position, the key and value its slot reads under this rule, so a cached generation
 equals an uncached one under the same exits. Tokens of one forward are at the same iteration;
-batched decoding in lockstep saves compute only while every row has exited (continuous depth
-batching, which lets rows run at different iterations, is not built yet).
+batched decoding in lockstep saves compute only while every row has exited. Continuous depth
+batching (``depth_batching.py``) runs rows at different iterations in one core forward, under the
+same criteria and KV rule.
 
 **Exactness.** An iteration in which every token is still active runs the layers exactly as the
 full-depth forward does (the same calls), so a threshold that never exits gives full depth bit for
@@ -43,13 +50,28 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from loopmoe.errors import ConfigError
 from loopmoe.model.layers import apply_rotary
 
-CRITERIA = ("latent", "cosine", "kl", "entropy")
+CRITERIA = ("latent", "cosine", "kl", "entropy", "gate")
 HEAD_CRITERIA = ("kl", "entropy")  # read the next-token distribution through the final norm and LM head
+
+
+def exit_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of exiting after each of T iterations, from the halting logits of the first T - 1.
+
+    gate_logits: [T - 1, ...] (``z_t``, ``λ_t = sigmoid(z_t)``) -> [T, ...] fp32 ``log p_t`` with
+    ``p_t = λ_t ∏_{s<t} (1 - λ_s)`` for t < T and ``p_T = ∏_{s<T} (1 - λ_s)`` (Ouro's exit distribution;
+    it sums to one). In log space (``log λ = logsigmoid(z)``, ``log(1 - λ) = logsigmoid(-z)``), so no
+    probability underflows into a ``0 · log 0`` in the entropy.
+    """
+    z = gate_logits.float()
+    stay = torch.nn.functional.logsigmoid(-z).cumsum(0)  # [T - 1]: log ∏_{s<=t} (1 - λ_s)
+    survive = torch.cat([z.new_zeros(1, *z.shape[1:]), stay])  # [T]: log ∏_{s<t} (1 - λ_s)
+    return torch.cat([torch.nn.functional.logsigmoid(z) + survive[:-1], survive[-1:]])
 
 
 @dataclass(frozen=True)
 class ExitPolicy:
-    """When a token stops iterating: ``criterion`` below ``threshold``, between ``min_loops`` and ``max_loops``.
+    """When a token stops iterating: ``criterion`` below ``threshold`` (``gate``: its cumulative exit
+    probability at or above it), between ``min_loops`` and ``max_loops``.
 
     ``criterion=None`` runs every token ``max_loops`` times unless ``exit_loops`` (a forward argument)
     fixes each token's iteration count (what the tests replay to compare cached and uncached runs).
@@ -75,12 +97,13 @@ class ExitPolicy:
     def resolved(self, config) -> ExitPolicy:
         """This policy checked against ``config``, with ``max_loops`` filled in; ConfigError naming the fix."""
         if self.criterion is not None and self.criterion not in CRITERIA:
-            hint = (
-                " (a learned exit gate needs a model trained with one; this model has none)"
-                if (self.criterion == "gate")
-                else ""
+            raise ConfigError(f"unknown exit criterion {self.criterion!r}: use one of {', '.join(CRITERIA)}")
+        if self.criterion == "gate" and not getattr(config, "exit_gate", False):
+            others = ", ".join(c for c in CRITERIA if c != "gate")
+            raise ConfigError(
+                "the 'gate' exit criterion reads a learned exit gate, which needs a model trained with one "
+                f"(model.exit_gate=true); this model has none: use one of {others}"
             )
-            raise ConfigError(f"unknown exit criterion {self.criterion!r}{hint}: use one of {', '.join(CRITERIA)}")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise ConfigError(f"exit threshold {self.threshold!r}: must be a finite number >= 0")
         if self.criterion == "cosine" and self.threshold > 2:
@@ -99,10 +122,27 @@ class ExitPolicy:
         return ExitPolicy(self.criterion, float(self.threshold), self.min_loops, max_loops)
 
 
+def gate_survival(log_survival: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """The ``gate`` criterion's state one boundary on: ``log ∏_{j<=k} (1 - λ_j)`` [N] fp32, from the previous
+    one (zeros before the first boundary) and this boundary's halting logits ``z_k`` [N]."""
+    return log_survival + torch.nn.functional.logsigmoid(-gate_logits.float())
+
+
+def gate_exits(log_survival: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Ouro's rule: a token exits once its cumulative exit probability ``1 - ∏_{j<=k} (1 - λ_j)`` reaches
+    ``threshold`` (``>=``: 0 always exits, above 1 never). log_survival [N] -> [N] bool."""
+    return -torch.expm1(log_survival) >= threshold
+
+
 def exit_values(
     criterion: str, h: torch.Tensor, before: torch.Tensor, logp: torch.Tensor | None, prev_logp: torch.Tensor | None
 ) -> torch.Tensor:
-    """The criterion per token: h / before [N, d], logp / prev_logp [N, V] (head criteria) -> [N]."""
+    """The criterion per token: h / before [N, d], logp / prev_logp [N, V] (head criteria) -> [N].
+
+    Not ``gate``, whose test carries a state across boundaries: ``gate_survival`` and ``gate_exits``.
+    """
+    if criterion == "gate":
+        raise ConfigError("the gate criterion is stateful: test it with gate_survival and gate_exits")
     if criterion == "latent":
         return (h - before).float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)
     if criterion == "cosine":
@@ -127,6 +167,8 @@ class AdaptiveCore:
     positions: torch.Tensor  # [B, S] absolute positions of the chunk's tokens
     key_padding: torch.Tensor | None  # [B, past + S] bool, False on padding keys; None: no padding
     cache: Cache | None
+    # The gate criterion's running log ∏_{j<=k} (1 - λ_j) per token [B, S] (set at the first boundary).
+    log_survival: torch.Tensor | None = None
 
     def run(self, h: torch.Tensor, run_layer, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The core on ``h`` [B, S, d] -> (h, executed iterations per token [B, S])."""
@@ -192,6 +234,14 @@ class AdaptiveCore:
         if criterion in HEAD_CRITERIA:
             assert self.logits_fn is not None
             logp = torch.log_softmax(self.logits_fn(h).float(), dim=-1)  # [B, S, V]
+        if criterion == "gate":  # the product runs from the first boundary, whatever min_loops is
+            rows = active
+            if self.log_survival is None:
+                self.log_survival = torch.zeros(active.shape, dtype=torch.float32, device=h.device)
+            self.log_survival[rows] = gate_survival(self.log_survival[rows], self.model.exit_gate(h[rows]))
+            if done >= self.policy.min_loops:
+                exiting[rows] |= gate_exits(self.log_survival[rows], self.policy.threshold)
+            return exiting, None
         if done >= self.policy.min_loops:
             rows = active
             value = exit_values(

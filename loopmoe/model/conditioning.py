@@ -40,7 +40,18 @@ class IterationEncoder(nn.Module):
         self.fc1 = nn.Linear(config.iter_pe_dim, config.iter_cond_rank)
         self.fc2 = nn.Linear(config.iter_cond_rank, config.iter_cond_rank)
 
-    def forward(self, k: int, like: torch.Tensor) -> torch.Tensor:
+    def forward(self, k: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``v_k`` [r] for an int ``k``; for a tensor of per-token iteration indices ``k`` [...] -> [..., r].
+
+        The tensor form is what continuous depth batching (``depth_batching.py``) needs: one core
+        forward carries tokens at different iterations. It evaluates the int form once per iteration
+        index up to ``k.max()`` and gathers, so each token's ``v_k`` is bit for bit the one a forward
+        that runs all its tokens at iteration k computes (the MLP is not re-run at another batch shape,
+        whose matmul could round differently).
+        """
+        if isinstance(k, torch.Tensor):
+            table = torch.stack([self(i, like) for i in range(int(k.max()) + 1)])  # [K, r]
+            return table[k]
         pe = sinusoidal_encoding(k, self.pe_dim, device=like.device, dtype=self.fc1.weight.dtype)
         return self.fc2(F.silu(self.fc1(pe))).to(like.dtype)  # [r]
 
@@ -66,7 +77,8 @@ class Modulation(nn.Module):
         self.w_mod = ZeroInitLinear(r, 6 * d)
 
     def forward(self, h: torch.Tensor, v_k: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        # h: [B, S, d], v_k: [r] -> (β1, 1+γ1, 1+α1, β2, 1+γ2, 1+α2), each [B, S, d]
+        # h: [B, S, d], v_k: [r] (one iteration for all tokens) or [B, S, r] (a per-token iteration,
+        # continuous depth batching) -> (β1, 1+γ1, 1+α1, β2, 1+γ2, 1+α2), each [B, S, d]
         signal: torch.Tensor | float = 0.0
         if self.use_iter:
             assert v_k is not None, "a modulation from the iteration index needs v_k"

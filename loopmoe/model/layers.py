@@ -67,8 +67,15 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(x.dtype), sin.to(x.dtype)
 
 
+_ROLL_MAX = 1 << 16  # elements (decoding-sized); larger tensors keep the flip: roll saves ops, not bandwidth, and was
+# slower on one training-sized layout (fwd+bwd 0.72x on [8, 256, 4, 64] viewed as [8, 4, 256, 64])
+
+
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
-    # [..., hd] -> [..., hd] with the two halves exchanged: rotate_half(x) = _swap_halves(x) * [-1, 1]
+    # [..., hd] -> [..., hd] with the two halves exchanged: rotate_half(x) = _swap_halves(x) * [-1, 1].
+    # Both forms move the same values: roll is one op where flip needs three (decoding pays per op).
+    if x.numel() <= _ROLL_MAX:
+        return x.roll(x.shape[-1] // 2, -1)
     return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 

@@ -12,6 +12,10 @@ Architecture (docs/design.md §1-§5), top to bottom, as ``LoopMoEModel.forward`
     for j in range(Q): h = coda[j](h)                   # once
     logits = lm_head(norm(h))
 
+- optional learned exit gate (``exit_gate``): a halting logit per token after each core iteration,
+  trained with Ouro's entropy-regularised expected loss over the iterations' readouts (``ExitGate``,
+  ``LoopMoEForCausalLM.exit_gate_objective``) and read by the ``gate`` exit criterion (``adaptive.py``);
+
 - each layer: GQA attention with RoPE and optional QK-norm, through SDPA, then a dropless
   sparse MoE FFN (``moe.py``); norm scheme pre-norm, sandwich, or depth-scaled sandwich with
   TinyInit;
@@ -40,9 +44,9 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from loopmoe.config import SANDWICH_ATTN_GAIN, SANDWICH_FFN_GAIN, LoopMoEConfig
 from loopmoe.errors import ConfigError
-from loopmoe.model.adaptive import HEAD_CRITERIA, AdaptiveCore, ExitPolicy
+from loopmoe.model.adaptive import HEAD_CRITERIA, AdaptiveCore, ExitPolicy, exit_distribution
 from loopmoe.model.conditioning import IterationEncoder, Modulation, ZeroInitLinear
-from loopmoe.model.kernels.cross_entropy import linear_cross_entropy
+from loopmoe.model.kernels.cross_entropy import causal_targets, linear_cross_entropy, weighted_linear_cross_entropy
 from loopmoe.model.layers import Attention, Linear, RMSNorm, RotaryEmbedding
 from loopmoe.model.moe import Experts, RouterStats, SparseMoE, TopKRouter
 from loopmoe.model.remote_code import auto_map, write_remote_code
@@ -112,12 +116,40 @@ class InjectionLinear(nn.Linear):
     """``h <- W [h; e]``, initialised to ``[I | 0]`` so that it starts as the plain loop."""
 
 
+class ExitGate(nn.Linear):
+    """Ouro's learned exit gate: each token's halting logit ``z_t = w · RMSNorm(h_t) + b`` after core iteration t,
+    ``λ_t = sigmoid(z_t)`` its probability of stopping there (docs/design.md §5).
+
+    It reads ``h_t``, the core's output after iteration t, before the coda: the state an exiting token
+    carries into the coda, and the one at hand at the loop boundary where the exit is decided, so the
+    gate costs one d-long dot product per active token there (reading the coda's or the head's output
+    would run them at every iteration). The normalisation has no gain, which would be redundant with w
+    (``w · (g ⊙ x) = (w ⊙ g) · x``): the gate reads the state's direction, not its norm, which grows
+    over the iterations. Initialised to ``w = 0``, ``b = -log(T - 1)``: ``λ = 1/T`` for every token, so
+    the first exit starts with the ``1/T`` a uniform prior gives it (exactly uniform at T = 2) and no
+    depth is starved of gradient before the gate has learned anything.
+    """
+
+    def __init__(self, config: LoopMoEConfig):
+        super().__init__(config.hidden_size, 1, bias=True)
+        self.eps = config.rms_norm_eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [..., d] -> halting logits z: [...] fp32
+        x = torch.nn.functional.rms_norm(h.float(), (h.shape[-1],), eps=self.eps).to(self.weight.dtype)
+        return torch.nn.functional.linear(x, self.weight, self.bias).squeeze(-1).float()
+
+
 @dataclass
 class LoopMoEModelOutput(MoeModelOutputWithPast):
     """Adds the ``RouterStats`` of every executed MoE slot, in execution order."""
 
     router_stats: list[RouterStats] | None = None
     exit_loops: torch.Tensor | None = None  # [B, S] core iterations each token ran (adaptive depth only)
+    # exit_readouts=True (the exit gate's training loss): iterations 1..T-1 read out through the coda and the
+    # final norm, T-1 x [B, S, d] (iteration T's is last_hidden_state), and their halting logits [T-1, B, S].
+    exit_readouts: tuple[torch.Tensor, ...] | None = None
+    exit_gate_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -128,6 +160,21 @@ class LoopMoECausalLMOutput(MoeCausalLMOutputWithPast):
     z_loss: torch.Tensor | None = None
     router_stats: list[RouterStats] | None = None
     exit_loops: torch.Tensor | None = None  # [B, S] core iterations each token ran (adaptive depth only)
+    # The exit gate's training loss only (``exit_gate_objective``), each a detached fp32 tensor: the LM loss read
+    # out after each iteration [T], the mean expected exit depth and the mean entropy of the exit distribution.
+    loop_losses: torch.Tensor | None = None
+    exit_depth: torch.Tensor | None = None
+    exit_entropy: torch.Tensor | None = None
+
+
+@dataclass
+class ExitGateLoss:
+    """``LoopMoEForCausalLM.exit_gate_objective``'s result: the objective (with gradient) and what it logs."""
+
+    objective: torch.Tensor  # Σ_t p_t L_t - β H(p), per token, averaged
+    loop_losses: torch.Tensor  # [T] L_t averaged over tokens, detached
+    depth: torch.Tensor  # mean expected exit depth Σ_t t p_t, detached
+    entropy: torch.Tensor  # mean H(p) in nats, detached
 
 
 def refuse_attention_weights(output_attentions: bool | None, config: LoopMoEConfig) -> None:
@@ -199,6 +246,9 @@ class LoopMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, InjectionLinear):
             d = cfg.hidden_size
             init.copy_(module.weight, torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
+        elif isinstance(module, ExitGate):  # λ = 1/T for every token (see ExitGate)
+            init.zeros_(module.weight)
+            init.constant_(module.bias, -math.log(cfg.num_loops - 1))
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -232,6 +282,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         self.iter_encoder = IterationEncoder(config) if cond.uses_iteration else None  # v_k = MLP_iter(PE(k))
         self.iter_embedding = nn.Embedding(config.max_loops, d) if cond.embeds_iteration else None
         self.injection = InjectionLinear(2 * d, d, bias=False) if config.input_injection == "concat" else None
+        self.exit_gate = ExitGate(config) if config.exit_gate else None
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         # Activation checkpointing: which executed slots recompute their activations in backward.
@@ -281,16 +332,27 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         exit_policy: ExitPolicy | None = None,
         exit_loops: torch.Tensor | None = None,
         exit_logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        exit_readouts: bool = False,
         **kwargs,
     ) -> LoopMoEModelOutput:
         # exit_policy / exit_loops ([B, S] forced core iteration counts): adaptive depth (``adaptive.py``),
         # the core running each iteration on the tokens that have not exited; exit_logits_fn: the final norm
-        # and LM head, which the kl and entropy criteria read.
+        # and LM head, which the kl and entropy criteria read. exit_readouts: also read every earlier
+        # iteration out and return the exit gate's logits (the gate's training loss; whole sequences only).
         cfg = self.config
         refuse_attention_weights(kwargs.get("output_attentions"), cfg)
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigError("Pass exactly one of input_ids or inputs_embeds.")
         adaptive = exit_policy is not None or exit_loops is not None
+        if exit_readouts:
+            if self.exit_gate is None:
+                raise ConfigError("exit readouts train a learned exit gate: this model has none (model.exit_gate=true)")
+            if adaptive or use_cache or past_key_values is not None:
+                raise ConfigError(
+                    "the exit gate's training loss runs every iteration of whole sequences: drop the exit criterion "
+                    "(exit_criterion / exit_loops), past_key_values and use_cache=True, or pass exit_gate_loss=False"
+                )
+            use_cache = False
         if adaptive:
             if self.training and torch.is_grad_enabled():
                 raise ConfigError("early exit is an inference feature: call model.eval() (or torch.no_grad()) first")
@@ -343,10 +405,16 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         recompute = self.checkpoint_policy if checkpointing else None
 
         def run(
-            layer: nn.Module, h: torch.Tensor, slot: Slot, v_k: torch.Tensor | None = None, cache: Cache | None = None
+            layer: nn.Module,
+            h: torch.Tensor,
+            slot: Slot,
+            v_k: torch.Tensor | None = None,
+            cache: Cache | None = None,
+            record: bool = True,
         ) -> torch.Tensor:
+            # record=False (the exit readouts' extra coda runs): no router statistics, no hidden state kept.
             cache = past_key_values if cache is None else cache
-            args = (h, rope, mask, cache, slot.cache_index, v_k, token_mask, output_router_stats)
+            args = (h, rope, mask, cache, slot.cache_index, v_k, token_mask, output_router_stats and record)
             if recompute is not None and recompute(slot):
                 h, router = checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -354,7 +422,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
             if router is not None:
                 router.slot = slot
                 routers.append(router)
-            if hidden_states is not None:
+            if hidden_states is not None and record:
                 hidden_states.append(h)
             return h
 
@@ -364,6 +432,7 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
         # Core: the same C layers, T times.
         e = h  # the prelude's output, re-injected at every later iteration
         executed = None
+        loop_states: list[torch.Tensor] | None = [] if exit_readouts else None  # h after iterations 1..T-1
         if adaptive:  # each iteration on the tokens that have not exited (adaptive.py)
             B, S = h.shape[:2]
             core = AdaptiveCore(
@@ -387,17 +456,32 @@ class LoopMoEModel(LoopMoEPreTrainedModel):
             v_k = self.iter_encoder(k, h) if self.iter_encoder is not None else None  # [r]
             for l, layer in enumerate(self.core):
                 h = run(layer, h, self.slot("core", l, k, num_loops), v_k)
+            if loop_states is not None and k < num_loops - 1:
+                loop_states.append(h)
         # Coda: Q layers, once.
         for j, layer in enumerate(self.coda):
             h = run(layer, h, self.slot("coda", j, num_loops=num_loops))
 
         h = self.norm(h)
+        readouts = gate_logits = None
+        if loop_states is not None:  # what exiting after iteration t would give: its state through coda and norm
+            assert self.exit_gate is not None
+            empty = h.new_zeros(0, *h.shape[:2], dtype=torch.float32)  # T = 1: no earlier iteration
+            gate_logits = torch.stack([self.exit_gate(s) for s in loop_states]) if loop_states else empty  # [T-1, B, S]
+            states = []
+            for state in loop_states:
+                for j, layer in enumerate(self.coda):
+                    state = run(layer, state, self.slot("coda", j, num_loops=num_loops), record=False)
+                states.append(self.norm(state))
+            readouts = tuple(states)
         return LoopMoEModelOutput(
             last_hidden_state=h,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
             router_stats=routers if output_router_stats else None,
             exit_loops=executed,
+            exit_readouts=readouts,
+            exit_gate_logits=gate_logits,
         )
 
 
@@ -429,18 +513,25 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         min_loops: int | None = None,
         max_loops: int | None = None,
         exit_loops: torch.Tensor | None = None,
+        exit_gate_loss: bool | None = None,
         **kwargs,
     ) -> LoopMoECausalLMOutput:
         # output_router_stats=False (what generate() passes) skips the balancing losses and router
         # statistics of every MoE slot: aux_loss, z_loss and router_stats are then None.
         # skip_logits (default: training with labels) computes the loss fused with the LM head
         # (kernels/cross_entropy.py) and returns logits=None: the [B, S, V] logits are never materialised.
+        # exit_gate_loss (default: training with labels, on a model with an exit gate): the loss is the exit
+        # gate's objective (``exit_gate_objective``) and lm_loss the full-depth LM loss.
         cfg = self.config
         refuse_attention_weights(kwargs.get("output_attentions"), cfg)
         if skip_logits is None:
             skip_logits = self.training and labels is not None
         if skip_logits and labels is None:
             raise ConfigError("skip_logits=True needs labels: without them the logits are the only output.")
+        if exit_gate_loss is None:
+            exit_gate_loss = self.training and labels is not None and self.model.exit_gate is not None
+        if exit_gate_loss and labels is None:
+            raise ConfigError("exit_gate_loss=True needs labels: the exit gate's loss weighs each iteration's LM loss")
         # Adaptive depth (``adaptive.py``): exit_criterion / exit_threshold, between min_loops and max_loops
         # (default: 1 and num_loops); exit_loops fixes each token's iteration count instead.
         policy = None
@@ -461,6 +552,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             exit_policy=policy,
             exit_loops=exit_loops,
             exit_logits_fn=lambda h: self.lm_head(self.model.norm(h)),
+            exit_readouts=exit_gate_loss,
         )
         h = out.last_hidden_state
         if skip_logits:
@@ -476,7 +568,12 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             aux_loss = torch.stack([r.aux_loss for r in routers]).mean()
             z_loss = torch.stack([r.z_loss for r in routers]).mean()
         lm_loss = loss = None
-        if labels is not None and skip_logits:
+        gate: ExitGateLoss | None = None
+        if exit_gate_loss:
+            assert out.exit_readouts is not None and out.exit_gate_logits is not None and labels is not None
+            gate = self.exit_gate_objective(h, out.exit_readouts, out.exit_gate_logits, labels, **kwargs)
+            lm_loss = gate.loop_losses[-1]  # the full-depth LM loss, what evaluation reports
+        elif labels is not None and skip_logits:
             lm_loss = linear_cross_entropy(
                 h,
                 self.lm_head.weight,
@@ -489,7 +586,7 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
         elif labels is not None:
             lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)
         if lm_loss is not None:
-            loss = lm_loss
+            loss = lm_loss if gate is None else gate.objective
             if aux_loss is not None and cfg.router_aux_loss_coef > 0:
                 loss = loss + cfg.router_aux_loss_coef * aux_loss
             if z_loss is not None and cfg.router_z_loss_coef > 0:
@@ -504,6 +601,58 @@ class LoopMoEForCausalLM(LoopMoEPreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             router_stats=routers,
             exit_loops=out.exit_loops,
+            loop_losses=gate.loop_losses if gate is not None else None,
+            exit_depth=gate.depth if gate is not None else None,
+            exit_entropy=gate.entropy if gate is not None else None,
+        )
+
+    def exit_gate_objective(
+        self,
+        final: torch.Tensor,
+        readouts: tuple[torch.Tensor, ...],
+        gate_logits: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        loss_chunk_bytes: int | None = None,
+        **_: object,
+    ) -> ExitGateLoss:
+        """Ouro's entropy-regularised expected loss of the learned exit gate (docs/design.md §5).
+
+        With the exit distribution ``p_t = λ_t ∏_{s<t} (1 - λ_s)`` (t < T), ``p_T = ∏_{s<T} (1 - λ_s)``
+        (``adaptive.exit_distribution``) and ``L_t`` the token's LM loss read out after iteration t (its
+        state through the coda, the final norm and the LM head: what exiting there gives at inference),
+        the objective is ``Σ_t p_t L_t - β H(p)`` per token, averaged over the counted tokens
+        (``num_items_in_batch`` when given, as for the LM loss). The T readouts go through the chunked
+        cross entropy as one stacked batch weighted by ``p``: no ``[T, B, S, V]`` logits, one ``[V, d]``
+        weight gradient. Costs, against the plain loss: T LM-head passes instead of one, the coda T times,
+        and the T readouts' activations.
+
+        final: [B, S, d] iteration T's readout; readouts: T-1 x [B, S, d]; gate_logits: [T-1, B, S].
+        """
+        T = len(readouts) + 1
+        log_p = exit_distribution(gate_logits)  # [T, B, S] fp32
+        p = log_p.exp()
+        targets = causal_targets(labels, shift_labels, ignore_index).to(final.device)  # [B*S]
+        counted = (targets != ignore_index).float()
+        items = counted.sum() if num_items_in_batch is None else num_items_in_batch
+        denominator = torch.as_tensor(items, dtype=torch.float32, device=final.device)
+        stacked = torch.cat([*readouts, final]) if readouts else final  # [T*B, S, d], iteration-major
+        expected, row_losses = weighted_linear_cross_entropy(
+            stacked, self.lm_head.weight, targets.repeat(T), p.reshape(-1), denominator, ignore_index, loss_chunk_bytes
+        )
+        entropy = -(p * log_p).sum(0).reshape(-1)  # [B*S] nats
+        beta = self.config.exit_gate_beta
+        assert beta is not None  # set whenever exit_gate is (LoopMoEConfig.validate)
+        objective = expected - beta * (entropy * counted).sum() / denominator
+        tokens = counted.sum().clamp_min(1)
+        depth = torch.arange(1, T + 1, device=p.device, dtype=p.dtype)[:, None] * p.detach().reshape(T, -1)
+        return ExitGateLoss(
+            objective=objective,
+            loop_losses=row_losses.view(T, -1).sum(1) / denominator,
+            depth=(depth.sum(0) * counted).sum() / tokens,
+            entropy=(entropy.detach() * counted).sum() / tokens,
         )
 
     # Loop settings a generation config may carry (``model.generation_config.num_loops = 4``, or a server's

@@ -33,7 +33,14 @@ from torch import nn
 
 from loopmoe.config import ExpertType, LoopMoEConfig, expert_width, router_width
 from loopmoe.model.kernels.autocast import autocast_operands
-from loopmoe.model.kernels.experts import NAMESPACE, experts_grouped_mm, experts_loop, experts_one_token, ops
+from loopmoe.model.kernels.experts import (
+    FEW_TOKENS,
+    NAMESPACE,
+    experts_few_tokens,
+    experts_grouped_mm,
+    experts_loop,
+    ops,
+)
 from loopmoe.model.kernels.linear import linear
 from loopmoe.model.kernels.permute import gather_tokens, permute_rows
 from loopmoe.model.layers import Linear
@@ -115,7 +122,7 @@ class TopKRouter(nn.Module):
             topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
         # Probabilities over experts for the balancing loss and entropy (sigmoid scores do not sum to 1).
         probs = scores if self.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
-        return logits, probs, topk_w.to(x.dtype), topk_idx
+        return logits, probs, topk_w if topk_w.dtype == x.dtype else topk_w.to(x.dtype), topk_idx
 
     @torch.no_grad()
     def update_bias(self, rate: float, counts: torch.Tensor) -> None:
@@ -209,8 +216,11 @@ class SparseMoE(nn.Module):
         # x: [N, w], topk_w / topk_idx: [N, k] -> sum_j topk_w[:, j] * expert_{topk_idx[:, j]}(x): [N, w]
         N, w = x.shape
         k = self.top_k
-        if N == 1 and not torch.is_grad_enabled() and self.expert_parallel is None:
-            return self._dispatch_one(x, topk_w, topk_idx)
+        # A few tokens at inference: one token anywhere, up to FEW_TOKENS on CPU (on a GPU the sorted
+        # path's grouped GEMM needs no host sync and one launch per projection).
+        few = N == 1 or (N <= FEW_TOKENS and x.device.type == "cpu")
+        if few and not torch.is_grad_enabled() and self.expert_parallel is None:
+            return self._dispatch_few(x, topk_w, topk_idx)
         flat_expert = topk_idx.reshape(-1)  # [N*k], row n*k + j: token n, slot j
         order = torch.argsort(flat_expert, stable=True)  # rows grouped by expert
         inverse = torch.empty_like(order)
@@ -228,11 +238,13 @@ class SparseMoE(nn.Module):
         # into zeros bit for bit: fp addition of two terms commutes).
         return (y.view(N, k, w) * topk_w.unsqueeze(-1)).sum(1)
 
-    def _dispatch_one(self, x, topk_w, topk_idx):
-        """Inference on a single token (batch-1 decoding): one expert call per selected expert,
-        without the sort / bincount / permutations whose fixed cost dominates at one row
-        (``kernels.experts.experts_one_token``)."""
-        return experts_one_token(x, self.experts.gate_up_proj, self.experts.down_proj, topk_w, topk_idx)
+    def _dispatch_few(self, x, topk_w, topk_idx):
+        """Inference on a few tokens (decoding): the expert groups formed on the host, without the
+        sort / counts / permutations whose fixed cost dominates at a few rows
+        (``kernels.experts.experts_few_tokens``)."""
+        # No ``autocast_operands``: that would cast every expert's weight; the kernel's matmuls
+        # autocast the selected experts' own.
+        return experts_few_tokens(x, self.experts.gate_up_proj, self.experts.down_proj, topk_w, topk_idx)
 
     def _balance(self, logits, probs, topk_idx, token_mask) -> RouterStats:
         E = self.num_experts

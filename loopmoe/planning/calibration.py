@@ -31,6 +31,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from loopmoe.atomic import atomic_write_text
 from loopmoe.distributed import apply_fsdp2, build_mesh
 from loopmoe.distributed.config import DistStrategy
@@ -103,7 +105,23 @@ def _cached_calibration(path: Path, threads: int) -> tuple[dict | None, str]:
         return None, f"the CPU calibration in {path} has no entry for {threads} threads"
     if problem := calibration_problem(data, threads):
         return None, f"the CPU calibration in {path} holds an invalid value ({problem})"
+    here = machine()
+    if changed := [f"{k} {data.get(k)!r} -> {v!r}" for k, v in here.items() if data.get(k) != v]:
+        return None, f"the CPU calibration in {path} was measured on another machine or torch ({', '.join(changed)})"
     return data, ""
+
+
+def machine() -> dict[str, object]:
+    """What a calibration is valid for: the CPU model, the instruction set torch's kernels use (AVX2,
+    AVX512, AMX-capable AVX512 take different oneDNN/MKL paths), the core count and torch's version. A
+    cache whose record differs is measured again: one machine's rates never serve another's plans, even
+    where both have the same host name (containers often do)."""
+    return {
+        "cpu": _cpu_name(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count() or 1,
+        "torch": torch.__version__,
+    }
 
 
 def calibration_problem(data: dict, threads: int) -> str | None:
@@ -166,7 +184,6 @@ CALIBRATION_VERSION = 3
 def _calibrate_threads(threads: int, quick: bool) -> dict:
     """Matmul rate by size, SDPA rate, memory bandwidth, transcendental math and framework op overhead
     at ``threads``."""
-    import torch
 
     with torch_threads(threads):
         reps = 3 if quick else 5
@@ -247,8 +264,7 @@ def calibrate_cpu(threads: list[int] | None = None, quick: bool = False, gloo: b
     threads = threads or sorted({1, cores})
     data = {
         "version": CALIBRATION_VERSION,
-        "cpu": _cpu_name(),
-        "cores": cores,
+        **machine(),
         "memory_bytes": _memory_bytes(),
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "threads": {str(t): _calibrate_threads(t, quick) for t in threads},
@@ -281,7 +297,6 @@ SIZES = (2**10, 2**14, 2**18, 2**20, 2**22, 2**24)
 
 
 def _worker(rank: int, world: int, init_file: str, out: str, quick: bool) -> None:
-    import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -315,7 +330,6 @@ def _worker(rank: int, world: int, init_file: str, out: str, quick: bool) -> Non
 
 
 def _fsdp_worker(rank: int, init_file: str, out: str, quick: bool) -> None:
-    import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)

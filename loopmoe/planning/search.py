@@ -15,12 +15,17 @@ checkpointing none / selective / full; the global batch is held at ``global_batc
 gradient accumulation. Only layouts whose predicted peak fits the device's memory are kept, and
 each shape keeps its fastest.
 
-Ranking: predicted tokens/s, among shapes of matched total parameters (all of them) and, when
-``flops_per_token`` is given, FLOPs per token within 10% of it.
+Ranking. Every shape has the target's total parameters, but not the same FLOPs per token: a Vanilla
+shape with top-2 of many small experts does less work per token than one with top-8, so tokens/s alone
+would rank the cheapest shapes first whatever their quality. Shapes are ranked by the model FLOPs they
+train per second (tokens/s x training FLOPs per token), the hardware's throughput at that shape; a looped
+shape and its Vanilla reference do the same FLOPs per token, so between the two this is tokens/s, and
+``Candidate.vs_reference`` gives their ratio. ``flops_per_token`` keeps only shapes within 10% of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -32,8 +37,9 @@ from loopmoe.atomic import save_figure
 from loopmoe.balance import BalanceOptions
 from loopmoe.budget import compute_budget
 from loopmoe.config import LoopMoEConfig, layers_text
-from loopmoe.console import Progress
+from loopmoe.console import Progress, status
 from loopmoe.errors import ConfigError
+from loopmoe.hardware import model_flops_per_token
 from loopmoe.planning.cost import StepPlan, plan_step
 from loopmoe.planning.hardware import Hardware
 from loopmoe.planning.layout import Layout
@@ -54,6 +60,12 @@ class Candidate:
     config: LoopMoEConfig
     reference: LoopMoEConfig  # the Vanilla MoE it was balanced against (itself when T = 1)
     plan: StepPlan
+    vs_reference: float | None = None  # tokens/s over its reference's (same FLOPs/token); None: not simulated
+
+    @property
+    def flops_per_s(self) -> float:
+        """Model FLOPs trained per second (forward and backward): what the search ranks by."""
+        return self.plan.tokens_per_s * model_flops_per_token(self.plan.flops_per_token)
 
     def row(self) -> dict:
         c, p = self.config, self.plan
@@ -67,6 +79,8 @@ class Candidate:
             "active_params": p.active_params,
             "flops_per_token": p.flops_per_token,
             "tokens_per_s": p.tokens_per_s,
+            "flops_per_s": self.flops_per_s,
+            "vs_reference": self.vs_reference,
             "mfu": p.mfu,
             "peak_memory_bytes": p.memory.peak,
             "layout": p.layout.as_dict(),
@@ -216,19 +230,35 @@ def search(
             f"{','.join(map(str, loops))} (capacity balancing against the Vanilla references failed for each): "
             "add 1 to --num-loops for the Vanilla shapes, or try other loop counts"
         )
-    with Progress("simulating shapes", unit="shape", enabled=progress) as bar:
+    if flops_per_token is not None:
+        candidates = [
+            (cfg, ref)
+            for cfg, ref in candidates
+            if abs(compute_budget(cfg, seq_len).flops_per_token / flops_per_token - 1) <= 0.1
+        ]
+    if progress:
+        status(
+            f"simulating {len(candidates)} shapes of {total_params:.3g} parameters (T = "
+            f"{', '.join(map(str, loops))}) on {devices} x {hw.name}, each in up to "
+            f"{len(layouts(candidates[0][0], devices, seq_len, global_batch_tokens, dtype)) if candidates else 0} "
+            "layouts"
+        )
+    with Progress("simulating shapes", unit="shape", enabled=progress, total=len(candidates), every_s=10) as bar:
         for cfg, ref in candidates:
             bar.update(1)
-            if (
-                flops_per_token is not None
-                and abs(compute_budget(cfg, seq_len).flops_per_token / flops_per_token - 1) > 0.1
-            ):
-                continue
             plans = [plan_step(cfg, lay, hw) for lay in layouts(cfg, devices, seq_len, global_batch_tokens, dtype)]
             best = rank(plans)
             if best:
                 found.append(Candidate(cfg, ref, best[0]))
-    return sorted(found, key=lambda c: -c.plan.tokens_per_s)
+    # a T = 1 shape is its own reference: the looped shapes derived from it hold the same config object
+    speed = {id(c.config): c.plan.tokens_per_s for c in found if c.config.num_loops == 1}
+    found = [
+        dataclasses.replace(c, vs_reference=c.plan.tokens_per_s / speed[id(c.reference)])
+        if id(c.reference) in speed
+        else c
+        for c in found
+    ]
+    return sorted(found, key=lambda c: -c.flops_per_s)
 
 
 def pareto_plot(candidates: list[Candidate], path: str | Path, title: str) -> Path:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from loopmoe.atomic import atomic_write_text
 from loopmoe.errors import ConfigError, DataError, RunError
 from loopmoe.text import human
+from loopmoe.training.banner import clock
 from loopmoe.training.throughput import Throughput, format_duration
 
 if TYPE_CHECKING:
@@ -255,7 +256,7 @@ class WandbSink:
 
 
 # Step-record keys logged as scalars (under train/), and where the held-out loss goes.
-_STEP_SCALARS = ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+_STEP_SCALARS = ("loss", "lm_loss", "aux_loss", "exit_depth", "lr", "grad_norm", "tokens_per_s", "mfu")
 
 
 class MetricsLogger:
@@ -332,13 +333,14 @@ class MetricsLogger:
             self.bar.write(self.console_line(line, self.throughput.report(step, record["tokens"])), file=sys.stderr)
 
     def console_line(self, line: dict[str, Any], rates: dict[str, float | None]) -> str:
-        """``step 20/100 | loss 4.1234 | lr 3.00e-04 | grad_norm 0.812 | 51.2K tok/s | MFU 38.1% | ETA 1:05``
+        """``14:02:31 step 20/100 | loss 4.1234 | lr 3.00e-04 | grad_norm 0.812 | 51.2K tok/s | MFU 38.1% | ETA 1:05``
         (tokens/s and MFU over the steps since the previous line; `| val_loss X` on evaluation steps)."""
         parts = [
-            f"step {line['step']}/{self.max_steps}",
+            f"{clock()} step {line['step']}/{self.max_steps}",
             f"loss {line['loss']:.4f}",
             f"lr {line['lr']:.2e}",
             f"grad_norm {line['grad_norm']:.3f}",
+            *([f"exit_depth {line['exit_depth']:.2f}"] if line.get("exit_depth") is not None else []),
             f"{human(rates['tokens_per_s'] or 0.0)} tok/s",
         ]
         if rates["mfu"] is not None:

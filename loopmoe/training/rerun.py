@@ -17,6 +17,7 @@ A setting the stored config does not name (written by an older version) is not c
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -100,11 +101,22 @@ def refuse_fixed_changes(
         )
 
 
-def announce_changes(changes: list[SettingChange], run_dir: Path, step: int, max_steps: int) -> None:
+def announce_changes(
+    changes: list[SettingChange], run_dir: Path, step: int, max_steps: int, lr: tuple[float, float] | None = None
+) -> None:
     """Warn, naming each changed setting (those ``refuse_fixed_changes`` let through): it applies from
-    step ``step + 1``, or, in a finished run, not at all."""
+    step ``step + 1``, or, in a finished run, not at all. ``lr``: the learning rate the checkpoint would
+    have stepped with, and the one the changed settings give; a jump between them is said in numbers (a
+    longer ``max_steps`` stretches a decaying schedule, so the lr rises again where the run left off)."""
     if not changes:
         return
+    jump = ""
+    if lr is not None and step < max_steps and not math.isclose(lr[0], lr[1], rel_tol=0.01):
+        jump = (
+            f"; the learning rate jumps from {lr[0]:.3g} to {lr[1]:.3g} at step {step + 1}, because the schedule "
+            f"is recomputed over train.max_steps = {max_steps} from its start (to decay on smoothly instead, "
+            "start a new run from this one's weights with model.init_from and a schedule of its own)"
+        )
     listed = "; ".join(map(str, changes))
     if step >= max_steps:
         warnings.warn(
@@ -115,6 +127,6 @@ def announce_changes(changes: list[SettingChange], run_dir: Path, step: int, max
     else:
         warnings.warn(
             f"resuming at step {step} with a changed schedule or other settings ({listed}): the new settings "
-            f"apply from step {step + 1}",
+            f"apply from step {step + 1}{jump}",
             stacklevel=3,
         )

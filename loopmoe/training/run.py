@@ -29,6 +29,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from loopmoe.atomic import atomic_directory, atomic_write_text, clean_stale_temporaries, fsync_dir
+from loopmoe.console import status
 from loopmoe.data.prepare import check_resume_data, move_data_aside
 from loopmoe.data.tokenizer import export_tokenizer, special_token_ids
 from loopmoe.distributed.env import (
@@ -44,6 +45,7 @@ from loopmoe.distributed.expert_parallel import expert_parallel_of, gather_full_
 from loopmoe.distributed.parallelize import parallelize, unwrap
 from loopmoe.errors import ConfigError, RunError
 from loopmoe.training.allocator import keep_freed_memory
+from loopmoe.training.banner import resolved_model, start_banner
 from loopmoe.training.builders import (
     DataBundle,
     DataFactory,
@@ -385,8 +387,11 @@ def _resume(run: _Run, rebuilt: bool, *, rebuild_data: bool) -> _Progress:
     changes = setting_changes(meta.config or {}, cfg.to_dict())
     # Checked again: the checkpoint loaded may be older than the one peeked at.
     refuse_fixed_changes(changes, restored.path, meta.step, cfg.train.max_steps, rebuild_data=rebuild_data)
-    announce_changes(changes, run.out_dir, meta.step, cfg.train.max_steps)
+    saved_lr = run.optimizer.param_groups[0]["lr"]
     apply_optim_settings(run.optimizer, run.scheduler, cfg)
+    announce_changes(
+        changes, run.out_dir, meta.step, cfg.train.max_steps, lr=(saved_lr, run.optimizer.param_groups[0]["lr"])
+    )
     if rebuilt:
         warnings.warn("the data was rebuilt: the resumed run reads the new data from its start", stacklevel=3)
     else:
@@ -403,6 +408,9 @@ def _train_loop(run: _Run, progress: _Progress) -> tuple[dict[str, Any], float |
     cfg, info, t = run.cfg, run.info, run.cfg.train
     trainer = trainer_for(run.model, run.optimizer, run.scheduler, cfg, info)
     flops_per_token = training_flops_per_token(unwrap(run.model), cfg.data.seq_len)
+    model = resolved_model(unwrap(run.model), cfg.data.seq_len)
+    if info.is_main:
+        status(start_banner(cfg, run.out_dir, progress.step, progress.tokens, model, info.world_size))
     with collective_stage("starting the logs (metrics.jsonl, TensorBoard, W&B)"):  # rank 0 opens them
         logger = MetricsLogger(
             run.out_dir,
@@ -410,7 +418,7 @@ def _train_loop(run: _Run, progress: _Progress) -> tuple[dict[str, Any], float |
             max_steps=t.max_steps,
             start_step=progress.step,
             log_every=t.log_every,
-            config=progress.recorded,
+            config={**progress.recorded, "resolved_model": model},
             tokens=progress.tokens,
             flops_per_token=flops_per_token,
             peak_flops=peak_flops_per_s(info.device, t.peak_tflops),
@@ -441,6 +449,8 @@ def _train_loop(run: _Run, progress: _Progress) -> tuple[dict[str, Any], float |
                 "skipped": out.skipped,
                 "skipped_steps": progress.skipped,
             }
+            if out.exit_depth is not None:  # a learned exit gate's mean expected depth (core iterations)
+                record["exit_depth"] = out.exit_depth
             if t.eval_batches and (step % t.eval_every == 0 or step == t.max_steps):
                 val_loss = record["val_loss"] = trainer.evaluate(run.bundle.val_batches(), t.eval_batches)
             router = summarize_router_stats(out.router_stats) if info.is_main and step % t.log_every == 0 else None

@@ -4,7 +4,8 @@ MFU is ``loopmoe.hardware.mfu`` (the one formula, shared with the planner), wher
 
 - model FLOPs per trained token = 3 x the analytic forward FLOPs per token of ``loopmoe.budget``
   (``loopmoe.hardware.model_flops_per_token``: forward + backward, which costs twice the forward),
-  with attention scores over the full S x S matmuls; activation checkpointing's recomputation is
+  with attention scores over the full S x S matmuls and, for a learned exit gate, the readouts of
+  its training loss (``Budget.exit_gate_flops_per_token``); activation checkpointing's recomputation is
   not counted (it is hardware, not model, FLOPs);
 - the peak is ``train.peak_tflops`` per accelerator when the run config gives it, else the
   datasheet dense BF16 peak of a known GPU (``loopmoe.hardware.SPECS``, matched on the CUDA device
@@ -37,11 +38,13 @@ def peak_flops_per_s(device: torch.device, configured_tflops: float | None) -> f
 
 
 def training_flops_per_token(model: Any, seq_len: int) -> float | None:
-    """3 x the analytic forward FLOPs per token of a LoopMoE model at ``seq_len`` (None for another model)."""
+    """3 x the analytic forward FLOPs per token of a LoopMoE model at ``seq_len`` (None for another model),
+    the readouts of a learned exit gate's training loss included."""
     config = getattr(model, "config", None)
     if not isinstance(config, LoopMoEConfig):
         return None
-    return hardware.model_flops_per_token(compute_budget(config, seq_len).flops_per_token)
+    budget = compute_budget(config, seq_len)
+    return hardware.model_flops_per_token(budget.flops_per_token + budget.exit_gate_flops_per_token)
 
 
 def format_duration(seconds: float) -> str:

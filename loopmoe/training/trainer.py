@@ -6,7 +6,8 @@ update (and the model's own per-step update, see ``StepHooks``) is skipped and t
 dropped, so one bad batch costs a step, not the run.
 
 The contract with the model: ``model(input_ids=x, labels=x)`` returns an output with ``loss``
-and ``lm_loss`` (``aux_loss`` and ``router_stats`` when it has them); a model with state that
+and ``lm_loss`` (``aux_loss`` and ``router_stats`` when it has them, ``exit_depth`` when it trains
+a learned exit gate: the mean expected number of core iterations); a model with state that
 changes once per optimizer step outside autograd implements ``StepHooks``. Nothing here knows
 about experts or routers: gradient sync and clipping at the model's layout (expert-parallel blocks
 included) are ``loopmoe.distributed``'s.
@@ -66,6 +67,7 @@ class StepOutput:
     skipped: bool
     tokens: int
     router_stats: list[list[RouterStats]] = field(default_factory=list)  # per micro-batch
+    exit_depth: float | None = None  # a learned exit gate's mean expected exit depth; None without one
 
 
 def _aux(out: Any, like: torch.Tensor) -> torch.Tensor:
@@ -142,6 +144,7 @@ class Trainer:
         sums = torch.zeros(3, device=self.device)
         router_stats: list[list[RouterStats]] = []
         tokens = 0
+        depth: torch.Tensor | None = None  # summed over micro-batches
         for i in range(self.grad_accum):
             x = next(batches).to(self.device, non_blocking=True)
             tokens += x.numel()
@@ -153,8 +156,11 @@ class Trainer:
                 [out.loss.detach().float(), out.lm_loss.detach().float(), _aux(out, x).detach().float()]
             )
             router_stats.append(list(getattr(out, "router_stats", None) or []))
+            if (micro_depth := getattr(out, "exit_depth", None)) is not None:
+                depth = micro_depth.detach().float() + (depth if depth is not None else 0.0)
         grad_norm = self._clip()
         sums = all_reduce_mean(sums / self.grad_accum)
+        exit_depth = all_reduce_mean(depth / self.grad_accum).item() if depth is not None else None
         finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
         hooks = unwrap(self.model)
         if finite:
@@ -174,7 +180,15 @@ class Trainer:
             self.scheduler.step()
         loss, lm_loss, aux_loss = sums.tolist()
         return StepOutput(
-            loss, lm_loss, aux_loss, float(grad_norm), lr, not finite, tokens * self.world_size, router_stats
+            loss,
+            lm_loss,
+            aux_loss,
+            float(grad_norm),
+            lr,
+            not finite,
+            tokens * self.world_size,
+            router_stats,
+            exit_depth,
         )
 
     @torch.no_grad()

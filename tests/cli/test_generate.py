@@ -53,6 +53,39 @@ def test_num_loops_runs_the_core_at_test_time_depth(model_dir, loaded, capsys):
     assert model.config.num_loops == 2  # restored after the command
 
 
+@pytest.fixture(scope="module")
+def gated_dir(tmp_path_factory, request):
+    """A tiny looped LoopMoE (T=3) with a learned exit gate whose halting probabilities vary per token."""
+    from loopmoe import LoopMoEConfig, LoopMoEForCausalLM
+    from tests.conftest import TINY
+
+    tokenizer = request.getfixturevalue("gpt2_tokenizer")
+    torch.manual_seed(0)
+    model = LoopMoEForCausalLM(
+        LoopMoEConfig(**{**TINY, "vocab_size": len(tokenizer), "num_loops": 3, "exit_gate": True})
+    )
+    with torch.no_grad():
+        model.model.exit_gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
+    path = tmp_path_factory.mktemp("gated")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_exit_gate_generates_what_model_generate_gives_under_the_gate_criterion(gated_dir, capsys):
+    from loopmoe.evaluation.loading import load_hf_tokenizer, load_model
+
+    prompt = "A learned exit"
+    assert main(["generate", str(gated_dir), "--prompt", prompt, "--max-new-tokens", "6", "--exit", "gate:0.5"]) == 0
+    model, tokenizer = load_model(gated_dir), load_hf_tokenizer(gated_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    kwargs = dict(do_sample=False, max_new_tokens=6, attention_mask=torch.ones_like(ids))
+    expected = model.generate(ids, exit_criterion="gate", exit_threshold=0.5, **kwargs)
+    assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+    with torch.no_grad():
+        assert 1 < model(expected, exit_criterion="gate", exit_threshold=0.5).exit_loops.float().mean() < 3
+
+
 class _Writes(io.StringIO):
     """stdout that counts its write calls."""
 
@@ -112,6 +145,7 @@ def test_sampling_is_seeded(model_dir, capsys):
         (["--device", "cuda"], "no CUDA GPU is visible" if not torch.cuda.is_available() else "CUDA device"),
         (["--device", "gpu0"], "is not a torch device"),
         (["--max-new-tokens", "5000"], "leaves no room for the prompt"),
+        (["--exit", "gate:0.5"], "needs a model trained with one (model.exit_gate=true)"),
     ],
 )
 def test_bad_options_are_one_line_errors(model_dir, flags, message, capsys):
@@ -268,3 +302,22 @@ def test_weights_that_do_not_match_the_config_are_refused_not_randomly_initialis
 def test_a_broken_config_json_is_one_line(damaged, config, message, capsys):
     (damaged / "config.json").write_text(config)
     _one_line_error(["generate", str(damaged), "--prompt", "x"], capsys, message)
+
+
+def test_batch_slots_print_what_prompt_by_prompt_generation_prints(gated_dir, capsys):
+    """``--batch-slots``: continuous depth batching (loopmoe.model.depth_batching), 3 prompts through 2 slots,
+    each token at its own depth under the gate criterion; the texts of the one-by-one run, in prompt order."""
+    prompts = ["A learned exit", "Depth batching runs the core", "One"]
+    argv = ["generate", str(gated_dir), "--max-new-tokens", "6", "--exit", "gate:0.5"]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    assert main(argv) == 0
+    one_by_one = capsys.readouterr().out
+    assert main([*argv, "--batch-slots", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == one_by_one and len(captured.out.splitlines()) == 3
+    assert "core-layer token-iterations" in captured.err and "of the core skipped" in captured.err
+    assert main([*argv, "--batch-slots", "2", "--stream"]) == 2
+    assert "drop it with --batch-slots" in capsys.readouterr().err
+    assert main([*argv, "--batch-slots", "0"]) == 2
+    assert "--batch-slots 0: must be >= 1" in capsys.readouterr().err

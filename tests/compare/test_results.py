@@ -145,3 +145,53 @@ def test_depth_means_and_comparisons_read_the_typed_results():
     assert list(means["looped"]) == [1, 2]
     assert means["looped"][2].loss == (5.0 + 5.11) / 2 and means["looped"][2].flops_per_token == 2e6
     assert comparisons(results.arms) == [("looped", "reference"), ("cond", "reference"), ("cond", "looped")]
+
+
+def test_a_study_with_an_exit_sweep_round_trips_and_one_without_has_none(tmp_path):
+    import copy
+
+    from loopmoe.evaluation.early_exit import ExitPoint
+
+    stored = copy.deepcopy(STORED)
+    point = {
+        "criterion": "latent",
+        "threshold": 0.03,
+        "min_loops": 1,
+        "max_loops": 2,
+        "loss": 5.02,
+        "mean_loops": 1.4,
+        "flops_per_token": 1.4e6,
+        "flops_fraction": 0.7,
+    }
+    stored["runs"]["looped"]["0"]["eval"]["exit_sweep"] = [point]
+    text = json.dumps(stored, indent=2, default=str)
+    results = StudyResults.from_dict(json.loads(text))
+    assert results.dumps() == text
+    assert results.runs["looped"][0].eval.exit_sweep == [ExitPoint(**point)]
+    assert results.runs["looped"][1].eval.exit_sweep is None  # measured without a sweep: no key written
+    assert StudyResults.from_dict(json.loads(json.dumps(STORED))).dumps() == json.dumps(STORED, indent=2)
+
+
+def test_evaluations_that_did_not_run_are_named_with_why_in_the_report(tmp_path, monkeypatch):
+    """A study without the data folder says which evaluations it left out, instead of silently dropping them."""
+    from loopmoe.compare import CompareOptions
+    from loopmoe.compare.options import options_record
+    from loopmoe.compare.report import write_report
+    from loopmoe.compare.runner import not_evaluated
+    from loopmoe.evaluation import SHIPPED_TASKS
+
+    monkeypatch.setenv("LOOPMOE_DATA_DIR", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    notes = not_evaluated(CompareOptions(), text=None, tasks=())
+    assert notes[0].startswith("held-out text perplexity:") and "wikitext" in notes[0].lower()
+    assert notes[1].startswith(f"downstream tasks {', '.join(SHIPPED_TASKS)}: their data files are not in")
+    assert not_evaluated(CompareOptions(text="", tasks=(), depth_loops=()), text=None, tasks=()) == [
+        "held-out text perplexity: --text '' asks for none",
+        "downstream tasks: --tasks '' asks for none",
+        "test-time depth curve: --depth-loops '' asks for none",
+    ]
+    options = {**options_record(CompareOptions().validate()), **STORED["options"]}
+    results = StudyResults.from_dict(json.loads(json.dumps({**STORED, "options": options, "not_evaluated": notes})))
+    assert json.loads(results.dumps())["not_evaluated"] == notes  # stored, and round-tripped
+    report = write_report(tmp_path, results, "").read_text()
+    assert "**Not evaluated:**" in report and f"- {notes[1]}" in report

@@ -4,7 +4,7 @@ import pytest
 
 from loopmoe.balance import balance
 from loopmoe.compare import CompareOptions
-from loopmoe.compare.options import run_config_for
+from loopmoe.compare.options import identity_options, run_config_for
 from loopmoe.compare.runner import available_tasks, run_comparison
 from loopmoe.presets import get_preset
 from tests.compare import TINY_COMPARE
@@ -29,9 +29,12 @@ def test_options_validate_and_tokens_set_steps():
         ({"warmup_steps": 500}, "--warmup-steps"),
         ({"seeds": ()}, "--seeds"),
         ({"strategy": "x"}, "--strategy"),
+        ({"exit_sweep": ("0.1",)}, "--exit-sweep: .* has no criterion"),
     ):
         with pytest.raises(ValueError, match=message):
             CompareOptions(**bad).validate()
+    # an exit sweep only chooses what is evaluated: changing it never makes the trained runs stale
+    assert identity_options(CompareOptions(exit_sweep=("latent:0.1",))) == identity_options(CompareOptions())
 
 
 def test_downstream_tasks_follow_the_data_that_is_present(tmp_path, monkeypatch):

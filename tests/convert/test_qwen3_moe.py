@@ -163,6 +163,7 @@ def test_export_matches_transformers_qwen3_moe(tiny_config, tmp_path, overrides,
         (dict(shared_expert_intermediate_size=16), "shared experts"),
         (dict(qk_norm=False), "QK-norm"),
         (dict(expert_type="dcca"), "DCCA experts (expert_type='dcca', width 8"),
+        (dict(num_loops=2, iter_conditioning="none", exit_gate=True), "a learned exit gate (exit_gate=True)"),
     ],
 )
 def test_export_refuses_what_qwen3_moe_cannot_express(tiny_config, tmp_path, capsys, overrides, reason):

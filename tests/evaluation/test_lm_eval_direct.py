@@ -14,7 +14,7 @@ from loopmoe.testing.without_loopmoe import run_without_loopmoe
 LM_EVAL = """
 import runpy, sys
 sys.argv = ["lm_eval", "--model", "hf", "--model_args", "pretrained={model},trust_remote_code=True",
-            "--include_path", "{tasks}", "--metadata", "data_dir={data}", "--tasks", "arc_easy",
+            "--include_path", "{tasks}", "--metadata", "data_dir={data}", "--tasks", "loopmoe_arc_easy",
             "--limit", "6", "--batch_size", "3", "--device", "cpu", "--output_path", "lm_eval_out"]
 runpy.run_module("lm_eval", run_name="__main__")
 """
@@ -25,7 +25,8 @@ def test_tasks_path_prints_the_task_folder(capsys):
     folder = capsys.readouterr().out.strip()
     assert folder == str(TASKS_DIR) and (TASKS_DIR / "arc_easy.yaml").is_file()
     assert main(["tasks"]) == 0
-    assert "arc_easy\tarc/ARC-Easy-Test.jsonl" in capsys.readouterr().out.splitlines()
+    # its name, its name in lm-eval (never one of lm-eval's own, so nothing is shadowed), its data files
+    assert "arc_easy\tloopmoe_arc_easy\tarc/ARC-Easy-Test.jsonl" in capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.slow  # lm_eval indexes its ~15k own task files first (minutes on a busy CPU)
@@ -33,7 +34,7 @@ def test_lm_eval_cli_scores_the_export_as_loopmoe_eval_does(trained_run, data_di
     model = trained_run / "final"
     run_without_loopmoe(LM_EVAL.format(model=model, tasks=TASKS_DIR, data=data_dir), tmp_path)
     (results_file,) = (tmp_path / "lm_eval_out").rglob("results_*.json")
-    theirs = json.loads(results_file.read_text())["results"]["arc_easy"]
+    theirs = json.loads(results_file.read_text())["results"]["loopmoe_arc_easy"]  # lm-eval's name of ours
 
     ours_file = tmp_path / "ours.json"
     argv = [str(model), "--tasks", "arc_easy", "--limit", "6", "--batch-size", "3", "--output", str(ours_file)]

@@ -93,7 +93,7 @@ def test_exits_skip_the_core_compute_they_save(model, ids):
     ("kwargs", "message"),
     [
         (dict(exit_criterion="energy", exit_threshold=0.1), "unknown exit criterion 'energy'"),
-        (dict(exit_criterion="gate", exit_threshold=0.5), "trained with one; this model has none"),
+        (dict(exit_criterion="gate", exit_threshold=0.5), "this model has none: use one of latent"),
         (dict(exit_criterion="latent", exit_threshold=-1.0), "must be a finite number >= 0"),
         (dict(exit_criterion="latent", exit_threshold=float("nan")), "must be a finite number >= 0"),
         (dict(exit_criterion="cosine", exit_threshold=3.0), "lies in [0, 2]"),

@@ -69,7 +69,7 @@ def test_opcheck_experts_backward(op, needs):
 def test_opcheck_one_token_and_counts():
     x, w_gate_up, w_down = expert_inputs(requires_grad=False)
     topk_w, topk_idx = torch.tensor([[0.7, 0.3]]), torch.tensor([[2, 0]])
-    torch.library.opcheck(torch.ops.loopmoe.experts_one_token.default, (x[:1], w_gate_up, w_down, topk_w, topk_idx))
+    torch.library.opcheck(torch.ops.loopmoe.experts_few_tokens.default, (x[:1], w_gate_up, w_down, topk_w, topk_idx))
     torch.library.opcheck(torch.ops.loopmoe.add_expert_counts_.default, (torch.zeros(4), torch.tensor([1.0, 0, 2, 3])))
 
 

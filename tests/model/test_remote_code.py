@@ -112,3 +112,47 @@ def test_model_code_may_import_only_stdlib_torch_transformers(tmp_path, monkeypa
     monkeypatch.setattr(remote_code, "PACKAGE", "loopmoe_fake")
     with pytest.raises(RuntimeError, match=r"mod\.py:1 imports 'numpy'"):
         remote_code.remote_code_files({"AutoModel": Thing})
+
+
+# A learned exit gate in the copy: the gate criterion scores and generates, and training uses the gate's loss.
+GATE_LOAD = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+torch.set_num_threads({threads})
+model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True).eval()
+assert not any(m.split(".")[0] == "loopmoe" for m in sys.modules), "loopmoe was imported"
+ids = load_file("{path}/ids.safetensors")["ids"]
+with torch.no_grad():
+    out = model(ids, exit_criterion="gate", exit_threshold=0.6)
+    generated = model.generate(ids[:1, :4], do_sample=False, max_new_tokens=5, exit_criterion="gate", exit_threshold=0.6)
+model.train()
+train = model(ids, labels=ids)
+save_file(
+    {{"logits": out.logits, "exit_loops": out.exit_loops, "generated": generated, "loss": train.loss.detach(),
+      "exit_depth": train.exit_depth}},
+    "gate.safetensors",
+)
+"""
+
+
+def test_the_copy_of_a_model_with_an_exit_gate_exits_and_trains_as_loopmoe_does(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    model = LoopMoEForCausalLM(tiny_config(num_loops=3, num_coda_layers=1, exit_gate=True)).eval()
+    with torch.no_grad():
+        model.model.exit_gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path / "model")
+    save_file({"ids": IDS}, str(tmp_path / "model" / "ids.safetensors"))
+    run_without_loopmoe(GATE_LOAD.format(path=tmp_path / "model", threads=torch.get_num_threads()), tmp_path)
+    theirs = load_file(str(tmp_path / "gate.safetensors"))
+    with torch.no_grad():
+        out = model(IDS, exit_criterion="gate", exit_threshold=0.6)
+        generated = model.generate(
+            IDS[:1, :4], do_sample=False, max_new_tokens=5, exit_criterion="gate", exit_threshold=0.6
+        )
+    assert 1 < out.exit_loops.float().mean() < 3  # the gate splits the tokens
+    assert torch.equal(theirs["exit_loops"], out.exit_loops) and torch.equal(theirs["logits"], out.logits)
+    assert torch.equal(theirs["generated"], generated)
+    model.train()
+    train = model(IDS, labels=IDS)
+    assert torch.equal(theirs["loss"], train.loss.detach()) and torch.equal(theirs["exit_depth"], train.exit_depth)

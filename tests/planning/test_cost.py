@@ -316,13 +316,12 @@ def test_the_trace_takes_the_loss_chunks_of_the_planned_device():
 
 
 def _valid_calibration():
-    from loopmoe.planning.calibration import CALIBRATION_VERSION
+    from loopmoe.planning.calibration import CALIBRATION_VERSION, machine
 
     return {
         "version": CALIBRATION_VERSION,
-        "cpu": "test cpu",
+        **machine(),
         "when": "2026-12-06",
-        "cores": 2,
         "memory_bytes": 24e9,
         "threads": {
             "1": {
@@ -416,3 +415,23 @@ def test_a_hand_edited_calibration_is_measured_again_never_used(tmp_path, monkey
     fresh = _valid_calibration()
     monkeypatch.setattr(calibration, "calibrate_cpu", lambda *a, **k: fresh)
     assert calibration.cpu_profile(1, calibrate=True).memory_bandwidth == 1e10
+
+
+@pytest.mark.parametrize("key", ["isa", "cpu", "cores", "torch"])
+def test_a_calibration_of_another_machine_is_never_used(tmp_path, monkeypatch, key):
+    """Same host name, another machine (or torch): its rates would carry one machine's answer to another."""
+    import json
+
+    from loopmoe.planning import calibration
+
+    monkeypatch.setenv("LOOPMOE_CACHE_DIR", str(tmp_path))
+    here = calibration.machine()[key]
+    other = here + 1 if isinstance(here, int) else ("AVX512" if here != "AVX512" else "AVX2")
+    data = {**_valid_calibration(), key: other}
+    calibration.cache_path().write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"measured on another machine or torch \\({key} {other!r} -> "):
+        calibration.cpu_profile(1, calibrate=False)
+    fresh = _valid_calibration()
+    monkeypatch.setattr(calibration, "calibrate_cpu", lambda *a, **k: fresh)
+    assert calibration.cpu_profile(1, calibrate=True).memory_bandwidth == 1e10
+    assert json.loads(calibration.cache_path().read_text())[key] == fresh[key]  # replaced by this machine's

@@ -36,7 +36,13 @@ def test_search_returns_only_fitting_layouts_of_balanced_shapes(small_grid):
         ref = compute_budget(c.reference, 512)
         assert abs(c.plan.total_params / ref.total_params - 1) <= 0.01  # balanced: matched parameters
         assert abs(c.plan.flops_per_token / ref.flops_per_token - 1) <= 0.01  # ... and FLOPs per token
-    assert [c.plan.tokens_per_s for c in found] == sorted((c.plan.tokens_per_s for c in found), reverse=True)
+    # ranked by model FLOPs trained per second; a looped shape carries its speed relative to its reference
+    assert [c.flops_per_s for c in found] == sorted((c.flops_per_s for c in found), reverse=True)
+    speed = {id(c.config): c.plan.tokens_per_s for c in found if c.config.num_loops == 1}
+    for c in found:
+        if id(c.reference) in speed:
+            assert c.vs_reference == pytest.approx(c.plan.tokens_per_s / speed[id(c.reference)])
+    assert any(c.config.num_loops == 2 and c.vs_reference is not None for c in found)
 
 
 def test_a_strictly_cheaper_twin_ranks_first():
@@ -77,8 +83,14 @@ def test_search_cli_json_and_plot(small_grid, tmp_path, capsys):
         "--json",
     ]
     assert main(argv) == 0
-    data = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
     assert data["candidates"] and plot.stat().st_size > 1000
+    assert "simulating 2 shapes" in captured.err  # said before the minutes of simulation, not after
+    # the table: ranked by model FLOP/s, each looped shape against its reference, and a legend of the columns
+    assert main(argv[:-1]) == 0
+    table = capsys.readouterr().out
+    assert "most model FLOPs per second" in table and "| vs T=1 |" in table and "FLOP/s: model FLOPs" in table
     assert main(["plan", "--search", "--hardware", "h100"]) == 2
     assert "--total-params" in capsys.readouterr().err
 

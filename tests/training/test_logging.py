@@ -2,12 +2,15 @@
 (config as text and hparams, one router histogram + summary scalars per (layer, iteration))."""
 
 import json
+import re
 from datetime import datetime
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from loopmoe.budget import compute_budget
+from loopmoe.config import layers_text
+from loopmoe.text import human
 from loopmoe.training import load_run_config, read_metrics, run_training
 from loopmoe.training.builders import build_model_config, default_model_factory
 from loopmoe.training.metrics import flat_config
@@ -26,6 +29,11 @@ TINY_LOOPMOE = {
     "optim.lr": 3e-3,
 }
 SLOTS = ("prelude.0", "core.0/iter0", "core.0/iter1")
+
+
+def _step_lines(err: str) -> list[str]:
+    """The console's step lines, their ``HH:MM:SS`` time stamp cut off."""
+    return [line[9:] for line in err.splitlines() if re.match(r"\d\d:\d\d:\d\d step ", line)]
 
 
 def _config(**extra):
@@ -50,8 +58,12 @@ def test_records_console_and_tensorboard(tmp_path, capfd):
     for r in records:
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e9, rel=1e-12)
 
-    # one console line at steps 5 and 10 (log_every; 10 also evaluates) and at the last step
-    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    # a start banner: where the run goes, from which step, and the resolved model with its counts
+    budget = compute_budget(build_model_config(cfg, VOCAB), cfg.data.seq_len)
+    assert re.search(rf"^\d\d:\d\d:\d\d loopmoe train: {re.escape(str(out))}, starting at step 0 of 12$", err, re.M)
+    assert f"{human(budget.total_params)} params, {human(budget.active_params)} active" in err
+    # one console line at steps 5 and 10 (log_every; 10 also evaluates) and at the last step, each timestamped
+    lines = _step_lines(err)
     assert [line.split(" | ")[0] for line in lines] == ["step 5/12", "step 10/12", "step 12/12"]
     for line in lines:
         for part in ("loss ", "lr ", "grad_norm ", "tok/s", "MFU ", "ETA "):
@@ -76,12 +88,50 @@ def test_records_console_and_tensorboard(tmp_path, capfd):
     assert all(e.value >= 1.0 for e in events.Scalars("router/core.0/iter1/max_load"))  # >= the balanced share
     # the run config, as text and as hparams
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert json.loads(config_text.strip("`").removeprefix("json\n")) == cfg.to_dict() | {
-        "data": {**cfg.to_dict()["data"], "data_dir": str(out / "data")}
-    }
+    logged = json.loads(config_text.strip("`").removeprefix("json\n"))
+    resolved = logged.pop("resolved_model")  # what trained, not only the preset's name
+    assert logged == cfg.to_dict() | {"data": {**cfg.to_dict()["data"], "data_dir": str(out / "data")}}
+    assert resolved["total_params"] == budget.total_params and resolved["layers"] == layers_text(
+        build_model_config(cfg, VOCAB)
+    )
     hparams = events.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
     assert b"optim.lr" in hparams["_hparams_/session_start_info"]
+
+
+def test_a_learned_exit_gate_logs_its_expected_depth_and_its_readouts_count_in_mfu(tmp_path, capfd):
+    cfg = _config(
+        **{
+            "model.exit_gate": "true",
+            "train.max_steps": 8,
+            "train.log_every": 4,
+            "train.eval_batches": 0,
+            "train.peak_tflops": 0.001,
+            "schedule.warmup_steps": 0,
+        }
+    )
+    run_training(cfg, tmp_path, model_factory=default_model_factory, data_factory=data_factory)
+    records = read_metrics(tmp_path)
+    depths = [r["exit_depth"] for r in records]
+    assert depths[0] == pytest.approx(1.5, abs=0.01)  # T = 2, λ = 1/2 at initialisation
+    assert all(1 <= d <= 2 for d in depths) and depths[-1] != depths[0]
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"]
+    budget = compute_budget(build_model_config(cfg, VOCAB), cfg.data.seq_len)
+    assert budget.exit_gate_flops_per_token > 0
+    flops = 3 * (budget.flops_per_token + budget.exit_gate_flops_per_token)
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e9, rel=1e-12)
+    lines = _step_lines(capfd.readouterr().err)
+    assert f"exit_depth {records[3]['exit_depth']:.2f}" in lines[0]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert "train/exit_depth" in events.Tags()["scalars"]
+
+
+def test_a_run_without_an_exit_gate_logs_no_depth(tmp_path):
+    cfg = _config(**{"train.max_steps": 1, "train.eval_batches": 0, "schedule.warmup_steps": 0})
+    run_training(cfg, tmp_path, model_factory=default_model_factory, data_factory=data_factory)
+    assert "exit_depth" not in read_metrics(tmp_path)[0]
 
 
 def test_elapsed_time_goes_on_across_a_resume(tmp_path):

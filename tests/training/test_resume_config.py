@@ -49,10 +49,17 @@ def test_max_steps_below_the_checkpoint_is_refused(tmp_path):
 def test_changed_schedule_applies_from_the_resumed_step(tmp_path, changed):
     reference = _train(_cfg(**changed), tmp_path / "reference")
     _train(_cfg(), tmp_path / "resumed")
-    with pytest.warns(UserWarning, match=r"resuming at step 4 with a changed schedule .*apply from step 5"):
+    with pytest.warns(UserWarning, match=r"resuming at step 4 with a changed schedule .*apply from step 5") as seen:
         _train(_cfg(**changed), tmp_path / "resumed")
     expected = [r["lr"] for r in read_metrics(tmp_path / "reference")][4:]
     got = [r["lr"] for r in read_metrics(tmp_path / "resumed")]
+    # the lr's jump is said in numbers: the one step 5 would have had, and the one it gets
+    before = build_scheduler(build_optimizer(TinyMoELM(), _cfg()), _cfg())
+    for _ in range(4):
+        before.optimizer.step()
+        before.step()
+    message = str(seen[0].message)
+    assert f"jumps from {before.get_last_lr()[0]:.3g} to {got[4]:.3g} at step 5" in message
     assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == list(range(1, 9))
     assert got[4:] == expected
     assert reference["step"] == 8

@@ -16,6 +16,11 @@ given and by the number of counted rows otherwise. The logits are computed in th
 and upcast to fp32 before the softmax, as there. The loss equals the unfused one up to fp32
 rounding (~1e-7 relative), not bit for bit: summation order differs; the reference is
 ``linear_cross_entropy_reference`` (transformers' loss on materialised logits).
+
+``weighted_linear_cross_entropy`` is the same kernel with a weight per row, ``sum_i w_i loss_i /
+denominator``, differentiable in the weights too (``d/dw_i = loss_i / denominator``), and the rows'
+own losses beside it: the learned exit gate's expected loss over exit depths (``modeling.py``) weights
+each iteration's readout by its exit probability in one pass over the stacked readouts.
 """
 
 from __future__ import annotations
@@ -31,31 +36,49 @@ from loopmoe.model.kernels.autocast import autocast_operands
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 1 << 30}
 
 
-def _shift(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """``labels[:, 1:]`` padded with ``ignore_index``: the target of every position, flattened."""
+def causal_targets(
+    labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None, ignore_index: int = -100
+) -> torch.Tensor:
+    """The target of every position, flattened [B * S]: ``shift_labels`` as given, else ``labels[:, 1:]``
+    padded with ``ignore_index`` (position t predicts label t + 1)."""
+    if shift_labels is not None:
+        return shift_labels.reshape(-1)
+    if labels is None:
+        raise ConfigError("linear_cross_entropy needs labels or shift_labels")
     return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, denominator, chunk_rows):
-        # h: [N, d], weight: [V, d], targets: [N] -> summed loss / denominator (fp32 scalar)
+    def forward(ctx, h, weight, targets, ignore_index, denominator, chunk_rows, row_weights=None):
+        # h: [N, d], weight: [V, d], targets: [N], row_weights: [N] fp32 or None
+        # -> (sum_i w_i loss_i / denominator (fp32 scalar), loss_i [N] fp32 with weights, else an empty tensor)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        weighted = row_weights is not None
+        row_losses = torch.empty(h.shape[0] if weighted else 0, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_rows):
             h_c, t_c = h[start : start + chunk_rows], targets[start : start + chunk_rows]
             logp = torch.log_softmax((h_c @ weight.t()).float(), dim=-1)  # [n, V]
             valid = t_c != ignore_index
             safe_t = torch.where(valid, t_c, 0)[:, None]
-            loss -= torch.where(valid, logp.gather(1, safe_t).squeeze(1), 0.0).sum()
+            picked = torch.where(valid, logp.gather(1, safe_t).squeeze(1), 0.0)  # [n] log p(target), 0 if ignored
+            if weighted:
+                w_c = row_weights[start : start + chunk_rows]
+                row_losses[start : start + chunk_rows] = -picked
+                loss -= (picked * w_c).sum()
+            else:
+                loss -= picked.sum()
             if not needs_grad:
                 continue
-            # d(loss_sum)/d(logits) = softmax - onehot on counted rows, 0 on ignored ones.
+            # d(loss_sum)/d(logits) = softmax - onehot on counted rows, 0 on ignored ones (times w_i if weighted).
             p = logp.exp_()
             p.scatter_add_(1, safe_t, torch.full_like(safe_t, -1.0, dtype=p.dtype))
             p.mul_(valid[:, None])
+            if weighted:
+                p.mul_(w_c[:, None])
             p = p.to(h.dtype)
             if grad_h is not None:
                 torch.mm(p, weight, out=grad_h[start : start + chunk_rows])
@@ -64,16 +87,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             elif grad_w is not None:  # bf16 products, still accumulated over chunks in fp32
                 grad_w += p.t() @ h_c
         ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_h, grad_w, denominator)
-        return loss / denominator
+        ctx.save_for_backward(grad_h, grad_w, denominator, row_losses)
+        ctx.mark_non_differentiable(row_losses)
+        return loss / denominator, row_losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w, denominator = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_rows):
+        grad_h, grad_w, denominator, row_losses = ctx.saved_tensors
         scale = grad_loss / denominator
         g_h = (grad_h * scale).to(grad_h.dtype) if grad_h is not None else None
         g_w = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return g_h, g_w, None, None, None, None
+        g_rows = row_losses * scale if ctx.needs_input_grad[6] else None  # d(sum_i w_i loss_i)/d(w_i) = loss_i
+        return g_h, g_w, None, None, None, None, g_rows
+
+
+def _chunk_rows(h: torch.Tensor, vocab: int, chunk_bytes: int | None) -> int:
+    """Rows per chunk whose fp32 logits take ``chunk_bytes`` (the device's default when None)."""
+    if chunk_bytes is None:
+        chunk_bytes = DEFAULT_CHUNK_BYTES.get(h.device.type, DEFAULT_CHUNK_BYTES["cuda"])
+    return max(1, chunk_bytes // (4 * vocab))
 
 
 def linear_cross_entropy(
@@ -94,21 +126,39 @@ def linear_cross_entropy(
     h = hidden.reshape(-1, d)
     # Autocast does not reach inside the autograd.Function; the weight gradient still accumulates in fp32.
     h, weight = autocast_operands(h, weight)
-    if shift_labels is not None:
-        targets = shift_labels.reshape(-1)
-    elif labels is not None:
-        targets = _shift(labels, ignore_index)
-    else:
-        raise ConfigError("linear_cross_entropy needs labels or shift_labels")
-    targets = targets.to(h.device)
+    targets = causal_targets(labels, shift_labels, ignore_index).to(h.device)
     if num_items_in_batch is None:
         denominator = (targets != ignore_index).sum().to(torch.float32)
     else:
         denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=h.device)
-    if chunk_bytes is None:
-        chunk_bytes = DEFAULT_CHUNK_BYTES.get(h.device.type, DEFAULT_CHUNK_BYTES["cuda"])
-    chunk_rows = max(1, chunk_bytes // (4 * vocab))
-    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, denominator, chunk_rows)
+    chunk_rows = _chunk_rows(h, vocab, chunk_bytes)
+    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, denominator, chunk_rows, None)[0]
+
+
+def weighted_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor,
+    denominator: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_i w_i loss_i / denominator`` of ``hidden @ weight.T`` without materialising the logits, and
+    ``loss_i`` (detached, 0 on ignored rows).
+
+    hidden: [..., d] (N rows); targets: [N] already shifted (``causal_targets``); row_weights: [N], may
+    require grad; denominator: a scalar. Chunked like ``linear_cross_entropy``, with the same memory:
+    one fp32 ``[V, d]`` weight gradient and one ``[N, d]`` hidden gradient, whatever N stacks.
+    """
+    d, vocab = hidden.shape[-1], weight.shape[0]
+    h, weight = autocast_operands(hidden.reshape(-1, d), weight)
+    rows = row_weights.reshape(-1).to(device=h.device, dtype=torch.float32)
+    denominator = torch.as_tensor(denominator, dtype=torch.float32, device=h.device)
+    chunk_rows = _chunk_rows(h, vocab, chunk_bytes)
+    return _LinearCrossEntropy.apply(
+        h, weight, targets.reshape(-1).to(h.device), ignore_index, denominator, chunk_rows, rows
+    )
 
 
 def linear_cross_entropy_reference(

@@ -19,7 +19,8 @@ the loop path reads the group sizes on the host (``counts.tolist()``) and loops 
 dynamo cannot trace, and ``torch._grouped_mm``'s own meta kernel accepts bf16 alone. Eager mode
 runs the same ops. A forward op also returns, as outputs without gradient, the activations its
 backward reuses (a custom op saves only its inputs and outputs); the wrappers return ``y`` alone.
-``experts_one_token`` (the batch-1 decoding path of the MoE) is an op only under ``torch.compile``.
+``experts_few_tokens`` (the decoding path of the MoE, up to ``FEW_TOKENS`` tokens) is an op only under
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -259,44 +260,74 @@ def _zeros_outside(weight: torch.Tensor, groups) -> torch.Tensor:
     return grad
 
 
-# --- batch-1 decoding ----------------------------------------------------------------------------
+# --- decoding: a few tokens --------------------------------------------------------------------
+
+FEW_TOKENS = 8  # up to batch-8 decoding: each expert's weight is read once for a handful of rows
 
 
-def experts_one_token(
+def experts_few_tokens(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_w: torch.Tensor, topk_idx: torch.Tensor
 ) -> torch.Tensor:
-    """Inference on one token: ``sum_j topk_w[0, j] * expert_{topk_idx[0, j]}(x)``, ``[1, d] -> [1, d]``.
+    """Inference on a few tokens: ``y[n] = sum_j topk_w[n, j] * expert_{topk_idx[n, j]}(x[n])``, ``[N, w] -> [N, w]``.
 
-    One expert call per selected expert, without the sort / count / permutations whose fixed cost
-    dominates at one row (batch-1 decoding). The same SwiGLU as the sorted path, equal to it up to
-    fp rounding (one gate_up matvec here, two halves there). No autograd: callers use it with
-    gradients off. Under ``torch.compile`` it runs as the custom op ``loopmoe::experts_one_token``
+    Decoding (``N <= FEW_TOKENS``) is bound by reading the selected experts' weights and by the
+    number of ops around them, not by FLOPs. The sorted path (``experts_loop``) spends about 14 ops
+    on the sort, counts and permutations and about 5 per expert group and projection (slices of the
+    weight half and of the shared buffers, a matmul, a copy into them); here the expert ids and the
+    routing weights are read on the host once and the groups are formed in Python:
+    - one token: per selected expert ``linear`` (gate and up in one matvec), SiLU x up, ``linear``,
+      scaled by its weight and summed;
+    - N tokens: the rows gathered in expert order by one ``index_select``, one ``linear`` per
+      expert and projection on its block, the blocks joined by ``cat``, and the weighted rows added
+      into their tokens by one ``index_add_``.
+    The same SwiGLU as ``experts_reference``, equal to it up to fp rounding (gate and up come from
+    one matmul here, two halves in ``experts_loop``); for k = 2 the combine is bit for bit the
+    sorted path's (two products summed in either order). No autograd: callers use it with
+    gradients off. Under ``torch.compile`` it runs as the custom op ``loopmoe::experts_few_tokens``
     (the expert ids are read on the host); eager mode calls it directly, saving the op dispatch.
     """
     if torch.compiler.is_compiling():
-        return ops.experts_one_token(x, w_gate_up, w_down, topk_w, topk_idx)
-    return _one_token(x, w_gate_up, w_down, topk_w, topk_idx)
+        return ops.experts_few_tokens(x, w_gate_up, w_down, topk_w, topk_idx)
+    return _few_tokens(x, w_gate_up, w_down, topk_w, topk_idx)
 
 
-def _one_token(x, w_gate_up, w_down, topk_w, topk_idx):
+def _few_tokens(x, w_gate_up, w_down, topk_w, topk_idx):
     f = w_down.shape[-1]
-    y = None
-    for j, e in enumerate(topk_idx[0].tolist()):
-        gate, up = linear(x, w_gate_up[e]).split(f, dim=-1)
-        term = linear(F.silu(gate) * up, w_down[e]) * topk_w[:, j : j + 1]
-        y = term if y is None else y + term
-    return y
+    experts, weights = topk_idx.tolist(), topk_w.tolist()  # [N][k] ints and floats (exactly topk_w's values)
+    if len(experts) == 1:
+        y = None
+        for e, weight in zip(experts[0], weights[0]):
+            gate, up = linear(x, w_gate_up[e]).split(f, dim=-1)
+            term = linear(F.silu(gate) * up, w_down[e]) * weight  # [1, w]
+            y = term if y is None else y + term
+        return y
+    # (expert, token, weight) of every assignment, by expert and then token: each expert's rows are one block.
+    rows = sorted((e, n, wt) for n, (es, ws) in enumerate(zip(experts, weights)) for e, wt in zip(es, ws))
+    token = [n for _, n, _ in rows]
+    blocks = []  # (expert, first row, rows)
+    for i, (e, _, _) in enumerate(rows):
+        if blocks and blocks[-1][0] == e:
+            blocks[-1][2] += 1
+        else:
+            blocks.append([e, i, 1])
+    token_of_row = torch.tensor(token, device=x.device)  # [M]
+    x_sorted = x.index_select(0, token_of_row)  # [M, w]
+    gate, up = torch.cat([linear(x_sorted[s : s + n], w_gate_up[e]) for e, s, n in blocks]).split(f, dim=-1)
+    a = F.silu(gate) * up  # [M, f]
+    y_sorted = torch.cat([linear(a[s : s + n], w_down[e]) for e, s, n in blocks])  # [M, w]
+    weight = torch.tensor([wt for _, _, wt in rows], dtype=y_sorted.dtype, device=x.device)
+    return y_sorted.new_zeros(x.shape[0], y_sorted.shape[1]).index_add_(0, token_of_row, y_sorted * weight[:, None])
 
 
-@torch.library.custom_op(f"{NAMESPACE}::experts_one_token", mutates_args=())
-def _experts_one_token_op(
+@torch.library.custom_op(f"{NAMESPACE}::experts_few_tokens", mutates_args=())
+def _experts_few_tokens_op(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_w: torch.Tensor, topk_idx: torch.Tensor
 ) -> torch.Tensor:
-    return _one_token(x, w_gate_up, w_down, topk_w, topk_idx)
+    return _few_tokens(x, w_gate_up, w_down, topk_w, topk_idx)
 
 
-@_experts_one_token_op.register_fake
-def _experts_one_token_fake(x, w_gate_up, w_down, topk_w, topk_idx):
+@_experts_few_tokens_op.register_fake
+def _experts_few_tokens_fake(x, w_gate_up, w_down, topk_w, topk_idx):
     return x.new_empty(x.shape[0], w_down.shape[1])
 
 
@@ -332,8 +363,8 @@ def _experts_backward_flop(
     return per_projection * (1 + need_down + 2 * need_x + 2 * need_gate_up)
 
 
-@register_flop_formula(ops.experts_one_token)
-def _experts_one_token_flop(
+@register_flop_formula(ops.experts_few_tokens)
+def _experts_few_tokens_flop(
     x_shape, w_gate_up_shape, w_down_shape, topk_w_shape, topk_idx_shape, out_shape=None
 ) -> int:
     rows, d = x_shape

@@ -31,3 +31,44 @@ def test_linear_with_autograd_is_f_linear_exactly():
     assert torch.equal(out, F.linear(x, w))
     out.sum().backward()
     assert w.grad is not None
+
+
+BIG = (1024, 256)  # 1 MiB: the thread split (from 64K elements) and, on one thread, the reorientation (from 256K)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoding_path_equals_f_linear_as_a_view(rows, threads):
+    torch.manual_seed(0)
+    w = torch.randn(*BIG) / 16  # outputs of unit scale: rounding differences ~1e-7
+    x = torch.randn(rows, 1, BIG[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            out = linear(x, w)
+            expected = F.linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == (rows, 1, BIG[0])
+    assert out.stride()[-1] == rows  # weight @ x.T, returned transposed: the decoding path ran
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.view(rows, -1, 16, 64), out.reshape(rows, -1, 16, 64))  # heads split as a view
+
+
+@pytest.mark.parametrize("dynamic", [False, True])  # True: a symbolic row count (a second batch size)
+@pytest.mark.parametrize("rows", [1, 4])
+def test_compiled_linear_has_no_graph_break(rows, dynamic):
+    """``torch.get_num_threads`` (the thread split) cannot be traced: a compiled graph keeps only the
+    reorientation, whatever the thread count."""
+    torch._dynamo.reset()
+    w, x = torch.randn(*BIG) / 16, torch.randn(rows, BIG[1])  # outputs of unit scale
+    compiled = torch.compile(linear, backend="eager", fullgraph=True, dynamic=dynamic)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+        torch._dynamo.reset()
