@@ -36,6 +36,7 @@ from loopmoe.evaluation.loading import load_hf_tokenizer, load_model
 from loopmoe.model.adaptive import ExitPolicy
 from loopmoe.model.depth_batching import DepthBatchingDecoder
 from loopmoe.paths import shared_data_dir
+from loopmoe.testing.tiny_run import TINY_RUN
 
 THRESHOLDS = {
     "latent": (0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
@@ -46,24 +47,8 @@ THRESHOLDS = {
 }
 LOSS_BUDGET = 0.01  # held-out loss a threshold may cost against full depth
 BATCHES = (8, 32)  # sequences generated together
-# --smoke: a two-step run of a tiny looped model (as tests/conftest.py's TINY_RUN), trained in seconds.
-SMOKE_RUN = [
-    "model.num_loops=4",
-    "data.source=embedded",
-    "data.train_bpe_vocab=300",
-    "data.seq_len=32",
-    "train.max_steps=2",
-    "schedule.warmup_steps=0",
-    "train.eval_batches=0",
-    "train.micro_batch_size=2",
-    "model.hidden_size=32",
-    "model.num_core_layers=1",
-    "model.num_attention_heads=2",
-    "model.num_key_value_heads=1",
-    "model.head_dim=16",
-    "model.num_experts=4",
-    "model.moe_intermediate_size=16",
-]
+# --smoke: the tests' two-step run of a tiny model (loopmoe.testing.tiny_run), looped 4 times: trained in seconds.
+SMOKE_RUN = ["model.num_loops=4", *TINY_RUN]
 
 
 def trained_model(out: Path, overrides: list[str] | None = None) -> Path:

@@ -9,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from loopmoe.testing.tiny_run import TINY_RUN  # a real two-step run of a tiny LoopMoE, through the export
+
 torch.set_num_threads(2)
 
 
@@ -59,25 +61,6 @@ def tiny_config():
         return LoopMoEConfig(**{**TINY, **overrides})
 
     return make
-
-
-# A real two-step run of a tiny LoopMoE (BPE trained on the embedded corpus), through the trainer's export.
-TINY_RUN = [
-    "data.source=embedded",
-    "data.train_bpe_vocab=300",
-    "data.seq_len=32",
-    "train.max_steps=2",
-    "schedule.warmup_steps=0",
-    "train.eval_batches=0",
-    "train.micro_batch_size=2",
-    "model.hidden_size=32",
-    "model.num_core_layers=1",
-    "model.num_attention_heads=2",
-    "model.num_key_value_heads=1",
-    "model.head_dim=16",
-    "model.num_experts=4",
-    "model.moe_intermediate_size=16",
-]
 
 
 @pytest.fixture(scope="session")
