@@ -14,6 +14,7 @@ from loopmoe.compare.arms import ArmSpec
 from loopmoe.compare.results import MissingRun
 from loopmoe.evaluation.pipeline import evaluate_run
 from tests.compare import TINY_COMPARE
+from tests.evaluation import record_measurements
 
 
 def _options(out: Path, **overrides) -> CompareOptions:
@@ -73,24 +74,6 @@ def _val_batches(root: Path):
     )
 
 
-def _record_measurements(monkeypatch) -> list[str]:
-    """The names of the stored measurements ``evaluate_run`` computes (not reuses) from now on, in order."""
-    from loopmoe.evaluation import pipeline
-
-    measured: list[str] = []
-    real = pipeline.cached
-
-    def spy(path, params, compute):
-        def counted():
-            measured.append(path.name)
-            return compute()
-
-        return real(path, params, counted)
-
-    monkeypatch.setattr(pipeline, "cached", spy)
-    return measured
-
-
 def test_every_run_is_evaluated_and_stored_with_it(study):
     root, results = study
     for name, seeds in (("reference", (0, 1)), ("looped", (0, 1)), ("cond-emb", (0,))):
@@ -133,7 +116,7 @@ def test_stored_evaluation_is_reused_and_redone_only_when_stale(study, monkeypat
     # as if killed while scoring the tasks: only they are measured again; a changed --task-limit is stale
     depth_before = (run_dir / "eval" / "depth.json").read_text()
     (run_dir / "eval" / "tasks.json").unlink()
-    measured = _record_measurements(monkeypatch)
+    measured = record_measurements(monkeypatch)
     evaluate_run(run_dir, **_eval_args(opts, _val_batches(root)))
     assert measured == ["tasks.json"]
     assert (run_dir / "eval" / "depth.json").read_text() == depth_before
@@ -233,7 +216,7 @@ def test_stored_evaluations_are_keyed_on_the_content_of_the_data_they_read(study
     root, _ = study
     opts = _options(root / "cmp")
     run_dir = root / "cmp" / "seed0" / "reference"
-    measured = _record_measurements(monkeypatch)
+    measured = record_measurements(monkeypatch)
     # The same task data reached through another data folder (a copy): content-keyed, so reused.
     data = tmp_path / "data"
     shutil.copytree(shared_data_dir() / "copa", data / "copa")

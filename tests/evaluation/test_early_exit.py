@@ -15,6 +15,7 @@ from loopmoe.evaluation.early_exit import IterationTally, early_exit, exit_point
 from loopmoe.evaluation.pipeline import EVAL_DIR, EXIT_DIR, RunEvaluation, evaluate_run
 from loopmoe.model.adaptive import ExitPolicy
 from tests.conftest import TINY
+from tests.evaluation import record_measurements
 
 LOOPED = dict(TINY, num_prelude_layers=1, num_coda_layers=1, num_loops=3)
 SEQ = 12
@@ -123,24 +124,6 @@ def _evaluate(run_dir, batches, sweep, measured=None):
     )
 
 
-def _spy(monkeypatch) -> list[str]:
-    """The stored files ``evaluate_run`` measures (not reuses) from now on."""
-    from loopmoe.evaluation import pipeline
-
-    measured: list[str] = []
-    real = pipeline.cached
-
-    def spy(path, params, compute):
-        def counted():
-            measured.append(path.name)
-            return compute()
-
-        return real(path, params, counted)
-
-    monkeypatch.setattr(pipeline, "cached", spy)
-    return measured
-
-
 def test_a_runs_sweep_is_stored_per_policy_reused_and_redone_when_the_policy_changes(
     tmp_path, model, batches, monkeypatch
 ):
@@ -164,7 +147,7 @@ def test_a_runs_sweep_is_stored_per_policy_reused_and_redone_when_the_policy_cha
     assert _evaluate(run_dir, batches, ("latent:0", "1e9")).exit_sweep == evaluation.exit_sweep
     monkeypatch.undo()
     # A changed policy is measured (alone); a stored point whose params name another policy is never reused.
-    measured = _spy(monkeypatch)
+    measured = record_measurements(monkeypatch)
     again = _evaluate(run_dir, batches, ("latent:0", "0.5"))
     assert measured == ["latent_0.5_1-T.json"] and again.exit_sweep[0] == never
     record = json.loads((folder / "latent_0.0_1-T.json").read_text())

@@ -292,3 +292,17 @@ def test_chat_on_the_qwen3_moe_export(vanilla_dir, tmp_path):
         assert text == server.greedy(server.encode(PROMPTS[0]), 8)
         refused = client.post("/v1/chat/completions", json={**body, "num_loops": 2})
         assert refused.status_code == 400 and "need a LoopMoE checkpoint" in refused.json()["error"]["message"]
+
+
+def test_the_readme_client_snippet_runs_as_written(server, capsys):
+    """The README's openai-client example, pointed at this server (its address and model name only)."""
+    import re
+
+    from tests.test_readme import README
+
+    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "OpenAI(" in block]
+    snippet = snippet.replace("http://127.0.0.1:8000/v1", server.url + "/v1").replace('"looped"', repr(NAME))
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["reply"].choices[0].text == server.greedy(server.encode("ROMEO:"), 32, num_loops=4)
+    assert capsys.readouterr().out  # the streamed chat reply was printed
