@@ -1,6 +1,6 @@
 """(4b) Decoding as a user meets it: a saved LoopMoE and its Qwen3-MoE export, both from ``from_pretrained``.
 
-    python -m bench.decode_vs_hf [--threads N] [--rounds R] [--new 64]
+    python -m bench.decode_vs_hf [--threads N] [--rounds R] [--new 64] [--quick]
 
 A LoopMoE of the ``bench`` preset (T = 1, Qwen3-MoE's shape, seeded random weights) is saved with
 ``save_pretrained``, exported with ``loopmoe.convert.export_qwen3_moe``, and both folders are loaded
@@ -168,8 +168,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per batch size")
     ap.add_argument("--new", type=int, default=64, help="new tokens per generation")
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 32 new tokens (bench.run_all --quick)")
     args = ap.parse_args(argv)
-    res = run(args.threads, args.rounds, args.new)
+    res = run(args.threads, 3 if args.quick else args.rounds, 32 if args.quick else args.new)
     print(f"threads {res['threads']} ({res['clock']}), CPU capability {res['cpu_capability']}")
     print(
         markdown_table(

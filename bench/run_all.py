@@ -1,8 +1,8 @@
 """Run every benchmark in order and print their tables: ``python -m bench.run_all [--quick]``.
 
 peak FLOPs first (the MFU denominator of the others), then the MoE layer, the training step,
-generation, LoopMoE vs its matched Vanilla MoE, the data pipeline, activation checkpointing, DCCA
-against SwiGLU experts and expert parallelism. JSON results go to
+generation (in memory, then as users load it), LoopMoE vs its matched Vanilla MoE, the data
+pipeline, activation checkpointing, DCCA against SwiGLU experts and expert parallelism. JSON results go to
 bench/results/, plots to docs/. ``--quick`` (fewer sizes and repetitions) takes a few minutes.
 """
 
@@ -15,6 +15,7 @@ from bench import (
     activation_checkpointing,
     data_pipeline,
     dcca,
+    decode_vs_hf,
     expert_parallel,
     generate,
     loop_vs_vanilla,
@@ -28,6 +29,7 @@ BENCHMARKS = [
     ("MoE layer", moe_layer),
     ("training step", train_step),
     ("generation", generate),
+    ("decoding as users load it (from_pretrained, both models)", decode_vs_hf),
     ("LoopMoE vs Vanilla MoE", loop_vs_vanilla),
     ("data pipeline", data_pipeline),
     ("activation checkpointing", activation_checkpointing),

@@ -15,6 +15,12 @@ output equals ``model.generate(ids, do_sample=False)``; nucleus sampling with ``
 core iterations in a shared core forward, and a finished sequence's slot goes to the next prompt.
 Greedy texts are those of the prompt-by-prompt run (up to float rounding at near-ties); the compute
 the exits saved is printed on stderr.
+
+``--compile`` compiles the whole model (``model.compile()``) and decodes with transformers' static KV
+cache, whose decoding step has one shape at every length: the first generation compiles two graphs
+(prefill, decoding) and the cache's growth recompiles nothing (``bench/generate.py``). The static
+cache has the trained depth's layer slots and fixed shapes, so adaptive depth (``--exit``,
+``--batch-slots``) and a deeper ``--num-loops`` are refused with it.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from loopmoe.errors import ConfigError, DataError
+from loopmoe.errors import CheckpointError, ConfigError, DataError
 from loopmoe.model.adaptive import ExitPolicy
 from loopmoe.options import add_options, option, options_from
+from loopmoe.trust import read_json
 
 
 @dataclass
@@ -75,6 +82,12 @@ class GenerateOptions:
         False,
         help="keep the last tokens of a prompt too long for the context (prompt + --max-new-tokens) "
         "instead of refusing it",
+    )
+    compile: bool = option(
+        False,
+        help="compile the whole model (torch.compile) and decode with a static KV cache, the same text; the first "
+        "generation compiles (tens of seconds on a CPU), so it pays only for long generations or many prompts; "
+        "not with --exit, --batch-slots or --num-loops above the trained one",
     )
 
 
@@ -143,6 +156,28 @@ def check_options(opts: GenerateOptions) -> None:
         raise ConfigError(
             "--stream prints one sequence as it grows: drop it with --batch-slots (texts print at the end)"
         )
+    if opts.compile:
+        check_compile(opts)
+
+
+def check_compile(opts: GenerateOptions) -> None:
+    """``--compile`` decodes with a static KV cache: fixed shapes and the trained depth's layer slots
+    (``LoopMoEModel.forward`` refuses a deeper run on it), checked before the weights load."""
+    for flag, given in (("--exit", opts.exit), ("--batch-slots", opts.batch_slots)):
+        if given is not None:
+            raise ConfigError(
+                f"{flag} decodes at adaptive depth, whose shapes change per token and which the static KV cache "
+                f"of --compile cannot hold: drop --compile or {flag}"
+            )
+    config = opts.model_dir / "config.json"
+    if opts.num_loops is None or not config.is_file():  # a missing config.json: load_model names the fix
+        return
+    trained = read_json(config, CheckpointError, "copy or export the checkpoint again").get("num_loops")
+    if isinstance(trained, int) and opts.num_loops > trained:
+        raise ConfigError(
+            f"--num-loops {opts.num_loops} runs deeper than the trained num_loops={trained}, for which the static "
+            f"KV cache of --compile is sized: use --num-loops {trained} or less, or drop --compile for test-time depth"
+        )
 
 
 def check_device(device: str) -> None:
@@ -210,6 +245,8 @@ def generation_kwargs(opts: GenerateOptions, tokenizer) -> dict:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         kwargs.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or 0)
+    if opts.compile:  # one decoding shape at every length: the compiled step never recompiles as the cache grows
+        kwargs["cache_implementation"] = "static"
     if tokenizer.eos_token_id is not None:  # stop at the tokenizer's EOS; pad with it (one prompt: no padding)
         kwargs.update(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id
@@ -233,6 +270,13 @@ def run(args) -> int:
     prompts = read_prompts(opts.prompt, sys.stdin)
     model = load_model(opts.model_dir, device=opts.device)
     tokenizer = load_hf_tokenizer(opts.model_dir, opts.tokenizer)
+    if opts.compile:
+        model.compile()  # the whole model, compiled at its first call: one graph for prefill, one for decoding
+        print(
+            "loopmoe generate: compiling the model (the first generation takes tens of seconds on a CPU)",
+            file=sys.stderr,
+            flush=True,
+        )
     kwargs = generation_kwargs(opts, tokenizer)
     torch.manual_seed(opts.seed)
 

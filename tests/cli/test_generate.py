@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from loopmoe.cli.main import main
 from tests.evaluation.conftest import data_dir, gpt2_tokenizer, loopmoe_dir  # noqa: F401  (fixtures)
@@ -321,3 +322,40 @@ def test_batch_slots_print_what_prompt_by_prompt_generation_prints(gated_dir, ca
     assert "drop it with --batch-slots" in capsys.readouterr().err
     assert main([*argv, "--batch-slots", "0"]) == 2
     assert "--batch-slots 0: must be >= 1" in capsys.readouterr().err
+
+
+# --- --compile: the whole model compiled, decoding with a static KV cache ----------------------------
+
+
+@pytest.mark.slow  # inductor compiles the prefill and the decoding graph: tens of seconds on a small CPU
+def test_compile_prints_the_eager_greedy_text_with_two_graphs(model_dir, capsys):
+    argv = ["generate", str(model_dir), "--prompt", "Compiled decoding", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    eager = capsys.readouterr().out
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert main([*argv, "--compile"]) == 0
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    captured = capsys.readouterr()
+    assert captured.out == eager
+    assert "compiling the model" in captured.err
+    assert graphs == 2  # prefill and decoding: the static cache's growth recompiles nothing
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--exit", "latent:0.03"], "static KV cache of --compile cannot hold: drop --compile or --exit"),
+        (["--batch-slots", "2"], "static KV cache of --compile cannot hold: drop --compile or --batch-slots"),
+        (["--num-loops", "3"], "use --num-loops 2 or less, or drop --compile for test-time depth"),
+    ],
+)
+def test_compile_refuses_what_its_static_cache_cannot_hold_before_loading(
+    model_dir, flags, message, monkeypatch, capsys
+):
+    monkeypatch.setattr("loopmoe.evaluation.loading.load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    err = _one_line_error(["generate", str(model_dir), "--prompt", "x", "--compile", *flags], capsys, message)
+    assert len(err.strip().splitlines()) == 1

@@ -104,6 +104,22 @@ def test_iteradaln_modulation_depends_on_iteration_and_token(tiny_config):
     assert not torch.allclose(m0[0, 0], m0[0, 1]), "the token's hidden state must change the modulation"
 
 
+def test_iteradaln_decoding_path_equals_the_training_path(tiny_config):
+    # At inference on a few rows the six modulations come from one [6d] product (fewer ops per step).
+    model = build(tiny_config(num_loops=2))
+    modulation = model.model.core[0].modulation
+    torch.nn.init.normal_(modulation.w_mod.weight, std=0.5)
+    torch.nn.init.normal_(modulation.w_mod.bias, std=0.5)
+    h = torch.randn(1, 2, 32)
+    v = model.model.iter_encoder(1, h)
+    blocks = modulation(h, v)  # grad enabled: the six-product path
+    with torch.no_grad():
+        fused = modulation(h, v)
+    assert len(fused) == 6
+    for a, b in zip(blocks, fused):
+        torch.testing.assert_close(a.detach(), b)
+
+
 def test_concat_injection_starts_as_identity(tiny_config):
     concat = build(tiny_config(num_loops=3, input_injection="concat", iter_conditioning="none"))
     plain = build(tiny_config(num_loops=3, iter_conditioning="none"))
