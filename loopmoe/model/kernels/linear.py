@@ -30,6 +30,14 @@ _SPLIT_MIN_WEIGHT = 1 << 16  # below (a router: E x d) the weight sits in cache 
 _ORIENT_FEW_ROWS, _ORIENT_MIN_FEW, _ORIENT_MIN_MANY = 4, 1 << 16, 1 << 18  # elements, up to 4 rows and above
 
 
+@torch.compiler.assume_constant_result
+def _num_threads() -> int:
+    """torch's intra-op threads; under ``torch.compile`` read once while tracing and kept as a constant
+    (``torch.get_num_threads`` itself would break the graph), so compiled decoding splits its matvecs
+    over the threads as eager decoding does: BLAS runs a matrix-vector product on one thread either way."""
+    return torch.get_num_threads()
+
+
 def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T``: what ``linear`` must equal."""
     return F.linear(x, weight)
@@ -37,7 +45,7 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T``; at inference on CPU, for at most ``SPLIT_MAX_ROWS`` rows, computed as
-    ``weight @ x.T``: split over threads (eager mode), or (one thread or compiled, several rows) reoriented."""
+    ``weight @ x.T``: split over threads, or (one thread, several rows) reoriented."""
     # The checks cost a few microseconds per call, paid by every decoding matmul: cheapest first.
     if torch.is_grad_enabled() or not x.is_cpu:
         return F.linear(x, weight)
@@ -46,9 +54,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     elements = out_features * size
     if rows > SPLIT_MAX_ROWS or elements < _SPLIT_MIN_WEIGHT or not weight.is_contiguous():
         return F.linear(x, weight)
-    # Compiled: the reorientation only (torch.get_num_threads would break the graph; the compiled
-    # matmuls thread themselves).
-    blocks = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    blocks = _num_threads()
     # 5-8 rows split only large weights, as they reorient: 256 x 512 at 8 rows ran 0.70x F.linear split in two
     # (2 threads, AMD EPYC Zen 4, AVX-512), while 1024 x 256 and the LM head gained 1.2x and 1.4x.
     split = blocks > 1 and out_features % blocks == 0 and (rows <= _ORIENT_FEW_ROWS or elements >= _ORIENT_MIN_MANY)

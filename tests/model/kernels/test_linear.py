@@ -59,11 +59,17 @@ def test_decoding_path_equals_f_linear_as_a_view(rows, threads):
 @pytest.mark.parametrize("dynamic", [False, True])  # True: a symbolic row count (a second batch size)
 @pytest.mark.parametrize("rows", [1, 4])
 def test_compiled_linear_has_no_graph_break(rows, dynamic):
-    """``torch.get_num_threads`` (the thread split) cannot be traced: a compiled graph keeps only the
-    reorientation, whatever the thread count."""
+    """``torch.get_num_threads`` cannot be traced: the thread count is read once while tracing
+    (``assume_constant_result``), so the compiled graph splits the product over the threads as eager does."""
     torch._dynamo.reset()
     w, x = torch.randn(*BIG) / 16, torch.randn(rows, BIG[1])  # outputs of unit scale
-    compiled = torch.compile(linear, backend="eager", fullgraph=True, dynamic=dynamic)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(linear, backend=record, fullgraph=True, dynamic=dynamic)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -72,3 +78,4 @@ def test_compiled_linear_has_no_graph_break(rows, dynamic):
     finally:
         torch.set_num_threads(before)
         torch._dynamo.reset()
+    assert len(graphs) == 1 and "bmm" in graphs[0].code  # the split over two threads, in the graph
