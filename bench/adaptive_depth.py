@@ -9,8 +9,8 @@
    one with the fewest FLOPs per token among those within 0.01 of full depth's held-out loss, and the
    timed policy the chosen (criterion, threshold) with the fewest FLOPs of all.
 2. Speed, interleaved in one process (``bench.common.interleaved``): scoring tokens/s of the held-out
-   batches and batch-1 greedy decoding tokens/s (128 new tokens), adaptive at the timed policy
-   against full depth; and batched generation of 8 and 32 sequences (32-token prompts,
+   batches and batch-1 greedy decoding tokens/s (128 new tokens) against executed core iterations,
+   adaptive at the timed policy beside every fixed depth T = 1 .. num_loops; and batched generation of 8 and 32 sequences (32-token prompts,
    128 new tokens each), four ways: transformers' ``generate`` in lockstep at full depth and with the
    exits (a row's exit saves nothing until every row of the batch has exited), and the continuous
    depth batching decoder (``loopmoe.model.depth_batching``) at full depth and with the exits, which
@@ -179,9 +179,11 @@ def measure(model_dir: Path, quick: bool, smoke: bool, name: str = "adaptive_dep
 
 
 def decode_speed(model, ids: torch.Tensor, policy: ExitPolicy, new: int, timing: dict) -> dict:
-    """Scoring and batch-1 greedy decoding, adaptive under ``policy`` against full depth."""
+    """Scoring and batch-1 greedy decoding: tokens/s against executed core iterations, adaptive under
+    ``policy`` beside every fixed depth T = 1 .. num_loops (full depth), interleaved in one process."""
     adaptive = dict(exit_criterion=policy.criterion, exit_threshold=policy.threshold)
     prompt1 = ids[0, :1, :32]
+    loops = model.config.num_loops
 
     def decode(**kwargs):
         return lambda: model.generate(
@@ -191,14 +193,29 @@ def decode_speed(model, ids: torch.Tensor, policy: ExitPolicy, new: int, timing:
     def scoring(**kwargs):
         return lambda: score(model, ids[:2], **kwargs)
 
+    # The adaptive runs' executed iterations per token: scoring's exit_loops; for decoding, the same
+    # greedy generation through the depth-batching decoder with one slot, which counts them.
+    decoded = DepthBatchingDecoder(model, policy, 1).generate([prompt1[0]], new).stats
+    iterations = {
+        "score": score(model, ids[:2], **adaptive)[1],
+        "decode_b1": decoded.decode_iterations / max(decoded.decoded_tokens, 1),
+    }
     speed = {}
-    for name, (full_fn, adaptive_fn) in {
-        "score": (scoring(), scoring(**adaptive)),
-        "decode_b1": (decode(), decode(**adaptive)),
-    }.items():
-        stats = common.interleaved({"full": full_fn, "adaptive": adaptive_fn}, **timing)
+    for name, make, tokens in (("score", scoring, ids[:2].numel()), ("decode_b1", decode, new)):
+        fns = {"full": make(), "adaptive": make(**adaptive)}
+        fns.update({f"T{k}": make(num_loops=k) for k in range(1, loops)})
+        stats = common.interleaved(fns, **timing)
         full_s, adaptive_s = stats["full"]["median"], stats["adaptive"]["median"]
-        speed[name] = {"full_s": full_s, "adaptive_s": adaptive_s, "speedup": full_s / adaptive_s}
+        depth = {f"T{k}": float(k) for k in range(1, loops)} | {"full": float(loops), "adaptive": iterations[name]}
+        speed[name] = {
+            "full_s": full_s,
+            "adaptive_s": adaptive_s,
+            "speedup": full_s / adaptive_s,
+            "by_iterations": [
+                {"run": run, "iterations": depth[run], "tokens_per_s": tokens / stats[run]["median"]}
+                for run in sorted(fns, key=lambda r: depth[r])
+            ],
+        }
     return speed
 
 
@@ -309,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"timed policy (fewest FLOPs within {LOSS_BUDGET} of full depth's loss): {result['policy']}")
     for name, s in result["speed"].items():
         print(f"{name}: {s['speedup']:.2f}x (full {s['full_s']:.3f} s, adaptive {s['adaptive_s']:.3f} s)")
+        for r in s["by_iterations"]:
+            print(f"  {r['run']:>8}: {r['iterations']:.2f} core iterations/token, {r['tokens_per_s']:8.1f} tokens/s")
     for b in result["batched"].values():
         print(f"batched {b['sequences']} sequences x {b['new_tokens']} new tokens, {b['policy']}:")
         for case in ("lockstep_full", "lockstep_exit", "engine_full", "engine_exit"):

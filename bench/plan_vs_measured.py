@@ -7,7 +7,10 @@
 2. Trains each configuration below for a few dozen steps with the real trainer (the model, the
    parallelism, the optimizer and ``Trainer.train_step`` of ``loopmoe train``; random tokens
    instead of a corpus, and its CPU allocator settings), in a fresh process, or two under
-   ``torchrun`` (gloo, one thread each). Measured: tokens/s over the timed steps (median step; the
+   ``torchrun`` (gloo, one thread each). A configuration is overrides over a run config file
+   (``configs/debug.toml`` unless it names another, e.g. the shipped ``configs/small-loop.toml``),
+   or an arm of ``loopmoe compare``'s default study, built as the comparison builds it
+   (``COMPARE_ARMS``). Measured: tokens/s over the timed steps (median step; the
    slowest rank's), in ``REPEATS`` fresh runs of which the fastest counts; and in another run,
    peak memory = the anonymous memory held between steps over that just before the model was built,
    plus the largest growth of resident memory within a step (the largest rank's), with glibc's mmap
@@ -27,22 +30,31 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from bench import common
+from loopmoe.compare.arms import resolve_arms
+from loopmoe.compare.options import CompareOptions
+from loopmoe.compare.runner import arm_run_config
 from loopmoe.distributed.config import DistSection
 from loopmoe.distributed.env import all_reduce_sum_, init_distributed, teardown_distributed
+from loopmoe.errors import ConfigError
 from loopmoe.planning import Layout, plan_step
 from loopmoe.planning.calibration import calibrate_cpu
 from loopmoe.planning.hardware import cpu_from_calibration
+from loopmoe.presets import load_model_config
 from loopmoe.text import markdown_table
-from loopmoe.training import build_model_config, load_run_config
+from loopmoe.training import build_model_config, config_from_dict
 from loopmoe.training.allocator import keep_freed_memory
 from loopmoe.training.builders import planned_vocab_size
+from loopmoe.training.config import apply_overrides
+from loopmoe.trust import read_toml
 
 BASE = "configs/debug.toml"
-# name -> (processes, overrides over configs/debug.toml); looped and Vanilla, T = 1..4, expert
-# counts and sizes, DDP and FSDP2, activation checkpointing.
-CONFIGS: dict[str, tuple[int, list[str]]] = {
+# name -> (processes, overrides[, base config file: BASE where the entry names none]); looped and
+# Vanilla, T = 1..4, expert counts and sizes, DDP and FSDP2, activation checkpointing, and the
+# configurations users start from: the debug preset's own core looped, the shipped looped example.
+CONFIGS: dict[str, tuple[int, list[str]] | tuple[int, list[str], str]] = {
     "vanilla": (1, []),
     "T2": (1, ["model.num_loops=2", "model.num_core_layers=2"]),
     "T3_prelude": (1, ["model.num_loops=3", "model.num_core_layers=1", "model.num_prelude_layers=1"]),
@@ -76,7 +88,12 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
         2,
         ["dist.strategy=fsdp2", "model.num_loops=4", "model.num_core_layers=1", "train.activation_checkpointing=full"],
     ),
+    "debug_T2": (1, ["model.num_loops=2"]),
+    "small_loop": (1, [], "configs/small-loop.toml"),
 }
+# name -> arm of `loopmoe compare`'s default study: the `small` Vanilla reference and its capacity-balanced
+# LoopMoE at T = 2, each the RunConfig the comparison trains (its data shapes, its BPE's vocabulary).
+COMPARE_ARMS = {"compare_reference": "reference", "compare_looped": "looped"}
 WARMUP = 3
 MEMORY_STEPS = 3
 # Each timed configuration runs in this many fresh processes and reports the fastest (each process's
@@ -98,11 +115,35 @@ def _has_ep() -> bool:
     return "ep" in DistSection.__dataclass_fields__
 
 
-def configs() -> dict[str, tuple[int, list[str]]]:
-    out = dict(CONFIGS)
+class Case(NamedTuple):
+    """One configuration: what the child trains and the planner predicts, and where it comes from."""
+
+    processes: int
+    raw: dict[str, Any]  # the run config before typing (``config_from_dict``'s input): JSON for the child
+    source: dict[str, Any]  # for the results: {"base", "overrides"}, or {"compare_arm"}
+
+
+def _from_file(processes: int, overrides: list[str], base: str = BASE) -> Case:
+    raw = apply_overrides(read_toml(common.ROOT / base), overrides)
+    return Case(processes, raw, {"base": base, "overrides": overrides})
+
+
+def _compare_arms() -> dict[str, Case]:
+    """``COMPARE_ARMS`` as ``loopmoe compare`` builds them (``runner.prepare``, ``arm_run_config``; first seed),
+    at the vocabulary of its trained BPE."""
+    opts = CompareOptions(arms=tuple(COMPARE_ARMS.values())).validate()
+    arms = resolve_arms(opts, load_model_config(opts.reference, vocab_size=opts.bpe_vocab))
+    return {
+        name: Case(1, arm_run_config(opts, arms[arm], arms[arm].seeds[0]).to_dict(), {"compare_arm": arm})
+        for name, arm in COMPARE_ARMS.items()
+    }
+
+
+def configs() -> dict[str, Case]:
+    entries = dict(CONFIGS)
     if _has_ep():  # expert parallelism, where the trainer has it
-        out["T2_ep2"] = (2, ["dist.ep=2", "model.num_loops=2", "model.num_core_layers=2"])
-    return out
+        entries["T2_ep2"] = (2, ["dist.ep=2", "model.num_loops=2", "model.num_core_layers=2"])
+    return {name: _from_file(*entry) for name, entry in entries.items()} | _compare_arms()
 
 
 def _rss_kib(field: str) -> int:
@@ -112,13 +153,17 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
 
 
-def child(overrides: list[str], steps: int) -> None:
+def child(raw: dict[str, Any], steps: int) -> None:
     """One measured run (this process, or one rank of a torchrun); rank 0 prints a JSON line."""
     import torch
 
     info = init_distributed()
     keep_freed_memory()  # as `loopmoe train` does on a CPU (a no-op in the memory runs: MEMORY_ENV is set)
-    cfg = load_run_config(BASE, [*overrides, f"train.max_steps={steps + WARMUP + 100}"], world_size=info.world_size)
+    cfg = config_from_dict(raw)
+    # the schedule outlasts the timed steps, and keeps the config's own length where that is longer (its warmup
+    # and decay fit in it)
+    cfg.train.max_steps = max(cfg.train.max_steps, steps + WARMUP + 100)
+    cfg.validate(info.world_size)
     vocab, _ = planned_vocab_size(cfg)
     torch.manual_seed(cfg.train.seed)
     baseline = _rss_kib("RssAnon")
@@ -161,8 +206,8 @@ def child(overrides: list[str], steps: int) -> None:
     teardown_distributed()
 
 
-def _child_run(procs: int, overrides: list[str], steps: int, extra_env: dict[str, str]) -> dict:
-    args = ["--child", json.dumps(overrides), "--steps", str(steps)]
+def _child_run(procs: int, raw: dict[str, Any], steps: int, extra_env: dict[str, str]) -> dict:
+    args = ["--child", json.dumps(raw), "--steps", str(steps)]
     env = {**os.environ, "PYTHONPATH": str(common.ROOT), **extra_env}
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs))
     if procs == 1:
@@ -182,12 +227,12 @@ def _child_run(procs: int, overrides: list[str], steps: int, extra_env: dict[str
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure(procs: int, overrides: list[str], steps: int, repeats: int = REPEATS) -> dict:
+def measure(procs: int, raw: dict[str, Any], steps: int, repeats: int = REPEATS) -> dict:
     """tokens/s from the fastest of ``repeats`` runs as `loopmoe train` runs, peak memory from a run
     with ``MEMORY_ENV``."""
-    timed = sorted((_child_run(procs, overrides, steps, {}) for _ in range(repeats)), key=lambda r: r["step_s"])
+    timed = sorted((_child_run(procs, raw, steps, {}) for _ in range(repeats)), key=lambda r: r["step_s"])
     chosen = timed[0]
-    memory = _child_run(procs, overrides, MEMORY_STEPS, MEMORY_ENV)
+    memory = _child_run(procs, raw, MEMORY_STEPS, MEMORY_ENV)
     return {
         **chosen,
         "step_s_runs": [r["step_s"] for r in timed],
@@ -196,27 +241,31 @@ def measure(procs: int, overrides: list[str], steps: int, repeats: int = REPEATS
     }
 
 
-def predict(procs: int, overrides: list[str], hw_by_threads) -> dict:
-    cfg = load_run_config(BASE, overrides, world_size=procs)
+def predict(procs: int, raw: dict[str, Any], hw_by_threads) -> dict:
+    cfg = config_from_dict(raw).validate(procs)
     layout = Layout.from_run_config(cfg, procs, "cpu")
     plan = plan_step(build_model_config(cfg, planned_vocab_size(cfg)[0]), layout, hw_by_threads(layout.threads))
     return plan.as_dict()
 
 
 def run(quick: bool, steps: int, only: list[str] | None) -> dict:
+    cases = configs()
+    unknown = [name for name in only or () if name not in cases]
+    if unknown:  # before calibrating: a typo would otherwise cost the calibration and measure nothing
+        raise ConfigError(f"--only: no configuration {', '.join(unknown)}; choose from {', '.join(cases)}")
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
     calibration = calibrate_cpu(sorted({1, cores}), quick=quick)
     calibration_s = time.perf_counter() - t0
-    chosen = {k: v for k, v in configs().items() if not only or k in only}
+    chosen = {k: v for k, v in cases.items() if not only or k in only}
     rows = []
-    for name, (procs, overrides) in chosen.items():
-        measured = measure(procs, overrides, steps)
-        predicted = predict(procs, overrides, lambda t: cpu_from_calibration(calibration, t))
+    for name, (procs, raw, source) in chosen.items():
+        measured = measure(procs, raw, steps)
+        predicted = predict(procs, raw, lambda t: cpu_from_calibration(calibration, t))
         row = {
             "name": name,
             "processes": procs,
-            "overrides": overrides,
+            **source,
             "measured": measured,
             "predicted": predicted,
             "time_error": predicted["tokens_per_s"] / measured["tokens_per_s"] - 1,
@@ -291,7 +340,7 @@ def main(argv=None) -> dict | None:
     only = (
         args.only.split(",")
         if args.only
-        else (["vanilla", "T2", "T2_wide_ac_full", "T2_ddp2", "T2_fsdp2"] if args.quick else None)
+        else (["vanilla", "T2", "debug_T2", "T2_wide_ac_full", "T2_ddp2", "T2_fsdp2"] if args.quick else None)
     )
     res = run(args.quick, steps, only)
     print(table(res))
