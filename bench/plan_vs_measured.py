@@ -17,7 +17,9 @@
    threshold pinned so that resident memory follows the live tensors (``MEMORY_ENV``).
 3. Predicts the same runs with ``loopmoe.planning.plan_step`` and prints both, with the error.
 
-Writes bench/results/plan_vs_measured.json (targets: median |error| <= 15%, each <= 30%).
+Writes bench/results/plan_vs_measured.json (targets: median |error| <= 15%, each <= 30%), and leaves its
+calibration and time errors in the cache, where ``loopmoe plan`` states them as the uncertainty of its
+predictions on this machine (``loopmoe.planning.validation``).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from loopmoe.distributed.config import DistSection
 from loopmoe.distributed.env import all_reduce_sum_, init_distributed, teardown_distributed
 from loopmoe.errors import ConfigError
 from loopmoe.planning import Layout, plan_step
-from loopmoe.planning.calibration import calibrate_cpu
+from loopmoe.planning.calibration import calibrate_cpu, save_calibration
 from loopmoe.planning.hardware import cpu_from_calibration
+from loopmoe.planning.validation import save_validation
 from loopmoe.presets import load_model_config
 from loopmoe.text import markdown_table
 from loopmoe.training import build_model_config, config_from_dict
@@ -350,6 +353,11 @@ def main(argv=None) -> dict | None:
             f"{s['within_30']}/{s['n']} within 30%"
         )
     common.write_json("plan_vs_measured", res)
+    # What `loopmoe plan` states with its predictions on this machine: the calibration these runs were
+    # predicted with, and their errors (loopmoe.planning.validation).
+    save_calibration(res["calibration"])
+    where = save_validation({r["name"]: r["time_error"] for r in res["rows"]}, time.strftime("%Y-%m-%d"))
+    print(f"calibration and errors saved for `loopmoe plan` on this machine ({where})")
     return res
 
 

@@ -15,6 +15,7 @@ from loopmoe.planning import Layout, get_hardware, plan_step
 from loopmoe.planning.calibration import cpu_profile
 from loopmoe.planning.hardware import HARDWARE_NAMES
 from loopmoe.planning.search import check_loops, pareto_plot, search
+from loopmoe.planning.validation import load_validation, uncertainty
 from loopmoe.text import human, markdown_table
 from loopmoe.training import build_model_config, load_run_config
 from loopmoe.training.builders import planned_vocab_size
@@ -83,18 +84,31 @@ def run(args) -> int:
     vocab, _ = planned_vocab_size(cfg)
     model_cfg = build_model_config(cfg, vocab)
     plan = plan_step(model_cfg, layout, hw)
+    stated = stated_uncertainty(opts.hardware, plan.tokens_per_s)
     if opts.json:
-        print(json.dumps({"config": str(opts.config), **plan.as_dict()}, indent=2))
+        print(json.dumps({"config": str(opts.config), **plan.as_dict(), "uncertainty": stated}, indent=2))
     else:
-        print(format_plan(plan))
+        print(format_plan(plan, stated["text"]))
     return 0
 
 
-def format_plan(plan) -> str:
+def stated_uncertainty(hardware: str, tokens_per_s: float) -> dict:
+    """How far the prediction may be off: for ``cpu``, what ``bench.plan_vs_measured`` measured on this
+    machine (``planning.validation``); a GPU profile is a spec sheet the plan has not been checked against."""
+    if hardware == "cpu":
+        return uncertainty(tokens_per_s, load_validation())
+    return {
+        "validated": False,
+        "text": "a spec-sheet profile, not checked against measured runs (docs/planning.md)",
+    }
+
+
+def format_plan(plan, uncertain: str) -> str:
     c, m, comm = plan.compute, plan.memory, plan.comm
     lay = plan.layout
     rows = [
         ["tokens/s (all devices)", f"{plan.tokens_per_s:,.0f}"],
+        ["  uncertainty", uncertain],
         ["step time", f"{plan.step_time * 1e3:.1f} ms"],
         [
             "  compute",
