@@ -199,7 +199,12 @@ def test_save_and_load_keep_the_gate(tmp_path, ids):
     assert torch.equal(loaded.model.exit_gate.bias, model.model.exit_gate.bias)
     ours = model(ids, use_cache=False, exit_criterion="gate", exit_threshold=0.6)
     theirs = loaded(ids, use_cache=False, exit_criterion="gate", exit_threshold=0.6)
-    assert torch.equal(ours.exit_loops, theirs.exit_loops) and torch.equal(ours.logits, theirs.logits)
+    assert torch.equal(ours.exit_loops, theirs.exit_loops)  # the same exits, token for token
+    # Equal up to one float32 ulp, not bit for bit: on an AVX-512 Zen 4 the loaded copy's adaptive forward
+    # rounded one logit differently (3e-8) while its plain forward was bit-equal and the weights and buffers
+    # were equal; repeated calls of one model were bit-equal. The cause (an allocation-dependent kernel
+    # path) was not pinned down.
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
