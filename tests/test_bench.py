@@ -57,3 +57,36 @@ def test_speedup_pairs_runs_of_the_same_round():
     s = common.speedup(stats, "ours", "ref")
     assert s == {"median": 2.0, "min": 2.0, "max": 2.0, "pairs": 2}
     assert common.speedup({"a": {"median": 2.0}, "b": {"median": 3.0}}, "a", "b")["median"] == 1.5
+
+
+def test_the_adaptive_depth_bench_runs_every_path(capsys):
+    """``bench.adaptive_depth --smoke``: a two-step looped model through the sweep (fixed depth beside every
+    criterion), the batch-1 timings against executed iterations and both batched decoders; writes nothing."""
+    from bench import adaptive_depth
+
+    adaptive_depth.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "held-out tokens: validation split" in out  # the run's own validation documents
+    assert "fixed depth        1" in out and "timed policy" in out
+    for case in ("T1:", "adaptive:", "full:", "engine_exit", "lockstep_full"):
+        assert case in out
+
+
+def test_plan_vs_measured_builds_every_configuration_and_refuses_an_unknown_one():
+    """Every configuration the planner bench trains is a valid run config, the compare arms as compare builds
+    them; a misspelt ``--only`` fails before the calibration."""
+    from bench import plan_vs_measured
+    from loopmoe.errors import ConfigError
+    from loopmoe.training import build_model_config, config_from_dict
+    from loopmoe.training.builders import planned_vocab_size
+
+    cases = plan_vs_measured.configs()
+    assert {"vanilla", "debug_T2", "small_loop", "compare_reference", "compare_looped"} <= set(cases)
+    loops = {}
+    for name, case in cases.items():
+        cfg = config_from_dict(case.raw).validate(case.processes)
+        loops[name] = build_model_config(cfg, planned_vocab_size(cfg)[0]).num_loops
+    assert loops["vanilla"] == 1 and loops["debug_T2"] == 2
+    assert loops["compare_reference"] == 1 and loops["compare_looped"] == 2
+    with pytest.raises(ConfigError, match="--only: no configuration nope"):
+        plan_vs_measured.run(quick=True, steps=1, only=["nope"])
