@@ -31,9 +31,16 @@ def validation_path() -> Path:
     return calibration.with_name(calibration.name.replace("hardware-cpu-", "plan-validation-", 1))
 
 
+def _usable(time_errors: dict) -> bool:
+    """At least one error, each a finite number above -1 (a measured rate above zero)."""
+    return bool(time_errors) and all(
+        isinstance(e, (int, float)) and math.isfinite(e) and e > -1 for e in time_errors.values()
+    )
+
+
 def save_validation(time_errors: dict[str, float], date: str, path: Path | None = None) -> Path:
     """Record the time errors of a validation run (configuration -> predicted / measured - 1) for this machine."""
-    if not time_errors or not all(math.isfinite(e) and e > -1 for e in time_errors.values()):
+    if not _usable(time_errors):
         raise ValueError(f"time errors must be finite and above -1, got {time_errors}")
     path = path or validation_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,9 +54,7 @@ def load_validation(path: Path | None = None) -> dict[str, Any] | None:
     try:
         record = json.loads((path or validation_path()).read_text())
         errors = record["time_errors"]
-        if record.get("version") != VERSION or not errors:
-            return None
-        if not all(isinstance(e, (int, float)) and math.isfinite(e) and e > -1 for e in errors.values()):
+        if record.get("version") != VERSION or not _usable(errors):
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
