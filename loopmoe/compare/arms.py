@@ -157,6 +157,15 @@ def check_arm_name(name: str) -> str:
     return name
 
 
+def parse_difference(text: str) -> tuple[str, str] | None:
+    """``"A - B"`` (the paired difference A - B, as the report writes it) -> ``(A, B)``; None unless A and B are
+    two different arm names. Arm names have no spaces, so the spaced minus is unambiguous (``looped-pl - reference``)."""
+    parts = [part.strip() for part in text.split(" - ")]
+    if len(parts) != 2 or parts[0] == parts[1] or not all(_NAME.fullmatch(part) for part in parts):
+        return None
+    return parts[0], parts[1]
+
+
 def arm_spec_from_table(name: str, table: Any) -> ArmSpec:
     """An ``[arm.NAME]`` table of a study config as an ArmSpec; errors name the key to fix."""
     check_arm_name(name)

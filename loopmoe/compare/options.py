@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, cast, get_type_hints
 
 from loopmoe.balance import STRATEGIES, BalanceOptions
-from loopmoe.compare.arms import BUILTIN_ARMS, ArmSpec, arm_spec_from_table, check_arm_name, check_seeds
+from loopmoe.compare.arms import (
+    BUILTIN_ARMS,
+    ArmSpec,
+    arm_spec_from_table,
+    check_arm_name,
+    check_seeds,
+    parse_difference,
+)
 from loopmoe.config import ExpertType, LoopMoEConfig
 from loopmoe.data.config import DataSection
 from loopmoe.errors import ConfigError
@@ -45,6 +52,7 @@ NOT_IDENTITY = (
     "results",
     "ledger",
     "primary",
+    "secondary",
 )
 # What a study is made of: which arms, with which settings, over which seeds. Not part of the folder's
 # identity: a study folder accepts new arms and seeds, and each run's identity is checked on its own
@@ -94,6 +102,12 @@ class CompareOptions(BalanceOptions):
         help="the study's one primary comparison, declared before the runs: two arms A,B for the paired "
         "difference A - B (tested alone at 5%); every other comparison is secondary and Holm-corrected",
         shown="none: every comparison is secondary",
+    )
+    secondary: tuple[str, ...] | None = option(
+        None,
+        help="the study's secondary comparisons, declared before the runs: differences 'A - B' (comma-separated), "
+        "Holm-corrected together as one family; the report compares exactly these and the primary",
+        shown="every pair the report compares by default",
     )
     eval_every: int = option(50, help=help_of(TrainSection, "eval_every"))
     eval_batches: int = option(16, help=help_of(TrainSection, "eval_batches"))
@@ -215,6 +229,8 @@ class CompareOptions(BalanceOptions):
             self.arm_spec(name)
         if self.primary is not None:
             self._check_primary(flag("primary"))
+        if self.secondary is not None:
+            self._check_secondary(flag("secondary"))
         if self.prelude < 0 or self.coda < 0:
             raise ConfigError(f"{flag('prelude')} and {flag('coda')} must be >= 0, got {self.prelude}, {self.coda}")
         if any(t < 1 for t in self.depth_loops):
@@ -240,15 +256,36 @@ class CompareOptions(BalanceOptions):
                 f"{where} = {list(self.primary)}: name two different arms A, B (the paired difference A - B), "
                 'e.g. primary = ["looped", "reference"]'
             )
-        for name in self.primary:
+        self._check_pair(self.primary[0], self.primary[1], where)
+
+    def _check_secondary(self, where: str) -> None:
+        assert self.secondary is not None
+        pairs = []
+        for text in self.secondary:
+            pair = parse_difference(text)
+            if pair is None:
+                raise ConfigError(
+                    f"{where}: {text!r} is not a difference of two different arms: write 'A - B' (spaces around the "
+                    'minus), e.g. secondary = ["looped - reference"]'
+                )
+            self._check_pair(*pair, f"{where}: {text!r}")
+            if pair in pairs or pair[::-1] in pairs:
+                raise ConfigError(f"{where}: {text!r} compares the same two arms as an earlier entry: keep one of them")
+            if self.primary is not None and set(pair) == set(self.primary):
+                raise ConfigError(f"{where}: {text!r} is the primary comparison; a secondary is another pair")
+            pairs.append(pair)
+
+    def _check_pair(self, a: str, b: str, where: str) -> None:
+        """Both arms are in the study and share at least 2 seeds (a paired test)."""
+        for name in (a, b):
             if name not in self.arms:
                 raise ConfigError(
                     f"{where}: {name!r} is not an arm of this study; add it to arms or choose from {', '.join(self.arms)}"
                 )
-        a, b = (set(self.arm_spec(n).seeds or self.seeds) for n in self.primary)
-        if len(a & b) < 2:
+        seeds_a, seeds_b = (set(self.arm_spec(n).seeds or self.seeds) for n in (a, b))
+        if len(seeds_a & seeds_b) < 2:
             raise ConfigError(
-                f"{where} = {list(self.primary)}: the two arms share {len(a & b)} seed(s); a paired test needs at "
+                f"{where}: {a} and {b} share {len(seeds_a & seeds_b)} seed(s); a paired test needs at "
                 "least 2 (3 for a claim): run both on the same seeds"
             )
 

@@ -37,7 +37,7 @@ from loopmoe.compare.results import (
     exit_means,
 )
 from loopmoe.compare.stats import paired_difference
-from loopmoe.compare.verdict import Comparison, comparisons, held_out_comparisons, verdict
+from loopmoe.compare.verdict import Comparison, Declared, comparisons, held_out_comparisons, verdict
 from loopmoe.config import ExpertType, layers_text
 from loopmoe.errors import ConfigError
 from loopmoe.text import human, markdown_table
@@ -252,18 +252,18 @@ def held_out_table(found: list[Comparison]) -> str:
     return markdown_table(head, rows)
 
 
-def _primary_section(found: list[Comparison], declared: tuple[str, str] | None) -> list[str]:
-    if declared is None:
-        return [
-            "## Primary comparison",
-            "",
-            "No primary comparison was declared (`primary = [A, B]` in the study config): every comparison below "
-            "is secondary and Holm-corrected.",
-            "",
-        ]
+def _primary_section(found: list[Comparison], declared: Declared) -> list[str]:
+    if declared.secondary is None:
+        family = "Every other comparison below is secondary and Holm-corrected."
+    else:
+        listed = ", ".join(f"{a} - {b}" for a, b in declared.secondary)
+        family = f"The secondary comparisons, declared with it and Holm-corrected together: {listed}."
+    if declared.primary is None:
+        return ["## Primary comparison", "", f"No primary comparison was declared (`primary = [A, B]`). {family}", ""]
     primary = next((c for c in found if c.role == "primary"), None)
     if primary is None:
-        return ["## Primary comparison", "", f"Declared: {declared[0]} - {declared[1]}; not yet measurable.", ""]
+        a, b = declared.primary
+        return ["## Primary comparison", "", f"Declared: {a} - {b}; not yet measurable. {family}", ""]
     d = primary.d
     numbers = f"mean {d.mean:+.4f} nats/token over {d.n} seeds"
     if d.ci95 is not None:
@@ -273,7 +273,7 @@ def _primary_section(found: list[Comparison], declared: tuple[str, str] | None) 
         "## Primary comparison",
         "",
         f"Declared in the study config before the runs: **{primary.a} - {primary.b}** on held-out loss, tested "
-        f"alone at 5%: {numbers}. Finding: {primary.finding.outcome.replace('_', ' ')}.",
+        f"alone at 5%: {numbers}. Finding: {primary.finding.outcome.replace('_', ' ')}. {family}",
         "",
     ]
 
@@ -375,16 +375,14 @@ def report_lines(results: StudyResults, budget: str, figures: Path, link: str = 
     pairs = comparisons(arms)
     per_seed = [(s, *(f"{runs[name][s].val_loss:.4f}" if s in runs[name] else "" for name in runs)) for s in seeds]
     text = results.text
-    primary = (opts["primary"][0], opts["primary"][1]) if opts.get("primary") else None
-    found = held_out_comparisons(runs, arms, primary)
+    declared = Declared.from_options(opts)
+    found = held_out_comparisons(runs, arms, declared)
     secondaries = sum(c.role == "secondary" for c in found)
-    sentences = [
-        f"- {sentence}" for sentence in verdict(runs, arms, text.name if text else None, options=opts, primary=primary)
-    ]
+    sentences = [f"- {sentence}" for sentence in verdict(runs, arms, text.name if text else None, options=opts)]
     lines += [
         budget,
         "",
-        *_primary_section(found, primary),
+        *_primary_section(found, declared),
         "## Verdict",
         "",
         "Generated from the paired differences by fixed rules (`loopmoe/compare/verdict.py`): a claim needs at "

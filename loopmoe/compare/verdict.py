@@ -15,9 +15,10 @@ claims it names.
 
 This module also decides which pairs of arms are compared at all (``comparisons``) and how they are
 tested (``held_out_comparisons``): the study's one **primary** comparison (``--primary``, declared in
-the study config before the runs) is tested alone at 5%; **every other** pair the report compares on
-held-out loss with at least two paired seeds is a **secondary** comparison, and the secondaries are
-Holm-corrected together as one family (a claim among them also needs its Holm-adjusted p <= 0.05).
+the study config before the runs) is tested alone at 5%; the **secondary** comparisons are those the
+study config declares (``--secondary``), else every other pair the report compares on held-out loss
+with at least two paired seeds, and they are Holm-corrected together as one family (a claim among them
+also needs its Holm-adjusted p <= 0.05).
 A pair with one shared seed is an observation: the single-seed arm is read against the other arm's 95%
 prediction interval over its seeds, where it has several. Every sentence names the formulation each arm
 tested (balancing rule, loops, iteration conditioning, norm, lr): a verdict is about that formulation,
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from loopmoe.compare.arms import parse_difference
 from loopmoe.compare.results import ArmRecord, RunRecord
 from loopmoe.compare.stats import HolmResult, PairedDifference, holm, paired_difference, prediction_interval
 
@@ -270,22 +272,42 @@ class Comparison:
     finding: Finding
 
 
-def held_out_pairs(arms: dict[str, ArmRecord], primary: tuple[str, str] | None) -> list[tuple[str, str]]:
-    """Every pair the report compares on held-out loss: the primary first (as declared), then ``comparisons``."""
-    pairs = comparisons(arms)
-    if primary is None or not all(n in arms for n in primary):
-        return pairs
-    a, b = primary
-    return [(a, b), *(p for p in pairs if p not in ((a, b), (b, a)))]
+@dataclass(frozen=True)
+class Declared:
+    """The comparisons a study config declared before its runs: the primary ``a - b``, and the secondary family
+    (None: not declared, every other pair of ``comparisons`` is secondary)."""
+
+    primary: tuple[str, str] | None = None
+    secondary: tuple[tuple[str, str], ...] | None = None
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> Declared:
+        """From a comparison's options (``options.json``: ``primary = [A, B]``, ``secondary = ["A - B", ...]``)."""
+        options = options or {}
+        primary = options.get("primary")
+        secondary = options.get("secondary")
+        pairs = None if secondary is None else tuple(p for p in map(parse_difference, secondary) if p is not None)
+        return cls((primary[0], primary[1]) if primary else None, pairs)
+
+
+def held_out_pairs(arms: dict[str, ArmRecord], declared: Declared) -> list[tuple[str, str]]:
+    """Every pair the report compares on held-out loss: the primary first (as declared), then the declared
+    secondaries, or ``comparisons`` where none were declared; pairs naming an arm without results are left out."""
+    pairs = comparisons(arms) if declared.secondary is None else list(declared.secondary)
+    if declared.primary is not None:
+        a, b = declared.primary
+        pairs = [(a, b), *(p for p in pairs if p not in ((a, b), (b, a)))]
+    return [(a, b) for a, b in pairs if a in arms and b in arms]
 
 
 def held_out_comparisons(
-    runs: dict[str, dict[int, RunRecord]], arms: dict[str, ArmRecord], primary: tuple[str, str] | None = None
+    runs: dict[str, dict[int, RunRecord]], arms: dict[str, ArmRecord], declared: Declared = Declared()
 ) -> list[Comparison]:
     """The held-out loss comparisons with their roles: the declared primary, tested alone; the secondary family
-    (every other pair with at least 2 paired seeds), Holm-corrected together; and single-seed observations."""
-    primary = tuple(primary) if primary else None  # type: ignore[assignment]
-    diffs = paired(runs, held_out_pairs(arms, primary), lambda r: r.val_loss)
+    (the declared secondaries, else every other pair; those with at least 2 paired seeds), Holm-corrected
+    together; and single-seed observations."""
+    primary = declared.primary
+    diffs = paired(runs, held_out_pairs(arms, declared), lambda r: r.val_loss)
     family = {(a, b): d.p_value for a, b, d in diffs if (a, b) != primary and d.p_value is not None}
     corrected = holm({f"{a} - {b}": p for (a, b), p in family.items() if p is not None})
     out = []
@@ -330,18 +352,16 @@ def verdict(
     arms: dict[str, ArmRecord],
     text_name: str | None,
     options: dict[str, Any] | None = None,
-    primary: tuple[str, str] | None = None,
 ) -> list[str]:
     """The verdict's sentences, by this module's rules, from the paired differences of the finished runs:
     the primary comparison first, then the Holm-corrected secondaries, then observations; each names the
-    formulations it tested (``options``: the comparison's, for the defaults an arm does not override)."""
-    if primary is None and options and options.get("primary"):
-        primary = (options["primary"][0], options["primary"][1])
+    formulations it tested (``options``: the comparison's, for the defaults an arm does not override, and
+    its declared comparisons)."""
 
     def tested(a: str, b: str) -> str:
         return f" Tested: {a} = {formulation(a, arms, options)}; {b} = {formulation(b, arms, options)}."
 
-    held = held_out_comparisons(runs, arms, primary)
+    held = held_out_comparisons(runs, arms, Declared.from_options(options))
     found = {(c.a, c.b): c.finding for c in held}
     sentences = []
     for c in sorted(held, key=lambda c: ("primary", "secondary", "observation").index(c.role)):

@@ -11,7 +11,7 @@ from loopmoe.compare.diagnostics import clipped_fraction, dead_experts, held_out
 from loopmoe.compare.report import _downstream_section, at_chance, budget_table
 from loopmoe.compare.results import ArmRecord, RunRecord
 from loopmoe.compare.stats import paired_difference
-from loopmoe.compare.verdict import formulation, held_out_comparisons, single_seed_sentence, verdict
+from loopmoe.compare.verdict import Declared, formulation, held_out_comparisons, single_seed_sentence, verdict
 from loopmoe.evaluation.depth import DepthCurve
 from loopmoe.evaluation.pipeline import RunEvaluation
 from loopmoe.presets import get_preset
@@ -82,6 +82,45 @@ def test_study_config_syntax_and_validation_before_anything_trains(tmp_path):
     assert ok.primary == ("looped", "reference")
 
 
+@pytest.mark.parametrize(
+    ("secondary", "error"),
+    [
+        ('["looped-reference"]', r"'looped-reference' is not a difference of two different arms: write 'A - B'"),
+        ('["looped - looped"]', r"is not a difference of two different arms"),
+        ('["looped - granularity"]', r"'granularity' is not an arm of this study"),
+        ('["reference - looped"]', r"is the primary comparison; a secondary is another pair"),
+        ('["gm - reference", "reference - gm"]', r"'reference - gm' compares the same two arms as an earlier entry"),
+    ],
+)
+def test_declared_secondaries_are_checked_before_anything_trains(tmp_path, secondary, error):
+    config = tmp_path / "s.toml"
+    config.write_text(
+        'seeds = [0, 1]\narms = ["reference", "looped", "gm"]\nprimary = ["looped", "reference"]\n'
+        f'secondary = {secondary}\n[arm.gm]\nkind = "granularity_matched"\n'
+    )
+    with pytest.raises(ValueError, match=error):
+        CompareOptions.from_toml(config).validate()
+
+
+def test_declared_secondaries_are_the_whole_holm_family():
+    arms = {"reference": _arm("reference"), "looped": _arm("looped"), "pl": _arm("looped", strategy="per_layer")}
+    runs = {
+        "reference": {0: _run(5.00), 1: _run(5.10), 2: _run(4.95)},
+        "looped": {0: _run(5.05), 1: _run(5.16), 2: _run(4.99)},
+        "pl": {0: _run(4.98), 1: _run(5.09), 2: _run(4.96)},
+    }
+    options = {"primary": ["pl", "reference"], "secondary": ["pl - looped"]}
+    declared = Declared.from_options(options)
+    assert declared == Declared(("pl", "reference"), (("pl", "looped"),))
+    found = held_out_comparisons(runs, arms, declared)
+    assert [(c.a, c.b, c.role) for c in found] == [("pl", "reference", "primary"), ("pl", "looped", "secondary")]
+    (second,) = [c for c in found if c.role == "secondary"]
+    assert second.holm is not None and second.holm.adjusted == pytest.approx(second.d.p_value)  # a family of one
+    undeclared = {(c.a, c.b) for c in held_out_comparisons(runs, arms, Declared(("pl", "reference")))}
+    assert ("looped", "reference") in undeclared  # without a declaration every pair the report shows is compared
+    assert Declared.from_options({}) == Declared()
+
+
 def _run(val: float, seed_shift: float = 0.0, load=None, cosine=None, metrics=None) -> RunRecord:
     depth = DepthCurve(2, [], {}, load or {})
     return RunRecord(
@@ -111,14 +150,15 @@ def test_primary_alone_secondaries_holm_corrected_single_seed_against_the_predic
         "per_layer": {0: _run(4.98), 1: _run(5.09), 2: _run(4.96)},
         "naive": {0: _run(4.50)},
     }
-    found = {(c.a, c.b): c for c in held_out_comparisons(runs, arms, ("looped", "reference"))}
+    found = {(c.a, c.b): c for c in held_out_comparisons(runs, arms, Declared(("looped", "reference")))}
     assert found["looped", "reference"].role == "primary" and found["looped", "reference"].holm is None
     secondary = [c for c in found.values() if c.role == "secondary"]
     assert secondary and all(c.holm is not None and c.holm.adjusted >= c.d.p_value for c in secondary)
     assert found["naive", "reference"].role == "observation"
     words = single_seed_sentence("naive", "reference", found["naive", "reference"].d, runs)
     assert "outside the 95% prediction interval [" in words and "of reference over 3 seeds" in words
-    sentences = verdict(runs, arms, None, options={"lr": 3e-3, "strategy": "capacity"}, primary=("looped", "reference"))
+    options = {"lr": 3e-3, "strategy": "capacity", "primary": ["looped", "reference"]}
+    sentences = verdict(runs, arms, None, options=options)
     assert sentences[0].startswith("Primary comparison (declared before the runs): ")
     assert "capacity balancing, T = 2" in sentences[0] and "lr 0.003" in sentences[0]
     assert not any("looping does not pay" in s for s in sentences)
