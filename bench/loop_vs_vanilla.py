@@ -1,6 +1,6 @@
 """(5) LoopMoE vs its capacity-balanced Vanilla MoE reference: training tokens/s and peak memory.
 
-    python -m bench.loop_vs_vanilla [--quick] [--loops 2]
+    python -m bench.loop_vs_vanilla [--quick] [--loops 2] [--compile] [--widths]
 
 The reference is the "bench" preset (the transformers tiny Qwen3-MoE shape; its weights come from
 transformers through the converter and its logits are checked against transformers first). The
@@ -8,14 +8,21 @@ looped model is ``balance(reference, loops).looped``: matched total parameters, 
 token and attention/FFN ratio. Throughput: forward+backward at batch 8 x 256, timed interleaved.
 Two controls locate a gap: the looped shapes unrolled (no weight sharing) and the loop without
 iteration conditioning. Peak memory: one subprocess per model (the peak RSS of a training step after
-a first one, and its increase over the RSS before it = activations and gradients). Writes
+a first one, and its increase over the RSS before it = activations and gradients).
+
+``--compile`` adds the Vanilla and the LoopMoE compiled as the trainer compiles them (``apply_compile``:
+every decoder layer, inductor), the LoopMoE paired against the compiled Vanilla. ``--widths`` repeats the
+pair and the unconditioned loop at wider versions of the reference (``WIDTHS``), so that the share of the
+step IterAdaLN's per-token modulation costs can be read against the width. Writes
 bench/results/loop_vs_vanilla.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import time
 
 import torch
 
@@ -25,6 +32,11 @@ from loopmoe.testing import hf_parity
 from loopmoe.text import markdown_table
 
 BATCH, SEQ = 8, 256
+# (hidden size, batch) of the width sweep: heads and expert size scale with the width (head size and depth
+# kept), the batch shrinks so that a step stays within seconds. IterAdaLN's modulation is element-wise and
+# rank-r work, O(d) per token, against the layers' O(d^2) matmuls.
+WIDTHS = ((256, 8), (512, 4), (1024, 2))
+NO_CONDITIONING = "control: loop, no conditioning"
 
 
 def configs(loops: int):
@@ -47,8 +59,67 @@ def controls(looped):
         "control: shapes unrolled": variant(
             num_core_layers=looped.num_core_layers * looped.num_loops, num_loops=1, iter_conditioning="none"
         ),
-        "control: loop, no conditioning": variant(iter_conditioning="none"),
+        NO_CONDITIONING: variant(iter_conditioning="none"),
     }
+
+
+def widened(reference, width: int):
+    """The reference at ``width``: hidden size, attention heads and expert size scaled together."""
+    from loopmoe.config import LoopMoEConfig
+
+    scale = width // reference.hidden_size
+    return LoopMoEConfig(
+        **{
+            **reference.architecture_dict(),
+            "pad_token_id": reference.pad_token_id,
+            "hidden_size": width,
+            "num_attention_heads": reference.num_attention_heads * scale,
+            "num_key_value_heads": reference.num_key_value_heads * scale,
+            "moe_intermediate_size": reference.moe_intermediate_size * scale,
+        }
+    )
+
+
+def width_sweep(loops: int, quick: bool) -> list[dict]:
+    """At each width of ``WIDTHS``: the LoopMoE and its unconditioned loop paired against the Vanilla, and the
+    share of the LoopMoE's step that its iteration conditioning costs (1 - unconditioned / conditioned time)."""
+    from loopmoe.balance import balance
+    from loopmoe.model import LoopMoEForCausalLM
+
+    reference = configs(loops)[0]
+    rows = []
+    for width, batch in WIDTHS:
+        vanilla = widened(reference, width)
+        looped = balance(vanilla, loops, seq_len=SEQ).looped
+        models = {}
+        for name, cfg in {
+            "vanilla": vanilla,
+            "loopmoe": looped,
+            NO_CONDITIONING: controls(looped)[NO_CONDITIONING],
+        }.items():
+            torch.manual_seed(0)
+            models[name] = LoopMoEForCausalLM(cfg).train()
+        ids = common.token_batch(batch, SEQ)
+        t = common.interleaved(
+            {k: common.fwd_bwd(m, ids) for k, m in models.items()},
+            reps=3 if quick else 8,
+            tries=6 if quick else 16,
+            budget_s=60 if quick else 200,
+        )
+        rows.append(
+            {
+                "hidden_size": width,
+                "batch": batch,
+                "iter_cond_rank": looped.iter_cond_rank,
+                "vanilla_tok_s": batch * SEQ / t["vanilla"]["median"],
+                "loopmoe_vs_vanilla": common.speedup(t, "loopmoe", "vanilla"),
+                "no_conditioning_vs_vanilla": common.speedup(t, NO_CONDITIONING, "vanilla"),
+                "conditioning_share": 1 - t[NO_CONDITIONING]["median"] / t["loopmoe"]["median"],
+                "time": t,
+            }
+        )
+        print(f"  width {width}: {rows[-1]['conditioning_share']:.1%} of the LoopMoE step is conditioning", flush=True)
+    return rows
 
 
 def child(which: str, loops: int) -> None:
@@ -66,7 +137,7 @@ def memory(which: str, loops: int) -> dict:
     return common.child_json("bench.loop_vs_vanilla", "--child", which, "--loops", str(loops))
 
 
-def run(quick: bool = False, loops: int = 2) -> dict:
+def run(quick: bool = False, loops: int = 2, compiled: bool = False, widths: bool = False) -> dict:
     from loopmoe.budget import compute_budget
     from loopmoe.model import LoopMoEForCausalLM
 
@@ -83,6 +154,16 @@ def run(quick: bool = False, loops: int = 2) -> dict:
     ids = common.token_batch(BATCH, SEQ)
     for m in models.values():
         m.train()
+    compile_s = {}
+    if compiled:  # as `loopmoe train` compiles (train.compile): every decoder layer, inductor
+        from loopmoe.distributed.parallelize import apply_compile
+
+        for name in ("vanilla", "loopmoe"):
+            start = time.perf_counter()
+            models[f"{name} (compiled)"] = apply_compile(copy.deepcopy(models[name]))
+            common.fwd_bwd(models[f"{name} (compiled)"], ids)()  # compiles the forward and backward graphs
+            compile_s[name] = time.perf_counter() - start
+            cfgs[f"{name} (compiled)"] = cfgs[name]
 
     t = common.interleaved(
         {k: common.fwd_bwd(m, ids) for k, m in models.items()},
@@ -107,7 +188,8 @@ def run(quick: bool = False, loops: int = 2) -> dict:
                 "tok_s_max": BATCH * SEQ / t[name]["min"],
                 "mfu": tps * 3 * b.flops_per_token / (peak * 1e9),
                 "time": t[name],
-                "vs_vanilla": common.speedup(t, name, "vanilla"),
+                # compiled models against the compiled Vanilla
+                "vs_vanilla": common.speedup(t, name, "vanilla (compiled)" if "compiled" in name else "vanilla"),
                 "shape": {
                     k: getattr(cfg, k)
                     for k in (
@@ -125,18 +207,28 @@ def run(quick: bool = False, loops: int = 2) -> dict:
                 **(memory(name, loops) if name in ("vanilla", "loopmoe") else {}),
             }
         )
-    return {"rows": rows, "loops": loops, "max_abs_diff_vanilla_vs_hf": diff, "peak_gflops": peak, "quick": quick}
+    return {
+        "rows": rows,
+        "loops": loops,
+        "max_abs_diff_vanilla_vs_hf": diff,
+        "peak_gflops": peak,
+        "quick": quick,
+        "compile_seconds": compile_s,
+        "widths": width_sweep(loops, quick) if widths else [],
+    }
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--loops", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time both models compiled (apply_compile)")
+    ap.add_argument("--widths", action="store_true", help="also the pair at wider references (WIDTHS)")
     ap.add_argument("--child", choices=("vanilla", "loopmoe"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args.child, args.loops)
-    res = run(args.quick, args.loops)
+    res = run(args.quick, args.loops, args.compile, args.widths)
     print(
         markdown_table(
             [
@@ -170,6 +262,32 @@ def main(argv=None) -> dict:
     )
     for r in res["rows"]:
         print(f"  {r['model']}: {r['shape']}")
+    if res["widths"]:
+        print(
+            markdown_table(
+                [
+                    "width d",
+                    "batch",
+                    "r",
+                    "vanilla tok/s",
+                    "loopmoe vs vanilla",
+                    "no conditioning vs vanilla",
+                    "conditioning share",
+                ],
+                [
+                    [
+                        w["hidden_size"],
+                        w["batch"],
+                        w["iter_cond_rank"],
+                        f"{w['vanilla_tok_s']:.0f}",
+                        common.fmt_speedup(w["loopmoe_vs_vanilla"]),
+                        common.fmt_speedup(w["no_conditioning_vs_vanilla"]),
+                        f"{100 * w['conditioning_share']:.1f}%",
+                    ]
+                    for w in res["widths"]
+                ],
+            )
+        )
     common.write_json("loop_vs_vanilla", res)
     return res
 

@@ -90,3 +90,18 @@ def test_plan_vs_measured_builds_every_configuration_and_refuses_an_unknown_one(
     assert loops["compare_reference"] == 1 and loops["compare_looped"] == 2
     with pytest.raises(ConfigError, match="--only: no configuration nope"):
         plan_vs_measured.run(quick=True, steps=1, only=["nope"])
+
+
+def test_the_loop_bench_widens_the_reference_keeping_head_size_and_depth():
+    from bench.loop_vs_vanilla import WIDTHS, configs, widened
+
+    reference = configs(2)[0]
+    for width, _ in WIDTHS:
+        wide = widened(reference, width)
+        assert wide.hidden_size == width and wide.num_attention_heads * wide.head_dim == width
+        assert (wide.head_dim, wide.num_core_layers, wide.num_experts) == (
+            reference.head_dim,
+            reference.num_core_layers,
+            reference.num_experts,
+        )
+        assert wide.moe_intermediate_size * reference.hidden_size == reference.moe_intermediate_size * width
