@@ -20,6 +20,14 @@
 Writes bench/results/plan_vs_measured.json (targets: median |error| <= 15%, each <= 30%), and leaves its
 calibration and time errors in the cache, where ``loopmoe plan`` states them as the uncertainty of its
 predictions on this machine (``loopmoe.planning.validation``).
+
+    python -m bench.plan_vs_measured --profile NAME[,NAME...]
+
+Which term of a prediction is off: a single-process configuration's step, measured unprofiled, and split by
+``torch.profiler`` into the planner's parts (GEMMs and fused attention: their ops' own time; the optimizer:
+``Optimizer.step``; the rest: element-wise work and framework overhead together), beside the parts
+predicted with the machine's cached calibration (``loopmoe plan``'s). Writes
+bench/results/plan_profile.json.
 """
 
 from __future__ import annotations
@@ -209,6 +217,106 @@ def child(raw: dict[str, Any], steps: int) -> None:
     teardown_distributed()
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm")
+OPTIMIZER_EVENT = "Optimizer.step#"  # torch's own record_function around every optimizer's step
+
+
+def child_profile(raw: dict[str, Any], steps: int) -> None:
+    """One process: the median step unprofiled, then ``steps`` steps under ``torch.profiler`` split into the
+    planner's parts (seconds per step); prints a JSON line."""
+    import torch
+    from torch.profiler import profile
+
+    keep_freed_memory()
+    cfg = config_from_dict(raw)
+    cfg.train.max_steps = max(cfg.train.max_steps, 2 * steps + WARMUP + 100)
+    cfg.validate(1)
+    vocab, _ = planned_vocab_size(cfg)
+    torch.manual_seed(cfg.train.seed)
+    trainer = common.config_trainer(cfg, vocab, init_distributed())
+    batches = common.random_batches(cfg, vocab, seed=1000)
+    for _ in range(WARMUP):
+        trainer.train_step(batches)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.train_step(batches)
+        times.append(time.perf_counter() - t0)
+    with profile() as prof:
+        for _ in range(steps):
+            trainer.train_step(batches)
+    parts = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0}
+    for event in prof.events():
+        if event.key.startswith(OPTIMIZER_EVENT):
+            parts["optimizer"] += event.cpu_time_total
+            continue
+        under_optimizer = False
+        parent = event.cpu_parent
+        while parent is not None and not under_optimizer:
+            under_optimizer = parent.key.startswith(OPTIMIZER_EVENT)
+            parent = parent.cpu_parent
+        if under_optimizer:
+            continue
+        if event.key in GEMM_OPS:
+            parts["gemm"] += event.self_cpu_time_total
+        elif "scaled_dot_product" in event.key:
+            parts["attention"] += event.self_cpu_time_total
+    step = statistics.median(times)
+    measured = {k: v / 1e6 / steps for k, v in parts.items()}
+    measured["rest"] = step - sum(measured.values())
+    print(json.dumps({"step_s": step, "parts": measured, "threads": torch.get_num_threads()}))
+    teardown_distributed()
+
+
+def profile_configs(names: list[str], steps: int) -> dict:
+    """``child_profile`` of each named single-process configuration, beside its prediction's parts."""
+    from loopmoe.planning.calibration import cpu_profile
+
+    cases = configs()
+    wrong = [n for n in names if n not in cases or cases[n].processes != 1]
+    if wrong:
+        single = ", ".join(n for n, c in cases.items() if c.processes == 1)
+        raise ConfigError(f"--profile: {', '.join(wrong)} is not a single-process configuration; choose from {single}")
+    rows = []
+    for name in names:
+        procs, raw, _ = cases[name]
+        env = {**os.environ, "PYTHONPATH": str(common.ROOT), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.plan_vs_measured",
+            "--child-profile",
+            json.dumps(raw),
+            "--steps",
+            str(steps),
+        ]
+        out = subprocess.run(cmd, cwd=common.ROOT, env=env, check=True, capture_output=True, text=True).stdout
+        measured = json.loads(out.strip().splitlines()[-1])
+        predicted = predict(procs, raw, lambda t: cpu_profile(t))
+        c = predicted["compute"]
+        parts = {
+            "gemm": c["gemm"],
+            "attention": c["attention"],
+            "optimizer": c["optimizer"],
+            "rest": c["elementwise"] + c["overhead"],
+        }
+        rows.append({"name": name, "measured": measured, "predicted": {"step_s": c["total"], "parts": parts}})
+        print(f"{name}: measured {measured['step_s'] * 1e3:.1f} ms, predicted {c['total'] * 1e3:.1f} ms", flush=True)
+    return {"rows": rows, "steps": steps, "machine": common.machine()}
+
+
+def profile_table(res: dict) -> str:
+    head = ["config", "part", "measured ms", "predicted ms", "predicted / measured"]
+    rows = []
+    for r in res["rows"]:
+        m, p = r["measured"], r["predicted"]
+        for part in ("gemm", "attention", "optimizer", "rest", "step"):
+            mv = m["step_s"] if part == "step" else m["parts"][part]
+            pv = p["step_s"] if part == "step" else p["parts"][part]
+            rows.append([r["name"], part, f"{mv * 1e3:.1f}", f"{pv * 1e3:.1f}", f"{pv / mv:.2f}" if mv > 0 else "-"])
+    return markdown_table(head, rows)
+
+
 def _child_run(procs: int, raw: dict[str, Any], steps: int, extra_env: dict[str, str]) -> dict:
     args = ["--child", json.dumps(raw), "--steps", str(steps)]
     env = {**os.environ, "PYTHONPATH": str(common.ROOT), **extra_env}
@@ -334,12 +442,22 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--quick", action="store_true", help="quick calibration, 8 timed steps, a subset of configs")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30, quick 8)")
     ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    ap.add_argument("--profile", default=None, help="split these single-process configurations' steps by part")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-profile", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     steps = args.steps or (8 if args.quick else 30)
     if args.child is not None:
         child(json.loads(args.child), steps)
         return None
+    if args.child_profile is not None:
+        child_profile(json.loads(args.child_profile), steps)
+        return None
+    if args.profile is not None:
+        profiled = profile_configs(args.profile.split(","), steps)
+        print(profile_table(profiled))
+        common.write_json("plan_profile", profiled)
+        return profiled
     only = (
         args.only.split(",")
         if args.only

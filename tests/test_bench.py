@@ -90,6 +90,8 @@ def test_plan_vs_measured_builds_every_configuration_and_refuses_an_unknown_one(
     assert loops["compare_reference"] == 1 and loops["compare_looped"] == 2
     with pytest.raises(ConfigError, match="--only: no configuration nope"):
         plan_vs_measured.run(quick=True, steps=1, only=["nope"])
+    with pytest.raises(ConfigError, match="--profile: T2_ddp2 is not a single-process configuration"):
+        plan_vs_measured.profile_configs(["vanilla", "T2_ddp2"], steps=1)
 
 
 def test_the_loop_bench_widens_the_reference_keeping_head_size_and_depth():
