@@ -24,8 +24,9 @@ predictions on this machine (``loopmoe.planning.validation``).
     python -m bench.plan_vs_measured --profile NAME[,NAME...]
 
 Which term of a prediction is off: a single-process configuration's step, measured unprofiled, and split by
-``torch.profiler`` into the planner's parts (GEMMs and fused attention: their ops' own time; the optimizer:
-``Optimizer.step``; the rest: element-wise work and framework overhead together), beside the parts
+``torch.profiler`` into the planner's parts (GEMMs and fused attention: their ops' own time; the update:
+clipping, the update guard and ``Optimizer.step``; the rest: element-wise work and framework overhead, with the
+other ops' own time shown apart), beside the parts
 predicted with the machine's cached calibration (``loopmoe plan``'s). Writes
 bench/results/plan_profile.json.
 """
@@ -218,7 +219,9 @@ def child(raw: dict[str, Any], steps: int) -> None:
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm")
-OPTIMIZER_EVENT = "Optimizer.step#"  # torch's own record_function around every optimizer's step
+# The update after backward, as the planner's optimizer part counts it: gradient clipping, the update guard and
+# AdamW (torch's own record_function around every optimizer's step; the trainer's two methods are wrapped here).
+UPDATE_EVENTS = ("Optimizer.step#", "plan_vs_measured.update.")
 
 
 def child_profile(raw: dict[str, Any], steps: int) -> None:
@@ -234,6 +237,8 @@ def child_profile(raw: dict[str, Any], steps: int) -> None:
     vocab, _ = planned_vocab_size(cfg)
     torch.manual_seed(cfg.train.seed)
     trainer = common.config_trainer(cfg, vocab, init_distributed())
+    for method in ("_clip", "_guarded_step"):
+        setattr(trainer, method, _recorded(f"{UPDATE_EVENTS[1]}{method.strip('_')}", getattr(trainer, method)))
     batches = common.random_batches(cfg, vocab, seed=1000)
     for _ in range(WARMUP):
         trainer.train_step(batches)
@@ -245,27 +250,41 @@ def child_profile(raw: dict[str, Any], steps: int) -> None:
     with profile() as prof:
         for _ in range(steps):
             trainer.train_step(batches)
-    parts = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0}
+    parts = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0, "other ops": 0.0}
     for event in prof.events():
-        if event.key.startswith(OPTIMIZER_EVENT):
-            parts["optimizer"] += event.cpu_time_total
-            continue
-        under_optimizer = False
+        in_update = False  # inside an update region counted already
         parent = event.cpu_parent
-        while parent is not None and not under_optimizer:
-            under_optimizer = parent.key.startswith(OPTIMIZER_EVENT)
+        while parent is not None and not in_update:
+            in_update = parent.key.startswith(UPDATE_EVENTS)
             parent = parent.cpu_parent
-        if under_optimizer:
+        if in_update:
             continue
-        if event.key in GEMM_OPS:
+        if event.key.startswith(UPDATE_EVENTS):
+            parts["optimizer"] += event.cpu_time_total
+        elif event.key in GEMM_OPS:
             parts["gemm"] += event.self_cpu_time_total
         elif "scaled_dot_product" in event.key:
             parts["attention"] += event.self_cpu_time_total
+        elif event.key.startswith(("aten::", "loopmoe::")):
+            parts["other ops"] += event.self_cpu_time_total
     step = statistics.median(times)
     measured = {k: v / 1e6 / steps for k, v in parts.items()}
-    measured["rest"] = step - sum(measured.values())
+    # element-wise work and framework overhead: the step outside GEMMs, attention and the optimizer (the other
+    # ops' own time is a part of it, measured with the profiler's per-op cost; the remainder runs between ops)
+    measured["rest"] = step - measured["gemm"] - measured["attention"] - measured["optimizer"]
     print(json.dumps({"step_s": step, "parts": measured, "threads": torch.get_num_threads()}))
     teardown_distributed()
+
+
+def _recorded(name: str, fn):
+    """``fn`` inside a profiler region called ``name``."""
+    from torch.profiler import record_function
+
+    def wrapped(*args, **kwargs):
+        with record_function(name):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def profile_configs(names: list[str], steps: int) -> dict:
@@ -300,7 +319,8 @@ def profile_configs(names: list[str], steps: int) -> dict:
             "optimizer": c["optimizer"],
             "rest": c["elementwise"] + c["overhead"],
         }
-        rows.append({"name": name, "measured": measured, "predicted": {"step_s": c["total"], "parts": parts}})
+        predicted_parts = {"step_s": c["total"], "parts": parts, "rest_split": (c["elementwise"], c["overhead"])}
+        rows.append({"name": name, "measured": measured, "predicted": predicted_parts})
         print(f"{name}: measured {measured['step_s'] * 1e3:.1f} ms, predicted {c['total'] * 1e3:.1f} ms", flush=True)
     return {"rows": rows, "steps": steps, "machine": common.machine()}
 
@@ -314,6 +334,26 @@ def profile_table(res: dict) -> str:
             mv = m["step_s"] if part == "step" else m["parts"][part]
             pv = p["step_s"] if part == "step" else p["parts"][part]
             rows.append([r["name"], part, f"{mv * 1e3:.1f}", f"{pv * 1e3:.1f}", f"{pv / mv:.2f}" if mv > 0 else "-"])
+            if part == "rest":
+                other, (elementwise, overhead) = m["parts"]["other ops"], p["rest_split"]
+                rows.append(
+                    [
+                        r["name"],
+                        "  rest: ops' own time / element-wise",
+                        f"{other * 1e3:.1f}",
+                        f"{elementwise * 1e3:.1f}",
+                        "",
+                    ]
+                )
+                rows.append(
+                    [
+                        r["name"],
+                        "  rest: between ops / overhead",
+                        f"{(mv - other) * 1e3:.1f}",
+                        f"{overhead * 1e3:.1f}",
+                        "",
+                    ]
+                )
     return markdown_table(head, rows)
 
 
