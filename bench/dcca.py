@@ -39,7 +39,7 @@ def configs() -> dict:
     out = {"swiglu vanilla": reference}
     for name, (loops, expert_type) in MODELS.items():
         if name != "swiglu vanilla":
-            out[name] = balance(reference, loops, seq_len=SEQ, expert_type=expert_type).looped
+            out[name] = balance(reference, loops, "capacity", seq_len=SEQ, expert_type=expert_type).looped
     return out
 
 

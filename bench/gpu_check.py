@@ -442,7 +442,7 @@ def throughput_configs(run: Run):
     ref = LoopMoEConfig(num_core_layers=a.tp_layers, max_position_embeddings=max(4096, a.tp_seq), **shape)
     note = "capacity-balanced (loopmoe.balance)"
     try:
-        looped = balance(ref, 2, seq_len=a.tp_seq).looped
+        looped = balance(ref, 2, "capacity", seq_len=a.tp_seq).looped
     except Exception as exc:
         note = f"balance failed ({type(exc).__name__}: {str(exc)[:200]}); reference shapes, core halved"
         looped = LoopMoEConfig(**{**ref.architecture_dict(), "num_core_layers": a.tp_layers // 2, "num_loops": 2})

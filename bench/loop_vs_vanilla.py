@@ -44,7 +44,7 @@ def configs(loops: int):
     from loopmoe.presets import get_preset
 
     reference = get_preset("bench")
-    return reference, balance(reference, loops, seq_len=SEQ).looped
+    return reference, balance(reference, loops, strategy="capacity", seq_len=SEQ).looped
 
 
 def controls(looped):
@@ -90,7 +90,7 @@ def width_sweep(loops: int, quick: bool) -> list[dict]:
     rows = []
     for width, batch in WIDTHS:
         vanilla = widened(reference, width)
-        looped = balance(vanilla, loops, seq_len=SEQ).looped
+        looped = balance(vanilla, loops, strategy="capacity", seq_len=SEQ).looped
         models = {}
         for name, cfg in {
             "vanilla": vanilla,

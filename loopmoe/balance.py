@@ -50,6 +50,9 @@ class Strategy(StrEnum):
 
 
 STRATEGIES: tuple[str, ...] = tuple(strategy.value for strategy in Strategy)
+# The default, chosen by study v2 (RESULTS.md, docs/design.md §7) under the rule its config declared before the
+# results: per_layer unless capacity balancing was established better.
+DEFAULT_STRATEGY = Strategy.PER_LAYER
 # The two readings of the third target (docs/design.md §6): unique attention / executed FFN (ours,
 # capacity balancing) and attention / FFN weights per executed layer (per_layer; naive reports it).
 RATIO_READINGS = ("attn_ffn_ratio", "attn_ffn_ratio_per_layer")
@@ -139,7 +142,7 @@ def hardware_grid(reference: LoopMoEConfig) -> tuple[int, int | None]:
 def balance(
     reference: LoopMoEConfig,
     num_loops: int,
-    strategy: str = "capacity",
+    strategy: str = DEFAULT_STRATEGY,
     seq_len: int | None = None,
     num_prelude_layers: int = 0,
     num_coda_layers: int = 0,
@@ -298,7 +301,9 @@ class BalanceOptions:
     """
 
     strategy: Strategy = option(
-        Strategy.CAPACITY, help="capacity (match params, FLOPs and ratio) or naive (same shapes, more experts)"
+        DEFAULT_STRATEGY,
+        help="per_layer (the reference's layer shapes, attention/FFN per executed layer), capacity (unique "
+        "attention / executed FFN) or naive (the reference's shapes, more experts; unenforced)",
     )
     prelude: int = option(0, help="prelude layers P of the LoopMoE, run once before the core")
     coda: int = option(0, help="coda layers Q of the LoopMoE, run once after the core")
@@ -442,6 +447,11 @@ def _per_layer_search(reference, ref_budget, base, budget, fit_experts, hd_mult,
     ref_hd, ref_f, ref_k = reference.head_dim, reference.moe_intermediate_size, reference.num_experts_per_tok
     ref_shapes = layer_shapes(reference, core=False)
     shared_per_expert_weight = ref_shapes.shared / ref_shapes.expert
+    # Another expert type (DCCA experts of width d_e against SwiGLU ones of width d): the same expert FLOPs
+    # take d/d_e times the expert size, or that many times the top-k (BigMac's), as in _capacity_search.
+    d, target_width = reference.hidden_size, expert_width(SimpleNamespace(**base))
+    widen = expert_width(reference) / target_width
+    extra_k = {round(ref_k * widen)} if widen > 1 else set()
     base_rank = LoopMoEConfig(**base).iter_cond_rank  # the default rank of this width
     uses_token = IterConditioning(base["iter_conditioning"]).uses_token
 
@@ -454,10 +464,11 @@ def _per_layer_search(reference, ref_budget, base, budget, fit_experts, hd_mult,
             for hd in range(smallest_hd, ref_hd + 1, hd_mult):
                 if hd % 2:
                     continue
-                for k in sorted({max(1, ref_k - 1), ref_k, ref_k + 1}):
-                    low = max(ffn_mult, ffn_mult * math.floor(0.6 * ref_f * ref_k / k / ffn_mult))
-                    for f in range(low, math.ceil(1.1 * ref_f * ref_k / k) + 1, ffn_mult):
-                        shared = shared_per_expert_weight * f
+                for k in sorted({max(1, ref_k - 1), ref_k, ref_k + 1, *extra_k}):
+                    centre = ref_f * ref_k * widen / k  # the expert size of the reference's expert FLOPs at k
+                    low = max(ffn_mult, ffn_mult * math.floor(0.6 * centre / ffn_mult))
+                    for f in range(low, math.ceil(1.1 * centre) + 1, ffn_mult):
+                        shared = shared_per_expert_weight * target_width * f / d
                         yield {
                             "iter_cond_rank": r,
                             "head_dim": hd,
@@ -478,7 +489,7 @@ def _per_layer_search(reference, ref_budget, base, budget, fit_experts, hd_mult,
         change = (
             abs(shape["iter_cond_rank"] / rank - 1)
             + abs(shape["head_dim"] / ref_hd - 1)
-            + abs(shape["moe_intermediate_size"] * shape["num_experts_per_tok"] / (ref_f * ref_k) - 1)
+            + abs(shape["moe_intermediate_size"] * shape["num_experts_per_tok"] / (ref_f * ref_k * widen) - 1)
             + abs(shape["num_experts_per_tok"] - ref_k)
         )
         key = (score > 1, score if score > 1 else 0.0, change, score)

@@ -15,7 +15,7 @@ from loopmoe.presets import get_preset
     [("debug", 2, 128), ("small", 2, 256), ("small", 4, 1024), ("bench", 4, 1024), ("paper-3b", 4, 2048)],
 )
 def test_capacity_balancing_meets_tolerances(preset, loops, seq_len):
-    result = balance(get_preset(preset), loops, seq_len=seq_len)
+    result = balance(get_preset(preset), loops, strategy="capacity", seq_len=seq_len)
     ref, looped = result.reference, result.looped
     assert abs(result.deviations["total_params"]) <= 0.01
     assert abs(result.deviations["flops_per_token"]) <= 0.01
@@ -26,7 +26,7 @@ def test_capacity_balancing_meets_tolerances(preset, loops, seq_len):
 
 
 def test_balanced_budget_is_the_real_models_budget():
-    result = balance(get_preset("debug"), 2, seq_len=128)
+    result = balance(get_preset("debug"), 2, strategy="capacity", seq_len=128)
     for cfg, budget in ((result.reference, result.reference_budget), (result.looped, result.looped_budget)):
         assert sum(p.numel() for p in LoopMoEForCausalLM(cfg).parameters()) == budget.total_params
 
@@ -45,7 +45,7 @@ def test_naive_strategy_keeps_shapes_and_divides_ratio():
 
 
 def test_prelude_and_coda():
-    result = balance(get_preset("small"), 2, seq_len=256, num_prelude_layers=1, num_coda_layers=1)
+    result = balance(get_preset("small"), 2, strategy="capacity", seq_len=256, num_prelude_layers=1, num_coda_layers=1)
     looped = result.looped
     assert (looped.num_prelude_layers, looped.num_core_layers, looped.num_coda_layers) == (1, 1, 1)
     assert abs(result.deviations["flops_per_token"]) <= 0.01
@@ -53,7 +53,7 @@ def test_prelude_and_coda():
 
 def test_infeasible_target_names_what_to_change():
     with pytest.raises(ValueError) as err:
-        balance(get_preset("debug"), 4, seq_len=2048)
+        balance(get_preset("debug"), 4, strategy="capacity", seq_len=2048)
     message = str(err.value)
     assert "attn_ffn_ratio" in message or "flops_per_token" in message
     assert "Try another loop count" in message
@@ -61,9 +61,9 @@ def test_infeasible_target_names_what_to_change():
 
 def test_bad_loop_counts_and_references():
     with pytest.raises(ValueError, match="divisors of 4"):
-        balance(get_preset("debug"), 3)
+        balance(get_preset("debug"), 3, strategy="capacity")
     with pytest.raises(ValueError, match="must be a Vanilla MoE"):
-        balance(get_preset("debug", num_loops=2, num_core_layers=2), 2)
+        balance(get_preset("debug", num_loops=2, num_core_layers=2), 2, strategy="capacity")
     with pytest.raises(ValueError, match="strategy must be one of"):
         balance(get_preset("debug"), 2, strategy="magic")
 
@@ -80,7 +80,7 @@ def test_bad_loop_counts_and_references():
 def test_balancing_to_and_from_dcca_experts(reference, loops, target):
     """BigMac's low-dimension experts as a reference or a target: the budgets still match, and
     they are the real models' (projections and r-wide experts counted)."""
-    result = balance(reference, loops, seq_len=256, expert_type=target)
+    result = balance(reference, loops, strategy="capacity", seq_len=256, expert_type=target)
     looped = result.looped
     assert looped.expert_type == (target or reference.expert_type)
     if looped.expert_type == "dcca":  # the reference's r, or BigMac's d / 4 against a SwiGLU reference
@@ -99,15 +99,15 @@ def test_balancing_to_and_from_dcca_experts(reference, loops, target):
 
 def test_dcca_target_errors_name_the_fix():
     with pytest.raises(ValueError, match=r"0 < d_e < hidden_size \(64\)"):
-        balance(get_preset("debug"), 2, expert_type="dcca", dcca_dim=64)
+        balance(get_preset("debug"), 2, strategy="capacity", expert_type="dcca", dcca_dim=64)
     with pytest.raises(ValueError, match="set expert_type='dcca', or drop dcca_dim"):
-        balance(get_preset("debug"), 2, dcca_dim=16)
+        balance(get_preset("debug"), 2, strategy="capacity", dcca_dim=16)
     with pytest.raises(ValueError, match="expert_type must be one of"):
-        balance(get_preset("debug"), 2, expert_type="bigmac")
+        balance(get_preset("debug"), 2, strategy="capacity", expert_type="bigmac")
 
 
 def test_granularity_control_of_a_dcca_model_takes_its_experts():
-    result = balance(get_preset("small"), 2, seq_len=256, expert_type="dcca")
+    result = balance(get_preset("small"), 2, strategy="capacity", seq_len=256, expert_type="dcca")
     control = granularity_control(result)
     looped = result.looped
     assert (control.num_loops, control.expert_type, control.dcca_dim) == (1, "dcca", looped.dcca_dim)
@@ -127,7 +127,7 @@ def _loop_counts(preset: str) -> list[int]:
 
 @pytest.mark.parametrize("preset, loops", [(p, t) for p in ("paper-3b", "paper-9b") for t in _loop_counts(p)])
 def test_hardware_multiples_hold_on_paper_presets_and_budgets_still_match(preset, loops):
-    result = balance(get_preset(preset), loops, expert_multiple=8, head_dim_multiple=16)
+    result = balance(get_preset(preset), loops, strategy="capacity", expert_multiple=8, head_dim_multiple=16)
     looped = result.looped
     assert looped.num_experts % 8 == 0 and looped.head_dim % 16 == 0
     for target, tolerance in result.tolerances.items():
@@ -139,7 +139,7 @@ def test_hardware_multiples_hold_on_paper_presets_and_budgets_still_match(preset
 def test_hardware_multiples_on_small_presets_hold_or_name_the_constraint(preset, loops):
     # E' of a few dozen cannot move in steps of 8 and keep 1% parameters: the error says what to relax.
     try:
-        result = balance(get_preset(preset), loops, expert_multiple=8)
+        result = balance(get_preset(preset), loops, strategy="capacity", expert_multiple=8)
     except ValueError as e:
         assert "relax expert_multiple (--expert-multiple, now 8)" in str(e)
     else:
@@ -148,11 +148,14 @@ def test_hardware_multiples_on_small_presets_hold_or_name_the_constraint(preset,
 
 
 def test_expert_multiple_one_is_the_unconstrained_solver():
-    assert balance(get_preset("bench"), 4, expert_multiple=1).looped == balance(get_preset("bench"), 4).looped
+    assert (
+        balance(get_preset("bench"), 4, strategy="capacity", expert_multiple=1).looped
+        == balance(get_preset("bench"), 4, strategy="capacity").looped
+    )
     with pytest.raises(ValueError, match="expert_multiple must be a whole number >= 1"):
-        balance(get_preset("bench"), 4, expert_multiple=0)
+        balance(get_preset("bench"), 4, strategy="capacity", expert_multiple=0)
     with pytest.raises(ValueError, match="head_dim_multiple must be even"):
-        balance(get_preset("bench"), 4, head_dim_multiple=9)
+        balance(get_preset("bench"), 4, strategy="capacity", head_dim_multiple=9)
 
 
 @pytest.mark.parametrize("preset, loops, seq_len", [("small", 2, None), ("small", 4, 256), ("bench", 2, None)])
@@ -174,6 +177,19 @@ def test_per_layer_keeps_the_layer_ratio_and_meets_every_target(preset, loops, s
     assert result.deviations["attn_ffn_ratio"] == pytest.approx(1 / loops - 1, abs=0.06)
 
 
+@pytest.mark.parametrize("loops", [1, 2])
+def test_per_layer_goes_to_dcca_experts_at_matched_budgets(loops):
+    """Another expert type (BigMac's narrow experts, the default's comparison of expert types at T = 1): the
+    reference's heads, the expert FLOPs moved into d/d_e times the expert size or top-k, every target met."""
+    reference = get_preset("small")
+    result = balance(reference, loops, strategy="per_layer", seq_len=64, expert_type="dcca")
+    looped = result.looped
+    assert looped.expert_type == "dcca" and looped.num_attention_heads == reference.num_attention_heads
+    for target in result.targets:
+        assert abs(result.deviations[target]) <= result.tolerances[target], target
+    assert looped.moe_intermediate_size * looped.num_experts_per_tok > 2 * reference.moe_intermediate_size
+
+
 def test_budget_json_reports_both_readings_under_each_strategy(capsys):
     from loopmoe.cli.main import main
 
@@ -187,7 +203,7 @@ def test_budget_json_reports_both_readings_under_each_strategy(capsys):
 
 def test_the_flops_breakdown_adds_up():
     for preset, loops in (("small", 2), ("small", 4), ("bench", 2)):
-        cfg = balance(get_preset(preset), loops, seq_len=256).looped
+        cfg = balance(get_preset(preset), loops, strategy="capacity", seq_len=256).looped
         b = compute_budget(cfg, 256)
         router = 2 * b.executed_depth * cfg.hidden_size * cfg.num_experts
         head = 2 * cfg.vocab_size * cfg.hidden_size
@@ -197,7 +213,7 @@ def test_the_flops_breakdown_adds_up():
 
 @pytest.mark.parametrize("loops", [2, 4])
 def test_the_matched_granularity_control_meets_every_target_at_the_looped_granularity(loops):
-    result = balance(get_preset("small"), loops, seq_len=256)
+    result = balance(get_preset("small"), loops, strategy="capacity", seq_len=256)
     control = matched_granularity_control(result)
     dev = deviations(result.reference_budget, compute_budget(control, 256))
     for target in TARGETS:

@@ -110,7 +110,8 @@ def test_readme_compare_python_api(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    ("paragraph", "page"), [("**What study 1 found", "docs/study/v1/RESULTS.md"), ("**What study v2 found", "RESULTS.md")]
+    ("paragraph", "page"),
+    [("**What study 1 found", "docs/study/v1/RESULTS.md"), ("**What study v2 found", "RESULTS.md")],
 )
 def test_the_study_numbers_the_readme_quotes_are_the_results_page_s(paragraph, page):
     """Every 95% interval a README study paragraph quotes is one of its results page's, rounded: the
@@ -139,7 +140,8 @@ def test_the_expert_shapes_the_readme_quotes_are_the_default_comparison_s():
     ref, looped, control = (arms[n].config for n in ("reference", "looped", "granularity"))
     quoted = (
         f"default {opts.bpe_vocab}-token vocabulary, `{opts.reference}`'s {ref.num_experts} x "
-        f"{ref.moe_intermediate_size} become {looped.num_experts} x {looped.moe_intermediate_size}"
+        f"{ref.moe_intermediate_size} become {looped.num_experts} x {looped.moe_intermediate_size} under the "
+        f"default `{opts.strategy}`"
     )
     assert quoted in " ".join(README.split())
     assert f"({control.num_experts} x {control.moe_intermediate_size})" in README

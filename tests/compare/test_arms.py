@@ -2,7 +2,7 @@
 
 import pytest
 
-from loopmoe.balance import balance, granularity_control
+from loopmoe.balance import DEFAULT_STRATEGY, balance, granularity_control
 from loopmoe.compare import CompareOptions
 from loopmoe.compare.arms import ArmSpec, arm_spec_from_table, resolve_arms
 from loopmoe.model import LoopMoEForCausalLM
@@ -16,7 +16,7 @@ def _params(config) -> int:
 @pytest.mark.parametrize("loops", [2, 4])
 def test_granularity_control_has_the_looped_experts_at_the_reference_total(loops):
     reference = get_preset("small")
-    result = balance(reference, loops, seq_len=256)
+    result = balance(reference, loops, strategy="capacity", seq_len=256)
     control = granularity_control(result)
     looped = result.looped
     # the looped model's experts, the reference's everything else, no looping
@@ -61,7 +61,7 @@ def test_ablations_switch_only_their_setting_and_balancing_settings_rebalance():
         changed = arms[name].config.architecture_dict()
         assert changed[key] == value
         assert {k: v for k, v in changed.items() if k != key} == {k: v for k, v in looped.items() if k != key}
-    assert arms["T4"].config.num_loops == 4 and arms["T4"].balanced.strategy == "capacity"
+    assert arms["T4"].config.num_loops == 4 and arms["T4"].balanced.strategy == opts.strategy == DEFAULT_STRATEGY
     assert arms["naive"].config.moe_intermediate_size == get_preset("small").moe_intermediate_size
     assert arms["granularity"].config.num_experts == granularity_control(arms["looped"].balanced).num_experts
     assert arms["cond"].seeds == (0,) and arms["looped"].seeds == opts.seeds
