@@ -48,7 +48,8 @@ def models() -> dict:
 
     reference = get_preset(REFERENCE)
     return {
-        t: balance(reference, NUM_LOOPS, "capacity", seq_len=SEQ, expert_type=t, expert_multiple=EP).looped for t in EXPERT_TYPES
+        t: balance(reference, NUM_LOOPS, "capacity", seq_len=SEQ, expert_type=t, expert_multiple=EP).looped
+        for t in EXPERT_TYPES
     }
 
 
