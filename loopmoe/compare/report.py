@@ -47,6 +47,12 @@ if TYPE_CHECKING:
     from loopmoe.compare.arms import Arm
 
 
+def arm_balancings(arms: dict[str, Arm]) -> list[BalanceResult]:
+    """Every balancing the arms use, once each, in arm order: a study of both strategies gets a budget table for
+    each (arms of one balancing share its result, ``resolve_arms``)."""
+    return list({id(arm.balanced): arm.balanced for arm in arms.values() if arm.balanced is not None}.values())
+
+
 def budget_table(
     result: BalanceResult, title: str = "", all_to_all: tuple[int, str, float, float] | None = None
 ) -> str:

@@ -32,7 +32,14 @@ from loopmoe.compare.options import (
     options_record,
     run_config_for,
 )
-from loopmoe.compare.report import arms_table, budget_table, check_results_path, write_report, write_results
+from loopmoe.compare.report import (
+    arm_balancings,
+    arms_table,
+    budget_table,
+    check_results_path,
+    write_report,
+    write_results,
+)
 from loopmoe.compare.results import (
     RESULTS_FILE,
     ArmRecord,
@@ -168,8 +175,9 @@ def run_comparison(opts: CompareOptions, log=print) -> StudyResults:
     for why in not_evaluated(opts, text, tasks):
         log(f"not evaluated: {why}")
     arms, prepared = prepare(opts)
-    main = next((arm.balanced for arm in arms.values() if arm.balanced is not None), None)
-    table = budget_table(main, title=f"{opts.reference}") if main is not None else ""
+    balancings = arm_balancings(arms)
+    table = "\n\n".join(budget_table(b, title=f"{opts.reference}, {b.strategy}") for b in balancings)
+    main = balancings[0] if balancings else None  # results.json's budget: the first arm's balancing
     if set(arms) != {"reference", "looped"}:
         table = "\n\n".join(t for t in (table, arms_table(arms, opts.seq_len)) if t)
     log(table)

@@ -8,7 +8,7 @@ from loopmoe.balance import balance, matched_granularity_control
 from loopmoe.compare import CompareOptions
 from loopmoe.compare.arms import ArmSpec, resolve_arms
 from loopmoe.compare.diagnostics import clipped_fraction, dead_experts, held_out_gap
-from loopmoe.compare.report import _downstream_section, at_chance, budget_table
+from loopmoe.compare.report import _downstream_section, arm_balancings, at_chance, budget_table
 from loopmoe.compare.results import ArmRecord, RunRecord
 from loopmoe.compare.stats import paired_difference
 from loopmoe.compare.verdict import Declared, formulation, held_out_comparisons, single_seed_sentence, verdict
@@ -238,3 +238,17 @@ def test_study_folder_accepts_new_arms_and_seeds_and_refuses_changed_runs(tmp_pa
     assert trained == []
     runner.run_comparison(CompareOptions(**changed, fresh=True), log=lambda *a: None)
     assert trained == ["seed0/ref-lr"] and (tmp_path / "cmp" / "seed0" / "ref-lr.prev-1" / "final").is_dir()
+
+
+def test_a_study_of_both_strategies_gets_a_budget_table_for_each():
+    opts = CompareOptions(
+        strategy="capacity",
+        arms=("reference", "looped", "pl", "pl-T2", "gm"),
+        arm={
+            "pl": ArmSpec("looped", strategy="per_layer"),
+            "pl-T2": ArmSpec("looped", strategy="per_layer", lr=1e-3),
+            "gm": ArmSpec("granularity_matched"),
+        },
+    ).validate()
+    balancings = arm_balancings(resolve_arms(opts, get_preset("small")))
+    assert [b.strategy for b in balancings] == ["capacity", "per_layer"]
