@@ -1,11 +1,11 @@
-"""(5) LoopMoE vs its capacity-balanced Vanilla MoE reference: training tokens/s and peak memory.
+"""(5) LoopMoE vs its balanced Vanilla MoE reference: training tokens/s and peak memory.
 
-    python -m bench.loop_vs_vanilla [--quick] [--loops 2] [--compile] [--widths]
+    python -m bench.loop_vs_vanilla [--quick] [--loops 2] [--strategy per_layer|capacity] [--compile] [--widths]
 
 The reference is the "bench" preset (the transformers tiny Qwen3-MoE shape; its weights come from
 transformers through the converter and its logits are checked against transformers first). The
-looped model is ``balance(reference, loops).looped``: matched total parameters, forward FLOPs per
-token and attention/FFN ratio. Throughput: forward+backward at batch 8 x 256, timed interleaved.
+looped model is ``balance(reference, loops, strategy).looped`` (the default strategy unless
+``--strategy``): matched total parameters, forward FLOPs per token and attention/FFN ratio. Throughput: forward+backward at batch 8 x 256, timed interleaved.
 Two controls locate a gap: the looped shapes unrolled (no weight sharing) and the loop without
 iteration conditioning. Peak memory: one subprocess per model (the peak RSS of a training step after
 a first one, and its increase over the RSS before it = activations and gradients).
@@ -28,6 +28,7 @@ import torch
 
 from bench import common
 from bench.peak_flops import peak_gflops
+from loopmoe.balance import DEFAULT_STRATEGY, STRATEGIES
 from loopmoe.testing import hf_parity
 from loopmoe.text import markdown_table
 
@@ -39,12 +40,12 @@ WIDTHS = ((256, 8), (512, 4), (1024, 2))
 NO_CONDITIONING = "control: loop, no conditioning"
 
 
-def configs(loops: int):
+def configs(loops: int, strategy: str = DEFAULT_STRATEGY):
     from loopmoe.balance import balance
     from loopmoe.presets import get_preset
 
     reference = get_preset("bench")
-    return reference, balance(reference, loops, strategy="capacity", seq_len=SEQ).looped
+    return reference, balance(reference, loops, strategy=strategy, seq_len=SEQ).looped
 
 
 def controls(looped):
@@ -80,7 +81,7 @@ def widened(reference, width: int):
     )
 
 
-def width_sweep(loops: int, quick: bool) -> list[dict]:
+def width_sweep(loops: int, quick: bool, strategy: str = DEFAULT_STRATEGY) -> list[dict]:
     """At each width of ``WIDTHS``: the LoopMoE and its unconditioned loop paired against the Vanilla, and the
     share of the LoopMoE's step that its iteration conditioning costs (1 - unconditioned / conditioned time)."""
     from loopmoe.balance import balance
@@ -90,7 +91,7 @@ def width_sweep(loops: int, quick: bool) -> list[dict]:
     rows = []
     for width, batch in WIDTHS:
         vanilla = widened(reference, width)
-        looped = balance(vanilla, loops, strategy="capacity", seq_len=SEQ).looped
+        looped = balance(vanilla, loops, strategy=strategy, seq_len=SEQ).looped
         models = {}
         for name, cfg in {
             "vanilla": vanilla,
@@ -122,27 +123,33 @@ def width_sweep(loops: int, quick: bool) -> list[dict]:
     return rows
 
 
-def child(which: str, loops: int) -> None:
+def child(which: str, loops: int, strategy: str) -> None:
     """Build one model, run one training step, print its memory as JSON (run in a fresh process)."""
     from loopmoe.model import LoopMoEForCausalLM
 
     common.setup()
-    cfg = dict(zip(("vanilla", "loopmoe"), configs(loops)))[which]
+    cfg = dict(zip(("vanilla", "loopmoe"), configs(loops, strategy)))[which]
     model = LoopMoEForCausalLM(cfg).train()
     ids = torch.randint(2, cfg.vocab_size, (BATCH, SEQ))
     print(json.dumps(common.step_memory(model, ids)))
 
 
-def memory(which: str, loops: int) -> dict:
-    return common.child_json("bench.loop_vs_vanilla", "--child", which, "--loops", str(loops))
+def memory(which: str, loops: int, strategy: str) -> dict:
+    return common.child_json("bench.loop_vs_vanilla", "--child", which, "--loops", str(loops), "--strategy", strategy)
 
 
-def run(quick: bool = False, loops: int = 2, compiled: bool = False, widths: bool = False) -> dict:
+def run(
+    quick: bool = False,
+    loops: int = 2,
+    compiled: bool = False,
+    widths: bool = False,
+    strategy: str = DEFAULT_STRATEGY,
+) -> dict:
     from loopmoe.budget import compute_budget
     from loopmoe.model import LoopMoEForCausalLM
 
     common.setup()
-    ref_cfg, loop_cfg = configs(loops)
+    ref_cfg, loop_cfg = configs(loops, strategy)
     hf = hf_parity.qwen_model("grouped_mm")
     vanilla = hf_parity.ours_from_qwen(hf)
     diff = hf_parity.check_logits(vanilla, hf)
@@ -204,7 +211,7 @@ def run(quick: bool = False, loops: int = 2, compiled: bool = False, widths: boo
                         "iter_conditioning",
                     )
                 },
-                **(memory(name, loops) if name in ("vanilla", "loopmoe") else {}),
+                **(memory(name, loops, strategy) if name in ("vanilla", "loopmoe") else {}),
             }
         )
     return {
@@ -214,7 +221,8 @@ def run(quick: bool = False, loops: int = 2, compiled: bool = False, widths: boo
         "peak_gflops": peak,
         "quick": quick,
         "compile_seconds": compile_s,
-        "widths": width_sweep(loops, quick) if widths else [],
+        "widths": width_sweep(loops, quick, strategy) if widths else [],
+        "strategy": strategy,
     }
 
 
@@ -224,11 +232,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--loops", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time both models compiled (apply_compile)")
     ap.add_argument("--widths", action="store_true", help="also the pair at wider references (WIDTHS)")
+    ap.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY, help="how the LoopMoE is balanced")
     ap.add_argument("--child", choices=("vanilla", "loopmoe"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return child(args.child, args.loops)
-    res = run(args.quick, args.loops, args.compile, args.widths)
+        return child(args.child, args.loops, args.strategy)
+    res = run(args.quick, args.loops, args.compile, args.widths, args.strategy)
     print(
         markdown_table(
             [
