@@ -144,4 +144,4 @@ def test_the_expert_shapes_the_readme_quotes_are_the_default_comparison_s():
         f"default `{opts.strategy}`"
     )
     assert quoted in " ".join(README.split())
-    assert f"({control.num_experts} x {control.moe_intermediate_size})" in README
+    assert f"({control.num_experts} x {control.moe_intermediate_size};" in README
