@@ -86,8 +86,9 @@ def width_sweep(loops: int, quick: bool, strategy: str = DEFAULT_STRATEGY) -> li
     share of the LoopMoE's step that its iteration conditioning costs (1 - unconditioned / conditioned time)."""
     from loopmoe.balance import balance
     from loopmoe.model import LoopMoEForCausalLM
+    from loopmoe.presets import get_preset
 
-    reference = configs(loops)[0]
+    reference = get_preset("bench")  # configs()'s reference
     rows = []
     for width, batch in WIDTHS:
         vanilla = widened(reference, width)

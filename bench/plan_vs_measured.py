@@ -165,19 +165,27 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
 
 
+def _child_config(raw: dict[str, Any], steps: int, world_size: int):
+    """(run config, vocabulary) of a measured run of ``steps`` steps, torch's seed set to the config's. The
+    schedule outlasts the steps, and keeps the config's own length where that is longer (its warmup and decay
+    fit in it)."""
+    import torch
+
+    cfg = config_from_dict(raw)
+    cfg.train.max_steps = max(cfg.train.max_steps, steps + WARMUP + 100)
+    cfg.validate(world_size)
+    vocab, _ = planned_vocab_size(cfg)
+    torch.manual_seed(cfg.train.seed)
+    return cfg, vocab
+
+
 def child(raw: dict[str, Any], steps: int) -> None:
     """One measured run (this process, or one rank of a torchrun); rank 0 prints a JSON line."""
     import torch
 
     info = init_distributed()
     keep_freed_memory()  # as `loopmoe train` does on a CPU (a no-op in the memory runs: MEMORY_ENV is set)
-    cfg = config_from_dict(raw)
-    # the schedule outlasts the timed steps, and keeps the config's own length where that is longer (its warmup
-    # and decay fit in it)
-    cfg.train.max_steps = max(cfg.train.max_steps, steps + WARMUP + 100)
-    cfg.validate(info.world_size)
-    vocab, _ = planned_vocab_size(cfg)
-    torch.manual_seed(cfg.train.seed)
+    cfg, vocab = _child_config(raw, steps, info.world_size)
     baseline = _rss_kib("RssAnon")
     trainer = common.config_trainer(cfg, vocab, info)
     batches = common.random_batches(cfg, vocab, seed=1000 + info.rank)
@@ -231,11 +239,7 @@ def child_profile(raw: dict[str, Any], steps: int) -> None:
     from torch.profiler import profile
 
     keep_freed_memory()
-    cfg = config_from_dict(raw)
-    cfg.train.max_steps = max(cfg.train.max_steps, 2 * steps + WARMUP + 100)
-    cfg.validate(1)
-    vocab, _ = planned_vocab_size(cfg)
-    torch.manual_seed(cfg.train.seed)
+    cfg, vocab = _child_config(raw, 2 * steps, world_size=1)  # timed, then profiled
     trainer = common.config_trainer(cfg, vocab, init_distributed())
     for method in ("_clip", "_guarded_step"):
         setattr(trainer, method, _recorded(f"{UPDATE_EVENTS[1]}{method.strip('_')}", getattr(trainer, method)))
@@ -299,18 +303,7 @@ def profile_configs(names: list[str], steps: int) -> dict:
     rows = []
     for name in names:
         procs, raw, _ = cases[name]
-        env = {**os.environ, "PYTHONPATH": str(common.ROOT), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.plan_vs_measured",
-            "--child-profile",
-            json.dumps(raw),
-            "--steps",
-            str(steps),
-        ]
-        out = subprocess.run(cmd, cwd=common.ROOT, env=env, check=True, capture_output=True, text=True).stdout
-        measured = json.loads(out.strip().splitlines()[-1])
+        measured = _child_run(procs, raw, steps, {}, mode="--child-profile")
         predicted = predict(procs, raw, lambda t: cpu_profile(t))
         c = predicted["compute"]
         parts = {
@@ -357,8 +350,9 @@ def profile_table(res: dict) -> str:
     return markdown_table(head, rows)
 
 
-def _child_run(procs: int, raw: dict[str, Any], steps: int, extra_env: dict[str, str]) -> dict:
-    args = ["--child", json.dumps(raw), "--steps", str(steps)]
+def _child_run(procs: int, raw: dict[str, Any], steps: int, extra_env: dict[str, str], mode: str = "--child") -> dict:
+    """The JSON line a child prints: a measured run (``--child``) or a profiled one (``--child-profile``)."""
+    args = [mode, json.dumps(raw), "--steps", str(steps)]
     env = {**os.environ, "PYTHONPATH": str(common.ROOT), **extra_env}
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // procs))
     if procs == 1:
