@@ -3,8 +3,8 @@ and ``get_hardware``, which returns any profile by name (``cpu``: calibrated onc
 the cache).
 
 Per thread count (``calibrate_cpu``): the matmul rate at several sizes, the SDPA rate, memory
-bandwidth, the extra cost of transcendental math and the framework's cost per op (a real training
-step of a tiny model). Measure under the conditions the predictions are for: other processes
+bandwidth, the extra cost of transcendental math, and the rate of a training step's element-wise
+ops and the framework's cost per op, both fitted on real training steps (``fit_step_costs``). Measure under the conditions the predictions are for: other processes
 competing for the cores slow every number here, and a prediction is only as good as its calibration.
 
 The α–β of gloo collectives between two local processes (the CPU profile's links), and FSDP2's own
@@ -28,12 +28,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from loopmoe.atomic import atomic_write_text
+from loopmoe.config import LoopMoEConfig
 from loopmoe.distributed import apply_fsdp2, build_mesh
 from loopmoe.distributed.config import DistStrategy
 from loopmoe.errors import ConfigError
@@ -41,7 +43,7 @@ from loopmoe.planning.comm import plan_comm, wire_bytes
 from loopmoe.planning.hardware import HARDWARE_NAMES, PROFILES, Hardware, attention_flops, cpu_from_calibration
 from loopmoe.planning.kernel_timing import median_time, torch_threads
 from loopmoe.planning.layout import Layout
-from loopmoe.planning.trace import expert_kernel, tiny_trainer
+from loopmoe.planning.trace import TINY, step_trainer, tiny_trainer
 from loopmoe.text import suggest
 
 GIB = 2**30
@@ -84,7 +86,7 @@ def cpu_profile(threads: int | None = None, calibrate: bool = True, refresh: boo
     data, why = (None, "refresh asks for a new calibration") if refresh else _cached_calibration(path, threads)
     if data is None:
         if not calibrate:
-            raise ConfigError(f"{why}: run `loopmoe plan --calibrate` (about 30 s) or pass a GPU --hardware")
+            raise ConfigError(f"{why}: run `loopmoe plan --calibrate` (about a minute) or pass a GPU --hardware")
         data = calibrate_cpu(sorted({1, threads, cores}))
         save_calibration(data, path)
     return cpu_from_calibration(data, threads)
@@ -146,6 +148,7 @@ def calibration_problem(data: dict, threads: int) -> str | None:
             return f"threads.{threads}.gemm holds {point!r}, not [size, rate] with positive finite numbers"
     for key, check in (
         ("memory_bandwidth", positive),
+        ("elementwise_bandwidth", positive),
         ("attention_rate", positive),
         ("op_overhead_s", non_negative),
         ("transcendental_s", non_negative),
@@ -177,13 +180,14 @@ def save_calibration(data: dict, path: Path | None = None) -> Path:
 
 GEMM_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 # Bumped when the calibration measures something differently: a cached one of another version is
-# measured again (2: per-op cost from a training step, transcendental cost; 3: FSDP2's cost per call).
-CALIBRATION_VERSION = 3
+# measured again (2: per-op cost from a training step, transcendental cost; 3: FSDP2's cost per call;
+# 4: element-wise bandwidth and per-op cost fitted on training steps).
+CALIBRATION_VERSION = 4
 
 
 def _calibrate_threads(threads: int, quick: bool) -> dict:
-    """Matmul rate by size, SDPA rate, memory bandwidth, transcendental math and framework op overhead
-    at ``threads``."""
+    """Matmul rate by size, SDPA rate, memory bandwidth, transcendental math, and the element-wise rate
+    and per-op cost of a training step at ``threads``."""
 
     with torch_threads(threads):
         reps = 3 if quick else 5
@@ -217,40 +221,135 @@ def _calibrate_threads(threads: int, quick: bool) -> dict:
         logits = torch.randn(1024, 2048)
         t = median_time(lambda: torch.log_softmax(logits, dim=-1), reps)
         transcendental_s = max(0.0, (t - 2 * logits.numel() * 4 / bandwidth) / logits.numel())
-        # Framework overhead per op: a real training step of a tiny model (width 32, 32 tokens), whose
-        # arithmetic is negligible: dispatch, autograd, allocation and the model's and trainer's Python
-        # per op, as a training step sees them.
-        model, trainer, ids = tiny_trainer(2)
-
-        def step():
-            trainer.train_step(iter([ids]))
-
-        # + the expert kernel's matmuls, which the dispatch count does not see inside its custom op
-        kernel = expert_kernel(model.config, ids.numel())
-        ops = _count_ops(step) + 2 * (kernel.forward.ops + kernel.backward.ops)
-        t = median_time(step, reps)
-        return {
+        per = {
             "gemm": gemm,
             "memory_bandwidth": bandwidth,
             "attention_rate": attention_rate,
             "transcendental_s": transcendental_s,
-            "op_overhead_s": t / ops,
         }
+        return {**per, **fit_step_costs(per, threads, reps)}
 
 
-def _count_ops(fn) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
+# Real training steps the element-wise rate and the per-op cost are fitted on (``fit_step_costs``):
+# (name, model config over the tiny one, micro-batch, sequence length), from a step almost all framework
+# overhead (the tiny model) to ones whose activations fill the L2 and the L3 cache. Not the validation
+# bench's configurations (``bench.plan_vs_measured``), so that bench checks the fit, not reproduces it.
+FIT_STEPS: tuple[tuple[str, dict, int, int], ...] = (
+    ("tiny", {"num_core_layers": 2}, 2, 16),
+    (
+        "d96_T2",
+        {
+            "vocab_size": 1024,
+            "hidden_size": 96,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 24,
+            "num_experts": 8,
+            "moe_intermediate_size": 96,
+            "max_position_embeddings": 128,
+            "iter_cond_rank": 16,
+            "iter_pe_dim": 16,
+            "num_core_layers": 2,
+            "num_loops": 2,
+        },
+        4,
+        128,
+    ),
+    (
+        "d192",
+        {
+            "vocab_size": 2048,
+            "hidden_size": 192,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "num_experts": 8,
+            "moe_intermediate_size": 192,
+            "max_position_embeddings": 256,
+            "num_core_layers": 2,
+        },
+        4,
+        256,
+    ),
+)
 
-    class Count(TorchDispatchMode):
-        n = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
+def fit_step_costs(per: dict, threads: int, reps: int) -> dict:
+    """The element-wise bandwidth and the per-op cost, fitted on real training steps (``FIT_STEPS``).
 
-    with Count():
-        fn()
-    return Count.n
+    Neither is what a micro-benchmark measures: inside a step, reductions, norms, gathers and
+    scatters stream well below a large copy's rate, tensors that fit a cache stream above it, and an
+    op's fixed cost (dispatch, autograd, allocation, the model's Python) depends on what runs around
+    it. So each step is timed, the parts the planner measures directly (GEMMs and attention at their
+    shapes, transcendental math, the optimizer's bytes) are subtracted, and what is left,
+    ``bytes / bandwidth + ops x cost``, is fitted by least squares on relative error over the steps
+    (``bytes`` and ``ops`` from the planner's own trace, so the fit serves its cost model as it is).
+    Returns ``elementwise_bandwidth``, ``op_overhead_s`` and the fit's record (``step_fit``).
+    """
+    from loopmoe.planning.cost import plan_compute  # the cost model, which this calibrates
+
+    hw = cpu_from_calibration(
+        {
+            "threads": {str(threads): {**per, "op_overhead_s": 0.0, "elementwise_bandwidth": None}},
+            "cpu": "",
+            "when": "",
+            "memory_bytes": _memory_bytes(),
+            "cores": os.cpu_count() or 1,
+        },
+        threads,
+    )
+    rows = []
+    for name, changes, batch, seq in FIT_STEPS:
+        model, trainer, ids = step_trainer(LoopMoEConfig(**{**TINY, **changes}), batch, seq)
+        step_s = median_time(lambda trainer=trainer, ids=ids: trainer.train_step(iter([ids])), reps)
+        lay = Layout(micro_batch=batch, seq_len=seq, threads=threads)
+
+        def total(hw: Hardware, cfg=model.config, lay=lay) -> float:
+            return plan_compute(cfg, lay, hw).total
+
+        fixed = total(replace(hw, elementwise_bandwidth=math.inf))
+        rows.append(
+            {
+                "name": name,
+                "step_s": step_s,
+                "fixed_s": fixed,  # GEMMs, attention, transcendental math, the optimizer's bytes
+                "bytes": total(replace(hw, elementwise_bandwidth=1.0)) - fixed,
+                "ops": total(replace(hw, elementwise_bandwidth=math.inf, op_overhead_s=1.0)) - fixed,
+            }
+        )
+    per_byte, per_op = _fit_nonnegative(
+        [(r["bytes"] / r["step_s"], r["ops"] / r["step_s"]) for r in rows],
+        [max(0.0, r["step_s"] - r["fixed_s"]) / r["step_s"] for r in rows],
+    )
+    for r in rows:
+        r["fitted_s"] = r["fixed_s"] + r["bytes"] * per_byte + r["ops"] * per_op
+    return {
+        # no measurable element-wise time at all: the copy's rate (never an infinite bandwidth)
+        "elementwise_bandwidth": 1.0 / per_byte if per_byte > 0 else per["memory_bandwidth"],
+        "op_overhead_s": per_op,
+        "step_fit": rows,
+    }
+
+
+def _fit_nonnegative(rows: list[tuple[float, float]], targets: list[float]) -> tuple[float, float]:
+    """Least squares ``targets ≈ a x + b y`` over ``rows`` of ``(a, b)``, with ``x, y >= 0`` (the
+    unconstrained solution where it is non-negative, else the better one-variable fit)."""
+    saa = sum(a * a for a, _ in rows)
+    sbb = sum(b * b for _, b in rows)
+    sab = sum(a * b for a, b in rows)
+    sat = sum(a * t for (a, _), t in zip(rows, targets))
+    sbt = sum(b * t for (_, b), t in zip(rows, targets))
+    det = saa * sbb - sab * sab
+    if det > 0:
+        x, y = (sat * sbb - sbt * sab) / det, (sbt * saa - sat * sab) / det
+        if x >= 0 and y >= 0:
+            return x, y
+    candidates = [(max(0.0, sat / saa) if saa else 0.0, 0.0), (0.0, max(0.0, sbt / sbb) if sbb else 0.0)]
+
+    def error(c: tuple[float, float]) -> float:
+        return sum((t - a * c[0] - b * c[1]) ** 2 for (a, b), t in zip(rows, targets))
+
+    return min(candidates, key=error)
 
 
 def calibrate_cpu(threads: list[int] | None = None, quick: bool = False, gloo: bool = True) -> dict:

@@ -9,7 +9,8 @@ hardware profile:
   CPU, the roofline's compute side with a GEMM-efficiency curve on an accelerator); the expert
   kernel's per-group matmuls for balanced routing (``N k ep / E`` rows per local expert);
 - every fused-attention call at its shape (``kernel_timing.attention_seconds``);
-- every other computing op's bytes (inputs + outputs) at the memory bandwidth, and the elements
+- every other computing op's bytes (inputs + outputs) at the element-wise bandwidth (on a CPU fitted
+  on real training steps: reductions and norms stream below a copy's rate), and the elements
   of exp / log / softmax / SiLU-family ops at ``Hardware.transcendental_s`` each (the roofline's
   memory side, and a CPU's slower transcendental math);
 - a fixed cost per dispatched op (``Hardware.op_overhead_s``: launch, dispatch, autograd);
@@ -66,7 +67,7 @@ def tally_time(t: Tally, hw: Hardware, dtype: str, backward: bool) -> PartTime:
     return PartTime(
         gemm=gemm,
         attention=attention,
-        elementwise=t.bytes * scale / hw.memory_bandwidth + t.transcendental * hw.transcendental_s,
+        elementwise=t.bytes * scale / hw.elementwise_rate + t.transcendental * hw.transcendental_s,
         overhead=t.ops * hw.op_overhead_s,
         flops=t.gemm_flops() + scores,
     )

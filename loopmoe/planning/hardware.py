@@ -8,7 +8,8 @@ A profile is the handful of numbers the cost model needs (``loopmoe.planning.cos
   peak against the GEMM's size (small GEMMs, expert groups of a few rows, do not reach peak);
 - ``attention_efficiency``: fused attention kernels against the matmul peak;
 - ``memory_bandwidth``: element-wise work, optimizer steps and every op too small to be
-  compute-bound are charged at this rate (the roofline's other side), and ``transcendental_s``:
+  compute-bound are charged at this rate (the roofline's other side; a CPU's element-wise ops inside a
+  step stream at their own rate, ``elementwise_bandwidth``), and ``transcendental_s``:
   the extra seconds per element of exp / log / softmax / SiLU-family ops (a CPU computes them
   more slowly than it streams; an accelerator does not, 0);
 - ``op_overhead_s``: fixed cost per framework op (a kernel launch on a GPU; PyTorch's dispatch,
@@ -60,6 +61,9 @@ class Hardware:
     # on an accelerator it runs on the host ahead of the kernels and is taken as hidden (0)
     fsdp2_call_overhead_s: float = 0.0
     transcendental_s: float = 0.0  # extra seconds per element of exp / log / softmax / SiLU-family ops
+    # bytes/s of a training step's element-wise ops, where they differ from a large copy's (a CPU: fitted
+    # on real training steps, ``calibration.fit_step_costs``); None: ``memory_bandwidth``
+    elementwise_bandwidth: float | None = None
     measure_kernels: bool = False  # time each GEMM / attention shape on this machine (cpu)
     sources: str = ""
     extra: dict = field(default_factory=dict)  # calibration details (cpu)
@@ -75,6 +79,11 @@ class Hardware:
                 w = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
                 return e0 + w * (e1 - e0)
         return pts[-1][1]
+
+    @property
+    def elementwise_rate(self) -> float:
+        """Bytes/s at which a step's element-wise ops stream."""
+        return self.elementwise_bandwidth or self.memory_bandwidth
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.matmul_flops:
@@ -170,6 +179,7 @@ def cpu_from_calibration(data: dict, threads: int) -> Hardware:
         attention_efficiency=per["attention_rate"] / peak,
         op_overhead_s=per["op_overhead_s"],
         transcendental_s=per.get("transcendental_s", 0.0),
+        elementwise_bandwidth=per["elementwise_bandwidth"],
         measure_kernels=True,
         intra_node_bandwidth=comm.get("bandwidth", 1e9),
         inter_node_bandwidth=comm.get("bandwidth", 1e9),

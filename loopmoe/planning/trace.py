@@ -323,29 +323,37 @@ def _optimizer_tally(update_guard: bool) -> OptimizerTally:
     )
 
 
+# The width-32 model the per-op costs are measured on (its arithmetic is negligible).
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    max_position_embeddings=16,
+    iter_cond_rank=8,
+    iter_pe_dim=8,
+    num_loops=1,
+)
+
+
 def tiny_trainer(layers: int, update_guard: bool = True, wrap=None):
     """A real tiny model (width 32) with its ``Trainer``, one step in (optimizer state exists, as in a
     long run), and its batch: for what does not depend on the width (ops per step). ``wrap``: applied
     to the model before the optimizer is built (a parallelism wrapper)."""
-    cfg = LoopMoEConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        max_position_embeddings=16,
-        iter_cond_rank=8,
-        iter_pe_dim=8,
-        num_core_layers=layers,
-        num_loops=1,
-    )
+    return step_trainer(LoopMoEConfig(**TINY, num_core_layers=layers), 2, 16, update_guard, wrap)
+
+
+def step_trainer(cfg: LoopMoEConfig, micro_batch: int, seq_len: int, update_guard: bool = True, wrap=None):
+    """``cfg``'s model with the ``Trainer`` of ``loopmoe train`` (AdamW, clipping), one step in, and a
+    ``[micro_batch, seq_len]`` batch of random tokens: a real training step to time."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LoopMoEForCausalLM(cfg).train()
-        ids = torch.randint(0, cfg.vocab_size, (2, 16))
+        ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
     if wrap is not None:
         model = wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -271,6 +271,7 @@ def test_accelerator_profiles_and_cpu_calibration():
             "1": {
                 "gemm": [[32.0, 1e9], [256.0, 4e9]],
                 "memory_bandwidth": 5e9,
+                "elementwise_bandwidth": 2e9,
                 "attention_rate": 2e9,
                 "op_overhead_s": 1e-5,
             }
@@ -280,7 +281,32 @@ def test_accelerator_profiles_and_cpu_calibration():
     hw = cpu_from_calibration(data, 1)
     assert hw.peak("fp32") == 4e9 and hw.gemm_efficiency(32, 32, 32) == pytest.approx(0.25)
     assert hw.attention_efficiency == 0.5 and hw.latency_s == 1e-4
+    assert hw.elementwise_rate == 2e9 and PROFILES["h100"].elementwise_rate == PROFILES["h100"].memory_bandwidth
     assert math.isclose(hw.gemm_efficiency(256, 256, 256), 1.0)
+
+
+def test_the_step_fit_recovers_known_costs_and_stays_non_negative():
+    from loopmoe.planning.calibration import _fit_nonnegative
+
+    # steps of (bytes, ops) made at 20 GB/s and 5 us per op, as fractions of their own time
+    steps = [(2e6, 1500), (3e8, 3000), (5e8, 1500)]
+    times = [b / 2e10 + o * 5e-6 for b, o in steps]
+    x, y = _fit_nonnegative([(b / t, o / t) for (b, o), t in zip(steps, times)], [1.0] * 3)
+    assert x == pytest.approx(1 / 2e10) and y == pytest.approx(5e-6)
+    # a residual only ops explain (the bytes would need a negative rate): all of it goes to the ops
+    x, y = _fit_nonnegative([(1.0, 1.0), (2.0, 1.0)], [1.0, 0.5])
+    assert x == 0.0 and y > 0
+
+
+def test_the_step_fit_reproduces_the_steps_it_was_fitted_on():
+    """The fit on real steps (``fit_step_costs``): the fitted parts add up to each timed step."""
+    from loopmoe.planning.calibration import GEMM_SIZES, fit_step_costs
+
+    per = {"gemm": [[n, 5e10] for n in GEMM_SIZES], "memory_bandwidth": 3e10, "attention_rate": 5e10}
+    fit = fit_step_costs({**per, "transcendental_s": 2e-10}, threads=1, reps=1)
+    assert fit["elementwise_bandwidth"] > 0 and fit["op_overhead_s"] > 0
+    for row in fit["step_fit"]:  # three steps, two numbers: close, not exact
+        assert row["fitted_s"] == pytest.approx(row["step_s"], rel=0.5), row
 
 
 def test_a_missing_or_outdated_cpu_calibration_says_which(tmp_path, monkeypatch):
@@ -327,6 +353,7 @@ def _valid_calibration():
             "1": {
                 "gemm": [[16, 1e9], [256, 4e9]],
                 "memory_bandwidth": 1e10,
+                "elementwise_bandwidth": 5e9,
                 "attention_rate": 2e9,
                 "op_overhead_s": 5e-6,
                 "transcendental_s": 1e-9,
@@ -345,6 +372,7 @@ def _valid_calibration():
         (lambda d: d["threads"]["1"].update(gemm=[[16, 0]]), "gemm holds [16, 0]"),
         (lambda d: d["threads"]["1"].update(attention_rate="fast"), "attention_rate = 'fast'"),
         (lambda d: d["threads"]["1"].pop("memory_bandwidth"), "memory_bandwidth = None"),
+        (lambda d: d["threads"]["1"].update(elementwise_bandwidth=0.0), "elementwise_bandwidth = 0.0"),
         (lambda d: d.update(memory_bytes=0), "memory_bytes = 0"),
         (lambda d: d["gloo"].update(latency_s=float("inf")), "gloo.latency_s = inf"),
     ],
