@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -298,7 +299,7 @@ def fit_step_costs(per: dict, threads: int, reps: int) -> dict:
         },
         threads,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, changes, batch, seq in FIT_STEPS:
         model, trainer, ids = step_trainer(LoopMoEConfig(**{**TINY, **changes}), batch, seq)
         step_s = median_time(lambda trainer=trainer, ids=ids: trainer.train_step(iter([ids])), reps)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -324,7 +325,7 @@ def _optimizer_tally(update_guard: bool) -> OptimizerTally:
 
 
 # The width-32 model the per-op costs are measured on (its arithmetic is negligible).
-TINY = dict(
+TINY: dict[str, Any] = dict(
     vocab_size=64,
     hidden_size=32,
     num_attention_heads=2,
