@@ -13,7 +13,9 @@ a first one, and its increase over the RSS before it = activations and gradients
 ``--compile`` adds the Vanilla and the LoopMoE compiled as the trainer compiles them (``apply_compile``:
 every decoder layer, inductor), the LoopMoE paired against the compiled Vanilla. ``--widths`` repeats the
 pair and the unconditioned loop at wider versions of the reference (``WIDTHS``), so that the share of the
-step IterAdaLN's per-token modulation costs can be read against the width. Writes
+step IterAdaLN's per-token modulation costs can be read against the width. Each eager model's step is also
+predicted by the planner, split into GEMMs, attention, element-wise work and per-op overhead
+(``predicted_parts``), which says what a measured gap is made of. Writes
 bench/results/loop_vs_vanilla.json.
 """
 
@@ -124,6 +126,19 @@ def width_sweep(loops: int, quick: bool, strategy: str = DEFAULT_STRATEGY) -> li
     return rows
 
 
+def predicted_parts(cfg) -> dict:
+    """The planner's fwd+bwd seconds of ``cfg`` at the bench's batch on this machine, by kind of work
+    (``loopmoe.planning.cost.plan_compute`` on the cached calibration, the optimizer left out as the bench
+    leaves it out): what a gap is made of, from the traced ops of both models."""
+    from loopmoe.planning import Layout
+    from loopmoe.planning.calibration import cpu_profile
+    from loopmoe.planning.cost import plan_compute
+
+    threads = torch.get_num_threads()
+    c = plan_compute(cfg, Layout(micro_batch=BATCH, seq_len=SEQ, threads=threads), cpu_profile(threads))
+    return {"gemm": c.gemm, "attention": c.attention, "elementwise": c.elementwise, "overhead": c.overhead}
+
+
 def child(which: str, loops: int, strategy: str) -> None:
     """Build one model, run one training step, print its memory as JSON (run in a fresh process)."""
     from loopmoe.model import LoopMoEForCausalLM
@@ -215,6 +230,8 @@ def run(
                 **(memory(name, loops, strategy) if name in ("vanilla", "loopmoe") else {}),
             }
         )
+        if "compiled" not in name:  # the planner models eager steps
+            rows[-1]["predicted_s"] = predicted_parts(cfg)
     return {
         "rows": rows,
         "loops": loops,
@@ -272,6 +289,24 @@ def main(argv=None) -> dict:
     )
     for r in res["rows"]:
         print(f"  {r['model']}: {r['shape']}")
+    base = sum(res["rows"][0]["predicted_s"].values())
+    print("Where the time goes, as the planner predicts it (fwd+bwd ms, this machine's calibration):")
+    print(
+        markdown_table(
+            ["model", "GEMMs", "attention", "element-wise", "op overhead", "total", "predicted vs vanilla", "measured"],
+            [
+                [
+                    r["model"],
+                    *(f"{1e3 * r['predicted_s'][k]:.1f}" for k in ("gemm", "attention", "elementwise", "overhead")),
+                    f"{1e3 * sum(r['predicted_s'].values()):.1f}",
+                    f"{base / sum(r['predicted_s'].values()):.2f}x",
+                    common.fmt_speedup(r["vs_vanilla"]),
+                ]
+                for r in res["rows"]
+                if "predicted_s" in r
+            ],
+        )
+    )
     if res["widths"]:
         print(
             markdown_table(

@@ -508,7 +508,12 @@ def main(argv=None) -> dict | None:
     # What `loopmoe plan` states with its predictions on this machine: the calibration these runs were
     # predicted with, and their errors (loopmoe.planning.validation).
     save_calibration(res["calibration"])
-    where = save_validation({r["name"]: r["time_error"] for r in res["rows"]}, time.strftime("%Y-%m-%d"))
+    runs = {r["name"]: r["measured"]["step_s_runs"] for r in res["rows"]}
+    where = save_validation(
+        {r["name"]: r["time_error"] for r in res["rows"]},
+        time.strftime("%Y-%m-%d"),
+        {name: max(steps) / min(steps) - 1 for name, steps in runs.items()},
+    )
     print(f"calibration and errors saved for `loopmoe plan` on this machine ({where})")
     return res
 

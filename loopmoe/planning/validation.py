@@ -9,6 +9,10 @@ tokens/s, or says that this machine was never validated.
 
 An error is ``predicted / measured - 1`` (negative: the plan was pessimistic), so a prediction
 ``p`` stands for a measured rate between ``p / (1 + largest error)`` and ``p / (1 + smallest)``.
+The errors are against the fastest of a few fresh processes per configuration; where the record also
+holds how much slower the other processes ran (``process_spread``: slowest / fastest - 1; on a 2-vCPU VM a
+2-thread process sometimes runs ~35% slower for its whole life), the low end is divided by the largest
+spread too, since ``loopmoe train`` may start in such a process.
 """
 
 from __future__ import annotations
@@ -31,20 +35,38 @@ def validation_path() -> Path:
     return calibration.with_name(calibration.name.replace("hardware-cpu-", "plan-validation-", 1))
 
 
-def _usable(time_errors: dict) -> bool:
-    """At least one error, each a finite number above -1 (a measured rate above zero)."""
-    return bool(time_errors) and all(
-        isinstance(e, (int, float)) and math.isfinite(e) and e > -1 for e in time_errors.values()
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _usable(time_errors: dict, process_spread: dict) -> bool:
+    """At least one error, each a finite number above -1 (a measured rate above zero); spreads finite and >= 0."""
+    return (
+        bool(time_errors)
+        and all(_number(e) and e > -1 for e in time_errors.values())
+        and all(_number(s) and s >= 0 for s in process_spread.values())
     )
 
 
-def save_validation(time_errors: dict[str, float], date: str, path: Path | None = None) -> Path:
-    """Record the time errors of a validation run (configuration -> predicted / measured - 1) for this machine."""
-    if not _usable(time_errors):
-        raise ValueError(f"time errors must be finite and above -1, got {time_errors}")
+def save_validation(
+    time_errors: dict[str, float], date: str, process_spread: dict[str, float] | None = None, path: Path | None = None
+) -> Path:
+    """Record the time errors of a validation run (configuration -> predicted / measured - 1) for this machine,
+    and how much slower than the fastest the other processes of each configuration ran."""
+    process_spread = process_spread or {}
+    if not _usable(time_errors, process_spread):
+        raise ValueError(
+            f"time errors must be finite and above -1, spreads finite and >= 0, got {time_errors}, {process_spread}"
+        )
     path = path or validation_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"version": VERSION, **machine(), "date": date, "time_errors": time_errors}
+    record = {
+        "version": VERSION,
+        **machine(),
+        "date": date,
+        "time_errors": time_errors,
+        "process_spread": process_spread,
+    }
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
@@ -54,7 +76,8 @@ def load_validation(path: Path | None = None) -> dict[str, Any] | None:
     try:
         record = json.loads((path or validation_path()).read_text())
         errors = record["time_errors"]
-        if record.get("version") != VERSION or not _usable(errors):
+        record.setdefault("process_spread", {})  # records written before it was kept
+        if record.get("version") != VERSION or not _usable(errors, record["process_spread"]):
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -74,15 +97,18 @@ def uncertainty(tokens_per_s: float, record: dict[str, Any] | None) -> dict[str,
         }
     errors = list(record["time_errors"].values())
     low, high, middle = min(errors), max(errors), statistics.median(errors)
-    rates = (tokens_per_s / (1 + high), tokens_per_s / (1 + low))
+    spread = max(record["process_spread"].values(), default=0.0)
+    rates = (tokens_per_s / (1 + high) / (1 + spread), tokens_per_s / (1 + low))
 
     def share(e: float) -> str:
         return f"{abs(e):.0%} {'low' if e < 0 else 'high'}" if round(abs(e), 2) else "0%"
 
+    slower = f"; a process ran up to {spread:.0%} slower than another of the same run" if round(spread, 2) else ""
     return {
         "validated": True,
         "tokens_per_s_range": list(rates),
         "median_error": middle,
+        "process_spread": spread,
         "text": f"{len(errors)} measured runs here ({record['date']}): {share(low)} to {share(high)}, median "
-        f"{share(middle)}; expect {rates[0]:,.0f} to {rates[1]:,.0f} tokens/s",
+        f"{share(middle)}{slower}; expect {rates[0]:,.0f} to {rates[1]:,.0f} tokens/s",
     }

@@ -41,6 +41,7 @@ def test_a_validation_round_trips_and_gives_the_measured_range(cache):
         lambda r: r["time_errors"].update(a="x"),  # hand-edited
         lambda r: r["time_errors"].update(a=-1.5),  # a measured rate below zero
         lambda r: r.update(time_errors={}),
+        lambda r: r.update(process_spread={"a": -0.1}),  # a slowest process faster than the fastest
     ],
 )
 def test_a_record_of_another_machine_or_a_broken_one_is_not_used(cache, edit):
@@ -51,6 +52,14 @@ def test_a_record_of_another_machine_or_a_broken_one_is_not_used(cache, edit):
     assert validation.load_validation() is None
     path.write_text("{torn")
     assert validation.load_validation() is None
+
+
+def test_slower_processes_widen_the_low_end(cache):
+    """A process that ran 25% slower than the fastest of its configuration: the low end allows for it."""
+    validation.save_validation({"a": -0.2, "b": 0.0}, "2026-12-07", {"a": 0.25, "b": 0.05})
+    stated = validation.uncertainty(8000.0, validation.load_validation())
+    assert stated["tokens_per_s_range"] == pytest.approx([8000.0 / 1.25, 10000.0])
+    assert "a process ran up to 25% slower than another of the same run; expect 6,400 to 10,000" in stated["text"]
 
 
 def test_bad_errors_are_refused_when_saved(cache):
