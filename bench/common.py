@@ -116,6 +116,7 @@ def machine() -> dict:
         "transformers": __import__("transformers").__version__,
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
+        "isa": torch.backends.cpu.get_cpu_capability(),  # the kernels torch picks (AVX2, AVX512, ...)
         "cores": os.cpu_count(),
     }
 

@@ -46,10 +46,13 @@ def measure(quick: bool = False) -> dict:
 
 
 def peak_gflops(cached: bool = True) -> float:
-    """Measured peak fp32 matmul GFLOP/s (this benchmark's saved result when present, else a quick run)."""
+    """Measured peak fp32 matmul GFLOP/s: this benchmark's saved result when this machine wrote it (the
+    results folder is committed, so it may hold another machine's), else a quick run."""
     path = common.RESULTS / "peak_flops.json"
     if cached and path.is_file():
-        return json.loads(path.read_text())["peak_gflops"]
+        saved = json.loads(path.read_text())
+        if saved.get("machine") == common.machine():
+            return saved["peak_gflops"]
     return measure(quick=True)["peak_gflops"]
 
 
