@@ -17,8 +17,8 @@ The peak is the largest of three moments (the trainer frees gradients after each
 ``zero_grad(set_to_none=True)``):
 
 - the end of forward: parameters + optimizer state (+ buffers) + every saved activation + the
-  fused LM-head loss's chunk of fp32 logits and their softmax (``2 x min(chunk, N V) x 4`` bytes;
-  the chunk is ``trace.loss_chunk_bytes``, 8 MiB on a CPU);
+  fused LM-head loss's chunk of logits (``min(chunk, N V) x 4`` bytes in fp32, twice that in bf16;
+  the chunk is ``trace.loss_chunk_bytes``, 16 MiB on a CPU);
 
 - the start of backward: parameters + optimizer state (+ DDP buckets, FSDP2's gathered weights)
   + every saved activation + the gradients of the layers whose backward comes first (the whole
@@ -167,9 +167,12 @@ def plan_memory(cfg: ConfigLike, layout: Layout, hw: Hardware) -> MemoryPlan:
     first = split.layer_core * (C if T > 1 else 1) if C else split.layer_plain
     grads_at_backward = 4 * first / (shard if layout.sharded else 1)
     backward = params + optimizer + comm + activations + workspace + grads_at_backward
-    # The end of forward: the fused LM-head loss holds one chunk of fp32 logits and their softmax.
+    # The end of forward: the fused LM-head loss holds one chunk of logits, turned into fp32
+    # log-probabilities and the gradient in place (fp32: one buffer; bf16: the bf16 logits, their fp32
+    # copy and the bf16 gradient).
     rows = max(1, loss_chunk_bytes(hw.device_type) // (4 * cfg.vocab_size))
-    loss_workspace = 2 * 4 * min(rows, N) * cfg.vocab_size
+    per_logit = 4 if layout.dtype == "fp32" else 2 * DTYPE_BYTES[layout.dtype] + 4
+    loss_workspace = per_logit * min(rows, N) * cfg.vocab_size
     forward_end = params + optimizer + comm + activations + loss_workspace
     workspace = max(workspace + grads_at_backward, loss_workspace)
     step = params + grads + optimizer + guard + (comm if layout.strategy == "ddp" else 0.0)

@@ -333,11 +333,11 @@ def test_a_missing_or_outdated_cpu_calibration_says_which(tmp_path, monkeypatch)
 
 def test_the_trace_takes_the_loss_chunks_of_the_planned_device():
     # Fake tensors live on the CPU, but a GPU plan must see the GPU's loss: one chunk of rows where a CPU
-    # takes cache-sized ones (8 MiB of fp32 logits: 64 rows at V = 32768, so 8 chunks of 512 tokens).
+    # takes cache-sized ones (16 MiB of fp32 logits: 128 rows at V = 32768, so 4 chunks of 512 tokens).
     cfg = get_preset("debug", vocab_size=32768)
     cpu, gpu = (step_tally(cfg, 2, 256, device).base for device in ("cpu", "cuda"))
     assert gpu.forward.ops < cpu.forward.ops
-    assert gpu.forward.gemms != cpu.forward.gemms  # the head's GEMMs: [512, V] at once, not [64, V] x 8
+    assert gpu.forward.gemms != cpu.forward.gemms  # the head's GEMMs: [512, V] at once, not [128, V] x 4
     assert max(m for m, n, k in gpu.forward.gemms if n == cfg.vocab_size) == 512
 
 
