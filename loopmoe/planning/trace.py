@@ -324,7 +324,8 @@ def _optimizer_tally(update_guard: bool) -> OptimizerTally:
     )
 
 
-# The width-32 model the per-op costs are measured on (its arithmetic is negligible).
+# A width-32 model, whose step is almost all per-op cost (its arithmetic is negligible): the optimizer's
+# tally, FSDP2's cost per call and the first of the calibration's fitted steps run it.
 TINY: dict[str, Any] = dict(
     vocab_size=64,
     hidden_size=32,
