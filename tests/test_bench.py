@@ -59,6 +59,21 @@ def test_speedup_pairs_runs_of_the_same_round():
     assert common.speedup({"a": {"median": 2.0}, "b": {"median": 3.0}}, "a", "b")["median"] == 1.5
 
 
+def test_mfu_uses_a_saved_peak_only_from_this_machine(tmp_path, monkeypatch):
+    """The results folder is committed: a peak another machine saved there must not become this one's."""
+    import json
+
+    from bench import peak_flops
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(peak_flops, "measure", lambda quick: {"peak_gflops": 7.0})
+    saved = {"machine": {**common.machine(), "isa": "another ISA"}, "peak_gflops": 155.4}
+    (tmp_path / "peak_flops.json").write_text(json.dumps(saved))
+    assert peak_flops.peak_gflops() == 7.0  # measured here
+    (tmp_path / "peak_flops.json").write_text(json.dumps({**saved, "machine": common.machine()}))
+    assert peak_flops.peak_gflops() == 155.4
+
+
 def test_the_adaptive_depth_bench_runs_every_path(capsys):
     """``bench.adaptive_depth --smoke``: a two-step looped model through the sweep (fixed depth beside every
     criterion), the batch-1 timings against executed iterations and both batched decoders; writes nothing."""
