@@ -4,8 +4,9 @@ the cache).
 
 Per thread count (``calibrate_cpu``): the matmul rate at several sizes, the SDPA rate, memory
 bandwidth, the extra cost of transcendental math, and the rate of a training step's element-wise
-ops and the framework's cost per op, both fitted on real training steps (``fit_step_costs``). Measure under the conditions the predictions are for: other processes
-competing for the cores slow every number here, and a prediction is only as good as its calibration.
+ops and the framework's cost per op, both fitted on real training steps (``fit_step_costs``).
+Measure under the conditions the predictions are for: other processes competing for the cores
+slow every number here, and a prediction is only as good as its calibration.
 
 The α–β of gloo collectives between two local processes (the CPU profile's links), and FSDP2's own
 cost per collective (``measure_gloo``). Two processes are spawned with a file-store gloo group; each
