@@ -15,7 +15,7 @@ every decoder layer, inductor), the LoopMoE paired against the compiled Vanilla.
 pair and the unconditioned loop at wider versions of the reference (``WIDTHS``), so that the share of the
 step IterAdaLN's per-token modulation costs can be read against the width. Each eager model's step is also
 predicted by the planner, split into GEMMs, attention, element-wise work and per-op overhead
-(``predicted_parts``), which says what a measured gap is made of. Writes
+(``predicted_parts``, each row's ``predicted_s``), which says what a measured gap is made of. Writes
 bench/results/loop_vs_vanilla.json.
 """
 
@@ -128,8 +128,9 @@ def width_sweep(loops: int, quick: bool, strategy: str = DEFAULT_STRATEGY) -> li
 
 def predicted_parts(cfg) -> dict:
     """The planner's fwd+bwd seconds of ``cfg`` at the bench's batch on this machine, by kind of work
-    (``loopmoe.planning.cost.plan_compute`` on the cached calibration, the optimizer left out as the bench
-    leaves it out): what a gap is made of, from the traced ops of both models."""
+    (``loopmoe.planning.cost.plan_compute`` on this machine's cached calibration, measured first, about a
+    minute, where there is none; the optimizer left out as the bench leaves it out), from the model's traced
+    ops: side by side for two models, what a gap between them is made of. A row's ``predicted_s``."""
     from loopmoe.planning import Layout
     from loopmoe.planning.calibration import cpu_profile
     from loopmoe.planning.cost import plan_compute

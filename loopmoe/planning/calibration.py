@@ -29,7 +29,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,14 @@ from loopmoe.distributed import apply_fsdp2, build_mesh
 from loopmoe.distributed.config import DistStrategy
 from loopmoe.errors import ConfigError
 from loopmoe.planning.comm import plan_comm, wire_bytes
-from loopmoe.planning.hardware import HARDWARE_NAMES, PROFILES, Hardware, attention_flops, cpu_from_calibration
+from loopmoe.planning.hardware import (
+    HARDWARE_NAMES,
+    PROFILES,
+    Hardware,
+    attention_flops,
+    cpu_from_calibration,
+    with_overrides,
+)
 from loopmoe.planning.kernel_timing import median_time, torch_threads
 from loopmoe.planning.layout import Layout
 from loopmoe.planning.trace import TINY, step_trainer, tiny_trainer
@@ -309,14 +315,14 @@ def fit_step_costs(per: dict, threads: int, reps: int) -> dict:
         def total(hw: Hardware, cfg=model.config, lay=lay) -> float:
             return plan_compute(cfg, lay, hw).total
 
-        fixed = total(replace(hw, elementwise_bandwidth=math.inf))
+        fixed = total(with_overrides(hw, elementwise_bandwidth=math.inf))
         rows.append(
             {
                 "name": name,
                 "step_s": step_s,
                 "fixed_s": fixed,  # GEMMs, attention, transcendental math, the optimizer's bytes
-                "bytes": total(replace(hw, elementwise_bandwidth=1.0)) - fixed,
-                "ops": total(replace(hw, elementwise_bandwidth=math.inf, op_overhead_s=1.0)) - fixed,
+                "bytes": total(with_overrides(hw, elementwise_bandwidth=1.0)) - fixed,
+                "ops": total(with_overrides(hw, elementwise_bandwidth=math.inf, op_overhead_s=1.0)) - fixed,
             }
         )
     per_byte, per_op = _fit_nonnegative(
@@ -325,12 +331,29 @@ def fit_step_costs(per: dict, threads: int, reps: int) -> dict:
     )
     for r in rows:
         r["fitted_s"] = r["fixed_s"] + r["bytes"] * per_byte + r["ops"] * per_op
+    check_step_fit(rows, per_byte, per_op)
     return {
-        # no measurable element-wise time at all: the copy's rate (never an infinite bandwidth)
-        "elementwise_bandwidth": 1.0 / per_byte if per_byte > 0 else per["memory_bandwidth"],
+        "elementwise_bandwidth": 1.0 / per_byte,
         "op_overhead_s": per_op,
         "step_fit": rows,
     }
+
+
+# How far a fitted step may miss its measured time before the fit is refused (on a quiet 2-core VM the
+# three steps came within 2.5-6.6%; a busy machine's steps do not share one rate and one per-op cost).
+FIT_TOLERANCE = 0.5
+
+
+def check_step_fit(rows: list[dict[str, Any]], per_byte: float, per_op: float) -> None:
+    """Refuse a fit that cannot describe the steps: a rate or a cost driven to zero (every step's time
+    explained by the other term alone), or a step missed by more than ``FIT_TOLERANCE``."""
+    worst = max(abs(r["fitted_s"] / r["step_s"] - 1) for r in rows)
+    if per_byte <= 0 or per_op <= 0 or worst > FIT_TOLERANCE:
+        raise ConfigError(
+            f"the CPU calibration's training steps do not fit one element-wise rate and per-op cost (worst step "
+            f"off by {worst:.0%}, {per_byte:.3g} s/byte, {per_op:.3g} s/op): the machine was probably busy; run "
+            "`loopmoe plan --calibrate` again when nothing else is running"
+        )
 
 
 def _fit_nonnegative(rows: list[tuple[float, float]], targets: list[float]) -> tuple[float, float]:

@@ -83,7 +83,7 @@ class Hardware:
     @property
     def elementwise_rate(self) -> float:
         """Bytes/s at which a step's element-wise ops stream."""
-        return self.elementwise_bandwidth or self.memory_bandwidth
+        return self.memory_bandwidth if self.elementwise_bandwidth is None else self.elementwise_bandwidth
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.matmul_flops:

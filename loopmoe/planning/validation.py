@@ -9,10 +9,10 @@ tokens/s, or says that this machine was never validated.
 
 An error is ``predicted / measured - 1`` (negative: the plan was pessimistic), so a prediction
 ``p`` stands for a measured rate between ``p / (1 + largest error)`` and ``p / (1 + smallest)``.
-The errors are against the fastest of a few fresh processes per configuration; where the record also
-holds how much slower the other processes ran (``process_spread``: slowest / fastest - 1; on a 2-vCPU VM a
-2-thread process sometimes runs ~35% slower for its whole life), the low end is divided by the largest
-spread too, since ``loopmoe train`` may start in such a process.
+The errors are against the fastest of a few fresh processes per configuration. The record also holds how
+much slower the other processes ran (``process_spread``: slowest / fastest - 1; on a 2-vCPU VM a 2-thread
+process sometimes runs ~35% slower, for its whole life or from some point on), and the low end is divided
+by the largest spread too, since ``loopmoe train`` may run in such a process.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loopmoe.atomic import atomic_write_text
-from loopmoe.planning.calibration import cache_path, machine
+from loopmoe.planning.calibration import CALIBRATION_VERSION, cache_path, machine
 
 VERSION = 1
 
@@ -62,6 +62,8 @@ def save_validation(
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "version": VERSION,
+        # errors of predictions from this calibration procedure: another's say nothing about today's plans
+        "calibration_version": CALIBRATION_VERSION,
         **machine(),
         "date": date,
         "time_errors": time_errors,
@@ -72,12 +74,16 @@ def save_validation(
 
 
 def load_validation(path: Path | None = None) -> dict[str, Any] | None:
-    """This machine's validation record, or None: none yet, unreadable, or measured on another machine or torch."""
+    """This machine's validation record, or None: none yet, unreadable, measured on another machine or torch,
+    or with another calibration procedure (``calibration.CALIBRATION_VERSION``)."""
     try:
         record = json.loads((path or validation_path()).read_text())
         errors = record["time_errors"]
-        record.setdefault("process_spread", {})  # records written before it was kept
-        if record.get("version") != VERSION or not _usable(errors, record["process_spread"]):
+        if (
+            record.get("version") != VERSION
+            or record.get("calibration_version") != CALIBRATION_VERSION
+            or not _usable(errors, record["process_spread"])
+        ):
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -298,6 +298,18 @@ def test_the_step_fit_recovers_known_costs_and_stays_non_negative():
     assert x == 0.0 and y > 0
 
 
+def test_a_fit_that_cannot_describe_the_steps_is_refused():
+    from loopmoe.planning.calibration import check_step_fit
+
+    rows = [{"step_s": 1.0, "fitted_s": 1.05}, {"step_s": 2.0, "fitted_s": 1.9}]
+    check_step_fit(rows, 1e-10, 5e-6)  # within tolerance
+    with pytest.raises(ValueError, match="run `loopmoe plan --calibrate` again"):
+        check_step_fit(rows, 0.0, 5e-6)  # every step's time put on the ops alone
+    with pytest.raises(ValueError, match="worst step off by 80%"):
+        check_step_fit([*rows, {"step_s": 1.0, "fitted_s": 1.8}], 1e-10, 5e-6)
+
+
+@pytest.mark.slow
 def test_the_step_fit_reproduces_the_steps_it_was_fitted_on():
     """The fit on real steps (``fit_step_costs``): the fitted parts add up to each timed step."""
     from loopmoe.planning.calibration import GEMM_SIZES, fit_step_costs

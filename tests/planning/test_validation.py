@@ -42,6 +42,10 @@ def test_a_validation_round_trips_and_gives_the_measured_range(cache):
         lambda r: r["time_errors"].update(a=-1.5),  # a measured rate below zero
         lambda r: r.update(time_errors={}),
         lambda r: r.update(process_spread={"a": -0.1}),  # a slowest process faster than the fastest
+        lambda r: r.update(process_spread={"a": float("nan")}),
+        lambda r: r.update(process_spread={"a": True}),
+        lambda r: r.pop("process_spread"),
+        lambda r: r.update(calibration_version=3),  # errors of an older calibration procedure's predictions
     ],
 )
 def test_a_record_of_another_machine_or_a_broken_one_is_not_used(cache, edit):

@@ -31,9 +31,9 @@ from loopmoe.errors import ConfigError
 from loopmoe.model.kernels.autocast import autocast_operands
 
 # fp32 logits per chunk. CPU: within the L3 of the CPUs we run on; each chunk also reads and rewrites
-# the whole [V, d] weight gradient, so fewer chunks move fewer bytes (16 MiB: the loss's fwd+bwd 8%
-# faster than 8 MiB at N = 2048, V = 8192, d = 256 on a 2-core EPYC with 32 MiB L3; 32 MiB slower
-# again). GPU: the point is the memory the [N, V] logits would take, not a cache; small chunks there
+# the whole [V, d] weight gradient, so fewer chunks move fewer bytes (the loss's fwd+bwd at N = 2048,
+# V = 8192, d = 256 on a 2-core EPYC with 32 MiB L3: 16 MiB 6% faster than 8 MiB, 32 MiB no faster
+# than 16, which keeps half the cache footprint). GPU: the point is the memory the [N, V] logits would take, not a cache; small chunks there
 # cost one launch-bound round of kernels each (an H100 step at V = 50k, 16k tokens ran 2.2x slower at
 # 8 MiB chunks).
 DEFAULT_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
@@ -63,15 +63,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weighted = row_weights is not None
         row_losses = torch.empty(h.shape[0] if weighted else 0, dtype=torch.float32, device=h.device)
         # One logits buffer for every chunk (the last one may be shorter), turned into log-probabilities and
-        # then into the gradient in place: the same cache-sized memory is rewritten rather than fresh
-        # [n, V] tensors allocated per chunk and step.
+        # then into the gradient in place: in fp32 the same cache-sized memory is rewritten rather than
+        # fresh [n, V] tensors allocated per chunk (another dtype adds its fp32 copy and the cast back).
         logits = torch.empty(min(chunk_rows, h.shape[0]), weight.shape[0], dtype=h.dtype, device=h.device)
         for start in range(0, h.shape[0], chunk_rows):
             h_c, t_c = h[start : start + chunk_rows], targets[start : start + chunk_rows]
             n = h_c.shape[0]
             torch.mm(h_c, weight.t(), out=logits[:n])
-            z = logits[:n].float()  # the buffer itself in fp32
-            logp = torch._log_softmax(z, -1, False, out=z)  # [n, V]; each row is reduced before it is written
+            z = logits[:n].float()  # the buffer itself in fp32, a copy otherwise
+            logp = torch.log_softmax(z, -1, out=z)  # [n, V]; each row is reduced before it is written
             valid = t_c != ignore_index
             safe_t = torch.where(valid, t_c, 0)[:, None]
             picked = torch.where(valid, logp.gather(1, safe_t).squeeze(1), 0.0)  # [n] log p(target), 0 if ignored
@@ -86,12 +86,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(loss_sum)/d(logits) = softmax - onehot on counted rows, 0 on ignored ones (times w_i if weighted).
             p = logp.exp_()
             p.scatter_add_(1, safe_t, torch.full_like(safe_t, -1.0, dtype=p.dtype))
-            if weighted:
-                p.mul_(w_c[:, None])
             p = p.to(h.dtype)
-            # Ignored rows (the last position of each sequence) get no gradient: masked on the [n, d] side
-            # of both products, not by a pass over the [n, V] p.
-            keep = valid[:, None].to(h.dtype)
+            # Ignored rows (the last position of each sequence) get no gradient and counted rows their weight:
+            # a row scale, applied on the [n, d] side of both products rather than by a pass over the [n, V] p.
+            keep = (valid * w_c if weighted else valid)[:, None].to(h.dtype)
             if grad_h is not None:
                 torch.mm(p, weight, out=grad_h[start : start + chunk_rows]).mul_(keep)
             if grad_w is not None and p.dtype == torch.float32:

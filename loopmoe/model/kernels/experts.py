@@ -76,9 +76,7 @@ def _register_autograd(forward_op, backward_op) -> None:
         # ([2, rows, f] and [rows, f], 9 ms a training step of the bench model on a CPU) for nothing.
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, gy, *_):
-        if gy is None:  # y itself did not reach the loss
-            return (None,) * len(ctx.needs_input_grad)
+    def backward(ctx, gy, *_):  # y is the one differentiable output, so gy is defined
         needs = ctx.needs_input_grad[:3]
         grads = backward_op(gy, *ctx.saved_tensors, *needs)
         return *(g if need else None for g, need in zip(grads, needs)), *(None for _ in ctx.needs_input_grad[3:])

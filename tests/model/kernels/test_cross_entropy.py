@@ -4,7 +4,12 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from loopmoe.model.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from loopmoe.model.kernels.cross_entropy import (
+    causal_targets,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    weighted_linear_cross_entropy,
+)
 
 V, D = 50, 16
 
@@ -68,3 +73,22 @@ def test_bf16_weights_accumulate_in_fp32_and_return_their_dtype():
 def test_reference_is_transformers_loss():
     h, w, labels = inputs()
     torch.testing.assert_close(linear_cross_entropy_reference(h, w, labels), ForCausalLMLoss(h @ w.t(), labels, V))
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * V * 5, 1 << 20])  # ragged chunks of 5 rows, one chunk
+def test_weighted_rows_match_the_unfused_weighted_sum(chunk_bytes):
+    """``sum_i w_i loss_i / D`` with ignored rows: the loss, the row losses, and the gradients in h, the weight
+    and the row weights, against the same sum over materialised logits."""
+    h, w, labels = inputs()
+    targets = causal_targets(labels)
+    g = torch.Generator().manual_seed(1)
+    row_w = torch.rand(targets.shape[0], generator=g, dtype=torch.float64).requires_grad_()
+    denominator = torch.tensor(4.0)
+    fused, rows = weighted_linear_cross_entropy(h, w, targets, row_w, denominator, chunk_bytes=chunk_bytes)
+    logits = (h.reshape(-1, D) @ w.t()).float()
+    per_row = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+    ref = (per_row * row_w.float()).sum() / denominator
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rows, per_row.detach(), rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads(fused, h, w, row_w), grads(ref, h, w, row_w)):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-7)
