@@ -146,3 +146,28 @@ def test_padded_attention_mask_under_autocast(bench_model, device):
     assert torch.isfinite(padded[0, batch.shape[1] // 4 :]).all()
     errors = compare(padded[1:], plain[1:])
     assert errors["rel_l2"] <= 5e-2, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_loss_matches_transformers_loss_on_the_gpu(dtype):
+    """The fused loss rewrites its logits buffer in place (``log_softmax`` with ``out=`` its input): on CUDA,
+    as on the CPU, the loss and gradients equal transformers' loss on materialised logits, one chunk and
+    several (a chunk of 64 rows forces eight)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from loopmoe.model.kernels.cross_entropy import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    V, D = 4099, 64
+    h = torch.randn(4, 128, D, device="cuda", generator=g).to(dtype).requires_grad_()
+    w = (0.1 * torch.randn(V, D, device="cuda", generator=g)).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (4, 128), device="cuda", generator=g)
+    labels[0, :5] = -100
+    ref = ForCausalLMLoss((h @ w.t()).float(), labels, V)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-3}
+    for chunk_bytes in (None, 64 * 4 * V):
+        fused = linear_cross_entropy(h, w, labels, chunk_bytes=chunk_bytes)
+        torch.testing.assert_close(fused, ref, **tol)
+        for a, b in zip(torch.autograd.grad(fused, (h, w)), ref_grads):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
