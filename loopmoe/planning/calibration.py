@@ -41,6 +41,7 @@ from loopmoe.distributed import apply_fsdp2, build_mesh
 from loopmoe.distributed.config import DistStrategy
 from loopmoe.errors import ConfigError
 from loopmoe.planning.comm import plan_comm, wire_bytes
+from loopmoe.planning.cost import plan_compute
 from loopmoe.planning.hardware import (
     HARDWARE_NAMES,
     PROFILES,
@@ -134,16 +135,21 @@ def machine() -> dict[str, object]:
     }
 
 
+def finite_number(value: object) -> bool:
+    """A finite int or float, not a bool (JSON files edited by hand, or holding NaN, are read back here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def calibration_problem(data: dict, threads: int) -> str | None:
     """What makes a calibration unusable at ``threads`` (a missing field, a wrong type, a rate that is
     not a positive finite number, a negative cost), or None: checked on every read, since the cache
     is a file anyone can edit and a NaN would otherwise reach every prediction."""
 
     def positive(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        return finite_number(value) and value > 0
 
     def non_negative(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return finite_number(value) and value >= 0
 
     per = data["threads"][str(threads)]
     if not isinstance(per, dict):
@@ -294,8 +300,6 @@ def fit_step_costs(per: dict, threads: int, reps: int) -> dict:
     (``bytes`` and ``ops`` from the planner's own trace, so the fit serves its cost model as it is).
     Returns ``elementwise_bandwidth``, ``op_overhead_s`` and the fit's record (``step_fit``).
     """
-    from loopmoe.planning.cost import plan_compute  # the cost model, which this calibrates
-
     hw = cpu_from_calibration(
         {
             "threads": {str(threads): {**per, "op_overhead_s": 0.0, "elementwise_bandwidth": None}},

@@ -18,13 +18,12 @@ by the largest spread too, since ``loopmoe train`` may run in such a process.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 from loopmoe.atomic import atomic_write_text
-from loopmoe.planning.calibration import CALIBRATION_VERSION, cache_path, machine
+from loopmoe.planning.calibration import CALIBRATION_VERSION, cache_path, finite_number, machine
 
 VERSION = 1
 
@@ -35,16 +34,12 @@ def validation_path() -> Path:
     return calibration.with_name(calibration.name.replace("hardware-cpu-", "plan-validation-", 1))
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _usable(time_errors: dict, process_spread: dict) -> bool:
     """At least one error, each a finite number above -1 (a measured rate above zero); spreads finite and >= 0."""
     return (
         bool(time_errors)
-        and all(_number(e) and e > -1 for e in time_errors.values())
-        and all(_number(s) and s >= 0 for s in process_spread.values())
+        and all(finite_number(e) and e > -1 for e in time_errors.values())
+        and all(finite_number(s) and s >= 0 for s in process_spread.values())
     )
 
 
