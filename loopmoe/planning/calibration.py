@@ -313,7 +313,8 @@ def fit_step_costs(per: dict, threads: int, reps: int) -> dict:
     rows: list[dict[str, Any]] = []
     for name, changes, batch, seq in FIT_STEPS:
         model, trainer, ids = step_trainer(LoopMoEConfig(**{**TINY, **changes}), batch, seq)
-        step_s = median_time(lambda trainer=trainer, ids=ids: trainer.train_step(iter([ids])), reps)
+        with torch_threads(threads):  # the steps at the thread count the planner times their kernels at
+            step_s = median_time(lambda trainer=trainer, ids=ids: trainer.train_step(iter([ids])), reps)
         lay = Layout(micro_batch=batch, seq_len=seq, threads=threads)
 
         def total(hw: Hardware, cfg=model.config, lay=lay) -> float:
