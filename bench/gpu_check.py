@@ -22,12 +22,15 @@ Checks (``--checks`` picks a subset, by name):
 - ``moe``: one ``SparseMoE`` layer, fwd+bwd time of ``moe_implementation`` ``grouped_mm`` and
   ``loop`` on the same weights and inputs, in bf16, fp32 and fp32 weights under bf16 autocast.
 - ``throughput``: training step (fwd + bwd + AdamW, bf16 autocast) tokens/s, MFU and peak memory of
-  a ~0.64B-total-parameter Vanilla MoE (``paper-3b`` shapes, 4 layers) and its capacity-balanced
-  T = 2 LoopMoE (``loopmoe.balance``), batch 8 x 2048, ``grouped_mm`` vs ``loop``; plus the
-  Vanilla one with the unfused cross-entropy (``skip_logits=False``) and with bf16 parameters
-  (no autocast; ``grouped_mm`` and ``loop``). Warm-up 3, then 10 steps timed with CUDA events
-  (fewer when the first step shows they would not fit). MFU = 3 x
-  ``compute_budget(cfg, seq).flops_per_token`` x tokens/s / measured peak.
+  a ~0.64B-total-parameter Vanilla MoE (``paper-3b`` shapes, 4 layers) and its balanced T = 2
+  LoopMoE (``loopmoe.balance``, its default strategy), batch 8 x 2048, ``grouped_mm`` vs ``loop``,
+  eager and compiled; plus the Vanilla one with the unfused cross-entropy (``skip_logits=False``)
+  and with bf16 parameters (no autocast; ``grouped_mm`` and ``loop``). Warm-up 3, then 10 steps
+  timed with CUDA events (fewer when the first step shows they would not fit). MFU = 3 x
+  ``compute_budget(cfg, seq).flops_per_token`` x tokens/s / measured peak. Each variant also records
+  ``loopmoe plan``'s prediction of it (``planner``: the device's planner profile, e.g. ``h100``; on a
+  CPU the cached calibration) and its error; the summary states issue 27's targets (compiled Vanilla
+  >= 40% MFU, compiled LoopMoE within 5% of it).
 - ``generation``: greedy decoding tokens/s at batch 1 and 8 (fp32 and bf16 weights), and against
   transformers' Qwen3-MoE with the same weights.
 - ``compile``: ``torch.compile(model)`` on an eval forward without grad: compile time, eager vs
@@ -413,7 +416,7 @@ def check_moe(run: Run, res: dict) -> None:
 
 
 def throughput_configs(run: Run):
-    from loopmoe.balance import balance
+    from loopmoe.balance import DEFAULT_STRATEGY, balance
     from loopmoe.config import LoopMoEConfig
 
     a = run.args
@@ -440,9 +443,9 @@ def throughput_configs(run: Run):
             moe_intermediate_size=512,
         )
     ref = LoopMoEConfig(num_core_layers=a.tp_layers, max_position_embeddings=max(4096, a.tp_seq), **shape)
-    note = "capacity-balanced (loopmoe.balance)"
+    note = f"balanced by loopmoe.balance ({DEFAULT_STRATEGY})"
     try:
-        looped = balance(ref, 2, "capacity", seq_len=a.tp_seq).looped
+        looped = balance(ref, 2, DEFAULT_STRATEGY, seq_len=a.tp_seq).looped
     except Exception as exc:
         note = f"balance failed ({type(exc).__name__}: {str(exc)[:200]}); reference shapes, core halved"
         looped = LoopMoEConfig(**{**ref.architecture_dict(), "num_core_layers": a.tp_layers // 2, "num_loops": 2})
@@ -519,10 +522,71 @@ def throughput_variant(out: dict, run: Run, model, cfg, impl: str, mode: str) ->
         out["peak_tflops_used"] = run.peak_tflops
     if run.cuda:
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    out["planner"] = planner_prediction(run, cfg, ac, amp, out)
     run.log(
         f"    {ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {out.get('mfu', float('nan')):.3f}, "
         f"peak mem {out.get('peak_mem_gib', float('nan')):.1f} GiB, first step {out['first_step_ms']:.0f} ms"
     )
+
+
+def planner_profile(run: Run):
+    """The planner's profile of this device (``loopmoe plan --hardware``), or the reason there is none: a
+    CUDA part with a planner profile, or on a CPU this machine's cached calibration (never calibrated
+    here: that takes a minute of the run)."""
+    from loopmoe.errors import ConfigError
+    from loopmoe.hardware import spec_for_cuda_name
+    from loopmoe.planning.calibration import get_hardware
+    from loopmoe.planning.hardware import PROFILES
+
+    if not run.cuda:
+        try:
+            return get_hardware("cpu", torch.get_num_threads(), calibrate=False), None
+        except ConfigError as exc:
+            return None, str(exc)
+    name = torch.cuda.get_device_name(run.device)
+    spec = spec_for_cuda_name(name)
+    if spec is None or spec.name not in PROFILES:
+        return None, f"no planner profile for {name!r} (profiles: {', '.join(PROFILES)})"
+    return PROFILES[spec.name], None
+
+
+def planner_prediction(run: Run, cfg, ac: str, amp: bool, measured: dict) -> dict:
+    """``loopmoe plan``'s prediction of the step just measured (one device, the same batch, checkpointing
+    and precision, with the optimizer), beside the measurement: tokens/s and peak memory, and the
+    relative error of each (positive: the plan is optimistic). The planner models eager steps: for a
+    compiled variant the error is what compilation gains over the plan."""
+    from loopmoe.planning import Layout, plan_step
+
+    hw, why = planner_profile(run)
+    if hw is None:
+        return {"skipped": why}
+    a = run.args
+    layout = Layout(
+        micro_batch=a.tp_batch,
+        seq_len=a.tp_seq,
+        activation_checkpointing=ac,
+        dtype="bf16" if amp and run.cuda else "fp32",
+        update_guard=False,  # the bench's bare AdamW step keeps no roll-back copy
+        threads=1 if run.cuda else torch.get_num_threads(),
+    )
+    plan = plan_step(cfg, layout, hw)
+    rec = {
+        "hardware": hw.name,
+        "layout": layout.as_dict(),
+        "step_ms": plan.step_time * 1e3,
+        "tokens_per_s": plan.tokens_per_s,
+        "mfu": plan.mfu,
+        "peak_mem_gib": plan.memory.peak / 2**30,
+        "compute_ms": {k: v * 1e3 for k, v in plan.compute.as_dict().items() if isinstance(v, float)},
+    }
+    rec["tokens_per_s_error"] = plan.tokens_per_s / measured["tokens_per_s"] - 1
+    if "peak_mem_gib" in measured:
+        rec["peak_mem_error"] = rec["peak_mem_gib"] / measured["peak_mem_gib"] - 1
+    run.log(
+        f"    planner ({hw.name}): {plan.tokens_per_s:,.0f} tok/s ({rec['tokens_per_s_error']:+.0%} against "
+        f"the measurement), peak mem {rec['peak_mem_gib']:.1f} GiB"
+    )
+    return rec
 
 
 def check_throughput(run: Run, res: dict) -> None:
@@ -739,6 +803,20 @@ def _fmt(v, spec: str = ".2e") -> str:
     return str(v)
 
 
+def compiled_targets(tp: dict) -> list[str]:
+    """Issue 27's GPU targets, from the compiled ``grouped_mm`` rows: the Vanilla at >= 40% MFU, the
+    LoopMoE within 5% of its tokens/s."""
+    vanilla, looped = tp.get("vanilla-T1/grouped_mm/compile", {}), tp.get("looped-T2/grouped_mm/compile", {})
+    if "mfu" not in vanilla or "tokens_per_s" not in looped:
+        return ["", "Targets (compiled Vanilla MFU >= 40%, LoopMoE within 5%): not measured in this run"]
+    ratio = looped["tokens_per_s"] / vanilla["tokens_per_s"]
+    return [
+        "",
+        f"Targets: compiled Vanilla MFU {vanilla['mfu']:.1%} (>= 40%: {'met' if vanilla['mfu'] >= 0.4 else 'not met'}); "
+        f"compiled LoopMoE {ratio:.3f}x its tokens/s (>= 0.95x: {'met' if ratio >= 0.95 else 'not met'})",
+    ]
+
+
 def summary_lines(data: dict) -> list[str]:
     checks = data.get("checks", {})
     lines = []
@@ -789,21 +867,29 @@ def summary_lines(data: dict) -> list[str]:
     rows = []
     for key, v in tp.items():
         if isinstance(v, dict) and "tokens_per_s" in v:
+            plan = v.get("planner", {})
+            predicted = (
+                f"{plan['tokens_per_s']:,.0f} ({plan['tokens_per_s_error']:+.0%}) | {plan['peak_mem_gib']:.1f}"
+                if "tokens_per_s" in plan
+                else f"{plan.get('skipped', '-')[:40]} | -"
+            )
             rows.append(
                 f"| {key} | {v['total_params'] / 1e6:.4g}M / {v['active_params'] / 1e6:.4g}M | {v['batch']}x{v['seq']} | "
                 f"{v['step_ms_median']:.1f} | {v['tokens_per_s']:,.0f} | {_fmt(v.get('mfu'), '.3f')} | "
-                f"{_fmt(v.get('peak_mem_gib'), '.1f')} |"
+                f"{_fmt(v.get('peak_mem_gib'), '.1f')} | {predicted} |"
             )
         elif isinstance(v, dict) and "error" in v:
-            rows.append(f"| {key} | - | - | - | {v['error']['type']}: {v['error']['message'][:60]} | - | - |")
+            rows.append(f"| {key} | - | - | - | {v['error']['type']}: {v['error']['message'][:60]} | - | - | - | - |")
     if rows:
         lines += [
             "",
             f"Training step (fwd+bwd+AdamW), peak {_fmt(tp.get('peak_tflops'), '.3g')} TFLOP/s; T2 {tp.get('looped_note')}:",
-            "| model / MoE path / mode | total / active params | batch | ms/step | tokens/s | MFU | peak mem GiB |",
-            "|-------------------------|-----------------------|-------|---------|----------|-----|--------------|",
+            "| model / MoE path / mode | total / active params | batch | ms/step | tokens/s | MFU | peak mem GiB "
+            "| planner tokens/s (error) | planner peak mem GiB |",
+            "|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
+        lines += compiled_targets(tp)
 
     ge = checks.get("generation", {}).get("result", {})
     if ge:

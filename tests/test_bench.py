@@ -122,3 +122,60 @@ def test_the_loop_bench_widens_the_reference_keeping_head_size_and_depth():
             reference.num_experts,
         )
         assert wide.moe_intermediate_size * reference.hidden_size == reference.moe_intermediate_size * width
+
+
+def test_the_kernel_ceiling_names_each_gemm_and_sums_only_kernels():
+    """``bench.kernel_ceiling``: a GEMM's dimensions say what it computes (the vocabulary before an expert
+    width equal to the LM head's chunk rows), and a profiled step's kernel time is its GEMMs and attention,
+    at most the step's wall time."""
+    from bench import kernel_ceiling
+    from bench.loop_vs_vanilla import configs
+    from loopmoe.model import LoopMoEForCausalLM
+    from loopmoe.presets import get_preset
+
+    vanilla, looped = configs(2)
+    assert kernel_ceiling.gemm_dims("aten::mm", [[512, 256], [256, 8192]]) == (512, 8192, 256)
+    assert kernel_ceiling.gemm_dims("aten::addmm_", [[8192, 256], [8192, 512], [512, 256]]) == (8192, 256, 512)
+    assert kernel_ceiling.gemm_dims("aten::addmm", [[16], [2048, 256], [256, 16]]) == (2048, 16, 256)
+    kind = kernel_ceiling.gemm_kind
+    assert kind(vanilla, (8192, 256, vanilla.moe_intermediate_size)) == "lm_head"
+    assert kind(vanilla, (241, vanilla.moe_intermediate_size, 256)) == "experts"
+    assert kind(vanilla, (2048, vanilla.num_experts, 256)) == "router"
+    assert kind(vanilla, (2048, 256, 256)) == "attention_proj"
+    assert kind(looped, (2048, looped.iter_cond_rank, 256)) == "iteradaln"
+    assert kind(looped, (256, 2 * looped.moe_intermediate_size, 300)) == "experts"
+
+    cfg = get_preset("debug", num_loops=2, vocab_size=256, moe_intermediate_size=96)  # widths told apart
+    model = LoopMoEForCausalLM(cfg).train()
+    ids = torch.randint(1, 256, (2, 32))
+    prof = kernel_ceiling.kernel_profile(common.fwd_bwd(model, ids), cfg)
+    assert {"lm_head", "experts", "iteradaln", "attention_proj"} <= set(prof["gemms"])
+    assert all(g["s"] > 0 and g["gflops_per_s"] > 0 for g in prof["gemms"].values())
+    assert prof["attention_s"] > 0
+    assert prof["kernel_s"] == pytest.approx(sum(g["s"] for g in prof["gemms"].values()) + prof["attention_s"])
+    assert prof["kernel_s"] < prof["wall_s"]
+
+
+def test_the_gpu_check_states_the_planner_prediction_or_why_there_is_none(tmp_path, monkeypatch):
+    """``bench.gpu_check``'s throughput rows carry ``loopmoe plan``'s prediction of the same step: none,
+    with the reason, on a machine without a CPU calibration; with one, tokens/s and its error."""
+    from bench import gpu_check
+    from loopmoe.planning import calibration
+    from tests.planning.test_cost import _valid_calibration
+
+    monkeypatch.setenv("LOOPMOE_CACHE_DIR", str(tmp_path))
+    run = gpu_check.Run(gpu_check.parse_args(["--device", "cpu", "--quick"]))
+    cfg, _, _ = gpu_check.throughput_configs(run)
+    measured = {"tokens_per_s": 1000.0}
+    skipped = gpu_check.planner_prediction(run, cfg, "none", True, measured)
+    assert "loopmoe plan --calibrate" in skipped["skipped"]
+    calibration.save_calibration(_valid_calibration())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the calibration above has 1-thread figures
+    try:
+        rec = gpu_check.planner_prediction(run, cfg, "full", True, measured)
+    finally:
+        torch.set_num_threads(threads)
+    assert rec["hardware"] == "cpu" and rec["layout"]["activation_checkpointing"] == "full"
+    assert rec["layout"]["dtype"] == "fp32" and not rec["layout"]["update_guard"]
+    assert rec["tokens_per_s"] > 0 and rec["tokens_per_s_error"] == pytest.approx(rec["tokens_per_s"] / 1000 - 1)
