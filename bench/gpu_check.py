@@ -522,7 +522,7 @@ def throughput_variant(out: dict, run: Run, model, cfg, impl: str, mode: str) ->
         out["peak_tflops_used"] = run.peak_tflops
     if run.cuda:
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-    out["planner"] = planner_prediction(run, cfg, ac, amp, out)
+    out["planner"] = planner_prediction(run, cfg, ac, out)
     run.log(
         f"    {ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {out.get('mfu', float('nan')):.3f}, "
         f"peak mem {out.get('peak_mem_gib', float('nan')):.1f} GiB, first step {out['first_step_ms']:.0f} ms"
@@ -550,11 +550,12 @@ def planner_profile(run: Run):
     return PROFILES[spec.name], None
 
 
-def planner_prediction(run: Run, cfg, ac: str, amp: bool, measured: dict) -> dict:
+def planner_prediction(run: Run, cfg, ac: str, measured: dict) -> dict:
     """``loopmoe plan``'s prediction of the step just measured (one device, the same batch, checkpointing
     and precision, with the optimizer), beside the measurement: tokens/s and peak memory, and the
-    relative error of each (positive: the plan is optimistic). The planner models eager steps: for a
-    compiled variant the error is what compilation gains over the plan."""
+    relative error of each (positive: the plan is optimistic). The planner models eager steps with bf16
+    compute on a GPU (autocast, fp32 master weights) and fp32 on a CPU: for a compiled variant the error
+    is what compilation gains over the plan, for bf16 parameters what they save."""
     from loopmoe.planning import Layout, plan_step
 
     hw, why = planner_profile(run)
@@ -565,7 +566,7 @@ def planner_prediction(run: Run, cfg, ac: str, amp: bool, measured: dict) -> dic
         micro_batch=a.tp_batch,
         seq_len=a.tp_seq,
         activation_checkpointing=ac,
-        dtype="bf16" if amp and run.cuda else "fp32",
+        dtype="bf16" if run.cuda else "fp32",
         update_guard=False,  # the bench's bare AdamW step keeps no roll-back copy
         threads=1 if run.cuda else torch.get_num_threads(),
     )

@@ -167,13 +167,13 @@ def test_the_gpu_check_states_the_planner_prediction_or_why_there_is_none(tmp_pa
     run = gpu_check.Run(gpu_check.parse_args(["--device", "cpu", "--quick"]))
     cfg, _, _ = gpu_check.throughput_configs(run)
     measured = {"tokens_per_s": 1000.0}
-    skipped = gpu_check.planner_prediction(run, cfg, "none", True, measured)
+    skipped = gpu_check.planner_prediction(run, cfg, "none", measured)
     assert "loopmoe plan --calibrate" in skipped["skipped"]
     calibration.save_calibration(_valid_calibration())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the calibration above has 1-thread figures
     try:
-        rec = gpu_check.planner_prediction(run, cfg, "full", True, measured)
+        rec = gpu_check.planner_prediction(run, cfg, "full", measured)
     finally:
         torch.set_num_threads(threads)
     assert rec["hardware"] == "cpu" and rec["layout"]["activation_checkpointing"] == "full"
