@@ -9,6 +9,7 @@ come from ``loopmoe.testing.hf_parity`` (shared with the tests).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,6 +26,13 @@ RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
 
 BUSY_LIMIT = 0.08  # fraction of the machine other processes may use during an accepted run
+
+
+def quick_flag(doc: str, argv=None) -> bool:
+    """The ``--quick`` flag of a bench whose only option it is (its module docstring's first line is the help)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    return ap.parse_args(argv).quick
 
 
 def setup(threads: int = 2) -> None:

@@ -11,7 +11,6 @@ Writes bench/results/data_pipeline.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -81,10 +80,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    r = run(args.quick)
+    r = run(common.quick_flag(__doc__, argv))
     rows = [
         ["train BPE (vocab 8192)", f"{r['bpe_train_s']:.2f} s", f"{r['bytes'] / r['bpe_train_s'] / 1e6:.2f} MB/s"],
         [

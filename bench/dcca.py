@@ -15,8 +15,6 @@ ep = 2, 4, 8. Writes bench/results/dcca.json.
 
 from __future__ import annotations
 
-import argparse
-
 from bench import common
 from loopmoe.text import markdown_table
 
@@ -94,10 +92,7 @@ def _experts(row: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = run(args.quick)
+    res = run(common.quick_flag(__doc__, argv))
     print(
         markdown_table(
             [

@@ -13,7 +13,6 @@ Writes bench/results/generate.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -97,10 +96,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = run(args.quick)
+    res = run(common.quick_flag(__doc__, argv))
     print(
         markdown_table(
             [

@@ -24,7 +24,6 @@ bench/results/kernel_ceiling.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -170,10 +169,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = run(args.quick)
+    res = run(common.quick_flag(__doc__, argv))
     kinds = sorted({k for r in res["rows"] for k in r["gemms"]})
     print(
         markdown_table(

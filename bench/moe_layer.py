@@ -12,7 +12,6 @@ bench/results/moe_layer.json and docs/moe_layer_throughput.png.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -141,10 +140,7 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = run(args.quick)
+    res = run(common.quick_flag(__doc__, argv))
     rows = [
         [
             r["config"],
@@ -165,7 +161,7 @@ def main(argv=None) -> dict:
         )
     )
     common.write_json("moe_layer", res)
-    png = common.DOCS / ("moe_layer_throughput_quick.png" if args.quick else "moe_layer_throughput.png")
+    png = common.DOCS / ("moe_layer_throughput_quick.png" if res["quick"] else "moe_layer_throughput.png")
     plot(res, png)
     print(f"plot: {png.relative_to(common.ROOT)}")
     return res

@@ -8,7 +8,6 @@ best size is the peak. Writes bench/results/peak_flops.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 from functools import partial
 
@@ -57,10 +56,7 @@ def peak_gflops(cached: bool = True) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = measure(args.quick)
+    res = measure(common.quick_flag(__doc__, argv))
     print(
         markdown_table(
             ["n", "GFLOP/s median", "GFLOP/s best", "quiet runs"],

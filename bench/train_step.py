@@ -15,7 +15,6 @@ Writes bench/results/train_step.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -99,10 +98,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    res = run(args.quick)
+    res = run(common.quick_flag(__doc__, argv))
     print(
         markdown_table(
             ["model", "step", "tok/s median [min-max]", "ms/step", "MFU", "vs HF grouped_mm (paired) [min-max]"],
