@@ -553,9 +553,9 @@ def planner_profile(run: Run):
 def planner_prediction(run: Run, cfg, ac: str, measured: dict) -> dict:
     """``loopmoe plan``'s prediction of the step just measured (one device, the same batch, checkpointing
     and precision, with the optimizer), beside the measurement: tokens/s and peak memory, and the
-    relative error of each (positive: the plan is optimistic). The planner models eager steps with bf16
-    compute on a GPU (autocast, fp32 master weights) and fp32 on a CPU: for a compiled variant the error
-    is what compilation gains over the plan, for bf16 parameters what they save."""
+    relative error of each (positive: the plan is optimistic). Every variant computes in bf16 (autocast,
+    or bf16 parameters), and the planner models eager bf16 autocast steps (fp32 master weights): for a
+    compiled variant the error is what compilation gains over the plan, for bf16 parameters what they save."""
     from loopmoe.planning import Layout, plan_step
 
     hw, why = planner_profile(run)
@@ -566,7 +566,7 @@ def planner_prediction(run: Run, cfg, ac: str, measured: dict) -> dict:
         micro_batch=a.tp_batch,
         seq_len=a.tp_seq,
         activation_checkpointing=ac,
-        dtype="bf16" if run.cuda else "fp32",
+        dtype="bf16",
         update_guard=False,  # the bench's bare AdamW step keeps no roll-back copy
         threads=1 if run.cuda else torch.get_num_threads(),
     )

@@ -177,5 +177,5 @@ def test_the_gpu_check_states_the_planner_prediction_or_why_there_is_none(tmp_pa
     finally:
         torch.set_num_threads(threads)
     assert rec["hardware"] == "cpu" and rec["layout"]["activation_checkpointing"] == "full"
-    assert rec["layout"]["dtype"] == "fp32" and not rec["layout"]["update_guard"]
+    assert rec["layout"]["dtype"] == "bf16" and not rec["layout"]["update_guard"]  # every variant computes in bf16
     assert rec["tokens_per_s"] > 0 and rec["tokens_per_s_error"] == pytest.approx(rec["tokens_per_s"] / 1000 - 1)
