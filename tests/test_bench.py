@@ -134,9 +134,10 @@ def test_the_kernel_ceiling_names_each_gemm_and_sums_only_kernels():
     from loopmoe.presets import get_preset
 
     vanilla, looped = configs(2)
-    assert kernel_ceiling.gemm_dims("aten::mm", [[512, 256], [256, 8192]]) == (512, 8192, 256)
-    assert kernel_ceiling.gemm_dims("aten::addmm_", [[8192, 256], [8192, 512], [512, 256]]) == (8192, 256, 512)
-    assert kernel_ceiling.gemm_dims("aten::addmm", [[16], [2048, 256], [256, 16]]) == (2048, 16, 256)
+    assert kernel_ceiling.gemm_dims("aten::mm", [[512, 256], [256, 8192]]) == (512, 8192, 256, 1)
+    assert kernel_ceiling.gemm_dims("aten::addmm_", [[8192, 256], [8192, 512], [512, 256]]) == (8192, 256, 512, 1)
+    assert kernel_ceiling.gemm_dims("aten::addmm", [[16], [2048, 256], [256, 16]]) == (2048, 16, 256, 1)
+    assert kernel_ceiling.gemm_dims("aten::bmm", [[32, 256, 64], [32, 64, 256]]) == (256, 256, 64, 32)
     kind = kernel_ceiling.gemm_kind
     assert kind(vanilla, (8192, 256, vanilla.moe_intermediate_size)) == "lm_head"
     assert kind(vanilla, (241, vanilla.moe_intermediate_size, 256)) == "experts"
@@ -167,15 +168,40 @@ def test_the_gpu_check_states_the_planner_prediction_or_why_there_is_none(tmp_pa
     run = gpu_check.Run(gpu_check.parse_args(["--device", "cpu", "--quick"]))
     cfg, _, _ = gpu_check.throughput_configs(run)
     measured = {"tokens_per_s": 1000.0}
-    skipped = gpu_check.planner_prediction(run, cfg, "none", measured)
+    skipped: dict = {}
+    gpu_check.planner_prediction(skipped, run, cfg, "none", measured)
     assert "loopmoe plan --calibrate" in skipped["skipped"]
     calibration.save_calibration(_valid_calibration())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the calibration above has 1-thread figures
+    rec: dict = {}
     try:
-        rec = gpu_check.planner_prediction(run, cfg, "full", measured)
+        gpu_check.planner_prediction(rec, run, cfg, "full", measured)
     finally:
         torch.set_num_threads(threads)
     assert rec["hardware"] == "cpu" and rec["layout"]["activation_checkpointing"] == "full"
     assert rec["layout"]["dtype"] == "bf16" and not rec["layout"]["update_guard"]  # every variant computes in bf16
     assert rec["tokens_per_s"] > 0 and rec["tokens_per_s_error"] == pytest.approx(rec["tokens_per_s"] / 1000 - 1)
+    assert set(rec["compute_ms"]) == set(gpu_check.PLANNED_PARTS) and rec["compute_ms"]["total"] > 0
+    assert rec["step_ms"] >= rec["compute_ms"]["total"] > rec["compute_ms"]["gemm"] > 0
+
+
+def test_the_gpu_check_states_each_target_it_measured():
+    """The summary's verdicts of issue 27's GPU targets: each from its own rows, and said when a row is missing."""
+    from bench.gpu_check import compiled_targets
+
+    vanilla = {"mfu": 0.42, "tokens_per_s": 100.0}
+    both = compiled_targets(
+        {"vanilla-T1/grouped_mm/compile": vanilla, "looped-T2/grouped_mm/compile": {"tokens_per_s": 94.0}}
+    )
+    assert "MFU 42.0% (>= 40%: met)" in both[-1] and "0.940x its tokens/s (>= 0.95x: not met)" in both[-1]
+    no_peak = compiled_targets(
+        {
+            "vanilla-T1/grouped_mm/compile": {"tokens_per_s": 100.0},
+            "looped-T2/grouped_mm/compile": {"tokens_per_s": 96.0},
+        }
+    )
+    assert "MFU: not measured" in no_peak[-1] and "0.960x its tokens/s (>= 0.95x: met)" in no_peak[-1]
+    assert (
+        "LoopMoE against the Vanilla: not measured" in compiled_targets({"vanilla-T1/grouped_mm/compile": vanilla})[-1]
+    )
