@@ -195,6 +195,20 @@ def token_batch(batch: int, seq: int, vocab: int = 8192) -> torch.Tensor:
     return torch.randint(2, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
 
+def compiled_copy(model, ids):
+    """A copy of ``model`` with every decoder layer compiled as ``loopmoe train`` compiles it (``train.compile``:
+    ``apply_compile``, inductor), in training mode, and the seconds its first forward + backward on ``ids``
+    took (the compiling)."""
+    import copy
+
+    from loopmoe.distributed.parallelize import apply_compile
+
+    start = time.perf_counter()
+    compiled = apply_compile(copy.deepcopy(model).train())
+    fwd_bwd(compiled, ids)()  # compiles the forward and backward graphs
+    return compiled, time.perf_counter() - start
+
+
 def fwd_bwd(model, ids):
     """One forward + backward of the LM loss on ``ids``: the unit the training benchmarks time."""
 

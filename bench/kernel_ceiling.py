@@ -24,7 +24,6 @@ bench/results/kernel_ceiling.json.
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time
@@ -35,7 +34,6 @@ from torch.profiler import ProfilerActivity, profile
 from bench import common
 from bench.loop_vs_vanilla import BATCH, SEQ, configs
 from bench.peak_flops import peak_gflops
-from loopmoe.distributed.parallelize import apply_compile
 from loopmoe.testing import hf_parity
 from loopmoe.text import markdown_table
 
@@ -112,11 +110,8 @@ def run(quick: bool = False) -> dict:
     models = {"hf_grouped_mm": hf, "ours": ours, "loopmoe": loop}
     cfgs = {"ours": ours.config, "loopmoe": loop.config}
     compile_s = {}
-    for name in ("ours", "loopmoe"):  # as `loopmoe train` compiles (train.compile)
-        start = time.perf_counter()
-        models[f"{name} (compiled)"] = apply_compile(copy.deepcopy(models[name]))
-        common.fwd_bwd(models[f"{name} (compiled)"].train(), ids)()  # compiles forward and backward
-        compile_s[name] = time.perf_counter() - start
+    for name in ("ours", "loopmoe"):
+        models[f"{name} (compiled)"], compile_s[name] = common.compiled_copy(models[name], ids)
         cfgs[f"{name} (compiled)"] = cfgs[name]
     for m in models.values():
         m.train()

@@ -22,9 +22,7 @@ bench/results/loop_vs_vanilla.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import time
 
 import torch
 
@@ -180,13 +178,8 @@ def run(
         m.train()
     compile_s = {}
     if compiled:  # as `loopmoe train` compiles (train.compile): every decoder layer, inductor
-        from loopmoe.distributed.parallelize import apply_compile
-
         for name in ("vanilla", "loopmoe"):
-            start = time.perf_counter()
-            models[f"{name} (compiled)"] = apply_compile(copy.deepcopy(models[name]))
-            common.fwd_bwd(models[f"{name} (compiled)"], ids)()  # compiles the forward and backward graphs
-            compile_s[name] = time.perf_counter() - start
+            models[f"{name} (compiled)"], compile_s[name] = common.compiled_copy(models[name], ids)
             cfgs[f"{name} (compiled)"] = cfgs[name]
 
     t = common.interleaved(

@@ -15,14 +15,10 @@ Writes bench/results/train_step.json.
 
 from __future__ import annotations
 
-import copy
-import time
-
 import torch
 
 from bench import common
 from bench.peak_flops import peak_gflops
-from loopmoe.distributed.parallelize import apply_compile
 from loopmoe.testing import hf_parity
 from loopmoe.text import markdown_table
 
@@ -40,10 +36,7 @@ def run(quick: bool = False) -> dict:
     flops_tok = 3 * compute_budget(ours.config, SEQ).flops_per_token  # training = fwd + 2x for bwd
     ids = common.token_batch(BATCH, SEQ)
     train_diff = hf_parity.check_training(ours.train(), refs["grouped_mm"].train(), ids)
-    compiled = apply_compile(copy.deepcopy(ours).train())  # regional: every decoder layer, inductor
-    compile_s = time.perf_counter()
-    common.fwd_bwd(compiled, ids)()  # compiles the forward and backward graphs
-    compile_s = time.perf_counter() - compile_s
+    compiled, compile_s = common.compiled_copy(ours, ids)  # regional: every decoder layer, inductor
     compiled.zero_grad(set_to_none=True)
     compiled_loss = compiled(input_ids=ids, labels=ids).loss.item()
     eager_loss = ours(input_ids=ids, labels=ids).loss.item()
