@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from loopmoe.atomic import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
@@ -144,7 +146,7 @@ def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"machine": machine(), **payload}
-    path.write_text(json.dumps(payload, indent=2))
+    atomic_write_text(path, json.dumps(payload, indent=2))  # a bench killed mid-write keeps the last results
     return path
 
 
