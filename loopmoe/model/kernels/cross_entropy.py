@@ -32,10 +32,10 @@ from loopmoe.model.kernels.autocast import autocast_operands
 
 # fp32 logits per chunk. CPU: within the L3 of the CPUs we run on; each chunk also reads and rewrites
 # the whole [V, d] weight gradient, so fewer chunks move fewer bytes (the loss's fwd+bwd at N = 2048,
-# V = 8192, d = 256 on a 2-core EPYC with 32 MiB L3: 16 MiB 6% faster than 8 MiB, 32 MiB no faster
-# than 16, which keeps half the cache footprint). GPU: the point is the memory the [N, V] logits would take, not a cache; small chunks there
-# cost one launch-bound round of kernels each (an H100 step at V = 50k, 16k tokens ran 2.2x slower at
-# 8 MiB chunks).
+# V = 8192, d = 256 on a 2-core EPYC with 32 MiB L3: 16 MiB 6-10% faster than 8 MiB, 32 and 64 MiB no
+# faster than 16, which keeps half the cache footprint). GPU: the point is the memory the [N, V] logits
+# would take, not a cache; small chunks there cost one launch-bound round of kernels each (an H100 step
+# at V = 50k, 16k tokens ran 2.2x slower at 8 MiB chunks).
 DEFAULT_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
 
 
